@@ -1,0 +1,1 @@
+"""Readers and writers: atomic outputs, safetensors, GGUF, quant block layouts."""
