@@ -219,6 +219,13 @@ def collect(
     return ContrastStats(pos, neg, topk, reports)
 
 
+def check_settings(opts: DiscoverOptions, num_layers: int) -> None:
+    """Settings that can be checked against the model before any forward pass."""
+    for layer in opts.exclude_layers:
+        if not 0 <= layer < num_layers:
+            raise CnaError(f"--exclude-layers: layer {layer} is out of range (model has {num_layers} layers)")
+
+
 def circuit_size(opts: DiscoverOptions, total_neurons: int) -> int:
     if opts.top_k is not None:
         return opts.top_k
@@ -235,9 +242,7 @@ def select(
     """Rank neurons by |score| over all layers, drop excluded layers and universal neurons, keep the top k."""
     scores = stats.scores(opts.score)
     L, width = scores.shape
-    for layer in opts.exclude_layers:
-        if not 0 <= layer < L:
-            raise CnaError(f"--exclude-layers: layer {layer} is out of range (model has {L} layers)")
+    check_settings(opts, L)
     allowed = np.ones_like(scores, dtype=bool)
     allowed[list(opts.exclude_layers)] = False
     universal: list[UniversalNeuron] = []
@@ -302,6 +307,7 @@ def discover(
     """Library entry point: collect statistics and select the circuit."""
     if len(positive) < 2 or len(negative) < 2:
         raise CnaError("discovery needs at least 2 positive and 2 negative prompts")
+    check_settings(opts, loaded.num_layers)
     stats = collect(loaded, positive, negative, neutral, opts, progress)
     sets = {"positive": positive, "negative": negative}
     if neutral is not None:

@@ -1,0 +1,50 @@
+"""Model loading: local folders, Hub ids (offline here), device maps and dtypes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cna_export.discovery import discover
+from cna_export.errors import CnaError
+from cna_export.models import load_model, resolve_source
+from cna_export.options import DiscoverOptions
+from cna_export.prompts import load_prompts
+
+
+def test_hub_id_goes_through_from_pretrained(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert resolve_source("HuggingFaceTB/SmolLM2-135M-Instruct").kind == "hub"
+    with pytest.raises(CnaError, match="cannot load the config of someone/not-cached-model"):
+        load_model("someone/not-cached-model")
+
+
+def test_device_map_and_dtype(tiny_models, prompt_files, monkeypatch):
+    pytest.importorskip("accelerate")
+    import transformers
+
+    seen = {}
+    original = transformers.AutoModelForCausalLM.from_pretrained.__func__
+
+    def spy(cls, *args, **kwargs):
+        seen.update(kwargs)
+        return original(cls, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", classmethod(spy))
+    loaded = load_model(str(tiny_models["llama"]), device_map="auto", dtype="bfloat16")
+    assert seen["device_map"] == "auto" and seen["dtype"] == torch.bfloat16  # handed to accelerate as is
+    assert loaded.dtype == torch.bfloat16
+    pos, neg, _ = (load_prompts(p) for p in prompt_files)
+    c = discover(loaded, pos, neg, None, DiscoverOptions(top_k=4), progress=False).circuit
+    assert len(c.neurons) == 4 and c.model.dtype == "bfloat16"
+
+
+def test_fingerprint_is_independent_of_lossless_dtype(tmp_path):
+    from conftest import make_tiny_model
+
+    d = make_tiny_model("qwen2", tmp_path / "bf16", dtype="bfloat16")
+    as_bf16 = load_model(str(d), dtype="bfloat16").fingerprint()
+    as_fp32 = load_model(str(d), dtype="float32").fingerprint()
+    assert as_bf16 == as_fp32
+    other = make_tiny_model("qwen2", tmp_path / "other", dtype="bfloat16", seed=1)
+    assert load_model(str(other)).fingerprint() != as_fp32
