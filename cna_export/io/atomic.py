@@ -36,8 +36,21 @@ def check_output_path(out: Path, overwrite: bool, inputs: tuple[Path, ...] = ())
     return resolved
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def public_mode(path: Path) -> None:
+    """mkstemp/mkdtemp create private (0600/0700) entries; give outputs the usual umask permissions."""
+    base = 0o777 if path.is_dir() else 0o666
+    os.chmod(path, base & ~_umask())
+
+
 def _replace(tmp: Path, final: Path) -> None:
     """Move ``tmp`` onto ``final``; an existing ``final`` is removed only after the new one is ready."""
+    public_mode(tmp)
     if final.exists() or final.is_symlink():
         backup = final.with_name(f".{final.name}.old-{os.getpid()}")
         os.replace(final, backup)
