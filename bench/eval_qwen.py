@@ -267,9 +267,11 @@ def step_readme(a) -> None:
     base = next(x for x in tune["tuning"] if x["method"] == "none")
     alt = choose(tune["tuning"], base, c["quality_ratio"], c["max_kl"], quality_key="quality_compliant")
     alt_q = choose(tune["tuning"], base, c["quality_ratio"], None, quality_key="quality_compliant")
+    ablations = [x for x in tune["tuning"] if x["method"] == "cna" and x["multiplier"] == 0]
     lines += ["Quality confound: a short refusal has no repeated 4-gram and scores about 1.0, so fewer refusals "
-              "lower the mean harmful quality by composition alone. On the answers the judge did not call refusals "
-              "(`quality (non-refusals)`) ablation keeps the unsteered model's quality. With that quality "
+              "lower the mean harmful quality by composition alone. Quality of the answers the judge did not call "
+              f"refusals (`quality (non-refusals)`): unsteered {base['quality_compliant']:.3f}, "
+              + ", ".join(f"{x['label']} {x['quality_compliant']:.3f}" for x in ablations) + ". With that quality "
               "(`--quality-metric compliant`) the choice would be "
               + (f"**{alt.summary['label']}**" if alt.summary else "none")
               + " with the same KL bound, and "
@@ -282,9 +284,11 @@ def step_readme(a) -> None:
                   "mean_neg)), added as alpha x v at every position; llama.cpp control vectors, layers 1-"
                   f"{saved.identity.num_layers - 1} (llama.cpp has no control vector for layer 0).", "",
                   sweep_markdown(side)]
+    lines += _findings(jbb["conditions"], side)
     lines += ["![refusal vs multiplier](results/qwen/refusal_vs_multiplier.png)",
               "![quality vs multiplier](results/qwen/quality_vs_multiplier.png)",
-              "![CNA vs CAA](results/qwen/tradeoff.png)",
+              "![CNA vs CAA: refusal vs quality](results/qwen/tradeoff.png)",
+              "![CNA vs CAA: refusal vs drift](results/qwen/tradeoff_kl.png)",
               *(["![CAA vs alpha](results/qwen/caa_vs_alpha.png)"] if caa else []),
               "![circuit layers](results/qwen/circuit_layers.png)", "", END]
     section = "\n".join(lines) + "\n"
@@ -296,6 +300,30 @@ def step_readme(a) -> None:
         text = text.rstrip("\n") + "\n\n" + section
     README.write_text(text)
     print(f"updated {README}", file=sys.stderr)
+
+
+def _findings(jbb: list[dict], side: list[dict]) -> list[str]:
+    """Statements computed from the tables (nothing typed in by hand)."""
+    base = next(x for x in jbb if x["method"] == "none")
+    out = ["### Findings", ""]
+    for x in jbb:
+        if x["method"] != "cna":
+            continue
+        out.append(f"- {x['label']}: refusals {base['refused']} -> {x['refused']} of {x['harmful_n']} "
+                   f"(McNemar p {x['mcnemar_p']:.2g}), over-refusal {100 * base['over_refusal_rate']:.0f}% -> "
+                   f"{100 * x['over_refusal_rate']:.0f}%, quality {x['quality_harmful']:.3f} "
+                   f"({x['quality_ratio']:.3f} x unsteered), first-token KL {x['kl_last']:.3f}.")
+    cna = [x for x in side if x["method"] == "cna"]
+    for c in (x for x in side if x["method"] == "caa"):
+        near = [x for x in cna if x["kl_last"] <= c["kl_last"]]
+        best = min(near, key=lambda x: (x["refused"], x["kl_last"])) if near else None
+        out.append(f"- {c['label']} (KL {c['kl_last']:.3f}): {c['refused']}/{c['harmful_n']} refusals; the best CNA "
+                   "setting with no more drift: " + (f"{best['label']} with {best['refused']}/{best['harmful_n']} "
+                   f"(KL {best['kl_last']:.3f})." if best else "none in the grid."))
+    out += ["", "Not measured here (CPU budget): KL over answer positions (`--kl-tokens`), benign answers at 150 "
+            "tokens (64 here), benign answers on the tuning split (first-token KL only), CAA on all 100 pairs and on "
+            "layer 0, multipliers above 1, and any judge other than the keyword regex.", ""]
+    return out
 
 
 STEPS = {"stats": step_stats, "tune": step_tune, "jbb": step_jbb, "caa": step_caa, "readme": step_readme}

@@ -412,6 +412,26 @@ def plot_sweep(out_dir: Path, summaries: Sequence[dict], circuits: dict[str, Cir
         path = out_dir / "tradeoff.png"
         _save(fig, path)
         written.append(path)
+    with_kl = [x for x in cna + caa if x.get("kl_last") is not None]
+    if with_kl:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name, rows, marker in (("CNA", [x for x in with_kl if x["method"] == "cna"], "o"),
+                                   ("CAA", [x for x in with_kl if x["method"] == "caa"], "s")):
+            if not rows:
+                continue
+            ax.scatter([x["kl_last"] for x in rows], [x["refusal_rate"] for x in rows], label=name, marker=marker)
+            for x in rows:
+                tag = f"{x['neurons']}x{x['multiplier']:g}" if name == "CNA" else f"a={x['alpha']:g}"
+                ax.annotate(tag, (x["kl_last"], x["refusal_rate"]), fontsize=6)
+        if base is not None:
+            ax.axhline(base["refusal_rate"], color="grey", linestyle="--", label="unsteered refusal")
+        ax.set_xlabel("drift: KL(unsteered || steered), first answer token, benign prompts (nats)")
+        ax.set_ylabel("refusal rate")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        path = out_dir / "tradeoff_kl.png"
+        _save(fig, path)
+        written.append(path)
     if circuits:
         L = num_layers or 1 + max(n.layer for c in circuits.values() for n in c.neurons)
         fig, ax = plt.subplots(figsize=(7, 4))

@@ -14,6 +14,8 @@ Two independent checks, reported in one :class:`cna_export.verify.VerifyReport`:
    source GGUF dequantised, :func:`cna_export.steering.steer`) on a prompt set,
    with identical token ids on both sides: the transformers tokenizer's ids,
    chat-templated as :func:`cna_export.prompts.render` does, fed to llama.cpp.
+   Every position is compared once: a prefix shared with an earlier prompt (a
+   chat template's system prompt) is not counted again (:func:`fresh_positions`).
    llama.cpp never matches transformers exactly (it quantises activations for
    quantised matmuls), so the unsteered pair (the source in llama.cpp vs
    transformers without hooks) gives the noise floor. The export passes when
@@ -260,6 +262,28 @@ class BehaviourResult:
     notes: list[str]
 
 
+def fresh_positions(ids: Sequence[Sequence[int]]) -> list[int]:
+    """For each prompt, the first position whose token prefix no earlier prompt shares.
+
+    A causal model computes identical logits for identical prefixes, so a chat template's
+    shared system prompt would otherwise be counted once per prompt (on Qwen that is half of
+    every prompt) and one noisy position would weigh as much as sixteen. The last position
+    is always kept.
+    """
+    starts = []
+    for i, seq in enumerate(ids):
+        shared = 0
+        for prev in ids[:i]:
+            n = 0
+            for a, b in zip(seq, prev):
+                if a != b:
+                    break
+                n += 1
+            shared = max(shared, n)
+        starts.append(min(shared, len(seq) - 1))
+    return starts
+
+
 class _Comparisons:
     """Running figures of the five comparisons, prompt by prompt."""
 
@@ -272,8 +296,10 @@ class _Comparisons:
         self.agree: dict[str, list[np.ndarray]] = {"floor": [], "steered": []}
         self.notes: list[str] = []
 
-    def add(self, plain: Any, hooked: Any, src: Any, exp: Any) -> None:
-        """One prompt: transformers plain/hooked and llama.cpp source/export logits, ``[positions, vocab]``."""
+    def add(self, plain: Any, hooked: Any, src: Any, exp: Any, start: int = 0) -> None:
+        """One prompt: transformers plain/hooked and llama.cpp source/export logits, ``[positions, vocab]``;
+        positions before ``start`` repeat an earlier prompt's (a shared prefix) and are not counted again."""
+        plain, hooked, src, exp = plain[start:], hooked[start:], src[start:], exp[start:]
         v = min(plain.shape[-1], src.shape[-1])
         if plain.shape[-1] != src.shape[-1] and not self.notes:
             self.notes.append(f"vocabularies differ (transformers {plain.shape[-1]}, llama.cpp {src.shape[-1]}): "
@@ -310,6 +336,7 @@ def check_behaviour(
     ll_src = llama_logits(source_path, ids, opts.threads)
     ll_exp = llama_logits(exported_path, ids, opts.threads)
     comp = _Comparisons()
+    starts = fresh_positions(ids)
     iterator: Any = range(len(ids))
     if progress:
         from tqdm import tqdm
@@ -324,7 +351,7 @@ def check_behaviour(
                 plain = loaded.model(input_ids=x).logits[0].float().cpu()
                 with steer(loaded.model, loaded.arch, multipliers):
                     hooked = loaded.model(input_ids=x).logits[0].float().cpu()
-            comp.add(plain, hooked, torch.from_numpy(ll_src[i]), torch.from_numpy(ll_exp[i]))
+            comp.add(plain, hooked, torch.from_numpy(ll_src[i]), torch.from_numpy(ll_exp[i]), starts[i])
     finally:
         torch.set_num_threads(torch_threads)
     return _judge(comp, opts, t0)
@@ -479,7 +506,7 @@ def verify_gguf(
         reference=f"{src_spec} in transformers + hook steering ({len(manifest.multipliers)} neurons)",
         candidate=f"{exp_path} in llama.cpp",
         dtype="float32 (transformers, dequantised GGUF) / llama.cpp native",
-        positions="all", settings=settings, notes=notes,
+        positions="all distinct", settings=settings, notes=notes,
         prompts=[PromptDetail(prompt=p, **d) for p, d in zip(prompt_list, details)],
     )  # fmt: skip
     if raise_on_failure and not report.passed:

