@@ -34,13 +34,14 @@ from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
 from .architectures import ArchSpec
-from .circuit import Circuit, load_multipliers_file
+from .circuit import Circuit
 from .errors import CnaError, VerificationFailed
+from .export import resolve_export_multipliers
 from .io import gguf as G
 from .io.atomic import atomic_path, atomic_write_text, check_output_path
 from .io.quants import ScaleReport
 from .manifest import GGUF_KEY, ExportManifest, TouchedTensor, multipliers_list
-from .steering import group_by_layer, resolve_multipliers
+from .steering import group_by_layer
 
 log = logging.getLogger(__name__)
 
@@ -136,26 +137,6 @@ def plan_patches(reader: Any, spec: ArchSpec, mults: Mapping[tuple[int, int], fl
     if not patches:
         raise CnaError("the circuit has no neurons: nothing to export")
     return patches
-
-
-def _resolve_multipliers(
-    circuit: Circuit,
-    multiplier: float | None,
-    multipliers: Mapping[tuple[int, int], float] | str | Path | None,
-) -> dict[tuple[int, int], float]:
-    """One multiplier for every neuron, a per-neuron map or JSON file (covering every neuron), or the circuit's own."""
-    if multiplier is not None and multipliers is not None:
-        raise CnaError("give either --multiplier or --multipliers, not both")
-    if isinstance(multipliers, (str, Path)):
-        return load_multipliers_file(multipliers, circuit)
-    if multipliers is not None:
-        wanted = {(n.layer, n.index) for n in circuit.neurons}
-        missing = wanted - set(multipliers)
-        if missing:
-            layer, index = sorted(missing)[0]
-            raise CnaError(f"no multiplier for circuit neuron (layer {layer}, index {index})")
-        return resolve_multipliers(circuit, per_neuron={k: multipliers[k] for k in sorted(wanted)})
-    return resolve_multipliers(circuit, multiplier)
 
 
 def _describe_multipliers(mults: Mapping[tuple[int, int], float]) -> str:
@@ -278,7 +259,7 @@ def export_gguf(
     spec = G.gguf_arch(reader)
     identity = G.gguf_identity(reader, model, fingerprint=bool(circuit.model.fingerprint))
     notes = list(circuit.check_fits(identity, force=force))
-    mults = _resolve_multipliers(circuit, multiplier, multipliers)
+    mults = resolve_export_multipliers(circuit, multiplier, multipliers)
     patches = plan_patches(reader, spec, mults, fold)
 
     # pass 1: hashes before/after and the scale reports, one tensor in memory at a time
