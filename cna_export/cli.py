@@ -181,7 +181,6 @@ def _size(n: int) -> str:
 @command("export")
 def cmd_export(ns: argparse.Namespace) -> int:
     from .circuit import check_multiplier
-    from .errors import VerificationFailed
     from .export import export_safetensors
     from .verify import VerifyOptions
 
@@ -192,19 +191,13 @@ def cmd_export(ns: argparse.Namespace) -> int:
     if ns.multiplier is not None:
         check_multiplier(ns.multiplier)
     vopts = build(VerifyOptions, flags_of(ns, VerifyOptions))
-    try:
-        r = export_safetensors(
-            ns.model, ns.circuit, ns.out, multiplier=ns.multiplier, multipliers=ns.multipliers,
-            overwrite=ns.overwrite, link=ns.link, force=ns.force, verify=ns.verify, verify_options=vopts,
-            prompt_files=ns.prompts, dtype=ns.convert_dtype, max_shard_size=ns.max_shard_size,
-            allow_pickle=ns.allow_pickle, trust_remote_code=ns.trust_remote_code,
-            progress=not ns.quiet and sys.stderr.isatty(),
-        )
-    except VerificationFailed as e:
-        report = getattr(e, "report", None)
-        if report is not None and not ns.quiet:
-            print(report.render())
-        raise
+    r = export_safetensors(
+        ns.model, ns.circuit, ns.out, multiplier=ns.multiplier, multipliers=ns.multipliers,
+        overwrite=ns.overwrite, link=ns.link, force=ns.force, verify=ns.verify, verify_options=vopts,
+        prompt_files=ns.prompts, dtype=ns.convert_dtype, max_shard_size=ns.max_shard_size,
+        allow_pickle=ns.allow_pickle, trust_remote_code=ns.trust_remote_code,
+        progress=not ns.quiet and sys.stderr.isatty(),
+    )
     if not ns.quiet:
         m = r.manifest
         values = sorted({x.multiplier for x in m.multipliers})
@@ -323,7 +316,6 @@ def _gguf_verify_flags(p: argparse.ArgumentParser) -> None:
 
 def _cmd_export_gguf(ns: argparse.Namespace) -> int:
     from .circuit import check_multiplier
-    from .errors import VerificationFailed
     from .gguf_export import export_gguf
     from .verify_gguf import GGUFVerifyOptions
 
@@ -332,18 +324,12 @@ def _cmd_export_gguf(ns: argparse.Namespace) -> int:
     if ns.multiplier is not None:
         check_multiplier(ns.multiplier)
     vopts = build(GGUFVerifyOptions, flags_of(ns, GGUFVerifyOptions))
-    try:
-        r = export_gguf(
-            ns.model, ns.circuit, ns.out, multiplier=ns.multiplier, multipliers=ns.multipliers, fold=ns.fold or "up",
-            fast_copy=ns.fast_copy, overwrite=ns.overwrite, force=ns.force, modelfile=not ns.no_modelfile,
-            verify=ns.verify, verify_options=vopts, prompt_files=ns.prompts,
-            progress=not ns.quiet and sys.stderr.isatty(),
-        )
-    except VerificationFailed as e:
-        report = getattr(e, "report", None)
-        if report is not None and not ns.quiet:
-            print(report.render())
-        raise
+    r = export_gguf(
+        ns.model, ns.circuit, ns.out, multiplier=ns.multiplier, multipliers=ns.multipliers, fold=ns.fold or "up",
+        fast_copy=ns.fast_copy, overwrite=ns.overwrite, force=ns.force, modelfile=not ns.no_modelfile,
+        verify=ns.verify, verify_options=vopts, prompt_files=ns.prompts,
+        progress=not ns.quiet and sys.stderr.isatty(),
+    )
     if not ns.quiet:
         m = r.manifest
         values = sorted({x.multiplier for x in m.multipliers})
@@ -673,6 +659,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return COMMANDS[ns.command](ns)
     except CnaError as e:
+        report = getattr(e, "report", None)  # a failed export --verify carries its report table
+        if report is not None and not ns.quiet:
+            print(report.render())
         print(f"cna-export: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
