@@ -7,9 +7,8 @@ Two backends implement the same small interface (:class:`Backend`):
     dequantised GGUF, an exported steered folder). CNA steering is the hook
     steering of :mod:`cna_export.steering`; CAA adds ``alpha * v[layer]`` to the
     output of every layer's ``down_proj`` at every position (the paper's
-    ``steer_caa``). Batched greedy generation with left padding, as
-    :func:`cna_export.generation.generate` (this module's :func:`greedy_generate`
-    is that function returning token ids too; a test checks they agree).
+    ``steer_caa``). Batched greedy generation with left padding
+    (:func:`cna_export.generation.greedy_generate`).
 
 ``llama.cpp`` (:class:`LlamaCppBackend`)
     A GGUF file through llama-cpp-python's C API, much faster on CPU. Several
@@ -46,6 +45,7 @@ import numpy as np
 from .circuit import Circuit, check_multiplier
 from .errors import CnaError
 from .metrics import log_softmax
+from .generation import Generation, greedy_generate
 
 log = logging.getLogger(__name__)
 
@@ -142,16 +142,6 @@ class Steering:
 # ---------------------------------------------------------------------------------------
 
 
-@dataclass
-class Generation:
-    """One greedy answer: text (special tokens dropped), generated ids, and whether it hit end-of-sequence."""
-
-    text: str
-    tokens: list[int]
-    stopped: bool
-    first_logprobs: np.ndarray | None = None  # [vocab] float32, log-probs of the first answer token
-
-
 class Backend(Protocol):
     name: str
     spec: str
@@ -192,75 +182,6 @@ def caa_hooks(model: Any, arch: Any, vectors: np.ndarray, alpha: float, layers: 
     finally:
         for h in handles:
             h.remove()
-
-
-def _eos_ids(loaded: Any) -> set[int]:
-    ids: set[int] = set()
-    cfg = getattr(loaded.model, "generation_config", None)
-    eos = getattr(cfg, "eos_token_id", None) if cfg is not None else None
-    if eos is None:
-        eos = loaded.tokenizer.eos_token_id
-    if isinstance(eos, int):
-        ids.add(eos)
-    elif eos is not None:
-        ids.update(int(e) for e in eos)
-    return ids
-
-
-def greedy_generate(
-    loaded: Any,
-    prompts: Sequence[str],
-    max_new_tokens: int,
-    chat_template: bool = True,
-    system_prompt: str | None = None,
-    batch_size: int = 8,
-    first_logprobs: bool = False,
-) -> list[Generation]:
-    """:func:`cna_export.generation.generate` that also returns token ids and first-token log-probs."""
-    import torch
-
-    from .prompts import render
-
-    tok = loaded.tokenizer
-    texts = render(tok, prompts, chat_template, system_prompt)
-    eos = _eos_ids(loaded)
-    old_side = tok.padding_side
-    tok.padding_side = "left"
-    out: list[Generation] = []
-    try:
-        for start in range(0, len(texts), batch_size):
-            chunk = texts[start : start + batch_size]
-            enc = tok(chunk, return_tensors="pt", padding=True, add_special_tokens=not chat_template)
-            enc = {k: v.to(loaded.input_device) for k, v in enc.items()}
-            with torch.inference_mode():
-                res = loaded.model.generate(
-                    **enc,
-                    max_new_tokens=max_new_tokens,
-                    do_sample=False,
-                    temperature=None,
-                    top_p=None,
-                    top_k=None,
-                    pad_token_id=tok.pad_token_id,
-                    return_dict_in_generate=True,
-                    output_logits=first_logprobs,
-                )
-            new = res.sequences[:, enc["input_ids"].shape[1] :].tolist()
-            for row, ids in enumerate(new):
-                cut = len(ids)
-                stopped = False
-                for j, t in enumerate(ids):
-                    if t in eos:
-                        cut, stopped = j + 1, True
-                        break
-                ids = ids[:cut]
-                lp = None
-                if first_logprobs:
-                    lp = log_softmax(res.logits[0][row].float().cpu().numpy()).astype(np.float32)
-                text = tok.decode(ids, skip_special_tokens=True)
-                out.append(Generation(text=text, tokens=[int(t) for t in ids], stopped=stopped, first_logprobs=lp))
-    finally:
-        tok.padding_side = old_side
-    return out
 
 
 class TransformersBackend:

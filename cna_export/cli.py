@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from . import __version__
-from .errors import CnaError
+from .errors import NOTHING_FITS, CnaError
 from .options import DiscoverOptions, ModelOptions, PromptOptions, add_flags, build, flags_of, load_recipe
 
 log = logging.getLogger("cna_export")
@@ -221,10 +221,10 @@ def cmd_export(ns: argparse.Namespace) -> int:
 def _export_parser(sub: Any) -> None:
     from .verify import VerifyOptions
 
-    p = sub.add_parser("export", help="fold a circuit into the weights and write a steered safetensors checkpoint")
+    p = sub.add_parser("export", help="fold a circuit into the weights and write a steered safetensors checkpoint or GGUF file")
     p.add_argument("--model", required=True, help="HF safetensors folder, Hub id, .gguf file, or bundled:smollm2")
     p.add_argument("--circuit", required=True, help="circuit manifest (JSON)")
-    p.add_argument("--out", required=True, help="output folder (written atomically)")
+    p.add_argument("--out", required=True, help="output folder (safetensors) or .gguf file (--format gguf), written atomically")
     p.add_argument("--multiplier", type=float, help="multiplier for every circuit neuron (default: the circuit's own)")
     p.add_argument("--multipliers", metavar="FILE", help='per-neuron multipliers: {"layer:index": m} or [{layer, index, multiplier}]')
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
@@ -241,10 +241,24 @@ def _export_parser(sub: Any) -> None:
     _gguf_export_flags(p)
 
 
+def _finish_verify(ns: argparse.Namespace, report: Any, t0: float) -> int:
+    """Write ``--json``, print the report, exit 3 when it failed."""
+    from .errors import VerificationFailed
+    from .io.atomic import atomic_write_text
+
+    if ns.json:
+        atomic_write_text(Path(ns.json), report.to_json() + "\n", overwrite=ns.overwrite)
+    if not ns.quiet:
+        print(report.render(per_prompt=ns.per_prompt))
+        print(f"time         {time.perf_counter() - t0:.1f}s" + (f"; wrote {ns.json}" if ns.json else ""))
+    if not report.passed:
+        raise VerificationFailed("verification failed: " + "; ".join(report.reasons))
+    return 0
+
+
 @command("verify")
 def cmd_verify(ns: argparse.Namespace) -> int:
-    from .errors import VerificationFailed
-    from .io.atomic import atomic_write_text, check_output_path
+    from .io.atomic import check_output_path
     from .verify import VerifyOptions, verify_export
 
     if Path(ns.exported).suffix.lower() == ".gguf":
@@ -257,14 +271,7 @@ def cmd_verify(ns: argparse.Namespace) -> int:
     report = verify_export(ns.original, ns.exported, vopts, prompt_files=ns.prompts,
                            model_options=mopts.model_dump(exclude={"dtype"}),
                            progress=not ns.quiet and sys.stderr.isatty())
-    if ns.json:
-        atomic_write_text(Path(ns.json), report.to_json() + "\n", overwrite=ns.overwrite)
-    if not ns.quiet:
-        print(report.render(per_prompt=ns.per_prompt))
-        print(f"time         {time.perf_counter() - t0:.1f}s" + (f"; wrote {ns.json}" if ns.json else ""))
-    if not report.passed:
-        raise VerificationFailed("verification failed: " + "; ".join(report.reasons))
-    return 0
+    return _finish_verify(ns, report, t0)
 
 
 def _verify_parser(sub: Any) -> None:
@@ -352,8 +359,7 @@ def _cmd_export_gguf(ns: argparse.Namespace) -> int:
 
 
 def _cmd_verify_gguf(ns: argparse.Namespace) -> int:
-    from .errors import VerificationFailed
-    from .io.atomic import atomic_write_text, check_output_path
+    from .io.atomic import check_output_path
     from .verify_gguf import GGUFVerifyOptions, verify_gguf
 
     vopts = build(GGUFVerifyOptions, flags_of(ns, GGUFVerifyOptions))
@@ -362,14 +368,7 @@ def _cmd_verify_gguf(ns: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     report = verify_gguf(ns.original, ns.exported, vopts, prompt_files=ns.prompts,
                          progress=not ns.quiet and sys.stderr.isatty())
-    if ns.json:
-        atomic_write_text(Path(ns.json), report.to_json() + "\n", overwrite=ns.overwrite)
-    if not ns.quiet:
-        print(report.render(per_prompt=ns.per_prompt))
-        print(f"time         {time.perf_counter() - t0:.1f}s" + (f"; wrote {ns.json}" if ns.json else ""))
-    if not report.passed:
-        raise VerificationFailed("verification failed: " + "; ".join(report.reasons))
-    return 0
+    return _finish_verify(ns, report, t0)
 
 
 # -- eval / tune --------------------------------------------------------------------------
@@ -474,7 +473,7 @@ def cmd_tune(ns: argparse.Namespace) -> int:
     report = run_tune_job(t)
     if report["chosen"] is None:
         print(f"cna-export: no configuration met the constraints; see {ns.out}/tune.md", file=sys.stderr)
-        return 1
+        return NOTHING_FITS
     if not ns.quiet:
         ch = report["chosen"]
         print(f"chosen       top_k {ch['neurons']} ({100 * ch['fraction']:.3g}%), multiplier {ch['multiplier']:g}")

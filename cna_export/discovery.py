@@ -268,6 +268,7 @@ def select(
                 score=float(scores[layer, index]),
                 positive_mean=float(pm[layer, index]),
                 negative_mean=float(nm[layer, index]),
+                multiplier=opts.multiplier,
             )
         )
     counts: dict[int, int] = {}

@@ -16,3 +16,7 @@ class VerificationFailed(CnaError):
     """Exported weights do not behave like hook steering within tolerance."""
 
     exit_code = 3
+
+
+NOTHING_FITS = 6
+"""Exit code of ``tune`` when no configuration met the quality and drift constraints."""

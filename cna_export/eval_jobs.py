@@ -216,17 +216,7 @@ def build_conditions(job: EvalJob, backend: Backend, log: Callable[[str], None])
     check_job(job)
     conds: list[Condition] = []
     saved: SavedStats | None = None
-    mults = job.sweep_multipliers
-    if job.multiplier is not None:
-        check_multiplier(job.multiplier)
-        if mults:
-            raise CnaError("pass either --multiplier or --sweep-multipliers")
-    for m in mults or []:
-        check_multiplier(m)
-    if job.circuit and job.sweep_fractions:
-        raise CnaError("--sweep-fractions selects circuits from discovery statistics; do not pass --circuit as well")
-    if (job.multiplier is not None or mults) and not (job.circuit or job.sweep_fractions):
-        raise CnaError("--multiplier/--sweep-multipliers need --circuit or --sweep-fractions")
+    mults = job.sweep_multipliers  # checked by check_job
     if job.circuit:
         circuit = Circuit.load(job.circuit)
         for m in (mults or [job.multiplier]):

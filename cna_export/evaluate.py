@@ -41,7 +41,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from . import __version__
-from .backends import Backend, Generation, Steering
+from .backends import Backend, Steering
+from .generation import Generation
 from .errors import CnaError
 from .judge import Judge, get_judge
 from .metrics import kl_divergence, mcnemar_p, mean, paired_flips, quality, wilson_interval
@@ -142,7 +143,7 @@ def _load_jbb_hub() -> tuple[EvalSet, EvalSet]:
     except ImportError:
         raise CnaError(
             "JBB-Behaviors not found: set CNA_JBB_DIR (or --jbb-dir) to a folder with harmful-behaviors.csv and "
-            "benign-behaviors.csv, or pip install datasets to read JailbreakBench/JBB-Behaviors from the Hub"
+            "benign-behaviors.csv, or pip install 'cna-export[datasets]' to read JailbreakBench/JBB-Behaviors from the Hub"
         ) from None
     name, config = JBB_HUB
     out = []

@@ -199,7 +199,7 @@ def convert_to_safetensors(
     """
     import torch
 
-    from .models import load_model
+    from .models import load_model, save_tokenizer
 
     source = resolve_source(spec)
     saved_dtype = None
@@ -223,7 +223,7 @@ def convert_to_safetensors(
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     try:
         loaded.model.save_pretrained(folder, **kwargs)
-        loaded.tokenizer.save_pretrained(folder)
+        save_tokenizer(loaded.tokenizer, folder)
     except OSError as e:
         raise CnaError(f"cannot write the converted checkpoint: {e.strerror or e}") from None
     except ValueError as e:
@@ -405,7 +405,7 @@ def model_card(manifest: ExportManifest, verification: Any = None) -> str:
 
 
 def export_safetensors(
-    model: str,
+    model: str | Path,
     circuit: Circuit | str | Path,
     out: str | Path,
     multiplier: float | None = None,

@@ -75,7 +75,7 @@ def side_manifest_path(out: str | Path) -> Path:
     return out.with_name(out.name + SIDE_MANIFEST_SUFFIX)
 
 
-def resolve_gguf_model(spec: str) -> Path:
+def resolve_gguf_model(spec: str | Path) -> Path:
     """Path of a GGUF model given as a file or ``bundled:NAME``; anything else is refused."""
     from .models import resolve_source
 
@@ -215,7 +215,7 @@ def render_modelfile(out: Path, reader: Any, manifest: ExportManifest, manifest_
 
 
 def export_gguf(
-    model: str,
+    model: str | Path,
     circuit: Circuit | str | Path,
     out: str | Path,
     multiplier: float | None = None,
@@ -242,6 +242,7 @@ def export_gguf(
     :class:`VerificationFailed` (with ``.report``) and leaves nothing behind.
     """
     t0 = time.perf_counter()
+    model = str(model)
     circuit = circuit if isinstance(circuit, Circuit) else Circuit.load(circuit)
     src = resolve_gguf_model(model)
     out = Path(out)

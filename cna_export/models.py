@@ -63,7 +63,9 @@ class ModelSource:
         return (str(self.path) if self.path else self.spec), {}
 
 
-def resolve_source(spec: str) -> ModelSource:
+def resolve_source(spec: str | Path) -> ModelSource:
+    """Where a model spec points: ``bundled:NAME``, a .gguf file, a folder, or a Hub id."""
+    spec = str(spec)
     if spec.startswith(bundled.PREFIX):
         return ModelSource(spec, "gguf", bundled.resolve(spec).resolve())
     p = Path(spec).expanduser()
@@ -158,8 +160,21 @@ def load_tokenizer(source: ModelSource, trust_remote_code: bool = False) -> Any:
     except (OSError, ValueError, KeyError) as e:
         raise CnaError(f"cannot load the tokenizer of {source.spec}: {_first_line(e)}") from None
     if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
+        tok.pad_token = tok.eos_token  # batched capture and generation pad on the left
+        tok._cna_pad_from_eos = True
     return tok
+
+
+def save_tokenizer(tok: Any, folder: str | Path) -> None:
+    """Save ``tok`` as its checkpoint had it: without the pad token :func:`load_tokenizer` borrowed from EOS."""
+    borrowed = getattr(tok, "_cna_pad_from_eos", False)
+    if borrowed:
+        tok.pad_token = None
+    try:
+        tok.save_pretrained(folder)
+    finally:
+        if borrowed:
+            tok.pad_token = tok.eos_token
 
 
 def load_model(

@@ -55,6 +55,11 @@ class DiscoverOptions(PromptOptions):
     universal_threshold: float = Field(0.8, gt=0, le=1, description="share of neutral prompts a universal neuron is top-k on")
     universal_top_k: int = Field(50, gt=0, description="per-layer top-k (by |activation|) for the universal filter")
     limit: int | None = Field(None, gt=0, description="use at most this many prompts of each set")
+    multiplier: float | None = Field(
+        None, allow_inf_nan=False,
+        description="store this multiplier with every circuit neuron (export and eval use it when not given one; "
+        "a tuned recipe sets it)",
+    )  # fmt: skip
 
     def method_params(self) -> dict[str, Any]:
         """The parameters that define the method (paths are recorded separately, with hashes)."""

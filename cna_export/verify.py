@@ -128,6 +128,15 @@ class PromptDetail(BaseModel):
     greedy_identical: bool | None = None
 
 
+class Check(BaseModel):
+    """One pass/fail criterion beyond the absolute tolerances (e.g. relative to a noise floor), for the table."""
+
+    label: str
+    value: str
+    tolerance: str
+    ok: bool | None = Field(None, description="None: informative only")
+
+
 class VerifyReport(BaseModel):
     """The outcome of comparing a reference (hook-steered original) with a candidate (an export)."""
 
@@ -148,6 +157,7 @@ class VerifyReport(BaseModel):
     passed: bool
     reasons: list[str] = Field(default_factory=list, description="why it failed (empty when passed)")
     failed_metrics: list[str] = Field(default_factory=list, description="metrics outside tolerance")
+    checks: list[Check] = Field(default_factory=list, description="relative criteria, shown in the table")
     notes: list[str] = Field(default_factory=list)
     prompts: list[PromptDetail] = Field(default_factory=list)
 
@@ -196,6 +206,8 @@ class VerifyReport(BaseModel):
             same = round(m["greedy_identical"] * n_prompts)
             label = f"identical greedy ({int(m.get('max_new_tokens', 0))} tokens)"
             lines.append(f"{label:<34}{f'{same}/{n_prompts}':>14}  {self.tolerances.describe('greedy_identical'):<12}{ok('greedy_identical'):>4}")
+        for c in self.checks:
+            lines.append(f"{c.label:<34}{c.value:>14}  {c.tolerance:<12}{'' if c.ok is None else 'yes' if c.ok else 'no':>4}")
         if per_prompt and self.prompts:
             lines += ["", f"{'#':>3} {'pos':>4} {'max|dlogit|':>12} {'mean KL':>10} {'top-1':>7} {'greedy':>6}  prompt"]
             for i, p in enumerate(self.prompts):

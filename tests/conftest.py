@@ -178,3 +178,51 @@ def prompt_files(tmp_path):
         "What is two plus two?",
     ]) + "\n")
     return pos, neg, neu
+
+
+# -- shared by the safetensors export and verify tests ---------------------------------------
+
+# (arch, dtype, sharded): both architectures, both dtypes, single file and >= 3 shards
+EXPORT_COMBOS = [
+    ("llama", "float32", False),
+    ("llama", "float32", True),
+    ("llama", "bfloat16", True),
+    ("qwen2", "float32", True),
+    ("qwen2", "bfloat16", False),
+]
+EXPORT_IDS = [f"{a}-{d}-{'sharded' if s else 'single'}" for a, d, s in EXPORT_COMBOS]
+# per-neuron multipliers that are exact in any float format, spread over layers 0 and 2
+PLANTED = {(0, 1): 0.0, (0, 17): -1.0, (0, 40): 2.0, (2, 5): 0.5, (2, 63): 0.0, (2, 30): -1.0}
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and a busy 2-core machine makes OpenMP spin."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def export_sources(tmp_path_factory):
+    """A tiny checkpoint per :data:`EXPORT_COMBOS` entry (sharded ones at 20 KB per shard)."""
+    root = tmp_path_factory.mktemp("export-src")
+    out = {}
+    for arch, dtype, sharded in EXPORT_COMBOS:
+        path = root / f"{arch}-{dtype}-{'sharded' if sharded else 'single'}"
+        make_tiny_model(arch, path, dtype=dtype, max_shard_size="20KB" if sharded else None)
+        out[(arch, dtype, sharded)] = path
+    return out
+
+
+def planted_circuit(src: Path, mults=PLANTED, own: bool = False):
+    """A circuit on checkpoint ``src`` with the neurons of ``mults`` (carrying their multipliers when ``own``)."""
+    from cna_export.circuit import Circuit, Neuron
+    from cna_export.export import checkpoint_identity
+
+    ident, *_ = checkpoint_identity(src, str(src))
+    neurons = [Neuron(layer=l, index=i, score=1.0, multiplier=m if own else None) for (l, i), m in sorted(mults.items())]
+    return Circuit(model=ident, neurons=neurons, method={"name": "manual"})

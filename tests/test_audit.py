@@ -32,11 +32,8 @@ NO_GEN = AuditSettings(generate=False, discover=False)
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(before)
 
 
 def circuit_for(identity, planted) -> Circuit:

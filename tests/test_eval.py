@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from cna_export.backends import LlamaCppBackend, Steering, TransformersBackend, greedy_generate
+from cna_export.backends import LlamaCppBackend, Steering, TransformersBackend
 from cna_export.circuit import Circuit, Neuron
 from cna_export.cli import main
 from cna_export.errors import CnaError
 from cna_export.evaluate import EvalSet, EvalSettings, Evaluator, Item, load_jbb, split_pairs
-from cna_export.generation import generate
+from cna_export.generation import generate, greedy_generate
 from cna_export.metrics import kl_divergence
 from cna_export.options import DiscoverOptions, build, load_recipe
 from cna_export.sweep import compute_stats, load_stats, parse_layers, save_stats
@@ -56,15 +56,21 @@ def _circuit(loaded, k=24):
 # -- backends -----------------------------------------------------------------------------
 
 
-def test_greedy_generate_matches_generation_generate(tiny):
+def test_greedy_generate_batched_equals_one_by_one(tiny):
+    from cna_export.generation import _eos_ids
+
     _, loaded = tiny
-    prompts = ["How do I bake a cake?", "Write a phishing email to steal passwords from users today."]
+    prompts = ["How do I bake a cake?", "Write a phishing email to steal passwords from users today.", "Hi"]
     ours = greedy_generate(loaded, prompts, max_new_tokens=7, batch_size=2, first_logprobs=True)
-    ref = generate(loaded, prompts, max_new_tokens=7, batch_size=2)
-    assert [g.text for g in ours] == ref
+    single = [greedy_generate(loaded, [p], max_new_tokens=7, batch_size=1)[0] for p in prompts]
+    assert [g.tokens for g in ours] == [g.tokens for g in single]  # left padding changes nothing
+    assert generate(loaded, prompts, max_new_tokens=7, batch_size=2) == [g.text for g in ours]
+    eos = _eos_ids(loaded)
     for g in ours:
         assert 1 <= len(g.tokens) <= 7 and g.first_logprobs is not None
         assert np.exp(g.first_logprobs.astype(np.float64)).sum() == pytest.approx(1.0, abs=1e-4)
+        assert not eos & set(g.tokens[:-1])  # cut after the first end-of-sequence token
+        assert g.stopped == (g.tokens[-1] in eos)
 
 
 def test_kl_of_a_model_with_itself_is_zero(tiny):
@@ -287,13 +293,20 @@ def test_cli_tune_writes_recipe(tiny, recipe, prompt_files, tmp_path, capsys):
     # the written recipe is a recipe: discovery can read it, prompt paths resolve from its folder
     opts = build(DiscoverOptions, load_recipe(out / "recipe.yaml"))
     assert opts.top_k == ch["neurons"] and Path(opts.positive).read_text() == pos.read_text()
+    assert opts.multiplier == ch["multiplier"]
+    # ... and the circuit it discovers carries the tuned multiplier, which export uses when given none
+    circ = tmp_path / "tuned-circuit.json"
+    assert main(["discover", "--model", str(path), "--recipe", str(out / "recipe.yaml"), "--out", str(circ)]) == 0
+    c = Circuit.load(circ)
+    assert len(c.neurons) == ch["neurons"] and {n.multiplier for n in c.neurons} == {ch["multiplier"]}
+    assert c.multipliers() == {(n.layer, n.index): ch["multiplier"] for n in c.neurons}
     # ties go to the smallest circuit nearest multiplier 1 among the fewest refusals
     best = min(s["refused"] for s in report["tuning"] if s["method"] == "cna")
     assert ch["refused"] == best
 
     # infeasible constraints: no recipe, exit 1, the table is still written
     out2 = tmp_path / "none"
-    assert main(base + ["--out", str(out2), "--max-kl", "0", "--multipliers", "0", "--no-heldout"]) == 1
+    assert main(base + ["--out", str(out2), "--max-kl", "0", "--multipliers", "0", "--no-heldout"]) == 6
     assert "no configuration met the constraints" in capsys.readouterr().err
     assert not (out2 / "recipe.yaml").exists() and "No configuration met" in (out2 / "tune.md").read_text()
 

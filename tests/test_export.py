@@ -23,45 +23,22 @@ from cna_export.io import safetensors as st_io
 from cna_export.manifest import MANIFEST_FILE, ExportManifest
 from cna_export.models import load_model
 
-from conftest import make_tiny_model
+from conftest import EXPORT_COMBOS, EXPORT_IDS, PLANTED, planted_circuit
 
-# (arch, dtype, sharded): both architectures, both dtypes, single file and >= 3 shards
-COMBOS = [
-    ("llama", "float32", False),
-    ("llama", "float32", True),
-    ("llama", "bfloat16", True),
-    ("qwen2", "float32", True),
-    ("qwen2", "bfloat16", False),
-]
-IDS = [f"{a}-{d}-{'sharded' if s else 'single'}" for a, d, s in COMBOS]
-# per-neuron multipliers that are exact in any float format, spread over layers 0 and 2
-PLANTED = {(0, 1): 0.0, (0, 17): -1.0, (0, 40): 2.0, (2, 5): 0.5, (2, 63): 0.0, (2, 30): -1.0}
+COMBOS, IDS = EXPORT_COMBOS, EXPORT_IDS
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads, and a busy 2-core machine makes OpenMP spin."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
-def sources(tmp_path_factory):
-    root = tmp_path_factory.mktemp("export-src")
-    out = {}
-    for arch, dtype, sharded in COMBOS:
-        path = root / f"{arch}-{dtype}-{'sharded' if sharded else 'single'}"
-        make_tiny_model(arch, path, dtype=dtype, max_shard_size="20KB" if sharded else None)
-        out[(arch, dtype, sharded)] = path
-    return out
+def sources(export_sources):
+    return export_sources
 
 
-def _circuit(src: Path, mults=PLANTED, own: bool = False) -> Circuit:
-    ident, *_ = checkpoint_identity(src, str(src))
-    neurons = [Neuron(layer=l, index=i, score=1.0, multiplier=m if own else None) for (l, i), m in sorted(mults.items())]
-    return Circuit(model=ident, neurons=neurons, method={"name": "manual"})
+_circuit = planted_circuit
 
 
 def _all_tensors(folder: Path) -> dict[str, torch.Tensor]:

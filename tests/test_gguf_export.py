@@ -626,3 +626,80 @@ def test_shared_prefixes_are_counted_once_and_near_ties_left_out():
     assert confident_agreement(m, agree, 0.1) == 1.0
     assert confident_agreement(m, agree, 0.0) == pytest.approx(2 / 3)
     assert confident_agreement(m, agree, 10.0) == 1.0  # no confident position: nothing to disagree on
+
+
+def _synthetic_comparisons(noise_growth: float, seed: int = 0):
+    """Plain/hooked transformers logits and llama.cpp logits with noise; the steered pair's noise is
+    ``noise_growth`` x the unsteered pair's (steering moves the logits a lot)."""
+    import torch
+
+    from cna_export.verify_gguf import _Comparisons
+
+    g = torch.Generator().manual_seed(seed)
+    comp = _Comparisons()
+    for _ in range(8):
+        plain = 3 * torch.randn(12, 50, generator=g)
+        hooked = plain.roll(1, dims=-1)  # a different distribution of the same entropy
+        src = plain + 0.05 * torch.randn(12, 50, generator=g)
+        exp = hooked + 0.05 * noise_growth * torch.randn(12, 50, generator=g)
+        comp.add(plain, hooked, src, exp)
+    return comp
+
+
+def test_allowance_grows_with_the_steering_effect():
+    import time
+
+    from cna_export.verify_gguf import GGUFVerifyOptions, _judge
+
+    comp = _synthetic_comparisons(1.2)  # steered pair about 1.44x the floor, like strongly steered real exports
+    b = _judge(comp, GGUFVerifyOptions(), time.perf_counter())
+    m = b.metrics
+    assert m["kl_ratio"] > 1.3 and m["steering_effect_mean_kl"] > 100 * m["floor_mean_kl"]
+    assert m["allowed_mean_kl"] == pytest.approx(1.1 * m["floor_mean_kl"] + 0.01 * m["steering_effect_mean_kl"])
+    assert 0 < m["excess_share_of_effect"] < 0.01
+    assert not b.reasons, b.reasons
+    # the noise floor alone (the literal rule) fails the same export, and says by how much
+    strict = _judge(comp, GGUFVerifyOptions(max_effect_share=0), time.perf_counter())
+    assert len(strict.reasons) == 1 and "above the allowed" in strict.reasons[0] and "of the steering effect" in strict.reasons[0]
+    # an export whose discrepancy is a sizeable share of the steering effect fails under the defaults
+    bad = _judge(_synthetic_comparisons(12.0), GGUFVerifyOptions(), time.perf_counter())
+    assert bad.metrics["excess_share_of_effect"] > 0.01 and any("above the allowed" in r for r in bad.reasons)
+
+
+def test_steering_reproduction_slope():
+    import time
+
+    import torch
+
+    from cna_export.verify_gguf import GGUFVerifyOptions, _Comparisons, _judge, steering_slope
+
+    g = torch.Generator().manual_seed(1)
+
+    def run(share: float, noise: float = 0.02):
+        comp = _Comparisons()
+        for _ in range(10):
+            plain = 3 * torch.randn(9, 40, generator=g, dtype=torch.float64)
+            hooked = plain + torch.randn(9, 40, generator=g, dtype=torch.float64)
+            src = plain + noise * torch.randn(9, 40, generator=g, dtype=torch.float64)
+            exp = src + share * (hooked - plain) + noise * torch.randn(9, 40, generator=g, dtype=torch.float64)
+            comp.add(plain, hooked, src, exp)
+        return comp
+
+    exact = run(1.0, noise=0.0)
+    assert steering_slope(exact.slope_terms)[0] == pytest.approx(1.0, abs=1e-12)
+    good = _judge(run(1.0), GGUFVerifyOptions(), time.perf_counter())
+    slope, se = good.metrics["steering_reproduced"], good.metrics["steering_reproduced_se"]
+    assert abs(slope - 1) < 0.01 and 0 < se < 0.01 and not good.reasons, good.reasons
+    # a tenth of the steering missing: the KL allowance (1% of the effect) lets it through, the slope does not
+    short = _judge(run(0.9), GGUFVerifyOptions(), time.perf_counter())
+    assert short.metrics["steering_reproduced"] == pytest.approx(0.9, abs=0.01)
+    assert short.metrics["mean_kl"] <= short.metrics["allowed_mean_kl"]
+    assert [r for r in short.reasons if "reproduces 9" in r and "hook-steering effect" in r] == short.reasons
+    ok = {c.label: c.ok for c in short.checks}
+    assert ok["steering reproduced (slope)"] is False and ok["mean KL, allowed"] is True
+    lenient = _judge(run(0.9), GGUFVerifyOptions(max_steering_error=0.15), time.perf_counter())
+    assert not [r for r in lenient.reasons if "reproduces" in r]
+    # no steering at all: reproduces nothing
+    none = _judge(run(0.0), GGUFVerifyOptions(), time.perf_counter())
+    assert abs(none.metrics["steering_reproduced"]) < 0.02 and len(none.reasons) >= 2
+    assert steering_slope([]) != steering_slope([])  # nan without data

@@ -104,11 +104,16 @@ def test_verify_passes_against_the_noise_floor(smollm2, exported):
     m = rep.metrics
     assert m["tensors_touched"] == len(w.manifest.tensors) and m["tensors_identical"] == 272 - m["tensors_touched"]
     assert m["tensor_max_abs_error"] == 0.0  # multiplier 0 is exact
-    assert 0 < m["floor_mean_kl"] and m["kl_ratio"] <= 1.1
+    assert 0 < m["floor_mean_kl"] and m["mean_kl"] <= m["allowed_mean_kl"]
+    assert m["allowed_mean_kl"] == pytest.approx(1.1 * m["floor_mean_kl"] + 0.01 * m["steering_effect_mean_kl"])
+    assert abs(m["excess_share_of_effect"]) < 0.005  # measured 0.09%: llama.cpp reproduces the steering
     assert m["confident_top1_agreement"] >= m["floor_confident_top1_agreement"] - 0.01
     assert m["export_effect_mean_kl"] > m["floor_mean_kl"]  # the export really steers llama.cpp
     assert m["mean_kl"] < m["export_vs_unsteered_mean_kl"]  # closer to hook steering than to no steering
     assert len(rep.prompts) == 16 and "noise floor" in rep.render()
+    assert {c.label for c in rep.checks} >= {"tensors and KV pairs exact", "mean KL, allowed", "steering reproduced (slope)"}
+    assert all(c.ok is not False for c in rep.checks) and "steering reproduced (slope)" in rep.render()
+    assert abs(m["steering_reproduced"] - 1) < 0.03  # measured 1.000 +- 0.003
     tensors_only = verify_gguf("bundled:smollm2", f.out, OPTS, behaviour=False)
     assert tensors_only.passed, tensors_only.reasons
 
@@ -145,7 +150,8 @@ def test_cli_export_and_verify(smollm2, circuit, tmp_path, capsys, monkeypatch):
     # export --verify checks before the rename: an impossible tolerance exits 3 and writes nothing
     bad = tmp_path / "unverified.gguf"
     rc = main(["export", "--model", "bundled:smollm2", "--circuit", str(circ), "--multiplier", "0", "--out", str(bad),
-               "--no-modelfile", "--verify", "--limit", "2", "--threads", "1", "--max-kl-ratio", "0.5"])  # fmt: skip
+               "--no-modelfile", "--verify", "--limit", "2", "--threads", "1", "--max-kl-ratio", "0.5",
+               "--max-effect-share", "0"])  # fmt: skip
     captured = capsys.readouterr()
     assert rc == 3 and "verification failed" in captured.err and "noise floor" in captured.out
     assert not bad.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".unverified")]

@@ -48,3 +48,26 @@ def test_fingerprint_is_independent_of_lossless_dtype(tmp_path):
     assert as_bf16 == as_fp32
     other = make_tiny_model("qwen2", tmp_path / "other", dtype="bfloat16", seed=1)
     assert load_model(str(other)).fingerprint() != as_fp32
+
+
+def test_borrowed_pad_token_is_not_saved(tmp_path):
+    """Batching borrows EOS as the pad token when a tokenizer has none; saved tokenizers must not gain it."""
+    import json
+
+    from conftest import _tokenizer, make_tiny_model
+
+    from cna_export.models import load_tokenizer, save_tokenizer
+
+    for name in ("src", "own"):
+        make_tiny_model("llama", tmp_path / name, layers=1)
+    tok = _tokenizer()
+    tok.pad_token = None
+    tok.save_pretrained(tmp_path / "src")
+    loaded = load_tokenizer(resolve_source(str(tmp_path / "src")))
+    assert loaded.pad_token == loaded.eos_token == "</s>"
+    save_tokenizer(loaded, tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "tokenizer_config.json").read_text()).get("pad_token") is None
+    assert loaded.pad_token == "</s>"  # still usable for batching afterwards
+    # a tokenizer with its own pad token keeps it
+    save_tokenizer(load_tokenizer(resolve_source(str(tmp_path / "own"))), tmp_path / "own-out")
+    assert json.loads((tmp_path / "own-out" / "tokenizer_config.json").read_text())["pad_token"] == "<pad>"

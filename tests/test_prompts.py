@@ -96,3 +96,14 @@ def test_bundled_recipe_is_complete():
     pos, neg, neu = (load_prompts(rec[k]) for k in ("positive", "negative", "neutral"))
     assert len(pos) >= 64 and len(neg) == len(pos) and len(neu) >= 64
     assert not set(pos.texts) & set(neg.texts)
+
+
+def test_tuned_recipe_loads():
+    from pathlib import Path
+
+    from cna_export.options import DiscoverOptions, build
+
+    root = Path(__file__).resolve().parents[1] / "recipes"
+    opts = build(DiscoverOptions, load_recipe(root / "tuned" / "refusal-qwen2.5-coder-0.5b.yaml"))
+    assert opts.top_k == 584 and opts.multiplier == 0.5
+    assert Path(opts.positive) == (root / "prompts" / "refusal-harmful.txt").resolve()

@@ -12,8 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from cna_export import cli
-from cna_export.circuit import Circuit, Neuron
-from cna_export.export import checkpoint_identity, export_safetensors
+from cna_export.export import export_safetensors
 from cna_export.manifest import ExportManifest
 from cna_export.verify import (
     Tolerances,
@@ -24,44 +23,23 @@ from cna_export.verify import (
     verify_export,
 )
 
-from conftest import ARCHS, make_tiny_model
+from conftest import ARCHS, EXPORT_COMBOS, EXPORT_IDS, PLANTED, make_tiny_model, planted_circuit
 
-COMBOS = [
-    ("llama", "float32", False),
-    ("llama", "float32", True),
-    ("llama", "bfloat16", True),
-    ("qwen2", "float32", True),
-    ("qwen2", "bfloat16", False),
-]
-IDS = [f"{a}-{d}-{'sharded' if s else 'single'}" for a, d, s in COMBOS]
-PLANTED = {(0, 1): 0.0, (0, 17): -1.0, (0, 40): 2.0, (2, 5): 0.5, (2, 63): 0.0, (2, 30): -1.0}
+COMBOS, IDS = EXPORT_COMBOS, EXPORT_IDS
 FAST = VerifyOptions(limit=4, max_new_tokens=4)
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
-def sources(tmp_path_factory):
-    root = tmp_path_factory.mktemp("verify-src")
-    out = {}
-    for arch, dtype, sharded in COMBOS:
-        path = root / f"{arch}-{dtype}-{'sharded' if sharded else 'single'}"
-        make_tiny_model(arch, path, dtype=dtype, max_shard_size="20KB" if sharded else None)
-        out[(arch, dtype, sharded)] = path
-    return out
+def sources(export_sources):
+    return export_sources
 
 
-def _circuit(src: Path, mults=PLANTED, own: bool = False) -> Circuit:
-    """A circuit on ``src`` with the neurons of ``mults`` (carrying their multipliers when ``own``)."""
-    ident, *_ = checkpoint_identity(src, str(src))
-    return Circuit(model=ident, neurons=[Neuron(layer=l, index=i, multiplier=mults[(l, i)] if own else None)
-                                         for (l, i) in sorted(mults)])
+_circuit = planted_circuit
 
 
 def _plant(folder: Path, layer: int, column: int, fn) -> None:
