@@ -23,9 +23,10 @@ factor) is here too, for checks and for auditing third-party checkpoints.
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 from .errors import CnaError
 
@@ -35,6 +36,8 @@ _DIMS = {"column": 1, "row": 0, "element": 0}
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype the multiplication is done in: float32, or float64 for float64 tensors."""
+    import torch
+
     if not dtype.is_floating_point:
         raise CnaError(f"cannot fold a multiplier into a {str(dtype).removeprefix('torch.')} tensor (not floating point)")
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -62,6 +65,8 @@ def scale_slices(
     weight: torch.Tensor, axis: Axis, indices: Sequence[int], multipliers: Sequence[float] | float
 ) -> torch.Tensor:
     """A copy of ``weight`` with the given columns/rows/elements multiplied (one rounding each)."""
+    import torch
+
     if isinstance(multipliers, (int, float)):
         multipliers = [float(multipliers)] * len(indices)
     dim = _check(weight, axis, indices, multipliers)
@@ -97,12 +102,16 @@ def fold_down(weight: torch.Tensor, neurons: Mapping[int, float]) -> torch.Tenso
 
 def tensor_bytes(t: torch.Tensor) -> bytes:
     """The tensor's raw little-endian bytes in its own dtype (what safetensors stores)."""
+    import torch
+
     t = t.detach().to("cpu").contiguous()
     return t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
 
 
 def tensor_sha256(t: torch.Tensor) -> str:
     """sha256 of :func:`tensor_bytes` (identical to hashing the tensor's bytes in a safetensors file)."""
+    import torch
+
     t = t.detach().to("cpu").contiguous()
     h = hashlib.sha256()
     if t.numel():
@@ -112,6 +121,8 @@ def tensor_sha256(t: torch.Tensor) -> str:
 
 def changed_slices(before: torch.Tensor, after: torch.Tensor, axis: Axis = "column") -> list[int]:
     """Indices of the columns/rows/elements whose bits differ between ``before`` and ``after``."""
+    import torch
+
     if before.shape != after.shape or before.dtype != after.dtype:
         raise CnaError(
             f"tensors differ in shape or dtype ({list(before.shape)} {before.dtype} vs {list(after.shape)} {after.dtype})"
@@ -129,6 +140,8 @@ def estimate_multipliers(
     before: torch.Tensor, after: torch.Tensor, indices: Sequence[int], axis: Axis = "column"
 ) -> dict[int, dict[str, Any]]:
     """For each index: the least-squares factor ``after ~ m * before`` (float64) and the largest residual."""
+    import torch
+
     dim = _DIMS[axis]
     out: dict[int, dict[str, Any]] = {}
     for i in indices:
@@ -142,5 +155,7 @@ def estimate_multipliers(
 
 
 def _int_view(dtype: torch.dtype) -> torch.dtype:
+    import torch
+
     size = torch.empty((), dtype=dtype).element_size()
     return {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[size]

@@ -126,3 +126,14 @@ def test_architecture_table():
         get_arch("bert")
     with pytest.raises(CnaError, match="not supported yet: GGUF architecture"):
         arch_for_gguf("bert")
+
+
+def test_help_does_not_import_torch():
+    """`cna-export --help` and argument errors stay fast: building the parser imports neither torch nor transformers."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from cna_export.cli import build_parser; build_parser(); "
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr

@@ -1,0 +1,76 @@
+"""Command line: a thin layer over the library API.
+
+One module per group of sub-commands (``discover``, ``export``, ``evaluate``,
+``audit``), registered in ``_registry``. Every sub-command parses flags
+(generated from the options models), calls one library function and prints a
+summary. User errors end as one line on stderr
+and a non-zero exit code; see ``docs/exit-codes.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import warnings
+from typing import Sequence
+
+from .. import __version__
+from ..errors import CnaError
+from ._registry import COMMANDS, PARSERS
+
+# importing the command modules registers their commands; --help lists them in this order
+from . import discover, export, evaluate, audit  # noqa: E402,F401,I001  isort: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cna-export",
+        description="Discover CNA neuron circuits, fold them into weights, export safetensors/GGUF, verify and audit.",
+    )
+    parser.add_argument("--version", action="version", version=f"cna-export {__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or summaries")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in PARSERS:
+        add(sub)
+    return parser
+
+
+def _setup_logging(verbose: bool, quiet: bool) -> None:
+    level = logging.DEBUG if verbose else logging.ERROR if quiet else logging.WARNING
+    logging.basicConfig(level=level, format="cna-export: %(levelname)s: %(message)s", stream=sys.stderr)
+    logging.captureWarnings(True)
+    for noisy in ("transformers", "accelerate", "urllib3", "huggingface_hub", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.ERROR if not verbose else logging.INFO)
+    if not verbose:
+        warnings.filterwarnings("ignore", module="transformers")
+        warnings.filterwarnings("ignore", module="torch")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    _setup_logging(ns.verbose, ns.quiet)
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        if ns.quiet or not sys.stderr.isatty():
+            transformers.logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover - transformers is a hard dependency
+        pass
+    try:
+        return COMMANDS[ns.command](ns)
+    except CnaError as e:
+        report = getattr(e, "report", None)  # a failed export --verify carries its report table
+        if report is not None and not ns.quiet:
+            print(report.render())
+        print(f"cna-export: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("cna-export: interrupted", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print("cna-export: error: out of memory (try a smaller --batch-size or --device-map auto)", file=sys.stderr)
+        return 1
