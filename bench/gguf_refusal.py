@@ -8,7 +8,7 @@ Steps (``--steps timing,verify,refusal``, all by default):
 
 0. discover the refusal circuits with ``recipes/refusal.yaml``: SmolLM2 at 0.1%, and
    ``bundled:qwen2.5-coder-0.5b`` (Qwen2.5-Coder-0.5B-Instruct Q4_K_M) at 0.1% and 0.5% of all MLP
-   neurons (skipped when ``bench/out/*-refusal-*.json`` exist; ``--rediscover`` forces it);
+   neurons (ranked by |score|, the paper's way) and at 0.1% among positive scores (``--sign positive``) (skipped when ``bench/out/*-refusal-*.json`` exist; ``--rediscover`` forces it);
 1. timing: export each circuit at multiplier 0 (writer mode and ``--fast-copy``), best of 3,
    against the best of 3 plain copies of the source file;
 2. verify: ``cna-export verify`` defaults on each x0 export (exact tensor check, then llama.cpp
@@ -52,7 +52,13 @@ from cna_export.judge import KeywordJudge  # noqa: E402
 MODEL = "bundled:qwen2.5-coder-0.5b"
 SMOLLM2 = "bundled:smollm2"
 RECIPE = ROOT / "recipes" / "refusal.yaml"
-FRACTIONS = {"0.1%": 0.001, "0.5%": 0.005}
+# label -> (fraction of all MLP neurons, --sign); the tag names the files
+CIRCUITS = {"0.1%": (0.001, "both"), "0.5%": (0.005, "both"), "0.1%, positive scores only": (0.001, "positive")}
+
+
+def tag(label: str) -> str:
+    frac, sign = CIRCUITS[label]
+    return f"{frac}" if sign == "both" else f"{frac}-{sign}"
 
 def judge() -> tuple[str, object]:
     """(name, is_refusal) of the project's keyword judge (the paper's regular expressions)."""
@@ -66,18 +72,18 @@ def load_goals(limit: int) -> list[str]:
     return harmful.prompts[:limit]
 
 
-def ensure_circuit(out: Path, model: str, name: str, frac: float, rediscover: bool) -> Path:
-    p = out / f"{name}-refusal-{frac}.json"
+def ensure_circuit(out: Path, model: str, name: str, frac: float, rediscover: bool, sign: str = "both") -> Path:
+    p = out / f"{name}-refusal-{frac}{'' if sign == 'both' else '-' + sign}.json"
     if rediscover or not p.is_file():
         cmd = [sys.executable, "-m", "cna_export", "-q", "discover", "--model", model, "--recipe", str(RECIPE),
-               "--top-fraction", str(frac), "--out", str(p), "--overwrite"]  # fmt: skip
+               "--top-fraction", str(frac), "--sign", sign, "--out", str(p), "--overwrite"]  # fmt: skip
         print("running:", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True, cwd=ROOT)
     return p
 
 
 def ensure_circuits(out: Path, rediscover: bool) -> dict[str, Path]:
-    return {label: ensure_circuit(out, MODEL, "qwen", frac, rediscover) for label, frac in FRACTIONS.items()}
+    return {label: ensure_circuit(out, MODEL, "qwen", frac, rediscover, sign) for label, (frac, sign) in CIRCUITS.items()}
 
 
 def time_exports(model: str, circuit_path: Path, out: Path, repeats: int = 3) -> dict:
@@ -209,14 +215,14 @@ def main() -> int:
 
     if "verify" in steps:
         results["verify"] = [verify_export(SMOLLM2, smol_circuit, out, "smollm2", args.threads)]
-        results["verify"] += [verify_export(MODEL, p, out, f"qwen-{FRACTIONS[k]}", args.threads) for k, p in circuits.items()]
+        results["verify"] += [verify_export(MODEL, p, out, f"qwen-{tag(k)}", args.threads) for k, p in circuits.items()]
 
     if "refusal" in steps:
         goals = load_goals(args.limit)
         runs = [{"label": "unsteered", "file": str(src), "neurons": 0}]
         for label, cpath in circuits.items():
             circuit = Circuit.load(cpath)
-            steered = out / f"qwen-steered-{FRACTIONS[label]}.gguf"
+            steered = out / f"qwen-steered-{tag(label)}.gguf"
             export_gguf(MODEL, circuit, steered, multiplier=0.0, overwrite=True, modelfile=False)
             runs.append({"label": f"top {label} ablated (x0)", "file": str(steered), "neurons": len(circuit.neurons)})
         for run in runs:

@@ -38,7 +38,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -65,6 +65,8 @@ class AuditSettings:
     manifest: str | None = None  # a path, or "embedded"
     recipe: str | None = None  # discovery recipe for the base's refusal circuit (default: bundled refusal.yaml)
     circuit: str | None = None  # the base's refusal circuit, if already discovered (skips discovery)
+    stats: str | None = None  # the base's discovery statistics: read if the file exists, else computed and saved
+    overwrite: bool = False  # replace an existing --stats file that belongs to another model or recipe
     discover: bool = True
     generate: bool = True
     prompts: int = 8
@@ -499,30 +501,15 @@ def refusal_overlap(base_spec: str, recovered: Mapping[tuple[int, int], float], 
         ref = Circuit.load(settings.circuit)
         source = f"circuit {settings.circuit}"
     else:
-        from .discovery import discover, select
-        from .models import load_model
-        from .options import DiscoverOptions, ModelOptions, build, load_recipe
-        from .prompts import load_prompts
+        from .discovery import circuit_size, eligible
 
-        recipe_path = settings.recipe or default_recipe()
-        recipe = load_recipe(recipe_path)
-        opts = build(DiscoverOptions, recipe)
-        mopts = build(ModelOptions, recipe)
-        if not opts.positive or not opts.negative:
-            raise CnaError(f"recipe {recipe_path} names no positive/negative prompt sets")
-        sel = dict(field=opts.field, column=opts.column, limit=opts.limit)
-        pos, neg = load_prompts(opts.positive, **sel), load_prompts(opts.negative, **sel)
-        neu = load_prompts(opts.neutral, limit=opts.limit) if opts.neutral else None
-        loaded = load_model(base_spec, **mopts.model_dump())
-        result = discover(loaded, pos, neg, neu, opts, progress=progress)
-        ref = result.circuit
-        source = f"discovered on the base with {recipe_path}"
+        saved, source = base_statistics(base_spec, settings, progress)
+        opts = saved.options
+        ref = saved.circuit(circuit_size(opts, saved.total_neurons))
         if recovered:
-            sets = {"positive": pos, "negative": neg, **({"neutral": neu} if neu is not None else {})}
-            same = select(result.stats, loaded, opts, sets, top_k=min(len(recovered), int(_allowed(result.stats, opts).sum())))
+            same = saved.circuit(min(len(recovered), int(eligible(saved.stats, opts).sum())))
             same_size = len({(n.layer, n.index) for n in same.neurons} & set(recovered))
-            ranks = _ranks(result.stats, opts, recovered)
-        del loaded
+            ranks = _ranks(saved.stats, opts, recovered)
     ref_set = {(n.layer, n.index) for n in ref.neurons}
     K = len(ref_set)
     steered = ref_set & set(recovered)
@@ -549,19 +536,75 @@ def refusal_overlap(base_spec: str, recovered: Mapping[tuple[int, int], float], 
     return out
 
 
-def _allowed(stats: Any, opts: Any) -> np.ndarray:
-    scores = stats.scores(opts.score)
-    allowed = np.ones_like(scores, dtype=bool)
-    allowed[list(opts.exclude_layers)] = False
-    if stats.neutral is not None:
-        allowed &= ~(stats.neutral.frequency >= opts.universal_threshold)
-    return allowed
+def base_statistics(base_spec: str, settings: AuditSettings, progress: bool = False) -> tuple[Any, str]:
+    """The base's discovery statistics for the refusal recipe, and where they came from.
+
+    With ``settings.stats`` naming an existing file, that file is read (no model load, no forward
+    passes) after checking that it was computed on the base's weights (fingerprint) and with the
+    recipe's prompt sets (sha256) and settings; otherwise the statistics are computed with the
+    recipe (the base loaded in transformers) and, with ``settings.stats``, saved there for the next
+    audit against the same base.
+    """
+    from .models import load_model
+    from .options import DiscoverOptions, ModelOptions, build, load_recipe
+    from .sweep import compute_stats, load_stats, save_stats
+
+    recipe_path = settings.recipe or default_recipe()
+    recipe = load_recipe(recipe_path)
+    opts = build(DiscoverOptions, recipe)
+    if not opts.positive or not opts.negative:
+        raise CnaError(f"recipe {recipe_path} names no positive/negative prompt sets")
+    stats_path = Path(settings.stats) if settings.stats else None
+    if stats_path is not None and stats_path.is_file():
+        saved = load_stats(stats_path)
+        src = open_weights(base_spec)
+        try:
+            base_id = src.identity(fingerprint=True)
+        finally:
+            src.close()
+        problem = _stats_mismatch(saved, base_id, opts)
+        if problem is None:  # selection settings (size, excluded layers) come from the recipe, not the file
+            return replace(saved, options=opts), f"discovered on the base with {recipe_path} (statistics read from {stats_path})"
+        if not settings.overwrite:
+            raise CnaError(f"--stats {stats_path} {problem}; pass --overwrite to recompute it, or another file")
+    mopts = build(ModelOptions, recipe)
+    loaded = load_model(base_spec, **mopts.model_dump())
+    saved = compute_stats(loaded, opts, progress=progress)
+    del loaded
+    if stats_path is not None:
+        save_stats(stats_path, saved, overwrite=True if stats_path.is_file() else settings.overwrite)
+    return saved, f"discovered on the base with {recipe_path}"
+
+
+def _stats_mismatch(saved: Any, base_id: Any, opts: Any) -> str | None:
+    """Why saved statistics cannot stand for this base and recipe (None: they can)."""
+    from .prompts import load_prompts
+
+    if saved.identity.fingerprint and base_id.fingerprint and saved.identity.fingerprint != base_id.fingerprint:
+        return f"was computed on other weights ({saved.identity.name})"
+    if (saved.identity.num_layers, saved.identity.intermediate_size) != (base_id.num_layers, base_id.intermediate_size):
+        return f"has the shape of another model ({saved.identity.name})"
+    sel = dict(field=opts.field, column=opts.column, limit=opts.limit)
+    wanted = {"positive": load_prompts(opts.positive, **sel), "negative": load_prompts(opts.negative, **sel)}
+    if opts.neutral:
+        wanted["neutral"] = load_prompts(opts.neutral, limit=opts.limit)
+    for name, ps in wanted.items():
+        have = saved.prompts.get(name)
+        if have is None or have.sha256 != ps.info().sha256:
+            return f"was computed with other {name} prompts than the recipe's"
+    keys = ("score", "universal_threshold", "universal_top_k", "chat_template", "system_prompt", "max_length")
+    diffs = [k for k in keys if getattr(saved.options, k) != getattr(opts, k)]
+    if diffs:
+        return f"was computed with other settings ({', '.join(diffs)})"
+    return None
 
 
 def _ranks(stats: Any, opts: Any, recovered: Mapping[tuple[int, int], float]) -> dict:
     """Ranks (1 = strongest) of the recovered neurons in the base's refusal ranking (discovery's own order)."""
+    from .discovery import eligible
+
     scores = stats.scores(opts.score)
-    allowed = _allowed(stats, opts)
+    allowed = eligible(stats, opts, scores)
     flat = np.where(allowed, np.abs(scores), -1.0).ravel()
     order = np.argsort(-flat, kind="stable")
     rank = np.empty_like(order)

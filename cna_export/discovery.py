@@ -232,6 +232,21 @@ def circuit_size(opts: DiscoverOptions, total_neurons: int) -> int:
     return max(1, int(round(opts.top_fraction * total_neurons)))
 
 
+def eligible(stats: ContrastStats, opts: DiscoverOptions, scores: np.ndarray | None = None) -> np.ndarray:
+    """``[layers, neurons]`` mask of the neurons a circuit may contain: not in an excluded layer, not
+    universal, and of the requested sign (``opts.sign``: both, or only positive/negative scores)."""
+    scores = stats.scores(opts.score) if scores is None else scores
+    allowed = np.ones_like(scores, dtype=bool)
+    allowed[list(opts.exclude_layers)] = False
+    if stats.neutral is not None:
+        allowed &= ~(stats.neutral.frequency >= opts.universal_threshold)
+    if opts.sign == "positive":
+        allowed &= scores > 0
+    elif opts.sign == "negative":
+        allowed &= scores < 0
+    return allowed
+
+
 def select(
     stats: ContrastStats,
     loaded: LoadedModel,
@@ -239,19 +254,17 @@ def select(
     prompt_sets: dict[str, PromptSet],
     top_k: int | None = None,
 ) -> Circuit:
-    """Rank neurons by |score| over all layers, drop excluded layers and universal neurons, keep the top k."""
+    """Rank neurons by |score| over all layers, drop excluded layers, universal neurons and (with
+    ``opts.sign``) the other sign, keep the top k."""
     scores = stats.scores(opts.score)
     L, width = scores.shape
     check_settings(opts, L)
-    allowed = np.ones_like(scores, dtype=bool)
-    allowed[list(opts.exclude_layers)] = False
+    allowed = eligible(stats, opts, scores)
     universal: list[UniversalNeuron] = []
     if stats.neutral is not None:
         freq = stats.neutral.frequency
-        uni = freq >= opts.universal_threshold
-        for layer, index in zip(*np.nonzero(uni)):
+        for layer, index in zip(*np.nonzero(freq >= opts.universal_threshold)):
             universal.append(UniversalNeuron(layer=int(layer), index=int(index), frequency=float(freq[layer, index])))
-        allowed &= ~uni
     k = top_k if top_k is not None else circuit_size(opts, L * width)
     if k > int(allowed.sum()):
         raise CnaError(f"circuit size {k} exceeds the {int(allowed.sum())} neurons left after exclusions")

@@ -51,6 +51,11 @@ class DiscoverOptions(PromptOptions):
     top_fraction: float = Field(0.001, gt=0, le=1, description="circuit size as a fraction of all MLP neurons")
     top_k: int | None = Field(None, gt=0, description="circuit size in neurons (overrides --top-fraction)")
     score: Literal["mean-diff", "standardized"] = Field("mean-diff", description="per-neuron score")
+    sign: Literal["both", "positive", "negative"] = Field(
+        "both",
+        description="which scores may enter the circuit: both (ranked by |score|, the paper), positive (more active "
+        "on the positive set) or negative",
+    )  # fmt: skip
     exclude_layers: list[int] = Field(default_factory=list, description="layers never included (comma-separated)")
     universal_threshold: float = Field(0.8, gt=0, le=1, description="share of neutral prompts a universal neuron is top-k on")
     universal_top_k: int = Field(50, gt=0, description="per-layer top-k (by |activation|) for the universal filter")
@@ -64,7 +69,7 @@ class DiscoverOptions(PromptOptions):
     def method_params(self) -> dict[str, Any]:
         """The parameters that define the method (paths are recorded separately, with hashes)."""
         keep = (
-            "score top_fraction top_k exclude_layers universal_threshold universal_top_k "
+            "score sign top_fraction top_k exclude_layers universal_threshold universal_top_k "
             "batch_size max_length chat_template system_prompt limit"
         ).split()
         return {k: getattr(self, k) for k in keep}

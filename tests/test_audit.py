@@ -15,6 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from cna_export.audit import AuditSettings, audit, scan_base_free
+from cna_export.errors import CnaError
 from cna_export.circuit import Circuit, Neuron
 from cna_export.cli import main
 from cna_export.diff import diff_checkpoints, layer_ranges
@@ -441,6 +442,44 @@ def test_audit_with_base_overlap_and_behaviour(base, prompt_files, tmp_path):
     b = rep["behaviour"]["models"]
     assert set(b) == {"base", "suspect"} and b["base"]["n"] == 2 and len(b["suspect"]["answers"]) == 2
     assert Circuit.load(tmp_path / "rec.json").multipliers() == Circuit.load(circ).multipliers(0.0)
+
+
+def test_audit_stats_file_is_saved_reused_and_checked(base, prompt_files, tmp_path, capsys, monkeypatch):
+    """--stats: the first audit computes the base's statistics and saves them; the next reads them
+    (no model load) and reaches the same verdict; a file from other prompts or weights is refused."""
+    import cna_export.models
+
+    pos, neg, neu = prompt_files
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"positive: {pos}\nnegative: {neg}\nneutral: {neu}\ntop_k: 6\nbatch_size: 6\nuniversal_top_k: 8\n")
+    circ = tmp_path / "refusal.json"
+    assert main(["-q", "discover", "--model", str(base), "--recipe", str(recipe), "--out", str(circ)]) == 0
+    out = tmp_path / "ablated"
+    export_safetensors(str(base), str(circ), out, multiplier=0.0)
+    stats = tmp_path / "base-stats.npz"
+    args = ["-q", "audit", str(out), "--base", str(base), "--recipe", str(recipe), "--no-generate", "--stats", str(stats)]
+    assert main(args + ["--json", str(tmp_path / "a1.json")]) == 4 and stats.is_file()
+    first = json.loads((tmp_path / "a1.json").read_text())
+    # second audit: statistics read from the file, no model loaded
+    monkeypatch.setattr(cna_export.models, "load_model", lambda *a, **k: pytest.fail("the base was loaded again"))
+    assert main(args + ["--json", str(tmp_path / "a2.json")]) == 4
+    second = json.loads((tmp_path / "a2.json").read_text())
+    assert second["verdict"] == first["verdict"] and "statistics read from" in second["circuit_overlap"]["source"]
+    for k in ("ablated", "steered", "circuit_size", "same_size_overlap", "ranks"):
+        assert second["circuit_overlap"][k] == first["circuit_overlap"][k]
+    capsys.readouterr()
+    # statistics of other prompts are refused with one line (and recomputed only with --overwrite)
+    other = tmp_path / "other.yaml"
+    other.write_text(f"positive: {neg}\nnegative: {pos}\nneutral: {neu}\ntop_k: 6\n")
+    code = main(["audit", str(out), "--base", str(base), "--recipe", str(other), "--no-generate", "--stats", str(stats)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "other positive prompts" in err[0] and "--overwrite" in err[0]
+    # ... and so are statistics of other weights (same architecture and shape, another seed)
+    twin = make_tiny_model("llama", tmp_path / "twin", seed=1)
+    from cna_export.audit import base_statistics
+
+    with pytest.raises(CnaError, match="computed on other weights"):
+        base_statistics(str(twin), AuditSettings(recipe=str(recipe), stats=str(stats)))
 
 
 # -- errors ------------------------------------------------------------------------------------------------

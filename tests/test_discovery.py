@@ -78,6 +78,29 @@ def test_circuit_size_and_ranking(tiny_loaded, prompt_files):
     assert c.prompts["positive"].count == len(pos) and c.prompts["positive"].sha256 == pos.sha256
 
 
+def test_sign_restricts_the_circuit(tiny_loaded, prompt_files):
+    from cna_export.discovery import select
+
+    loaded = tiny_loaded("qwen2")
+    pos, neg, neu = (load_prompts(p) for p in prompt_files)
+    opts = DiscoverOptions(top_k=20)
+    res = discover(loaded, pos, neg, None, opts, progress=False)
+    both = res.circuit
+    assert {n.score > 0 for n in both.neurons} == {True, False}  # |score| ranking mixes signs here
+    sets = {"positive": pos, "negative": neg}
+    scores = res.stats.scores("mean-diff")
+    for sign, keep in (("positive", scores > 0), ("negative", scores < 0)):
+        c = select(res.stats, loaded, opts.model_copy(update={"sign": sign}), sets)
+        assert len(c.neurons) == 20 and all((n.score > 0) == (sign == "positive") for n in c.neurons)
+        # the top 20 by |score| among that sign, in order
+        flat = np.where(keep, np.abs(scores), -1.0).ravel()
+        assert [(n.layer, n.index) for n in c.neurons] == [divmod(int(f), scores.shape[1]) for f in np.argsort(-flat, kind="stable")[:20]]
+        assert c.method["sign"] == sign
+        # neurons of that sign in the two-sided circuit keep their order
+        same = [(n.layer, n.index) for n in both.neurons if (n.score > 0) == (sign == "positive")]
+        assert [(n.layer, n.index) for n in c.neurons][: len(same)] == same
+
+
 def test_standardized_score(tiny_loaded, prompt_files):
     loaded = tiny_loaded("llama")
     pos, neg, _ = (load_prompts(p) for p in prompt_files)

@@ -74,7 +74,8 @@ def cmd_audit(ns: argparse.Namespace) -> int:
         raise CnaError("--out-circuit needs --base (or --manifest): recovered neurons come from a comparison")
     _check_outputs(ns, (ns.suspect, ns.base))
     settings = AuditSettings(
-        base=ns.base, manifest=ns.manifest, recipe=ns.recipe, circuit=ns.circuit, discover=not ns.no_discover,
+        base=ns.base, manifest=ns.manifest, recipe=ns.recipe, circuit=ns.circuit, stats=ns.stats,
+        overwrite=ns.overwrite, discover=not ns.no_discover,
         generate=not ns.no_generate, prompts=ns.prompts, max_new_tokens=ns.max_new_tokens, backend=ns.backend,
         threads=ns.threads, batch_size=ns.batch_size, zero_threshold=ns.zero_threshold,
         direction_threshold=ns.direction_threshold, rank1_share=ns.rank1_share,
@@ -107,6 +108,9 @@ def _audit_parser(sub: Any) -> None:
     p.add_argument("--recipe", help="discovery recipe for the base's refusal circuit and the harmful prompts "
                    "(default: the bundled recipes/refusal.yaml)")
     p.add_argument("--circuit", help="the base's refusal circuit, already discovered (skips discovery)")
+    p.add_argument("--stats", metavar="FILE",
+                   help="the base's discovery statistics: read when FILE exists (checked against the base's weights and "
+                   "the recipe), else computed and saved there, so later audits against the same base skip discovery")
     p.add_argument("--no-discover", action="store_true", help="skip the refusal-circuit overlap")
     p.add_argument("--no-generate", action="store_true", help="skip the behavioural check")
     p.add_argument("--prompts", type=int, default=8, help="harmful prompts for the behavioural check (default: 8)")
