@@ -8,7 +8,8 @@ Steps (``--steps timing,verify,refusal``, all by default):
 
 0. discover the refusal circuits with ``recipes/refusal.yaml``: SmolLM2 at 0.1%, and
    ``bundled:qwen2.5-coder-0.5b`` (Qwen2.5-Coder-0.5B-Instruct Q4_K_M) at 0.1% and 0.5% of all MLP
-   neurons (ranked by |score|, the paper's way) and at 0.1% among positive scores (``--sign positive``) (skipped when ``bench/out/*-refusal-*.json`` exist; ``--rediscover`` forces it);
+   neurons (ranked by |score|, the paper's way) and at 0.1% among positive and among negative
+   scores (``--sign positive|negative``) (skipped when ``bench/out/*-refusal-*.json`` exist; ``--rediscover`` forces it);
 1. timing: export each circuit at multiplier 0 (writer mode and ``--fast-copy``), best of 3,
    against the best of 3 plain copies of the source file;
 2. verify: ``cna-export verify`` defaults on each x0 export (exact tensor check, then llama.cpp
@@ -53,7 +54,12 @@ MODEL = "bundled:qwen2.5-coder-0.5b"
 SMOLLM2 = "bundled:smollm2"
 RECIPE = ROOT / "recipes" / "refusal.yaml"
 # label -> (fraction of all MLP neurons, --sign); the tag names the files
-CIRCUITS = {"0.1%": (0.001, "both"), "0.5%": (0.005, "both"), "0.1%, positive scores only": (0.001, "positive")}
+CIRCUITS = {
+    "0.1%": (0.001, "both"),
+    "0.5%": (0.005, "both"),
+    "0.1%, positive scores only": (0.001, "positive"),
+    "0.1%, negative scores only": (0.001, "negative"),
+}
 
 
 def tag(label: str) -> str:
