@@ -426,9 +426,9 @@ def format_line(s: dict) -> str:
     return "  ".join(parts)
 
 
-TABLE_COLUMNS = [
-    ("label", "condition"),
-    ("neurons", "neurons"),
+# (summary key, column title): the measured figures every table shows, between its own leading
+# and trailing columns (this module's TABLE_COLUMNS, sweep.SWEEP_COLUMNS)
+METRIC_COLUMNS = [
     ("refused", "refused"),
     ("refusal_rate", "refusal"),
     ("over_refusal_rate", "over-refusal (benign)"),
@@ -438,6 +438,11 @@ TABLE_COLUMNS = [
     ("quality_benign", "quality (benign)"),
     ("kl_last", "KL first token"),
     ("kl_gen", "KL answer"),
+]
+TABLE_COLUMNS = [
+    ("label", "condition"),
+    ("neurons", "neurons"),
+    *METRIC_COLUMNS,
     ("refusals_removed", "refusals removed"),
     ("refusals_added", "refusals added"),
     ("mcnemar_p", "McNemar p"),

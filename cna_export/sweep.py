@@ -41,7 +41,7 @@ from .backends import Steering
 from .circuit import Circuit, ModelIdentity, PromptSetInfo
 from .discovery import CaptureReport, ContrastStats, RunningStats, TopKCounts, collect, select
 from .errors import CnaError
-from .evaluate import Condition, ConditionResult, Evaluator, markdown_table
+from .evaluate import METRIC_COLUMNS, Condition, ConditionResult, Evaluator, markdown_table
 from .options import DiscoverOptions
 
 STATS_FORMAT = "cna-export contrast stats v1"
@@ -302,15 +302,7 @@ SWEEP_COLUMNS = [
     ("neurons", "neurons"),
     ("multiplier", "multiplier"),
     ("alpha", "CAA alpha"),
-    ("refused", "refused"),
-    ("refusal_rate", "refusal"),
-    ("over_refusal_rate", "over-refusal (benign)"),
-    ("quality_harmful", "quality (harmful)"),
-    ("quality_ratio", "quality / unsteered"),
-    ("quality_compliant", "quality (non-refusals)"),
-    ("quality_benign", "quality (benign)"),
-    ("kl_last", "KL first token"),
-    ("kl_gen", "KL answer"),
+    *METRIC_COLUMNS,
     ("mcnemar_p", "McNemar p"),
 ]
 
@@ -350,6 +342,16 @@ def plot_sweep(out_dir: Path, summaries: Sequence[dict], circuits: dict[str, Cir
     for s in cna:
         by_size.setdefault(int(s["neurons"]), []).append(s)
 
+    def finish(fig: Any, ax: Any, xlabel: str, ylabel: str, fname: str, grid: bool = True) -> None:
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        if grid:
+            ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        path = out_dir / fname
+        _save(fig, path)
+        written.append(path)
+
     def line_plot(key: str, ylabel: str, fname: str, benign_key: str | None = None) -> None:
         fig, ax = plt.subplots(figsize=(6, 4))
         for k, rows in sorted(by_size.items()):
@@ -364,15 +366,9 @@ def plot_sweep(out_dir: Path, summaries: Sequence[dict], circuits: dict[str, Cir
                         color=line[0].get_color(), label=f"{name}, benign")
         if base is not None and base.get(key) is not None:
             ax.axhline(base[key], color="grey", linestyle="--", label="unsteered")
-        ax.set_xlabel("multiplier on circuit neurons (1 = unchanged)")
-        ax.set_ylabel(ylabel)
         if title:
             ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        path = out_dir / fname
-        _save(fig, path)
-        written.append(path)
+        finish(fig, ax, "multiplier on circuit neurons (1 = unchanged)", ylabel, fname)
 
     if by_size:
         line_plot("refusal_rate", "refusal rate (harmful)", "refusal_vs_multiplier.png", "over_refusal_rate")
@@ -385,13 +381,7 @@ def plot_sweep(out_dir: Path, summaries: Sequence[dict], circuits: dict[str, Cir
         ax.plot(xs, [r["quality_harmful"] for r in rows], marker="s", label="quality (harmful)")
         if all(r.get("over_refusal_rate") is not None for r in rows):
             ax.plot(xs, [r["over_refusal_rate"] for r in rows], marker="x", linestyle=":", label="over-refusal (benign)")
-        ax.set_xlabel("CAA strength alpha (added alpha * mean MLP-output difference)")
-        ax.set_ylabel("rate / quality")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        path = out_dir / "caa_vs_alpha.png"
-        _save(fig, path)
-        written.append(path)
+        finish(fig, ax, "CAA strength alpha (added alpha * mean MLP-output difference)", "rate / quality", "caa_vs_alpha.png")
     if cna or caa:
         fig, ax = plt.subplots(figsize=(6, 4))
         if cna:
@@ -405,13 +395,7 @@ def plot_sweep(out_dir: Path, summaries: Sequence[dict], circuits: dict[str, Cir
         if base is not None:
             ax.scatter([base["quality_harmful"]], [base["refusal_rate"]], color="black", marker="*", s=120,
                        label="unsteered")
-        ax.set_xlabel("quality (harmful answers)")
-        ax.set_ylabel("refusal rate")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        path = out_dir / "tradeoff.png"
-        _save(fig, path)
-        written.append(path)
+        finish(fig, ax, "quality (harmful answers)", "refusal rate", "tradeoff.png")
     with_kl = [x for x in cna + caa if x.get("kl_last") is not None]
     if with_kl:
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -425,13 +409,8 @@ def plot_sweep(out_dir: Path, summaries: Sequence[dict], circuits: dict[str, Cir
                 ax.annotate(tag, (x["kl_last"], x["refusal_rate"]), fontsize=6)
         if base is not None:
             ax.axhline(base["refusal_rate"], color="grey", linestyle="--", label="unsteered refusal")
-        ax.set_xlabel("drift: KL(unsteered || steered), first answer token, benign prompts (nats)")
-        ax.set_ylabel("refusal rate")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        path = out_dir / "tradeoff_kl.png"
-        _save(fig, path)
-        written.append(path)
+        finish(fig, ax, "drift: KL(unsteered || steered), first answer token, benign prompts (nats)", "refusal rate",
+               "tradeoff_kl.png")
     if circuits:
         L = num_layers or 1 + max(n.layer for c in circuits.values() for n in c.neurons)
         fig, ax = plt.subplots(figsize=(7, 4))
@@ -441,14 +420,9 @@ def plot_sweep(out_dir: Path, summaries: Sequence[dict], circuits: dict[str, Cir
             for n in c.neurons:
                 counts[n.layer] += 1
             ax.bar(np.arange(L) + i * width - 0.4 + width / 2, counts, width=width, label=name)
-        ax.set_xlabel("layer")
-        ax.set_ylabel("circuit neurons")
         ax.set_xticks(range(0, L, max(1, L // 12)))
-        ax.legend(fontsize=8)
         ax.set_title("where the circuit lives")
-        path = out_dir / "circuit_layers.png"
-        _save(fig, path)
-        written.append(path)
+        finish(fig, ax, "layer", "circuit neurons", "circuit_layers.png", grid=False)
     return written
 
 
