@@ -32,9 +32,7 @@ PLANTED = {(0, 1): 0.0, (0, 17): -1.0, (0, 40): 2.0, (1, 30): 0.5, (2, 5): 0.5, 
 NO_GEN = AuditSettings(generate=False, discover=False)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread(one_thread):
-    yield
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models gain nothing from threads
 
 
 def circuit_for(identity, planted) -> Circuit:

@@ -25,20 +25,7 @@ from cna_export.models import load_model
 
 from conftest import EXPORT_COMBOS, EXPORT_IDS, PLANTED, planted_circuit
 
-COMBOS, IDS = EXPORT_COMBOS, EXPORT_IDS
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread(one_thread):
-    yield
-
-
-@pytest.fixture(scope="module")
-def sources(export_sources):
-    return export_sources
-
-
-_circuit = planted_circuit
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models gain nothing from threads
 
 
 def _all_tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -102,9 +89,9 @@ def test_scale_columns_refuses_bad_input():
 # -- identity ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("combo", COMBOS, ids=IDS)
-def test_checkpoint_fingerprint_equals_loaded_fingerprint(combo, sources):
-    src = sources[combo]
+@pytest.mark.parametrize("combo", EXPORT_COMBOS, ids=EXPORT_IDS)
+def test_checkpoint_fingerprint_equals_loaded_fingerprint(combo, export_sources):
+    src = export_sources[combo]
     ident, arch, ckpt, names = checkpoint_identity(src, str(src))
     loaded = load_model(str(src))  # float32 on CPU: lossless for bf16 checkpoints too
     li = loaded.identity()
@@ -124,13 +111,13 @@ def test_checkpoint_fingerprint_equals_loaded_fingerprint(combo, sources):
 # -- export ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("combo", COMBOS, ids=IDS)
-def test_export_scales_only_circuit_columns(combo, sources, tmp_path):
+@pytest.mark.parametrize("combo", EXPORT_COMBOS, ids=EXPORT_IDS)
+def test_export_scales_only_circuit_columns(combo, export_sources, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    src = sources[combo]
+    src = export_sources[combo]
     before_tree = _tree_hash(src)
-    circuit = _circuit(src)
+    circuit = planted_circuit(src)
     out = tmp_path / "out"
     result = export_safetensors(str(src), circuit, out, multipliers=dict(PLANTED))
     assert _tree_hash(src) == before_tree  # the input is never modified
@@ -186,10 +173,10 @@ def test_export_scales_only_circuit_columns(combo, sources, tmp_path):
     assert torch.equal(model.model.layers[2].mlp.down_proj.weight.detach(), b["model.layers.2.mlp.down_proj.weight"])
 
 
-def test_bf16_export_is_within_one_rounding(sources, tmp_path):
-    src = sources[("llama", "bfloat16", True)]
+def test_bf16_export_is_within_one_rounding(export_sources, tmp_path):
+    src = export_sources[("llama", "bfloat16", True)]
     m = 0.3  # not representable: each scaled weight is rounded once from the float32 product
-    export_safetensors(str(src), _circuit(src), tmp_path / "out", multiplier=m)
+    export_safetensors(str(src), planted_circuit(src), tmp_path / "out", multiplier=m)
     a, b = _all_tensors(src), _all_tensors(tmp_path / "out")
     eps = torch.finfo(torch.bfloat16).eps
     for layer in (0, 2):
@@ -204,12 +191,12 @@ def test_bf16_export_is_within_one_rounding(sources, tmp_path):
         assert all(abs(est[c]["multiplier"] - m) < eps for c in cols)
 
 
-def test_model_card_has_front_matter_and_steering(sources, tmp_path):
+def test_model_card_has_front_matter_and_steering(export_sources, tmp_path):
     from huggingface_hub import ModelCard
 
-    src = sources[("llama", "float32", True)]
+    src = export_sources[("llama", "float32", True)]
     out = tmp_path / "out"
-    export_safetensors(str(src), _circuit(src), out, multiplier=0.0)
+    export_safetensors(str(src), planted_circuit(src), out, multiplier=0.0)
     card = ModelCard.load(out / "README.md")
     assert card.data.base_model == str(src)
     assert {"cna-export", "steering"} <= set(card.data.tags)
@@ -226,24 +213,24 @@ def _fake_report():
                               Tolerances.for_dtype("float32"), reference="r", candidate="c", dtype="float32")
 
 
-def test_per_neuron_multipliers_from_circuit_and_file(sources, tmp_path):
-    src = sources[("qwen2", "float32", True)]
-    own = _circuit(src, own=True)
+def test_per_neuron_multipliers_from_circuit_and_file(export_sources, tmp_path):
+    src = export_sources[("qwen2", "float32", True)]
+    own = planted_circuit(src, own=True)
     r1 = export_safetensors(str(src), own, tmp_path / "own")
     assert r1.manifest.multiplier_map() == PLANTED
     mfile = tmp_path / "m.json"
     mfile.write_text(json.dumps({f"{l}:{i}": m for (l, i), m in PLANTED.items()}))
-    r2 = export_safetensors(str(src), _circuit(src), tmp_path / "file", multipliers=mfile)
+    r2 = export_safetensors(str(src), planted_circuit(src), tmp_path / "file", multipliers=mfile)
     assert r2.manifest.multiplier_map() == PLANTED
     a, b = _all_tensors(tmp_path / "own"), _all_tensors(tmp_path / "file")
     assert {k: tensor_sha256(v) for k, v in a.items()} == {k: tensor_sha256(v) for k, v in b.items()}
 
 
-def test_link_hard_links_untouched_shards(sources, tmp_path):
-    src = sources[("llama", "float32", True)]
+def test_link_hard_links_untouched_shards(export_sources, tmp_path):
+    src = export_sources[("llama", "float32", True)]
     before = _tree_hash(src)
     out = tmp_path / "linked"
-    r = export_safetensors(str(src), _circuit(src), out, multiplier=0.0, link=True)
+    r = export_safetensors(str(src), planted_circuit(src), out, multiplier=0.0, link=True)
     assert r.linked and len(r.copied_shards) >= 3
     for shard in r.copied_shards:
         assert os.stat(out / shard).st_ino == os.stat(src / shard).st_ino
@@ -252,24 +239,24 @@ def test_link_hard_links_untouched_shards(sources, tmp_path):
     assert _tree_hash(src) == before
 
 
-def test_overwrite_replaces_output(sources, tmp_path):
-    src = sources[("llama", "float32", False)]
+def test_overwrite_replaces_output(export_sources, tmp_path):
+    src = export_sources[("llama", "float32", False)]
     out = tmp_path / "out"
-    export_safetensors(str(src), _circuit(src), out, multiplier=0.0)
+    export_safetensors(str(src), planted_circuit(src), out, multiplier=0.0)
     with pytest.raises(CnaError, match="already exists"):
-        export_safetensors(str(src), _circuit(src), out, multiplier=2.0)
-    export_safetensors(str(src), _circuit(src), out, multiplier=2.0, overwrite=True)
+        export_safetensors(str(src), planted_circuit(src), out, multiplier=2.0)
+    export_safetensors(str(src), planted_circuit(src), out, multiplier=2.0, overwrite=True)
     assert set(ExportManifest.load(out).multiplier_map().values()) == {2.0}
     assert _leftovers(tmp_path, "out") == []
 
 
-def test_other_weight_files_are_left_out(sources, tmp_path):
+def test_other_weight_files_are_left_out(export_sources, tmp_path):
     src = tmp_path / "src"
-    shutil.copytree(sources[("llama", "float32", False)], src)
+    shutil.copytree(export_sources[("llama", "float32", False)], src)
     (src / "pytorch_model.bin").write_bytes(b"unsteered pickle")
     (src / "extra").mkdir()
     (src / "extra" / "notes.txt").write_text("keep me")
-    r = export_safetensors(str(src), _circuit(src), tmp_path / "out", multiplier=0.0)
+    r = export_safetensors(str(src), planted_circuit(src), tmp_path / "out", multiplier=0.0)
     assert r.left_out == ["pytorch_model.bin"] and not (tmp_path / "out" / "pytorch_model.bin").exists()
     assert (tmp_path / "out" / "extra" / "notes.txt").read_text() == "keep me"
     assert any("pytorch_model.bin" in n for n in r.manifest.notes)
@@ -285,9 +272,9 @@ def _run(capsys, *argv) -> tuple[int, list[str]]:
 
 
 @pytest.fixture()
-def broken_sources(sources, tmp_path):
+def broken_sources(export_sources, tmp_path):
     """Copies of the sharded fp32 llama: one with a shard missing, one whose index lies."""
-    good = sources[("llama", "float32", True)]
+    good = export_sources[("llama", "float32", True)]
     missing = tmp_path / "missing"
     shutil.copytree(good, missing)
     index = json.loads((missing / "model.safetensors.index.json").read_text())
@@ -306,12 +293,12 @@ def broken_sources(sources, tmp_path):
     return {"missing": (missing, victim), "lying": lying, "pickled": pickled}
 
 
-def test_cli_refusals_are_one_line(sources, broken_sources, tmp_path, capsys):
-    src = sources[("llama", "float32", True)]
+def test_cli_refusals_are_one_line(export_sources, broken_sources, tmp_path, capsys):
+    src = export_sources[("llama", "float32", True)]
     circuit = tmp_path / "c.json"
-    _circuit(src).save(circuit)
+    planted_circuit(src).save(circuit)
     other = tmp_path / "other.json"
-    c = _circuit(src)
+    c = planted_circuit(src)
     other_ident = c.model.model_copy(update={"fingerprint": "0" * 64, "name": "elsewhere"})
     c.model_copy(update={"model": other_ident}).save(other)
     too_big = tmp_path / "big.json"
@@ -350,10 +337,10 @@ def test_cli_refusals_are_one_line(sources, broken_sources, tmp_path, capsys):
     assert code == 0 and any("applied anyway" in n for n in ExportManifest.load(out).notes)
 
 
-def test_write_failure_part_way_leaves_nothing(sources, tmp_path, capsys, monkeypatch):
-    src = sources[("llama", "float32", True)]
+def test_write_failure_part_way_leaves_nothing(export_sources, tmp_path, capsys, monkeypatch):
+    src = export_sources[("llama", "float32", True)]
     circuit = tmp_path / "c.json"
-    _circuit(src).save(circuit)
+    planted_circuit(src).save(circuit)
     real = st_io.rewrite_shard
     calls = []
 
@@ -371,10 +358,10 @@ def test_write_failure_part_way_leaves_nothing(sources, tmp_path, capsys, monkey
     assert not out.exists() and _leftovers(tmp_path, "out") == []
 
 
-def test_cli_export_summary(sources, tmp_path, capsys):
-    src = sources[("qwen2", "float32", True)]
+def test_cli_export_summary(export_sources, tmp_path, capsys):
+    src = export_sources[("qwen2", "float32", True)]
     circuit = tmp_path / "c.json"
-    _circuit(src).save(circuit)
+    planted_circuit(src).save(circuit)
     code = cli.main(["export", "--model", str(src), "--circuit", str(circuit), "--multiplier", "0",
                      "--out", str(tmp_path / "out"), "--link"])
     text = capsys.readouterr().out
@@ -382,8 +369,8 @@ def test_cli_export_summary(sources, tmp_path, capsys):
     assert "6 neurons in 2 layers; multiplier 0" in text and "hard-linked" in text and "not run" in text
 
 
-def test_pickled_source_is_converted_only_with_allow_pickle(sources, tmp_path, capsys):
-    good = sources[("llama", "bfloat16", True)]
+def test_pickled_source_is_converted_only_with_allow_pickle(export_sources, tmp_path, capsys):
+    good = export_sources[("llama", "bfloat16", True)]
     src = tmp_path / "pickled"
     src.mkdir()
     for f in good.iterdir():
@@ -392,7 +379,7 @@ def test_pickled_source_is_converted_only_with_allow_pickle(sources, tmp_path, c
     tensors = _all_tensors(good)
     torch.save(tensors, src / "pytorch_model.bin")
     circuit = tmp_path / "c.json"
-    _circuit(good).save(circuit)
+    planted_circuit(good).save(circuit)
     out = tmp_path / "out"
     code, err = _run(capsys, "export", "--model", src, "--circuit", circuit, "--multiplier", 0, "--out", out)
     assert code == 2 and len(err) == 1 and "--allow-pickle" in err[0] and not out.exists()

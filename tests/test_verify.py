@@ -25,21 +25,8 @@ from cna_export.verify import (
 
 from conftest import ARCHS, EXPORT_COMBOS, EXPORT_IDS, PLANTED, make_tiny_model, planted_circuit
 
-COMBOS, IDS = EXPORT_COMBOS, EXPORT_IDS
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models gain nothing from threads
 FAST = VerifyOptions(limit=4, max_new_tokens=4)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread(one_thread):
-    yield
-
-
-@pytest.fixture(scope="module")
-def sources(export_sources):
-    return export_sources
-
-
-_circuit = planted_circuit
 
 
 def _plant(folder: Path, layer: int, column: int, fn) -> None:
@@ -59,11 +46,11 @@ def _plant(folder: Path, layer: int, column: int, fn) -> None:
 # -- honest exports pass --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("combo", COMBOS, ids=IDS)
-def test_verify_passes_on_export(combo, sources, tmp_path):
-    src = sources[combo]
+@pytest.mark.parametrize("combo", EXPORT_COMBOS, ids=EXPORT_IDS)
+def test_verify_passes_on_export(combo, export_sources, tmp_path):
+    src = export_sources[combo]
     out = tmp_path / "out"
-    export_safetensors(str(src), _circuit(src), out, multipliers=dict(PLANTED))
+    export_safetensors(str(src), planted_circuit(src), out, multipliers=dict(PLANTED))
     report = verify_export(str(src), out, FAST)
     assert report.passed, report.render()
     assert report.dtype == combo[1]  # compared in the exported dtype
@@ -74,11 +61,11 @@ def test_verify_passes_on_export(combo, sources, tmp_path):
     assert all(p.greedy_identical for p in report.prompts)
 
 
-@pytest.mark.parametrize("combo", [COMBOS[1], COMBOS[2]], ids=[IDS[1], IDS[2]])
-def test_verify_passes_with_inexact_multiplier(combo, sources, tmp_path):
-    src = sources[combo]
+@pytest.mark.parametrize("combo", [EXPORT_COMBOS[1], EXPORT_COMBOS[2]], ids=[EXPORT_IDS[1], EXPORT_IDS[2]])
+def test_verify_passes_with_inexact_multiplier(combo, export_sources, tmp_path):
+    src = export_sources[combo]
     out = tmp_path / "out"
-    export_safetensors(str(src), _circuit(src), out, multiplier=0.3)
+    export_safetensors(str(src), planted_circuit(src), out, multiplier=0.3)
     report = verify_export(str(src), out, FAST)
     assert report.passed, report.render()
     if combo[1] == "float32":
@@ -91,7 +78,7 @@ def test_verify_passes_with_inexact_multiplier(combo, sources, tmp_path):
 def test_every_architecture_exports_and_verifies(arch, tiny_models, tmp_path):
     src = tiny_models[arch]
     out = tmp_path / "out"
-    result = export_safetensors(str(src), _circuit(src, {(1, 3): 0.0, (2, 9): -1.0}, own=True), out)
+    result = export_safetensors(str(src), planted_circuit(src, {(1, 3): 0.0, (2, 9): -1.0}, own=True), out)
     assert result.manifest.multiplier_map() == {(1, 3): 0.0, (2, 9): -1.0}
     report = verify_export(str(src), out, VerifyOptions(limit=2, max_new_tokens=2))
     assert report.passed and report.metrics["max_abs_logit_delta"] == 0.0, report.render()
@@ -103,16 +90,16 @@ def test_every_architecture_exports_and_verifies(arch, tiny_models, tmp_path):
 @pytest.mark.parametrize(
     "combo, layer, column, fn",
     [
-        (COMBOS[1], 1, 7, lambda c: c * 0),  # a column outside the circuit zeroed (fp32, sharded)
-        (COMBOS[3], 2, 5, lambda c: c * 2),  # a circuit column (x0.5) left unscaled (fp32, sharded)
-        (COMBOS[2], 0, 1, lambda c: c + 1.0),  # a circuit column (x0) not zeroed (bf16, sharded)
+        (EXPORT_COMBOS[1], 1, 7, lambda c: c * 0),  # a column outside the circuit zeroed (fp32, sharded)
+        (EXPORT_COMBOS[3], 2, 5, lambda c: c * 2),  # a circuit column (x0.5) left unscaled (fp32, sharded)
+        (EXPORT_COMBOS[2], 0, 1, lambda c: c + 1.0),  # a circuit column (x0) not zeroed (bf16, sharded)
     ],
     ids=["fp32-outside", "fp32-unfolded", "bf16-unfolded"],
 )
-def test_planted_wrong_column_fails_with_exit_code_3(combo, layer, column, fn, sources, tmp_path, capsys):
-    src = sources[combo]
+def test_planted_wrong_column_fails_with_exit_code_3(combo, layer, column, fn, export_sources, tmp_path, capsys):
+    src = export_sources[combo]
     out = tmp_path / "out"
-    export_safetensors(str(src), _circuit(src), out, multipliers=dict(PLANTED))
+    export_safetensors(str(src), planted_circuit(src), out, multipliers=dict(PLANTED))
     assert verify_export(str(src), out, FAST).passed
     _plant(out, layer, column, fn)
     capsys.readouterr()  # drop the library calls' output
@@ -130,13 +117,13 @@ def test_planted_wrong_column_fails_with_exit_code_3(combo, layer, column, fn, s
         assert "max_abs_logit_delta" in report.failed_metrics
 
 
-def test_failed_verification_at_export_time_leaves_nothing(sources, tmp_path, capsys, monkeypatch):
+def test_failed_verification_at_export_time_leaves_nothing(export_sources, tmp_path, capsys, monkeypatch):
     import cna_export.export as export_mod
     from cna_export.fold import scale_columns
 
-    src = sources[("qwen2", "float32", True)]
+    src = export_sources[("qwen2", "float32", True)]
     circuit = tmp_path / "c.json"
-    _circuit(src).save(circuit)
+    planted_circuit(src).save(circuit)
     # a folding bug: one neuron's column scaled by the wrong factor
     monkeypatch.setattr(export_mod, "scale_columns", lambda w, idx, ms: scale_columns(w, idx, [m * 3 + 1 for m in ms]))
     out = tmp_path / "out"
@@ -149,12 +136,12 @@ def test_failed_verification_at_export_time_leaves_nothing(sources, tmp_path, ca
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
 
 
-def test_export_with_verify_records_result(sources, tmp_path, capsys):
+def test_export_with_verify_records_result(export_sources, tmp_path, capsys):
     from huggingface_hub import ModelCard
 
-    src = sources[("llama", "bfloat16", True)]
+    src = export_sources[("llama", "bfloat16", True)]
     circuit = tmp_path / "c.json"
-    _circuit(src).save(circuit)
+    planted_circuit(src).save(circuit)
     out = tmp_path / "out"
     code = cli.main(["export", "--model", str(src), "--circuit", str(circuit), "--multiplier", "0", "--out", str(out),
                      "--verify", "--limit", "4", "--max-new-tokens", "4"])
@@ -166,10 +153,10 @@ def test_export_with_verify_records_result(sources, tmp_path, capsys):
     assert "**passed**" in card.text and "Not verified" not in card.text
 
 
-def test_wrong_original_is_reported(sources, tmp_path):
-    src = sources[("qwen2", "float32", True)]
+def test_wrong_original_is_reported(export_sources, tmp_path):
+    src = export_sources[("qwen2", "float32", True)]
     out = tmp_path / "out"
-    export_safetensors(str(src), _circuit(src), out, multiplier=0.0)
+    export_safetensors(str(src), planted_circuit(src), out, multiplier=0.0)
     impostor = make_tiny_model("qwen2", tmp_path / "impostor", seed=7)
     report = verify_export(str(impostor), out, FAST)
     assert not report.passed
@@ -254,10 +241,10 @@ def test_smollm2_gguf_export_verifies(smollm2, prompt_files, tmp_path):
     assert report.dtype == "float32" and report.metrics["max_abs_logit_delta"] <= 1e-4
 
 
-def test_verify_refusals_are_one_line(sources, tmp_path, capsys):
-    src = sources[("llama", "float32", False)]
+def test_verify_refusals_are_one_line(export_sources, tmp_path, capsys):
+    src = export_sources[("llama", "float32", False)]
     out = tmp_path / "out"
-    export_safetensors(str(src), _circuit(src), out, multiplier=0.0)
+    export_safetensors(str(src), planted_circuit(src), out, multiplier=0.0)
     taken = tmp_path / "taken.json"
     taken.write_text("{}")
     cases = [
