@@ -104,20 +104,8 @@ def step_jbb(a) -> None:
     conds = []
     for f, m in dict.fromkeys(wanted):  # ablation at 0.1% and at the tuned size, then the tuned choice
         conds += cna_conditions(saved, [f], [m])
-    out = OUT / "jbb"
-    _fresh(out)
-    backend = open_backend(MODEL, "llama.cpp", batch_size=a.batch_size, threads=a.threads)
-    sink = JsonlSink(out / "generations.jsonl")
-    try:
-        settings = EvalSettings(max_new_tokens=a.max_new_tokens, benign_max_new_tokens=a.benign_tokens)
-        ev = Evaluator(backend, harmful, benign, settings, log=stderr_log(False), on_rows=sink)
-        run_conditions(ev, conds)
-    finally:
-        sink.close()
-        backend.close()
-    write_report(out, ev, {"model": MODEL, "backend": "llama.cpp", "seconds": round(time.time() - t0, 1)},
-                 title="JBB-Behaviors on Qwen2.5-Coder-0.5B-Instruct")
-    _timing("jbb", time.time() - t0)
+    settings = EvalSettings(max_new_tokens=a.max_new_tokens, benign_max_new_tokens=a.benign_tokens)
+    _evaluate(a, "jbb", harmful, benign, settings, conds, "JBB-Behaviors on Qwen2.5-Coder-0.5B-Instruct", t0)
 
 
 def step_caa(a) -> None:
@@ -126,22 +114,26 @@ def step_caa(a) -> None:
     saved = load_stats(OUT / "stats.npz")
     harmful, benign = load_jbb()
     idx = tune["split"]["tune"]
-    out = OUT / "caa"
+    layers = list(range(1, saved.identity.num_layers))  # llama.cpp control vectors cannot address layer 0
+    _evaluate(a, "caa", harmful.subset(idx), benign.subset(idx),
+              EvalSettings(max_new_tokens=a.max_new_tokens, benign_answers=False),
+              caa_conditions(saved, a.caa_alphas, layers), "CAA baseline on the tuning split", t0)
+
+
+def _evaluate(a, step: str, harmful, benign, settings: EvalSettings, conds, title: str, t0: float) -> None:
+    """Run ``conds`` in llama.cpp into ``OUT/step`` (generations, report) and record the step's time."""
+    out = OUT / step
     _fresh(out)
     backend = open_backend(MODEL, "llama.cpp", batch_size=a.batch_size, threads=a.threads)
     sink = JsonlSink(out / "generations.jsonl")
-    layers = list(range(1, saved.identity.num_layers))  # llama.cpp control vectors cannot address layer 0
     try:
-        ev = Evaluator(backend, harmful.subset(idx), benign.subset(idx),
-                       EvalSettings(max_new_tokens=a.max_new_tokens, benign_answers=False), log=stderr_log(False),
-                       on_rows=sink)
-        run_conditions(ev, caa_conditions(saved, a.caa_alphas, layers))
+        ev = Evaluator(backend, harmful, benign, settings, log=stderr_log(False), on_rows=sink)
+        run_conditions(ev, conds)
     finally:
         sink.close()
         backend.close()
-    write_report(out, ev, {"model": MODEL, "backend": "llama.cpp", "seconds": round(time.time() - t0, 1)},
-                 title="CAA baseline on the tuning split")
-    _timing("caa", time.time() - t0)
+    write_report(out, ev, {"model": MODEL, "backend": "llama.cpp", "seconds": round(time.time() - t0, 1)}, title=title)
+    _timing(step, time.time() - t0)
 
 
 def _fresh(out: Path) -> None:
