@@ -572,7 +572,7 @@ def base_statistics(base_spec: str, settings: AuditSettings, progress: bool = Fa
     saved = compute_stats(loaded, opts, progress=progress)
     del loaded
     if stats_path is not None:
-        save_stats(stats_path, saved, overwrite=True if stats_path.is_file() else settings.overwrite)
+        save_stats(stats_path, saved, overwrite=settings.overwrite)  # an existing file got here only with --overwrite
     return saved, f"discovered on the base with {recipe_path}"
 
 

@@ -446,6 +446,8 @@ def test_audit_stats_file_is_saved_reused_and_checked(base, prompt_files, tmp_pa
     """--stats: the first audit computes the base's statistics and saves them; the next reads them
     (no model load) and reaches the same verdict; a file from other prompts or weights is refused."""
     import cna_export.models
+    from cna_export.prompts import load_prompts
+    from cna_export.sweep import load_stats
 
     pos, neg, neu = prompt_files
     recipe = tmp_path / "recipe.yaml"
@@ -472,6 +474,10 @@ def test_audit_stats_file_is_saved_reused_and_checked(base, prompt_files, tmp_pa
     code = main(["audit", str(out), "--base", str(base), "--recipe", str(other), "--no-generate", "--stats", str(stats)])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "other positive prompts" in err[0] and "--overwrite" in err[0]
+    monkeypatch.undo()  # recomputing loads the base again
+    code = main(["-q", "audit", str(out), "--base", str(base), "--recipe", str(other), "--no-generate", "--stats",
+                 str(stats), "--overwrite"])
+    assert code == 4 and load_stats(stats).prompts["positive"].sha256 == load_prompts(neg).sha256  # recomputed
     # ... and so are statistics of other weights (same architecture and shape, another seed)
     twin = make_tiny_model("llama", tmp_path / "twin", seed=1)
     from cna_export.audit import base_statistics
