@@ -13,7 +13,6 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
-from gguf import quants as gguf_quants
 from gguf.constants import GGMLQuantizationType as T
 from gguf.constants import GGUFValueType as V
 
@@ -33,7 +32,7 @@ from cna_export.io.quants import LAYOUTS, dequantize_rows, get_layout
 from cna_export.manifest import GGUF_KEY, ExportManifest
 from cna_export.verify_gguf import check_tensors, verify_gguf
 
-from test_quants import GGUF_QUANTIZABLE, UNIT_ROUNDOFF, hand_built
+from test_quants import UNIT_ROUNDOFF, tensor_data
 
 N_EMBD = 256  # a whole number of blocks of every type (K-quants: 256)
 N_FF = 64
@@ -48,21 +47,6 @@ SUPPORTED = sorted(LAYOUTS, key=lambda t: t.value)
 # ---------------------------------------------------------------------------
 # Building files
 # ---------------------------------------------------------------------------
-
-
-def tensor_data(qtype: T, n_rows: int, n_cols: int, rng: np.random.Generator) -> np.ndarray:
-    """Data of ``qtype`` as gguf.GGUFReader exposes it (floats as floats, BF16 and quants as bytes)."""
-    values = rng.standard_normal((n_rows, n_cols)).astype(np.float32)
-    if qtype == T.F32:
-        return values
-    if qtype == T.F16:
-        return values.astype(np.float16)
-    if qtype == T.F64:
-        return values.astype(np.float64)
-    if qtype in GGUF_QUANTIZABLE:
-        return gguf_quants.quantize(values, qtype)
-    assert n_cols == 256, "hand-built blocks are 256 columns wide"
-    return hand_built(qtype, rng, n_rows=n_rows)
 
 
 def build_gguf(

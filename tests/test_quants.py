@@ -90,19 +90,25 @@ def hand_built(qtype: T, rng: np.random.Generator, n_rows: int = N_ROWS, scale_r
     return data.reshape(n_rows, n_blocks * layout.block_bytes)
 
 
-def make_tensor(qtype: T, seed: int = 0) -> np.ndarray:
-    """A 6 x 256 tensor of ``qtype`` in the form GGUFReader exposes it."""
-    rng = np.random.default_rng(seed)
-    values = rng.standard_normal((N_ROWS, N_COLS)).astype(np.float32)
+def tensor_data(qtype: T, n_rows: int, n_cols: int, rng: np.random.Generator) -> np.ndarray:
+    """Data of ``qtype`` as gguf.GGUFReader exposes it (floats as floats, BF16 and quants as bytes)."""
+    values = rng.standard_normal((n_rows, n_cols)).astype(np.float32)
     if qtype == T.F32:
         return values
     if qtype == T.F16:
         return values.astype(np.float16)
     if qtype == T.F64:
-        return values.astype(np.float64) * (1 + 1e-9)
+        return values.astype(np.float64)
     if qtype in GGUF_QUANTIZABLE:
         return gguf_quants.quantize(values, qtype)
-    return hand_built(qtype, rng)
+    assert n_cols == 256, "hand-built blocks are 256 columns wide"
+    return hand_built(qtype, rng, n_rows=n_rows)
+
+
+def make_tensor(qtype: T, seed: int = 0) -> np.ndarray:
+    """A 6 x 256 tensor of ``qtype`` in the form GGUFReader exposes it (F64 values off the float32 grid)."""
+    data = tensor_data(qtype, N_ROWS, N_COLS, np.random.default_rng(seed))
+    return data * (1 + 1e-9) if qtype == T.F64 else data
 
 
 def scale_field_mask(layout: quants.QuantLayout) -> np.ndarray:
