@@ -83,7 +83,7 @@ def prepare_source(root: Path) -> tuple[Path, str]:
         return src, stamp.read_text().strip()
     from gguf import GGUFReader
 
-    from cna_export.export import convert_to_safetensors
+    from cna_export.export.safetensors import convert_to_safetensors
 
     print(f"preparing {src} (once) ...", flush=True)
     # shard size: big enough for the largest tensor and a quarter of the model (float32) -> 4 shards
@@ -132,7 +132,7 @@ def _dir_bytes(p: Path) -> int:
 
 def compare_outputs(a: Path, b: Path) -> int:
     """Every tensor of ``a`` equals ``b``'s, bit for bit; returns the number compared."""
-    from cna_export.fold import tensor_sha256
+    from cna_export.io.tensor_bytes import tensor_sha256
     from cna_export.io.safetensors import Checkpoint
 
     ca, cb = Checkpoint.open(a), Checkpoint.open(b)

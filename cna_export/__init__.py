@@ -1,3 +1,5 @@
 """cna-export: discover Contrastive Neuron Attribution circuits, fold them into weights, export, verify, audit."""
 
-__version__ = "0.1.0"
+from .core.version import __version__
+
+__all__ = ["__version__"]

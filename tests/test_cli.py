@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from cna_export.cli import main
-from cna_export.circuit import Circuit
+from cna_export.core.circuit import Circuit
 
 
 def run(argv, capsys):
@@ -113,8 +113,8 @@ def test_console_script_entry_point():
 
 
 def test_architecture_table():
-    from cna_export.architectures import arch_for_gguf, get_arch, supported_model_types
-    from cna_export.errors import CnaError
+    from cna_export.core.architectures import arch_for_gguf, get_arch, supported_model_types
+    from cna_export.core.errors import CnaError
 
     assert {"llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "gemma3_text", "phi3"} <= set(supported_model_types())
     phi3 = get_arch("phi3")

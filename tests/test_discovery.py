@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from cna_export.discovery import RunningStats, TopKCounts, discover, run_prompts
-from cna_export.options import DiscoverOptions
-from cna_export.prompts import load_prompts
+from cna_export.discover.discovery import RunningStats, TopKCounts, discover, run_prompts
+from cna_export.core.settings import DiscoverOptions
+from cna_export.model.prompts import load_prompts
 
 from conftest import ARCHS
 
@@ -79,7 +79,7 @@ def test_circuit_size_and_ranking(tiny_loaded, prompt_files):
 
 
 def test_sign_restricts_the_circuit(tiny_loaded, prompt_files):
-    from cna_export.discovery import select
+    from cna_export.discover.discovery import select
 
     loaded = tiny_loaded("qwen2")
     pos, neg, neu = (load_prompts(p) for p in prompt_files)
@@ -130,7 +130,7 @@ def _plant_always_on(model_dir, targets):
 
 
 def test_universal_filter_removes_planted_always_on_neurons(tmp_path, prompt_files):
-    from cna_export.models import load_model
+    from cna_export.model.loading import load_model
 
     from conftest import make_tiny_model
 

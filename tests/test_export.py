@@ -15,13 +15,16 @@ import torch
 from safetensors import safe_open
 
 from cna_export import cli
-from cna_export.circuit import Circuit, Neuron
-from cna_export.errors import CnaError
-from cna_export.export import SHARD_METADATA_KEY, checkpoint_identity, export_safetensors, model_card
-from cna_export.fold import changed_slices, estimate_multipliers, scale_columns, scale_rows, tensor_sha256
+from cna_export.core.circuit import Circuit, Neuron
+from cna_export.core.errors import CnaError
+from cna_export.core.manifest import SHARD_METADATA_KEY
+from cna_export.export.safetensors import export_safetensors, model_card
+from cna_export.io.identity import checkpoint_identity
+from cna_export.export.fold import changed_slices, estimate_multipliers, scale_columns, scale_rows
+from cna_export.io.tensor_bytes import tensor_sha256
 from cna_export.io import safetensors as st_io
-from cna_export.manifest import MANIFEST_FILE, ExportManifest
-from cna_export.models import load_model
+from cna_export.core.manifest import MANIFEST_FILE, ExportManifest
+from cna_export.model.loading import load_model
 
 from conftest import EXPORT_COMBOS, EXPORT_IDS, PLANTED, planted_circuit
 
@@ -207,7 +210,7 @@ def test_model_card_has_front_matter_and_steering(export_sources, tmp_path):
 
 
 def _fake_report():
-    from cna_export.verify import Tolerances, VerifyReport
+    from cna_export.verify.report import Tolerances, VerifyReport
 
     return VerifyReport.build({"prompts": 2.0, "positions": 10.0, "max_abs_logit_delta": 0.0, "greedy_identical": 1.0},
                               Tolerances.for_dtype("float32"), reference="r", candidate="c", dtype="float32")

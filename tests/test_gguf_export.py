@@ -16,21 +16,23 @@ import pytest
 from gguf.constants import GGMLQuantizationType as T
 from gguf.constants import GGUFValueType as V
 
-from cna_export.circuit import Circuit, ModelIdentity, Neuron
+from cna_export.io.identity import gguf_fingerprint, gguf_identity
+from cna_export.core.circuit import Circuit, ModelIdentity, Neuron
 from cna_export.cli import main
-from cna_export.errors import CnaError
-from cna_export.gguf_export import (
+from cna_export.core.errors import CnaError
+from cna_export.export.gguf import (
     MODELFILE,
     export_gguf,
     read_gguf_manifest,
     render_modelfile,
-    side_manifest_path,
     stop_tokens,
 )
+from cna_export.core.manifest import side_manifest_path
 from cna_export.io import gguf as G
 from cna_export.io.quants import LAYOUTS, dequantize_rows, get_layout
-from cna_export.manifest import GGUF_KEY, ExportManifest
-from cna_export.verify_gguf import check_tensors, verify_gguf
+from cna_export.core.manifest import GGUF_KEY, ExportManifest
+from cna_export.verify.gguf_tensors import check_tensors
+from cna_export.verify.gguf import verify_gguf
 
 from test_quants import UNIT_ROUNDOFF, tensor_data
 
@@ -446,7 +448,7 @@ def test_overflowing_multiplier_is_refused(tmp_path):
 
 def test_circuit_must_fit_and_fingerprint_needs_force(tmp_path):
     src = build_gguf(tmp_path / "src.gguf")
-    fp = G.gguf_fingerprint(G.open_gguf(src))
+    fp = gguf_fingerprint(G.open_gguf(src))
     export(src, tmp_path / "same.gguf", circuit=circuit_for(fingerprint=fp))
     with pytest.raises(CnaError, match="different weights.*--force"):
         export(src, tmp_path / "other.gguf", circuit=circuit_for(fingerprint="0" * 64))
@@ -598,7 +600,7 @@ def test_steering_a_steered_file(tmp_path):
 
 
 def test_shared_prefixes_are_counted_once_and_near_ties_left_out():
-    from cna_export.verify_gguf import confident_agreement, fresh_positions, top1_margin
+    from cna_export.verify.gguf_behaviour import confident_agreement, fresh_positions, top1_margin
 
     assert fresh_positions([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3, 4], [9], [1, 2, 3, 4, 6]]) == [0, 2, 3, 0, 4]
     import torch
@@ -617,7 +619,7 @@ def _synthetic_comparisons(noise_growth: float, seed: int = 0):
     ``noise_growth`` x the unsteered pair's (steering moves the logits a lot)."""
     import torch
 
-    from cna_export.verify_gguf import _Comparisons
+    from cna_export.verify.gguf_behaviour import _Comparisons
 
     g = torch.Generator().manual_seed(seed)
     comp = _Comparisons()
@@ -633,7 +635,9 @@ def _synthetic_comparisons(noise_growth: float, seed: int = 0):
 def test_allowance_grows_with_the_steering_effect():
     import time
 
-    from cna_export.verify_gguf import GGUFVerifyOptions, _judge
+    from cna_export.verify.gguf import GGUFVerifyOptions
+
+    from cna_export.verify.gguf_behaviour import _judge
 
     comp = _synthetic_comparisons(1.2)  # steered pair about 1.44x the floor, like strongly steered real exports
     b = _judge(comp, GGUFVerifyOptions(), time.perf_counter())
@@ -655,7 +659,9 @@ def test_steering_reproduction_slope():
 
     import torch
 
-    from cna_export.verify_gguf import GGUFVerifyOptions, _Comparisons, _judge, steering_slope
+    from cna_export.verify.gguf import GGUFVerifyOptions
+
+    from cna_export.verify.gguf_behaviour import _Comparisons, _judge, steering_slope
 
     g = torch.Generator().manual_seed(1)
 

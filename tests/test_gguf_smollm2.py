@@ -11,15 +11,17 @@ import gguf
 import numpy as np
 import pytest
 
-from cna_export.circuit import Circuit, Neuron
+from cna_export.io.identity import gguf_fingerprint, gguf_identity
+from cna_export.core.circuit import Circuit, Neuron
 from cna_export.cli import main
-from cna_export.discovery import discover
-from cna_export.gguf_export import export_gguf, read_gguf_manifest
+from cna_export.discover.discovery import discover
+from cna_export.export.gguf import export_gguf, read_gguf_manifest
 from cna_export.io import gguf as G
-from cna_export.manifest import GGUF_KEY
-from cna_export.options import DiscoverOptions, load_recipe
-from cna_export.prompts import load_prompts
-from cna_export.verify_gguf import GGUFVerifyOptions, llama_logits, token_ids, verify_gguf
+from cna_export.core.manifest import GGUF_KEY
+from cna_export.core.settings import DiscoverOptions, load_recipe
+from cna_export.model.prompts import load_prompts
+from cna_export.verify.gguf import GGUFVerifyOptions, verify_gguf
+from cna_export.verify.gguf_behaviour import llama_logits, token_ids
 
 pytestmark = [pytest.mark.slow, pytest.mark.llama]
 pytest.importorskip("llama_cpp", reason="pip install llama-cpp-python")
@@ -49,8 +51,8 @@ def exported(smollm2, circuit, tmp_path_factory):
 
 def test_fingerprint_and_identity_match_transformers(smollm2):
     reader = G.open_gguf(smollm2.source.path)
-    assert G.gguf_fingerprint(reader) == smollm2.fingerprint()
-    ident, hf = G.gguf_identity(reader, "bundled:smollm2"), smollm2.identity()
+    assert gguf_fingerprint(reader) == smollm2.fingerprint()
+    ident, hf = gguf_identity(reader, "bundled:smollm2"), smollm2.identity()
     assert (ident.architecture, ident.num_layers, ident.intermediate_size, ident.hidden_size, ident.fingerprint) == (
         hf.architecture, hf.num_layers, hf.intermediate_size, hf.hidden_size, hf.fingerprint
     )
@@ -120,7 +122,7 @@ def test_verify_passes_against_the_noise_floor(smollm2, exported):
 
 def test_verify_fails_when_the_export_does_not_carry_the_steering(smollm2, exported):
     """Reference steered hard (x3 on 400 neurons) but the candidate is the unsteered source."""
-    from cna_export.verify_gguf import check_behaviour
+    from cna_export.verify.gguf_behaviour import check_behaviour
 
     src, _, _ = exported
     mults = {(layer, i): 3.0 for layer in range(10, 30) for i in range(0, 1536, 77)}
@@ -131,9 +133,9 @@ def test_verify_fails_when_the_export_does_not_carry_the_steering(smollm2, expor
 
 
 def test_cli_export_and_verify(smollm2, circuit, tmp_path, capsys, monkeypatch):
-    import cna_export.models
+    import cna_export.model.loading
 
-    monkeypatch.setattr(cna_export.models, "load_model", lambda spec, **kw: smollm2)  # one transformers load
+    monkeypatch.setattr(cna_export.model.loading, "load_model", lambda spec, **kw: smollm2)  # one transformers load
     circ = tmp_path / "c.json"
     circuit.save(circ)
     out = tmp_path / "cli.gguf"

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from cna_export.errors import CnaError
-from cna_export.judge import (
+from cna_export.core.errors import CnaError
+from cna_export.evaluate.judge import (
     JUDGES,
     KEYWORD_WINDOW,
     REFUSAL_PATTERNS,

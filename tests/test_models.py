@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cna_export.discovery import discover
-from cna_export.errors import CnaError
-from cna_export.models import load_model, resolve_source
-from cna_export.options import DiscoverOptions
-from cna_export.prompts import load_prompts
+from cna_export.discover.discovery import discover
+from cna_export.core.errors import CnaError
+from cna_export.model.loading import load_model, resolve_source
+from cna_export.core.settings import DiscoverOptions
+from cna_export.model.prompts import load_prompts
 
 
 def test_hub_id_goes_through_from_pretrained(monkeypatch):
@@ -56,7 +56,7 @@ def test_borrowed_pad_token_is_not_saved(tmp_path):
 
     from conftest import _tokenizer, make_tiny_model
 
-    from cna_export.models import load_tokenizer, save_tokenizer
+    from cna_export.model.loading import load_tokenizer, save_tokenizer
 
     for name in ("src", "own"):
         make_tiny_model("llama", tmp_path / name, layers=1)

@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from cna_export.errors import CnaError
-from cna_export.options import DiscoverOptions, build, load_recipe
-from cna_export.prompts import batches, load_prompts, render
+from cna_export.core.errors import CnaError
+from cna_export.core.settings import DiscoverOptions, build, load_recipe
+from cna_export.model.prompts import batches, load_prompts, render
 
 
 def test_text_prompts(tmp_path):
@@ -101,7 +101,7 @@ def test_bundled_recipe_is_complete():
 def test_tuned_recipe_loads():
     from pathlib import Path
 
-    from cna_export.options import DiscoverOptions, build
+    from cna_export.core.settings import DiscoverOptions, build
 
     root = Path(__file__).resolve().parents[1] / "recipes"
     opts = build(DiscoverOptions, load_recipe(root / "tuned" / "refusal-qwen2.5-coder-0.5b.yaml"))

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from cna_export.circuit import Circuit, Neuron
-from cna_export.discovery import discover
-from cna_export.errors import CnaError
-from cna_export.options import DiscoverOptions, load_recipe
-from cna_export.prompts import load_prompts, render
-from cna_export.steering import steer_circuit
+from cna_export.core.circuit import Circuit, Neuron
+from cna_export.discover.discovery import discover
+from cna_export.core.errors import CnaError
+from cna_export.core.settings import DiscoverOptions, load_recipe
+from cna_export.model.prompts import load_prompts, render
+from cna_export.model.steering import steer_circuit
 
 from test_discovery import capture_per_prompt
 

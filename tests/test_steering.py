@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cna_export.circuit import Circuit, Neuron
-from cna_export.prompts import render
-from cna_export.steering import steer, steer_circuit
+from cna_export.core.circuit import Circuit, Neuron
+from cna_export.model.prompts import render
+from cna_export.model.steering import steer, steer_circuit
 
 from conftest import ARCHS
 
@@ -94,7 +94,7 @@ def test_circuit_multipliers_are_used(tiny_loaded):
 
 
 def test_steering_generation_changes_with_ablation(tiny_loaded):
-    from cna_export.generation import generate
+    from cna_export.model.generation import generate
 
     loaded = tiny_loaded("llama")
     prompts = ["How do I bake a cake?"]

@@ -12,16 +12,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from cna_export import cli
-from cna_export.export import export_safetensors
-from cna_export.manifest import ExportManifest
-from cna_export.verify import (
-    Tolerances,
-    VerifyOptions,
-    VerifyReport,
-    logit_metrics,
-    verification_prompts,
-    verify_export,
-)
+from cna_export.export.safetensors import export_safetensors
+from cna_export.core.manifest import ExportManifest
+from cna_export.verify.report import Tolerances, VerifyReport, logit_metrics
+from cna_export.verify.safetensors import VerifyOptions, verify_export
+from cna_export.verify.prompts import verification_prompts
 
 from conftest import ARCHS, EXPORT_COMBOS, EXPORT_IDS, PLANTED, make_tiny_model, planted_circuit
 
@@ -118,8 +113,8 @@ def test_planted_wrong_column_fails_with_exit_code_3(combo, layer, column, fn, e
 
 
 def test_failed_verification_at_export_time_leaves_nothing(export_sources, tmp_path, capsys, monkeypatch):
-    import cna_export.export as export_mod
-    from cna_export.fold import scale_columns
+    import cna_export.export.safetensors as export_mod
+    from cna_export.export.fold import scale_columns
 
     src = export_sources[("qwen2", "float32", True)]
     circuit = tmp_path / "c.json"
@@ -217,9 +212,9 @@ def test_default_prompts_are_the_recipe_sets():
 def test_smollm2_gguf_export_verifies(smollm2, prompt_files, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from cna_export.discovery import discover
-    from cna_export.options import DiscoverOptions
-    from cna_export.prompts import load_prompts
+    from cna_export.discover.discovery import discover
+    from cna_export.core.settings import DiscoverOptions
+    from cna_export.model.prompts import load_prompts
 
     pos, neg, _ = prompt_files
     opts = DiscoverOptions(top_k=20, batch_size=6)

@@ -15,8 +15,8 @@ import sys
 import warnings
 from typing import Sequence
 
-from .. import __version__
-from ..errors import CnaError
+from ..core.version import __version__
+from ..core.errors import CnaError
 from ._registry import COMMANDS, PARSERS
 
 # importing the command modules registers their commands; --help lists them in this order

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..errors import CnaError
+from ..core.errors import CnaError
 from ._registry import PARSERS, command
 
 
@@ -15,8 +15,8 @@ from ._registry import PARSERS, command
 
 
 def _check_outputs(ns: argparse.Namespace, inputs: tuple[str | None, ...]) -> None:
-    from ..io.atomic import check_output_path
-    from ..models import resolve_source
+    from ..core.atomic import check_output_path
+    from ..io.sources import resolve_source
 
     paths = tuple(p for p in (resolve_source(x).path for x in inputs if x) if p is not None)
     for out in (getattr(ns, "json", None), getattr(ns, "out_circuit", None)):
@@ -27,15 +27,15 @@ def _check_outputs(ns: argparse.Namespace, inputs: tuple[str | None, ...]) -> No
 def _write_json(path: str, data: dict, overwrite: bool) -> None:
     import json
 
-    from ..io.atomic import atomic_write_text
+    from ..core.atomic import atomic_write_text
 
     atomic_write_text(Path(path), json.dumps(data, indent=2, default=str) + "\n", overwrite=overwrite)
 
 
 @command("diff")
 def cmd_diff(ns: argparse.Namespace) -> int:
-    from ..audit import write_recovered_circuit
-    from ..diff import diff_checkpoints
+    from ..inspect.audit import write_recovered_circuit
+    from ..inspect.diff import diff_checkpoints
 
     if not 0 < ns.rank1_share <= 1:
         raise CnaError("--rank1-share must be in (0, 1]")
@@ -68,7 +68,7 @@ def _diff_parser(sub: Any) -> None:
 
 @command("audit")
 def cmd_audit(ns: argparse.Namespace) -> int:
-    from ..audit import AuditSettings, audit, write_recovered_circuit
+    from ..inspect.audit import AuditSettings, audit, write_recovered_circuit
 
     if ns.out_circuit and not (ns.base or ns.manifest):
         raise CnaError("--out-circuit needs --base (or --manifest): recovered neurons come from a comparison")

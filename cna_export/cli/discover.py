@@ -7,8 +7,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..errors import CnaError
-from ..options import DiscoverOptions, ModelOptions, PromptOptions, add_flags, build, flags_of, load_recipe
+from ..core.errors import CnaError
+from ..core.settings import DiscoverOptions, ModelOptions, PromptOptions, add_flags, build, flags_of, load_recipe
 from ._registry import PARSERS, command, log
 
 
@@ -17,10 +17,10 @@ from ._registry import PARSERS, command, log
 
 @command("discover")
 def cmd_discover(ns: argparse.Namespace) -> int:
-    from ..discovery import discover
-    from ..io.atomic import check_output_path
-    from ..models import load_model
-    from ..prompts import load_prompts
+    from ..discover.discovery import discover
+    from ..core.atomic import check_output_path
+    from ..model.loading import load_model
+    from ..model.prompts import load_prompts
 
     recipe = load_recipe(ns.recipe) if ns.recipe else {}
     opts: DiscoverOptions = build(DiscoverOptions, recipe, flags_of(ns, DiscoverOptions))
@@ -71,10 +71,10 @@ def _discover_parser(sub: Any) -> None:
 
 @command("generate")
 def cmd_generate(ns: argparse.Namespace) -> int:
-    from ..circuit import Circuit, check_multiplier
-    from ..generation import generate
-    from ..models import load_model
-    from ..steering import steer_circuit
+    from ..core.circuit import Circuit, check_multiplier
+    from ..model.generation import generate
+    from ..model.loading import load_model
+    from ..model.steering import steer_circuit
 
     circuit = Circuit.load(ns.circuit) if ns.circuit else None
     if circuit is None and ns.multiplier is not None:
@@ -122,7 +122,7 @@ def _generate_parser(sub: Any) -> None:
 
 @command("show")
 def cmd_show(ns: argparse.Namespace) -> int:
-    from ..circuit import Circuit
+    from ..core.circuit import Circuit
 
     c = Circuit.load(ns.circuit)
     m = c.model

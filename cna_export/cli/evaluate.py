@@ -6,8 +6,8 @@ import argparse
 import sys
 from typing import Any
 
-from ..errors import NOTHING_FITS, CnaError
-from ..options import ModelOptions, PromptOptions, add_flags, build, flags_of
+from ..core.errors import NOTHING_FITS, CnaError
+from ..core.settings import ModelOptions, PromptOptions, add_flags, build, flags_of
 from ._registry import PARSERS, command
 
 
@@ -22,8 +22,8 @@ def _floats(text: str) -> list[float]:
 
 
 def _eval_job(ns: argparse.Namespace) -> Any:
-    from ..eval_jobs import EvalJob
-    from ..evaluate import EvalSettings
+    from ..evaluate.jobs import EvalJob
+    from ..evaluate.evaluator import EvalSettings
 
     popts: PromptOptions = build(PromptOptions, flags_of(ns, PromptOptions))
     mopts: ModelOptions = build(ModelOptions, flags_of(ns, ModelOptions))
@@ -42,7 +42,7 @@ def _eval_job(ns: argparse.Namespace) -> Any:
 
 @command("eval")
 def cmd_eval(ns: argparse.Namespace) -> int:
-    from ..eval_jobs import run_eval_job
+    from ..evaluate.jobs import run_eval_job
 
     job = _eval_job(ns)
     job.reference = ns.reference
@@ -52,7 +52,7 @@ def cmd_eval(ns: argparse.Namespace) -> int:
     job.caa_layers = ns.caa_layers
     report = run_eval_job(job)
     if not ns.quiet:
-        from ..evaluate import markdown_table
+        from ..evaluate.evaluator import markdown_table
 
         print(markdown_table(report["conditions"]), end="")
     return 0
@@ -102,7 +102,7 @@ def _eval_parser(sub: Any) -> None:
 
 @command("tune")
 def cmd_tune(ns: argparse.Namespace) -> int:
-    from ..eval_jobs import TuneJob, run_tune_job
+    from ..evaluate.jobs import TuneJob, run_tune_job
 
     job = _eval_job(ns)
     if not ns.recipe and not ns.stats:

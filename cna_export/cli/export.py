@@ -8,8 +8,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..errors import CnaError
-from ..options import ModelOptions, add_flags, build, flags_of
+from ..core.errors import CnaError
+from ..core.settings import ModelOptions, add_flags, build, flags_of
 from ._registry import PARSERS, command
 
 
@@ -22,9 +22,9 @@ def _size(n: int) -> str:
 
 @command("export")
 def cmd_export(ns: argparse.Namespace) -> int:
-    from ..circuit import check_multiplier
-    from ..export import export_safetensors
-    from ..verify import VerifyOptions
+    from ..core.circuit import check_multiplier
+    from ..pipeline import export
+    from ..verify.safetensors import VerifyOptions
 
     if _gguf_export_requested(ns):
         return _cmd_export_gguf(ns)
@@ -33,8 +33,8 @@ def cmd_export(ns: argparse.Namespace) -> int:
     if ns.multiplier is not None:
         check_multiplier(ns.multiplier)
     vopts = build(VerifyOptions, flags_of(ns, VerifyOptions))
-    r = export_safetensors(
-        ns.model, ns.circuit, ns.out, multiplier=ns.multiplier, multipliers=ns.multipliers,
+    r = export(
+        ns.model, ns.circuit, ns.out, format="safetensors", multiplier=ns.multiplier, multipliers=ns.multipliers,
         overwrite=ns.overwrite, link=ns.link, force=ns.force, verify=ns.verify, verify_options=vopts,
         prompt_files=ns.prompts, dtype=ns.convert_dtype, max_shard_size=ns.max_shard_size,
         allow_pickle=ns.allow_pickle, trust_remote_code=ns.trust_remote_code,
@@ -61,7 +61,7 @@ def cmd_export(ns: argparse.Namespace) -> int:
 
 
 def _export_parser(sub: Any) -> None:
-    from ..verify import VerifyOptions
+    from ..verify.safetensors import VerifyOptions
 
     p = sub.add_parser("export", help="fold a circuit into the weights and write a steered safetensors checkpoint or GGUF file")
     p.add_argument("--model", required=True, help="HF safetensors folder, Hub id, .gguf file, or bundled:smollm2")
@@ -85,8 +85,8 @@ def _export_parser(sub: Any) -> None:
 
 def _finish_verify(ns: argparse.Namespace, report: Any, t0: float) -> int:
     """Write ``--json``, print the report, exit 3 when it failed."""
-    from ..errors import VerificationFailed
-    from ..io.atomic import atomic_write_text
+    from ..core.errors import VerificationFailed
+    from ..core.atomic import atomic_write_text
 
     if ns.json:
         atomic_write_text(Path(ns.json), report.to_json() + "\n", overwrite=ns.overwrite)
@@ -100,8 +100,8 @@ def _finish_verify(ns: argparse.Namespace, report: Any, t0: float) -> int:
 
 @command("verify")
 def cmd_verify(ns: argparse.Namespace) -> int:
-    from ..io.atomic import check_output_path
-    from ..verify import VerifyOptions, verify_export
+    from ..core.atomic import check_output_path
+    from ..verify.safetensors import VerifyOptions, verify_export
 
     if Path(ns.exported).suffix.lower() == ".gguf":
         return _cmd_verify_gguf(ns)
@@ -117,7 +117,7 @@ def cmd_verify(ns: argparse.Namespace) -> int:
 
 
 def _verify_parser(sub: Any) -> None:
-    from ..verify import VerifyOptions
+    from ..verify.safetensors import VerifyOptions
 
     p = sub.add_parser("verify", help="check an exported checkpoint against hook steering of the original")
     p.add_argument("--original", required=True, help="the model the export was made from (folder, .gguf, bundled:NAME)")
@@ -142,8 +142,8 @@ def _gguf_export_requested(ns: argparse.Namespace) -> bool:
 
 
 def _gguf_export_flags(p: argparse.ArgumentParser) -> None:
-    from ..verify import VerifyOptions
-    from ..verify_gguf import GGUFVerifyOptions
+    from ..verify.safetensors import VerifyOptions
+    from ..verify.gguf import GGUFVerifyOptions
 
     g = p.add_argument_group("GGUF export")
     g.add_argument("--format", choices=["safetensors", "gguf"],
@@ -157,24 +157,24 @@ def _gguf_export_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _gguf_verify_flags(p: argparse.ArgumentParser) -> None:
-    from ..verify import VerifyOptions
-    from ..verify_gguf import GGUFVerifyOptions
+    from ..verify.safetensors import VerifyOptions
+    from ..verify.gguf import GGUFVerifyOptions
 
     add_flags(p, GGUFVerifyOptions, skip=tuple(VerifyOptions.model_fields))
 
 
 def _cmd_export_gguf(ns: argparse.Namespace) -> int:
-    from ..circuit import check_multiplier
-    from ..gguf_export import export_gguf
-    from ..verify_gguf import GGUFVerifyOptions
+    from ..core.circuit import check_multiplier
+    from ..pipeline import export
+    from ..verify.gguf import GGUFVerifyOptions
 
     if ns.link or ns.max_shard_size:
         raise CnaError("--link and --max-shard-size apply to safetensors exports, not GGUF")
     if ns.multiplier is not None:
         check_multiplier(ns.multiplier)
     vopts = build(GGUFVerifyOptions, flags_of(ns, GGUFVerifyOptions))
-    r = export_gguf(
-        ns.model, ns.circuit, ns.out, multiplier=ns.multiplier, multipliers=ns.multipliers, fold=ns.fold or "up",
+    r = export(
+        ns.model, ns.circuit, ns.out, format="gguf", multiplier=ns.multiplier, multipliers=ns.multipliers, fold=ns.fold or "up",
         fast_copy=ns.fast_copy, overwrite=ns.overwrite, force=ns.force, modelfile=not ns.no_modelfile,
         verify=ns.verify, verify_options=vopts, prompt_files=ns.prompts,
         progress=not ns.quiet and sys.stderr.isatty(),
@@ -201,8 +201,8 @@ def _cmd_export_gguf(ns: argparse.Namespace) -> int:
 
 
 def _cmd_verify_gguf(ns: argparse.Namespace) -> int:
-    from ..io.atomic import check_output_path
-    from ..verify_gguf import GGUFVerifyOptions, verify_gguf
+    from ..core.atomic import check_output_path
+    from ..verify.gguf import GGUFVerifyOptions, verify_gguf
 
     vopts = build(GGUFVerifyOptions, flags_of(ns, GGUFVerifyOptions))
     if ns.json:

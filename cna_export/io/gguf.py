@@ -17,8 +17,8 @@ of quantised tensors exactly through their scale fields:
   file through ``np.memmap`` (the ``--fast-copy`` path);
 * :func:`kv_differences` and :func:`tensor_differences` compare two files
   exactly (raw KV bytes, tensor types, shapes and bytes);
-* :func:`gguf_identity` and :func:`gguf_fingerprint` describe the model the way
-  :class:`cna_export.circuit.ModelIdentity` does for a transformers model (the
+* :func:`cna_export.io.identity.gguf_identity` and ``gguf_fingerprint`` describe the model the way
+  :class:`cna_export.core.circuit.ModelIdentity` does for a transformers model (the
   fingerprint is computed from dequantised ffn_down tensors and equals the one
   of the same file loaded by transformers).
 
@@ -40,7 +40,7 @@ from typing import Any, Iterable, Literal, Mapping, Sequence
 
 import numpy as np
 
-from ..errors import CnaError
+from ..core.errors import CnaError
 from .quants import LAYOUTS, ScaleReport, dequantize_rows, get_layout, scale_rows
 
 log = logging.getLogger(__name__)
@@ -604,7 +604,7 @@ def tensor_differences(a: Any, b: Any, ignore_data: Iterable[str] = (), data: bo
 
 def gguf_arch(reader: Any) -> Any:
     """The :class:`ArchSpec` for the file's ``general.architecture``."""
-    from ..architectures import arch_for_gguf
+    from ..core.architectures import arch_for_gguf
 
     name = field_value(reader, "general.architecture")
     if not name:
@@ -636,36 +636,6 @@ def ffn_tensors(reader: Any, spec: Any, layer: int) -> tuple[Any, Any]:
 def intermediate_size(down: Any) -> int:
     """Neurons of a layer: GGML ``ne[0]`` of its ffn_down (numpy columns)."""
     return int(down.ne[0])
-
-
-def gguf_fingerprint(reader: Any, spec: Any | None = None) -> str:
-    """sha256 over every layer's ffn_down, dequantised to fp32, in layer order (as transformers loads it)."""
-    spec = spec or gguf_arch(reader)
-    h = hashlib.sha256()
-    for layer in range(num_layers(reader)):
-        down, _ = ffn_tensors(reader, spec, layer)
-        w = dequantize_rows(down.data, down.tensor_type)
-        h.update(np.ascontiguousarray(w, dtype="<f4").tobytes())
-    return h.hexdigest()
-
-
-def gguf_identity(reader: Any, name: str, fingerprint: bool = True) -> Any:
-    """A :class:`ModelIdentity` for a GGUF file (dimensions from layer 0's ffn_down)."""
-    from ..circuit import ModelIdentity
-
-    spec = gguf_arch(reader)
-    n_layers = num_layers(reader)
-    down, _ = ffn_tensors(reader, spec, 0)
-    return ModelIdentity(
-        name=name,
-        architecture=spec.model_type,
-        num_layers=n_layers,
-        intermediate_size=intermediate_size(down),
-        hidden_size=int(down.ne[1]),
-        fingerprint=gguf_fingerprint(reader, spec) if fingerprint else None,
-        source_format="gguf",
-        dtype=type_name(down),
-    )
 
 
 def supported_row_types() -> list[str]:

@@ -81,7 +81,7 @@ import numpy as np
 import numpy.typing as npt
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from cna_export.errors import CnaError
+from cna_export.core.errors import CnaError
 
 __all__ = [
     "LAYOUTS",

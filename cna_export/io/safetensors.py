@@ -20,8 +20,8 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
-from ..errors import CnaError
-from .atomic import public_mode
+from ..core.errors import CnaError
+from ..core.atomic import public_mode
 
 INDEX_SUFFIX = ".safetensors.index.json"
 
@@ -172,13 +172,9 @@ def fp32_fingerprint(ckpt: Checkpoint, names: Iterable[str]) -> str:
     """
     import torch
 
-    h = hashlib.sha256()
-    for name in names:
-        t = ckpt.read(name)
-        arr = np.ascontiguousarray(t.to(torch.float32).numpy(), dtype="<f4")
-        h.update(arr)
-        del t, arr
-    return h.hexdigest()
+    from ..core.fingerprint import fingerprint
+
+    return fingerprint(ckpt.read(name).to(torch.float32).numpy() for name in names)
 
 
 def rewrite_shard(src: Path, dst: Path, replacements: Mapping[str, object], metadata: Mapping[str, str]) -> None:

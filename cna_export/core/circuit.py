@@ -1,0 +1,242 @@
+"""Circuit manifests: typed, versioned records of discovered (or recovered) neurons.
+
+A circuit file is JSON validated by pydantic. It records everything needed to
+reproduce and to trust the circuit: the tool version, the model it was found
+on (with a fingerprint of its down_proj weights), the method and every
+parameter, the sha256 of each prompt set, the neurons themselves, the
+universal neurons that were excluded, and per-layer counts.
+
+``Circuit.check_fits`` refuses a circuit that does not fit a model (layer or
+index out of range, a different shape, or different weights without ``force``).
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections import Counter
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Literal, Mapping
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .version import __version__
+from .errors import CnaError
+from .fingerprint import FINGERPRINT_METHOD
+
+SCHEMA_VERSION = 1
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelIdentity(_Record):
+    """Which model a circuit was found on (or applies to)."""
+
+    name: str = Field(description="model path or Hub id as given")
+    architecture: str = Field(description="Hugging Face model_type")
+    num_layers: int = Field(gt=0)
+    intermediate_size: int = Field(gt=0, description="MLP neurons per layer")
+    hidden_size: int = Field(gt=0)
+    fingerprint: str | None = Field(default=None, description="sha256 over the down_proj weights")
+    fingerprint_method: str = FINGERPRINT_METHOD
+    source_format: Literal["hf", "gguf", "hub"] = "hf"
+    dtype: str | None = None
+
+    @property
+    def total_neurons(self) -> int:
+        return self.num_layers * self.intermediate_size
+
+
+class PromptSetInfo(_Record):
+    path: str
+    sha256: str
+    count: int = Field(ge=0)
+    selector: str | None = Field(default=None, description="JSONL field or CSV column used")
+
+
+class Neuron(_Record):
+    layer: int = Field(ge=0)
+    index: int = Field(ge=0)
+    score: float = 0.0
+    positive_mean: float | None = None
+    negative_mean: float | None = None
+    multiplier: float | None = Field(default=None, description="per-neuron multiplier, when the circuit carries one")
+
+
+class UniversalNeuron(_Record):
+    layer: int = Field(ge=0)
+    index: int = Field(ge=0)
+    frequency: float = Field(ge=0.0, le=1.0, description="fraction of neutral prompts with this neuron in the per-layer top-k")
+
+
+class Circuit(_Record):
+    """A CNA circuit manifest (schema version 1)."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    kind: Literal["discovered", "recovered", "manual"] = "discovered"
+    tool: str = "cna-export"
+    tool_version: str = __version__
+    created: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    model: ModelIdentity
+    method: dict = Field(default_factory=dict, description="method name and every parameter")
+    prompts: dict[str, PromptSetInfo] = Field(default_factory=dict)
+    neurons: list[Neuron]
+    universal_neurons: list[UniversalNeuron] = Field(default_factory=list)
+    per_layer_counts: dict[int, int] = Field(default_factory=dict)
+    notes: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Circuit":
+        seen: set[tuple[int, int]] = set()
+        for n in self.neurons:
+            key = (n.layer, n.index)
+            if key in seen:
+                raise ValueError(f"neuron (layer {n.layer}, index {n.index}) is listed twice")
+            seen.add(key)
+        counts = Counter(n.layer for n in self.neurons)
+        if self.per_layer_counts and dict(counts) != {k: v for k, v in self.per_layer_counts.items() if v}:
+            raise ValueError("per_layer_counts does not match the neurons listed")
+        return self
+
+    # -- derived views ---------------------------------------------------
+    def by_layer(self) -> dict[int, list[Neuron]]:
+        out: dict[int, list[Neuron]] = {}
+        for n in self.neurons:
+            out.setdefault(n.layer, []).append(n)
+        return dict(sorted(out.items()))
+
+    def layer_counts(self) -> dict[int, int]:
+        return {layer: len(ns) for layer, ns in self.by_layer().items()}
+
+    def multipliers(self, multiplier: float | None = None) -> dict[tuple[int, int], float]:
+        """(layer, index) -> multiplier: ``multiplier`` for all, else each neuron's own."""
+        out: dict[tuple[int, int], float] = {}
+        for n in self.neurons:
+            m = multiplier if multiplier is not None else n.multiplier
+            if m is None:
+                raise CnaError(
+                    f"no multiplier for neuron (layer {n.layer}, index {n.index}): pass --multiplier "
+                    "or use a circuit with per-neuron multipliers"
+                )
+            out[(n.layer, n.index)] = check_multiplier(m)
+        return out
+
+    # -- checks ------------------------------------------------------------
+    def check_fits(self, model: ModelIdentity, force: bool = False) -> list[str]:
+        """Refuse a circuit that does not fit ``model``; return warnings that ``force`` overrode."""
+        for n in self.neurons:
+            if n.layer >= model.num_layers:
+                raise CnaError(
+                    f"circuit does not fit the model: neuron layer {n.layer} is out of range "
+                    f"(model has {model.num_layers} layers)"
+                )
+            if n.index >= model.intermediate_size:
+                raise CnaError(
+                    f"circuit does not fit the model: neuron index {n.index} in layer {n.layer} is out of "
+                    f"range (model has {model.intermediate_size} neurons per layer)"
+                )
+        mine = self.model
+        if (mine.num_layers, mine.intermediate_size, mine.hidden_size) != (
+            model.num_layers,
+            model.intermediate_size,
+            model.hidden_size,
+        ):
+            raise CnaError(
+                "circuit does not fit the model: it was found on a model with "
+                f"{mine.num_layers} layers x {mine.intermediate_size} neurons (hidden {mine.hidden_size}), "
+                f"this one has {model.num_layers} x {model.intermediate_size} (hidden {model.hidden_size})"
+            )
+        notes: list[str] = []
+        if mine.fingerprint and model.fingerprint and mine.fingerprint != model.fingerprint:
+            msg = (
+                f"circuit was found on different weights ({mine.name}, fingerprint {mine.fingerprint[:12]}) "
+                f"than this model ({model.name}, fingerprint {model.fingerprint[:12]})"
+            )
+            if not force:
+                raise CnaError(msg + "; pass --force to apply it anyway (e.g. another quantisation of the same model)")
+            notes.append(msg + "; applied anyway (--force)")
+        return notes
+
+    # -- I/O ------------------------------------------------------------------
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=2)
+
+    def save(self, path: str | Path, overwrite: bool = False) -> None:
+        from .atomic import atomic_write_text
+
+        atomic_write_text(Path(path), self.to_json() + "\n", overwrite=overwrite)
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "circuit") -> "Circuit":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise CnaError(f"{source} is not valid JSON: {e}") from None
+        if not isinstance(data, dict):
+            raise CnaError(f"{source} is not a circuit manifest (expected a JSON object)")
+        if "circuit" in data and "neurons" not in data:  # an export manifest embeds the circuit
+            data = data["circuit"]
+        version = data.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise CnaError(
+                f"{source} has circuit schema version {version!r}; this cna-export reads version {SCHEMA_VERSION}"
+            )
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+            raise CnaError(f"{source} is not a valid circuit manifest: {where}: {first['msg']}") from None
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Circuit":
+        p = Path(path)
+        if not p.is_file():
+            raise CnaError(f"circuit file not found: {p}")
+        return cls.from_json(p.read_text("utf-8"), source=str(p))
+
+
+def check_multiplier(m: float) -> float:
+    m = float(m)
+    if m != m or m in (float("inf"), float("-inf")):
+        raise CnaError(f"multiplier must be a finite number, got {m}")
+    return m
+
+
+def load_multipliers_file(path: str | Path, circuit: Circuit) -> dict[tuple[int, int], float]:
+    """Per-neuron multipliers from a JSON file ``[{"layer":L,"index":i,"multiplier":m}, ...]`` or ``{"L:i": m}``.
+
+    Neurons of the circuit not named in the file are refused, so nothing is left silently unscaled.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise CnaError(f"multipliers file not found: {p}")
+    try:
+        data = json.loads(p.read_text("utf-8"))
+    except json.JSONDecodeError as e:
+        raise CnaError(f"multipliers file {p} is not valid JSON: {e}") from None
+    out: dict[tuple[int, int], float] = {}
+    try:
+        if isinstance(data, Mapping):
+            for key, m in data.items():
+                layer, index = (int(x) for x in str(key).split(":"))
+                out[(layer, index)] = check_multiplier(m)
+        else:
+            for row in data:
+                out[(int(row["layer"]), int(row["index"]))] = check_multiplier(row["multiplier"])
+    except (ValueError, KeyError, TypeError):
+        raise CnaError(
+            f"multipliers file {p} must be {{\"layer:index\": m}} or a list of {{layer, index, multiplier}}"
+        ) from None
+    wanted = {(n.layer, n.index) for n in circuit.neurons}
+    missing = wanted - out.keys()
+    extra = out.keys() - wanted
+    if missing:
+        layer, index = sorted(missing)[0]
+        raise CnaError(f"multipliers file {p} has no multiplier for circuit neuron (layer {layer}, index {index})")
+    if extra:
+        warnings.warn(f"multipliers file {p} names {len(extra)} neurons that are not in the circuit; they are ignored")
+    return {k: out[k] for k in sorted(wanted)}

@@ -1,0 +1,110 @@
+"""Export manifests: what an exported checkpoint was steered with, tensor by tensor.
+
+Written as ``cna_manifest.json`` beside a safetensors export, as the ``cna.manifest``
+KV of a GGUF export (or a side file in ``--fast-copy`` mode). It embeds the circuit
+manifest, the multiplier of every touched neuron, how the multipliers were folded,
+the sha256 of each touched tensor before and after, and the verification result.
+``verify`` and ``audit`` read it back.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .version import __version__
+from .circuit import Circuit
+from .errors import CnaError
+
+EXPORT_SCHEMA_VERSION = 1
+MANIFEST_FILE = "cna_manifest.json"
+GGUF_KEY = "cna.manifest"
+SHARD_METADATA_KEY = "cna_export"  # safetensors header key holding an export's summary
+SIDE_MANIFEST_SUFFIX = ".cna_manifest.json"  # a --fast-copy GGUF export's manifest lives beside it
+STEERED_SUFFIX = " (CNA-steered)"  # appended to general.name of a GGUF export
+
+
+def side_manifest_path(out: str | Path) -> Path:
+    """Where a GGUF export written with ``--fast-copy`` keeps its manifest."""
+    out = Path(out)
+    return out.with_name(out.name + SIDE_MANIFEST_SUFFIX)
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class NeuronMultiplier(_Record):
+    layer: int = Field(ge=0)
+    index: int = Field(ge=0)
+    multiplier: float
+
+
+class TouchedTensor(_Record):
+    name: str = Field(description="tensor name in the exported file")
+    dtype: str
+    shape: list[int]
+    sha256_before: str
+    sha256_after: str
+    axis: Literal["column", "row", "element"] = Field(description="what was scaled: down_proj columns, up_proj rows, bias elements")
+    indices: list[int] = Field(description="the scaled columns/rows/elements")
+    file: str | None = Field(default=None, description="shard file holding the tensor (safetensors)")
+
+
+class ExportManifest(_Record):
+    schema_version: Literal[1] = EXPORT_SCHEMA_VERSION
+    tool: str = "cna-export"
+    tool_version: str = __version__
+    created: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    format: Literal["safetensors", "gguf"]
+    source: str = Field(description="the checkpoint the export was made from, as given")
+    source_format: Literal["hf", "gguf", "hub"]
+    fold: Literal["down", "up"] = Field(description="down: down_proj columns; up: up_proj rows (+ bias)")
+    circuit: Circuit
+    multipliers: list[NeuronMultiplier]
+    tensors: list[TouchedTensor] = Field(default_factory=list)
+    notes: list[str] = Field(default_factory=list)
+    verification: dict | None = None
+
+    def multiplier_map(self) -> dict[tuple[int, int], float]:
+        return {(m.layer, m.index): m.multiplier for m in self.multipliers}
+
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=2)
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "export manifest") -> "ExportManifest":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise CnaError(f"{source} is not valid JSON: {e}") from None
+        if not isinstance(data, dict) or "circuit" not in data:
+            raise CnaError(f"{source} is not a cna-export export manifest")
+        if data.get("schema_version") != EXPORT_SCHEMA_VERSION:
+            raise CnaError(
+                f"{source} has export schema version {data.get('schema_version')!r}; "
+                f"this cna-export reads version {EXPORT_SCHEMA_VERSION}"
+            )
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            err = e.errors()[0]
+            where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            raise CnaError(f"{source} is not a valid export manifest: {where}: {err['msg']}") from None
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ExportManifest":
+        p = Path(path)
+        if p.is_dir():
+            p = p / MANIFEST_FILE
+        if not p.is_file():
+            raise CnaError(f"export manifest not found: {p}")
+        return cls.from_json(p.read_text("utf-8"), source=str(p))
+
+
+def multipliers_list(mults: dict[tuple[int, int], float]) -> list[NeuronMultiplier]:
+    return [NeuronMultiplier(layer=l, index=i, multiplier=m) for (l, i), m in sorted(mults.items())]

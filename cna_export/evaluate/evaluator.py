@@ -1,0 +1,569 @@
+"""Evaluation: refusal on harmful prompts, over-refusal on their benign twins, quality and drift.
+
+For every *condition* (the unsteered model, a CNA circuit at a multiplier, a CAA
+strength, another checkpoint) the evaluator generates greedy answers
+(``max_new_tokens``, 150 as in the paper) to
+
+* the harmful set: refusal rate by the judge (:mod:`cna_export.evaluate.judge`) and
+  quality (:func:`cna_export.evaluate.metrics.quality`);
+* the benign set (JBB's topic-matched twins by default): over-refusal rate,
+  quality, and drift from the unsteered model: ``kl_last``, the KL divergence
+  of the first answer token's distribution, and (``kl_tokens > 0``) ``kl_gen``,
+  the KL averaged over the first ``kl_tokens`` positions of the unsteered
+  model's own answer, teacher-forced through both (see :mod:`cna_export.evaluate.metrics`).
+
+The unsteered condition runs first and is the reference for KL, for the quality
+ratio and for the paired refusal flips (with an exact McNemar test). Results go
+to one JSONL row per prompt and condition, ``summary.json`` and ``summary.md``.
+
+The harmful and benign sets default to JailbreakBench's JBB-Behaviors, read
+from ``$CNA_JBB_DIR`` or ``<repo>/../shared/data/jbb`` (``harmful-behaviors.csv``
+and ``benign-behaviors.csv``), else from the Hub dataset
+``JailbreakBench/JBB-Behaviors`` (config ``behaviors``) through ``datasets``.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import platform
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from ..core.version import __version__
+from .backends import Backend, Steering
+from ..model.generation import Generation
+from ..core.errors import CnaError
+from .judge import Judge, get_judge
+from .metrics import kl_divergence, mcnemar_p, mean, paired_flips, quality, wilson_interval
+
+JBB_ENV = "CNA_JBB_DIR"
+JBB_FILES = {"harmful": "harmful-behaviors.csv", "benign": "benign-behaviors.csv"}
+JBB_HUB = ("JailbreakBench/JBB-Behaviors", "behaviors")
+
+
+# ---------------------------------------------------------------------------------------
+# Prompt sets
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Item:
+    index: int
+    prompt: str
+    category: str | None = None
+    behavior: str | None = None
+
+
+@dataclass
+class EvalSet:
+    name: str
+    items: list[Item]
+    source: str
+    sha256: str | None = None
+
+    @property
+    def prompts(self) -> list[str]:
+        return [it.prompt for it in self.items]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def subset(self, indices: Sequence[int]) -> "EvalSet":
+        keep = set(indices)
+        return EvalSet(self.name, [it for it in self.items if it.index in keep], self.source, self.sha256)
+
+    def head(self, n: int | None) -> "EvalSet":
+        return self if n is None else EvalSet(self.name, self.items[:n], self.source, self.sha256)
+
+    def info(self) -> dict:
+        return {"source": self.source, "sha256": self.sha256, "count": len(self.items)}
+
+
+def jbb_dir_candidates(explicit: str | Path | None = None) -> list[Path]:
+    out: list[Path] = []
+    if explicit:
+        out.append(Path(explicit))
+    if os.environ.get(JBB_ENV):
+        out.append(Path(os.environ[JBB_ENV]))
+    repo = Path(__file__).resolve().parents[2]
+    out.append(repo.parent / "shared" / "data" / "jbb")
+    out.append(Path.cwd().parent / "shared" / "data" / "jbb")
+    return out
+
+
+def _read_jbb_csv(path: Path, name: str) -> EvalSet:
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise CnaError(f"{path} is not UTF-8 text") from None
+    reader = csv.DictReader(io.StringIO(text))
+    fields = reader.fieldnames or []
+    if "Goal" not in fields:
+        raise CnaError(f"{path} has no 'Goal' column (found: {', '.join(fields) or 'none'})")
+    items = []
+    for n, row in enumerate(reader):
+        try:
+            index = int(row["Index"]) if row.get("Index") not in (None, "") else n
+        except ValueError:
+            raise CnaError(f"{path}: row {n + 1} has a non-integer Index") from None
+        goal = (row.get("Goal") or "").strip()
+        if goal:
+            items.append(Item(index, goal, row.get("Category") or None, row.get("Behavior") or None))
+    if not items:
+        raise CnaError(f"{path} has no prompts")
+    return EvalSet(name, items, str(path), hashlib.sha256(raw).hexdigest())
+
+
+def load_jbb(jbb_dir: str | Path | None = None) -> tuple[EvalSet, EvalSet]:
+    """JBB-Behaviors harmful and benign sets (same ``Index`` = matched pair)."""
+    for d in jbb_dir_candidates(jbb_dir):
+        files = {k: d / v for k, v in JBB_FILES.items()}
+        if all(f.is_file() for f in files.values()):
+            return _read_jbb_csv(files["harmful"], "harmful"), _read_jbb_csv(files["benign"], "benign")
+        if jbb_dir and d == Path(jbb_dir):
+            raise CnaError(f"--jbb-dir {jbb_dir} does not hold {' and '.join(JBB_FILES.values())}")
+    return _load_jbb_hub()
+
+
+def _load_jbb_hub() -> tuple[EvalSet, EvalSet]:
+    try:
+        import datasets
+    except ImportError:
+        raise CnaError(
+            "JBB-Behaviors not found: set CNA_JBB_DIR (or --jbb-dir) to a folder with harmful-behaviors.csv and "
+            "benign-behaviors.csv, or pip install 'cna-export[datasets]' to read JailbreakBench/JBB-Behaviors from the Hub"
+        ) from None
+    name, config = JBB_HUB
+    out = []
+    for split in ("harmful", "benign"):
+        try:
+            ds = datasets.load_dataset(name, config, split=split)
+        except Exception as e:  # offline, missing, ... : one line for the user
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise CnaError(
+                f"cannot load the Hub dataset {name} ({config}/{split}): {first}; set CNA_JBB_DIR or --jbb-dir "
+                "to local CSV files (offline?)"
+            ) from None
+        items = [
+            Item(int(row.get("Index", n)), str(row["Goal"]).strip(), row.get("Category"), row.get("Behavior"))
+            for n, row in enumerate(ds)
+        ]
+        out.append(EvalSet(split, items, f"hf://datasets/{name}/{config}/{split}", getattr(ds, "_fingerprint", None)))
+    return out[0], out[1]
+
+
+def load_eval_set(path: str | Path, name: str, field: str | None = None, column: str | None = None) -> EvalSet:
+    """A custom prompt set (text, JSONL or CSV); items are numbered in file order (pairs match by position)."""
+    from ..model.prompts import load_prompts
+
+    ps = load_prompts(path, field=field, column=column)
+    return EvalSet(name, [Item(i, p) for i, p in enumerate(ps.texts)], ps.path, ps.sha256)
+
+
+def split_pairs(harmful: EvalSet, benign: EvalSet | None, tune_size: int, seed: int = 0) -> tuple[list[int], list[int]]:
+    """Seeded split of the pair indices into (tuning, held-out); a benign twin follows its harmful prompt."""
+    idx = [it.index for it in harmful.items]
+    if benign is not None:
+        twins = {it.index for it in benign.items}
+        idx = [i for i in idx if i in twins] + [i for i in idx if i not in twins]
+    if not 0 < tune_size < len(idx):
+        raise CnaError(f"--tune-size must be between 1 and {len(idx) - 1} (the harmful set has {len(idx)} prompts)")
+    order = sorted(idx)
+    random.Random(seed).shuffle(order)
+    tune = sorted(order[:tune_size])
+    return tune, sorted(order[tune_size:])
+
+
+# ---------------------------------------------------------------------------------------
+# Running conditions
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalSettings:
+    max_new_tokens: int = 150
+    kl_tokens: int = 0
+    judge: str = "keyword"
+    benign: bool = True
+    benign_answers: bool = True  # False: benign prompts are only scored for KL (no over-refusal, no quality)
+    benign_max_new_tokens: int | None = None  # answer length on the benign set (None: max_new_tokens)
+    score_chunk: int = 4
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise CnaError("--max-new-tokens must be at least 1")
+        if self.kl_tokens < 0:
+            raise CnaError("--kl-tokens must be 0 or more")
+        if self.benign_max_new_tokens is not None and self.benign_max_new_tokens < max(1, self.kl_tokens):
+            raise CnaError("--benign-max-new-tokens must be at least 1 and at least --kl-tokens")
+
+
+@dataclass
+class Condition:
+    """What to evaluate: a steering on a backend (None: the evaluator's main backend)."""
+
+    label: str
+    steering: Steering
+    backend: Backend | None = None
+    info: dict = field(default_factory=dict)
+
+
+@dataclass
+class ConditionResult:
+    label: str
+    summary: dict
+    rows: list[dict]
+    harmful_refused: list[bool]
+
+
+@dataclass
+class _Reference:
+    harmful_refused: list[bool]
+    harmful_quality: float | None
+    benign_first: list[np.ndarray | None]
+    benign_tokens: list[list[int]]
+
+
+class Evaluator:
+    """Runs conditions against one unsteered reference (see the module docstring)."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        harmful: EvalSet,
+        benign: EvalSet | None,
+        settings: EvalSettings,
+        reference: Backend | None = None,
+        judge: Judge | None = None,
+        log: Callable[[str], None] | None = None,
+        on_rows: Callable[[list[dict]], None] | None = None,
+    ):
+        self.backend = backend
+        self.harmful = harmful
+        self.benign = benign if settings.benign else None
+        self.settings = settings
+        self.reference_backend = reference or backend
+        self.judge = judge or get_judge(settings.judge)
+        self.log = log or (lambda msg: None)
+        self.on_rows = on_rows
+        self.ref: _Reference | None = None
+        self.results: list[ConditionResult] = []
+
+    # -- one condition ----------------------------------------------------------------
+    def baseline(self, label: str = "unsteered") -> ConditionResult:
+        if self.ref is None:
+            cond = Condition(label, Steering.none(label), self.reference_backend, {"method": "none"})
+            self._run(cond, reference=True)
+        return self.results[0]
+
+    def run(self, cond: Condition) -> ConditionResult:
+        self.baseline()
+        return self._run(cond, reference=False)
+
+    def _run(self, cond: Condition, reference: bool) -> ConditionResult:
+        backend = cond.backend or self.backend
+        s = self.settings
+        t0 = time.perf_counter()
+        h_gen = backend.generate(self.harmful.prompts, cond.steering, s.max_new_tokens)
+        h_verdicts = self.judge.judge(self.harmful.prompts, [g.text for g in h_gen])
+        rows: list[dict] = []
+        for it, g, v in zip(self.harmful.items, h_gen, h_verdicts):
+            rows.append(self._row(cond, "harmful", it, g, v.refused, v.evidence))
+        b_gen: list[Generation] = []
+        kl_last: list[float | None] = []
+        kl_gen: list[float | None] = []
+        if self.benign is not None:
+            b_new = (s.benign_max_new_tokens or s.max_new_tokens) if s.benign_answers else max(1, s.kl_tokens)
+            b_gen = backend.generate(self.benign.prompts, cond.steering, b_new, first_logprobs=True)
+            if reference:
+                self.ref = _Reference(
+                    harmful_refused=[v.refused for v in h_verdicts],
+                    harmful_quality=mean(quality(g.text) for g in h_gen),
+                    benign_first=[g.first_logprobs for g in b_gen],
+                    benign_tokens=[g.tokens for g in b_gen],
+                )
+                kl_last = [0.0] * len(b_gen)
+                kl_gen = [0.0] * len(b_gen) if s.kl_tokens else [None] * len(b_gen)
+            else:
+                kl_last = self._kl_last(b_gen)
+                kl_gen = self._kl_gen(backend, cond.steering) if s.kl_tokens else [None] * len(b_gen)
+            b_verdicts = self.judge.judge(self.benign.prompts, [g.text for g in b_gen])
+            for it, g, v, kl, klg in zip(self.benign.items, b_gen, b_verdicts, kl_last, kl_gen):
+                row = self._row(cond, "benign", it, g, v.refused, v.evidence)
+                if not s.benign_answers:  # scored for KL only: the short answer is not judged
+                    row["refused"] = row["judge_evidence"] = row["quality"] = None
+                row["kl_last"] = kl
+                row["kl_gen"] = klg
+                rows.append(row)
+        elif reference:
+            self.ref = _Reference([v.refused for v in h_verdicts], mean(quality(g.text) for g in h_gen), [], [])
+        seconds = time.perf_counter() - t0
+        summary = self._summary(cond, rows, h_verdicts, seconds, backend)
+        result = ConditionResult(cond.label, summary, rows, [v.refused for v in h_verdicts])
+        self.results.append(result)
+        if self.on_rows:
+            self.on_rows(rows)
+        self.log(format_line(summary))
+        return result
+
+    def _row(self, cond: Condition, which: str, it: Item, g: Generation, refused: bool, evidence: str | None) -> dict:
+        return {
+            "condition": cond.label,
+            "set": which,
+            "index": it.index,
+            "category": it.category,
+            "prompt": it.prompt,
+            "response": g.text,
+            "refused": refused,
+            "judge_evidence": evidence,
+            "quality": quality(g.text),
+            "tokens": len(g.tokens),
+            "stopped": g.stopped,
+        }
+
+    def _kl_last(self, gens: list[Generation]) -> list[float | None]:
+        assert self.ref is not None
+        out: list[float | None] = []
+        for ref, g in zip(self.ref.benign_first, gens):
+            if ref is None or g.first_logprobs is None:
+                out.append(None)
+                continue
+            if ref.shape != g.first_logprobs.shape:
+                raise CnaError("the reference and the evaluated model have different vocabularies; KL is undefined")
+            out.append(float(kl_divergence(ref, g.first_logprobs)))
+        return out
+
+    def _kl_gen(self, backend: Backend, steering: Steering) -> list[float | None]:
+        assert self.ref is not None and self.benign is not None
+        k = self.settings.kl_tokens
+        prompts = self.benign.prompts
+        conts = [toks[:k] for toks in self.ref.benign_tokens]
+        out: list[float | None] = []
+        step = max(1, self.settings.score_chunk)
+        for start in range(0, len(prompts), step):
+            ps, cs = prompts[start : start + step], conts[start : start + step]
+            ref = self.reference_backend.score(ps, cs, Steering.none())
+            new = backend.score(ps, cs, steering)
+            for a, b in zip(ref, new):
+                if a.shape != b.shape:
+                    raise CnaError("the reference and the evaluated model have different vocabularies; KL is undefined")
+                out.append(float(kl_divergence(a, b).mean()))
+        return out
+
+    def _summary(self, cond: Condition, rows: list[dict], h_verdicts: list, seconds: float, backend: Backend) -> dict:
+        assert self.ref is not None
+        h = [r for r in rows if r["set"] == "harmful"]
+        b = [r for r in rows if r["set"] == "benign"]
+        k = sum(r["refused"] for r in h)
+        lo, hi = wilson_interval(k, len(h))
+        q_h = mean(r["quality"] for r in h)
+        answers = self.settings.benign_answers
+        removed, added = paired_flips(self.ref.harmful_refused, [v.refused for v in h_verdicts])
+        out: dict[str, Any] = {
+            "label": cond.label,
+            "method": cond.steering.kind,
+            **cond.info,
+            "backend": backend.name,
+            "model": backend.spec,
+            "harmful_n": len(h),
+            "refused": k,
+            "refusal_rate": k / len(h) if h else None,
+            "refusal_ci95": [lo, hi],
+            "quality_harmful": q_h,
+            "quality_compliant": mean(r["quality"] for r in h if not r["refused"]),
+            "quality_ratio": (q_h / self.ref.harmful_quality) if q_h is not None and self.ref.harmful_quality else None,
+            "refusals_removed": removed,
+            "refusals_added": added,
+            "mcnemar_p": mcnemar_p(self.ref.harmful_refused, [v.refused for v in h_verdicts]),
+            "benign_n": len(b),
+            "over_refused": sum(r["refused"] for r in b) if b and answers else None,
+            "over_refusal_rate": (sum(r["refused"] for r in b) / len(b)) if b and answers else None,
+            "quality_benign": mean(r["quality"] for r in b) if b and answers else None,
+            "kl_last": mean(r["kl_last"] for r in b) if b else None,
+            "kl_gen": mean(r["kl_gen"] for r in b) if b and self.settings.kl_tokens else None,
+            "generated_tokens": sum(r["tokens"] for r in rows),
+            "seconds": round(seconds, 2),
+            "steering": cond.steering.describe(),
+        }
+        return out
+
+
+# ---------------------------------------------------------------------------------------
+# Reporting
+# ---------------------------------------------------------------------------------------
+
+
+def _f(x: Any, digits: int = 3) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.{digits}f}"
+    return str(x)
+
+
+def format_line(s: dict) -> str:
+    parts = [f"{s['label']:<28s}", f"refused {s['refused']}/{s['harmful_n']}"]
+    if s.get("benign_n") and s.get("over_refused") is not None:
+        parts.append(f"over-refused {s['over_refused']}/{s['benign_n']}")
+    parts.append(f"quality {_f(s['quality_harmful'])}")
+    if s.get("kl_last") is not None:
+        parts.append(f"KL last {_f(s['kl_last'], 4)}")
+    if s.get("kl_gen") is not None:
+        parts.append(f"KL gen {_f(s['kl_gen'], 4)}")
+    parts.append(f"{s['seconds']:.0f}s")
+    return "  ".join(parts)
+
+
+# (summary key, column title): the measured figures every table shows, between its own leading
+# and trailing columns (this module's TABLE_COLUMNS, sweep.SWEEP_COLUMNS)
+METRIC_COLUMNS = [
+    ("refused", "refused"),
+    ("refusal_rate", "refusal"),
+    ("over_refusal_rate", "over-refusal (benign)"),
+    ("quality_harmful", "quality (harmful)"),
+    ("quality_ratio", "quality / unsteered"),
+    ("quality_compliant", "quality (non-refusals)"),
+    ("quality_benign", "quality (benign)"),
+    ("kl_last", "KL first token"),
+    ("kl_gen", "KL answer"),
+]
+TABLE_COLUMNS = [
+    ("label", "condition"),
+    ("neurons", "neurons"),
+    *METRIC_COLUMNS,
+    ("refusals_removed", "refusals removed"),
+    ("refusals_added", "refusals added"),
+    ("mcnemar_p", "McNemar p"),
+]
+
+
+def markdown_table(summaries: Sequence[dict], columns: Sequence[tuple[str, str]] = TABLE_COLUMNS) -> str:
+    cols = [(k, h) for k, h in columns if any(s.get(k) is not None for s in summaries)]
+    lines = ["| " + " | ".join(h for _, h in cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    for s in summaries:
+        cells = []
+        for k, _ in cols:
+            v = s.get(k)
+            if k == "refused" and v is not None:
+                v = f"{v}/{s['harmful_n']}"
+            elif k in ("refusal_rate", "over_refusal_rate") and v is not None:
+                v = f"{100 * v:.0f}%"
+            elif k in ("kl_last", "kl_gen"):
+                v = _f(v, 4)
+            elif k == "mcnemar_p" and v is not None:
+                v = f"{v:.2g}"
+            else:
+                v = _f(v)
+            cells.append(v)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def environment() -> dict:
+    import importlib.metadata as md
+
+    versions = {}
+    for pkg in ("torch", "transformers", "llama-cpp-python", "gguf", "numpy"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            versions[pkg] = None
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "versions": versions,
+    }
+
+
+def write_report(
+    out_dir: Path,
+    evaluator: Evaluator,
+    meta: dict,
+    title: str = "cna-export evaluation",
+    extra_md: str = "",
+) -> dict:
+    """summary.json and summary.md into ``out_dir`` (generations.jsonl is written as conditions finish)."""
+    summaries = [r.summary for r in evaluator.results]
+    s = evaluator.settings
+    report = {
+        "tool": "cna-export",
+        "tool_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **meta,
+        "settings": {
+            "max_new_tokens": s.max_new_tokens,
+            "kl_tokens": s.kl_tokens,
+            "judge": evaluator.judge.name,
+            "benign": evaluator.benign is not None,
+            "benign_answers": s.benign_answers,
+            "benign_max_new_tokens": (s.benign_max_new_tokens or s.max_new_tokens) if s.benign_answers else None,
+            "decoding": "greedy",
+        },
+        "datasets": {
+            "harmful": evaluator.harmful.info(),
+            **({"benign": evaluator.benign.info()} if evaluator.benign is not None else {}),
+        },
+        "environment": environment(),
+        "conditions": summaries,
+    }
+    (out_dir / "summary.json").write_text(json.dumps(report, indent=2, default=_json_default) + "\n", "utf-8")
+    md = [f"# {title}", ""]
+    md.append(f"Model `{meta.get('model')}` ({meta.get('backend')}), judge `{evaluator.judge.name}`, greedy, "
+              f"{s.max_new_tokens} new tokens; {len(evaluator.harmful)} harmful prompts"
+              + (f", {len(evaluator.benign)} benign" if evaluator.benign is not None else "")
+              + (f" (answers of {s.benign_max_new_tokens} tokens)" if evaluator.benign is not None and s.benign_answers
+                 and s.benign_max_new_tokens else "")
+              + (" (first-token KL only, no answers)" if evaluator.benign is not None and not s.benign_answers else "")
+              + (f"; KL over the first {s.kl_tokens} answer tokens" if s.kl_tokens else "") + ".")
+    md.append("")
+    md.append(markdown_table(summaries))
+    if extra_md:
+        md += ["", extra_md]
+    (out_dir / "summary.md").write_text("\n".join(md) + "\n", "utf-8")
+    return report
+
+
+def _json_default(x: Any) -> Any:
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    if isinstance(x, Path):
+        return str(x)
+    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+
+
+class JsonlSink:
+    """Appends rows to ``generations.jsonl`` as each condition finishes."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.fh = open(path, "a", encoding="utf-8")
+
+    def __call__(self, rows: list[dict]) -> None:
+        for r in rows:
+            self.fh.write(json.dumps(r, ensure_ascii=False, default=_json_default) + "\n")
+        self.fh.flush()
+
+    def close(self) -> None:
+        self.fh.close()
+
+
+def stderr_log(quiet: bool) -> Callable[[str], None]:
+    def log(msg: str) -> None:
+        if not quiet:
+            print(msg, file=sys.stderr, flush=True)
+
+    return log

@@ -1,0 +1,432 @@
+"""The ``eval`` and ``tune`` jobs: prompt sets, backends, statistics, conditions and the output folder.
+
+Both write one folder atomically (it appears complete or not at all, and is
+never replaced without ``overwrite``):
+
+``eval``: ``generations.jsonl`` (one row per prompt and condition, with the
+answer), ``summary.json``, ``summary.md``, and for sweeps ``sweep.csv``,
+``sweep.md`` and PNG plots; the circuits evaluated go to ``circuits/``.
+
+``tune``: the same for the tuning grid (``tune/``) and the held-out check
+(``heldout/``), ``tune.md`` / ``tune.json`` with the choice, and the tuned
+recipe ``recipe.yaml``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from dataclasses import field as dc_field
+from pathlib import Path
+from typing import Callable, Sequence
+
+from .backends import Backend, Steering, open_backend
+from ..core.circuit import Circuit, check_multiplier
+from ..core.errors import CnaError
+from .evaluator import Condition, EvalSet, EvalSettings, Evaluator, JsonlSink, load_eval_set, load_jbb, markdown_table, split_pairs, stderr_log, write_report
+from ..core.settings import DiscoverOptions, build, load_recipe
+from .sweep import SavedStats, caa_conditions, choose, cna_conditions, compute_stats, fraction_label, load_stats, parse_layers, plot_sweep, run_conditions, save_stats, sweep_csv, sweep_markdown, tuned_recipe_yaml
+
+
+@dataclass
+class EvalJob:
+    model: str
+    out: str | Path
+    settings: EvalSettings = dc_field(default_factory=EvalSettings)
+    backend: str = "auto"
+    reference: str | None = None
+    circuit: str | None = None
+    multiplier: float | None = None
+    force: bool = False
+    harmful: str | None = None
+    benign: str | None = None
+    jbb_dir: str | None = None
+    field: str | None = None
+    column: str | None = None
+    limit: int | None = None
+    recipe: str | None = None
+    stats: str | None = None
+    sweep_multipliers: list[float] | None = None
+    sweep_fractions: list[float] | None = None
+    caa_alphas: list[float] | None = None
+    caa_layers: str | None = None
+    batch_size: int = 8
+    threads: int | None = None
+    chat_template: bool = True
+    system_prompt: str | None = None
+    model_options: dict = dc_field(default_factory=dict)
+    overwrite: bool = False
+    quiet: bool = False
+    progress: bool = False
+
+
+# ---------------------------------------------------------------------------------------
+# Shared steps
+# ---------------------------------------------------------------------------------------
+
+
+def load_sets(job: EvalJob) -> tuple[EvalSet, EvalSet | None]:
+    """Custom --harmful/--benign files, or JBB-Behaviors (benign twins matched by Index)."""
+    if job.harmful:
+        harmful = load_eval_set(job.harmful, "harmful", job.field, job.column)
+        benign = load_eval_set(job.benign, "benign", job.field, job.column) if job.benign else None
+    else:
+        if job.benign:
+            raise CnaError("--benign needs --harmful (JBB-Behaviors supplies both by default)")
+        harmful, benign = load_jbb(job.jbb_dir)
+    if job.limit is not None:
+        if job.limit < 1:
+            raise CnaError("--limit must be at least 1")
+        harmful = harmful.head(job.limit)
+    if benign is not None:
+        wanted = [it.index for it in harmful.items]
+        have = {it.index for it in benign.items}
+        missing = [i for i in wanted if i not in have]
+        if missing:
+            raise CnaError(f"the benign set has no twin for harmful prompt {missing[0]} (pairs match by index)")
+        benign = benign.subset(wanted)
+    if not job.settings.benign:
+        benign = None
+    return harmful, benign
+
+
+def get_stats(job: EvalJob, backend: Backend, log: Callable[[str], None]) -> SavedStats:
+    """Discovery statistics from ``job.stats`` if that file exists, else computed from ``job.recipe`` (and saved)."""
+    if job.stats and Path(job.stats).is_file():
+        saved = load_stats(job.stats)
+        log(f"statistics   {job.stats} ({saved.identity.name}, {saved.identity.num_layers} layers)")
+        return saved
+    if not job.recipe:
+        raise CnaError("circuit sizes and CAA need discovery statistics: pass --recipe (and optionally --stats FILE "
+                       "to save them) or --stats FILE from an earlier run")
+    recipe = load_recipe(job.recipe)
+    opts: DiscoverOptions = build(DiscoverOptions, recipe)
+    loaded = getattr(backend, "loaded", None)
+    if loaded is None:
+        from ..model.loading import load_model
+
+        log(f"statistics   loading {job.model} in transformers for discovery")
+        loaded = load_model(job.model, **job.model_options)
+    t0 = time.perf_counter()
+    saved = compute_stats(loaded, opts, progress=job.progress)
+    log(f"statistics   discovery passes in {time.perf_counter() - t0:.0f}s")
+    if job.stats:
+        save_stats(job.stats, saved, overwrite=job.overwrite)
+        log(f"statistics   saved to {job.stats}")
+    return saved
+
+
+def _open(job: EvalJob, spec: str) -> Backend:
+    return open_backend(spec, job.backend, batch_size=job.batch_size, threads=job.threads,
+                        chat_template=job.chat_template, system_prompt=job.system_prompt,
+                        model_options=job.model_options)
+
+
+def _meta(job: EvalJob, backend: Backend, reference: Backend | None) -> dict:
+    return {
+        "model": job.model,
+        "backend": backend.name,
+        "reference": reference.spec if reference is not None else None,
+        "circuit": job.circuit,
+        "recipe": job.recipe,
+        "stats": job.stats,
+    }
+
+
+def _circuit_name(c: Circuit) -> str:
+    total = c.model.num_layers * c.model.intermediate_size
+    return f"{fraction_label(len(c.neurons) / total)} ({len(c.neurons)})"
+
+
+def _write_circuits(folder: Path, conditions: Sequence[Condition]) -> dict[str, Circuit]:
+    out: dict[str, Circuit] = {}
+    for c in conditions:
+        circ = c.steering.circuit
+        if circ is None:
+            continue
+        name = f"circuit-{len(circ.neurons)}.json"
+        if name not in out:
+            folder.mkdir(exist_ok=True)
+            (folder / name).write_text(circ.to_json() + "\n", "utf-8")
+            out[name] = circ
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# eval
+# ---------------------------------------------------------------------------------------
+
+
+def check_job(job: EvalJob) -> None:
+    """Refuse inconsistent flags before anything is loaded."""
+    mults = job.sweep_multipliers
+    if job.multiplier is not None:
+        check_multiplier(job.multiplier)
+        if mults:
+            raise CnaError("pass either --multiplier or --sweep-multipliers")
+    for m in (mults or []) + (job.caa_alphas or []):
+        check_multiplier(m)
+    if job.circuit and job.sweep_fractions:
+        raise CnaError("--sweep-fractions selects circuits from discovery statistics; do not pass --circuit as well")
+    if (job.multiplier is not None or mults) and not (job.circuit or job.sweep_fractions):
+        raise CnaError("--multiplier/--sweep-multipliers need --circuit or --sweep-fractions")
+    if (job.sweep_fractions or job.caa_alphas) and not job.recipe and not (job.stats and Path(job.stats).is_file()):
+        raise CnaError("circuit sizes and CAA need discovery statistics: pass --recipe (and optionally --stats FILE "
+                       "to save them) or --stats FILE from an earlier run")
+    if job.reference and (job.circuit or job.sweep_fractions or job.caa_alphas):
+        raise CnaError("--reference compares two models; steering options evaluate one model against itself")
+    for f in job.sweep_fractions or []:
+        if not 0 < f <= 1:
+            raise CnaError(f"--sweep-fractions: {f} is not in (0, 1]")
+    if job.circuit:
+        Circuit.load(job.circuit)
+    if job.recipe:
+        load_recipe(job.recipe)
+
+
+def build_conditions(job: EvalJob, backend: Backend, log: Callable[[str], None]) -> tuple[list[Condition], SavedStats | None]:
+    check_job(job)
+    conds: list[Condition] = []
+    saved: SavedStats | None = None
+    mults = job.sweep_multipliers  # checked by check_job
+    if job.circuit:
+        circuit = Circuit.load(job.circuit)
+        for m in (mults or [job.multiplier]):
+            label = f"CNA {len(circuit.neurons)} x{m:g}" if m is not None else f"CNA {len(circuit.neurons)} (own multipliers)"
+            info = {"method": "cna", "neurons": len(circuit.neurons), "multiplier": m}
+            conds.append(Condition(label, Steering.cna(circuit, m, label=label, force=job.force), None, info))
+    if job.sweep_fractions or job.caa_alphas:
+        saved = get_stats(job, backend, log)
+        if job.sweep_fractions:
+            conds += cna_conditions(saved, job.sweep_fractions, mults or [0.0], force=job.force)
+        if job.caa_alphas:
+            for a in job.caa_alphas:
+                check_multiplier(a)
+            layers = parse_layers(job.caa_layers, saved.identity.num_layers)
+            conds += caa_conditions(saved, job.caa_alphas, layers)
+    return conds, saved
+
+
+def run_eval_job(job: EvalJob) -> dict:
+    from ..core.atomic import atomic_dir, check_output_path
+
+    out = Path(job.out)
+    check_output_path(out, job.overwrite)
+    log = stderr_log(job.quiet)
+    check_job(job)
+    from .judge import get_judge
+
+    get_judge(job.settings.judge)
+    harmful, benign = load_sets(job)
+    t0 = time.perf_counter()
+    backend = _open(job, job.model)
+    reference = _open(job, job.reference) if job.reference else None
+    try:
+        conds, saved = build_conditions(job, backend, log)
+        log(f"model        {job.model} ({backend.name}); {len(harmful)} harmful"
+            + (f" + {len(benign)} benign" if benign is not None else "") + f" prompts, {job.settings.max_new_tokens} "
+            "new tokens, greedy")
+        if reference is not None:
+            conds = [Condition(job.model, Steering.none(job.model), backend, {"method": "model"})]
+        sweep = bool(job.sweep_multipliers or job.sweep_fractions or job.caa_alphas)
+        with atomic_dir(out, overwrite=job.overwrite) as tmp:
+            sink = JsonlSink(tmp / "generations.jsonl")
+            try:
+                ev = Evaluator(backend, harmful, benign, job.settings, reference=reference, log=log, on_rows=sink)
+                ev.baseline("unsteered" if reference is None else f"reference {job.reference}")
+                results = run_conditions(ev, conds)
+            finally:
+                sink.close()
+            circuits = _write_circuits(tmp / "circuits", conds)
+            summaries = [r.summary for r in ev.results]
+            meta = _meta(job, backend, reference)
+            meta["seconds"] = round(time.perf_counter() - t0, 1)
+            extra = ""
+            if sweep:
+                (tmp / "sweep.csv").write_text(sweep_csv(summaries), "utf-8")
+                (tmp / "sweep.md").write_text(sweep_markdown(summaries), "utf-8")
+                named = {_circuit_name(c): c for c in circuits.values()} if circuits else None
+                plots = plot_sweep(tmp, summaries, named, saved.identity.num_layers if saved else None,
+                                   title=str(job.model))
+                extra = "\n".join(f"![{p.stem}]({p.name})" for p in plots)
+            report = write_report(tmp, ev, meta, extra_md=extra)
+        log(f"wrote        {out} ({len(results) + 1} conditions, {time.perf_counter() - t0:.0f}s)")
+        return report
+    finally:
+        backend.close()
+        if reference is not None:
+            reference.close()
+
+
+# ---------------------------------------------------------------------------------------
+# tune
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class TuneJob:
+    eval: EvalJob
+    fractions: list[float] = dc_field(default_factory=lambda: [0.001, 0.0025, 0.005])
+    multipliers: list[float] = dc_field(default_factory=lambda: [0.0, 0.5, -0.5])
+    tune_size: int = 30
+    seed: int = 0
+    quality_ratio: float = 0.97
+    max_kl: float | None = 0.25
+    kl_metric: str = "kl_last"
+    quality_metric: str = "harmful"
+    heldout: bool = True
+
+
+def run_tune_job(t: TuneJob) -> dict:
+    from ..core.atomic import atomic_dir, check_output_path
+
+    job = t.eval
+    out = Path(job.out)
+    check_output_path(out, job.overwrite)
+    log = stderr_log(job.quiet)
+    if t.kl_metric not in ("kl_last", "kl_gen"):
+        raise CnaError("--kl-metric must be kl_last or kl_gen")
+    from .sweep import QUALITY_KEYS
+
+    if t.quality_metric not in QUALITY_KEYS:
+        raise CnaError(f"--quality-metric must be one of {', '.join(QUALITY_KEYS)}")
+    if t.quality_metric == "benign" and not (job.settings.benign and job.settings.benign_answers):
+        raise CnaError("--quality-metric benign needs benign answers (drop --no-benign / --benign-kl-only)")
+    if t.kl_metric == "kl_gen" and not job.settings.kl_tokens:
+        raise CnaError("--kl-metric kl_gen needs --kl-tokens N")
+    if not 0 < t.quality_ratio <= 1.5:
+        raise CnaError("--quality-ratio must be in (0, 1.5]")
+    for m in t.multipliers:
+        check_multiplier(m)
+    if not t.fractions or not t.multipliers:
+        raise CnaError("tune needs at least one fraction and one multiplier")
+    for f in t.fractions:
+        if not 0 < f <= 1:
+            raise CnaError(f"--fractions: {f} is not in (0, 1]")
+    if job.recipe:
+        load_recipe(job.recipe)
+    from .judge import get_judge
+
+    get_judge(job.settings.judge)
+    lim = job.limit
+    job.limit = None
+    harmful, benign = load_sets(job)
+    job.limit = lim
+    tune_idx, held_idx = split_pairs(harmful, benign, t.tune_size, t.seed)
+    if lim is not None:  # --limit caps the held-out split (the tuning split is --tune-size)
+        held_idx = held_idx[:lim]
+    t0 = time.perf_counter()
+    backend = _open(job, job.model)
+    try:
+        saved = get_stats(job, backend, log)
+        grid = cna_conditions(saved, t.fractions, t.multipliers, force=job.force)
+        h_tune = harmful.subset(tune_idx)
+        b_tune = benign.subset(tune_idx) if benign is not None else None
+        log(f"tune         {len(grid)} configurations on {len(h_tune)} harmful"
+            + (f" + {len(b_tune)} benign" if b_tune is not None else "") + f" prompts (seed {t.seed}); held out "
+            f"{len(held_idx)}")
+        with atomic_dir(out, overwrite=job.overwrite) as tmp:
+            (tmp / "tune").mkdir()
+            sink = JsonlSink(tmp / "tune" / "generations.jsonl")
+            try:
+                ev = Evaluator(backend, h_tune, b_tune, job.settings, log=log, on_rows=sink)
+                base = ev.baseline()
+                run_conditions(ev, grid)
+            finally:
+                sink.close()
+            summaries = [r.summary for r in ev.results]
+            kl_key = t.kl_metric if b_tune is not None else None
+            choice = choose(summaries, base.summary, t.quality_ratio, t.max_kl if kl_key else None, kl_key or "kl_last",
+                            QUALITY_KEYS[t.quality_metric])
+            circuits = _write_circuits(tmp / "circuits", grid)
+            named = {_circuit_name(c): c for c in circuits.values()}
+            (tmp / "tune" / "sweep.csv").write_text(sweep_csv(summaries), "utf-8")
+            (tmp / "tune" / "sweep.md").write_text(sweep_markdown(summaries), "utf-8")
+            plots = plot_sweep(tmp / "tune", summaries, named, saved.identity.num_layers, title=str(job.model))
+            write_report(tmp / "tune", ev, _meta(job, backend, None), title="cna-export tune: tuning split",
+                         extra_md="\n".join(f"![{p.stem}]({p.name})" for p in plots))
+            held: list[dict] = []
+            chosen = choice.summary
+            if chosen is not None:
+                log(f"chosen       {chosen['label']}: refused {chosen['refused']}/{chosen['harmful_n']}, quality ratio "
+                    f"{chosen['quality_ratio']:.3f}" + (f", {kl_key} {chosen[kl_key]:.4f}" if kl_key else ""))
+                if t.heldout and held_idx:
+                    (tmp / "heldout").mkdir()
+                    sink = JsonlSink(tmp / "heldout" / "generations.jsonl")
+                    try:
+                        ev2 = Evaluator(backend, harmful.subset(held_idx),
+                                        benign.subset(held_idx) if benign is not None else None,
+                                        job.settings, log=log, on_rows=sink)
+                        ev2.baseline()
+                        cond = next(c for c in grid if c.label == chosen["label"])
+                        run_conditions(ev2, [cond])
+                    finally:
+                        sink.close()
+                    write_report(tmp / "heldout", ev2, _meta(job, backend, None),
+                                 title="cna-export tune: held-out check")
+                    held = [r.summary for r in ev2.results]
+                notes = {
+                    "objective": "fewest refusals on the tuning split",
+                    "constraints": {"quality_ratio": t.quality_ratio, "quality_metric": t.quality_metric,
+                                    "max_kl": t.max_kl, "kl_metric": t.kl_metric},
+                    "tuning_split": {"size": len(tune_idx), "seed": t.seed, "indices": tune_idx},
+                    "model": job.model,
+                    "judge": job.settings.judge,
+                    "max_new_tokens": job.settings.max_new_tokens,
+                    "tuning": _brief(chosen, base.summary),
+                    **({"heldout": _brief(held[1], held[0])} if len(held) == 2 else {}),
+                }
+                (tmp / "recipe.yaml").write_text(tuned_recipe_yaml(job.recipe, out, chosen, saved, notes), "utf-8")
+            report = {
+                "model": job.model,
+                "backend": backend.name,
+                "grid": {"fractions": t.fractions, "multipliers": t.multipliers},
+                "constraints": {"quality_ratio": t.quality_ratio, "quality_metric": t.quality_metric,
+                                "reference_quality": choice.reference_quality,
+                                "max_kl": t.max_kl, "kl_metric": t.kl_metric},
+                "split": {"tune": tune_idx, "heldout": held_idx, "seed": t.seed},
+                "chosen": chosen,
+                "rejected": [{"label": s["label"], "reason": why} for s, why in choice.rejected],
+                "tuning": summaries,
+                "heldout": held,
+                "seconds": round(time.perf_counter() - t0, 1),
+            }
+            (tmp / "tune.json").write_text(json.dumps(report, indent=2, default=str) + "\n", "utf-8")
+            (tmp / "tune.md").write_text(_tune_markdown(report, job), "utf-8")
+        log(f"wrote        {out} ({time.perf_counter() - t0:.0f}s)")
+        return report
+    finally:
+        backend.close()
+
+
+def _brief(s: dict, base: dict) -> dict:
+    keys = ("refused", "harmful_n", "refusal_rate", "quality_harmful", "quality_ratio", "over_refusal_rate",
+            "kl_last", "kl_gen")
+    return {"steered": {k: s.get(k) for k in keys}, "unsteered": {k: base.get(k) for k in keys}}
+
+
+def _tune_markdown(r: dict, job: EvalJob) -> str:
+    c = r["constraints"]
+    lines = ["# cna-export tune", ""]
+    lines.append(f"Model `{r['model']}` ({r['backend']}); grid fractions {r['grid']['fractions']} x multipliers "
+                 f"{r['grid']['multipliers']}; tuning split {len(r['split']['tune'])} pairs (seed {r['split']['seed']}), "
+                 f"held out {len(r['split']['heldout'])}; greedy, {job.settings.max_new_tokens} new tokens.")
+    q = c["reference_quality"]
+    lines.append("")
+    lines.append(f"Constraints: {c.get('quality_metric', 'harmful')} quality >= {c['quality_ratio']:g} x unsteered "
+                 f"({q:.3f} -> {c['quality_ratio'] * q:.3f})"
+                 if q is not None else f"Constraints: quality ratio {c['quality_ratio']:g}")
+    lines[-1] += f"; {c['kl_metric']} <= {c['max_kl']}." if c["max_kl"] is not None else "."
+    lines += ["", "## Tuning split", "", sweep_markdown(r["tuning"])]
+    if r["rejected"]:
+        lines += ["Rejected:", ""] + [f"- {x['label']}: {x['reason']}" for x in r["rejected"]] + [""]
+    if r["chosen"]:
+        ch = r["chosen"]
+        lines += ["## Choice", "", f"**{ch['label']}**: top_k {ch['neurons']}, multiplier {ch['multiplier']:g} "
+                  "(written to `recipe.yaml`).", ""]
+    else:
+        lines += ["## Choice", "", "No configuration met the constraints; no recipe written.", ""]
+    if r["heldout"]:
+        lines += ["## Held-out split", "", markdown_table(r["heldout"])]
+    return "\n".join(lines) + "\n"

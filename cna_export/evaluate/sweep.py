@@ -1,0 +1,496 @@
+"""Sweeps, the CAA baseline and tuning, on top of :mod:`cna_export.evaluate.evaluator`.
+
+Discovery statistics
+    :func:`cna_export.discover.discovery.collect` measures everything CNA needs once;
+    circuits of any size come from :func:`cna_export.discover.discovery.select` without
+    new forward passes. :func:`compute_stats` adds the CAA vectors and
+    :func:`save_stats` / :func:`load_stats` keep both in one ``.npz`` (float64
+    sums, counts, top-k hits, the model identity, the discovery options and the
+    prompt-set hashes), so sweeps and tuning never re-run discovery.
+
+CAA baseline (the paper's ``compute_mlp_control_vector`` + ``steer_caa``)
+    ``v[L] = mean(MLP output | positive) - mean(MLP output | negative)`` at the
+    last prompt token of each layer ``L``, added as ``alpha * v[L]`` to the MLP
+    (``down_proj``) output at every position. The MLP output is
+    ``down_proj(a)`` for the activations ``a`` CNA already averages, and
+    ``down_proj`` is linear, so ``v[L] = W_down[L] @ (mean_pos[L] - mean_neg[L])``
+    exactly (a bias cancels in the difference): the CAA vectors come from the
+    same statistics, no extra passes. ``alpha < 0`` pushes towards the negative
+    (benign) set, i.e. against refusal.
+
+Tuning
+    Grid over circuit size x multiplier on a tuning split of the harmful set:
+    minimise refusals subject to quality >= ``quality_ratio`` x the unsteered
+    model's quality on the same prompts and benign KL <= ``max_kl``; ties go to
+    the smaller circuit, then the multiplier nearer 1, then the lower KL.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .backends import Steering
+from ..core.circuit import Circuit, ModelIdentity, PromptSetInfo
+from ..discover.discovery import CaptureReport, ContrastStats, RunningStats, TopKCounts, collect, select
+from ..core.errors import CnaError
+from .evaluator import METRIC_COLUMNS, Condition, ConditionResult, Evaluator, markdown_table
+from ..core.settings import DiscoverOptions
+
+STATS_FORMAT = "cna-export contrast stats v1"
+
+
+# ---------------------------------------------------------------------------------------
+# Statistics files
+# ---------------------------------------------------------------------------------------
+
+
+class _IdentityOnly:
+    """What :func:`select` needs of a model when the statistics come from a file: its identity."""
+
+    def __init__(self, identity: ModelIdentity):
+        self._identity = identity
+
+    def identity(self, with_fingerprint: bool = True) -> ModelIdentity:
+        return self._identity
+
+
+class _InfoOnly:
+    def __init__(self, info: PromptSetInfo):
+        self._info = info
+
+    def info(self) -> PromptSetInfo:
+        return self._info
+
+
+@dataclass
+class SavedStats:
+    """Discovery statistics plus CAA vectors, the model identity and the options that produced them."""
+
+    stats: ContrastStats
+    identity: ModelIdentity
+    options: DiscoverOptions
+    prompts: dict[str, PromptSetInfo]
+    caa: np.ndarray  # [layers, hidden] float64
+
+    @property
+    def total_neurons(self) -> int:
+        return self.identity.num_layers * self.identity.intermediate_size
+
+    def size_for(self, fraction: float) -> int:
+        if not 0 < fraction <= 1:
+            raise CnaError(f"circuit fraction must be in (0, 1], got {fraction}")
+        return max(1, int(round(fraction * self.total_neurons)))
+
+    def circuit(self, top_k: int) -> Circuit:
+        opts = self.options.model_copy(update={"top_k": top_k})
+        sets = {name: _InfoOnly(info) for name, info in self.prompts.items()}
+        return select(self.stats, _IdentityOnly(self.identity), opts, sets, top_k=top_k)  # type: ignore[arg-type]
+
+
+def caa_vectors(loaded: Any, stats: ContrastStats) -> np.ndarray:
+    """Per-layer mean MLP-output difference at the last token: ``W_down @ (mean_pos - mean_neg)``."""
+    diff = stats.positive.mean - stats.negative.mean
+    out = np.zeros((loaded.num_layers, loaded.hidden_size), dtype=np.float64)
+    for layer in range(loaded.num_layers):
+        w = loaded.down_proj(layer).weight.detach().to("cpu").double().numpy()
+        out[layer] = w @ diff[layer]
+    return out
+
+
+def compute_stats(loaded: Any, opts: DiscoverOptions, progress: bool = True) -> SavedStats:
+    """Run discovery's statistics pass (positive, negative, neutral) and derive the CAA vectors."""
+    from ..model.prompts import load_prompts
+
+    if not opts.positive or not opts.negative:
+        raise CnaError("discovery statistics need a recipe (or options) naming positive and negative prompt files")
+    sel = dict(field=opts.field, column=opts.column, limit=opts.limit)
+    positive = load_prompts(opts.positive, **sel)
+    negative = load_prompts(opts.negative, **sel)
+    neutral = load_prompts(opts.neutral, limit=opts.limit) if opts.neutral else None
+    if len(positive) < 2 or len(negative) < 2:
+        raise CnaError("discovery needs at least 2 positive and 2 negative prompts")
+    stats = collect(loaded, positive, negative, neutral, opts, progress)
+    prompts = {"positive": positive.info(), "negative": negative.info()}
+    if neutral is not None:
+        prompts["neutral"] = neutral.info()
+    return SavedStats(stats, loaded.identity(), opts, prompts, caa_vectors(loaded, stats))
+
+
+def save_stats(path: str | Path, saved: SavedStats, overwrite: bool = False) -> None:
+    from ..core.atomic import atomic_file
+
+    s = saved.stats
+    arrays: dict[str, np.ndarray] = {
+        "positive_total": s.positive.total,
+        "positive_total_sq": s.positive.total_sq,
+        "positive_count": np.array(s.positive.count),
+        "negative_total": s.negative.total,
+        "negative_total_sq": s.negative.total_sq,
+        "negative_count": np.array(s.negative.count),
+        "caa": saved.caa,
+    }
+    if s.neutral is not None:
+        arrays["neutral_hits"] = s.neutral.hits
+        arrays["neutral_count"] = np.array(s.neutral.count)
+        arrays["neutral_k"] = np.array(s.neutral.k)
+    meta = {
+        "format": STATS_FORMAT,
+        "identity": saved.identity.model_dump(),
+        "options": saved.options.model_dump(),
+        "prompts": {k: v.model_dump() for k, v in saved.prompts.items()},
+        "reports": {k: vars(r) for k, r in s.reports.items()},
+    }
+    arrays["meta"] = np.array(json.dumps(meta))
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    with atomic_file(Path(path), overwrite=overwrite) as fh:
+        fh.write(buf.getvalue())
+
+
+def load_stats(path: str | Path) -> SavedStats:
+    p = Path(path)
+    if not p.is_file():
+        raise CnaError(f"statistics file not found: {p}")
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            data = {k: z[k] for k in z.files}
+        meta = json.loads(str(data["meta"]))
+    except (OSError, ValueError, KeyError) as e:
+        raise CnaError(f"{p} is not a cna-export statistics file: {str(e).splitlines()[0] if str(e) else e}") from None
+    if meta.get("format") != STATS_FORMAT:
+        raise CnaError(f"{p} is not a cna-export statistics file (format {meta.get('format')!r})")
+    try:
+        identity = ModelIdentity.model_validate(meta["identity"])
+        opts = DiscoverOptions.model_validate(meta["options"])
+        prompts = {k: PromptSetInfo.model_validate(v) for k, v in meta["prompts"].items()}
+    except Exception as e:
+        raise CnaError(f"{p} has invalid metadata: {str(e).splitlines()[0]}") from None
+    L, W = identity.num_layers, identity.intermediate_size
+
+    def running(prefix: str) -> RunningStats:
+        r = RunningStats(L, W)
+        r.total = data[f"{prefix}_total"]
+        r.total_sq = data[f"{prefix}_total_sq"]
+        r.count = int(data[f"{prefix}_count"])
+        if r.total.shape != (L, W):
+            raise CnaError(f"{p}: {prefix} statistics have shape {r.total.shape}, expected {(L, W)}")
+        return r
+
+    neutral = None
+    if "neutral_hits" in data:
+        neutral = TopKCounts(L, W, int(data["neutral_k"]))
+        neutral.hits = data["neutral_hits"]
+        neutral.count = int(data["neutral_count"])
+    reports = {k: CaptureReport(**v) for k, v in meta.get("reports", {}).items()}
+    stats = ContrastStats(running("positive"), running("negative"), neutral, reports)
+    return SavedStats(stats, identity, opts, prompts, data["caa"])
+
+
+# ---------------------------------------------------------------------------------------
+# Conditions
+# ---------------------------------------------------------------------------------------
+
+
+def fraction_label(fraction: float) -> str:
+    return f"{100 * fraction:.3g}%"
+
+
+def cna_conditions(
+    saved: SavedStats, fractions: Sequence[float], multipliers: Sequence[float], force: bool = False
+) -> list[Condition]:
+    out = []
+    for f in fractions:
+        k = saved.size_for(f)
+        circuit = saved.circuit(k)
+        for m in multipliers:
+            label = f"CNA {fraction_label(f)} ({k}) x{m:g}"
+            info = {"method": "cna", "fraction": f, "neurons": k, "multiplier": m}
+            out.append(Condition(label, Steering.cna(circuit, m, label=label, force=force), None, info))
+    return out
+
+
+def caa_conditions(saved: SavedStats, alphas: Sequence[float], layers: Sequence[int] | None = None) -> list[Condition]:
+    out = []
+    for a in alphas:
+        label = f"CAA alpha={a:g}"
+        n_layers = len(layers) if layers is not None else saved.identity.num_layers
+        info = {"method": "caa", "alpha": a, "caa_layers": n_layers}
+        out.append(Condition(label, Steering.caa(saved.caa, a, layers, label=label), None, info))
+    return out
+
+
+def parse_layers(text: str | None, num_layers: int) -> list[int] | None:
+    """``all`` / None, or ``1-23`` / ``1,2,5`` style layer lists."""
+    if text is None or text.strip().lower() == "all":
+        return None
+    out: set[int] = set()
+    try:
+        for part in text.replace(" ", "").split(","):
+            if not part:
+                continue
+            if "-" in part:
+                a, b = part.split("-", 1)
+                lo = int(a)
+                hi = int(b) if b else num_layers - 1
+                out.update(range(lo, hi + 1))
+            else:
+                out.add(int(part))
+    except ValueError:
+        raise CnaError(f"cannot read layer list '{text}' (use all, 1-23 or 1,2,5)") from None
+    bad = [l for l in out if not 0 <= l < num_layers]
+    if bad:
+        raise CnaError(f"layer {bad[0]} is out of range (model has {num_layers} layers)")
+    return sorted(out)
+
+
+def run_conditions(ev: Evaluator, conditions: Sequence[Condition]) -> list[ConditionResult]:
+    """Run the baseline then each condition; multiplier 1 (no change) reuses the baseline's answers."""
+    base = ev.baseline()
+    out = []
+    for c in conditions:
+        if c.info.get("method") == "cna" and c.info.get("multiplier") == 1:
+            summary = {**base.summary, **c.info, "label": c.label, "identical_to": base.label,
+                       "steering": c.steering.describe(), "seconds": 0.0}
+            res = ConditionResult(c.label, summary, [], base.harmful_refused)
+            ev.results.append(res)
+            out.append(res)
+            continue
+        out.append(ev.run(c))
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Tables and plots
+# ---------------------------------------------------------------------------------------
+
+CSV_COLUMNS = [
+    "label", "method", "fraction", "neurons", "multiplier", "alpha", "caa_layers", "harmful_n", "refused",
+    "refusal_rate", "refusal_ci95", "benign_n", "over_refused", "over_refusal_rate", "quality_harmful",
+    "quality_ratio", "quality_compliant", "quality_benign",
+    "kl_last", "kl_gen", "refusals_removed", "refusals_added", "mcnemar_p",
+    "generated_tokens", "seconds",
+]
+
+
+def sweep_csv(summaries: Sequence[dict]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(CSV_COLUMNS)
+    for s in summaries:
+        row = []
+        for k in CSV_COLUMNS:
+            v = s.get(k)
+            if k == "refusal_ci95" and v is not None:
+                v = f"{v[0]:.4f}-{v[1]:.4f}"
+            elif isinstance(v, float):
+                v = f"{v:.6g}"
+            row.append("" if v is None else v)
+        w.writerow(row)
+    return buf.getvalue()
+
+
+SWEEP_COLUMNS = [
+    ("label", "condition"),
+    ("neurons", "neurons"),
+    ("multiplier", "multiplier"),
+    ("alpha", "CAA alpha"),
+    *METRIC_COLUMNS,
+    ("mcnemar_p", "McNemar p"),
+]
+
+
+def sweep_markdown(summaries: Sequence[dict]) -> str:
+    return markdown_table(summaries, SWEEP_COLUMNS)
+
+
+def _plt() -> Any:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise CnaError("plots need matplotlib (pip install 'cna-export[plots]')") from None
+    return plt
+
+
+def _save(fig: Any, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
+def plot_sweep(out_dir: Path, summaries: Sequence[dict], circuits: dict[str, Circuit] | None = None,
+               num_layers: int | None = None, title: str = "") -> list[Path]:
+    """refusal/quality vs multiplier (one line per circuit size), CAA vs alpha, trade-off, circuit layers."""
+    plt = _plt()
+    written: list[Path] = []
+    base = next((s for s in summaries if s.get("method") == "none"), None)
+    cna = [s for s in summaries if s.get("method") == "cna" and s.get("multiplier") is not None]
+    caa = [s for s in summaries if s.get("method") == "caa"]
+    by_size: dict[int, list[dict]] = {}
+    for s in cna:
+        by_size.setdefault(int(s["neurons"]), []).append(s)
+
+    def finish(fig: Any, ax: Any, xlabel: str, ylabel: str, fname: str, grid: bool = True) -> None:
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        if grid:
+            ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        path = out_dir / fname
+        _save(fig, path)
+        written.append(path)
+
+    def line_plot(key: str, ylabel: str, fname: str, benign_key: str | None = None) -> None:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for k, rows in sorted(by_size.items()):
+            if base is not None and not any(r["multiplier"] == 1 for r in rows):
+                rows = rows + [{**base, "multiplier": 1.0, "fraction": rows[0].get("fraction")}]  # x1 = unsteered
+            rows = sorted(rows, key=lambda r: r["multiplier"])
+            frac = rows[0].get("fraction")
+            name = f"{fraction_label(frac)} ({k} neurons)" if frac else f"{k} neurons"
+            line = ax.plot([r["multiplier"] for r in rows], [r[key] for r in rows], marker="o", label=name)
+            if benign_key and all(r.get(benign_key) is not None for r in rows):
+                ax.plot([r["multiplier"] for r in rows], [r[benign_key] for r in rows], marker="x", linestyle=":",
+                        color=line[0].get_color(), label=f"{name}, benign")
+        if base is not None and base.get(key) is not None:
+            ax.axhline(base[key], color="grey", linestyle="--", label="unsteered")
+        if title:
+            ax.set_title(title)
+        finish(fig, ax, "multiplier on circuit neurons (1 = unchanged)", ylabel, fname)
+
+    if by_size:
+        line_plot("refusal_rate", "refusal rate (harmful)", "refusal_vs_multiplier.png", "over_refusal_rate")
+        line_plot("quality_harmful", "quality (distinct word 4-grams)", "quality_vs_multiplier.png", "quality_benign")
+    if caa:
+        rows = sorted(caa, key=lambda r: r["alpha"])
+        fig, ax = plt.subplots(figsize=(6, 4))
+        xs = [r["alpha"] for r in rows]
+        ax.plot(xs, [r["refusal_rate"] for r in rows], marker="o", label="refusal (harmful)")
+        ax.plot(xs, [r["quality_harmful"] for r in rows], marker="s", label="quality (harmful)")
+        if all(r.get("over_refusal_rate") is not None for r in rows):
+            ax.plot(xs, [r["over_refusal_rate"] for r in rows], marker="x", linestyle=":", label="over-refusal (benign)")
+        finish(fig, ax, "CAA strength alpha (added alpha * mean MLP-output difference)", "rate / quality", "caa_vs_alpha.png")
+    if cna or caa:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        if cna:
+            ax.scatter([s["quality_harmful"] for s in cna], [s["refusal_rate"] for s in cna], label="CNA", marker="o")
+            for s in cna:
+                ax.annotate(f"{s['neurons']}x{s['multiplier']:g}", (s["quality_harmful"], s["refusal_rate"]), fontsize=6)
+        if caa:
+            ax.scatter([s["quality_harmful"] for s in caa], [s["refusal_rate"] for s in caa], label="CAA", marker="s")
+            for s in caa:
+                ax.annotate(f"a={s['alpha']:g}", (s["quality_harmful"], s["refusal_rate"]), fontsize=6)
+        if base is not None:
+            ax.scatter([base["quality_harmful"]], [base["refusal_rate"]], color="black", marker="*", s=120,
+                       label="unsteered")
+        finish(fig, ax, "quality (harmful answers)", "refusal rate", "tradeoff.png")
+    with_kl = [x for x in cna + caa if x.get("kl_last") is not None]
+    if with_kl:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name, rows, marker in (("CNA", [x for x in with_kl if x["method"] == "cna"], "o"),
+                                   ("CAA", [x for x in with_kl if x["method"] == "caa"], "s")):
+            if not rows:
+                continue
+            ax.scatter([x["kl_last"] for x in rows], [x["refusal_rate"] for x in rows], label=name, marker=marker)
+            for x in rows:
+                tag = f"{x['neurons']}x{x['multiplier']:g}" if name == "CNA" else f"a={x['alpha']:g}"
+                ax.annotate(tag, (x["kl_last"], x["refusal_rate"]), fontsize=6)
+        if base is not None:
+            ax.axhline(base["refusal_rate"], color="grey", linestyle="--", label="unsteered refusal")
+        finish(fig, ax, "drift: KL(unsteered || steered), first answer token, benign prompts (nats)", "refusal rate",
+               "tradeoff_kl.png")
+    if circuits:
+        L = num_layers or 1 + max(n.layer for c in circuits.values() for n in c.neurons)
+        fig, ax = plt.subplots(figsize=(7, 4))
+        width = 0.8 / max(1, len(circuits))
+        for i, (name, c) in enumerate(circuits.items()):
+            counts = np.zeros(L)
+            for n in c.neurons:
+                counts[n.layer] += 1
+            ax.bar(np.arange(L) + i * width - 0.4 + width / 2, counts, width=width, label=name)
+        ax.set_xticks(range(0, L, max(1, L // 12)))
+        ax.set_title("where the circuit lives")
+        finish(fig, ax, "layer", "circuit neurons", "circuit_layers.png", grid=False)
+    return written
+
+
+# ---------------------------------------------------------------------------------------
+# Tuning
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class TuneChoice:
+    summary: dict | None
+    feasible: list[dict]
+    rejected: list[tuple[dict, str]]
+    reference_quality: float | None
+
+
+QUALITY_KEYS = {"harmful": "quality_harmful", "compliant": "quality_compliant", "benign": "quality_benign"}
+
+
+def choose(summaries: Sequence[dict], baseline: dict, quality_ratio: float, max_kl: float | None,
+           kl_key: str = "kl_last", quality_key: str = "quality_harmful") -> TuneChoice:
+    """The feasible CNA condition with the fewest refusals (ties: fewer neurons, multiplier nearer 1, lower KL).
+
+    ``quality_key``: ``quality_harmful`` (all harmful answers, the default), ``quality_compliant``
+    (answers not judged refusals: free of the short-refusal confound) or ``quality_benign``.
+    """
+    ref_q = baseline.get(quality_key)
+    feasible, rejected = [], []
+    for s in summaries:
+        if s.get("method") != "cna":
+            continue
+        q = s.get(quality_key)
+        kl = s.get(kl_key)
+        if ref_q is not None and q is not None and q < quality_ratio * ref_q:
+            rejected.append((s, f"quality {q:.3f} < {quality_ratio:g} x {ref_q:.3f}"))
+        elif max_kl is not None and kl is not None and kl > max_kl:
+            rejected.append((s, f"{kl_key} {kl:.4f} > {max_kl:g}"))
+        else:
+            feasible.append(s)
+    key = lambda s: (s["refused"], s["neurons"], abs(1 - s["multiplier"]), s.get(kl_key) or 0.0)  # noqa: E731
+    best = min(feasible, key=key) if feasible else None
+    return TuneChoice(best, feasible, rejected, ref_q)
+
+
+def tuned_recipe_yaml(base_recipe: str | Path | None, out_dir: Path, choice: dict, saved: SavedStats,
+                      notes: dict) -> str:
+    """The base recipe plus ``top_k``/``top_fraction`` and ``multiplier`` (prompt paths made relative to out_dir)."""
+    import yaml
+
+    data: dict[str, Any] = {}
+    if base_recipe is not None:
+        data = yaml.safe_load(Path(base_recipe).read_text("utf-8")) or {}
+        for key in ("positive", "negative", "neutral"):
+            if isinstance(data.get(key), str):
+                src = (Path(base_recipe).parent / data[key]).resolve()
+                data[key] = os.path.relpath(src, out_dir.resolve())
+    else:
+        o = saved.options
+        for key in ("positive", "negative", "neutral"):
+            v = getattr(o, key)
+            if v:
+                data[key] = os.path.relpath(Path(v).resolve(), out_dir.resolve())
+    data.pop("top_k", None)
+    data["top_fraction"] = float(choice["fraction"]) if choice.get("fraction") else choice["neurons"] / saved.total_neurons
+    data["top_k"] = int(choice["neurons"])
+    data["multiplier"] = float(choice["multiplier"])
+    data["tuned"] = notes
+    header = ("# Tuned by cna-export tune: circuit size (top_k) and multiplier chosen on a tuning split.\n"
+              "# 'tuned' records the objective, the constraints and the measured figures.\n")
+    return header + yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+

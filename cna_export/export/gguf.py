@@ -1,0 +1,338 @@
+"""Export a steered GGUF: fold circuit multipliers into an existing GGUF file, exactly.
+
+For gated MLPs a neuron's activation is ``act(gate x) * (up x + b)``, so
+multiplying row ``j`` of ``blk.L.ffn_up.weight`` (and ``ffn_up.bias[j]``) by
+``m`` multiplies neuron ``j`` by ``m``. In a GGUF file that row is a whole
+number of quant blocks, and :mod:`cna_export.io.quants` scales each block
+through its fp16 scale fields, leaving every quant byte alone (exact for 0 and
+-1, one fp16 rounding otherwise). ``fold="down"`` scales columns of
+``blk.L.ffn_down.weight`` instead, for float tensors only. Fused gate_up
+tensors (phi3) take the up half's row, ``ArchSpec.up_row``.
+
+Two ways to write the result:
+
+* default: a new file through gguf-py's ``GGUFWriter``: every KV pair kept in
+  order with its type, ``general.name`` marked as steered, a ``cna.manifest``
+  KV added (the :class:`~cna_export.core.manifest.ExportManifest` JSON), every
+  untouched tensor's bytes copied from the source's memory map;
+* ``fast_copy``: a byte copy of the source with the touched rows patched in
+  place through ``np.memmap``; the header is not changed and the manifest goes
+  to a side file ``<out>.cna_manifest.json``.
+
+Either way the output appears atomically, nothing is overwritten without
+``overwrite``, and an Ollama ``Modelfile`` is written beside it.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping, Sequence
+
+from ..core.architectures import ArchSpec
+from ..core.circuit import Circuit
+from ..core.errors import CnaError
+from .plan import ExportCheck, Fold, StagedExport, plan_patches, resolve_export_multipliers, run_check
+from ..io import gguf as G
+from ..io.identity import gguf_identity
+from ..core.atomic import atomic_path, atomic_write_text, check_output_path
+from ..io.quants import ScaleReport
+from ..core.manifest import STEERED_SUFFIX, GGUF_KEY, ExportManifest, TouchedTensor, multipliers_list, side_manifest_path
+from ..model.steering import group_by_layer
+
+log = logging.getLogger(__name__)
+
+MODELFILE = "Modelfile"
+
+
+@dataclass
+class GGUFExportResult:
+    """What :func:`export_gguf` wrote."""
+
+    out: Path
+    manifest: ExportManifest
+    manifest_path: Path | None
+    modelfile: Path | None
+    reports: dict[str, ScaleReport]
+    warnings: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    fast_copy: bool = False
+    verification: Any = None  # a VerifyReport when the export was verified before it was written
+
+    @property
+    def n_neurons(self) -> int:
+        return len(self.manifest.multipliers)
+
+
+def resolve_gguf_model(spec: str | Path) -> Path:
+    """Path of a GGUF model given as a file or ``bundled:NAME``; anything else is refused."""
+    from ..io.sources import resolve_source
+
+    source = resolve_source(spec)
+    if source.kind != "gguf" or source.path is None:
+        raise CnaError(f"GGUF export needs a .gguf model file (or bundled:NAME), got {spec}")
+    return source.path
+
+
+def steered_name(name: str | None, fallback: str) -> str:
+    base = name or fallback
+    return base if base.endswith(STEERED_SUFFIX) else base + STEERED_SUFFIX
+
+
+# ---------------------------------------------------------------------------
+# Planning
+# ---------------------------------------------------------------------------
+
+
+def _describe_multipliers(mults: Mapping[tuple[int, int], float]) -> str:
+    values = sorted(set(mults.values()))
+    if len(values) == 1:
+        return f"x{values[0]:g}"
+    return f"per-neuron multipliers from x{values[0]:g} to x{values[-1]:g}"
+
+
+# ---------------------------------------------------------------------------
+# Ollama
+# ---------------------------------------------------------------------------
+
+
+def stop_tokens(reader: Any) -> list[str]:
+    """The EOS / end-of-turn / end-of-message token strings of the file's vocabulary, deduplicated."""
+    tokens = reader.get_field("tokenizer.ggml.tokens")
+    if tokens is None:
+        return []
+    out: list[str] = []
+    for key in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"):
+        tid = G.field_value(reader, key)
+        if not isinstance(tid, int) or not 0 <= tid < tokens.count:
+            continue
+        try:
+            text = tokens.item(tid)
+        except (CnaError, IndexError):
+            continue
+        if text and text not in out:
+            out.append(text)
+    return out
+
+
+def _modelfile_quote(text: str) -> str | None:
+    """Quote a value the way Ollama's Modelfile parser reads it back (no escapes); None if impossible."""
+    if not text.isprintable() or '"""' in text or text.endswith('"'):
+        return None
+    return f'"""{text}"""' if '"' in text else f'"{text}"'
+
+
+def render_modelfile(out: Path, reader: Any, manifest: ExportManifest, manifest_where: str) -> str:
+    """An Ollama Modelfile for the steered file: FROM, stop parameters, and a comment header."""
+    mults = manifest.multiplier_map()
+    layers = sorted({layer for layer, _ in mults})
+    name = re.sub(r"[^a-z0-9._-]+", "-", out.stem.lower()).strip("-.") or "cna-steered"
+    chat = "the chat template (tokenizer.chat_template) is read from the GGUF" if reader.get_field(
+        "tokenizer.chat_template"
+    ) else "the GGUF has no tokenizer.chat_template: add a TEMPLATE for chat use"
+    lines = [
+        f"# Ollama Modelfile written by cna-export {manifest.tool_version} ({manifest.created})",
+        f"# {out.name}: CNA-steered copy of {manifest.source}",
+        f"# circuit: {len(mults)} neurons in {len(layers)} layers, {_describe_multipliers(mults)}, "
+        f"folded into {'ffn_up rows' if manifest.fold == 'up' else 'ffn_down columns'}",
+        f"# circuit found on: {manifest.circuit.model.name} ({manifest.circuit.kind})",
+        f"# manifest: {manifest_where}",
+        f"# {chat}",
+        f"# create with: ollama create {name} -f {MODELFILE}",
+    ]
+    src = f"./{out.name}"
+    quoted = src if " " not in src and '"' not in src else _modelfile_quote(src)
+    if quoted is None:
+        raise CnaError(f"output name {out.name} cannot be written in an Ollama Modelfile; choose a simpler name")
+    lines.append(f"FROM {quoted}")
+    for tok in stop_tokens(reader):
+        q = _modelfile_quote(tok)
+        if q is None:
+            lines.append(f"# stop token {tok!r} cannot be quoted for Ollama; left out")
+        else:
+            lines.append(f"PARAMETER stop {q}")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------
+# Export
+# ---------------------------------------------------------------------------
+
+
+def export_gguf(
+    model: str | Path,
+    circuit: Circuit | str | Path,
+    out: str | Path,
+    multiplier: float | None = None,
+    multipliers: Mapping[tuple[int, int], float] | str | Path | None = None,
+    fold: Fold = "up",
+    fast_copy: bool = False,
+    overwrite: bool = False,
+    force: bool = False,
+    modelfile: bool = True,
+    check: ExportCheck | None = None,
+    progress: bool = False,
+) -> GGUFExportResult:
+    """Fold ``circuit`` into GGUF ``model``: one ``multiplier``, per-neuron ``multipliers`` (a map or a
+    JSON file), or the circuit's own.
+
+    Raises :class:`CnaError` (before writing anything) for a circuit that does not
+    fit, an unsupported tensor type, or an existing output without ``overwrite``.
+    A ``check`` (see :mod:`cna_export.export.plan`) runs on the written file before it is moved
+    into place; when it fails, :class:`VerificationFailed` (with ``.report``) is raised and nothing
+    is left behind. :func:`cna_export.pipeline.export` passes the verification as that check.
+    """
+    t0 = time.perf_counter()
+    model = str(model)
+    circuit = circuit if isinstance(circuit, Circuit) else Circuit.load(circuit)
+    src = resolve_gguf_model(model)
+    out = Path(out)
+    side = side_manifest_path(out) if fast_copy else None
+    modelfile_path = out.parent / MODELFILE if modelfile else None
+    for p in (out, side, modelfile_path):
+        if p is not None:
+            check_output_path(p, overwrite, inputs=(src,))
+    if len({p.resolve() for p in (out, side, modelfile_path) if p is not None}) != sum(
+        p is not None for p in (out, side, modelfile_path)
+    ):
+        raise CnaError(f"output {out} collides with the {MODELFILE} written beside it; choose another name")
+
+    reader = G.open_gguf(src)
+    spec = G.gguf_arch(reader)
+    identity = gguf_identity(reader, model, fingerprint=bool(circuit.model.fingerprint))
+    notes = list(circuit.check_fits(identity, force=force))
+    mults = resolve_export_multipliers(circuit, multiplier, multipliers)
+    patches = plan_patches(reader, spec, mults, fold)
+
+    # pass 1: hashes before/after and the scale reports, one tensor in memory at a time
+    tensors = G.tensor_map(reader)
+    touched: list[TouchedTensor] = []
+    reports: dict[str, ScaleReport] = {}
+    for name, patch in patches.items():
+        t = tensors[name]
+        before = G.sha256_array(t.data)
+        buf, reports[name] = patch.patched_copy(t.data)
+        touched.append(
+            TouchedTensor(
+                name=name,
+                dtype=G.type_name(t),
+                shape=G.np_shape(t),
+                sha256_before=before,
+                sha256_after=G.sha256_array(buf),
+                axis=patch.axis,
+                indices=list(patch.indices),
+            )
+        )
+        del buf
+    warnings_: list[str] = []
+    for name, rep in reports.items():
+        msg = rep.warning()
+        if msg:
+            warnings_.append(f"{name}: {msg}")
+    for w in warnings_:
+        log.warning(w)
+
+    previous = G.field_value(reader, GGUF_KEY)
+    if previous is not None and fast_copy:
+        raise CnaError(
+            f"{src} is itself a cna-export export (it has a {GGUF_KEY} KV), which --fast-copy would keep and "
+            "which would then describe the wrong steering; export it without --fast-copy"
+        )
+    if previous is not None:
+        notes.append(f"the source already carried a {GGUF_KEY} (an earlier cna-export export); it is replaced")
+    notes.append(f"source file: {src}")
+    if fast_copy:
+        notes.append("fast copy: source bytes copied and touched rows patched in place; header unchanged")
+    manifest = ExportManifest(
+        format="gguf",
+        source=model,
+        source_format="gguf",
+        fold=fold,
+        circuit=circuit,
+        multipliers=multipliers_list(mults),
+        tensors=touched,
+        notes=notes + [f"warning: {w}" for w in warnings_],
+    )
+
+    def _verify(tmp: Path) -> Any:
+        assert check is not None
+        return run_check(check, StagedExport(tmp, manifest, model, model, out), max_reasons=3, record=False)
+
+    if fast_copy:
+        assert side is not None
+        with atomic_path(out, overwrite=overwrite, inputs=(src,)) as tmp:
+            shutil.copyfile(src, tmp)
+            patch_reports = G.patch_in_place(tmp, reader, patches)
+            _check_written(reader, tmp, manifest, header_changed=False)
+            report = _verify(tmp) if check is not None else None
+            atomic_write_text(side, manifest.to_json() + "\n", overwrite=overwrite)
+        where = f"{side.name} (side file)"
+    else:
+        old_name = G.field_value(reader, "general.name")
+        with atomic_path(out, overwrite=overwrite, inputs=(src,)) as tmp:
+            from gguf.constants import GGUFValueType
+
+            patch_reports = G.write_patched(
+                reader,
+                tmp,
+                patches,
+                kv_replace={"general.name": (steered_name(old_name, src.stem), GGUFValueType.STRING)},
+                kv_append=[(GGUF_KEY, manifest.to_json(), GGUFValueType.STRING)],
+                progress=progress,
+            )
+            _check_written(reader, tmp, manifest, header_changed=True)
+            report = _verify(tmp) if check is not None else None
+        where = f"{GGUF_KEY} KV in {out.name}"
+    assert patch_reports.keys() == reports.keys()
+
+    mf_path = None
+    if modelfile_path is not None:
+        atomic_write_text(modelfile_path, render_modelfile(out, reader, manifest, where), overwrite=overwrite)
+        mf_path = modelfile_path
+    return GGUFExportResult(
+        out=out,
+        manifest=manifest,
+        manifest_path=side,
+        modelfile=mf_path,
+        reports=reports,
+        warnings=warnings_,
+        seconds=time.perf_counter() - t0,
+        fast_copy=fast_copy,
+        verification=report,
+    )
+
+
+def _check_written(source: Any, path: Path, manifest: ExportManifest, header_changed: bool) -> None:
+    """Re-read the written file: same KVs (bar the steering marks), same tensor layout, touched hashes as promised."""
+    written = G.open_gguf(path)
+    ignore = ("general.name", GGUF_KEY) if header_changed else ()
+    problems = G.kv_differences(source, written, ignore=ignore)
+    problems += G.tensor_differences(source, written, data=False)
+    tensors = G.tensor_map(written)
+    for t in manifest.tensors:
+        if G.sha256_array(tensors[t.name].data) != t.sha256_after:
+            problems.append(f"tensor {t.name} does not hold the patched bytes")
+    if header_changed:
+        text = G.field_value(written, GGUF_KEY)
+        if text is None or ExportManifest.from_json(text).to_json() != manifest.to_json():
+            problems.append(f"{GGUF_KEY} was not written back intact")
+    del written
+    if problems:
+        raise CnaError(f"the written GGUF file failed its self-check: {problems[0]}")
+
+
+def read_gguf_manifest(path: str | Path) -> tuple[ExportManifest, str]:
+    """The export manifest of a steered GGUF: its ``cna.manifest`` KV, else ``<file>.cna_manifest.json``."""
+    p = Path(path)
+    reader = G.open_gguf(p)
+    text = G.field_value(reader, GGUF_KEY)
+    if text is not None:
+        return ExportManifest.from_json(text, source=f"{p} ({GGUF_KEY})"), f"{GGUF_KEY} KV"
+    side = side_manifest_path(p)
+    if side.is_file():
+        return ExportManifest.load(side), str(side)
+    raise CnaError(f"{p} has no {GGUF_KEY} KV and no side manifest {side.name}: it is not a cna-export GGUF export")

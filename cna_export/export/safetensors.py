@@ -1,0 +1,469 @@
+"""Export a steered safetensors checkpoint: fold a circuit's multipliers into down_proj columns.
+
+``export_safetensors`` streams a Hugging Face checkpoint folder shard by shard:
+shards holding a touched down_proj weight are rewritten (every other tensor,
+dtype and the shard's header metadata kept, our summary added under
+``cna_export``); all other shards are copied byte for byte (or hard-linked
+with ``link``); config, generation config, tokenizer, chat template and any
+other files are copied; ``cna_manifest.json`` and a model card are added. The
+whole folder is assembled beside the target and renamed into place only when
+complete (and verified, with ``verify``), so a failure leaves nothing behind.
+
+A ``.gguf`` file (or ``bundled:NAME``), pickled weights (with ``allow_pickle``)
+or a Hub repo without safetensors is first loaded by transformers and written
+as a safetensors folder with ``save_pretrained``; that folder is then folded
+the same way.
+
+The circuit is checked against the source before anything is written: shapes
+from config.json and the safetensors headers, and the fingerprint (sha256 of
+every layer's down_proj weight as float32, computed one memory-mapped tensor
+at a time, equal to ``LoadedModel.fingerprint()``).
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from ..core.version import __version__
+from ..core.architectures import ArchSpec, arch_for_config
+from ..core.circuit import Circuit, ModelIdentity
+from ..core.errors import CnaError
+from ..io.tensor_bytes import tensor_sha256
+from .fold import scale_columns
+from .plan import ExportCheck, StagedExport, resolve_export_multipliers, run_check
+from ..io import safetensors as st_io
+from ..io.identity import checkpoint_identity
+from ..core.atomic import atomic_dir, check_output_path
+from ..core.manifest import MANIFEST_FILE, SHARD_METADATA_KEY, ExportManifest, TouchedTensor, multipliers_list
+from ..io.sources import resolve_source
+from ..model.loading import resolve_dtype
+from ..model.steering import group_by_layer
+
+log = logging.getLogger(__name__)
+
+CARD_FILE = "README.md"
+# Weight files that are not part of the folded safetensors checkpoint: copying them would ship
+# unsteered weights beside the steered ones, so they are left out (and listed in the manifest notes).
+OTHER_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".safetensors", ".gguf", ".h5", ".msgpack", ".onnx", ".pkl")
+SKIP_DIRS = (".git", ".cache", ".huggingface")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+
+
+@dataclass
+class ExportResult:
+    """What an export wrote."""
+
+    out: Path
+    manifest: ExportManifest
+    source_folder: str  # the safetensors folder that was folded (a temporary one for converted sources)
+    converted: bool = False
+    rewritten_shards: list[str] = field(default_factory=list)
+    copied_shards: list[str] = field(default_factory=list)
+    linked: bool = False
+    other_files: list[str] = field(default_factory=list)
+    left_out: list[str] = field(default_factory=list)
+    total_bytes: int = 0
+    seconds: float = 0.0
+    verification: Any = None  # the check's report when a check ran
+
+
+@dataclass
+class _Plan:
+    """Which tensor of which shard gets which columns scaled."""
+
+    arch: ArchSpec
+    identity: ModelIdentity
+    ckpt: st_io.Checkpoint
+    # shard file -> tensor name -> (layer, indices, multipliers)
+    by_file: dict[str, dict[str, tuple[int, list[int], list[float]]]]
+
+
+# -- inputs -------------------------------------------------------------------------------
+
+
+def _has_safetensors(folder: Path) -> bool:
+    return any(folder.glob("*.safetensors"))
+
+
+def _has_pickle(folder: Path) -> bool:
+    return any(p.suffix in PICKLE_SUFFIXES for p in folder.iterdir() if p.is_file())
+
+
+def _hub_folder(repo_id: str) -> Path:
+    """A local snapshot of a Hub repo (from the cache when offline), without pickles or GGUF files."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, ignore_patterns=["*.bin", "*.pt", "*.pth", "*.gguf", "*.h5",
+                                                                "*.msgpack", "*.onnx", "original/*"]))
+    except Exception as e:  # the hub client raises many types; all mean "not available"
+        raise CnaError(f"cannot get model {repo_id} from the Hugging Face Hub: {str(e).strip().splitlines()[0]}") from None
+
+
+# -- conversion of non-safetensors sources -----------------------------------------------
+
+
+def convert_to_safetensors(
+    spec: str, folder: Path, dtype: str = "auto", max_shard_size: str | None = None, allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+) -> tuple[Any, ModelIdentity]:
+    """Load ``spec`` (a .gguf file, ``bundled:NAME``, pickled weights) with transformers and write it to
+    ``folder`` (which must exist) as a safetensors checkpoint with its tokenizer.
+
+    The identity (fingerprint) is taken in float32 before any cast, so it matches a circuit discovered
+    on the same source; the model is then cast to ``dtype`` (auto: float32 for GGUF, the config's
+    dtype for pickled weights) and saved. Returns the loaded model (in ``dtype``) and that identity.
+    """
+    import torch
+
+    from ..model.loading import load_model, save_tokenizer
+
+    source = resolve_source(spec)
+    saved_dtype = None
+    if source.kind != "gguf" and dtype in (None, "auto"):
+        from transformers import AutoConfig
+
+        name, extra = source.load_args
+        try:
+            saved_dtype = getattr(AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code, **extra), "dtype", None)
+        except (OSError, ValueError, KeyError):
+            saved_dtype = None  # load_model below reports the problem
+    loaded = load_model(spec, dtype="float32", allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    identity = loaded.identity()
+    if dtype in (None, "auto"):
+        target = saved_dtype if isinstance(saved_dtype, torch.dtype) else torch.float32
+    else:
+        target = resolve_dtype(dtype, None)
+    loaded.model.to(target)
+    if source.kind == "gguf":
+        _drop_gguf_quantizer(loaded.model)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    try:
+        loaded.model.save_pretrained(folder, **kwargs)
+        save_tokenizer(loaded.tokenizer, folder)
+    except OSError as e:
+        raise CnaError(f"cannot write the converted checkpoint: {e.strerror or e}") from None
+    except ValueError as e:
+        raise CnaError(f"cannot save {source.spec} as safetensors: {str(e).splitlines()[0]}") from None
+    return loaded, identity
+
+
+def _drop_gguf_quantizer(model: Any) -> None:
+    """A GGUF model that transformers dequantised keeps a GGUF quantizer that forbids ``save_pretrained``.
+
+    When every weight is a plain float tensor the quantizer is vestigial and is removed (transformers'
+    own ``remove_quantization_config``); weights still packed in GGUF blocks are dequantised first.
+    """
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None:
+        return
+    packed = [name for name, m in model.named_modules() if "gguf" in type(m).__name__.lower()]
+    if packed or any(not p.is_floating_point() for p in model.parameters()):
+        try:
+            model.dequantize()
+        except (NotImplementedError, ValueError) as e:
+            raise CnaError(f"cannot dequantise the GGUF weights for export ({str(e).splitlines()[0]})") from None
+    else:
+        quantizer.remove_quantization_config(model)
+
+
+# -- planning and writing -----------------------------------------------------------------
+
+
+def _plan(
+    ckpt: st_io.Checkpoint, arch: ArchSpec, identity: ModelIdentity, down_names: Sequence[str],
+    mults: Mapping[tuple[int, int], float],
+) -> _Plan:
+    by_file: dict[str, dict[str, tuple[int, list[int], list[float]]]] = {}
+    for layer, (idx, ms) in group_by_layer(mults).items():
+        name = down_names[layer]
+        by_file.setdefault(ckpt.weight_map[name], {})[name] = (layer, idx, ms)
+    return _Plan(arch, identity, ckpt, dict(sorted(by_file.items())))
+
+
+def _multiplier_summary(mults: Mapping[tuple[int, int], float]) -> str:
+    values = sorted(set(mults.values()))
+    if len(values) == 1:
+        return f"{values[0]:g}"
+    return f"per-neuron ({len(values)} values, {values[0]:g} .. {values[-1]:g})"
+
+
+def _shard_summary(circuit_sha: str, mults: Mapping[tuple[int, int], float],
+                   entries: Mapping[str, tuple[int, list[int], list[float]]]) -> str:
+    values = sorted(set(mults.values()))
+    return json.dumps({
+        "tool": "cna-export",
+        "version": __version__,
+        "fold": "down",
+        "manifest": MANIFEST_FILE,
+        "circuit_sha256": circuit_sha,
+        "neurons": len(mults),
+        "multiplier": values[0] if len(values) == 1 else "per-neuron",
+        "tensors": {name: len(idx) for name, (_, idx, _) in entries.items()},
+    }, separators=(",", ":"))
+
+
+def _fold_shard(
+    plan: _Plan, file: str, dst: Path, summary: str,
+) -> list[TouchedTensor]:
+    touched: list[TouchedTensor] = []
+    replacements = {}
+    for name, (_layer, idx, ms) in plan.by_file[file].items():
+        w = plan.ckpt.read(name)
+        new = scale_columns(w, idx, ms)
+        touched.append(TouchedTensor(
+            name=name, dtype=str(w.dtype).removeprefix("torch."), shape=list(w.shape),
+            sha256_before=tensor_sha256(w), sha256_after=tensor_sha256(new), axis="column", indices=idx, file=file,
+        ))
+        replacements[name] = new
+        del w
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    st_io.rewrite_shard(plan.ckpt.path(file), dst, replacements, {SHARD_METADATA_KEY: summary})
+    return touched
+
+
+def _files(folder: Path) -> list[Path]:
+    out = []
+    for p in sorted(folder.rglob("*")):
+        rel = p.relative_to(folder)
+        if rel.parts[0] in SKIP_DIRS or not p.is_file():
+            continue
+        out.append(rel)
+    return out
+
+
+# -- the model card ---------------------------------------------------------------------------
+
+
+def model_card(manifest: ExportManifest, verification: Any = None) -> str:
+    """README.md with YAML front matter (base_model, tags) describing the steering and its verification."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    c = manifest.circuit
+    mults = manifest.multiplier_map()
+    counts = c.layer_counts()
+    data = ModelCardData(
+        base_model=manifest.source,
+        library_name="transformers",
+        tags=["cna-export", "steering", "contrastive-neuron-attribution", c.model.architecture, "safetensors"],
+    )
+    method = ", ".join(f"{k}={v}" for k, v in c.method.items()) or "n/a"
+    prompts = "; ".join(f"{k}: {Path(p.path).name} ({p.count} prompts, sha256 `{p.sha256[:16]}`)"
+                        for k, p in c.prompts.items()) or "n/a"
+    dtypes = sorted({t.dtype for t in manifest.tensors})
+    total = c.model.total_neurons
+    lines = [
+        f"# {Path(manifest.source).name or manifest.source}, CNA-steered",
+        "",
+        f"This checkpoint is `{manifest.source}` with a Contrastive Neuron Attribution (CNA) circuit folded into its "
+        f"weights by cna-export {manifest.tool_version}: {len(mults)} MLP neurons in {len(counts)} layers are "
+        f"multiplied by {_multiplier_summary(mults)}. No hooks or custom code are needed to run it; it loads with "
+        "`AutoModelForCausalLM.from_pretrained`.",
+        "",
+        "## Steering",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| circuit | {len(c.neurons)} neurons ({len(c.neurons) / total:.3%} of {total} MLP neurons), {c.kind} "
+        f"on `{c.model.name}` ({c.model.architecture}, fingerprint `{(c.model.fingerprint or 'none')[:16]}`) |",
+        f"| multiplier | {_multiplier_summary(mults)} |",
+        "| fold | down_proj columns: `W[:, j] *= m` for each circuit neuron `j` (float32 arithmetic, rounded "
+        f"once to {', '.join(dtypes) or 'the tensor dtype'}); equivalent to scaling the neuron's activation |",
+        "| touched layers | " + ", ".join(f"L{layer}: {n}" for layer, n in counts.items()) + " |",
+        f"| method | {method} |",
+        f"| prompt sets | {prompts} |",
+        f"| source | `{manifest.source}` ({manifest.source_format}) |",
+        "",
+        "## Verification",
+        "",
+    ]
+    if verification is None:
+        lines += [
+            "Not verified. To check that these weights behave like hook steering of the original, run:",
+            "",
+            "```bash",
+            f"cna-export verify --original {manifest.source} --exported <this folder>",
+            "```",
+        ]
+    else:
+        m = verification.metrics
+        status = "passed" if verification.passed else "FAILED: " + "; ".join(verification.reasons)
+        lines += [
+            f"Verified at export time against hook steering of the original ({verification.dtype}, "
+            f"{int(m.get('prompts', 0))} prompts, every prompt position): **{status}**.",
+            "",
+            "| metric | value | tolerance |",
+            "|---|---|---|",
+        ]
+        t = verification.tolerances
+        for label, key, fmt in (("max abs delta logit", "max_abs_logit_delta", "{:.3e}"),
+                                ("mean KL", "mean_kl", "{:.3e}"),
+                                ("top-1 agreement", "top1_agreement", "{:.2%}"),
+                                ("identical greedy continuations", "greedy_identical", "{:.2%}")):
+            if key in m:
+                lines.append(f"| {label} | {fmt.format(m[key])} | {t.describe(key)} |")
+    lines += [
+        "",
+        "## Provenance",
+        "",
+        f"`{MANIFEST_FILE}` records the circuit manifest, the multiplier of every neuron and, for each touched "
+        "tensor, the sha256 before and after folding; each rewritten shard carries a short summary in its "
+        f"safetensors metadata under `{SHARD_METADATA_KEY}`. All other tensors are the source's, unchanged.",
+        "",
+        "Steering changes the model's behaviour (for a refusal circuit, multiplier 0 weakens refusals). Use it "
+        "responsibly and in line with the base model's licence.",
+        "",
+    ]
+    text = f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)
+    return str(ModelCard(text))
+
+
+# -- entry point --------------------------------------------------------------------------------
+
+
+def export_safetensors(
+    model: str | Path,
+    circuit: Circuit | str | Path,
+    out: str | Path,
+    multiplier: float | None = None,
+    multipliers: Mapping[tuple[int, int], float] | str | Path | None = None,
+    overwrite: bool = False,
+    link: bool = False,
+    force: bool = False,
+    check: ExportCheck | None = None,
+    dtype: str = "auto",
+    max_shard_size: str | None = None,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+    progress: bool = False,
+) -> ExportResult:
+    """Fold ``circuit`` (with ``multiplier``, per-neuron ``multipliers``, or its own) into a copy of ``model``.
+
+    ``model`` is a safetensors folder, a Hub id, a ``.gguf`` file or ``bundled:NAME``. ``dtype`` and
+    ``max_shard_size`` only apply when the source must be converted first (GGUF, pickles). A
+    ``check`` (see :mod:`cna_export.export.plan`) runs on the staged folder before it is moved into
+    place; when it fails, :class:`VerificationFailed` (with ``.report``) is raised and nothing is
+    left behind. :func:`cna_export.pipeline.export` passes the verification as that check.
+    """
+    t0 = time.perf_counter()
+    circ = circuit if isinstance(circuit, Circuit) else Circuit.load(circuit)
+    mults = resolve_export_multipliers(circ, multiplier, multipliers)
+    if not mults:
+        raise CnaError("the circuit has no neurons; nothing to export")
+    source = resolve_source(model)
+    inputs = tuple(p for p in (source.path,) if p is not None)
+    out_path = check_output_path(Path(out), overwrite, inputs)
+
+    staging: Path | None = None
+    loaded = None
+    try:
+        if source.kind == "hub":
+            folder = _hub_folder(source.spec)
+        else:
+            assert source.path is not None
+            folder = source.path
+        needs_conversion = source.kind == "gguf" or not _has_safetensors(folder)
+        if needs_conversion and source.kind != "gguf" and not _has_pickle(folder):
+            raise CnaError(f"model {model} has no safetensors (or other) weights")
+        if needs_conversion and source.kind != "gguf" and not allow_pickle:
+            raise CnaError(
+                f"model {model} has only pickled weights (.bin/.pt); pass --allow-pickle to load and convert them "
+                "(unpickling can run arbitrary code)"
+            )
+        if needs_conversion:
+            staging = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.convert-", suffix=".tmp", dir=out_path.parent))
+            loaded, identity = convert_to_safetensors(source.spec, staging, dtype, max_shard_size, allow_pickle,
+                                                      trust_remote_code)
+            if check is None:
+                loaded = None
+                gc.collect()
+            _, arch, ckpt, down_names = checkpoint_identity(
+                staging, source.spec, source.kind, trust_remote_code, with_fingerprint=False)
+            folder_for_fold = staging
+        else:
+            identity, arch, ckpt, down_names = checkpoint_identity(
+                folder, source.spec, "hub" if source.kind == "hub" else "hf", trust_remote_code)
+            folder_for_fold = folder
+        notes = circ.check_fits(identity, force=force)
+        for note in notes:
+            log.warning(note)
+        plan = _plan(ckpt, arch, identity, down_names, mults)
+
+        result = ExportResult(out=out_path, manifest=None, source_folder=str(folder_for_fold),  # type: ignore[arg-type]
+                              converted=needs_conversion, linked=link and not needs_conversion)
+        circuit_sha = hashlib.sha256(circ.to_json().encode()).hexdigest()
+        manifest = ExportManifest(
+            format="safetensors", source=source.spec, source_format=identity.source_format, fold="down",
+            circuit=circ, multipliers=multipliers_list(mults), notes=list(notes),
+        )
+        with atomic_dir(out_path, overwrite=overwrite, inputs=inputs) as tmp:
+            try:
+                _write(plan, folder_for_fold, tmp, manifest, result, circuit_sha, mults,
+                       link=link or needs_conversion, progress=progress)
+            except OSError as e:
+                raise CnaError(f"cannot write {out_path}: {e.strerror or e}") from None
+            if check is not None:
+                original: Any = loaded if loaded is not None else str(folder_for_fold)
+                staged = StagedExport(tmp, manifest, original, source.spec, out_path)
+                try:
+                    result.verification = run_check(check, staged)
+                finally:  # the failed report is written too, for the error message's table
+                    if manifest.verification is not None:
+                        (tmp / MANIFEST_FILE).write_text(manifest.to_json() + "\n", "utf-8")
+                        (tmp / CARD_FILE).write_text(model_card(manifest, result.verification), "utf-8")
+        result.manifest = manifest
+        result.seconds = time.perf_counter() - t0
+        return result
+    finally:
+        loaded = None
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _write(
+    plan: _Plan, folder: Path, tmp: Path, manifest: ExportManifest, result: ExportResult, circuit_sha: str,
+    mults: Mapping[tuple[int, int], float], link: bool, progress: bool,
+) -> None:
+    files = _files(folder)
+    shards = set(plan.ckpt.files)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(files), desc="export", unit="file")
+    for rel in files:
+        key = rel.as_posix()
+        src, dst = folder / rel, tmp / rel
+        if key in plan.by_file:
+            summary = _shard_summary(circuit_sha, mults, plan.by_file[key])
+            manifest.tensors.extend(_fold_shard(plan, key, dst, summary))
+            result.rewritten_shards.append(key)
+        elif key in shards:
+            st_io.copy_file(src, dst, link=link)
+            result.copied_shards.append(key)
+        elif key in (MANIFEST_FILE, CARD_FILE):
+            pass  # replaced by ours
+        elif src.suffix.lower() in OTHER_WEIGHT_SUFFIXES:
+            result.left_out.append(key)
+        else:
+            st_io.copy_file(src, dst)
+            result.other_files.append(key)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    if result.left_out:
+        manifest.notes.append("not copied (weights outside the folded safetensors checkpoint, which would not carry "
+                              "the steering): " + ", ".join(result.left_out))
+    (tmp / MANIFEST_FILE).write_text(manifest.to_json() + "\n", "utf-8")
+    (tmp / CARD_FILE).write_text(model_card(manifest), "utf-8")
+    result.total_bytes = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())

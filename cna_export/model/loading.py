@@ -1,0 +1,205 @@
+"""Model loading: a Hugging Face folder, a Hub id, or a ``.gguf`` file (dequantised by transformers).
+
+Loading is plain ``from_pretrained``: users with a network get the Hub, and a
+GGUF file goes through transformers' ``gguf_file`` support. Large models are
+spread by accelerate through ``device_map``; cna-export has no sharding code of
+its own. Pickled weights (``.bin``/``.pt``) are never loaded unless the user
+passes ``allow_pickle``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from ..io.sources import ModelSource, resolve_source  # noqa: F401  (re-exported: model specs)
+from ..core.architectures import ArchSpec, arch_for_config
+from ..core.circuit import ModelIdentity
+from ..core.errors import CnaError
+from ..core.fingerprint import fingerprint
+
+log = logging.getLogger(__name__)
+
+DTYPES = {
+    "float32": "float32",
+    "fp32": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
+}
+
+
+def resolve_dtype(dtype: str | None, device_map: str | None) -> Any:
+    """``auto`` means float32 on CPU (fast and exact there) and the checkpoint's dtype with a device map."""
+    import torch
+
+    if dtype in (None, "auto"):
+        return "auto" if device_map else torch.float32
+    try:
+        return getattr(torch, DTYPES[dtype.lower()])
+    except KeyError:
+        raise CnaError(f"unknown dtype '{dtype}' (choose auto, float32, bfloat16 or float16)") from None
+
+
+def _has_pickle_only(path: Path) -> bool:
+    names = {f.name for f in path.iterdir()}
+    has_st = any(n.endswith(".safetensors") for n in names)
+    has_pickle = any(n.endswith((".bin", ".pt", ".pth")) for n in names)
+    return has_pickle and not has_st
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM, its tokenizer and its architecture spec."""
+
+    model: Any
+    tokenizer: Any
+    arch: ArchSpec
+    source: ModelSource
+    _fingerprint: str | None = field(default=None, repr=False)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.arch.layer_modules(self.model))
+
+    def down_proj(self, layer: int) -> Any:
+        return self.arch.down_proj_module(self.model, layer)
+
+    @property
+    def intermediate_size(self) -> int:
+        return int(self.down_proj(0).weight.shape[1])
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.down_proj(0).weight.shape[0])
+
+    @property
+    def input_device(self) -> Any:
+        return self.model.get_input_embeddings().weight.device
+
+    @property
+    def dtype(self) -> Any:
+        return self.down_proj(0).weight.dtype
+
+    def fingerprint(self) -> str | None:
+        """sha256 over every layer's down_proj weight as fp32 (independent of the load dtype when lossless)."""
+        if self._fingerprint is None:
+            import torch
+
+            weights = [self.down_proj(layer).weight for layer in range(self.num_layers)]
+            if any(w.device.type == "meta" for w in weights):
+                log.warning("down_proj weights are offloaded; the model fingerprint is not computed")
+                return None
+            with torch.no_grad():
+                self._fingerprint = fingerprint(w.detach().to("cpu", torch.float32).numpy() for w in weights)
+        return self._fingerprint
+
+    def identity(self, with_fingerprint: bool = True) -> ModelIdentity:
+        return ModelIdentity(
+            name=self.source.spec,
+            architecture=self.arch.model_type,
+            num_layers=self.num_layers,
+            intermediate_size=self.intermediate_size,
+            hidden_size=self.hidden_size,
+            fingerprint=self.fingerprint() if with_fingerprint else None,
+            source_format=self.source.kind,  # type: ignore[arg-type]
+            dtype=str(self.dtype).removeprefix("torch."),
+        )
+
+
+def load_tokenizer(source: ModelSource, trust_remote_code: bool = False) -> Any:
+    from transformers import AutoTokenizer
+
+    name, extra = source.load_args
+    try:
+        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code, **extra)
+    except (OSError, ValueError, KeyError) as e:
+        raise CnaError(f"cannot load the tokenizer of {source.spec}: {_first_line(e)}") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token  # batched capture and generation pad on the left
+        tok._cna_pad_from_eos = True
+    return tok
+
+
+def save_tokenizer(tok: Any, folder: str | Path) -> None:
+    """Save ``tok`` as its checkpoint had it: without the pad token :func:`load_tokenizer` borrowed from EOS."""
+    borrowed = getattr(tok, "_cna_pad_from_eos", False)
+    if borrowed:
+        tok.pad_token = None
+    try:
+        tok.save_pretrained(folder)
+    finally:
+        if borrowed:
+            tok.pad_token = tok.eos_token
+
+
+def load_model(
+    spec: str,
+    dtype: str | None = "auto",
+    device_map: str | None = None,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+) -> LoadedModel:
+    """Load a causal LM for capture and steering (eval mode, no grad needed)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    source = resolve_source(spec)
+    name, extra = source.load_args
+    if source.kind == "hf" and source.path is not None and _has_pickle_only(source.path) and not allow_pickle:
+        raise CnaError(
+            f"model folder {spec} has only pickled weights (.bin/.pt); pass --allow-pickle to load them "
+            "(unpickling can run arbitrary code)"
+        )
+    try:
+        config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code, **extra)
+    except (OSError, ValueError, KeyError) as e:
+        raise CnaError(f"cannot load the config of {spec}: {_first_line(e)}") from None
+    arch = arch_for_config(config)
+    kwargs: dict[str, Any] = dict(extra)
+    kwargs["dtype"] = resolve_dtype(dtype, device_map)
+    if device_map:
+        kwargs["device_map"] = device_map
+    if source.kind != "gguf":
+        kwargs["use_safetensors"] = None if allow_pickle else True
+    try:
+        with _gguf_progress(source.kind == "gguf" and sys.stderr.isatty() and log.isEnabledFor(logging.WARNING)):
+            model = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=trust_remote_code, **kwargs)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise CnaError(f"cannot load model {spec}: {_first_line(e)}") from None
+    model.eval()
+    model.requires_grad_(False)
+    tokenizer = load_tokenizer(source, trust_remote_code)
+    loaded = LoadedModel(model=model, tokenizer=tokenizer, arch=arch, source=source)
+    loaded.down_proj(0)  # fail early, with the reason, if the MLP is not what the table says
+    return loaded
+
+
+@contextlib.contextmanager
+def _gguf_progress(show: bool) -> Iterator[None]:
+    """transformers shows a tqdm bar while dequantising GGUF tensors; keep it for terminals only."""
+    try:
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    original = getattr(gguf_utils, "tqdm", None)
+    if show or original is None:
+        yield
+        return
+    gguf_utils.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0]

@@ -1,0 +1,230 @@
+"""Verify a steered GGUF export: exact tensor checks, then behaviour in llama.cpp against hook steering.
+
+Two independent checks, reported in one :class:`cna_export.verify.safetensors.VerifyReport`:
+
+1. **Tensors.** Every KV pair and every untouched tensor of the export is
+   byte-identical to the source (``general.name`` and ``cna.manifest`` aside);
+   the touched tensors hash to the manifest's before/after sha256; the
+   dequantised touched rows (columns, bias elements) equal multiplier x the
+   dequantised source rows: exactly for multipliers 0 and -1, within one
+   rounding of the scale fields otherwise; their other rows are byte-identical.
+
+2. **Behaviour.** The export in llama.cpp (llama-cpp-python, all-position
+   logits) is compared with hook steering of the source in transformers (the
+   source GGUF dequantised, :func:`cna_export.model.steering.steer`) on a prompt set,
+   with identical token ids on both sides: the transformers tokenizer's ids,
+   chat-templated as :func:`cna_export.model.prompts.render` does, fed to llama.cpp.
+   Every position is compared once: a prefix shared with an earlier prompt (a
+   chat template's system prompt) is not counted again (:func:`fresh_positions`).
+   llama.cpp never matches transformers exactly (it quantises activations for
+   quantised matmuls), so the unsteered pair (the source in llama.cpp vs
+   transformers without hooks) gives the noise floor. The export passes when
+   its discrepancy stays within that floor:
+
+   * mean KL(transformers || llama.cpp) at most ``max_kl_ratio`` x the floor's
+     plus ``max_effect_share`` x the steering effect (mean KL between hooked and
+     plain transformers). The second term is there because the floor grows with
+     steering: a steered model sits further from llama.cpp than the unsteered
+     one, the more so the harder it is steered (correct exact exports measured
+     1.03x to 1.31x the unsteered floor, an excess of 0.05% to 0.14% of the
+     steering effect; an export at x0.1 instead of x0 is 0.6% to 1.8% off, one
+     missing a tenth of its neurons 4.6% to 12%; ``bench/verify_sensitivity.py``).
+   * top-1 agreement at most ``max_top1_drop`` below the floor's, counted where
+     the transformers reference is not at a near-tie (top-1 minus top-2
+     log-probability at least ``top1_min_margin``, 0.1 nats): near-ties flip
+     under any numeric noise, and steering changes how many there are (ablating
+     SmolLM2's refusal circuit makes gaps under 0.05 nats 3-4x more common),
+     which moved raw top-1 agreement by 2 points on an export exactly as
+     accurate as its source. ``top1_min_margin=0`` counts every position.
+   * when steering moves transformers by more than the floor, llama.cpp's
+     logit change (export vs source) must reproduce transformers' (hooked vs
+     plain): their regression slope (:func:`effect_slope_terms`) within
+     ``max_steering_error`` (3%) of 1, plus twice its jackknife standard error
+     over prompts. Correct exports measure 0.998 to 1.006; multipliers off by
+     0.1, missing neurons or the wrong neurons move it well away from 1.
+   * when steering moves transformers by more than the floor, the export must
+     also be closer to the hook-steered reference than to the unsteered model
+     (so an export that forgot to steer cannot pass on noise alone).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+
+from ..core.errors import CnaError, VerificationFailed
+from ..export.gguf import read_gguf_manifest, resolve_gguf_model
+from ..io import gguf as G
+from ..core.manifest import ExportManifest
+from .report import Check, PromptDetail, Tolerances, VerifyReport
+from .prompts import verification_prompts
+
+from .gguf_behaviour import GGUFVerifyOptions, check_behaviour  # noqa: F401  (GGUFVerifyOptions: part of this API)
+from .gguf_tensors import check_tensors
+
+log = logging.getLogger(__name__)
+
+
+
+
+
+
+
+# ---------------------------------------------------------------------------
+# Tensor check
+# ---------------------------------------------------------------------------
+
+
+
+
+
+
+
+
+# ---------------------------------------------------------------------------
+# Behaviour check
+# ---------------------------------------------------------------------------
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+# ---------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------
+
+
+def verify_gguf(
+    original: str | Any | None,
+    exported: str | Path,
+    opts: GGUFVerifyOptions | None = None,
+    prompt_files: Sequence[str | Path] | None = None,
+    prompts: Sequence[str] | None = None,
+    manifest: ExportManifest | None = None,
+    behaviour: bool = True,
+    progress: bool = False,
+    raise_on_failure: bool = False,
+) -> VerifyReport:
+    """Check a steered GGUF against its source: tensors exactly, then behaviour (see the module docstring).
+
+    ``original`` is the source (a .gguf path, ``bundled:NAME``, or an already loaded
+    :class:`~cna_export.model.loading.LoadedModel` of it); ``None`` takes the manifest's source.
+    The manifest comes from the export's ``cna.manifest`` KV or side file, or ``manifest``.
+    ``prompts`` (texts) override ``prompt_files`` (default: the refusal recipe's).
+    """
+    opts = opts or GGUFVerifyOptions()
+    exp_path = Path(exported)
+    if manifest is None:
+        manifest, where = read_gguf_manifest(exp_path)
+    else:
+        where = "given manifest"
+    if manifest.format != "gguf":
+        raise CnaError(f"{exp_path} carries a {manifest.format} export manifest, not a GGUF one")
+    loaded = None if original is None or isinstance(original, (str, Path)) else original
+    if loaded is not None:
+        src_spec = loaded.source.spec
+        if loaded.source.kind != "gguf" or loaded.source.path is None:
+            raise CnaError("the original of a GGUF export must be a GGUF model")
+        src_path = loaded.source.path
+    else:
+        src_spec = str(original) if original is not None else manifest.source
+        try:
+            src_path = resolve_gguf_model(src_spec)
+        except CnaError as e:
+            raise CnaError(f"cannot use {src_spec} as the export's source ({e}); pass the source .gguf") from None
+    if src_path.resolve() == exp_path.resolve():
+        raise CnaError("the exported file and the original are the same file")
+
+    t0 = time.perf_counter()
+    src, exp = G.open_gguf(src_path), G.open_gguf(exp_path)
+    tc = check_tensors(src, exp, manifest)
+    del src, exp
+    reasons = list(tc.failures)
+    exact = sum(1 for t in tc.touched if t["exact"])
+    worst = max((t["max_abs_error"] for t in tc.touched), default=0.0)
+    notes = [
+        f"tensors: {tc.n_identical}/{tc.n_tensors - len(tc.touched)} untouched tensors and every KV pair "
+        f"byte-identical; {len(tc.touched)} touched tensors ({exact} exactly m x source, worst |error| {worst:.3g})"
+        if tc.passed else f"tensor check: {len(tc.failures)} problems",
+        f"manifest from {where}; fold {manifest.fold}",
+    ]
+    metrics: dict[str, float] = {
+        "tensors": float(tc.n_tensors),
+        "tensors_touched": float(len(tc.touched)),
+        "tensors_identical": float(tc.n_identical),
+        "tensor_max_abs_error": worst,
+        "tensor_check_seconds": time.perf_counter() - t0,
+    }
+    details: list[dict[str, Any]] = []
+    checks: list[Check] = [
+        Check(label="tensors and KV pairs exact", value=f"all {tc.n_tensors}" if tc.passed else f"{len(tc.failures)} problems",
+              tolerance="all", ok=tc.passed)
+    ]
+    prompt_list: list[str] = []
+    settings: dict[str, Any] = {"source": src_spec, "source_file": str(src_path), "threads": opts.threads,
+                                "max_kl_ratio": opts.max_kl_ratio, "max_effect_share": opts.max_effect_share,
+                                "max_top1_drop": opts.max_top1_drop, "top1_min_margin": opts.top1_min_margin,
+                                "max_steering_error": opts.max_steering_error}  # fmt: skip
+    if behaviour:
+        if prompts is not None:
+            prompt_list = list(prompts)
+            settings["prompts_used"] = len(prompt_list)
+        else:
+            prompt_list, info = verification_prompts(prompt_files, opts.limit, opts.field, opts.column)
+            settings.update(info)
+        if not prompt_list:
+            raise CnaError("verify needs at least one prompt")
+        if loaded is None:
+            from ..model.loading import load_model
+
+            loaded = load_model(src_spec)
+        b = check_behaviour(loaded, src_path, exp_path, manifest.multiplier_map(), prompt_list, opts, progress)
+        metrics.update(b.metrics)
+        details = b.details
+        reasons += b.reasons
+        notes += b.notes
+        checks += b.checks
+        if opts.max_new_tokens:
+            notes.append("greedy continuations are not compared for GGUF (llama.cpp and transformers diverge "
+                         "within the noise floor)")  # fmt: skip
+    else:
+        notes.append("behaviour not checked (tensor check only)")
+    tolerances = Tolerances().override(
+        max_abs_logit_delta=opts.max_logit_delta, max_mean_kl=opts.max_kl, min_top1_agreement=opts.min_top1
+    )
+    report = VerifyReport.build(
+        metrics, tolerances, extra_reasons=reasons,
+        method="gguf: llama.cpp export vs transformers hook steering, relative to the unsteered noise floor",
+        reference=f"{src_spec} in transformers + hook steering ({len(manifest.multipliers)} neurons)",
+        candidate=f"{exp_path} in llama.cpp",
+        dtype="float32 (transformers, dequantised GGUF) / llama.cpp native",
+        positions="all distinct", settings=settings, notes=notes, checks=checks,
+        prompts=[PromptDetail(prompt=p, **d) for p, d in zip(prompt_list, details)],
+    )  # fmt: skip
+    if raise_on_failure and not report.passed:
+        err = VerificationFailed("GGUF verification failed: " + "; ".join(report.reasons[:3]))
+        err.report = report  # type: ignore[attr-defined]
+        raise err
+    return report
