@@ -80,3 +80,128 @@ def export(
     model_options = {k: options[k] for k in ("allow_pickle", "trust_remote_code") if k in options}
     check = safetensors_check(verify_options, prompt_files, model_options, progress) if verify else None
     return export_safetensors(model, circuit, out, check=check, progress=progress, **options)
+
+
+def verify(original: Any, exported: str | Path, opts: Any = None, **kwargs: Any) -> Any:
+    """Check an export against hook steering of ``original``: a ``.gguf`` export in llama.cpp
+    (:func:`cna_export.verify.gguf.verify_gguf`), a safetensors folder in transformers
+    (:func:`cna_export.verify.safetensors.verify_export`). Returns the report; ``report.passed``."""
+    if str(exported).lower().endswith(".gguf"):
+        from .verify.gguf import verify_gguf
+
+        return verify_gguf(original, exported, opts, **kwargs)
+    from .verify.safetensors import verify_export
+
+    return verify_export(original, exported, opts, **kwargs)
+
+
+def run_export(
+    model: str | Path, circuit: str | Path, out: str | Path, options: Any, gguf: Any = None, verify_options: Any = None,
+    model_options: Any = None, progress: bool = False,
+) -> tuple[Format, Any]:
+    """The ``export`` job: :func:`export` with its settings models (``options``:
+    :class:`~cna_export.core.settings.ExportOptions`, ``gguf``: ``GGUFExportOptions``, ``verify_options``:
+    ``GGUFVerifyOptions``, ``model_options``: ``ModelOptions``); flags of the other format are refused.
+    Returns the format written and the exporter's result."""
+    from .core.errors import CnaError
+    from .core.settings import GGUFExportOptions, GGUFVerifyOptions, ModelOptions, VerifyOptions
+
+    o, g = options, gguf or GGUFExportOptions()
+    vopts = verify_options or GGUFVerifyOptions()
+    mopts = model_options or ModelOptions()
+    fmt = export_format(out, g.format)
+    common = dict(multiplier=o.multiplier, multipliers=o.multipliers, overwrite=o.overwrite, force=o.force,
+                  verify=o.verify, prompt_files=o.prompts, progress=progress)
+    if fmt == "gguf":
+        if o.link or o.max_shard_size:
+            raise CnaError("--link and --max-shard-size apply to safetensors exports, not GGUF")
+        return fmt, export(model, circuit, out, format=fmt, fold=g.fold or "up", fast_copy=g.fast_copy,
+                           modelfile=g.modelfile, verify_options=vopts, **common)
+    if g.fold == "up" or g.fast_copy or not g.modelfile:
+        raise CnaError("--fold up, --fast-copy and --no-modelfile apply to GGUF exports (--format gguf)")
+    sopts = VerifyOptions(**vopts.model_dump(include=set(VerifyOptions.model_fields)))
+    return fmt, export(model, circuit, out, format=fmt, link=o.link, dtype=o.convert_dtype,
+                       max_shard_size=o.max_shard_size, allow_pickle=mopts.allow_pickle,
+                       trust_remote_code=mopts.trust_remote_code, verify_options=sopts, **common)
+
+
+def verify(
+    original: str | Path, exported: str | Path, opts: Any = None, prompt_files: Sequence[str | Path] | None = None,
+    model_options: Any = None, progress: bool = False,
+) -> Any:
+    """Verify an export against hook steering of ``original``: a ``.gguf`` file in llama.cpp
+    (:func:`cna_export.verify.gguf.verify_gguf`), else a safetensors folder
+    (:func:`cna_export.verify.safetensors.verify_export`). ``opts``: ``GGUFVerifyOptions``."""
+    from .core.settings import GGUFVerifyOptions, ModelOptions, VerifyOptions
+
+    opts = opts or GGUFVerifyOptions()
+    if Path(exported).suffix.lower() == ".gguf":
+        from .verify.gguf import verify_gguf
+
+        gopts = opts if isinstance(opts, GGUFVerifyOptions) else GGUFVerifyOptions(**opts.model_dump())
+        return verify_gguf(original, exported, gopts, prompt_files=prompt_files, progress=progress)
+    from .verify.safetensors import verify_export
+
+    mopts = model_options or ModelOptions()
+    sopts = VerifyOptions(**opts.model_dump(include=set(VerifyOptions.model_fields)))
+    return verify_export(original, exported, sopts, prompt_files=prompt_files,
+                         model_options=mopts.model_dump(exclude={"dtype"}), progress=progress)
+
+
+def run_discover(model: str | Path, out: str | Path, opts: Any, model_options: Any = None, overwrite: bool = False,
+                 progress: bool = False) -> Any:
+    """The ``discover`` job: read the prompt sets, load ``model``, find the circuit and save it to ``out``.
+    ``opts``: :class:`~cna_export.core.settings.DiscoverOptions`. Returns a namespace with ``result``
+    (the discovery result), ``loaded``, the prompt sets and ``load_seconds``."""
+    import time
+    from types import SimpleNamespace
+
+    from .core.atomic import check_output_path
+    from .core.errors import CnaError
+    from .core.settings import ModelOptions
+    from .discover.discovery import discover
+    from .model.loading import load_model
+    from .model.prompts import load_prompts
+
+    if not opts.positive or not opts.negative:
+        raise CnaError("discover needs --positive and --negative prompt files (or a --recipe that names them)")
+    check_output_path(Path(out), overwrite)
+    sel = dict(field=opts.field, column=opts.column, limit=opts.limit)
+    positive = load_prompts(opts.positive, **sel)
+    negative = load_prompts(opts.negative, **sel)
+    neutral = load_prompts(opts.neutral, limit=opts.limit) if opts.neutral else None
+    t0 = time.perf_counter()
+    loaded = load_model(model, **(model_options or ModelOptions()).model_dump())
+    load_seconds = time.perf_counter() - t0
+    result = discover(loaded, positive, negative, neutral, opts, progress=progress)
+    result.circuit.save(out, overwrite=overwrite)
+    return SimpleNamespace(result=result, loaded=loaded, positive=positive, negative=negative, neutral=neutral,
+                           load_seconds=load_seconds)
+
+
+def run_generate(model: str | Path, prompts: Sequence[str], circuit: str | Path | None = None,
+                 multiplier: float | None = None, *, force: bool = False, compare: bool = False,
+                 model_options: Any = None, **gen: Any) -> tuple[list[str] | None, list[str]]:
+    """The ``generate`` job: greedy answers to ``prompts`` with ``circuit`` hook-steered (and, with
+    ``compare``, unsteered ones too). Returns ``(unsteered or None, steered)``; ``gen``: options
+    of :func:`cna_export.model.generation.generate`."""
+    import logging
+
+    from .core.errors import CnaError
+    from .core.settings import ModelOptions
+    from .model.generation import generate
+    from .model.loading import load_model
+    from .model.steering import steer_circuit
+
+    c = Circuit.load(circuit) if circuit else None
+    if c is None and multiplier is not None:
+        raise CnaError("--multiplier needs --circuit")
+    loaded = load_model(model, **(model_options or ModelOptions()).model_dump())
+    if c is not None:
+        for note in c.check_fits(loaded.identity(), force=force):
+            logging.getLogger("cna_export").warning(note)
+    prompts = list(prompts)
+    with steer_circuit(loaded, c, multiplier):
+        steered = generate(loaded, prompts, **gen)
+    base = generate(loaded, prompts, **gen) if compare and c is not None else None
+    return base, steered

@@ -14,7 +14,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from cna_export.inspect.audit import AuditSettings, audit, scan_base_free
+from cna_export.inspect.audit import AuditSettings, audit
+from cna_export.inspect.scan import scan_base_free
 from cna_export.core.errors import CnaError
 from cna_export.core.circuit import Circuit, Neuron
 from cna_export.cli import main

@@ -21,7 +21,8 @@ from cna_export.core.manifest import GGUF_KEY
 from cna_export.core.settings import DiscoverOptions, load_recipe
 from cna_export.model.prompts import load_prompts
 from cna_export.verify.gguf import GGUFVerifyOptions, verify_gguf
-from cna_export.verify.gguf_behaviour import llama_logits, token_ids
+from cna_export.io.llama import llama_logits
+from cna_export.verify.gguf_behaviour import token_ids
 
 pytestmark = [pytest.mark.slow, pytest.mark.llama]
 pytest.importorskip("llama_cpp", reason="pip install llama-cpp-python")

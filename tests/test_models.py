@@ -71,3 +71,53 @@ def test_borrowed_pad_token_is_not_saved(tmp_path):
     # a tokenizer with its own pad token keeps it
     save_tokenizer(load_tokenizer(resolve_source(str(tmp_path / "own"))), tmp_path / "own-out")
     assert json.loads((tmp_path / "own-out" / "tokenizer_config.json").read_text())["pad_token"] == "<pad>"
+
+
+# -- the architecture table (core/data/architectures.json), validated by pydantic -----------------
+
+
+def _shipped_table() -> dict:
+    import json
+    from importlib import resources
+
+    from cna_export.core.architectures import TABLE_FILE
+
+    return json.loads(resources.files("cna_export").joinpath(TABLE_FILE).read_text("utf-8"))
+
+
+def test_shipped_architecture_table_validates():
+    import json
+
+    from cna_export.core.architectures import ArchTable, get_arch, parse_table, supported_model_types
+
+    table = parse_table(json.dumps(_shipped_table()))
+    assert isinstance(table, ArchTable) and set(table.supported) == set(supported_model_types())
+    for model_type, entry in table.supported.items():
+        spec = get_arch(model_type)
+        assert spec.model_type == model_type and spec.checkpoint.down == entry.checkpoint.down
+        assert spec.gguf.arch == entry.gguf.arch and spec.up_rows == entry.up_rows
+    assert get_arch("phi3").fused_gate_up and get_arch("phi3").up_row(3, 10) == 13
+
+
+@pytest.mark.parametrize("where, key, value, message", [
+    (("supported", "llama"), "mlp_path", "mlp", r"supported\.llama\.mlp_path: Extra inputs are not permitted"),
+    (("supported", "llama"), "gated", "yes", r"supported\.llama\.gated: Input should be a valid boolean"),
+    (("supported", "llama"), "hf_classes", "LlamaForCausalLM", r"supported\.llama\.hf_classes: Input should be a valid"),
+    (("supported", "qwen2", "gguf"), "down", "blk.ffn_down.weight", r"supported\.qwen2\.gguf\.down: .*no \{layer\}"),
+    (("supported", "phi3"), "up_rows", "first_half", r"supported\.phi3\.up_rows: Input should be 'plain' or 'second_half'"),
+    ((), "extra", {}, r"extra: Extra inputs are not permitted"),
+])
+def test_malformed_architecture_table_is_refused(where, key, value, message):
+    import json
+
+    from cna_export.core.architectures import parse_table
+
+    data = _shipped_table()
+    node = data
+    for k in where:
+        node = node[k]
+    node[key] = value
+    with pytest.raises(CnaError, match="architecture table .* is malformed: .*" + message):
+        parse_table(json.dumps(data))
+    with pytest.raises(CnaError, match="is malformed"):
+        parse_table("{not json")

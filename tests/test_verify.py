@@ -15,7 +15,7 @@ from cna_export import cli
 from cna_export.export.safetensors import export_safetensors
 from cna_export.core.manifest import ExportManifest
 from cna_export.verify.report import Tolerances, VerifyReport, logit_metrics
-from cna_export.verify.safetensors import VerifyOptions, verify_export
+from cna_export.verify.safetensors import VerifyOptions, tolerances, verify_export
 from cna_export.verify.prompts import verification_prompts
 
 from conftest import ARCHS, EXPORT_COMBOS, EXPORT_IDS, PLANTED, make_tiny_model, planted_circuit
@@ -181,7 +181,7 @@ def test_logit_metrics_and_tolerances():
     assert set(fp32.failures({"max_abs_logit_delta": float("nan"), "greedy_identical": 0.5})) == {
         "max_abs_logit_delta", "greedy_identical"}
     assert set(half.failures({"top1_agreement": 0.98, "mean_kl": 2e-3})) == {"top1_agreement", "mean_kl"}
-    loose = VerifyOptions(max_logit_delta=0.5, identical_greedy=False).tolerances("float32")
+    loose = tolerances(VerifyOptions(max_logit_delta=0.5, identical_greedy=False), "float32")
     assert loose.failures({"max_abs_logit_delta": 0.4, "greedy_identical": 0.0}) == {}
 
 

@@ -1,7 +1,7 @@
 """Command line: a thin layer over the library API.
 
-One module per group of sub-commands (``discover``, ``export``, ``evaluate``,
-``audit``), registered in ``_registry``. Every sub-command parses flags
+One module per group of sub-commands (``discover``, ``export``, ``verify``,
+``evaluate``, ``audit``), registered in ``_registry``. Every sub-command parses flags
 (generated from the options models), calls one library function and prints a
 summary. User errors end as one line on stderr
 and a non-zero exit code; see ``docs/exit-codes.md``.
@@ -17,10 +17,11 @@ from typing import Sequence
 
 from ..core.version import __version__
 from ..core.errors import CnaError
+from ..core.progress import wanted
 from ._registry import COMMANDS, PARSERS
 
 # importing the command modules registers their commands; --help lists them in this order
-from . import discover, export, evaluate, audit  # noqa: E402,F401,I001  isort: skip
+from . import discover, export, verify, evaluate, audit  # noqa: E402,F401,I001  isort: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         import transformers
 
         transformers.logging.set_verbosity_error()
-        if ns.quiet or not sys.stderr.isatty():
+        if not wanted(ns.quiet):
             transformers.logging.disable_progress_bar()
     except ImportError:  # pragma: no cover - transformers is a hard dependency
         pass

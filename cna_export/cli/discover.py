@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import time
-from pathlib import Path
 from typing import Any
 
-from ..core.errors import CnaError
-from ..core.settings import DiscoverOptions, ModelOptions, PromptOptions, add_flags, build, flags_of, load_recipe
-from ._registry import PARSERS, command, log
+from ..core.settings import (
+    DiscoverOptions, Force, GenerateOptions, ModelOptions, Multiplier, Overwrite, PromptOptions, add_flags, load_recipe,
+    settings_of,
+)
+from ._registry import PARSERS, command
 
 
 # -- discover -------------------------------------------------------------------------
@@ -17,42 +17,30 @@ from ._registry import PARSERS, command, log
 
 @command("discover")
 def cmd_discover(ns: argparse.Namespace) -> int:
-    from ..discover.discovery import discover
-    from ..core.atomic import check_output_path
-    from ..model.loading import load_model
-    from ..model.prompts import load_prompts
+    from ..pipeline import run_discover
 
     recipe = load_recipe(ns.recipe) if ns.recipe else {}
-    opts: DiscoverOptions = build(DiscoverOptions, recipe, flags_of(ns, DiscoverOptions))
-    mopts: ModelOptions = build(ModelOptions, recipe, flags_of(ns, ModelOptions))
-    if not opts.positive or not opts.negative:
-        raise CnaError("discover needs --positive and --negative prompt files (or a --recipe that names them)")
-    check_output_path(Path(ns.out), ns.overwrite)
-    sel = dict(field=opts.field, column=opts.column, limit=opts.limit)
-    positive = load_prompts(opts.positive, **sel)
-    negative = load_prompts(opts.negative, **sel)
-    neutral = load_prompts(opts.neutral, limit=opts.limit) if opts.neutral else None
-    t0 = time.perf_counter()
-    loaded = load_model(ns.model, **mopts.model_dump())
-    t_load = time.perf_counter() - t0
-    result = discover(loaded, positive, negative, neutral, opts, progress=not ns.quiet)
-    circuit = result.circuit
-    circuit.save(ns.out, overwrite=ns.overwrite)
-    if not ns.quiet:
-        reports = result.stats.reports
-        total = sum(r.seconds for r in reports.values())
-        prompts = sum(r.prompts for r in reports.values())
-        print(f"model        {ns.model} ({loaded.arch.model_type}, {loaded.num_layers} layers x "
-              f"{loaded.intermediate_size} neurons, loaded in {t_load:.1f}s)")
-        print(f"prompts      {len(positive)} positive, {len(negative)} negative"
-              + (f", {len(neutral)} neutral" if neutral else ""))
-        print(f"capture      {prompts} prompts in {total:.1f}s ({prompts / total:.1f} prompts/s, batch {opts.batch_size})")
-        print(f"universal    {len(circuit.universal_neurons)} neurons excluded "
-              f"(top-{opts.universal_top_k} on >= {opts.universal_threshold:.0%} of neutral prompts)"
-              if neutral else "universal    no neutral set: filter not applied")
-        print(f"circuit      {len(circuit.neurons)} neurons ({len(circuit.neurons) / (loaded.num_layers * loaded.intermediate_size):.3%} of all)")
-        print("per layer    " + " ".join(f"L{k}:{v}" for k, v in circuit.layer_counts().items()))
-        print(f"wrote        {ns.out}")
+    opts: DiscoverOptions = settings_of(ns, DiscoverOptions, recipe)
+    run = run_discover(ns.model, ns.out, opts, settings_of(ns, ModelOptions, recipe),
+                       overwrite=settings_of(ns, Overwrite).overwrite, progress=not ns.quiet)
+    if ns.quiet:
+        return 0
+    loaded, circuit, neutral = run.loaded, run.result.circuit, run.neutral
+    reports = run.result.stats.reports
+    total = sum(r.seconds for r in reports.values())
+    prompts = sum(r.prompts for r in reports.values())
+    print(f"model        {ns.model} ({loaded.arch.model_type}, {loaded.num_layers} layers x "
+          f"{loaded.intermediate_size} neurons, loaded in {run.load_seconds:.1f}s)")
+    print(f"prompts      {len(run.positive)} positive, {len(run.negative)} negative"
+          + (f", {len(neutral)} neutral" if neutral else ""))
+    print(f"capture      {prompts} prompts in {total:.1f}s ({prompts / total:.1f} prompts/s, batch {opts.batch_size})")
+    print(f"universal    {len(circuit.universal_neurons)} neurons excluded "
+          f"(top-{opts.universal_top_k} on >= {opts.universal_threshold:.0%} of neutral prompts)"
+          if neutral else "universal    no neutral set: filter not applied")
+    print(f"circuit      {len(circuit.neurons)} neurons "
+          f"({len(circuit.neurons) / (loaded.num_layers * loaded.intermediate_size):.3%} of all)")
+    print("per layer    " + " ".join(f"L{k}:{v}" for k, v in circuit.layer_counts().items()))
+    print(f"wrote        {ns.out}")
     return 0
 
 
@@ -61,7 +49,7 @@ def _discover_parser(sub: Any) -> None:
     p.add_argument("--model", required=True, help="HF folder, Hub id, .gguf file, or bundled:smollm2")
     p.add_argument("--out", required=True, help="circuit manifest to write (JSON)")
     p.add_argument("--recipe", help="YAML recipe supplying these settings (CLI flags win)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    add_flags(p, Overwrite)
     add_flags(p, DiscoverOptions)
     add_flags(p, ModelOptions)
 
@@ -71,35 +59,22 @@ def _discover_parser(sub: Any) -> None:
 
 @command("generate")
 def cmd_generate(ns: argparse.Namespace) -> int:
-    from ..core.circuit import Circuit, check_multiplier
-    from ..model.generation import generate
-    from ..model.loading import load_model
-    from ..model.steering import steer_circuit
+    from ..pipeline import run_generate
 
-    circuit = Circuit.load(ns.circuit) if ns.circuit else None
-    if circuit is None and ns.multiplier is not None:
-        raise CnaError("--multiplier needs --circuit")
-    if ns.multiplier is not None:
-        check_multiplier(ns.multiplier)
-    popts: PromptOptions = build(PromptOptions, flags_of(ns, PromptOptions))
-    mopts: ModelOptions = build(ModelOptions, flags_of(ns, ModelOptions))
-    loaded = load_model(ns.model, **mopts.model_dump())
-    if circuit is not None:
-        for note in circuit.check_fits(loaded.identity(), force=ns.force):
-            log.warning(note)
-    prompts = list(ns.prompt)
-    gen = dict(max_new_tokens=ns.max_new_tokens, chat_template=popts.chat_template,
-               system_prompt=popts.system_prompt, batch_size=popts.batch_size)
-    with steer_circuit(loaded, circuit, ns.multiplier):
-        steered = generate(loaded, prompts, **gen)
-    base = generate(loaded, prompts, **gen) if ns.compare and circuit is not None else None
-    for i, prompt in enumerate(prompts):
-        if len(prompts) > 1 or base is not None:
+    g: GenerateOptions = settings_of(ns, GenerateOptions)
+    popts: PromptOptions = settings_of(ns, PromptOptions)
+    m = settings_of(ns, Multiplier).multiplier
+    base, steered = run_generate(
+        ns.model, ns.prompt, ns.circuit, m, force=settings_of(ns, Force).force, compare=g.compare,
+        model_options=settings_of(ns, ModelOptions), max_new_tokens=g.max_new_tokens, chat_template=popts.chat_template,
+        system_prompt=popts.system_prompt, batch_size=popts.batch_size)
+    for i, prompt in enumerate(ns.prompt):
+        if len(ns.prompt) > 1 or base is not None:
             print(f"### prompt: {prompt}")
         if base is not None:
             print("--- unsteered ---")
             print(base[i])
-            print(f"--- steered (x{ns.multiplier if ns.multiplier is not None else 'per-neuron'}) ---")
+            print(f"--- steered (x{m if m is not None else 'per-neuron'}) ---")
         print(steered[i])
     return 0
 
@@ -109,10 +84,9 @@ def _generate_parser(sub: Any) -> None:
     p.add_argument("prompt", nargs="+", help="one or more prompts")
     p.add_argument("--model", required=True, help="HF folder, Hub id, .gguf file, or bundled:smollm2")
     p.add_argument("--circuit", help="circuit manifest (omit to generate unsteered)")
-    p.add_argument("--multiplier", type=float, help="multiplier for every circuit neuron (default: the circuit's own)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--compare", action="store_true", help="also print the unsteered continuation")
-    p.add_argument("--force", action="store_true", help="apply a circuit found on different weights")
+    add_flags(p, Multiplier)
+    add_flags(p, GenerateOptions)
+    add_flags(p, Force)
     add_flags(p, PromptOptions, skip=("field", "column", "max_length"))
     add_flags(p, ModelOptions)
 

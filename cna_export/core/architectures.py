@@ -3,18 +3,20 @@
 Everything cna-export needs to know about a model family (where its decoder
 layers live, what its MLP projections are called in modules, in safetensors
 checkpoints and in GGUF files, whether the MLP is gated or fuses gate and up)
-lives in ``data/architectures.json``. This module only loads that table into
-typed records and answers look-ups; there are no per-architecture if-chains
+lives in ``data/architectures.json``. This module validates that table once
+(pydantic models :class:`ArchTable` / :class:`ArchEntry`, unknown keys and wrong
+types refused), builds typed records from it and answers look-ups; there are no per-architecture if-chains
 anywhere else in the package.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
-from typing import Any
+from typing import Any, Dict, Literal, Optional, Tuple
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import CnaError
 
@@ -110,42 +112,133 @@ def _get_path(obj: Any, dotted: str) -> Any:
     return obj
 
 
+# ---------------------------------------------------------------------------
+# The table file, validated
+# ---------------------------------------------------------------------------
+
+TABLE_FILE = "core/data/architectures.json"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+def _templates(names: tuple[str, ...] | str | None) -> tuple[str, ...] | str | None:
+    for name in (names,) if isinstance(names, str) else (names or ()):
+        if "{layer}" not in name:
+            raise ValueError(f"tensor-name template '{name}' has no {{layer}}")
+    return names
+
+
+class CheckpointEntry(_Strict):
+    """Safetensors tensor-name templates of one architecture."""
+
+    down: Tuple[str, ...] = Field(min_length=1)
+    up: Tuple[str, ...] = Field(min_length=1)
+    up_bias: Tuple[str, ...] = ()
+
+    _names = field_validator("down", "up", "up_bias")(_templates)
+
+
+class GGUFEntry(_Strict):
+    """llama.cpp tensor-name templates and ``general.architecture`` values of one architecture."""
+
+    arch: Tuple[str, ...] = Field(min_length=1)
+    down: str
+    up: str
+    gate: Optional[str] = None
+    up_bias: Optional[str] = None
+
+    _names = field_validator("down", "up", "gate", "up_bias")(_templates)
+
+
+class ArchEntry(_Strict):
+    """One ``supported`` entry of the table (see the table's ``_comment``)."""
+
+    hf_classes: Tuple[str, ...] = Field(min_length=1)
+    decoder: str
+    layers: str
+    mlp: str
+    down_proj: str
+    up_proj: str
+    gate_proj: Optional[str]
+    gated: bool
+    fused_gate_up: bool
+    up_rows: Literal["plain", "second_half"]
+    checkpoint: CheckpointEntry
+    gguf: GGUFEntry
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ArchEntry":
+        if (self.up_rows == "second_half") != self.fused_gate_up:
+            raise ValueError("up_rows must be 'second_half' exactly when fused_gate_up is true")
+        if self.gated and not self.fused_gate_up and self.gate_proj is None:
+            raise ValueError("a gated MLP without fused gate_up needs gate_proj")
+        return self
+
+
+class ArchTable(_Strict):
+    """The whole table: supported architectures by ``model_type``, and refused ones with the reason."""
+
+    comment: str = Field("", alias="_comment")
+    supported: Dict[str, ArchEntry] = Field(min_length=1)
+    unsupported: Dict[str, str] = {}
+
+    @model_validator(mode="after")
+    def _disjoint(self) -> "ArchTable":
+        both = sorted(set(self.supported) & set(self.unsupported))
+        if both:
+            raise ValueError(f"listed as both supported and unsupported: {', '.join(both)}")
+        return self
+
+
+def parse_table(text: str, where: str = TABLE_FILE) -> ArchTable:
+    """Validate the JSON text of an architecture table; a :class:`CnaError` naming every problem if malformed."""
+    try:
+        return ArchTable.model_validate_json(text)
+    except ValidationError as e:
+        problems = "; ".join(
+            f"{'.'.join(str(x) for x in err['loc']) or '(top level)'}: {err['msg']}" for err in e.errors()
+        )
+        raise CnaError(f"the architecture table {where} is malformed: {problems}") from None
+
+
 @lru_cache(maxsize=1)
-def _table() -> dict[str, Any]:
-    text = resources.files("cna_export").joinpath("core/data/architectures.json").read_text("utf-8")
-    return json.loads(text)
+def _table() -> ArchTable:
+    return parse_table(resources.files("cna_export").joinpath(TABLE_FILE).read_text("utf-8"))
 
 
 def supported_model_types() -> list[str]:
-    return sorted(_table()["supported"])
+    return sorted(_table().supported)
 
 
-def _spec_from_entry(model_type: str, e: dict[str, Any]) -> ArchSpec:
-    c, g = e["checkpoint"], e["gguf"]
+def _spec_from_entry(model_type: str, e: ArchEntry) -> ArchSpec:
+    c, g = e.checkpoint, e.gguf
     return ArchSpec(
         model_type=model_type,
-        hf_classes=tuple(e["hf_classes"]),
-        decoder=e["decoder"],
-        layers=e["layers"],
-        mlp=e["mlp"],
-        down_proj=e["down_proj"],
-        up_proj=e["up_proj"],
-        gate_proj=e["gate_proj"],
-        gated=bool(e["gated"]),
-        fused_gate_up=bool(e["fused_gate_up"]),
-        up_rows=e["up_rows"],
-        checkpoint=CheckpointNames(tuple(c["down"]), tuple(c["up"]), tuple(c.get("up_bias", []))),
-        gguf=GGUFNames(tuple(g["arch"]), g["down"], g["up"], g.get("gate"), g.get("up_bias")),
+        hf_classes=e.hf_classes,
+        decoder=e.decoder,
+        layers=e.layers,
+        mlp=e.mlp,
+        down_proj=e.down_proj,
+        up_proj=e.up_proj,
+        gate_proj=e.gate_proj,
+        gated=e.gated,
+        fused_gate_up=e.fused_gate_up,
+        up_rows=e.up_rows,
+        checkpoint=CheckpointNames(c.down, c.up, c.up_bias),
+        gguf=GGUFNames(g.arch, g.down, g.up, g.gate, g.up_bias),
     )
 
 
+@lru_cache(maxsize=None)
 def get_arch(model_type: str) -> ArchSpec:
     """The spec for a Hugging Face ``model_type``; a clear error for anything else."""
     table = _table()
-    if model_type in table["supported"]:
-        return _spec_from_entry(model_type, table["supported"][model_type])
-    if model_type in table["unsupported"]:
-        raise CnaError(f"not supported yet: architecture '{model_type}' has a {table['unsupported'][model_type]}")
+    if model_type in table.supported:
+        return _spec_from_entry(model_type, table.supported[model_type])
+    if model_type in table.unsupported:
+        raise CnaError(f"not supported yet: architecture '{model_type}' has a {table.unsupported[model_type]}")
     raise CnaError(
         f"not supported yet: unknown architecture '{model_type}' "
         f"(supported: {', '.join(supported_model_types())})"
@@ -154,12 +247,13 @@ def get_arch(model_type: str) -> ArchSpec:
 
 def arch_for_gguf(gguf_arch: str) -> ArchSpec:
     """The spec whose GGUF ``general.architecture`` is ``gguf_arch`` (first match in table order)."""
-    for model_type, e in _table()["supported"].items():
-        if gguf_arch in e["gguf"]["arch"]:
-            return _spec_from_entry(model_type, e)
+    table = _table()
+    for model_type, e in table.supported.items():
+        if gguf_arch in e.gguf.arch:
+            return get_arch(model_type)
     raise CnaError(
         f"not supported yet: GGUF architecture '{gguf_arch}' "
-        f"(supported: {', '.join(sorted({a for e in _table()['supported'].values() for a in e['gguf']['arch']}))})"
+        f"(supported: {', '.join(sorted({a for e in table.supported.values() for a in e.gguf.arch}))})"
     )
 
 

@@ -60,7 +60,9 @@ class ExportManifest(_Record):
     tool: str = "cna-export"
     tool_version: str = __version__
     created: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
-    format: Literal["safetensors", "gguf"]
+    format: Literal["safetensors", "gguf", "lora", "gguf_lora"] = Field(
+        description="safetensors / gguf: a steered checkpoint; lora: a PEFT adapter folder; gguf_lora: a llama.cpp LoRA GGUF"
+    )
     source: str = Field(description="the checkpoint the export was made from, as given")
     source_format: Literal["hf", "gguf", "hub"]
     fold: Literal["down", "up"] = Field(description="down: down_proj columns; up: up_proj rows (+ bias)")

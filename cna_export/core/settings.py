@@ -1,25 +1,91 @@
-"""Options objects: one pydantic model per job, feeding CLI flags, YAML recipes and the library API.
+"""Settings: one pydantic model per job, feeding CLI flags, YAML recipes and the library API.
 
-Each field's name, type and description generate its CLI flag (``top_fraction``
-becomes ``--top-fraction``), a recipe may set the same fields, and the library
-takes the model directly. Precedence: defaults < recipe < CLI flags.
+Each field's name, type, default and description generate its CLI flag (``top_fraction``
+becomes ``--top-fraction``; :func:`opt` adds what a flag needs beyond that: another name, a
+metavar, a negated switch), a recipe may set the same fields, and the library takes the model
+directly. Precedence: defaults < recipe < CLI flags. Defaults are written here, once.
+
+Jobs and their models: discover (:class:`DiscoverOptions`, :class:`ModelOptions`), export
+(:class:`ExportOptions`, :class:`GGUFExportOptions`, :class:`GGUFVerifyOptions`), verify
+(:class:`VerifyOptions`, :class:`GGUFVerifyOptions`, :class:`VerifyRunOptions`), eval
+(:class:`EvalJob`, :class:`EvalSettings`), tune (:class:`TuneJob`), diff (:class:`DiffOptions`)
+and audit (:class:`AuditSettings`). Shared flags (``--overwrite``, ``--force``, ``--multiplier``,
+model loading) are declared once, in :class:`Overwrite`, :class:`Force`, :class:`Multiplier` and
+:class:`ModelOptions`.
+
+This module imports no torch or transformers: ``cna-export --help`` builds every flag from it.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from .errors import CnaError
+
+# Defaults shared with the library (written once, here).
+VERIFY_LIMIT = 16  # verification prompts compared
+VERIFY_MAX_NEW_TOKENS = 16  # greedy tokens generated and compared per prompt
+FP32_MAX_LOGIT_DELTA = 1e-4  # default tolerances by compared dtype (each overridable by a flag)
+HALF_MIN_TOP1 = 0.99
+HALF_MAX_KL = 1e-3
+RANK1_SHARE = 0.95  # top singular value's share of a change's energy for a "rank-1" edit
+
+
+def opt(default: Any = ..., description: str | None = None, *, flag: str | None = None, dest: str | None = None,
+        metavar: str | None = None, nargs: str | None = None, const: Any = None, cli: bool = True,
+        **constraints: Any) -> Any:
+    """A pydantic ``Field`` with what its CLI flag needs beyond name, type and default.
+
+    ``flag``: the flag's name when it is not ``--field-name`` (a ``--no-x`` switch for a field
+    that defaults to true); ``dest``: the namespace attribute (when two models share a name);
+    ``cli=False``: a library-only setting with no flag.
+    """
+    extra = {k: v for k, v in dict(flag=flag, dest=dest, metavar=metavar, nargs=nargs, const=const).items()
+             if v is not None}
+    if not cli:
+        extra["cli"] = False
+    return Field(default, description=description, json_schema_extra={"cli": extra} if extra else None,
+                 **constraints)
 
 
 class _Options(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    negatable: ClassVar[bool] = True
+    """True: a bool field gets ``--x/--no-x``; False: a plain ``--x`` switch (or its ``flag``)."""
+
+
+class _Switches(_Options):
+    negatable: ClassVar[bool] = False
+
+
+# -- shared flags ----------------------------------------------------------------------------
+
+
+class Overwrite(_Switches):
+    """Output"""
+
+    overwrite: bool = opt(False, "replace existing output files")
+
+
+class Force(_Switches):
+    """Circuit fit"""
+
+    force: bool = opt(False, "apply a circuit found on different weights")
+
+
+class Multiplier(_Switches):
+    """Steering strength"""
+
+    multiplier: float | None = opt(None, "multiplier for every circuit neuron (default: the circuit's own)",
+                                   allow_inf_nan=False)
 
 
 class ModelOptions(_Options):
@@ -40,6 +106,9 @@ class PromptOptions(_Options):
     system_prompt: str | None = Field(None, description="optional system message placed before the user turn")
     max_length: int | None = Field(None, gt=0, description="keep at most this many tokens of each prompt (from the end)")
     batch_size: int = Field(8, gt=0, description="prompts per forward pass")
+
+
+# -- discover ----------------------------------------------------------------------------------
 
 
 class DiscoverOptions(PromptOptions):
@@ -75,12 +144,269 @@ class DiscoverOptions(PromptOptions):
         return {k: getattr(self, k) for k in keep}
 
 
+class GenerateOptions(_Switches):
+    """Generation"""
+
+    max_new_tokens: int = opt(64, "greedy tokens per answer", gt=0)
+    compare: bool = opt(False, "also print the unsteered continuation")
+
+
+# -- verify ------------------------------------------------------------------------------------
+
+
+class VerifyOptions(PromptOptions):
+    """Verification settings."""
+
+    limit: int = Field(VERIFY_LIMIT, gt=0, description="compare at most this many prompts")
+    max_new_tokens: int = Field(VERIFY_MAX_NEW_TOKENS, ge=0, description="greedy tokens generated and compared per prompt (0: skip)")
+    dtype: str = Field("auto", description="dtype both models run in; auto: the exported down_proj dtype")
+    max_logit_delta: float | None = Field(None, ge=0, description=f"tolerance on max |delta logit| (default {FP32_MAX_LOGIT_DELTA:g} for float32)")
+    max_kl: float | None = Field(None, ge=0, description=f"tolerance on mean KL (default {HALF_MAX_KL:g} for bf16/fp16)")
+    min_top1: float | None = Field(None, ge=0, le=1, description=f"minimum top-1 agreement (default {HALF_MIN_TOP1:g} for bf16/fp16)")
+    identical_greedy: bool | None = Field(None, description="require identical greedy text (default: on for float32)")
+
+    def tolerance_overrides(self) -> dict[str, Any]:
+        """The tolerances given (None: the dtype's default), named as ``verify.report.Tolerances`` names them."""
+        return dict(max_abs_logit_delta=self.max_logit_delta, max_mean_kl=self.max_kl,
+                    min_top1_agreement=self.min_top1, identical_greedy=self.identical_greedy)
+
+
+class GGUFVerifyOptions(VerifyOptions):
+    """GGUF verification settings (llama.cpp against hook steering, relative to the noise floor)
+
+    Extends :class:`VerifyOptions` (prompts, limit, absolute tolerances).
+    """
+
+    max_kl_ratio: float = Field(1.1, gt=0, description="GGUF: steered mean KL may be at most this x the unsteered noise floor")
+    max_effect_share: float = Field(
+        0.01, ge=0,
+        description="GGUF: plus this share of the steering effect (transformers' mean KL between hooked and plain): "
+        "the steered model sits further from llama.cpp than the unsteered one; 0: the noise floor alone",
+    )  # fmt: skip
+    max_top1_drop: float = Field(0.01, ge=0, le=1, description="GGUF: steered top-1 agreement may be at most this below the noise floor's")
+    top1_min_margin: float = Field(
+        0.1, ge=0,
+        description="GGUF: count top-1 agreement where the reference's top-1/top-2 log-prob gap is at least this "
+        "(nats; near-ties flip under any noise); 0: all positions",
+    )  # fmt: skip
+    max_steering_error: float = Field(
+        0.03, ge=0,
+        description="GGUF: llama.cpp must reproduce the hook-steering effect to within this share (regression slope "
+        "of its logit change on transformers', plus twice its standard error)",
+    )  # fmt: skip
+    threads: int = Field(2, gt=0, description="GGUF: CPU threads for llama.cpp and the transformers reference")
+
+
+class VerifyRunOptions(Overwrite):
+    """Verification prompts and report"""
+
+    prompts: list[str] | None = opt(None, "prompt files (repeatable; default: the refusal recipe's)", metavar="FILE")
+    per_prompt: bool = opt(False, "print one line per prompt")
+
+
+# -- export ------------------------------------------------------------------------------------
+
+
+class ExportOptions(Multiplier, Force, Overwrite):
+    """Export"""
+
+    multipliers: str | None = opt(None, 'per-neuron multipliers: {"layer:index": m} or [{layer, index, multiplier}]',
+                                  metavar="FILE")
+    link: bool = opt(False, "hard-link untouched shards instead of copying them (same filesystem)")
+    verify: bool = opt(False, "verify against hook steering before writing (exit 3 and no output if it fails)")
+    prompts: list[str] | None = opt(None, "verification prompts (repeatable; default: the refusal recipe's)",
+                                    metavar="FILE")
+    convert_dtype: str = opt("auto", "dtype of a converted GGUF/pickled source: auto (float32 for GGUF), float32, "
+                             "bfloat16, float16", flag="--dtype")
+    max_shard_size: str | None = opt(None, "shard size of a converted source, e.g. 2GB (default: transformers')")
+
+
+class GGUFExportOptions(_Switches):
+    """GGUF export"""
+
+    format: Literal["safetensors", "gguf"] | None = opt(
+        None, "output format (default: gguf when --out ends in .gguf, else safetensors)")
+    fold: Literal["up", "down"] | None = opt(
+        None, "GGUF: scale ffn_up rows (default; any supported quant type) or ffn_down columns (float only)")
+    fast_copy: bool = opt(False, "GGUF: copy the file and patch the touched rows in place; header unchanged, manifest "
+                          "in <out>.cna_manifest.json")
+    modelfile: bool = opt(True, "GGUF: do not write an Ollama Modelfile beside the output", flag="--no-modelfile")
+
+
+# -- eval / tune -------------------------------------------------------------------------------
+
+
+class EvalSettings(_Switches):
+    """Evaluation"""
+
+    max_new_tokens: int = opt(150, "greedy answer length (150, as the paper)")
+    kl_tokens: int = opt(0, "also average KL over the first N tokens of the unsteered answer (0: first token only)")
+    judge: str = opt("keyword", "refusal judge: keyword (the paper's regex) or phrases")
+    benign: bool = opt(True, "skip the benign set (no over-refusal or KL)", flag="--no-benign", dest="no_benign")
+    benign_answers: bool = opt(True, "score benign prompts for KL only (no answers: no over-refusal or benign quality; "
+                               "much faster)", flag="--benign-kl-only")
+    benign_max_new_tokens: int | None = opt(None, "answer length on the benign set (default: --max-new-tokens)")
+    score_chunk: int = opt(4, "prompts per scoring pass", cli=False, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> "EvalSettings":
+        if self.max_new_tokens < 1:
+            raise CnaError("--max-new-tokens must be at least 1")
+        if self.kl_tokens < 0:
+            raise CnaError("--kl-tokens must be 0 or more")
+        if self.benign_max_new_tokens is not None and self.benign_max_new_tokens < max(1, self.kl_tokens):
+            raise CnaError("--benign-max-new-tokens must be at least 1 and at least --kl-tokens")
+        return self
+
+
+class EvalJob(PromptOptions, Multiplier, Force, Overwrite):
+    """Evaluation job"""
+
+    model: str = opt("", "HF folder, Hub id, .gguf file, or bundled:NAME", cli=False)
+    out: str | Path = opt("", "output folder", cli=False)
+    settings: EvalSettings = Field(default_factory=EvalSettings, json_schema_extra={"cli": {"cli": False}})
+    backend: Literal["auto", "transformers", "llama.cpp"] = opt(
+        "auto", "auto: llama.cpp for a GGUF when llama-cpp-python is installed, else transformers")
+    threads: int | None = opt(None, "CPU threads (default: all cores)")
+    harmful: str | None = opt(None, "harmful prompt file (default: JBB-Behaviors harmful)")
+    benign: str | None = opt(None, "benign prompt file, twins of --harmful by position (default: JBB benign)")
+    jbb_dir: str | None = opt(None, "folder with JBB harmful-behaviors.csv / benign-behaviors.csv "
+                              "(default: $CNA_JBB_DIR, then <repo>/../shared/data/jbb, then the Hub)")
+    limit: int | None = opt(None, "use the first N harmful prompts (and their twins)")
+    recipe: str | None = opt(None, "discovery recipe, for circuit sizes (--sweep-fractions) and CAA")
+    stats: str | None = opt(None, "discovery statistics .npz: read if it exists, else computed from --recipe and saved")
+    circuit: str | None = opt(None, "circuit manifest to steer with")
+    reference: str | None = opt(None, "evaluate --model (e.g. an export) against this unsteered model instead")
+    sweep_multipliers: list[float] | None = opt(None, "e.g. 1,0.5,0,-0.5,2", metavar="M,M,...")
+    sweep_fractions: list[float] | None = opt(
+        None, "circuit sizes as fractions of all MLP neurons (needs --recipe or --stats)", metavar="F,F,...")
+    caa_alphas: list[float] | None = opt(
+        None, "CAA baseline strengths (negative: against the positive set; needs --recipe or --stats)", metavar="A,A,...")
+    caa_layers: str | None = opt(None, "layers CAA steers: all (default) or e.g. 1-23 (llama.cpp cannot steer layer 0)")
+    model_options: dict[str, Any] = opt({}, "ModelOptions as a dict", cli=False)
+    quiet: bool = opt(False, "no log lines", cli=False)
+    progress: bool = opt(False, "progress bars", cli=False)
+
+
+EVAL_ONLY = ("circuit", "multiplier", "reference", "sweep_multipliers", "sweep_fractions", "caa_alphas", "caa_layers")
+"""EvalJob fields that ``tune`` has no flag for."""
+
+
+class TuneJob(_Switches):
+    """Tuning"""
+
+    eval: EvalJob = Field(default_factory=EvalJob, json_schema_extra={"cli": {"cli": False}})
+    fractions: list[float] = opt([0.001, 0.0025, 0.005], "circuit sizes to try", metavar="F,F,...")
+    multipliers: list[float] = opt([0.0, 0.5, -0.5], "multipliers to try", metavar="M,M,...")
+    tune_size: int = opt(30, "harmful prompts (and twins) in the tuning split")
+    seed: int = opt(0, "seed of the tuning/held-out split")
+    quality_ratio: float = opt(0.97, "keep quality >= this x the unsteered model's on the tuning prompts")
+    max_kl: float | None = opt(0.25, "benign KL bound in nats; negative: none")
+    kl_metric: Literal["kl_last", "kl_gen"] = opt("kl_last", "which KL the bound applies to (kl_gen needs --kl-tokens)")
+    quality_metric: Literal["harmful", "compliant", "benign"] = opt(
+        "harmful", "quality the bound applies to: all harmful answers, the harmful answers not judged refusals (a "
+        "short refusal scores 1.0, so fewer refusals lower the mean), or benign answers")
+    heldout: bool = opt(True, "skip the held-out check", flag="--no-heldout")
+
+    @model_validator(mode="after")
+    def _no_bound(self) -> "TuneJob":
+        if self.max_kl is not None and self.max_kl < 0:
+            self.max_kl = None
+        return self
+
+
+# -- diff / audit ------------------------------------------------------------------------------
+
+
+class DiffOptions(Overwrite):
+    """Comparison"""
+
+    top: int = opt(20, "list this many changed tensors")
+    rank1_share: float = opt(RANK1_SHARE, "top singular value's share of a change's energy that makes it a rank-1 edit")
+
+
+class AuditSettings(Overwrite):
+    """Audit"""
+
+    base: str | None = opt(None, "the model the suspect may have been made from (diff, refusal-circuit overlap, behaviour)")
+    manifest: str | None = opt(None, "check that exactly this export manifest's edits were made (no FILE: the "
+                               "embedded one)", nargs="?", const="embedded", metavar="FILE")
+    recipe: str | None = opt(None, "discovery recipe for the base's refusal circuit and the harmful prompts "
+                             "(default: the bundled recipes/refusal.yaml)")
+    circuit: str | None = opt(None, "the base's refusal circuit, already discovered (skips discovery)")
+    stats: str | None = opt(None, "the base's discovery statistics: read when FILE exists (checked against the base's "
+                            "weights and the recipe), else computed and saved there, so later audits against the same "
+                            "base skip discovery", metavar="FILE")
+    discover: bool = opt(True, "skip the refusal-circuit overlap", flag="--no-discover")
+    generate: bool = opt(True, "skip the behavioural check", flag="--no-generate")
+    prompts: int = opt(8, "harmful prompts for the behavioural check")
+    max_new_tokens: int = opt(40, "greedy tokens per answer")
+    backend: Literal["auto", "transformers", "llama.cpp"] = opt(
+        "auto", "generation backend (auto: llama.cpp for GGUF files when installed)")
+    threads: int | None = opt(None, "CPU threads for generation")
+    batch_size: int = opt(8, "prompts per generation batch")
+    zero_threshold: float = opt(1e-3, "base-free: flag weights with norm below this x the layer median")
+    direction_threshold: float = opt(1e-3, "base-free: flag a residual direction whose eigenvalue is below this x "
+                                     "the median")
+    rank1_share: float = opt(RANK1_SHARE, "as for diff")
+
+
+# -- recipes -----------------------------------------------------------------------------------
+
+
 RECIPE_PATH_FIELDS = ("positive", "negative", "neutral")
-RECIPE_META_FIELDS = ("name", "description")
+RECIPE_META_FIELDS = ("name", "description", "tuned")
+RECIPE_SECTIONS: dict[str, tuple[type[_Options], ...]] = {
+    "discover": (DiscoverOptions, ModelOptions),
+    "export": (ExportOptions, GGUFExportOptions, GGUFVerifyOptions),
+    "verify": (GGUFVerifyOptions, VerifyRunOptions, ModelOptions),
+    "eval": (EvalSettings, EvalJob),
+    "tune": (TuneJob, EvalSettings, EvalJob),
+    "audit": (AuditSettings,),
+}
+"""Each job's section of a recipe and the models its keys belong to (the first model with a key wins)."""
 
 
-def load_recipe(path: str | Path) -> dict[str, Any]:
-    """Read a YAML recipe; relative prompt paths are resolved against the recipe's folder."""
+def _norm(data: dict) -> dict[str, Any]:
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def _recipe_fields(models: tuple[type[_Options], ...]) -> dict[str, Any]:
+    fields: dict[str, Any] = {}
+    for cls in models:
+        for name, f in cls.model_fields.items():
+            if _cli(f).get("cli") is False:
+                continue  # the job's plumbing (model, out, nested settings), not a recipe setting
+            fields.setdefault(name, f)
+    return fields
+
+
+def _check_section(where: str, data: dict[str, Any], fields: dict[str, Any], extra: tuple[str, ...] = ()) -> None:
+    for key, value in data.items():
+        if key in extra:
+            continue
+        if key not in fields:
+            near = difflib.get_close_matches(key, [*fields, *extra], n=1)
+            hint = f" (did you mean '{near[0]}'?)" if near else ""
+            raise CnaError(f"{where}unknown key '{key}'{hint}")
+        f = fields[key]
+        try:
+            TypeAdapter(Annotated[f.annotation, Field(**_constraints(f))]).validate_python(value)
+        except ValidationError as e:
+            raise CnaError(f"{where}{key}: {e.errors()[0]['msg']} (got {value!r})") from None
+
+
+def _constraints(f: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for m in f.metadata:
+        for attr in ("gt", "ge", "lt", "le", "allow_inf_nan"):
+            if getattr(m, attr, None) is not None:
+                out[attr] = getattr(m, attr)
+    return out
+
+
+def read_recipe(path: str | Path) -> tuple[Path, dict[str, Any]]:
+    """A recipe's YAML, validated: every key known to its section's settings models, every value of its type."""
     import yaml
 
     p = Path(path)
@@ -92,19 +418,37 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
         raise CnaError(f"recipe {p} is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise CnaError(f"recipe {p} must be a mapping of settings")
-    data = {str(k).replace("-", "_"): v for k, v in data.items()}
-    section = data.pop("discover", None)
-    if isinstance(section, dict):
-        data.update({str(k).replace("-", "_"): v for k, v in section.items()})
-    for meta in RECIPE_META_FIELDS:
-        data.pop(meta, None)
-    for key in list(data):
-        if key not in DiscoverOptions.model_fields and key not in ModelOptions.model_fields:
-            data.pop(key)  # sections for other jobs (eval, export) are theirs to read
+    data = _norm(data)
+    top = _recipe_fields(RECIPE_SECTIONS["discover"])
+    _check_section(f"recipe {p}: ", data, top, RECIPE_META_FIELDS + tuple(RECIPE_SECTIONS))
+    for name in RECIPE_SECTIONS:
+        section = data.get(name)
+        if section is None:
+            continue
+        if not isinstance(section, dict):
+            raise CnaError(f"recipe {p}: section '{name}' must be a mapping of settings")
+        data[name] = _norm(section)
+        _check_section(f"recipe {p}: {name}: ", data[name], _recipe_fields(RECIPE_SECTIONS[name]))
+    return p, data
+
+
+def load_recipe(path: str | Path) -> dict[str, Any]:
+    """A recipe's discovery settings (top level and its ``discover:`` section), validated; relative
+    prompt paths are resolved against the recipe's folder. Unknown keys anywhere are an error."""
+    p, data = read_recipe(path)
+    out = {k: v for k, v in data.items() if k not in RECIPE_META_FIELDS and k not in RECIPE_SECTIONS}
+    out.update(data.get("discover") or {})
     for key in RECIPE_PATH_FIELDS:
-        if isinstance(data.get(key), str):
-            data[key] = str((p.parent / data[key]).resolve())
-    return data
+        if isinstance(out.get(key), str):
+            out[key] = str((p.parent / out[key]).resolve())
+    return out
+
+
+def recipe_section(path: str | Path | None, job: str) -> dict[str, Any]:
+    """The validated ``job:`` section of a recipe ({} without a recipe or section)."""
+    if not path:
+        return {}
+    return dict(read_recipe(path)[1].get(job) or {})
 
 
 def build(cls: type[_Options], *layers: dict[str, Any]) -> Any:
@@ -138,29 +482,76 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{text}'") from None
 
 
-def add_flags(parser: argparse.ArgumentParser, cls: type[_Options], skip: tuple[str, ...] = ()) -> None:
+def _float_list(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got '{text}'") from None
+
+
+def _cli(f: Any) -> dict[str, Any]:
+    extra = f.json_schema_extra
+    return dict(extra.get("cli", {})) if isinstance(extra, dict) else {}
+
+
+def _shown(default: Any) -> str:
+    if isinstance(default, list):
+        return ",".join(f"{x:g}" if isinstance(x, float) else str(x) for x in default) or "none"
+    return str(default)
+
+
+def add_flags(parser: argparse.ArgumentParser, cls: type[_Options], skip: tuple[str, ...] = (),
+              only: tuple[str, ...] | None = None, negatable: bool | None = None) -> None:
     """Add one flag per field of ``cls``; unset flags stay absent so recipes and defaults apply."""
-    group = parser.add_argument_group(cls.__doc__.strip().splitlines()[0] if cls.__doc__ else cls.__name__)
+    title = cls.__doc__.strip().splitlines()[0] if cls.__doc__ else cls.__name__
+    group = parser.add_argument_group(title)
     for name, f in cls.model_fields.items():
-        if name in skip:
+        cli = _cli(f)
+        if name in skip or (only is not None and name not in only) or cli.get("cli") is False:
             continue
-        flag = "--" + name.replace("_", "-")
+        flag = cli.get("flag", "--" + name.replace("_", "-"))
         tp = _unwrap_optional(f.annotation)
         default = f.get_default(call_default_factory=True)
-        help_text = f"{f.description} (default: {default})" if f.description else None
-        kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text}
-        if tp is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
+        switch = tp is bool and flag != "--" + name.replace("_", "-")  # --no-x: stores the opposite of the default
+        help_text = f.description or ""
+        if help_text and not switch and "default" not in help_text:
+            help_text += f" (default: {_shown(default)})"
+        kwargs: dict[str, Any] = {"dest": cli.get("dest", name), "default": argparse.SUPPRESS,
+                                  "help": help_text.replace("%", "%%") or None}
+        if switch:
+            kwargs.update(action="store_const", const=not default)
+        elif tp is bool:
+            owner = next((c for c in cls.__mro__ if name in getattr(c, "__annotations__", {})), cls)
+            kwargs["action"] = argparse.BooleanOptionalAction if (owner.negatable if negatable is None else negatable) \
+                else "store_true"
         elif typing.get_origin(tp) is Literal:
             kwargs["choices"] = list(typing.get_args(tp))
         elif typing.get_origin(tp) is list:
-            kwargs["type"] = _int_list
-            kwargs["metavar"] = "N,N,..."
+            item = typing.get_args(tp)[0]
+            if item is str:
+                kwargs["action"] = "append"
+            else:
+                kwargs["type"] = _int_list if item is int else _float_list
+                kwargs["metavar"] = "N,N,..."
         elif tp in (int, float, str):
             kwargs["type"] = tp
+        for key in ("metavar", "nargs", "const"):
+            if key in cli:
+                kwargs[key] = cli[key]
         group.add_argument(flag, **kwargs)
 
 
 def flags_of(ns: argparse.Namespace, cls: type[_Options]) -> dict[str, Any]:
     """The settings of ``cls`` that were given on the command line."""
-    return {k: v for k, v in vars(ns).items() if k in cls.model_fields}
+    given = vars(ns)
+    out = {}
+    for name, f in cls.model_fields.items():
+        dest = _cli(f).get("dest", name)
+        if dest in given:
+            out[name] = given[dest]
+    return out
+
+
+def settings_of(ns: argparse.Namespace, cls: type[_Options], *recipe: dict[str, Any], **fixed: Any) -> Any:
+    """``cls`` built from defaults < recipe layers < the flags given < ``fixed``."""
+    return build(cls, *recipe, flags_of(ns, cls), fixed)

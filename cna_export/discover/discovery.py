@@ -28,6 +28,7 @@ import numpy as np
 
 from ..core.circuit import Circuit, Neuron, UniversalNeuron
 from ..core.errors import CnaError
+from ..core.progress import bar as progress_bar
 from ..model.loading import LoadedModel
 from ..core.settings import DiscoverOptions
 from ..model.prompts import PromptSet, batches, render
@@ -143,13 +144,12 @@ def run_prompts(
 ) -> CaptureReport:
     """Run the decoder stack over ``texts`` in batches, feeding last-token down_proj inputs to ``sink``."""
     import torch
-    from tqdm.auto import tqdm
 
     rendered = render(loaded.tokenizer, texts, chat_template, system_prompt)
     decoder = loaded.arch.decoder_module(loaded.model)
     tokens = 0
     start = time.perf_counter()
-    bar = tqdm(total=len(rendered), desc=desc, unit="prompt", disable=not progress, leave=True, dynamic_ncols=True)
+    bar = progress_bar(progress, total=len(rendered), desc=desc, unit="prompt", leave=True)
     with LastTokenCapture(loaded) as cap, torch.inference_mode():
         cap.sink = sink
         for batch in batches(

@@ -11,7 +11,7 @@ Two backends implement the same small interface (:class:`Backend`):
     (:func:`cna_export.model.generation.greedy_generate`).
 
 ``llama.cpp`` (:class:`LlamaCppBackend`)
-    A GGUF file through llama-cpp-python's C API, much faster on CPU. Several
+    A GGUF file through llama-cpp-python's C API (:mod:`cna_export.io.llama`), much faster on CPU. Several
     prompts are decoded together (one KV sequence each, one ``llama_decode``
     per step), greedy (argmax of the logits). CNA steering needs steered
     weights: the circuit is folded into a temporary copy of the GGUF with
@@ -31,7 +31,6 @@ continuation (teacher forcing) for KL drift.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import os
 import shutil
@@ -44,6 +43,8 @@ import numpy as np
 
 from ..core.circuit import Circuit, check_multiplier
 from ..core.errors import CnaError
+from ..core.multipliers import describe_multipliers
+from ..io.llama import LlamaContext, LlamaModel, llama_available
 from .metrics import log_softmax
 from ..model.generation import Generation, greedy_generate
 
@@ -92,7 +93,7 @@ class Steering:
         mults = resolve_multipliers(circuit, multiplier, per_neuron)
         if not mults:
             raise CnaError("the circuit has no neurons to steer")
-        name = label or f"CNA {len(mults)} neurons x{multiplier if multiplier is not None else 'per-neuron'}"
+        name = label or f"CNA {len(mults)} neurons {describe_multipliers(mults, 'counts')}"
         return Steering(kind="cna", label=name, circuit=circuit, multipliers=dict(mults), multiplier=multiplier,
                         force=force, info=dict(info or {}))
 
@@ -267,164 +268,6 @@ class TransformersBackend:
 # llama.cpp
 # ---------------------------------------------------------------------------------------
 
-_LOG_CALLBACK: Any = None
-
-
-def _quiet_llama(verbose: bool = False) -> Any:
-    """Route llama.cpp's own log lines to nowhere (or stderr when verbose); returns the module."""
-    global _LOG_CALLBACK
-    # ggml's OpenMP threads spin while waiting by default; on a shared or oversubscribed CPU that is
-    # several times slower (measured 5x on 2 shared cores). Passive waiting, unless the user chose.
-    os.environ.setdefault("OMP_WAIT_POLICY", "passive")
-    try:
-        import llama_cpp
-    except ImportError:
-        raise CnaError("the llama.cpp backend needs llama-cpp-python (pip install 'cna-export[llama]')") from None
-    if _LOG_CALLBACK is None:
-
-        @llama_cpp.llama_log_callback
-        def _cb(level: int, text: bytes, user_data: Any) -> None:
-            if log.isEnabledFor(logging.DEBUG):
-                log.debug("llama.cpp: %s", text.decode("utf-8", "replace").rstrip())
-
-        _LOG_CALLBACK = _cb
-        llama_cpp.llama_log_set(_LOG_CALLBACK, ctypes.c_void_p(0))
-        llama_cpp.llama_backend_init()
-    return llama_cpp
-
-
-class _LlamaModel:
-    """A loaded GGUF (weights only; contexts are made per batch of prompts)."""
-
-    def __init__(self, path: Path):
-        L = _quiet_llama()
-        self.L = L
-        self.path = path
-        params = L.llama_model_default_params()
-        self.model = L.llama_model_load_from_file(str(path).encode("utf-8"), params)
-        if not self.model:
-            raise CnaError(f"llama.cpp cannot load {path}")
-        self.vocab = L.llama_model_get_vocab(self.model)
-        self.n_vocab = int(L.llama_vocab_n_tokens(self.vocab))
-        self.n_embd = int(L.llama_model_n_embd(self.model))
-        self.n_layer = int(L.llama_model_n_layer(self.model))
-
-    def meta(self, key: str) -> str | None:
-        size = 1 << 16
-        while True:
-            buf = ctypes.create_string_buffer(size)
-            n = self.L.llama_model_meta_val_str(self.model, key.encode("utf-8"), buf, size)
-            if n < 0:
-                return None
-            if n < size:
-                return buf.value.decode("utf-8", "replace")
-            size = n + 1
-
-    def token_text(self, token: int) -> str:
-        buf = ctypes.create_string_buffer(256)
-        n = self.L.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, True)
-        return buf.raw[: max(n, 0)].decode("utf-8", "replace")
-
-    def tokenize(self, text: str, add_special: bool) -> list[int]:
-        data = text.encode("utf-8")
-        cap = len(data) + 16
-        arr = (self.L.llama_token * cap)()
-        n = self.L.llama_tokenize(self.vocab, data, len(data), arr, cap, add_special, True)
-        if n < 0:
-            cap = -n
-            arr = (self.L.llama_token * cap)()
-            n = self.L.llama_tokenize(self.vocab, data, len(data), arr, cap, add_special, True)
-        return list(arr[:n])
-
-    def detokenize(self, tokens: Sequence[int]) -> str:
-        body = [t for t in tokens if not self.L.llama_vocab_is_eog(self.vocab, t)]
-        if not body:
-            return ""
-        arr = (self.L.llama_token * len(body))(*body)
-        cap = 8 * len(body) + 64
-        while True:
-            buf = ctypes.create_string_buffer(cap)
-            n = self.L.llama_detokenize(self.vocab, arr, len(body), buf, cap, False, False)
-            if n >= 0:
-                return buf.raw[:n].decode("utf-8", "replace")
-            cap = -n + 1
-
-    def is_eog(self, token: int) -> bool:
-        return bool(self.L.llama_vocab_is_eog(self.vocab, token))
-
-    def close(self) -> None:
-        if getattr(self, "model", None):
-            self.L.llama_model_free(self.model)
-            self.model = None
-
-    def __del__(self) -> None:  # pragma: no cover - best effort
-        try:
-            self.close()
-        except Exception:
-            pass
-
-
-class _Context:
-    """One llama.cpp context holding ``n_seq`` independent KV sequences."""
-
-    def __init__(self, lm: _LlamaModel, n_seq: int, n_ctx_seq: int, n_batch: int, threads: int):
-        L = lm.L
-        self.L, self.lm = L, lm
-        p = L.llama_context_default_params()
-        p.n_seq_max = n_seq
-        p.n_ctx = n_seq * n_ctx_seq
-        p.n_batch = max(n_batch, 1)
-        p.n_ubatch = min(512, p.n_batch)
-        p.n_threads = threads
-        p.n_threads_batch = threads
-        self.ctx = L.llama_init_from_model(lm.model, p)
-        if not self.ctx:
-            raise CnaError("llama.cpp could not create a context (out of memory?)")
-        self.batch = L.llama_batch_init(p.n_batch, 0, 1)
-        self.capacity = p.n_batch
-
-    def set_control_vector(self, data: np.ndarray | None) -> None:
-        L = self.L
-        if data is None:
-            rc = L.llama_set_adapter_cvec(self.ctx, None, 0, self.lm.n_embd, -1, -1)
-        else:
-            flat = np.ascontiguousarray(data, dtype=np.float32).ravel()
-            ptr = flat.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
-            rc = L.llama_set_adapter_cvec(self.ctx, ptr, flat.size, self.lm.n_embd, 1, self.lm.n_layer - 1)
-        if rc != 0:
-            raise CnaError("llama.cpp rejected the control vector")
-
-    def decode(self, items: Sequence[tuple[int, int, int, bool]]) -> dict[int, np.ndarray]:
-        """Decode (token, position, sequence, want_logits) items; returns item number -> logits (a copy)."""
-        out: dict[int, np.ndarray] = {}
-        b = self.batch
-        for start in range(0, len(items), self.capacity):
-            part = items[start : start + self.capacity]
-            for i, (tok, pos, seq, want) in enumerate(part):
-                b.token[i] = tok
-                b.pos[i] = pos
-                b.n_seq_id[i] = 1
-                b.seq_id[i][0] = seq
-                b.logits[i] = want
-            b.n_tokens = len(part)
-            rc = self.L.llama_decode(self.ctx, b)
-            if rc != 0:
-                raise CnaError(f"llama.cpp decode failed (code {rc}); try a smaller --batch-size")
-            for i, (*_, want) in enumerate(part):
-                if want:
-                    ptr = self.L.llama_get_logits_ith(self.ctx, i)
-                    out[start + i] = np.ctypeslib.as_array(ptr, shape=(self.lm.n_vocab,)).copy()
-        return out
-
-    def close(self) -> None:
-        if getattr(self, "batch", None) is not None:
-            self.L.llama_batch_free(self.batch)
-            self.batch = None
-        if getattr(self, "ctx", None):
-            self.L.llama_free(self.ctx)
-            self.ctx = None
-
-
 def _has_post_ffn_norm(path: Path) -> bool:
     try:
         from gguf import GGUFReader
@@ -460,11 +303,11 @@ class LlamaCppBackend:
         self.chat_template = chat_template
         self.system_prompt = system_prompt
         self.tmp_dir = Path(tmp_dir) if tmp_dir else None
-        self.base = _LlamaModel(self.path)
+        self.base = LlamaModel(self.path, purpose="the llama.cpp backend")
         self._template = self.base.meta("tokenizer.chat_template") if chat_template else None
         if chat_template and not self._template:
             raise CnaError(f"{spec} has no chat template (tokenizer.chat_template); pass --no-chat-template for base models")
-        self._steered: tuple[Any, _LlamaModel, Path] | None = None
+        self._steered: tuple[Any, LlamaModel, Path] | None = None
         self._post_norm: bool | None = None
 
     # -- prompts -----------------------------------------------------------------------
@@ -473,8 +316,7 @@ class LlamaCppBackend:
             return list(prompts)
         from transformers.utils.chat_template_utils import render_jinja_template
 
-        bos = self.base.L.llama_vocab_bos(self.base.vocab)
-        eos = self.base.L.llama_vocab_eos(self.base.vocab)
+        bos, eos = self.base.bos(), self.base.eos()
         special = dict(
             bos_token=self.base.token_text(bos) if bos >= 0 else "",
             eos_token=self.base.token_text(eos) if eos >= 0 else "",
@@ -500,7 +342,7 @@ class LlamaCppBackend:
         return ids
 
     # -- steering ----------------------------------------------------------------------
-    def _model_for(self, steering: Steering) -> _LlamaModel:
+    def _model_for(self, steering: Steering) -> LlamaModel:
         if steering.kind in ("none", "caa"):
             return self.base
         if steering.kind != "cna":
@@ -529,7 +371,7 @@ class LlamaCppBackend:
                 how = {"multipliers" if "multipliers" in params else "per_neuron": dict(steering.multipliers)}
             export_gguf(str(self.path), steering.circuit, out, fast_copy=True, modelfile=False, force=steering.force,
                         **how)
-            lm = _LlamaModel(out)
+            lm = LlamaModel(out)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -579,12 +421,12 @@ class LlamaCppBackend:
         return out
 
     def _generate_chunk(
-        self, lm: _LlamaModel, prompts: list[list[int]], cvec: np.ndarray | None, max_new: int, want_first: bool
+        self, lm: LlamaModel, prompts: list[list[int]], cvec: np.ndarray | None, max_new: int, want_first: bool
     ) -> list[Generation]:
         n = len(prompts)
         longest = max(len(p) for p in prompts)
         total = sum(len(p) for p in prompts)
-        ctx = _Context(lm, n, _round_up(longest + max_new + 1, 256), min(total, 2048), self.threads)
+        ctx = LlamaContext(lm, n, _round_up(longest + max_new + 1, 256), min(total, 2048), self.threads)
         try:
             if cvec is not None:
                 ctx.set_control_vector(cvec)
@@ -636,7 +478,7 @@ class LlamaCppBackend:
         for p, cont in zip(ids, continuations):
             seq = list(p) + list(cont[:-1])
             first = len(p) - 1
-            ctx = _Context(lm, 1, _round_up(len(seq) + 1, 256), min(len(seq), 2048), self.threads)
+            ctx = LlamaContext(lm, 1, _round_up(len(seq) + 1, 256), min(len(seq), 2048), self.threads)
             try:
                 if cvec is not None:
                     ctx.set_control_vector(cvec)
@@ -661,12 +503,6 @@ def _round_up(n: int, k: int) -> int:
 # ---------------------------------------------------------------------------------------
 
 BACKENDS = ("auto", "transformers", "llama.cpp")
-
-
-def llama_available() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("llama_cpp") is not None
 
 
 def choose_backend(spec: str, backend: str = "auto") -> str:

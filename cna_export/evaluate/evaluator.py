@@ -44,6 +44,7 @@ from ..core.version import __version__
 from .backends import Backend, Steering
 from ..model.generation import Generation
 from ..core.errors import CnaError
+from ..core.settings import EvalSettings  # noqa: F401  (part of this module's API)
 from .judge import Judge, get_judge
 from .metrics import kl_divergence, mcnemar_p, mean, paired_flips, quality, wilson_interval
 
@@ -189,25 +190,6 @@ def split_pairs(harmful: EvalSet, benign: EvalSet | None, tune_size: int, seed: 
 # ---------------------------------------------------------------------------------------
 # Running conditions
 # ---------------------------------------------------------------------------------------
-
-
-@dataclass
-class EvalSettings:
-    max_new_tokens: int = 150
-    kl_tokens: int = 0
-    judge: str = "keyword"
-    benign: bool = True
-    benign_answers: bool = True  # False: benign prompts are only scored for KL (no over-refusal, no quality)
-    benign_max_new_tokens: int | None = None  # answer length on the benign set (None: max_new_tokens)
-    score_chunk: int = 4
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise CnaError("--max-new-tokens must be at least 1")
-        if self.kl_tokens < 0:
-            raise CnaError("--kl-tokens must be 0 or more")
-        if self.benign_max_new_tokens is not None and self.benign_max_new_tokens < max(1, self.kl_tokens):
-            raise CnaError("--benign-max-new-tokens must be at least 1 and at least --kl-tokens")
 
 
 @dataclass

@@ -16,49 +16,15 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
-from dataclasses import field as dc_field
 from pathlib import Path
 from typing import Callable, Sequence
 
 from .backends import Backend, Steering, open_backend
 from ..core.circuit import Circuit, check_multiplier
 from ..core.errors import CnaError
-from .evaluator import Condition, EvalSet, EvalSettings, Evaluator, JsonlSink, load_eval_set, load_jbb, markdown_table, split_pairs, stderr_log, write_report
-from ..core.settings import DiscoverOptions, build, load_recipe
+from .evaluator import Condition, EvalSet, Evaluator, JsonlSink, load_eval_set, load_jbb, markdown_table, split_pairs, stderr_log, write_report
+from ..core.settings import DiscoverOptions, EvalJob, EvalSettings, TuneJob, build, load_recipe  # noqa: F401  (EvalJob, TuneJob, EvalSettings: part of this API)
 from .sweep import SavedStats, caa_conditions, choose, cna_conditions, compute_stats, fraction_label, load_stats, parse_layers, plot_sweep, run_conditions, save_stats, sweep_csv, sweep_markdown, tuned_recipe_yaml
-
-
-@dataclass
-class EvalJob:
-    model: str
-    out: str | Path
-    settings: EvalSettings = dc_field(default_factory=EvalSettings)
-    backend: str = "auto"
-    reference: str | None = None
-    circuit: str | None = None
-    multiplier: float | None = None
-    force: bool = False
-    harmful: str | None = None
-    benign: str | None = None
-    jbb_dir: str | None = None
-    field: str | None = None
-    column: str | None = None
-    limit: int | None = None
-    recipe: str | None = None
-    stats: str | None = None
-    sweep_multipliers: list[float] | None = None
-    sweep_fractions: list[float] | None = None
-    caa_alphas: list[float] | None = None
-    caa_layers: str | None = None
-    batch_size: int = 8
-    threads: int | None = None
-    chat_template: bool = True
-    system_prompt: str | None = None
-    model_options: dict = dc_field(default_factory=dict)
-    overwrite: bool = False
-    quiet: bool = False
-    progress: bool = False
 
 
 # ---------------------------------------------------------------------------------------
@@ -264,24 +230,12 @@ def run_eval_job(job: EvalJob) -> dict:
 # ---------------------------------------------------------------------------------------
 
 
-@dataclass
-class TuneJob:
-    eval: EvalJob
-    fractions: list[float] = dc_field(default_factory=lambda: [0.001, 0.0025, 0.005])
-    multipliers: list[float] = dc_field(default_factory=lambda: [0.0, 0.5, -0.5])
-    tune_size: int = 30
-    seed: int = 0
-    quality_ratio: float = 0.97
-    max_kl: float | None = 0.25
-    kl_metric: str = "kl_last"
-    quality_metric: str = "harmful"
-    heldout: bool = True
-
-
 def run_tune_job(t: TuneJob) -> dict:
     from ..core.atomic import atomic_dir, check_output_path
 
     job = t.eval
+    if not job.recipe and not job.stats:
+        raise CnaError("tune needs --recipe (discovery settings) or --stats from an earlier run")
     out = Path(job.out)
     check_output_path(out, job.overwrite)
     log = stderr_log(job.quiet)

@@ -27,7 +27,6 @@ from __future__ import annotations
 import math
 from typing import Iterable, Sequence
 
-import numpy as np
 
 from ..core.numerics import kl_divergence, log_softmax  # noqa: F401  (part of the metrics API)
 

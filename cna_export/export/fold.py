@@ -22,7 +22,6 @@ factor) is here too, for checks and for auditing third-party checkpoints.
 
 from __future__ import annotations
 
-import hashlib
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 if TYPE_CHECKING:

@@ -26,14 +26,12 @@ Either way the output appears atomically, nothing is overwritten without
 from __future__ import annotations
 
 import logging
-import re
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Mapping
 
-from ..core.architectures import ArchSpec
 from ..core.circuit import Circuit
 from ..core.errors import CnaError
 from .plan import ExportCheck, Fold, StagedExport, plan_patches, resolve_export_multipliers, run_check
@@ -42,11 +40,11 @@ from ..io.identity import gguf_identity
 from ..core.atomic import atomic_path, atomic_write_text, check_output_path
 from ..io.quants import ScaleReport
 from ..core.manifest import STEERED_SUFFIX, GGUF_KEY, ExportManifest, TouchedTensor, multipliers_list, side_manifest_path
-from ..model.steering import group_by_layer
+
+from .card import MODELFILE, render_modelfile, stop_tokens  # noqa: F401  (stop_tokens: part of this API)
 
 log = logging.getLogger(__name__)
 
-MODELFILE = "Modelfile"
 
 
 @dataclass
@@ -88,11 +86,6 @@ def steered_name(name: str | None, fallback: str) -> str:
 # ---------------------------------------------------------------------------
 
 
-def _describe_multipliers(mults: Mapping[tuple[int, int], float]) -> str:
-    values = sorted(set(mults.values()))
-    if len(values) == 1:
-        return f"x{values[0]:g}"
-    return f"per-neuron multipliers from x{values[0]:g} to x{values[-1]:g}"
 
 
 # ---------------------------------------------------------------------------
@@ -100,62 +93,10 @@ def _describe_multipliers(mults: Mapping[tuple[int, int], float]) -> str:
 # ---------------------------------------------------------------------------
 
 
-def stop_tokens(reader: Any) -> list[str]:
-    """The EOS / end-of-turn / end-of-message token strings of the file's vocabulary, deduplicated."""
-    tokens = reader.get_field("tokenizer.ggml.tokens")
-    if tokens is None:
-        return []
-    out: list[str] = []
-    for key in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"):
-        tid = G.field_value(reader, key)
-        if not isinstance(tid, int) or not 0 <= tid < tokens.count:
-            continue
-        try:
-            text = tokens.item(tid)
-        except (CnaError, IndexError):
-            continue
-        if text and text not in out:
-            out.append(text)
-    return out
 
 
-def _modelfile_quote(text: str) -> str | None:
-    """Quote a value the way Ollama's Modelfile parser reads it back (no escapes); None if impossible."""
-    if not text.isprintable() or '"""' in text or text.endswith('"'):
-        return None
-    return f'"""{text}"""' if '"' in text else f'"{text}"'
 
 
-def render_modelfile(out: Path, reader: Any, manifest: ExportManifest, manifest_where: str) -> str:
-    """An Ollama Modelfile for the steered file: FROM, stop parameters, and a comment header."""
-    mults = manifest.multiplier_map()
-    layers = sorted({layer for layer, _ in mults})
-    name = re.sub(r"[^a-z0-9._-]+", "-", out.stem.lower()).strip("-.") or "cna-steered"
-    chat = "the chat template (tokenizer.chat_template) is read from the GGUF" if reader.get_field(
-        "tokenizer.chat_template"
-    ) else "the GGUF has no tokenizer.chat_template: add a TEMPLATE for chat use"
-    lines = [
-        f"# Ollama Modelfile written by cna-export {manifest.tool_version} ({manifest.created})",
-        f"# {out.name}: CNA-steered copy of {manifest.source}",
-        f"# circuit: {len(mults)} neurons in {len(layers)} layers, {_describe_multipliers(mults)}, "
-        f"folded into {'ffn_up rows' if manifest.fold == 'up' else 'ffn_down columns'}",
-        f"# circuit found on: {manifest.circuit.model.name} ({manifest.circuit.kind})",
-        f"# manifest: {manifest_where}",
-        f"# {chat}",
-        f"# create with: ollama create {name} -f {MODELFILE}",
-    ]
-    src = f"./{out.name}"
-    quoted = src if " " not in src and '"' not in src else _modelfile_quote(src)
-    if quoted is None:
-        raise CnaError(f"output name {out.name} cannot be written in an Ollama Modelfile; choose a simpler name")
-    lines.append(f"FROM {quoted}")
-    for tok in stop_tokens(reader):
-        q = _modelfile_quote(tok)
-        if q is None:
-            lines.append(f"# stop token {tok!r} cannot be quoted for Ollama; left out")
-        else:
-            lines.append(f"PARAMETER stop {q}")
-    return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------------------

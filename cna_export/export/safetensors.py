@@ -34,9 +34,10 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from ..core.version import __version__
-from ..core.architectures import ArchSpec, arch_for_config
+from ..core.architectures import ArchSpec
 from ..core.circuit import Circuit, ModelIdentity
 from ..core.errors import CnaError
+from ..core.progress import bar as progress_bar
 from ..io.tensor_bytes import tensor_sha256
 from .fold import scale_columns
 from .plan import ExportCheck, StagedExport, resolve_export_multipliers, run_check
@@ -48,9 +49,10 @@ from ..io.sources import resolve_source
 from ..model.loading import resolve_dtype
 from ..model.steering import group_by_layer
 
+from .card import CARD_FILE, model_card  # noqa: F401  (model_card: part of this API)
+
 log = logging.getLogger(__name__)
 
-CARD_FILE = "README.md"
 # Weight files that are not part of the folded safetensors checkpoint: copying them would ship
 # unsteered weights beside the steered ones, so they are left out (and listed in the manifest notes).
 OTHER_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".safetensors", ".gguf", ".h5", ".msgpack", ".onnx", ".pkl")
@@ -190,11 +192,6 @@ def _plan(
     return _Plan(arch, identity, ckpt, dict(sorted(by_file.items())))
 
 
-def _multiplier_summary(mults: Mapping[tuple[int, int], float]) -> str:
-    values = sorted(set(mults.values()))
-    if len(values) == 1:
-        return f"{values[0]:g}"
-    return f"per-neuron ({len(values)} values, {values[0]:g} .. {values[-1]:g})"
 
 
 def _shard_summary(circuit_sha: str, mults: Mapping[tuple[int, int], float],
@@ -244,87 +241,6 @@ def _files(folder: Path) -> list[Path]:
 # -- the model card ---------------------------------------------------------------------------
 
 
-def model_card(manifest: ExportManifest, verification: Any = None) -> str:
-    """README.md with YAML front matter (base_model, tags) describing the steering and its verification."""
-    from huggingface_hub import ModelCard, ModelCardData
-
-    c = manifest.circuit
-    mults = manifest.multiplier_map()
-    counts = c.layer_counts()
-    data = ModelCardData(
-        base_model=manifest.source,
-        library_name="transformers",
-        tags=["cna-export", "steering", "contrastive-neuron-attribution", c.model.architecture, "safetensors"],
-    )
-    method = ", ".join(f"{k}={v}" for k, v in c.method.items()) or "n/a"
-    prompts = "; ".join(f"{k}: {Path(p.path).name} ({p.count} prompts, sha256 `{p.sha256[:16]}`)"
-                        for k, p in c.prompts.items()) or "n/a"
-    dtypes = sorted({t.dtype for t in manifest.tensors})
-    total = c.model.total_neurons
-    lines = [
-        f"# {Path(manifest.source).name or manifest.source}, CNA-steered",
-        "",
-        f"This checkpoint is `{manifest.source}` with a Contrastive Neuron Attribution (CNA) circuit folded into its "
-        f"weights by cna-export {manifest.tool_version}: {len(mults)} MLP neurons in {len(counts)} layers are "
-        f"multiplied by {_multiplier_summary(mults)}. No hooks or custom code are needed to run it; it loads with "
-        "`AutoModelForCausalLM.from_pretrained`.",
-        "",
-        "## Steering",
-        "",
-        "| | |",
-        "|---|---|",
-        f"| circuit | {len(c.neurons)} neurons ({len(c.neurons) / total:.3%} of {total} MLP neurons), {c.kind} "
-        f"on `{c.model.name}` ({c.model.architecture}, fingerprint `{(c.model.fingerprint or 'none')[:16]}`) |",
-        f"| multiplier | {_multiplier_summary(mults)} |",
-        "| fold | down_proj columns: `W[:, j] *= m` for each circuit neuron `j` (float32 arithmetic, rounded "
-        f"once to {', '.join(dtypes) or 'the tensor dtype'}); equivalent to scaling the neuron's activation |",
-        "| touched layers | " + ", ".join(f"L{layer}: {n}" for layer, n in counts.items()) + " |",
-        f"| method | {method} |",
-        f"| prompt sets | {prompts} |",
-        f"| source | `{manifest.source}` ({manifest.source_format}) |",
-        "",
-        "## Verification",
-        "",
-    ]
-    if verification is None:
-        lines += [
-            "Not verified. To check that these weights behave like hook steering of the original, run:",
-            "",
-            "```bash",
-            f"cna-export verify --original {manifest.source} --exported <this folder>",
-            "```",
-        ]
-    else:
-        m = verification.metrics
-        status = "passed" if verification.passed else "FAILED: " + "; ".join(verification.reasons)
-        lines += [
-            f"Verified at export time against hook steering of the original ({verification.dtype}, "
-            f"{int(m.get('prompts', 0))} prompts, every prompt position): **{status}**.",
-            "",
-            "| metric | value | tolerance |",
-            "|---|---|---|",
-        ]
-        t = verification.tolerances
-        for label, key, fmt in (("max abs delta logit", "max_abs_logit_delta", "{:.3e}"),
-                                ("mean KL", "mean_kl", "{:.3e}"),
-                                ("top-1 agreement", "top1_agreement", "{:.2%}"),
-                                ("identical greedy continuations", "greedy_identical", "{:.2%}")):
-            if key in m:
-                lines.append(f"| {label} | {fmt.format(m[key])} | {t.describe(key)} |")
-    lines += [
-        "",
-        "## Provenance",
-        "",
-        f"`{MANIFEST_FILE}` records the circuit manifest, the multiplier of every neuron and, for each touched "
-        "tensor, the sha256 before and after folding; each rewritten shard carries a short summary in its "
-        f"safetensors metadata under `{SHARD_METADATA_KEY}`. All other tensors are the source's, unchanged.",
-        "",
-        "Steering changes the model's behaviour (for a refusal circuit, multiplier 0 weakens refusals). Use it "
-        "responsibly and in line with the base model's licence.",
-        "",
-    ]
-    text = f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)
-    return str(ModelCard(text))
 
 
 # -- entry point --------------------------------------------------------------------------------
@@ -435,11 +351,7 @@ def _write(
 ) -> None:
     files = _files(folder)
     shards = set(plan.ckpt.files)
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(files), desc="export", unit="file")
+    bar = progress_bar(progress, total=len(files), desc="export", unit="file", leave=True)
     for rel in files:
         key = rel.as_posix()
         src, dst = folder / rel, tmp / rel
@@ -457,10 +369,8 @@ def _write(
         else:
             st_io.copy_file(src, dst)
             result.other_files.append(key)
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
+        bar.update(1)
+    bar.close()
     if result.left_out:
         manifest.notes.append("not copied (weights outside the folded safetensors checkpoint, which would not carry "
                               "the steering): " + ", ".join(result.left_out))

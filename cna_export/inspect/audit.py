@@ -36,17 +36,20 @@ from the base but not by a recognised steering edit.
 from __future__ import annotations
 
 import logging
-import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from .diff import RANK1_SHARE, DiffReport, Expectation, diff_sources, layer_ranges, multiplier_counts, neuron_summary
+from ..core.settings import AuditSettings  # noqa: F401  (part of this module's API)
+from .diff import DiffReport, Expectation, diff_sources, layer_ranges, neuron_summary
 from ..core.errors import CnaError
+from ..core.multipliers import describe_multipliers
 from ..io.weights import WeightSource, open_weights
+
+from .scan import scan_base_free
 
 log = logging.getLogger(__name__)
 
@@ -57,26 +60,6 @@ EXIT_OTHER_CHANGES = 5
 
 ALLOWED_KV_CHANGES = ("general.name", "cna.manifest")
 ALLOWED_FILE_CHANGES = ("cna_manifest.json", "README.md")
-
-
-@dataclass
-class AuditSettings:
-    base: str | None = None
-    manifest: str | None = None  # a path, or "embedded"
-    recipe: str | None = None  # discovery recipe for the base's refusal circuit (default: bundled refusal.yaml)
-    circuit: str | None = None  # the base's refusal circuit, if already discovered (skips discovery)
-    stats: str | None = None  # the base's discovery statistics: read if the file exists, else computed and saved
-    overwrite: bool = False  # replace an existing --stats file that belongs to another model or recipe
-    discover: bool = True
-    generate: bool = True
-    prompts: int = 8
-    max_new_tokens: int = 40
-    backend: str = "auto"
-    threads: int | None = None
-    batch_size: int = 8
-    zero_threshold: float = 1e-3
-    direction_threshold: float = 1e-3
-    rank1_share: float = RANK1_SHARE
 
 
 @dataclass
@@ -183,7 +166,7 @@ def provenance(src: WeightSource) -> tuple[dict, Any]:
             "source": manifest.source,
             "fold": manifest.fold,
             "neurons": len(mults),
-            "multipliers": ", ".join(f"x{k} ({n})" for k, n in multiplier_counts(mults.values()).items()),
+            "multipliers": describe_multipliers(mults, "tally"),
         }
     if src.kind == "hf":
         for shard, text in getattr(src, "shard_marks", lambda: {})().items():
@@ -335,132 +318,14 @@ def _neuron_of(slot: int, layer: int, base: WeightSource, role: str) -> int:
 # ---------------------------------------------------------------------------
 
 
-def _eig_ratio(G: np.ndarray) -> tuple[float, float]:
-    """(smallest / median eigenvalue, median eigenvalue) of a PSD matrix."""
-    w = np.linalg.eigvalsh(G)
-    med = float(np.median(w))
-    return (max(float(w[0]), 0.0) / med if med > 0 else math.inf), med
 
 
-def bottom_eigenvector(G: np.ndarray, median: float, iterations: int = 4) -> np.ndarray:
-    """Unit eigenvector of the smallest eigenvalue of a PSD matrix (shifted inverse iteration).
-
-    Used only when that eigenvalue is far below the median, where inverse iteration converges at once.
-    """
-    n = G.shape[0]
-    A = G + (1e-9 * median if median > 0 else 1e-12) * np.eye(n)
-    x = np.ones(n) / math.sqrt(n)
-    for _ in range(iterations):
-        try:
-            y = np.linalg.solve(A, x)
-        except np.linalg.LinAlgError:
-            y = np.linalg.lstsq(A, x, rcond=None)[0]
-        x = y / np.linalg.norm(y)
-    return x * (1.0 if x[np.argmax(np.abs(x))] >= 0 else -1.0)
 
 
-def _energy_along(W: np.ndarray, r: np.ndarray) -> float:
-    """|W r|^2 relative to the average direction's energy (|W|_F^2 / hidden), for W [*, hidden], in chunks."""
-    along = 0.0
-    total = 0.0
-    step = max(1, (1 << 22) // max(W.shape[1], 1))
-    for s in range(0, W.shape[0], step):
-        blk = W[s : s + step].astype(np.float64)
-        along += float(np.square(blk @ r).sum())
-        total += float(np.square(blk).sum())
-    return along * W.shape[1] / total if total > 0 else math.inf
 
 
-def scan_base_free(src: WeightSource, zero_threshold: float = 1e-3, direction_threshold: float = 1e-3,
-                   progress: bool = False) -> dict:
-    """Zeroed neurons and annihilated residual directions, from the suspect alone (one layer at a time)."""
-    hidden = src.hidden_size
-    G_all = np.zeros((hidden, hidden), dtype=np.float64)
-    zeroed: dict[int, dict[int, list[str]]] = {}
-    layer_stats: list[dict] = []
-    flagged: list[tuple[int, np.ndarray]] = []
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=src.num_layers, desc="scan", unit="layer", leave=False)
-    for layer in range(src.num_layers):
-        down_e = src.find("ffn_down", layer)
-        if down_e is None:
-            raise CnaError(f"{src.spec} has no down_proj weight in layer {layer}")
-        down = src.read(down_e).astype(np.float64)
-        n_ff = down.shape[1]
-        hits: dict[int, list[str]] = {}
-        _flag(np.linalg.norm(down, axis=0), zero_threshold, "down_proj column", hits)
-        G = down @ down.T
-        del down
-        for role, what in (("ffn_up", "up_proj row"), ("ffn_gate", "gate_proj row")):
-            e = src.find(role, layer)
-            if e is None:
-                continue
-            rows = np.linalg.norm(src.read(e).astype(np.float64), axis=1)
-            if role == "ffn_up" and src.arch.fused_gate_up and rows.size == 2 * n_ff:
-                _flag(rows[:n_ff], zero_threshold, "gate_proj row", hits)
-                rows = rows[n_ff:]
-            _flag(rows, zero_threshold, what, hits)
-        o_e = src.find("attn_output", layer)
-        if o_e is not None:
-            O = src.read(o_e).astype(np.float64)
-            G += O @ O.T
-            del O
-        ratio, med = _eig_ratio(G)
-        if ratio < direction_threshold:
-            flagged.append((layer, bottom_eigenvector(G, med)))
-        G_all += G
-        if hits:
-            zeroed[layer] = hits
-        layer_stats.append({"layer": layer, "eig_ratio": ratio, "zeroed": len(hits)})
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
-    ratio_all, med_all = _eig_ratio(G_all)
-    r = None
-    if ratio_all < direction_threshold:
-        r = bottom_eigenvector(G_all, med_all)
-    elif flagged:
-        r = flagged[0][1]
-    flagged_layers: list[int] = []
-    consistency = None
-    emb: dict[str, float] = {}
-    if r is not None:
-        cos = [abs(float(np.dot(r, v))) for _, v in flagged]
-        flagged_layers = [l for (l, _), c in zip(flagged, cos) if c >= 0.9]
-        consistency = min(cos) if cos else None
-        for role in ("token_embd", "output"):
-            e = src.find(role, None)
-            if e is not None and len(e.shape) == 2 and e.shape[1] == hidden:
-                emb[role] = _energy_along(src.read(e), r)
-    total = sum(len(h) for h in zeroed.values())
-    return {
-        "zero_threshold": zero_threshold,
-        "direction_threshold": direction_threshold,
-        "zeroed_total": total,
-        "zeroed_layers": sorted(zeroed),
-        "zeroed": [{"layer": l, "index": j, "where": w} for l, h in sorted(zeroed.items()) for j, w in sorted(h.items())],
-        "direction": {
-            "ratio": ratio_all,
-            "layer_ratio_min": min(x["eig_ratio"] for x in layer_stats) if layer_stats else math.inf,
-            "flagged_layers": flagged_layers,
-            "consistency": consistency,
-            "direction": [float(x) for x in r] if r is not None else None,
-            "embedding_energy_along_direction": emb,
-        },
-        "layers": layer_stats,
-    }
 
 
-def _flag(norms: np.ndarray, threshold: float, what: str, hits: dict[int, list[str]]) -> None:
-    med = float(np.median(norms))
-    if not med > 0:
-        return
-    for j in np.nonzero(norms < threshold * med)[0]:
-        hits.setdefault(int(j), []).append(what)
 
 
 # ---------------------------------------------------------------------------
@@ -652,26 +517,6 @@ def behaviour_check(models: Sequence[tuple[str, str]], settings: AuditSettings, 
 # ---------------------------------------------------------------------------
 
 
-def _action(values: Sequence[float]) -> str:
-    vs = list(values)
-    if all(v == 0 for v in vs):
-        return "ablated"
-    if all(v < 0 for v in vs):
-        return "inverted"
-    if all(0 < v < 1 for v in vs):
-        return "dampened"
-    if all(v > 1 for v in vs):
-        return "amplified"
-    return "steered"
-
-
-def _mult_phrase(values: Sequence[float]) -> str:
-    counts = multiplier_counts(values)
-    if len(counts) == 1:
-        return f"multiplier {next(iter(counts))}"
-    return "multipliers " + ", ".join(f"{k} ({n})" for k, n in list(counts.items())[:4]) + (" ..." if len(counts) > 4 else "")
-
-
 def audit(suspect: str, settings: AuditSettings | None = None, progress: bool = False) -> AuditReport:
     """Library entry point (see the module docstring)."""
     s = settings or AuditSettings()
@@ -713,7 +558,7 @@ def audit(suspect: str, settings: AuditSettings | None = None, progress: bool = 
             if mc["passed"]:
                 vals = [m for m in manifest.multiplier_map().values() if m != 1.0]
                 report.verdict = (f"manifest check passed: exactly the manifest's {mc['expected_neurons']} neurons changed, "
-                                  f"by its {_mult_phrase(vals)}, nothing else")
+                                  f"by its {describe_multipliers(vals, 'phrase')}, nothing else")
                 report.exit_code = EXIT_CLEAN
             else:
                 more = f" (+{len(mc['problems']) - 1} more)" if len(mc["problems"]) > 1 else ""
@@ -740,14 +585,16 @@ def audit(suspect: str, settings: AuditSettings | None = None, progress: bool = 
             for f in findings:
                 if f["kind"] == "cna":
                     vals = list(diff.neurons.values())
+                    action = describe_multipliers(vals, "action")
                     co = report.circuit_overlap
                     if co is not None and co["is_refusal_circuit"]:
-                        parts.append(f"refusal circuit {_action(vals)}: CNA, {len(vals)} neurons, {_mult_phrase(vals)} "
-                                     f"({co['ablated'] if _action(vals) == 'ablated' else co['steered']} of "
+                        parts.append(f"refusal circuit {action}: CNA, {len(vals)} neurons, "
+                                     f"{describe_multipliers(vals, 'phrase')} "
+                                     f"({co['ablated'] if action == 'ablated' else co['steered']} of "
                                      f"{co['circuit_size']} refusal-circuit neurons)")
                     else:
                         extra = (f"; {co['steered']} of {co['circuit_size']} refusal-circuit neurons" if co else "")
-                        parts.append(f"CNA neuron steering ({_action(vals)}): {neuron_summary(diff.neurons)}{extra}")
+                        parts.append(f"CNA neuron steering ({action}): {neuron_summary(diff.neurons)}{extra}")
                 else:
                     parts.append(f["summary"])
             steered = any(f["kind"] in ("cna", "directional") for f in findings)
@@ -772,7 +619,7 @@ def audit(suspect: str, settings: AuditSettings | None = None, progress: bool = 
                 parts.append(f"directional ablation detected: layers {layer_ranges(d['flagged_layers'])}")
             if embedded is not None:
                 mults = embedded.multiplier_map()
-                claim = f"{len(mults)} neurons, {_mult_phrase(list(mults.values()))}"
+                claim = f"{len(mults)} neurons, {describe_multipliers(mults, 'phrase')}"
                 zero_claim = {k for k, v in mults.items() if v == 0.0}
                 found = {(z["layer"], z["index"]) for z in bf["zeroed"]}
                 if zero_claim:
@@ -814,4 +661,4 @@ def write_recovered_circuit(diff: DiffReport, base_spec: str, out: str | Path, o
 
 
 def settings_dict(s: AuditSettings) -> dict:
-    return asdict(s)
+    return s.model_dump()

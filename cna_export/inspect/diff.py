@@ -50,11 +50,13 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 
 from ..core.errors import CnaError
+from ..core.multipliers import describe_multipliers, multiplier_counts  # noqa: F401  (re-exported)
+from ..core.progress import bar as progress_bar
 from ..io.weights import TensorEntry, WeightSource, open_weights, pair_entries
 
 log = logging.getLogger(__name__)
 
-RANK1_SHARE = 0.95  # top singular value's share of the change's energy for a "rank-1" edit
+from ..core.settings import RANK1_SHARE  # noqa: E402  top singular value's share of a change's energy for a "rank-1" edit
 EXPLAINED_RESIDUAL = 0.25  # a scaled slice's residual energy must be at most this share of its change
 RESIDUAL_WRITERS = {"attn_output": 0, "ffn_down": 0, "token_embd": 1, "output": 1}  # role -> hidden axis
 NEURON_ROLES = ("ffn_down", "ffn_up", "ffn_gate")
@@ -386,7 +388,7 @@ def describe_tensor(t: TensorDiff) -> str:
         parts.append(f"elements {t.changed_elements}")
     if t.scaled:
         n = len(t.scaled)
-        parts.append(f"{t.scale_axis} scaling of {n} neuron{'s' if n != 1 else ''} ({_mult_text(t.scaled.values())})")
+        parts.append(f"{t.scale_axis} scaling of {n} neuron{'s' if n != 1 else ''} ({describe_multipliers(t.scaled, 'counts')})")
     if t.rank1 is not None:
         parts.append(f"top singular share {t.rank1.share:.4f}"
                      + (f", projection ratio {t.rank1.projection_ratio:.2e}" if t.rank1.projection_ratio is not None else ""))
@@ -395,27 +397,9 @@ def describe_tensor(t: TensorDiff) -> str:
     return ", ".join(parts)
 
 
-def multiplier_counts(values: Iterable[float]) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for v in values:
-        out[f"{v:g}"] = out.get(f"{v:g}", 0) + 1
-    return dict(sorted(out.items(), key=lambda kv: (-kv[1], float(kv[0]))))
-
-
-def _mult_text(values: Iterable[float]) -> str:
-    counts = multiplier_counts(values)
-    if len(counts) == 1:
-        return f"x{next(iter(counts))}"
-    if len(counts) <= 4:
-        return ", ".join(f"x{k} ({n})" for k, n in counts.items())
-    vs = sorted(float(k) for k in counts)
-    return f"x{vs[0]:g} .. x{vs[-1]:g} ({len(counts)} values)"
-
-
 def neuron_summary(neurons: Mapping[tuple[int, int], float]) -> str:
     layers = sorted({l for l, _ in neurons})
-    counts = multiplier_counts(neurons.values())
-    mult = f"multiplier {next(iter(counts))}" if len(counts) == 1 else f"multipliers {_mult_text(neurons.values())}"
+    mult = describe_multipliers(neurons, "phrase")
     n, k = len(neurons), len(layers)
     return f"{n} neuron{'s' if n != 1 else ''} in {k} layer{'s' if k != 1 else ''} ({layer_ranges(layers)}), {mult}"
 
@@ -791,11 +775,7 @@ def diff_sources(
     pairs = pair_entries(a, b)
     infos = _layer_info(a)
     tensors: list[TensorDiff] = []
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(pairs), desc="diff", unit="tensor", leave=False)
+    bar = progress_bar(progress, total=len(pairs), desc="diff", unit="tensor")
     for name, ea, eb in pairs:
         if ea is None or eb is None:
             e = ea or eb
@@ -815,10 +795,8 @@ def diff_sources(
             info = infos.get(ea.layer, _LayerInfo()) if ea.layer is not None else _LayerInfo()
             tensors.append(compare_tensor(name, ea, eb, A, B, a, b, info, rank1_share, expect))
             del A, B
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
+        bar.update(1)
+    bar.close()
     neurons, sources = _collect_neurons(tensors)
     return DiffReport(
         a=source_info(a), b=source_info(b), tensors=tensors, neurons=neurons, neuron_sources=sources,

@@ -41,6 +41,7 @@ from typing import Any, Iterable, Literal, Mapping, Sequence
 import numpy as np
 
 from ..core.errors import CnaError
+from ..core.progress import bar as progress_bar
 from .quants import LAYOUTS, ScaleReport, dequantize_rows, get_layout, scale_rows
 
 log = logging.getLogger(__name__)
@@ -484,7 +485,8 @@ def write_patched(
         writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, raw_dtype=t.tensor_type)
 
     reports: dict[str, ScaleReport] = {}
-    bar = _bar(progress, sum(int(t.n_bytes) for t in reader.tensors), "writing GGUF")
+    bar = progress_bar(progress, total=sum(int(t.n_bytes) for t in reader.tensors), desc="writing GGUF", unit="B",
+                       unit_scale=True)
     try:
         writer.write_header_to_file(path=Path(path))
         writer.write_kv_data_to_file()
@@ -497,16 +499,14 @@ def write_patched(
                 buf, reports[t.name] = patch.patched_copy(t.data)
                 writer.write_tensor_data(buf)
                 del buf
-            if bar is not None:
-                bar.update(int(t.n_bytes))
+            bar.update(int(t.n_bytes))
         writer.flush()
         assert writer.fout is not None
         for fh in writer.fout:
             os.fsync(fh.fileno())
     finally:
         writer.close()
-        if bar is not None:
-            bar.close()
+        bar.close()
     return reports
 
 
@@ -532,14 +532,6 @@ def patch_in_place(
     with open(path, "rb+") as fh:
         os.fsync(fh.fileno())
     return reports
-
-
-def _bar(show: bool, total: int, desc: str) -> Any:
-    if not show:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="B", unit_scale=True, desc=desc, leave=False)
 
 
 # ---------------------------------------------------------------------------

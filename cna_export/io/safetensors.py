@@ -10,7 +10,6 @@ shard therefore peaks near the size of that one shard, never the model.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import shutil
@@ -18,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping
 
-import numpy as np
 
 from ..core.errors import CnaError
 from ..core.atomic import public_mode

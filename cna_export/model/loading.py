@@ -13,7 +13,6 @@ import contextlib
 import functools
 import hashlib
 import logging
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -22,6 +21,7 @@ from ..io.sources import ModelSource, resolve_source  # noqa: F401  (re-exported
 from ..core.architectures import ArchSpec, arch_for_config
 from ..core.circuit import ModelIdentity
 from ..core.errors import CnaError
+from ..core.progress import bar as progress_bar, wanted
 from ..core.fingerprint import fingerprint
 
 log = logging.getLogger(__name__)
@@ -146,8 +146,13 @@ def load_model(
     device_map: str | None = None,
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
+    progress: bool | None = None,
 ) -> LoadedModel:
-    """Load a causal LM for capture and steering (eval mode, no grad needed)."""
+    """Load a causal LM for capture and steering (eval mode, no grad needed).
+
+    ``progress``: show transformers' bar while a GGUF is dequantised; None (the default) shows it on
+    a terminal unless logging is quieter than warnings (:func:`cna_export.core.progress.wanted`).
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     source = resolve_source(spec)
@@ -169,7 +174,9 @@ def load_model(
     if source.kind != "gguf":
         kwargs["use_safetensors"] = None if allow_pickle else True
     try:
-        with _gguf_progress(source.kind == "gguf" and sys.stderr.isatty() and log.isEnabledFor(logging.WARNING)):
+        if progress is None:
+            progress = wanted(quiet=not log.isEnabledFor(logging.WARNING))
+        with _gguf_progress(source.kind == "gguf" and progress):
             model = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=trust_remote_code, **kwargs)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise CnaError(f"cannot load model {spec}: {_first_line(e)}") from None
@@ -183,17 +190,18 @@ def load_model(
 
 @contextlib.contextmanager
 def _gguf_progress(show: bool) -> Iterator[None]:
-    """transformers shows a tqdm bar while dequantising GGUF tensors; keep it for terminals only."""
+    """transformers shows a tqdm bar while dequantising GGUF tensors: route it through
+    :func:`cna_export.core.progress.bar`, shown only when ``show``."""
     try:
         import transformers.modeling_gguf_pytorch_utils as gguf_utils
     except ImportError:  # pragma: no cover
         yield
         return
     original = getattr(gguf_utils, "tqdm", None)
-    if show or original is None:
+    if original is None:
         yield
         return
-    gguf_utils.tqdm = functools.partial(original, disable=True)
+    gguf_utils.tqdm = functools.partial(progress_bar, show, leave=True)
     try:
         yield
     finally:

@@ -1,1 +1,8 @@
-"""verify"""
+"""Verification: does an export behave exactly like hook steering of its source?
+
+Separate checks: ``safetensors`` (logits of the export vs hook steering in transformers),
+``gguf_tensors`` (the GGUF file's bytes: untouched tensors identical, touched rows exactly the
+multiplier times the source) and ``gguf_behaviour`` (llama.cpp vs hook steering relative to the
+noise floor), combined for GGUF files in ``gguf``; ``report`` renders the result and ``prompts``
+picks the prompt set.
+"""

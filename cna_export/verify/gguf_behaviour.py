@@ -7,37 +7,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 import numpy as np
-from pydantic import Field
 
 from ..core.errors import CnaError
+from ..core.progress import bar as progress_bar
+from ..io.llama import llama_logits  # noqa: F401  (re-exported: the verification's llama.cpp logits)
 from .report import Check, MetricAccumulator, logit_metrics
-from .safetensors import VerifyOptions
-
-
-class GGUFVerifyOptions(VerifyOptions):
-    """GGUF verification settings (llama.cpp against hook steering, relative to the noise floor)
-
-    Extends :class:`cna_export.verify.VerifyOptions` (prompts, limit, absolute tolerances).
-    """
-
-    max_kl_ratio: float = Field(1.1, gt=0, description="GGUF: steered mean KL may be at most this x the unsteered noise floor")
-    max_effect_share: float = Field(
-        0.01, ge=0,
-        description="GGUF: plus this share of the steering effect (transformers' mean KL between hooked and plain): "
-        "the steered model sits further from llama.cpp than the unsteered one; 0: the noise floor alone",
-    )  # fmt: skip
-    max_top1_drop: float = Field(0.01, ge=0, le=1, description="GGUF: steered top-1 agreement may be at most this below the noise floor's")
-    top1_min_margin: float = Field(
-        0.1, ge=0,
-        description="GGUF: count top-1 agreement where the reference's top-1/top-2 log-prob gap is at least this "
-        "(nats; near-ties flip under any noise); 0: all positions",
-    )  # fmt: skip
-    max_steering_error: float = Field(
-        0.03, ge=0,
-        description="GGUF: llama.cpp must reproduce the hook-steering effect to within this share (regression slope "
-        "of its logit change on transformers', plus twice its standard error)",
-    )  # fmt: skip
-    threads: int = Field(2, gt=0, description="GGUF: CPU threads for llama.cpp and the transformers reference")
+from ..core.settings import GGUFVerifyOptions, VerifyOptions  # noqa: F401  (GGUFVerifyOptions: part of this API)
 
 
 def token_ids(tokenizer: Any, prompts: Sequence[str], opts: VerifyOptions) -> list[list[int]]:
@@ -53,31 +28,6 @@ def token_ids(tokenizer: Any, prompts: Sequence[str], opts: VerifyOptions) -> li
         if not seq:
             raise CnaError(f"prompt {i + 1} tokenised to nothing")
         out.append([int(t) for t in seq])
-    return out
-
-
-def llama_logits(path: str | Path, ids: Sequence[Sequence[int]], threads: int = 2) -> list[np.ndarray]:
-    """All-position logits from llama.cpp for the given token ids (fed as they are: no BOS added)."""
-    try:
-        from llama_cpp import Llama
-    except ImportError:
-        raise CnaError("verifying a GGUF export needs llama-cpp-python: pip install 'cna-export[llama]'") from None
-    n_ctx = max(64, max(len(s) for s in ids) + 8)
-    try:
-        llm = Llama(
-            model_path=str(path), logits_all=True, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
-            verbose=False, seed=0, n_threads=threads, n_threads_batch=threads,
-        )  # fmt: skip
-    except (ValueError, RuntimeError) as e:
-        raise CnaError(f"llama.cpp cannot load {path}: {str(e).splitlines()[0]}") from None
-    out: list[np.ndarray] = []
-    try:
-        for seq in ids:
-            llm.reset()
-            llm.eval(seq)
-            out.append(np.array(llm.scores[: len(seq)], dtype=np.float32))
-    finally:
-        llm.close()
     return out
 
 
@@ -217,11 +167,7 @@ def check_behaviour(
     ll_exp = llama_logits(exported_path, ids, opts.threads)
     comp = _Comparisons()
     starts = fresh_positions(ids)
-    iterator: Any = range(len(ids))
-    if progress:
-        from tqdm import tqdm
-
-        iterator = tqdm(iterator, desc="verify", unit="prompt")
+    iterator: Any = progress_bar(progress, range(len(ids)), desc="verify", unit="prompt", leave=True)
     torch_threads = torch.get_num_threads()
     torch.set_num_threads(opts.threads)  # oversubscribed intra-op threads are many times slower
     try:

@@ -11,9 +11,7 @@ from ..core.errors import CnaError
 
 
 # Default tolerances by compared dtype (the brief of issue #3; each is overridable by a flag).
-FP32_MAX_LOGIT_DELTA = 1e-4
-HALF_MIN_TOP1 = 0.99
-HALF_MAX_KL = 1e-3
+from ..core.settings import FP32_MAX_LOGIT_DELTA, HALF_MAX_KL, HALF_MIN_TOP1  # noqa: E402,F401
 
 
 class Tolerances(BaseModel):

@@ -39,20 +39,19 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from pydantic import Field
-
 from ..core.errors import CnaError
-from ..core.settings import PromptOptions
+from ..core.progress import bar as progress_bar
+from ..core.settings import VERIFY_MAX_NEW_TOKENS as DEFAULT_MAX_NEW_TOKENS  # noqa: F401
+from ..core.settings import VerifyOptions  # noqa: F401  (part of this module's API)
 
-from .prompts import DEFAULT_LIMIT, verification_prompts
+from .prompts import verification_prompts
 from .report import (
-    FP32_MAX_LOGIT_DELTA, HALF_MAX_KL, HALF_MIN_TOP1, MetricAccumulator, PromptDetail, Tolerances, VerifyReport,
+    MetricAccumulator, PromptDetail, Tolerances, VerifyReport,
     logit_metrics,
 )
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_NEW_TOKENS = 16
 
 
 
@@ -85,24 +84,9 @@ DEFAULT_MAX_NEW_TOKENS = 16
 # -- options ------------------------------------------------------------------------------
 
 
-class VerifyOptions(PromptOptions):
-    """Verification settings."""
-
-    limit: int = Field(DEFAULT_LIMIT, gt=0, description="compare at most this many prompts")
-    max_new_tokens: int = Field(DEFAULT_MAX_NEW_TOKENS, ge=0, description="greedy tokens generated and compared per prompt (0: skip)")
-    dtype: str = Field("auto", description="dtype both models run in; auto: the exported down_proj dtype")
-    max_logit_delta: float | None = Field(None, ge=0, description=f"tolerance on max |delta logit| (default {FP32_MAX_LOGIT_DELTA:g} for float32)")
-    max_kl: float | None = Field(None, ge=0, description=f"tolerance on mean KL (default {HALF_MAX_KL:g} for bf16/fp16)")
-    min_top1: float | None = Field(None, ge=0, le=1, description=f"minimum top-1 agreement (default {HALF_MIN_TOP1:g} for bf16/fp16)")
-    identical_greedy: bool | None = Field(None, description="require identical greedy text (default: on for float32)")
-
-    def tolerances(self, dtype: str) -> Tolerances:
-        return Tolerances.for_dtype(dtype).override(
-            max_abs_logit_delta=self.max_logit_delta,
-            max_mean_kl=self.max_kl,
-            min_top1_agreement=self.min_top1,
-            identical_greedy=self.identical_greedy,
-        )
+def tolerances(opts: VerifyOptions, dtype: str) -> Tolerances:
+    """The pass criteria for ``dtype``: its defaults, with the tolerances ``opts`` gives."""
+    return Tolerances.for_dtype(dtype).override(**opts.tolerance_overrides())
 
 
 # -- the comparison -----------------------------------------------------------------------
@@ -147,11 +131,7 @@ def compare_steered(
     acc = MetricAccumulator()
     details: dict[int, dict[str, Any]] = {}
     steering = multipliers or {}
-    iterator: Any = ref_batches
-    if progress:
-        from tqdm import tqdm
-
-        iterator = tqdm(ref_batches, desc="verify", unit="batch")
+    iterator: Any = progress_bar(progress, ref_batches, desc="verify", unit="batch", leave=True)
     for b in iterator:
         feed = dict(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids)
         with torch.inference_mode():
@@ -295,7 +275,7 @@ def verify_export(
 
     settings = {**prompt_info, "source": manifest.source}
     report = compare_steered(
-        ref, cand, manifest.multiplier_map(), prompts, opts, opts.tolerances(dtype),
+        ref, cand, manifest.multiplier_map(), prompts, opts, tolerances(opts, dtype),
         reference_name=f"{ref_name} + hook steering ({len(manifest.multipliers)} neurons)",
         candidate_name=candidate_name or str(exported), settings=settings, extra_reasons=reasons, notes=notes,
         progress=progress,

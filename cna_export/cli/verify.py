@@ -1,0 +1,47 @@
+"""Command verify (safetensors and GGUF)."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+from ..core.progress import wanted
+from ..core.settings import GGUFVerifyOptions, ModelOptions, VerifyRunOptions, add_flags, settings_of
+from ._registry import PARSERS, command
+
+
+@command("verify")
+def cmd_verify(ns: argparse.Namespace) -> int:
+    from ..core.atomic import atomic_write_text, check_output_path
+    from ..core.errors import VerificationFailed
+    from ..pipeline import verify
+
+    run: VerifyRunOptions = settings_of(ns, VerifyRunOptions)
+    if ns.json:
+        check_output_path(Path(ns.json), run.overwrite)
+    t0 = time.perf_counter()
+    report = verify(ns.original, ns.exported, settings_of(ns, GGUFVerifyOptions), prompt_files=run.prompts,
+                    model_options=settings_of(ns, ModelOptions), progress=wanted(ns.quiet))
+    if ns.json:
+        atomic_write_text(Path(ns.json), report.to_json() + "\n", overwrite=run.overwrite)
+    if not ns.quiet:
+        print(report.render(per_prompt=run.per_prompt))
+        print(f"time         {time.perf_counter() - t0:.1f}s" + (f"; wrote {ns.json}" if ns.json else ""))
+    if not report.passed:
+        raise VerificationFailed("verification failed: " + "; ".join(report.reasons))
+    return 0
+
+
+def _verify_parser(sub: Any) -> None:
+    p = sub.add_parser("verify", help="check an exported checkpoint against hook steering of the original")
+    p.add_argument("--original", required=True, help="the model the export was made from (folder, .gguf, bundled:NAME)")
+    p.add_argument("--exported", required=True, help="the exported folder (with cna_manifest.json)")
+    p.add_argument("--json", metavar="FILE", help="also write the full report as JSON")
+    add_flags(p, VerifyRunOptions)
+    add_flags(p, GGUFVerifyOptions)
+    add_flags(p, ModelOptions, skip=("dtype",))
+
+
+PARSERS.append(_verify_parser)

@@ -1,0 +1,272 @@
+"""What ships beside an export: the Hugging Face model card (README.md) and the Ollama Modelfile."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from ..core.errors import CnaError
+from ..core.multipliers import describe_multipliers
+from ..core.manifest import (
+    MANIFEST_FILE,
+    SHARD_METADATA_KEY,
+    ExportManifest,
+)
+from ..io import gguf as G
+
+CARD_FILE = "README.md"
+
+
+def model_card(manifest: ExportManifest, verification: Any = None) -> str:
+    """README.md with YAML front matter (base_model, tags) describing the steering and its verification."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    c = manifest.circuit
+    mults = manifest.multiplier_map()
+    counts = c.layer_counts()
+    data = ModelCardData(
+        base_model=manifest.source,
+        library_name="transformers",
+        tags=["cna-export", "steering", "contrastive-neuron-attribution", c.model.architecture, "safetensors"],
+    )
+    method = ", ".join(f"{k}={v}" for k, v in c.method.items()) or "n/a"
+    prompts = "; ".join(f"{k}: {Path(p.path).name} ({p.count} prompts, sha256 `{p.sha256[:16]}`)"
+                        for k, p in c.prompts.items()) or "n/a"
+    dtypes = sorted({t.dtype for t in manifest.tensors})
+    total = c.model.total_neurons
+    lines = [
+        f"# {Path(manifest.source).name or manifest.source}, CNA-steered",
+        "",
+        f"This checkpoint is `{manifest.source}` with a Contrastive Neuron Attribution (CNA) circuit folded into its "
+        f"weights by cna-export {manifest.tool_version}: {len(mults)} MLP neurons in {len(counts)} layers are "
+        f"multiplied by {describe_multipliers(mults)}. No hooks or custom code are needed to run it; it loads with "
+        "`AutoModelForCausalLM.from_pretrained`.",
+        "",
+        "## Steering",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| circuit | {len(c.neurons)} neurons ({len(c.neurons) / total:.3%} of {total} MLP neurons), {c.kind} "
+        f"on `{c.model.name}` ({c.model.architecture}, fingerprint `{(c.model.fingerprint or 'none')[:16]}`) |",
+        f"| multiplier | {describe_multipliers(mults)} |",
+        "| fold | down_proj columns: `W[:, j] *= m` for each circuit neuron `j` (float32 arithmetic, rounded "
+        f"once to {', '.join(dtypes) or 'the tensor dtype'}); equivalent to scaling the neuron's activation |",
+        "| touched layers | " + ", ".join(f"L{layer}: {n}" for layer, n in counts.items()) + " |",
+        f"| method | {method} |",
+        f"| prompt sets | {prompts} |",
+        f"| source | `{manifest.source}` ({manifest.source_format}) |",
+        "",
+        "## Verification",
+        "",
+    ]
+    if verification is None:
+        lines += [
+            "Not verified. To check that these weights behave like hook steering of the original, run:",
+            "",
+            "```bash",
+            f"cna-export verify --original {manifest.source} --exported <this folder>",
+            "```",
+        ]
+    else:
+        m = verification.metrics
+        status = "passed" if verification.passed else "FAILED: " + "; ".join(verification.reasons)
+        lines += [
+            f"Verified at export time against hook steering of the original ({verification.dtype}, "
+            f"{int(m.get('prompts', 0))} prompts, every prompt position): **{status}**.",
+            "",
+            "| metric | value | tolerance |",
+            "|---|---|---|",
+        ]
+        t = verification.tolerances
+        for label, key, fmt in (("max abs delta logit", "max_abs_logit_delta", "{:.3e}"),
+                                ("mean KL", "mean_kl", "{:.3e}"),
+                                ("top-1 agreement", "top1_agreement", "{:.2%}"),
+                                ("identical greedy continuations", "greedy_identical", "{:.2%}")):
+            if key in m:
+                lines.append(f"| {label} | {fmt.format(m[key])} | {t.describe(key)} |")
+    lines += [
+        "",
+        "## Provenance",
+        "",
+        f"`{MANIFEST_FILE}` records the circuit manifest, the multiplier of every neuron and, for each touched "
+        "tensor, the sha256 before and after folding; each rewritten shard carries a short summary in its "
+        f"safetensors metadata under `{SHARD_METADATA_KEY}`. All other tensors are the source's, unchanged.",
+        "",
+        "Steering changes the model's behaviour (for a refusal circuit, multiplier 0 weakens refusals). Use it "
+        "responsibly and in line with the base model's licence.",
+        "",
+    ]
+    text = f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)
+    return str(ModelCard(text))
+
+
+MODELFILE = "Modelfile"
+
+
+def stop_tokens(reader: Any) -> list[str]:
+    """The EOS / end-of-turn / end-of-message token strings of the file's vocabulary, deduplicated."""
+    tokens = reader.get_field("tokenizer.ggml.tokens")
+    if tokens is None:
+        return []
+    out: list[str] = []
+    for key in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"):
+        tid = G.field_value(reader, key)
+        if not isinstance(tid, int) or not 0 <= tid < tokens.count:
+            continue
+        try:
+            text = tokens.item(tid)
+        except (CnaError, IndexError):
+            continue
+        if text and text not in out:
+            out.append(text)
+    return out
+
+
+def _modelfile_quote(text: str) -> str | None:
+    """Quote a value the way Ollama's Modelfile parser reads it back (no escapes); None if impossible."""
+    if not text.isprintable() or '"""' in text or text.endswith('"'):
+        return None
+    return f'"""{text}"""' if '"' in text else f'"{text}"'
+
+
+def render_modelfile(out: Path, reader: Any, manifest: ExportManifest, manifest_where: str) -> str:
+    """An Ollama Modelfile for the steered file: FROM, stop parameters, and a comment header."""
+    mults = manifest.multiplier_map()
+    layers = sorted({layer for layer, _ in mults})
+    name = re.sub(r"[^a-z0-9._-]+", "-", out.stem.lower()).strip("-.") or "cna-steered"
+    chat = "the chat template (tokenizer.chat_template) is read from the GGUF" if reader.get_field(
+        "tokenizer.chat_template"
+    ) else "the GGUF has no tokenizer.chat_template: add a TEMPLATE for chat use"
+    lines = [
+        f"# Ollama Modelfile written by cna-export {manifest.tool_version} ({manifest.created})",
+        f"# {out.name}: CNA-steered copy of {manifest.source}",
+        f"# circuit: {len(mults)} neurons in {len(layers)} layers, {describe_multipliers(mults, 'times')}, "
+        f"folded into {'ffn_up rows' if manifest.fold == 'up' else 'ffn_down columns'}",
+        f"# circuit found on: {manifest.circuit.model.name} ({manifest.circuit.kind})",
+        f"# manifest: {manifest_where}",
+        f"# {chat}",
+        f"# create with: ollama create {name} -f {MODELFILE}",
+    ]
+    src = f"./{out.name}"
+    quoted = src if " " not in src and '"' not in src else _modelfile_quote(src)
+    if quoted is None:
+        raise CnaError(f"output name {out.name} cannot be written in an Ollama Modelfile; choose a simpler name")
+    lines.append(f"FROM {quoted}")
+    for tok in stop_tokens(reader):
+        q = _modelfile_quote(tok)
+        if q is None:
+            lines.append(f"# stop token {tok!r} cannot be quoted for Ollama; left out")
+        else:
+            lines.append(f"PARAMETER stop {q}")
+    return "\n".join(lines) + "\n"
+
+
+# -- LoRA adapters ------------------------------------------------------------------------------
+
+
+def _verification_lines(verification: Any, command: str) -> list[str]:
+    if verification is None:
+        return ["Not verified. To check that the adapter behaves like hook steering of the base, run:", "",
+                "```bash", command, "```"]
+    m = verification.metrics
+    status = "passed" if verification.passed else "FAILED: " + "; ".join(verification.reasons)
+    lines = [f"Verified at export time against hook steering of the base ({verification.dtype}, "
+             f"{int(m.get('prompts', 0))} prompts, every prompt position): **{status}**.", "",
+             "| metric | value | tolerance |", "|---|---|---|"]
+    t = verification.tolerances
+    for label, key, fmt in (("max abs delta logit", "max_abs_logit_delta", "{:.3e}"), ("mean KL", "mean_kl", "{:.3e}"),
+                            ("top-1 agreement", "top1_agreement", "{:.2%}"),
+                            ("identical greedy continuations", "greedy_identical", "{:.2%}")):
+        if key in m:
+            lines.append(f"| {label} | {fmt.format(m[key])} | {t.describe(key)} |")
+    return lines
+
+
+def lora_model_card(manifest: ExportManifest, verification: Any = None, ranks: dict[int, int] | None = None) -> str:
+    """README.md for a PEFT LoRA adapter export (``manifest.format == "lora"``)."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    c = manifest.circuit
+    mults = manifest.multiplier_map()
+    counts = c.layer_counts()
+    ranks = ranks or counts
+    data = ModelCardData(
+        base_model=manifest.source,
+        library_name="peft",
+        tags=["cna-export", "steering", "contrastive-neuron-attribution", c.model.architecture, "lora", "peft"],
+    )
+    method = ", ".join(f"{k}={v}" for k, v in c.method.items()) or "n/a"
+    total = c.model.total_neurons
+    lines = [
+        f"# {Path(manifest.source).name or manifest.source}, CNA steering LoRA adapter",
+        "",
+        f"A LoRA adapter for `{manifest.source}` that applies a Contrastive Neuron Attribution (CNA) circuit, "
+        f"written by cna-export {manifest.tool_version}: {len(mults)} MLP neurons in {len(counts)} layers are "
+        f"multiplied by {describe_multipliers(mults)}. It is exact, not trained: on each steered layer's down_proj, "
+        "A selects the circuit neurons (one one-hot row each) and B holds the change of their columns, with scale "
+        "alpha / rank = 1, so the base plus this adapter (or its `merge_and_unload()`) is the steered model.",
+        "",
+        "```python",
+        "from peft import PeftModel",
+        "from transformers import AutoModelForCausalLM",
+        f"base = AutoModelForCausalLM.from_pretrained({manifest.source!r}, dtype='float32')",
+        "model = PeftModel.from_pretrained(base, '<this folder>')",
+        "```",
+        "",
+        "## Steering",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| circuit | {len(c.neurons)} neurons ({len(c.neurons) / total:.3%} of {total} MLP neurons), {c.kind} "
+        f"on `{c.model.name}` ({c.model.architecture}, fingerprint `{(c.model.fingerprint or 'none')[:16]}`) |",
+        f"| multiplier | {describe_multipliers(mults)} |",
+        "| adapter | LoRA on down_proj: `W + B A`, `A[i, j] = 1` for the i-th circuit neuron `j` of the layer, "
+        "`B[:, i] = W[:, j] * m - W[:, j]` (the folded column minus the original, rounded once to the adapter "
+        "dtype); equivalent to scaling the neuron's activation |",
+        "| ranks | " + ", ".join(f"L{layer}: {n}" for layer, n in sorted(ranks.items())) + " |",
+        f"| method | {method} |",
+        f"| source | `{manifest.source}` ({manifest.source_format}) |",
+        "",
+        "## Verification",
+        "",
+        *_verification_lines(verification, f"cna-export verify --original {manifest.source} --exported <this folder>"),
+        "",
+        "## Provenance",
+        "",
+        f"`{MANIFEST_FILE}` records the circuit manifest, the multiplier of every neuron and, for each base tensor "
+        "the adapter applies to, its sha256 and that of the merged weight; the adapter's safetensors metadata "
+        f"carries a short summary under `{SHARD_METADATA_KEY}`.",
+        "",
+        "Steering changes the model's behaviour (for a refusal circuit, multiplier 0 weakens refusals). Use it "
+        "responsibly and in line with the base model's licence.",
+        "",
+    ]
+    text = f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)
+    return str(ModelCard(text))
+
+
+def render_adapter_modelfile(out: Path, base: Path, reader: Any, manifest: ExportManifest) -> str:
+    """An Ollama Modelfile for a GGUF LoRA adapter: ``FROM <base>``, ``ADAPTER ./<adapter>``, stop parameters."""
+    mults = manifest.multiplier_map()
+    layers = sorted({layer for layer, _ in mults})
+    name = re.sub(r"[^a-z0-9._-]+", "-", out.stem.lower()).strip("-.") or "cna-steered"
+    lines = [
+        f"# Ollama Modelfile written by cna-export {manifest.tool_version} ({manifest.created})",
+        f"# {out.name}: CNA steering LoRA adapter for {manifest.source}",
+        f"# circuit: {len(mults)} neurons in {len(layers)} layers, {describe_multipliers(mults, 'times')}, "
+        "as a LoRA on ffn_down",
+        f"# circuit found on: {manifest.circuit.model.name} ({manifest.circuit.kind})",
+        f"# manifest: the cna.manifest KV in {out.name}",
+        f"# create with: ollama create {name} -f {MODELFILE}",
+    ]
+    for keyword, value, what in (("FROM", str(Path(base).resolve()), "base model path"),
+                                 ("ADAPTER", f"./{out.name}", "adapter name")):
+        quoted = value if " " not in value and '"' not in value else _modelfile_quote(value)
+        if quoted is None:
+            raise CnaError(f"{what} {value} cannot be written in an Ollama Modelfile; choose a simpler name")
+        lines.append(f"{keyword} {quoted}")
+    for tok in stop_tokens(reader):
+        q = _modelfile_quote(tok)
+        lines.append(f"# stop token {tok!r} cannot be quoted for Ollama; left out" if q is None else f"PARAMETER stop {q}")
+    return "\n".join(lines) + "\n"

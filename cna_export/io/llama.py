@@ -1,0 +1,279 @@
+"""llama.cpp: the one place the package talks to it (llama-cpp-python's C API, through ctypes).
+
+- :func:`llama_module` imports ``llama_cpp`` once, routes llama.cpp's log lines to this module's
+  logger (debug level) and initialises the backend.
+- :class:`LlamaModel` is a loaded GGUF (weights, vocabulary, metadata, tokenizer).
+- :class:`LlamaContext` holds ``n_seq`` independent KV sequences and decodes batches of
+  (token, position, sequence, want_logits) items, optionally with a control vector.
+- :func:`llama_logits` gives all-position logits of token id sequences; GGUF verification
+  compares them with transformers.
+
+Two context profiles exist. The default one is llama.cpp's own defaults (the evaluation
+backend: flash attention where llama.cpp chooses it). ``reference=True`` is exactly the setup of
+``llama_cpp.Llama`` (flash attention off, the classic YaRN constants, no GPU layers, memory
+mapped weights, one micro-batch per prompt): GGUF verification's thresholds were calibrated on
+those logits, so :func:`llama_logits` keeps them bit for bit.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import logging
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..core.errors import CnaError
+
+log = logging.getLogger(__name__)
+
+INSTALL_HINT = "pip install 'cna-export[llama]'"
+
+_LOG_CALLBACK: Any = None
+
+
+def llama_available() -> bool:
+    """Whether llama-cpp-python is installed (without importing it)."""
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+def llama_module(purpose: str = "llama.cpp") -> Any:
+    """The ``llama_cpp`` module, its log routed to this module's logger and its backend initialised.
+
+    ``purpose`` names what needs it in the error raised when llama-cpp-python is missing.
+    """
+    global _LOG_CALLBACK
+    # ggml's OpenMP threads spin while waiting by default; on a shared or oversubscribed CPU that is
+    # several times slower (measured 5x on 2 shared cores). Passive waiting, unless the user chose.
+    os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+    try:
+        import llama_cpp
+    except ImportError:
+        raise CnaError(f"{purpose} needs llama-cpp-python ({INSTALL_HINT})") from None
+    if _LOG_CALLBACK is None:
+
+        @llama_cpp.llama_log_callback
+        def _cb(level: int, text: bytes, user_data: Any) -> None:
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("llama.cpp: %s", text.decode("utf-8", "replace").rstrip())
+
+        _LOG_CALLBACK = _cb
+        llama_cpp.llama_log_set(_LOG_CALLBACK, ctypes.c_void_p(0))
+        llama_cpp.llama_backend_init()
+    return llama_cpp
+
+
+class LlamaModel:
+    """A loaded GGUF (weights only; contexts are made separately, see :class:`LlamaContext`).
+
+    ``reference``: load as ``llama_cpp.Llama`` does (no GPU layers, memory-mapped weights).
+    """
+
+    def __init__(self, path: str | Path, reference: bool = False, purpose: str = "llama.cpp"):
+        L = llama_module(purpose)
+        self.L = L
+        self.path = Path(path)
+        params = L.llama_model_default_params()
+        if reference:
+            params.n_gpu_layers = 0
+            if hasattr(params, "load_mode") and hasattr(L, "LLAMA_LOAD_MODE_MMAP"):
+                params.load_mode = L.LLAMA_LOAD_MODE_MMAP
+            elif hasattr(params, "use_mmap"):
+                params.use_mmap = True
+        if not self.path.is_file():
+            raise CnaError(f"llama.cpp cannot load {path}: no such file")
+        self.model = L.llama_model_load_from_file(str(path).encode("utf-8"), params)
+        if not self.model:
+            raise CnaError(f"llama.cpp cannot load {path}")
+        self.vocab = L.llama_model_get_vocab(self.model)
+        self.n_vocab = int(L.llama_vocab_n_tokens(self.vocab))
+        self.n_embd = int(L.llama_model_n_embd(self.model))
+        self.n_layer = int(L.llama_model_n_layer(self.model))
+
+    def meta(self, key: str) -> str | None:
+        size = 1 << 16
+        while True:
+            buf = ctypes.create_string_buffer(size)
+            n = self.L.llama_model_meta_val_str(self.model, key.encode("utf-8"), buf, size)
+            if n < 0:
+                return None
+            if n < size:
+                return buf.value.decode("utf-8", "replace")
+            size = n + 1
+
+    def bos(self) -> int:
+        return int(self.L.llama_vocab_bos(self.vocab))
+
+    def eos(self) -> int:
+        return int(self.L.llama_vocab_eos(self.vocab))
+
+    def token_text(self, token: int) -> str:
+        buf = ctypes.create_string_buffer(256)
+        n = self.L.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, True)
+        return buf.raw[: max(n, 0)].decode("utf-8", "replace")
+
+    def tokenize(self, text: str, add_special: bool) -> list[int]:
+        data = text.encode("utf-8")
+        cap = len(data) + 16
+        arr = (self.L.llama_token * cap)()
+        n = self.L.llama_tokenize(self.vocab, data, len(data), arr, cap, add_special, True)
+        if n < 0:
+            cap = -n
+            arr = (self.L.llama_token * cap)()
+            n = self.L.llama_tokenize(self.vocab, data, len(data), arr, cap, add_special, True)
+        return list(arr[:n])
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        body = [t for t in tokens if not self.L.llama_vocab_is_eog(self.vocab, t)]
+        if not body:
+            return ""
+        arr = (self.L.llama_token * len(body))(*body)
+        cap = 8 * len(body) + 64
+        while True:
+            buf = ctypes.create_string_buffer(cap)
+            n = self.L.llama_detokenize(self.vocab, arr, len(body), buf, cap, False, False)
+            if n >= 0:
+                return buf.raw[:n].decode("utf-8", "replace")
+            cap = -n + 1
+
+    def is_eog(self, token: int) -> bool:
+        return bool(self.L.llama_vocab_is_eog(self.vocab, token))
+
+    def close(self) -> None:
+        if getattr(self, "model", None):
+            self.L.llama_model_free(self.model)
+            self.model = None
+
+    def __del__(self) -> None:  # pragma: no cover - best effort
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def _reference_settings(L: Any, p: Any) -> None:
+    """The context settings of ``llama_cpp.Llama`` that differ from llama.cpp's defaults."""
+    p.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    p.rope_scaling_type = L.LLAMA_ROPE_SCALING_TYPE_UNSPECIFIED
+    p.pooling_type = L.LLAMA_POOLING_TYPE_UNSPECIFIED
+    p.attention_type = L.LLAMA_ATTENTION_TYPE_UNSPECIFIED
+    p.rope_freq_base = 0.0
+    p.rope_freq_scale = 0.0
+    p.yarn_ext_factor = -1.0
+    p.yarn_attn_factor = 1.0
+    p.yarn_beta_fast = 32.0
+    p.yarn_beta_slow = 1.0
+    p.yarn_orig_ctx = 0
+    p.embeddings = False
+    p.offload_kqv = True
+    p.no_perf = False
+
+
+class LlamaContext:
+    """One llama.cpp context holding ``n_seq`` independent KV sequences of ``n_ctx_seq`` tokens each.
+
+    ``n_ubatch``: tokens per micro-batch (default ``min(512, n_batch)``). ``reference``: the
+    settings of ``llama_cpp.Llama`` (see the module docstring).
+    """
+
+    def __init__(self, lm: LlamaModel, n_seq: int, n_ctx_seq: int, n_batch: int, threads: int,
+                 n_ubatch: int | None = None, reference: bool = False):
+        L = lm.L
+        self.L, self.lm = L, lm
+        p = L.llama_context_default_params()
+        p.n_seq_max = n_seq
+        p.n_ctx = n_seq * n_ctx_seq
+        p.n_batch = max(n_batch, 1)
+        p.n_ubatch = min(n_ubatch or 512, p.n_batch)
+        p.n_threads = threads
+        p.n_threads_batch = threads
+        if reference:
+            _reference_settings(L, p)
+        self.ctx = L.llama_init_from_model(lm.model, p)
+        if not self.ctx:
+            raise CnaError("llama.cpp could not create a context (out of memory?)")
+        self.batch = L.llama_batch_init(p.n_batch, 0, 1)
+        self.capacity = p.n_batch
+
+    def set_control_vector(self, data: np.ndarray | None) -> None:
+        """Add ``data[i]`` to the output of layer ``i + 1`` (layers 1..L-1); None removes it."""
+        L = self.L
+        if data is None:
+            rc = L.llama_set_adapter_cvec(self.ctx, None, 0, self.lm.n_embd, -1, -1)
+        else:
+            flat = np.ascontiguousarray(data, dtype=np.float32).ravel()
+            ptr = flat.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+            rc = L.llama_set_adapter_cvec(self.ctx, ptr, flat.size, self.lm.n_embd, 1, self.lm.n_layer - 1)
+        if rc != 0:
+            raise CnaError("llama.cpp rejected the control vector")
+
+    def clear(self) -> None:
+        """Forget every sequence's tokens (the KV cache), keeping the context."""
+        memory = self.L.llama_get_memory(self.ctx)
+        self.L.llama_memory_seq_rm(memory, -1, -1, -1)
+
+    def decode(self, items: Sequence[tuple[int, int, int, bool]]) -> dict[int, np.ndarray]:
+        """Decode (token, position, sequence, want_logits) items; returns item number -> logits (a copy)."""
+        out: dict[int, np.ndarray] = {}
+        b = self.batch
+        for start in range(0, len(items), self.capacity):
+            part = items[start : start + self.capacity]
+            for i, (tok, pos, seq, want) in enumerate(part):
+                b.token[i] = tok
+                b.pos[i] = pos
+                b.n_seq_id[i] = 1
+                b.seq_id[i][0] = seq
+                b.logits[i] = want
+            b.n_tokens = len(part)
+            rc = self.L.llama_decode(self.ctx, b)
+            if rc != 0:
+                raise CnaError(f"llama.cpp decode failed (code {rc}); try a smaller --batch-size")
+            for i, (*_, want) in enumerate(part):
+                if want:
+                    ptr = self.L.llama_get_logits_ith(self.ctx, i)
+                    out[start + i] = np.ctypeslib.as_array(ptr, shape=(self.lm.n_vocab,)).copy()
+        return out
+
+    def close(self) -> None:
+        if getattr(self, "batch", None) is not None:
+            self.L.llama_batch_free(self.batch)
+            self.batch = None
+        if getattr(self, "ctx", None):
+            self.L.llama_free(self.ctx)
+            self.ctx = None
+
+    def __del__(self) -> None:  # pragma: no cover - best effort
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def llama_logits(path: str | Path, ids: Sequence[Sequence[int]], threads: int = 2,
+                 purpose: str = "verifying a GGUF export") -> list[np.ndarray]:
+    """All-position logits ``[len(seq), vocab]`` (float32) from llama.cpp for each token id sequence.
+
+    Tokens are fed as they are (no BOS added), each sequence in one decode on a cleared cache of
+    one context sized for the longest, with ``llama_cpp.Llama``'s settings (``reference``): the
+    logits are those GGUF verification was calibrated on.
+    """
+    if not ids:
+        return []
+    n_ctx = max(64, max(len(s) for s in ids) + 8)
+    lm = LlamaModel(path, reference=True, purpose=purpose)
+    try:
+        ctx = LlamaContext(lm, 1, n_ctx, n_ctx, threads, n_ubatch=n_ctx, reference=True)
+        try:
+            out: list[np.ndarray] = []
+            for seq in ids:
+                ctx.clear()
+                got = ctx.decode([(int(t), j, 0, True) for j, t in enumerate(seq)])
+                out.append(np.stack([got[j] for j in range(len(seq))]).astype(np.float32, copy=False))
+        finally:
+            ctx.close()
+    finally:
+        lm.close()
+    return out
