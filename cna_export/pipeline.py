@@ -82,19 +82,6 @@ def export(
     return export_safetensors(model, circuit, out, check=check, progress=progress, **options)
 
 
-def verify(original: Any, exported: str | Path, opts: Any = None, **kwargs: Any) -> Any:
-    """Check an export against hook steering of ``original``: a ``.gguf`` export in llama.cpp
-    (:func:`cna_export.verify.gguf.verify_gguf`), a safetensors folder in transformers
-    (:func:`cna_export.verify.safetensors.verify_export`). Returns the report; ``report.passed``."""
-    if str(exported).lower().endswith(".gguf"):
-        from .verify.gguf import verify_gguf
-
-        return verify_gguf(original, exported, opts, **kwargs)
-    from .verify.safetensors import verify_export
-
-    return verify_export(original, exported, opts, **kwargs)
-
-
 def run_export(
     model: str | Path, circuit: str | Path, out: str | Path, options: Any, gguf: Any = None, verify_options: Any = None,
     model_options: Any = None, progress: bool = False,
