@@ -7,7 +7,7 @@ model and prompts:
 - reference: what NousResearch/neural-steering's ``discover_contrastive`` does: one
   prompt per forward pass of the full model (LM head included), hooks copying each
   layer's last-token activation to the CPU;
-- cna-export: ``cna_export.discover.discovery.run_prompts``: left-padded batches, decoder stack
+- cna-export: ``cna_export.discovery.cna.run_prompts``: left-padded batches, decoder stack
   only (no LM head), streaming statistics.
 
 Also reports achieved GFLOP/s against the estimate 2 x decoder params x real tokens,
@@ -33,7 +33,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cna_export.discover.discovery import RunningStats, run_prompts  # noqa: E402
+from cna_export.discovery.cna import RunningStats, run_prompts  # noqa: E402
 from cna_export.model.loading import load_model  # noqa: E402
 from cna_export.core.settings import load_recipe  # noqa: E402
 from cna_export.model.prompts import load_prompts, render, token_count  # noqa: E402

@@ -29,8 +29,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from cna_export.evaluate.backends import open_backend  # noqa: E402
-from cna_export.evaluate.evaluator import (  # noqa: E402
+from cna_export.evaluation.backends import open_backend  # noqa: E402
+from cna_export.evaluation.evaluator import (  # noqa: E402
     EvalSettings,
     Evaluator,
     JsonlSink,
@@ -39,9 +39,9 @@ from cna_export.evaluate.evaluator import (  # noqa: E402
     stderr_log,
     write_report,
 )
-from cna_export.evaluate.jobs import EvalJob, TuneJob, run_tune_job  # noqa: E402
-from cna_export.evaluate.metrics import mcnemar_p, mean, paired_flips, wilson_interval  # noqa: E402
-from cna_export.evaluate.sweep import (  # noqa: E402
+from cna_export.evaluation.jobs import EvalJob, TuneJob, run_tune_job  # noqa: E402
+from cna_export.evaluation.metrics import mcnemar_p, mean, paired_flips, wilson_interval  # noqa: E402
+from cna_export.evaluation.sweep import (  # noqa: E402
     caa_conditions,
     choose,
     cna_conditions,
@@ -63,7 +63,7 @@ START, END = "<!-- eval-qwen:start -->", "<!-- eval-qwen:end -->"
 def step_stats(a) -> None:
     from cna_export.model.loading import load_model
     from cna_export.core.settings import DiscoverOptions, build, load_recipe
-    from cna_export.evaluate.sweep import compute_stats, save_stats
+    from cna_export.evaluation.sweep import compute_stats, save_stats
 
     t0 = time.time()
     loaded = load_model(MODEL)

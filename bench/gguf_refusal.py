@@ -17,9 +17,9 @@ Steps (``--steps timing,verify,refusal``, all by default):
    ``verify-<name>.json``;
 3. refusal: greedy generation (temperature 0, ``--max-tokens`` 64) with llama-cpp-python and the
    GGUF's own chat template (``create_chat_completion``) for the 100 JailbreakBench harmful
-   behaviours (``cna_export.evaluate.evaluator.load_jbb``: ``$CNA_JBB_DIR`` or ``../shared/data/jbb``; read in
+   behaviours (``cna_export.evaluation.evaluator.load_jbb``: ``$CNA_JBB_DIR`` or ``../shared/data/jbb``; read in
    place, never copied), for the unsteered Qwen file and both exports; refusals counted with the project's
-   keyword judge (``cna_export.evaluate.judge.KeywordJudge``: the paper's regular expressions on the first
+   keyword judge (``cna_export.evaluation.judge.KeywordJudge``: the paper's regular expressions on the first
    500 characters).
 
 Outputs land in ``bench/out/`` (git-ignored): circuits, steered files, one JSONL of generations
@@ -46,10 +46,10 @@ sys.path.insert(0, str(ROOT))
 
 from cna_export import bundled  # noqa: E402
 from cna_export.core.circuit import Circuit  # noqa: E402
-from cna_export.evaluate.evaluator import load_jbb  # noqa: E402
+from cna_export.evaluation.evaluator import load_jbb  # noqa: E402
 from cna_export.core.manifest import side_manifest_path  # noqa: E402
 from cna_export.export.gguf import export_gguf  # noqa: E402
-from cna_export.evaluate.judge import KeywordJudge  # noqa: E402
+from cna_export.evaluation.judge import KeywordJudge  # noqa: E402
 
 MODEL = "bundled:qwen2.5-coder-0.5b"
 SMOLLM2 = "bundled:smollm2"
@@ -70,7 +70,7 @@ def tag(label: str) -> str:
 def judge() -> tuple[str, object]:
     """(name, is_refusal) of the project's keyword judge (the paper's regular expressions)."""
     kj = KeywordJudge()
-    return "cna_export.evaluate.judge keyword (the paper's REFUSAL_PATTERNS, first 500 chars)", lambda text: kj.verdict(text).refused
+    return "cna_export.evaluation.judge keyword (the paper's REFUSAL_PATTERNS, first 500 chars)", lambda text: kj.verdict(text).refused
 
 
 def load_goals(limit: int) -> list[str]:
@@ -115,7 +115,7 @@ def time_exports(model: str, circuit_path: Path, out: Path, repeats: int = 3) ->
 
 def verify_export(model: str, circuit_path: Path, out: Path, name: str, threads: int) -> dict:
     """Export at x0 and verify it (defaults of ``cna-export verify``); the report is kept as JSON."""
-    from cna_export.verify.gguf import GGUFVerifyOptions, verify_gguf
+    from cna_export.verification.gguf import GGUFVerifyOptions, verify_gguf
 
     steered = out / f"{name}-steered.gguf"
     export_gguf(model, Circuit.load(circuit_path), steered, multiplier=0.0, overwrite=True, modelfile=False)

@@ -8,7 +8,7 @@ The circuit (default: ``bench/out/smollm2-refusal-0.001.json``, discovered with
 ``recipes/refusal.yaml`` when missing) is exported at multiplier 0, correctly, and in several wrong
 ways: a multiplier of 0.1 or 0.5 instead of 0, one neuron (the strongest) or a tenth of the neurons
 left out, every index shifted by one (the wrong neurons), the unsteered source. Each file is then
-judged by ``cna_export.verify.gguf.check_behaviour`` against hook steering of the *correct*
+judged by ``cna_export.verification.gguf.check_behaviour`` against hook steering of the *correct*
 multipliers (circuit x0), with the ``cna-export verify`` defaults (16 recipe prompts). The tensor
 check is not involved here: the point is what the behaviour check alone can tell apart.
 
@@ -34,8 +34,8 @@ sys.path.insert(0, str(ROOT))
 from cna_export.core.circuit import Circuit  # noqa: E402
 from cna_export.export.gguf import export_gguf  # noqa: E402
 from cna_export.model.loading import load_model  # noqa: E402
-from cna_export.verify.prompts import verification_prompts  # noqa: E402
-from cna_export.verify.gguf_behaviour import GGUFVerifyOptions, check_behaviour  # noqa: E402
+from cna_export.verification.prompts import verification_prompts  # noqa: E402
+from cna_export.verification.gguf_behaviour import GGUFVerifyOptions, check_behaviour  # noqa: E402
 
 OUT = ROOT / "bench" / "out"
 

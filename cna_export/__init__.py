@@ -3,7 +3,7 @@
 The library entry points are importable from here; they load lazily, so ``import cna_export``
 stays cheap (no torch until a function that needs it runs)::
 
-    from cna_export import Circuit, discover, export, verify, audit
+    from cna_export import Circuit, discover, export_gguf, verify, audit
 
 Stages, lowest first (a module imports only its own stage and lower ones; tests/test_layering.py):
 ``core`` < ``io`` < ``model`` < ``discover`` < ``export`` < ``verify`` < ``evaluate`` <
@@ -25,17 +25,15 @@ _API = {
     "DiscoverOptions": ("cna_export.core.settings", "DiscoverOptions"),
     "load_model": ("cna_export.model.loading", "load_model"),
     "load_prompts": ("cna_export.model.prompts", "load_prompts"),
-    "steer": ("cna_export.model.steering", "steer_circuit"),
-    "discover": ("cna_export.discover.discovery", "discover"),
-    "export": ("cna_export.pipeline", "export"),
+    "discover": ("cna_export.discovery.cna", "discover"),
     "export_safetensors": ("cna_export.export.safetensors", "export_safetensors"),
     "export_gguf": ("cna_export.export.gguf", "export_gguf"),
     "verify": ("cna_export.pipeline", "verify"),
-    "verify_export": ("cna_export.verify.safetensors", "verify_export"),
-    "verify_gguf": ("cna_export.verify.gguf", "verify_gguf"),
+    "verify_export": ("cna_export.verification.safetensors", "verify_export"),
+    "verify_gguf": ("cna_export.verification.gguf", "verify_gguf"),
     "diff": ("cna_export.inspect.diff", "diff_checkpoints"),
     "audit": ("cna_export.inspect.audit", "audit"),
-    "evaluate": ("cna_export.evaluate.jobs", "run_eval_job"),
+    "evaluate": ("cna_export.evaluation.jobs", "run_eval_job"),
 }
 
 __all__ = ["__version__", *_API]

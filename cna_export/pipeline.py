@@ -13,7 +13,9 @@ from typing import Any, Literal, Mapping, Sequence
 from .core.circuit import Circuit
 from .export.plan import ExportCheck, StagedExport
 
-Format = Literal["safetensors", "gguf"]
+Format = Literal["safetensors", "gguf", "lora", "gguf-lora"]
+MANIFEST_FORMATS = {"safetensors": "safetensors", "gguf": "gguf", "lora": "lora", "gguf-lora": "gguf_lora"}
+"""CLI format name -> ``ExportManifest.format``."""
 
 
 def export_format(out: str | Path, format: Format | None = None) -> Format:
@@ -23,12 +25,26 @@ def export_format(out: str | Path, format: Format | None = None) -> Format:
     return "gguf" if str(out).lower().endswith(".gguf") else "safetensors"
 
 
+def lora_check(
+    opts: Any = None, prompt_files: Sequence[str | Path] | None = None,
+    model_options: Mapping[str, Any] | None = None, progress: bool = False,
+) -> ExportCheck:
+    """Verification of a staged PEFT LoRA adapter folder: base + adapter against hook steering of the base."""
+    from .verification.lora import verify_lora
+
+    def check(staged: StagedExport) -> Any:
+        return verify_lora(staged.source, staged.path, opts, prompt_files=prompt_files, model_options=model_options,
+                           manifest=staged.manifest, progress=progress)
+
+    return check
+
+
 def safetensors_check(
     opts: Any = None, prompt_files: Sequence[str | Path] | None = None,
     model_options: Mapping[str, Any] | None = None, progress: bool = False,
 ) -> ExportCheck:
     """Verification of a staged safetensors export against hook steering of its source."""
-    from .verify.safetensors import verify_export
+    from .verification.safetensors import verify_export
 
     def check(staged: StagedExport) -> Any:
         return verify_export(staged.source, staged.path, opts=opts, prompt_files=prompt_files,
@@ -43,7 +59,7 @@ def gguf_check(
 ) -> ExportCheck:
     """Verification of a staged GGUF export (tensors exactly, then behaviour in llama.cpp); ``loaded``
     is an already loaded transformers model of the source, to save loading it again."""
-    from .verify.gguf import GGUFVerifyOptions, verify_gguf
+    from .verification.gguf import GGUFVerifyOptions, verify_gguf
 
     gopts = opts if isinstance(opts, GGUFVerifyOptions) else GGUFVerifyOptions(
         **(opts.model_dump() if opts is not None else {}))
@@ -69,8 +85,22 @@ def export(
 ) -> Any:
     """Export ``circuit`` folded into ``model`` as safetensors or GGUF (see :func:`export_format`),
     verified before it is written when ``verify`` is set. ``options`` go to
-    :func:`cna_export.export.safetensors.export_safetensors` or :func:`cna_export.export.gguf.export_gguf`."""
-    if export_format(out, format) == "gguf":
+    :func:`cna_export.export.safetensors.export_safetensors`, :func:`cna_export.export.gguf.export_gguf`,
+    :func:`cna_export.export.lora.export_lora` (``format="lora"``) or
+    :func:`cna_export.export.gguf_lora.export_gguf_lora` (``format="gguf-lora"``)."""
+    fmt = export_format(out, format)
+    if fmt == "lora":
+        from .export.lora import export_lora
+
+        model_options = {k: options[k] for k in ("trust_remote_code",) if k in options}
+        check = lora_check(verify_options, prompt_files, model_options, progress) if verify else None
+        return export_lora(model, circuit, out, check=check, progress=progress, **options)
+    if fmt == "gguf-lora":
+        from .export.gguf_lora import export_gguf_lora
+
+        check = gguf_check(verify_options, prompt_files, progress=progress) if verify else None
+        return export_gguf_lora(model, circuit, out, check=check, progress=progress, **options)
+    if fmt == "gguf":
         from .export.gguf import export_gguf
 
         check = gguf_check(verify_options, prompt_files, progress=progress) if verify else None
@@ -99,6 +129,35 @@ def run_export(
     fmt = export_format(out, g.format)
     common = dict(multiplier=o.multiplier, multipliers=o.multipliers, overwrite=o.overwrite, force=o.force,
                   verify=o.verify, prompt_files=o.prompts, progress=progress)
+    if g.adapter_dtype != "auto" and fmt not in ("lora", "gguf-lora"):
+        raise CnaError("--adapter-dtype applies to LoRA exports (--format lora or gguf-lora)")
+    if fmt in ("lora", "gguf-lora"):
+        what = "a LoRA adapter"
+        if o.link or o.max_shard_size or o.convert_dtype != "auto":
+            raise CnaError(f"--link, --max-shard-size and --dtype apply to safetensors exports, not {what} "
+                           "(--adapter-dtype sets the adapter's dtype)")
+        if g.fold == "up" or g.fast_copy:
+            raise CnaError(f"--fold up and --fast-copy apply to GGUF exports; {what} always acts on down_proj")
+        if mopts.allow_pickle:
+            raise CnaError(f"{what} is computed from safetensors or GGUF weights; --allow-pickle does not apply "
+                           "(convert the checkpoint with a safetensors export first)")
+        if fmt == "lora":
+            if str(out).lower().endswith(".gguf"):
+                raise CnaError(f"--format lora writes a PEFT adapter folder, not {out}; use --format gguf-lora for a "
+                               "llama.cpp adapter")
+            if not g.modelfile:
+                raise CnaError("--no-modelfile applies to GGUF exports")
+            dtype = "float32" if g.adapter_dtype == "auto" else g.adapter_dtype
+            sopts = VerifyOptions(**vopts.model_dump(include=set(VerifyOptions.model_fields)))
+            return fmt, export(model, circuit, out, format=fmt, dtype=dtype, trust_remote_code=mopts.trust_remote_code,
+                               verify_options=sopts, **common)
+        if not str(out).lower().endswith(".gguf"):
+            raise CnaError(f"--format gguf-lora writes a .gguf adapter file; --out {out} does not end in .gguf")
+        dtypes = {"auto": "F32", "float32": "F32", "float16": "F16"}
+        if g.adapter_dtype not in dtypes:
+            raise CnaError("a llama.cpp LoRA adapter is float32 or float16 (--adapter-dtype)")
+        return fmt, export(model, circuit, out, format=fmt, dtype=dtypes[g.adapter_dtype], modelfile=g.modelfile,
+                           verify_options=vopts, **common)
     if fmt == "gguf":
         if o.link or o.max_shard_size:
             raise CnaError("--link and --max-shard-size apply to safetensors exports, not GGUF")
@@ -117,22 +176,47 @@ def verify(
     model_options: Any = None, progress: bool = False,
 ) -> Any:
     """Verify an export against hook steering of ``original``: a ``.gguf`` file in llama.cpp
-    (:func:`cna_export.verify.gguf.verify_gguf`), else a safetensors folder
-    (:func:`cna_export.verify.safetensors.verify_export`). ``opts``: ``GGUFVerifyOptions``."""
+    (:func:`cna_export.verification.gguf.verify_gguf`), else a safetensors folder
+    (:func:`cna_export.verification.safetensors.verify_export`). ``opts``: ``GGUFVerifyOptions``."""
     from .core.settings import GGUFVerifyOptions, ModelOptions, VerifyOptions
 
     opts = opts or GGUFVerifyOptions()
+    mopts = model_options or ModelOptions()
+    if (Path(exported) / "adapter_config.json").is_file():
+        from .verification.lora import verify_lora
+
+        sopts = VerifyOptions(**opts.model_dump(include=set(VerifyOptions.model_fields)))
+        return verify_lora(str(original), exported, sopts, prompt_files=prompt_files,
+                           model_options=mopts.model_dump(exclude={"dtype"}), progress=progress)
     if Path(exported).suffix.lower() == ".gguf":
-        from .verify.gguf import verify_gguf
+        from .verification.gguf import verify_gguf
 
         gopts = opts if isinstance(opts, GGUFVerifyOptions) else GGUFVerifyOptions(**opts.model_dump())
         return verify_gguf(original, exported, gopts, prompt_files=prompt_files, progress=progress)
-    from .verify.safetensors import verify_export
+    from .verification.safetensors import verify_export
 
-    mopts = model_options or ModelOptions()
     sopts = VerifyOptions(**opts.model_dump(include=set(VerifyOptions.model_fields)))
     return verify_export(original, exported, sopts, prompt_files=prompt_files,
                          model_options=mopts.model_dump(exclude={"dtype"}), progress=progress)
+
+
+def hub_token_for(hub: Any) -> str | None:
+    """The Hub token when ``hub`` (:class:`~cna_export.core.settings.HubOptions`) asks for a push, checked
+    before any work: a missing token or a malformed repo id is a one-line error. None without a push."""
+    if hub is None or not hub.push_to_hub:
+        return None
+    from .export.hub import check_repo_id, hub_token
+
+    check_repo_id(hub.push_to_hub)
+    return hub_token()
+
+
+def push(path: str | Path, hub: Any, token: str | None = None, recipe: str | None = None) -> Any:
+    """Upload an export (folder or GGUF file, or a ``steer`` folder) to ``hub.push_to_hub`` in one commit
+    (:func:`cna_export.export.hub.push_export`)."""
+    from .export.hub import push_export
+
+    return push_export(path, hub.push_to_hub, private=hub.private, token=token, recipe=recipe)
 
 
 def run_discover(model: str | Path, out: str | Path, opts: Any, model_options: Any = None, overwrite: bool = False,
@@ -146,7 +230,7 @@ def run_discover(model: str | Path, out: str | Path, opts: Any, model_options: A
     from .core.atomic import check_output_path
     from .core.errors import CnaError
     from .core.settings import ModelOptions
-    from .discover.discovery import discover
+    from .discovery.cna import discover
     from .model.loading import load_model
     from .model.prompts import load_prompts
 

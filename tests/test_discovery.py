@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from cna_export.discover.discovery import RunningStats, TopKCounts, discover, run_prompts
+from cna_export.discovery.cna import RunningStats, TopKCounts, discover, run_prompts
 from cna_export.core.settings import DiscoverOptions
 from cna_export.model.prompts import load_prompts
 
@@ -79,7 +79,7 @@ def test_circuit_size_and_ranking(tiny_loaded, prompt_files):
 
 
 def test_sign_restricts_the_circuit(tiny_loaded, prompt_files):
-    from cna_export.discover.discovery import select
+    from cna_export.discovery.cna import select
 
     loaded = tiny_loaded("qwen2")
     pos, neg, neu = (load_prompts(p) for p in prompt_files)

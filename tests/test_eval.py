@@ -11,15 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-from cna_export.evaluate.backends import LlamaCppBackend, Steering, TransformersBackend
+from cna_export.evaluation.backends import LlamaCppBackend, Steering, TransformersBackend
 from cna_export.core.circuit import Circuit, Neuron
 from cna_export.cli import main
 from cna_export.core.errors import CnaError
-from cna_export.evaluate.evaluator import EvalSet, EvalSettings, Evaluator, Item, load_jbb, split_pairs
+from cna_export.evaluation.evaluator import EvalSet, EvalSettings, Evaluator, Item, load_jbb, split_pairs
 from cna_export.model.generation import generate, greedy_generate
-from cna_export.evaluate.metrics import kl_divergence
+from cna_export.evaluation.metrics import kl_divergence
 from cna_export.core.settings import DiscoverOptions, build, load_recipe
-from cna_export.evaluate.sweep import compute_stats, load_stats, parse_layers, save_stats
+from cna_export.evaluation.sweep import compute_stats, load_stats, parse_layers, save_stats
 
 PNG = b"\x89PNG\r\n\x1a\n"
 SHARED_JBB = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "jbb"
@@ -109,7 +109,7 @@ def test_caa_alpha_zero_is_identity_and_alpha_moves(tiny):
 
 
 def test_stats_roundtrip_and_caa_vectors(tiny, recipe, tmp_path):
-    from cna_export.discover.discovery import discover
+    from cna_export.discovery.cna import discover
     from cna_export.model.prompts import load_prompts
 
     _, loaded = tiny
@@ -180,7 +180,7 @@ def test_evaluator_end_to_end(tiny, prompt_files):
     harmful, benign = _sets(prompt_files, 4)
     ev = Evaluator(TransformersBackend(loaded), harmful, benign, EvalSettings(max_new_tokens=6, kl_tokens=3))
     base = ev.baseline()
-    from cna_export.evaluate.evaluator import Condition
+    from cna_export.evaluation.evaluator import Condition
 
     res = ev.run(Condition("ablate", Steering.cna(_circuit(loaded), 0.0), None, {"method": "cna", "neurons": 24}))
     s0, s1 = base.summary, res.summary
@@ -341,7 +341,7 @@ def test_load_jbb_from_env_and_pairs(tmp_path, monkeypatch):
 def test_jbb_missing_offline_is_a_clear_error(tmp_path, monkeypatch):
     import sys
 
-    import cna_export.evaluate.evaluator as E
+    import cna_export.evaluation.evaluator as E
 
     monkeypatch.delenv("CNA_JBB_DIR", raising=False)
     monkeypatch.setattr(E, "jbb_dir_candidates", lambda explicit=None: [tmp_path / "nowhere"])
@@ -417,7 +417,7 @@ def test_llama_cna_through_steered_gguf_matches_hooks(smol_llama, smollm2):
 
 
 def test_choose_constraints_and_ties():
-    from cna_export.evaluate.sweep import choose
+    from cna_export.evaluation.sweep import choose
 
     base = {"method": "none", "quality_harmful": 0.9, "quality_compliant": 0.8, "refused": 10}
 

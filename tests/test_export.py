@@ -210,7 +210,7 @@ def test_model_card_has_front_matter_and_steering(export_sources, tmp_path):
 
 
 def _fake_report():
-    from cna_export.verify.report import Tolerances, VerifyReport
+    from cna_export.verification.report import Tolerances, VerifyReport
 
     return VerifyReport.build({"prompts": 2.0, "positions": 10.0, "max_abs_logit_delta": 0.0, "greedy_identical": 1.0},
                               Tolerances.for_dtype("float32"), reference="r", candidate="c", dtype="float32")

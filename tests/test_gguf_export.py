@@ -31,8 +31,8 @@ from cna_export.core.manifest import side_manifest_path
 from cna_export.io import gguf as G
 from cna_export.io.quants import LAYOUTS, dequantize_rows, get_layout
 from cna_export.core.manifest import GGUF_KEY, ExportManifest
-from cna_export.verify.gguf_tensors import check_tensors
-from cna_export.verify.gguf import verify_gguf
+from cna_export.verification.gguf_tensors import check_tensors
+from cna_export.verification.gguf import verify_gguf
 
 from test_quants import UNIT_ROUNDOFF, tensor_data
 
@@ -600,7 +600,7 @@ def test_steering_a_steered_file(tmp_path):
 
 
 def test_shared_prefixes_are_counted_once_and_near_ties_left_out():
-    from cna_export.verify.gguf_behaviour import confident_agreement, fresh_positions, top1_margin
+    from cna_export.verification.gguf_behaviour import confident_agreement, fresh_positions, top1_margin
 
     assert fresh_positions([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3, 4], [9], [1, 2, 3, 4, 6]]) == [0, 2, 3, 0, 4]
     import torch
@@ -619,7 +619,7 @@ def _synthetic_comparisons(noise_growth: float, seed: int = 0):
     ``noise_growth`` x the unsteered pair's (steering moves the logits a lot)."""
     import torch
 
-    from cna_export.verify.gguf_behaviour import _Comparisons
+    from cna_export.verification.gguf_behaviour import _Comparisons
 
     g = torch.Generator().manual_seed(seed)
     comp = _Comparisons()
@@ -635,9 +635,9 @@ def _synthetic_comparisons(noise_growth: float, seed: int = 0):
 def test_allowance_grows_with_the_steering_effect():
     import time
 
-    from cna_export.verify.gguf import GGUFVerifyOptions
+    from cna_export.verification.gguf import GGUFVerifyOptions
 
-    from cna_export.verify.gguf_behaviour import _judge
+    from cna_export.verification.gguf_behaviour import _judge
 
     comp = _synthetic_comparisons(1.2)  # steered pair about 1.44x the floor, like strongly steered real exports
     b = _judge(comp, GGUFVerifyOptions(), time.perf_counter())
@@ -659,9 +659,9 @@ def test_steering_reproduction_slope():
 
     import torch
 
-    from cna_export.verify.gguf import GGUFVerifyOptions
+    from cna_export.verification.gguf import GGUFVerifyOptions
 
-    from cna_export.verify.gguf_behaviour import _Comparisons, _judge, steering_slope
+    from cna_export.verification.gguf_behaviour import _Comparisons, _judge, steering_slope
 
     g = torch.Generator().manual_seed(1)
 

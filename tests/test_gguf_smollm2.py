@@ -14,15 +14,15 @@ import pytest
 from cna_export.io.identity import gguf_fingerprint, gguf_identity
 from cna_export.core.circuit import Circuit, Neuron
 from cna_export.cli import main
-from cna_export.discover.discovery import discover
+from cna_export.discovery.cna import discover
 from cna_export.export.gguf import export_gguf, read_gguf_manifest
 from cna_export.io import gguf as G
 from cna_export.core.manifest import GGUF_KEY
 from cna_export.core.settings import DiscoverOptions, load_recipe
 from cna_export.model.prompts import load_prompts
-from cna_export.verify.gguf import GGUFVerifyOptions, verify_gguf
+from cna_export.verification.gguf import GGUFVerifyOptions, verify_gguf
 from cna_export.io.llama import llama_logits
-from cna_export.verify.gguf_behaviour import token_ids
+from cna_export.verification.gguf_behaviour import token_ids
 
 pytestmark = [pytest.mark.slow, pytest.mark.llama]
 pytest.importorskip("llama_cpp", reason="pip install llama-cpp-python")
@@ -123,7 +123,7 @@ def test_verify_passes_against_the_noise_floor(smollm2, exported):
 
 def test_verify_fails_when_the_export_does_not_carry_the_steering(smollm2, exported):
     """Reference steered hard (x3 on 400 neurons) but the candidate is the unsteered source."""
-    from cna_export.verify.gguf_behaviour import check_behaviour
+    from cna_export.verification.gguf_behaviour import check_behaviour
 
     src, _, _ = exported
     mults = {(layer, i): 3.0 for layer in range(10, 30) for i in range(0, 1536, 77)}

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from cna_export.core.errors import CnaError
-from cna_export.evaluate.judge import (
+from cna_export.evaluation.judge import (
     JUDGES,
     KEYWORD_WINDOW,
     REFUSAL_PATTERNS,

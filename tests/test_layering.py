@@ -3,7 +3,7 @@
 Every import counts, at module level or inside a function, so a lazy import cannot hide an
 upward dependency. Stages, lowest first (a module may import its own stage and lower ones):
 
-    core < io < model < discover < export < verify < evaluate < inspect < pipeline < api < cli
+    core < io < model < discovery < export < verification < evaluation < inspect < pipeline < api < cli
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "cna_export"
-STAGES = ["core", "io", "model", "discover", "export", "verify", "evaluate", "inspect", "pipeline", "", "cli", "__main__"]
+STAGES = ["core", "io", "model", "discovery", "export", "verification", "evaluation", "inspect", "pipeline", "", "cli", "__main__"]
 
 
 def _modules() -> dict[str, Path]:
@@ -131,4 +131,28 @@ def test_no_import_cycles():
 def test_export_and_verify_do_not_import_each_other():
     for mod, deps in GRAPH.items():
         if mod.startswith("cna_export.export"):
-            assert not [d for d in deps if d.startswith("cna_export.verify")], mod
+            assert not [d for d in deps if d.startswith("cna_export.verification")], mod
+
+
+def test_public_api_names_are_not_shadowed_by_subpackages():
+    """``from cna_export import verify`` must give the function even after ``cna_export.verification``
+    and every other subpackage were imported (a subpackage named like an API function would replace it)."""
+    import importlib
+    import subprocess
+    import sys
+
+    import cna_export
+
+    subpackages = {m.split(".")[1] for m in MODULES if m.count(".") >= 1}
+    clash = sorted(set(cna_export._API) & subpackages)
+    assert not clash, f"API names equal to subpackage names: {clash}"
+    code = (
+        "import importlib, pkgutil, cna_export\n"
+        "for m in pkgutil.walk_packages(cna_export.__path__, 'cna_export.'):\n"
+        "    if not m.name.endswith('__main__'): importlib.import_module(m.name)\n"
+        "import cna_export as c\n"
+        "bad = [n for n in c._API if not callable(getattr(c, n))]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+    assert importlib.import_module("cna_export").__version__

@@ -8,7 +8,7 @@ import random
 import numpy as np
 import pytest
 
-from cna_export.evaluate.metrics import (
+from cna_export.evaluation.metrics import (
     distinct_ngram_fraction,
     kl_divergence,
     log_softmax,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cna_export.discover.discovery import discover
+from cna_export.discovery.cna import discover
 from cna_export.core.errors import CnaError
 from cna_export.model.loading import load_model, resolve_source
 from cna_export.core.settings import DiscoverOptions

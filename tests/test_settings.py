@@ -101,7 +101,7 @@ def test_shipped_recipes_validate(recipe):
 def test_tuned_recipe_written_by_tune_validates(tmp_path):
     from types import SimpleNamespace
 
-    from cna_export.evaluate.sweep import tuned_recipe_yaml
+    from cna_export.evaluation.sweep import tuned_recipe_yaml
 
     saved = SimpleNamespace(total_neurons=1000, options=DiscoverOptions())
     text = tuned_recipe_yaml(RECIPES / "refusal.yaml", tmp_path, {"fraction": 0.005, "neurons": 5, "multiplier": 0.5},

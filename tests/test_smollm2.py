@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cna_export.core.circuit import Circuit, Neuron
-from cna_export.discover.discovery import discover
+from cna_export.discovery.cna import discover
 from cna_export.core.errors import CnaError
 from cna_export.core.settings import DiscoverOptions, load_recipe
 from cna_export.model.prompts import load_prompts, render

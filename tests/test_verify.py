@@ -14,9 +14,9 @@ from safetensors.torch import save_file
 from cna_export import cli
 from cna_export.export.safetensors import export_safetensors
 from cna_export.core.manifest import ExportManifest
-from cna_export.verify.report import Tolerances, VerifyReport, logit_metrics
-from cna_export.verify.safetensors import VerifyOptions, tolerances, verify_export
-from cna_export.verify.prompts import verification_prompts
+from cna_export.verification.report import Tolerances, VerifyReport, logit_metrics
+from cna_export.verification.safetensors import VerifyOptions, tolerances, verify_export
+from cna_export.verification.prompts import verification_prompts
 
 from conftest import ARCHS, EXPORT_COMBOS, EXPORT_IDS, PLANTED, make_tiny_model, planted_circuit
 
@@ -212,7 +212,7 @@ def test_default_prompts_are_the_recipe_sets():
 def test_smollm2_gguf_export_verifies(smollm2, prompt_files, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from cna_export.discover.discovery import discover
+    from cna_export.discovery.cna import discover
     from cna_export.core.settings import DiscoverOptions
     from cna_export.model.prompts import load_prompts
 

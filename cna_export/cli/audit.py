@@ -16,7 +16,13 @@ def _check_outputs(ns: argparse.Namespace, inputs: tuple[str | None, ...], overw
     from ..core.atomic import check_output_path
     from ..io.sources import resolve_source
 
-    paths = tuple(p for p in (resolve_source(x).path for x in inputs if x) if p is not None)
+    def path_of(x: str) -> Path | None:
+        try:
+            return resolve_source(x).path
+        except CnaError:  # a LoRA adapter folder is no model folder
+            return Path(x) if Path(x).exists() else None
+
+    paths = tuple(p for p in (path_of(x) for x in inputs if x) if p is not None)
     for out in (ns.json, ns.out_circuit):
         if out:
             check_output_path(Path(out), overwrite, paths)
@@ -85,7 +91,7 @@ def _audit_parser(sub: Any) -> None:
     p = sub.add_parser("audit", help="was this checkpoint steered? check a manifest, diff against a base, or scan alone",
                        description="Exit codes: 0 nothing found / manifest check passed, 2 bad input, "
                                    "3 manifest check failed, 4 steering edits found, 5 weights differ without steering structure.")
-    p.add_argument("suspect", help="HF safetensors folder, .gguf file or bundled:NAME")
+    p.add_argument("suspect", help="HF safetensors folder, .gguf file, bundled:NAME, or a LoRA adapter (PEFT folder or LoRA GGUF)")
     _outputs(p, "write the recovered neurons as a circuit manifest")
     add_flags(p, AuditSettings)
 

@@ -22,8 +22,8 @@ def _eval_job(ns: argparse.Namespace, section: str) -> EvalJob:
 
 @command("eval")
 def cmd_eval(ns: argparse.Namespace) -> int:
-    from ..evaluate.evaluator import markdown_table
-    from ..evaluate.jobs import run_eval_job
+    from ..evaluation.evaluator import markdown_table
+    from ..evaluation.jobs import run_eval_job
 
     report = run_eval_job(_eval_job(ns, "eval"))
     if not ns.quiet:
@@ -33,7 +33,7 @@ def cmd_eval(ns: argparse.Namespace) -> int:
 
 @command("tune")
 def cmd_tune(ns: argparse.Namespace) -> int:
-    from ..evaluate.jobs import run_tune_job
+    from ..evaluation.jobs import run_tune_job
 
     tune = settings_of(ns, TuneJob, recipe_section(getattr(ns, "recipe", None), "tune"), eval=_eval_job(ns, "tune"))
     report = run_tune_job(tune)

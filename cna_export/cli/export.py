@@ -1,4 +1,4 @@
-"""Command export (safetensors and GGUF)."""
+"""Command export (safetensors, GGUF, PEFT LoRA adapter, llama.cpp LoRA adapter GGUF)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ import argparse
 from typing import Any
 
 from ..core.progress import wanted
-from ..core.settings import ExportOptions, GGUFExportOptions, GGUFVerifyOptions, ModelOptions, add_flags, settings_of
+from ..core.settings import (
+    ExportOptions, GGUFExportOptions, GGUFVerifyOptions, HubOptions, ModelOptions, add_flags, settings_of,
+)
 from ._registry import PARSERS, command
 
 
@@ -20,14 +22,41 @@ def _multiplier_line(values: list[float]) -> str:
 
 @command("export")
 def cmd_export(ns: argparse.Namespace) -> int:
-    from ..pipeline import run_export
+    from ..pipeline import hub_token_for, push, run_export
 
+    hub: HubOptions = settings_of(ns, HubOptions)
+    token = hub_token_for(hub)  # a missing token fails here, before any work
     fmt, r = run_export(ns.model, ns.circuit, ns.out, settings_of(ns, ExportOptions), settings_of(ns, GGUFExportOptions),
                         settings_of(ns, GGUFVerifyOptions), settings_of(ns, ModelOptions), progress=wanted(ns.quiet))
-    if ns.quiet:
-        return 0
+    if not ns.quiet:
+        print_export(ns.model, fmt, r)
+    if hub.push_to_hub:
+        pushed = push(r.out, hub, token)
+        if not ns.quiet:
+            print(f"pushed       {len(pushed.files)} files to {pushed.url}")
+    return 0
+
+
+def print_export(model: str, fmt: str, r: Any) -> None:
+    """The summary of one export (what ``export`` prints)."""
     m = r.manifest
     values = sorted({x.multiplier for x in m.multipliers})
+    if fmt in ("lora", "gguf-lora"):
+        print(f"base         {model}")
+        print(f"circuit      {len(m.multipliers)} neurons in {len({x.layer for x in m.multipliers})} layers; multiplier "
+              + _multiplier_line(values))
+        if fmt == "lora":
+            print("adapter      PEFT LoRA on down_proj, ranks " + " ".join(f"L{k}:{v}" for k, v in sorted(r.ranks.items()))
+                  + f", alpha = rank (scale 1); adapter_model.safetensors {size(r.adapter_bytes)}")
+        else:
+            print(f"adapter      llama.cpp LoRA on ffn_down, rank {r.rank} (padded), alpha {r.alpha:g} (scale 1)")
+            if r.modelfile:
+                print(f"ollama       {r.modelfile} (FROM the base, ADAPTER ./{r.out.name})")
+        print(r.verification.render() if r.verification is not None
+              else "verify       not run (pass --verify, or run cna-export verify)")
+        total = r.total_bytes if fmt == "lora" else r.bytes
+        print(f"wrote        {r.out} ({size(total)}) in {r.seconds:.1f}s")
+        return
     if fmt == "gguf":
         print(f"source       {ns.model}")
         print(f"circuit      {len(m.multipliers)} neurons in {len({x.layer for x in m.multipliers})} layers; multiplier "
@@ -53,18 +82,20 @@ def cmd_export(ns: argparse.Namespace) -> int:
           else "verify       not run (pass --verify, or run cna-export verify)")
     total = r.out.stat().st_size if fmt == "gguf" else r.total_bytes
     print(f"wrote        {r.out} ({size(total)}) in {r.seconds:.1f}s" + (" (fast copy)" if getattr(r, "fast_copy", False) else ""))
-    return 0
 
 
 def _export_parser(sub: Any) -> None:
-    p = sub.add_parser("export", help="fold a circuit into the weights and write a steered safetensors checkpoint or GGUF file")
+    p = sub.add_parser("export", help="fold a circuit into the weights (safetensors, GGUF) or write it as a LoRA "
+                       "adapter (PEFT folder, llama.cpp GGUF)")
     p.add_argument("--model", required=True, help="HF safetensors folder, Hub id, .gguf file, or bundled:smollm2")
     p.add_argument("--circuit", required=True, help="circuit manifest (JSON)")
-    p.add_argument("--out", required=True, help="output folder (safetensors) or .gguf file (--format gguf), written atomically")
+    p.add_argument("--out", required=True, help="output folder (safetensors, lora) or .gguf file (gguf, gguf-lora), "
+                   "written atomically")
     add_flags(p, ExportOptions)
     add_flags(p, ModelOptions, only=("allow_pickle", "trust_remote_code"), negatable=False)
     add_flags(p, GGUFVerifyOptions, skip=("dtype",))
     add_flags(p, GGUFExportOptions)
+    add_flags(p, HubOptions)
 
 
 PARSERS.append(_export_parser)

@@ -1,13 +1,22 @@
 """Atomic outputs: everything is written to a temporary sibling and renamed into place.
 
-An existing output is never replaced unless ``overwrite`` is set, a failure
-part-way leaves no partial output behind, and outputs are refused when they
+An existing output is never replaced unless ``overwrite`` is set (also when another
+run creates it while this one is writing: the final rename refuses to replace it),
+a failure part-way leaves no partial output behind, and outputs are refused when they
 would land inside (or on) an input.
+
+Temporaries live beside the output and are named ``.<output name>.<random>.tmp``
+(plus ``.<output name>.convert-<random>.tmp`` for a converted source). A process
+killed with SIGKILL cannot remove its temporary: a later run ignores it (it picks a
+new random name) and it may be deleted by hand. Errors while writing (a full
+disk, a file-size limit) are reported as one-line :class:`CnaError`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import os
 import shutil
 import tempfile
@@ -48,9 +57,47 @@ def public_mode(path: Path) -> None:
     os.chmod(path, base & ~_umask())
 
 
-def _replace(tmp: Path, final: Path) -> None:
-    """Move ``tmp`` onto ``final``; an existing ``final`` is removed only after the new one is ready."""
+_RENAME_NOREPLACE = 1
+_AT_FDCWD = -100
+
+
+def _rename_noreplace(src: Path, dst: Path) -> None:
+    """Rename ``src`` to ``dst``, raising FileExistsError if ``dst`` exists (atomically where the OS can)."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        renameat2 = None
+    if renameat2 is not None:
+        if renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
+            return
+        err = ctypes.get_errno()
+        if err == errno.EEXIST:
+            raise FileExistsError(err, os.strerror(err), str(dst))
+        if err not in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):  # unsupported here: fall back below
+            raise OSError(err, os.strerror(err), str(dst))
+    if src.is_dir() or os.path.lexists(dst):
+        if os.path.lexists(dst):
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst))
+        os.rename(src, dst)
+        return
+    os.link(src, dst)  # fails with EEXIST if another run got there first
+    os.unlink(src)
+
+
+def _replace(tmp: Path, final: Path, overwrite: bool = True) -> None:
+    """Move ``tmp`` onto ``final``; an existing ``final`` is removed only after the new one is ready.
+
+    Without ``overwrite`` an output that appeared meanwhile (another run) is never replaced.
+    """
     public_mode(tmp)
+    if not overwrite:
+        try:
+            _rename_noreplace(tmp, final)
+        except FileExistsError:
+            raise CnaError(
+                f"output {final} already exists (another run created it meanwhile); pass --overwrite to replace it"
+            ) from None
+        return
     if final.exists() or final.is_symlink():
         backup = final.with_name(f".{final.name}.old-{os.getpid()}")
         os.replace(final, backup)
@@ -78,9 +125,10 @@ def atomic_file(path: Path, overwrite: bool = False, inputs: tuple[Path, ...] = 
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
-        _replace(tmp, final)
-    except BaseException:
+        _replace(tmp, final, overwrite)
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        _raise_write_error(e, final)
         raise
 
 
@@ -93,9 +141,10 @@ def atomic_path(path: Path, overwrite: bool = False, inputs: tuple[Path, ...] = 
     tmp = Path(tmp_name)
     try:
         yield tmp
-        _replace(tmp, final)
-    except BaseException:
+        _replace(tmp, final, overwrite)
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        _raise_write_error(e, final)
         raise
 
 
@@ -106,10 +155,23 @@ def atomic_dir(path: Path, overwrite: bool = False, inputs: tuple[Path, ...] = (
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     try:
         yield tmp
-        _replace(tmp, final)
-    except BaseException:
+        _replace(tmp, final, overwrite)
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        _raise_write_error(e, final)
         raise
+
+
+def _raise_write_error(e: BaseException, final: Path) -> None:
+    """An OSError while writing (a full disk, EFBIG, EIO) becomes a one-line CnaError naming the output."""
+    if isinstance(e, OSError):
+        why = e.strerror or str(e).splitlines()[0] if str(e) else type(e).__name__
+        if e.errno is None and "requested and" in why:  # a buffered writer's short write: ENOSPC/EFBIG
+            why = f"short write, the disk is full or a file size limit was reached ({why})"
+        name = str(e.filename or "")
+        inside = name.startswith(str(final.parent / f".{final.name}.")) or name == str(final)
+        where = f" ({name})" if name and not inside else ""
+        raise CnaError(f"cannot write {final}: {why}{where}") from None
 
 
 def atomic_write_text(path: Path, text: str, overwrite: bool = False) -> None:

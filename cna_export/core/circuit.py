@@ -171,14 +171,13 @@ class Circuit(_Record):
 
     @classmethod
     def from_json(cls, text: str, source: str = "circuit") -> "Circuit":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise CnaError(f"{source} is not valid JSON: {e}") from None
+        data = parse_json(text, source)
         if not isinstance(data, dict):
             raise CnaError(f"{source} is not a circuit manifest (expected a JSON object)")
         if "circuit" in data and "neurons" not in data:  # an export manifest embeds the circuit
             data = data["circuit"]
+            if not isinstance(data, dict):
+                raise CnaError(f"{source} is not a circuit manifest (its 'circuit' is not a JSON object)")
         version = data.get("schema_version")
         if version != SCHEMA_VERSION:
             raise CnaError(
@@ -196,7 +195,29 @@ class Circuit(_Record):
         p = Path(path)
         if not p.is_file():
             raise CnaError(f"circuit file not found: {p}")
-        return cls.from_json(p.read_text("utf-8"), source=str(p))
+        return cls.from_json(read_text(p, "circuit file"), source=str(p))
+
+
+def read_text(path: Path, what: str) -> str:
+    """A small UTF-8 text file, with one-line errors for unreadable or non-UTF-8 files."""
+    try:
+        return path.read_text("utf-8")
+    except UnicodeDecodeError as e:
+        raise CnaError(f"{what} {path} is not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise CnaError(f"cannot read {what} {path}: {e.strerror or type(e).__name__}") from None
+
+
+def parse_json(text: str, source: str) -> object:
+    """``json.loads`` with one-line errors, also for inputs that are valid JSON the parser cannot take
+    (nesting deeper than the recursion limit, integers longer than Python's digit limit)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise CnaError(f"{source} is not valid JSON: {e}") from None
+    except (ValueError, RecursionError, MemoryError) as e:
+        why = "nested too deeply" if isinstance(e, RecursionError) else str(e).splitlines()[0] or type(e).__name__
+        raise CnaError(f"{source} cannot be read as JSON: {why}") from None
 
 
 def check_multiplier(m: float) -> float:
@@ -214,10 +235,7 @@ def load_multipliers_file(path: str | Path, circuit: Circuit) -> dict[tuple[int,
     p = Path(path)
     if not p.is_file():
         raise CnaError(f"multipliers file not found: {p}")
-    try:
-        data = json.loads(p.read_text("utf-8"))
-    except json.JSONDecodeError as e:
-        raise CnaError(f"multipliers file {p} is not valid JSON: {e}") from None
+    data = parse_json(read_text(p, "multipliers file"), f"multipliers file {p}")
     out: dict[tuple[int, int], float] = {}
     try:
         if isinstance(data, Mapping):
@@ -227,7 +245,7 @@ def load_multipliers_file(path: str | Path, circuit: Circuit) -> dict[tuple[int,
         else:
             for row in data:
                 out[(int(row["layer"]), int(row["index"]))] = check_multiplier(row["multiplier"])
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, OverflowError):
         raise CnaError(
             f"multipliers file {p} must be {{\"layer:index\": m}} or a list of {{layer, index, multiplier}}"
         ) from None

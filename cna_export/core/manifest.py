@@ -9,15 +9,14 @@ the sha256 of each touched tensor before and after, and the verification result.
 
 from __future__ import annotations
 
-import json
 from datetime import datetime, timezone
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .version import __version__
-from .circuit import Circuit
+from .circuit import Circuit, parse_json, read_text
 from .errors import CnaError
 
 EXPORT_SCHEMA_VERSION = 1
@@ -54,6 +53,16 @@ class TouchedTensor(_Record):
     indices: list[int] = Field(description="the scaled columns/rows/elements")
     file: str | None = Field(default=None, description="shard file holding the tensor (safetensors)")
 
+    @field_validator("file")
+    @classmethod
+    def _inside_the_folder(cls, v: str | None) -> str | None:
+        """A shard is named relative to the export folder: absolute paths and ``..`` are refused."""
+        if v is not None:
+            parts = PurePosixPath(v.replace("\\", "/")).parts
+            if not v or v.startswith(("/", "\\")) or PureWindowsPath(v).drive or ".." in parts or "\0" in v:
+                raise ValueError(f"shard file {v!r} is not a plain path inside the export folder")
+        return v
+
 
 class ExportManifest(_Record):
     schema_version: Literal[1] = EXPORT_SCHEMA_VERSION
@@ -80,10 +89,7 @@ class ExportManifest(_Record):
 
     @classmethod
     def from_json(cls, text: str, source: str = "export manifest") -> "ExportManifest":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise CnaError(f"{source} is not valid JSON: {e}") from None
+        data = parse_json(text, source)
         if not isinstance(data, dict) or "circuit" not in data:
             raise CnaError(f"{source} is not a cna-export export manifest")
         if data.get("schema_version") != EXPORT_SCHEMA_VERSION:
@@ -105,7 +111,7 @@ class ExportManifest(_Record):
             p = p / MANIFEST_FILE
         if not p.is_file():
             raise CnaError(f"export manifest not found: {p}")
-        return cls.from_json(p.read_text("utf-8"), source=str(p))
+        return cls.from_json(read_text(p, "export manifest"), source=str(p))
 
 
 def multipliers_list(mults: dict[tuple[int, int], float]) -> list[NeuronMultiplier]:

@@ -25,7 +25,7 @@ import typing
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 from .errors import CnaError
 
@@ -119,7 +119,37 @@ class DiscoverOptions(PromptOptions):
     neutral: str | None = Field(None, description="diverse neutral prompts for the universal-neuron filter")
     top_fraction: float = Field(0.001, gt=0, le=1, description="circuit size as a fraction of all MLP neurons")
     top_k: int | None = Field(None, gt=0, description="circuit size in neurons (overrides --top-fraction)")
-    score: Literal["mean-diff", "standardized"] = Field("mean-diff", description="per-neuron score")
+    score: Literal["mean-diff", "standardized", "direction", "attribution"] = Field(
+        "mean-diff",
+        description="per-neuron score: mean-diff (the paper: mean_pos - mean_neg), standardized (over the pooled "
+        "std), direction (mean-diff x W_down column . unit behaviour direction of the residual stream), attribution "
+        "(mean-diff x gradient of the refusal-vs-compliance first-token log-prob gap; one backward pass per batch)",
+    )  # fmt: skip
+    direction_layer: str = Field(
+        "own",
+        description="direction score: residual-stream layer whose positive-negative mean difference is the "
+        "behaviour direction: own (each neuron's layer output) or a layer number (negative: from the end)",
+    )  # fmt: skip
+    rank: Literal["score", "per-drift"] = Field(
+        "score",
+        description="rank by |score| (the paper) or per-drift: |score| / sqrt(E_benign[a^2] |W_down col|^2 + floor), "
+        "neurons silent on the negative and neutral prompts first",
+    )  # fmt: skip
+    drift_floor: float = Field(0.1, ge=0, description="per-drift ranking: floor added to the drift, as a share of the median neuron's drift")
+    multiplier_mode: Literal["constant", "mean-match"] = Field(
+        "constant",
+        description="per-neuron multipliers: constant (--multiplier for all) or mean-match (m = mean_neg / mean_pos "
+        "clipped to --mean-match-range, moved towards 1 by --multiplier-strength): lands the positive mean on the negative",
+    )  # fmt: skip
+    mean_match_range: list[float] = Field([-1.0, 1.0], min_length=2, max_length=2, description="mean-match: lowest,highest multiplier")
+    multiplier_strength: float = Field(
+        1.0, allow_inf_nan=False,
+        description="mean-match: m = 1 + strength x (m - 1) (1: full match, 0: no change, >1: overshoot)",
+    )  # fmt: skip
+    capture: Literal["last", "mean-last-k"] = Field(
+        "last", description="activation position: the last prompt token (the paper) or the mean over the last --capture-k tokens"
+    )  # fmt: skip
+    capture_k: int = Field(4, gt=0, description="mean-last-k: number of trailing prompt (template) tokens averaged")
     sign: Literal["both", "positive", "negative"] = Field(
         "both",
         description="which scores may enter the circuit: both (ranked by |score|, the paper), positive (more active "
@@ -135,13 +165,46 @@ class DiscoverOptions(PromptOptions):
         "a tuned recipe sets it)",
     )  # fmt: skip
 
+    @field_validator("direction_layer", mode="before")
+    @classmethod
+    def _direction_layer(cls, v: Any) -> str:
+        text = str(v).strip()
+        if text != "own":
+            try:
+                int(text)
+            except ValueError:
+                raise ValueError("direction_layer must be 'own' or a layer number") from None
+        return text
+
+    @field_validator("mean_match_range")
+    @classmethod
+    def _range(cls, v: list[float]) -> list[float]:
+        if v[0] > v[1]:
+            raise ValueError("mean_match_range: lowest must not exceed highest")
+        return v
+
+    STRATEGY_DEFAULTS: ClassVar[dict[str, Any]] = {
+        "direction_layer": "own", "rank": "score", "drift_floor": 0.1, "multiplier_mode": "constant",
+        "mean_match_range": [-1.0, 1.0], "multiplier_strength": 1.0, "capture": "last", "capture_k": 4,
+    }
+
     def method_params(self) -> dict[str, Any]:
-        """The parameters that define the method (paths are recorded separately, with hashes)."""
+        """The parameters that define the method (paths are recorded separately, with hashes); the
+        strategy settings beyond the paper's appear only when they differ from the paper's."""
         keep = (
             "score sign top_fraction top_k exclude_layers universal_threshold universal_top_k "
             "batch_size max_length chat_template system_prompt limit"
         ).split()
-        return {k: getattr(self, k) for k in keep}
+        out = {k: getattr(self, k) for k in keep}
+        relevant = {"direction_layer": self.score == "direction",
+                    "drift_floor": self.rank == "per-drift",
+                    "mean_match_range": self.multiplier_mode == "mean-match",
+                    "multiplier_strength": self.multiplier_mode == "mean-match",
+                    "capture_k": self.capture == "mean-last-k"}
+        for k, default in self.STRATEGY_DEFAULTS.items():
+            if getattr(self, k) != default and relevant.get(k, True):
+                out[k] = getattr(self, k)
+        return out
 
 
 class GenerateOptions(_Switches):
@@ -221,16 +284,42 @@ class ExportOptions(Multiplier, Force, Overwrite):
     max_shard_size: str | None = opt(None, "shard size of a converted source, e.g. 2GB (default: transformers')")
 
 
+EXPORT_FORMATS = ("safetensors", "gguf", "lora", "gguf-lora")
+"""What ``export --format`` and ``steer --format`` write: a steered checkpoint (safetensors folder, GGUF
+file), a PEFT LoRA adapter folder, or a llama.cpp LoRA adapter GGUF."""
+
+
 class GGUFExportOptions(_Switches):
     """GGUF export"""
 
-    format: Literal["safetensors", "gguf"] | None = opt(
-        None, "output format (default: gguf when --out ends in .gguf, else safetensors)")
+    format: Literal["safetensors", "gguf", "lora", "gguf-lora"] | None = opt(
+        None, "output format: safetensors or gguf (a steered checkpoint), lora (a PEFT adapter folder) or gguf-lora "
+        "(a llama.cpp LoRA adapter GGUF for a GGUF base) (default: gguf when --out ends in .gguf, else safetensors)")
+    adapter_dtype: Literal["auto", "float32", "float16", "bfloat16"] = opt(
+        "auto", "LoRA: dtype of the adapter factors (auto: float32; gguf-lora takes float32 or float16)")
     fold: Literal["up", "down"] | None = opt(
         None, "GGUF: scale ffn_up rows (default; any supported quant type) or ffn_down columns (float only)")
     fast_copy: bool = opt(False, "GGUF: copy the file and patch the touched rows in place; header unchanged, manifest "
                           "in <out>.cna_manifest.json")
     modelfile: bool = opt(True, "GGUF: do not write an Ollama Modelfile beside the output", flag="--no-modelfile")
+
+
+class HubOptions(_Switches):
+    """Hugging Face Hub"""
+
+    push_to_hub: str | None = opt(None, "after writing (and verifying), upload the export to this Hub repo "
+                                  "(created if missing) in one commit; token from HF_TOKEN or the cached login",
+                                  metavar="REPO_ID")
+    private: bool = opt(False, "create the Hub repo private")
+
+
+class SteerOptions(_Switches):
+    """Steer job"""
+
+    formats: str = opt("safetensors,gguf", "formats to export, comma-separated: safetensors, gguf, lora, gguf-lora "
+                       "(gguf and gguf-lora need a GGUF model)", flag="--format", dest="steer_formats",
+                       metavar="F,F,...")
+    fresh: bool = opt(False, "redo every step, even those whose inputs are unchanged")
 
 
 # -- eval / tune -------------------------------------------------------------------------------
@@ -358,7 +447,8 @@ RECIPE_PATH_FIELDS = ("positive", "negative", "neutral")
 RECIPE_META_FIELDS = ("name", "description", "tuned")
 RECIPE_SECTIONS: dict[str, tuple[type[_Options], ...]] = {
     "discover": (DiscoverOptions, ModelOptions),
-    "export": (ExportOptions, GGUFExportOptions, GGUFVerifyOptions),
+    "export": (ExportOptions, GGUFExportOptions, GGUFVerifyOptions, HubOptions),
+    "steer": (SteerOptions, HubOptions),
     "verify": (GGUFVerifyOptions, VerifyRunOptions, ModelOptions),
     "eval": (EvalSettings, EvalJob),
     "tune": (TuneJob, EvalSettings, EvalJob),

@@ -270,3 +270,56 @@ def render_adapter_modelfile(out: Path, base: Path, reader: Any, manifest: Expor
         q = _modelfile_quote(tok)
         lines.append(f"# stop token {tok!r} cannot be quoted for Ollama; left out" if q is None else f"PARAMETER stop {q}")
     return "\n".join(lines) + "\n"
+
+
+# -- Hub cards -----------------------------------------------------------------------------------
+
+FORMAT_TITLES = {"safetensors": "steered safetensors checkpoint", "gguf": "steered GGUF",
+                 "lora": "PEFT LoRA adapter", "gguf_lora": "llama.cpp LoRA adapter GGUF"}
+
+
+def verification_table(summary: dict | None) -> list[str]:
+    """Markdown lines for a verification summary as the manifest stores it (``VerifyReport.summary()``)."""
+    if not summary:
+        return ["Not verified (run `cna-export verify`)."]
+    status = "passed" if summary.get("passed") else "FAILED: " + "; ".join(summary.get("reasons") or [])
+    m = summary.get("metrics") or {}
+    lines = [f"Verified against hook steering of the base ({summary.get('method', '')}; "
+             f"{int(m.get('prompts', 0))} prompts, dtype {summary.get('dtype', '?')}): **{status}**.", "",
+             "| check | value | tolerance |", "|---|---|---|"]
+    tol = summary.get("tolerances") or {}
+    for label, key, tkey, fmt, rel in (
+            ("max abs delta logit", "max_abs_logit_delta", "max_abs_logit_delta", "{:.3e}", "<="),
+            ("mean KL", "mean_kl", "max_mean_kl", "{:.3e}", "<="),
+            ("top-1 agreement", "top1_agreement", "min_top1_agreement", "{:.2%}", ">=")):
+        if key in m:
+            want = tol.get(tkey)
+            lines.append(f"| {label} | {fmt.format(m[key])} | {'-' if want is None else f'{rel} {want:g}'} |")
+    for c in summary.get("checks") or []:
+        ok = "" if c.get("ok") is None else (" ok" if c["ok"] else " FAILED")
+        lines.append(f"| {c.get('label')} | {c.get('value')}{ok} | {c.get('tolerance')} |")
+    return lines
+
+
+def export_summary_lines(manifest: ExportManifest, where: str = ".") -> list[str]:
+    """A card section for one export: what it is, the steering, the verification table."""
+    c = manifest.circuit
+    mults = manifest.multiplier_map()
+    counts = c.layer_counts()
+    title = FORMAT_TITLES.get(manifest.format, manifest.format)
+    where_text = "" if where in (".", "") else f" (`{where}`)"
+    lines = [
+        f"## {title}{where_text}", "",
+        "| | |", "|---|---|",
+        f"| base | `{manifest.source}` ({manifest.source_format}) |",
+        f"| circuit | {len(c.neurons)} neurons ({len(c.neurons) / max(c.model.total_neurons, 1):.3%} of "
+        f"{c.model.total_neurons} MLP neurons) on `{c.model.name}` ({c.model.architecture}) |",
+        f"| multiplier | {describe_multipliers(mults)} |",
+        "| touched layers | " + ", ".join(f"L{layer}: {n}" for layer, n in counts.items()) + " |",
+        f"| written by | cna-export {manifest.tool_version}, {manifest.created} |",
+        "",
+        "### Verification", "",
+        *verification_table(manifest.verification),
+        "",
+    ]
+    return lines

@@ -53,10 +53,7 @@ from .scan import scan_base_free
 
 log = logging.getLogger(__name__)
 
-EXIT_CLEAN = 0
-EXIT_MANIFEST_FAILED = 3
-EXIT_STEERED = 4
-EXIT_OTHER_CHANGES = 5
+from .adapter import EXIT_CLEAN, EXIT_MANIFEST_FAILED, EXIT_OTHER_CHANGES, EXIT_STEERED  # noqa: E402,F401
 
 ALLOWED_KV_CHANGES = ("general.name", "cna.manifest")
 ALLOWED_FILE_CHANGES = ("cna_manifest.json", "README.md")
@@ -334,7 +331,7 @@ def _neuron_of(slot: int, layer: int, base: WeightSource, role: str) -> int:
 
 
 def default_recipe() -> Path:
-    from ..verify.prompts import recipes_dir
+    from ..verification.prompts import recipes_dir
 
     return recipes_dir() / "refusal.yaml"
 
@@ -366,7 +363,7 @@ def refusal_overlap(base_spec: str, recovered: Mapping[tuple[int, int], float], 
         ref = Circuit.load(settings.circuit)
         source = f"circuit {settings.circuit}"
     else:
-        from ..discover.discovery import circuit_size, eligible
+        from ..discovery.cna import circuit_size, eligible
 
         saved, source = base_statistics(base_spec, settings, progress)
         opts = saved.options
@@ -412,7 +409,7 @@ def base_statistics(base_spec: str, settings: AuditSettings, progress: bool = Fa
     """
     from ..model.loading import load_model
     from ..core.settings import DiscoverOptions, ModelOptions, build, load_recipe
-    from ..evaluate.sweep import compute_stats, load_stats, save_stats
+    from ..evaluation.sweep import compute_stats, load_stats, save_stats
 
     recipe_path = settings.recipe or default_recipe()
     recipe = load_recipe(recipe_path)
@@ -466,7 +463,7 @@ def _stats_mismatch(saved: Any, base_id: Any, opts: Any) -> str | None:
 
 def _ranks(stats: Any, opts: Any, recovered: Mapping[tuple[int, int], float]) -> dict:
     """Ranks (1 = strongest) of the recovered neurons in the base's refusal ranking (discovery's own order)."""
-    from ..discover.discovery import eligible
+    from ..discovery.cna import eligible
 
     scores = stats.scores(opts.score)
     allowed = eligible(stats, opts, scores)
@@ -482,8 +479,8 @@ def _ranks(stats: Any, opts: Any, recovered: Mapping[tuple[int, int], float]) ->
 
 def behaviour_check(models: Sequence[tuple[str, str]], settings: AuditSettings, progress: bool = False) -> dict:
     """Refusal rate of each (label, spec) on a few harmful prompts of the recipe (greedy, keyword judge)."""
-    from ..evaluate.backends import Steering, open_backend
-    from ..evaluate.judge import KeywordJudge
+    from ..evaluation.backends import Steering, open_backend
+    from ..evaluation.judge import KeywordJudge
 
     prompts, path = harmful_prompts(settings.recipe, settings.prompts)
     judge = KeywordJudge()
@@ -526,6 +523,14 @@ def audit(suspect: str, settings: AuditSettings | None = None, progress: bool = 
         raise CnaError("--zero-threshold and --direction-threshold must be positive")
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
+    from .adapter import adapter_kind, audit_adapter
+
+    if adapter_kind(suspect):  # a LoRA adapter: no weights of its own to diff (inspect/adapter.py)
+        report = AuditReport(suspect={"spec": suspect, "description": suspect},
+                             mode="manifest" if s.manifest else ("base" if s.base else "base-free"))
+        audit_adapter(suspect, s, report, _manifest_base)
+        report.timings = {"total": time.perf_counter() - t0}
+        return report
     sus = open_weights(suspect)
     base: WeightSource | None = None
     try:
@@ -646,6 +651,23 @@ def audit(suspect: str, settings: AuditSettings | None = None, progress: bool = 
         if base is not None:
             base.close()
         sus.close()
+
+
+def _manifest_base(manifest: Any) -> str:
+    """The base a manifest names, when it is on this machine (a GGUF adapter's recorded base file first)."""
+    from ..io.sources import resolve_source
+
+    for note in manifest.notes:
+        if note.startswith("base file: ") and Path(note.removeprefix("base file: ")).is_file():
+            return note.removeprefix("base file: ")
+    try:
+        src = resolve_source(manifest.source)
+        if src.kind == "hub" or src.path is None:
+            raise CnaError("not local")
+    except CnaError:
+        raise CnaError(f"the manifest check needs the model the export was made from ({manifest.source}, not found "
+                       "on this machine); pass --base") from None
+    return manifest.source
 
 
 def write_recovered_circuit(diff: DiffReport, base_spec: str, out: str | Path, overwrite: bool = False) -> Any:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import mmap
 import os
 import struct
@@ -61,8 +62,15 @@ _SCALAR = {  # GGUFValueType value -> (struct format, numpy dtype)
     10: ("<Q", "<u8"), 11: ("<q", "<i8"), 12: ("<d", "<f8"),
 }  # fmt: skip
 _STRING, _ARRAY = 8, 9
+_MAX_DIMS = 4  # GGML_MAX_DIMS
+_MAX_NESTING = 16  # nested KV arrays deeper than this are refused (real files nest at most once or twice)
 _TENSOR_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I8": np.int8,
                   "I16": np.int16, "I32": np.int32, "I64": np.int64}  # as gguf.GGUFReader exposes them
+
+
+def _shown(name: str) -> str:
+    """A key or tensor name for a one-line message: as is when printable, else quoted with escapes."""
+    return name if name.isprintable() else repr(name)
 
 
 @dataclass
@@ -98,7 +106,7 @@ class KVField:
             return [self._string(o, n) for o, n in self._items or []]
         if sub in _SCALAR:
             return np.frombuffer(mm, dtype=_SCALAR[sub][1], count=self.count, offset=self.value_offset + 12).tolist()
-        raise CnaError(f"GGUF key {self.name} is a nested array; its value is not decoded")
+        raise CnaError(f"GGUF key {_shown(self.name)} is a nested array; its value is not decoded")
 
     def item(self, index: int) -> Any:
         """One element of an array value (strings decoded)."""
@@ -114,7 +122,7 @@ class KVField:
         try:
             return self._file.mm[offset : offset + length].decode("utf-8")
         except UnicodeDecodeError:
-            raise CnaError(f"GGUF key {self.name} holds a string that is not valid UTF-8") from None
+            raise CnaError(f"GGUF key {_shown(self.name)} holds a string that is not valid UTF-8") from None
 
     def writer_value(self) -> tuple[Any, Any, Any]:
         """(value, type, sub_type) that make ``GGUFWriter.add_key_value`` write this pair byte for byte.
@@ -194,6 +202,13 @@ class GGUFFile:
                 raise CnaError(f"{self.path} is GGUF version {version}; versions 2 and 3 are supported")
             self.version = version
             n_tensors, n_kv = struct.unpack_from("<QQ", mm, 8)
+            # every KV takes at least 13 bytes (key length, value type, one byte) and every tensor
+            # info at least 24 (name length, n_dims, type, offset): refuse counts the file cannot hold
+            if n_kv > (size - 24) // 13 or n_tensors > (size - 24) // 24:
+                raise CnaError(
+                    f"{self.path} is not a readable GGUF file (truncated or corrupt): its header claims {n_kv} KV pairs and "
+                    f"{n_tensors} tensors, more than a {size}-byte file can hold"
+                )
             off = 24
             self.fields: dict[str, KVField] = {}
             for _ in range(n_kv):
@@ -204,7 +219,7 @@ class GGUFFile:
                 value_offset = off
                 sub, count, items, off = self._skip_value(vtype, off)
                 if name in self.fields:
-                    raise CnaError(f"{self.path} is not a valid GGUF file: duplicate key {name}")
+                    raise CnaError(f"{self.path} is not a valid GGUF file: duplicate key {_shown(name)}")
                 self.fields[name] = KVField(
                     name, GGUFValueType(vtype), None if sub is None else GGUFValueType(sub),
                     start, value_offset, off, count, self, items,
@@ -213,12 +228,15 @@ class GGUFFile:
             for _ in range(n_tensors):
                 name, off = self._str(off)
                 (n_dims,) = struct.unpack_from("<I", mm, off)
+                if n_dims > _MAX_DIMS:
+                    raise CnaError(f"{self.path} is not a valid GGUF file: tensor {_shown(name)} has {n_dims} dimensions "
+                                   f"(at most {_MAX_DIMS})")
                 ne = struct.unpack_from(f"<{n_dims}Q", mm, off + 4)
                 off += 4 + 8 * n_dims
                 ttype, rel = struct.unpack_from("<IQ", mm, off)
                 off += 12
                 infos.append((name, ne, ttype, rel))
-        except (struct.error, UnicodeDecodeError, OverflowError, MemoryError):
+        except (struct.error, UnicodeDecodeError, OverflowError, MemoryError, RecursionError):
             raise CnaError(f"{self.path} is not a readable GGUF file: truncated or corrupt header") from None
         except ValueError as e:
             raise CnaError(f"{self.path} is not a readable GGUF file: {str(e).splitlines()[0]}") from None
@@ -232,32 +250,46 @@ class GGUFFile:
             self.alignment = int(a)
         self.data_offset = -(-off // self.alignment) * self.alignment
         self.tensors: list[TensorInfo] = []
+        try:
+            self._read_tensors(infos, size, GGML_QUANT_SIZES, GGMLQuantizationType, quant_shape_to_byte_shape)
+        except (ValueError, OverflowError, MemoryError) as e:
+            raise CnaError(f"{self.path} is not a valid GGUF file: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+    def _read_tensors(self, infos: list, size: int, GGML_QUANT_SIZES: Any, GGMLQuantizationType: Any,
+                      quant_shape_to_byte_shape: Any) -> None:
+        mm = self.mm
         seen: set[str] = set()
+        spans: list[tuple[int, int, str]] = []
         for name, ne, ttype, rel in infos:
             if name in seen:
-                raise CnaError(f"{self.path} is not a valid GGUF file: duplicate tensor {name}")
+                raise CnaError(f"{self.path} is not a valid GGUF file: duplicate tensor {_shown(name)}")
             seen.add(name)
             try:
                 qtype = GGMLQuantizationType(ttype)
                 block, type_size = GGML_QUANT_SIZES[qtype]
             except (ValueError, KeyError):
-                raise CnaError(f"{self.path}: tensor {name} has an unknown GGML type id {ttype}") from None
-            n_el = int(np.prod(ne, dtype=np.int64)) if ne else 1
+                raise CnaError(f"{self.path}: tensor {_shown(name)} has an unknown GGML type id {ttype}") from None
+            n_el = math.prod(ne)  # exact (Python ints): hostile dimensions cannot wrap around
             n_bytes = n_el * type_size // block
             start = self.data_offset + rel
             if start + n_bytes > size:
-                raise CnaError(f"{self.path} is truncated: tensor {name} extends past the end of the file")
+                raise CnaError(f"{self.path} is truncated: tensor {_shown(name)} extends past the end of the file")
+            spans.append((start, start + n_bytes, name))
             dims = tuple(reversed(ne))
             dtype = _TENSOR_DTYPES.get(qtype.name)
             if dtype is None:
                 try:
                     dims = quant_shape_to_byte_shape(dims, qtype)
                 except ValueError as e:
-                    raise CnaError(f"{self.path}: tensor {name}: {e}") from None
+                    raise CnaError(f"{self.path}: tensor {_shown(name)}: {e}") from None
                 data = np.frombuffer(mm, dtype=np.uint8, count=n_bytes, offset=start).reshape(dims)
             else:
                 data = np.frombuffer(mm, dtype=dtype, count=n_el, offset=start).reshape(dims)
             self.tensors.append(TensorInfo(name, qtype, tuple(ne), n_el, n_bytes, start, data))
+        spans.sort()
+        for (_, end_a, a), (start_b, _, b) in zip(spans, spans[1:]):
+            if start_b < end_a:
+                raise CnaError(f"{self.path} is not a valid GGUF file: the data of tensors {_shown(a)} and {_shown(b)} overlap")
 
     def _str(self, off: int) -> tuple[str, int]:
         (n,) = struct.unpack_from("<Q", self.mm, off)
@@ -266,18 +298,32 @@ class GGUFFile:
             raise struct.error("string past the end")
         return self.mm[off + 8 : end].decode("utf-8"), end
 
-    def _skip_value(self, vtype: int, off: int) -> tuple[int | None, int, list | None, int]:
-        """(sub_type, count, string items, end offset) of the value at ``off``."""
+    def _skip_value(self, vtype: int, off: int, depth: int = 0) -> tuple[int | None, int, list | None, int]:
+        """(sub_type, count, string items, end offset) of the value at ``off``.
+
+        Every length and count is checked against the file size before it is used, so a hostile
+        header cannot make the reader allocate or loop beyond what the file holds.
+        """
         mm = self.mm
         if vtype in _SCALAR:
-            return None, 1, None, off + struct.calcsize(_SCALAR[vtype][0])
+            end = off + struct.calcsize(_SCALAR[vtype][0])
+            if end > len(mm):
+                raise struct.error("value past the end")
+            return None, 1, None, end
         if vtype == _STRING:
             (n,) = struct.unpack_from("<Q", mm, off)
+            if off + 8 + n > len(mm):
+                raise struct.error("string past the end")
             return None, 1, None, off + 8 + n
         if vtype != _ARRAY:
             raise ValueError(f"unknown GGUF value type {vtype}")
+        if depth >= _MAX_NESTING:
+            raise ValueError(f"KV arrays nested more than {_MAX_NESTING} deep")
         sub, count = struct.unpack_from("<IQ", mm, off)
         off += 12
+        least = {_STRING: 8, _ARRAY: 12}.get(sub, 1)  # smallest possible element
+        if count > (len(mm) - off) // least:
+            raise struct.error("array past the end")
         if sub in _SCALAR:
             end = off + count * struct.calcsize(_SCALAR[sub][0])
             if end > len(mm):
@@ -295,7 +341,7 @@ class GGUFFile:
             return sub, count, items, off
         if sub == _ARRAY:
             for _ in range(count):
-                _, _, _, off = self._skip_value(_ARRAY, off)
+                _, _, _, off = self._skip_value(_ARRAY, off, depth + 1)
             return sub, count, None, off
         raise ValueError(f"unknown GGUF array element type {sub}")
 

@@ -154,6 +154,26 @@ class LlamaModel:
             pass
 
 
+class LlamaLora:
+    """A llama.cpp LoRA adapter GGUF loaded for ``lm`` (``llama_adapter_lora_init``); apply it to a
+    context with :meth:`LlamaContext.set_lora`. llama.cpp refuses an adapter whose architecture or
+    tensor shapes do not fit the model: that is a :class:`CnaError`."""
+
+    def __init__(self, lm: LlamaModel, path: str | Path):
+        self.L, self.lm, self.path = lm.L, lm, Path(path)
+        if not self.path.is_file():
+            raise CnaError(f"llama.cpp cannot load the LoRA adapter {path}: no such file")
+        self.ptr = self.L.llama_adapter_lora_init(lm.model, str(path).encode("utf-8"))
+        if not self.ptr:
+            raise CnaError(f"llama.cpp cannot apply the LoRA adapter {self.path.name} to {lm.path.name} "
+                           "(another architecture or other tensor shapes: an adapter for a different base?)")
+
+    def close(self) -> None:
+        if getattr(self, "ptr", None):
+            self.L.llama_adapter_lora_free(self.ptr)
+            self.ptr = None
+
+
 def _reference_settings(L: Any, p: Any) -> None:
     """The context settings of ``llama_cpp.Llama`` that differ from llama.cpp's defaults."""
     p.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_DISABLED
@@ -210,6 +230,18 @@ class LlamaContext:
         if rc != 0:
             raise CnaError("llama.cpp rejected the control vector")
 
+    def set_lora(self, adapter: LlamaLora | None, scale: float = 1.0) -> None:
+        """Apply ``adapter`` at ``scale`` (``llama_set_adapters_lora``); None removes every adapter."""
+        L = self.L
+        if adapter is None:
+            rc = L.llama_set_adapters_lora(self.ctx, None, 0, None)
+        else:
+            adapters = (L.llama_adapter_lora_p_ctypes * 1)(adapter.ptr)
+            scales = (ctypes.c_float * 1)(scale)
+            rc = L.llama_set_adapters_lora(self.ctx, adapters, 1, scales)
+        if rc != 0:
+            raise CnaError("llama.cpp rejected the LoRA adapter")
+
     def clear(self) -> None:
         """Forget every sequence's tokens (the KV cache), keeping the context."""
         memory = self.L.llama_get_memory(self.ctx)
@@ -253,20 +285,25 @@ class LlamaContext:
 
 
 def llama_logits(path: str | Path, ids: Sequence[Sequence[int]], threads: int = 2,
-                 purpose: str = "verifying a GGUF export") -> list[np.ndarray]:
+                 purpose: str = "verifying a GGUF export", lora: str | Path | None = None) -> list[np.ndarray]:
     """All-position logits ``[len(seq), vocab]`` (float32) from llama.cpp for each token id sequence.
 
     Tokens are fed as they are (no BOS added), each sequence in one decode on a cleared cache of
     one context sized for the longest, with ``llama_cpp.Llama``'s settings (``reference``): the
-    logits are those GGUF verification was calibrated on.
+    logits are those GGUF verification was calibrated on. ``lora``: a LoRA adapter GGUF applied
+    to the model at scale 1 (as ``llama_cpp.Llama(lora_path=...)`` does).
     """
     if not ids:
         return []
     n_ctx = max(64, max(len(s) for s in ids) + 8)
     lm = LlamaModel(path, reference=True, purpose=purpose)
+    adapter = None
     try:
+        adapter = LlamaLora(lm, lora) if lora is not None else None
         ctx = LlamaContext(lm, 1, n_ctx, n_ctx, threads, n_ubatch=n_ctx, reference=True)
         try:
+            if adapter is not None:
+                ctx.set_lora(adapter, 1.0)
             out: list[np.ndarray] = []
             for seq in ids:
                 ctx.clear()
@@ -275,5 +312,7 @@ def llama_logits(path: str | Path, ids: Sequence[Sequence[int]], threads: int = 
         finally:
             ctx.close()
     finally:
+        if adapter is not None:
+            adapter.close()
         lm.close()
     return out

@@ -79,7 +79,7 @@ class Checkpoint:
             for name in _header(shard):
                 if name in weight_map:
                     raise CnaError(
-                        f"checkpoint {folder}: tensor {name} is in both {weight_map[name]} and {shard.name} "
+                        f"checkpoint {folder}: tensor {_shown(name)} is in both {weight_map[name]} and {shard.name} "
                         "and there is no index saying which one counts"
                     )
                 weight_map[name] = shard.name
@@ -89,16 +89,20 @@ class Checkpoint:
     def _from_index(cls, folder: Path, index: Path) -> "Checkpoint":
         try:
             data = json.loads(index.read_text("utf-8"))
-            weight_map = dict(data["weight_map"])
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError, UnicodeDecodeError):
+            weight_map = data["weight_map"]
+            if not isinstance(weight_map, dict):
+                raise TypeError("weight_map is not an object")
+        except (KeyError, TypeError, ValueError, UnicodeDecodeError, RecursionError, MemoryError, OSError):
             raise CnaError(f"safetensors index {index} is not valid (expected JSON with a weight_map)") from None
         if not weight_map:
             raise CnaError(f"safetensors index {index} lists no tensors")
+        for file in weight_map.values():
+            if (not isinstance(file, str) or not file or "\0" in file or Path(file).is_absolute()
+                    or ".." in Path(file).parts):
+                raise CnaError(f"safetensors index {index} names an invalid shard path {file!r}"[:300])
         for file in sorted(set(weight_map.values())):
-            if not isinstance(file, str) or Path(file).is_absolute() or ".." in Path(file).parts:
-                raise CnaError(f"safetensors index {index} names an invalid shard path {file!r}")
             if not (folder / file).is_file():
-                raise CnaError(f"checkpoint {folder} is incomplete: the index names shard {file}, which is missing")
+                raise CnaError(f"checkpoint {folder} is incomplete: the index names shard {_shown(file)}, which is missing")
         by_file: dict[str, list[str]] = {}
         for name, file in weight_map.items():
             by_file.setdefault(file, []).append(name)
@@ -106,7 +110,7 @@ class Checkpoint:
             present = set(_header(folder / file))
             absent = [n for n in names if n not in present]
             if absent:
-                raise CnaError(f"checkpoint {folder}: the index puts {absent[0]} in {file}, but that shard has no such tensor")
+                raise CnaError(f"checkpoint {folder}: the index puts {_shown(absent[0])} in {_shown(file)}, but that shard has no such tensor")
         return cls(folder, weight_map, index.name)
 
     # -- look-ups -----------------------------------------------------------------
@@ -150,6 +154,11 @@ class Checkpoint:
 
     def total_bytes(self) -> int:
         return sum(self.path(f).stat().st_size for f in self.files)
+
+
+def _shown(name: str) -> str:
+    """A shard or tensor name for a one-line message: as is when printable, else quoted with escapes."""
+    return name if name.isprintable() else repr(name)
 
 
 def _header(path: Path) -> list[str]:

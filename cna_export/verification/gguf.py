@@ -1,6 +1,6 @@
 """Verify a steered GGUF export: exact tensor checks, then behaviour in llama.cpp against hook steering.
 
-Two independent checks, reported in one :class:`cna_export.verify.safetensors.VerifyReport`:
+Two independent checks, reported in one :class:`cna_export.verification.safetensors.VerifyReport`:
 
 1. **Tensors.** Every KV pair and every untouched tensor of the export is
    byte-identical to the source (``general.name`` and ``cna.manifest`` aside);
@@ -116,6 +116,14 @@ log = logging.getLogger(__name__)
 # ---------------------------------------------------------------------------
 
 
+def _adapter_base(manifest: ExportManifest) -> str:
+    """The base of a GGUF LoRA adapter: the ``base file:`` its export recorded when it still exists, else its source."""
+    for note in manifest.notes:
+        if note.startswith("base file: ") and Path(note.removeprefix("base file: ")).is_file():
+            return note.removeprefix("base file: ")
+    return manifest.source
+
+
 def verify_gguf(
     original: str | Any | None,
     exported: str | Path,
@@ -140,8 +148,11 @@ def verify_gguf(
         manifest, where = read_gguf_manifest(exp_path)
     else:
         where = "given manifest"
-    if manifest.format != "gguf":
+    if manifest.format not in ("gguf", "gguf_lora"):
         raise CnaError(f"{exp_path} carries a {manifest.format} export manifest, not a GGUF one")
+    adapter = manifest.format == "gguf_lora"
+    if original is None and adapter:
+        original = _adapter_base(manifest)
     loaded = None if original is None or isinstance(original, (str, Path)) else original
     if loaded is not None:
         src_spec = loaded.source.spec
@@ -159,29 +170,49 @@ def verify_gguf(
 
     t0 = time.perf_counter()
     src, exp = G.open_gguf(src_path), G.open_gguf(exp_path)
-    tc = check_tensors(src, exp, manifest)
-    del src, exp
-    reasons = list(tc.failures)
-    exact = sum(1 for t in tc.touched if t["exact"])
-    worst = max((t["max_abs_error"] for t in tc.touched), default=0.0)
-    notes = [
-        f"tensors: {tc.n_identical}/{tc.n_tensors - len(tc.touched)} untouched tensors and every KV pair "
-        f"byte-identical; {len(tc.touched)} touched tensors ({exact} exactly m x source, worst |error| {worst:.3g})"
-        if tc.passed else f"tensor check: {len(tc.failures)} problems",
-        f"manifest from {where}; fold {manifest.fold}",
-    ]
-    metrics: dict[str, float] = {
-        "tensors": float(tc.n_tensors),
-        "tensors_touched": float(len(tc.touched)),
-        "tensors_identical": float(tc.n_identical),
-        "tensor_max_abs_error": worst,
-        "tensor_check_seconds": time.perf_counter() - t0,
-    }
+    if adapter:
+        from .gguf_lora import check_adapter_tensors, check_base
+
+        check_base(src, manifest, src_path)  # the wrong base is bad input (exit 2), not a failed export
+        ac = check_adapter_tensors(src, exp, manifest)
+        del src, exp
+        reasons = list(ac.failures)
+        notes = [
+            f"adapter: base {src_path.name}'s steered ffn_down tensors hash to the manifest's sha256_before; "
+            f"{ac.exact}/{len(manifest.tensors)} lora_a/lora_b pairs equal the factors recomputed from the base, "
+            f"rank {ac.rank}, alpha {ac.alpha:g} (scale 1)" if ac.passed else f"adapter check: {len(ac.failures)} problems",
+            f"manifest from {where}; LoRA on ffn_down, applied at scale 1 in llama.cpp",
+        ]
+        metrics: dict[str, float] = {"tensors": float(ac.tensors), "adapter_rank": float(ac.rank),
+                                     "adapter_alpha": ac.alpha, "tensor_check_seconds": time.perf_counter() - t0}
+        checks: list[Check] = [
+            Check(label="adapter tensors exact, scale 1", value=f"all {ac.tensors}" if ac.passed
+                  else f"{len(ac.failures)} problems", tolerance="all", ok=ac.passed)
+        ]
+    else:
+        tc = check_tensors(src, exp, manifest)
+        del src, exp
+        reasons = list(tc.failures)
+        exact = sum(1 for t in tc.touched if t["exact"])
+        worst = max((t["max_abs_error"] for t in tc.touched), default=0.0)
+        notes = [
+            f"tensors: {tc.n_identical}/{tc.n_tensors - len(tc.touched)} untouched tensors and every KV pair "
+            f"byte-identical; {len(tc.touched)} touched tensors ({exact} exactly m x source, worst |error| {worst:.3g})"
+            if tc.passed else f"tensor check: {len(tc.failures)} problems",
+            f"manifest from {where}; fold {manifest.fold}",
+        ]
+        metrics = {
+            "tensors": float(tc.n_tensors),
+            "tensors_touched": float(len(tc.touched)),
+            "tensors_identical": float(tc.n_identical),
+            "tensor_max_abs_error": worst,
+            "tensor_check_seconds": time.perf_counter() - t0,
+        }
+        checks = [
+            Check(label="tensors and KV pairs exact", value=f"all {tc.n_tensors}" if tc.passed else f"{len(tc.failures)} problems",
+                  tolerance="all", ok=tc.passed)
+        ]
     details: list[dict[str, Any]] = []
-    checks: list[Check] = [
-        Check(label="tensors and KV pairs exact", value=f"all {tc.n_tensors}" if tc.passed else f"{len(tc.failures)} problems",
-              tolerance="all", ok=tc.passed)
-    ]
     prompt_list: list[str] = []
     settings: dict[str, Any] = {"source": src_spec, "source_file": str(src_path), "threads": opts.threads,
                                 "max_kl_ratio": opts.max_kl_ratio, "max_effect_share": opts.max_effect_share,
@@ -200,7 +231,8 @@ def verify_gguf(
             from ..model.loading import load_model
 
             loaded = load_model(src_spec)
-        b = check_behaviour(loaded, src_path, exp_path, manifest.multiplier_map(), prompt_list, opts, progress)
+        b = check_behaviour(loaded, src_path, exp_path, manifest.multiplier_map(), prompt_list, opts, progress,
+                            adapter=adapter)
         metrics.update(b.metrics)
         details = b.details
         reasons += b.reasons
@@ -218,7 +250,7 @@ def verify_gguf(
         metrics, tolerances, extra_reasons=reasons,
         method="gguf: llama.cpp export vs transformers hook steering, relative to the unsteered noise floor",
         reference=f"{src_spec} in transformers + hook steering ({len(manifest.multipliers)} neurons)",
-        candidate=f"{exp_path} in llama.cpp",
+        candidate=f"{src_path.name} + LoRA {exp_path} in llama.cpp" if adapter else f"{exp_path} in llama.cpp",
         dtype="float32 (transformers, dequantised GGUF) / llama.cpp native",
         positions="all distinct", settings=settings, notes=notes, checks=checks,
         prompts=[PromptDetail(prompt=p, **d) for p, d in zip(prompt_list, details)],

@@ -1,8 +1,8 @@
-"""Sweeps, the CAA baseline and tuning, on top of :mod:`cna_export.evaluate.evaluator`.
+"""Sweeps, the CAA baseline and tuning, on top of :mod:`cna_export.evaluation.evaluator`.
 
 Discovery statistics
-    :func:`cna_export.discover.discovery.collect` measures everything CNA needs once;
-    circuits of any size come from :func:`cna_export.discover.discovery.select` without
+    :func:`cna_export.discovery.cna.collect` measures everything CNA needs once;
+    circuits of any size come from :func:`cna_export.discovery.cna.select` without
     new forward passes. :func:`compute_stats` adds the CAA vectors and
     :func:`save_stats` / :func:`load_stats` keep both in one ``.npz`` (float64
     sums, counts, top-k hits, the model identity, the discovery options and the
@@ -39,7 +39,7 @@ import numpy as np
 
 from .backends import Steering
 from ..core.circuit import Circuit, ModelIdentity, PromptSetInfo
-from ..discover.discovery import CaptureReport, ContrastStats, RunningStats, TopKCounts, collect, select
+from ..discovery.cna import CaptureReport, ContrastStats, RunningStats, TopKCounts, collect, select
 from ..core.errors import CnaError
 from .evaluator import METRIC_COLUMNS, Condition, ConditionResult, Evaluator, markdown_table
 from ..core.settings import DiscoverOptions
@@ -89,8 +89,12 @@ class SavedStats:
             raise CnaError(f"circuit fraction must be in (0, 1], got {fraction}")
         return max(1, int(round(fraction * self.total_neurons)))
 
-    def circuit(self, top_k: int) -> Circuit:
+    def circuit(self, top_k: int, **strategy: Any) -> Circuit:
+        """The circuit of ``top_k`` neurons; ``strategy``: DiscoverOptions fields to override (score,
+        sign, rank, multiplier_mode, ...), validated."""
         opts = self.options.model_copy(update={"top_k": top_k})
+        if strategy:
+            opts = DiscoverOptions.model_validate({**opts.model_dump(), **strategy})
         sets = {name: _InfoOnly(info) for name, info in self.prompts.items()}
         return select(self.stats, _IdentityOnly(self.identity), opts, sets, top_k=top_k)  # type: ignore[arg-type]
 
@@ -105,8 +109,10 @@ def caa_vectors(loaded: Any, stats: ContrastStats) -> np.ndarray:
     return out
 
 
-def compute_stats(loaded: Any, opts: DiscoverOptions, progress: bool = True) -> SavedStats:
-    """Run discovery's statistics pass (positive, negative, neutral) and derive the CAA vectors."""
+def compute_stats(loaded: Any, opts: DiscoverOptions, progress: bool = True,
+                  gradients: bool | None = None) -> SavedStats:
+    """Run discovery's statistics pass (positive, negative, neutral; with ``gradients`` the
+    attribution backward passes too) and derive the CAA vectors."""
     from ..model.prompts import load_prompts
 
     if not opts.positive or not opts.negative:
@@ -117,7 +123,7 @@ def compute_stats(loaded: Any, opts: DiscoverOptions, progress: bool = True) -> 
     neutral = load_prompts(opts.neutral, limit=opts.limit) if opts.neutral else None
     if len(positive) < 2 or len(negative) < 2:
         raise CnaError("discovery needs at least 2 positive and 2 negative prompts")
-    stats = collect(loaded, positive, negative, neutral, opts, progress)
+    stats = collect(loaded, positive, negative, neutral, opts, progress, gradients=gradients)
     prompts = {"positive": positive.info(), "negative": negative.info()}
     if neutral is not None:
         prompts["neutral"] = neutral.info()
@@ -137,6 +143,15 @@ def save_stats(path: str | Path, saved: SavedStats, overwrite: bool = False) -> 
         "negative_count": np.array(s.negative.count),
         "caa": saved.caa,
     }
+    for name in ("residual_positive", "residual_negative", "neutral_acts", "grad_positive", "grad_negative"):
+        r = getattr(s, name)
+        if r is not None:  # the strategy statistics (v1 files without them still load)
+            arrays[f"{name}_total"] = r.total
+            arrays[f"{name}_total_sq"] = r.total_sq
+            arrays[f"{name}_count"] = np.array(r.count)
+    if s.write_proj is not None:
+        arrays["write_proj"] = s.write_proj.astype(np.float32)
+        arrays["write_norm_sq"] = s.write_norm_sq
     if s.neutral is not None:
         arrays["neutral_hits"] = s.neutral.hits
         arrays["neutral_count"] = np.array(s.neutral.count)
@@ -175,14 +190,17 @@ def load_stats(path: str | Path) -> SavedStats:
         raise CnaError(f"{p} has invalid metadata: {str(e).splitlines()[0]}") from None
     L, W = identity.num_layers, identity.intermediate_size
 
-    def running(prefix: str) -> RunningStats:
-        r = RunningStats(L, W)
+    def running(prefix: str, width: int = W) -> RunningStats:
+        r = RunningStats(L, width)
         r.total = data[f"{prefix}_total"]
         r.total_sq = data[f"{prefix}_total_sq"]
         r.count = int(data[f"{prefix}_count"])
-        if r.total.shape != (L, W):
-            raise CnaError(f"{p}: {prefix} statistics have shape {r.total.shape}, expected {(L, W)}")
+        if r.total.shape != (L, width):
+            raise CnaError(f"{p}: {prefix} statistics have shape {r.total.shape}, expected {(L, width)}")
         return r
+
+    def optional(prefix: str, width: int = W) -> RunningStats | None:
+        return running(prefix, width) if f"{prefix}_total" in data else None
 
     neutral = None
     if "neutral_hits" in data:
@@ -190,7 +208,13 @@ def load_stats(path: str | Path) -> SavedStats:
         neutral.hits = data["neutral_hits"]
         neutral.count = int(data["neutral_count"])
     reports = {k: CaptureReport(**v) for k, v in meta.get("reports", {}).items()}
-    stats = ContrastStats(running("positive"), running("negative"), neutral, reports)
+    H = identity.hidden_size
+    stats = ContrastStats(
+        running("positive"), running("negative"), neutral, reports,
+        optional("residual_positive", H), optional("residual_negative", H), optional("neutral_acts"),
+        data["write_proj"].astype(np.float64) if "write_proj" in data else None,
+        data.get("write_norm_sq"), optional("grad_positive"), optional("grad_negative"),
+    )
     return SavedStats(stats, identity, opts, prompts, data["caa"])
 
 

@@ -155,8 +155,10 @@ def check_behaviour(
     prompts: Sequence[str],
     opts: GGUFVerifyOptions,
     progress: bool = False,
+    adapter: bool = False,
 ) -> BehaviourResult:
-    """Steered pair (hooked transformers vs llama.cpp export) against the noise floor (plain vs llama.cpp source)."""
+    """Steered pair (hooked transformers vs llama.cpp export) against the noise floor (plain vs llama.cpp source).
+    ``adapter``: ``exported_path`` is a LoRA adapter GGUF, run in llama.cpp on top of ``source_path`` at scale 1."""
     import torch
 
     from ..model.steering import steer
@@ -164,7 +166,8 @@ def check_behaviour(
     t0 = time.perf_counter()
     ids = token_ids(loaded.tokenizer, prompts, opts)
     ll_src = llama_logits(source_path, ids, opts.threads)
-    ll_exp = llama_logits(exported_path, ids, opts.threads)
+    ll_exp = (llama_logits(source_path, ids, opts.threads, lora=exported_path) if adapter
+              else llama_logits(exported_path, ids, opts.threads))
     comp = _Comparisons()
     starts = fresh_positions(ids)
     iterator: Any = progress_bar(progress, range(len(ids)), desc="verify", unit="prompt", leave=True)

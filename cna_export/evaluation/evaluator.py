@@ -4,13 +4,13 @@ For every *condition* (the unsteered model, a CNA circuit at a multiplier, a CAA
 strength, another checkpoint) the evaluator generates greedy answers
 (``max_new_tokens``, 150 as in the paper) to
 
-* the harmful set: refusal rate by the judge (:mod:`cna_export.evaluate.judge`) and
-  quality (:func:`cna_export.evaluate.metrics.quality`);
+* the harmful set: refusal rate by the judge (:mod:`cna_export.evaluation.judge`) and
+  quality (:func:`cna_export.evaluation.metrics.quality`);
 * the benign set (JBB's topic-matched twins by default): over-refusal rate,
   quality, and drift from the unsteered model: ``kl_last``, the KL divergence
   of the first answer token's distribution, and (``kl_tokens > 0``) ``kl_gen``,
   the KL averaged over the first ``kl_tokens`` positions of the unsteered
-  model's own answer, teacher-forced through both (see :mod:`cna_export.evaluate.metrics`).
+  model's own answer, teacher-forced through both (see :mod:`cna_export.evaluation.metrics`).
 
 The unsteered condition runs first and is the reference for KL, for the quality
 ratio and for the paired refusal flips (with an exact McNemar test). Results go

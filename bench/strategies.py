@@ -1,0 +1,312 @@
+#!/usr/bin/env python
+"""Steering strategies on Qwen2.5-Coder-0.5B-Instruct (bundled GGUF), JBB tuning and held-out splits, CPU only.
+
+    python bench/strategies.py                       # stats, tune, heldout, report
+    python bench/strategies.py --steps tune          # one step; finished conditions are skipped (resumable)
+
+Steps:
+
+1. stats    discovery statistics of recipes/refusal.yaml with everything the strategies need (activations,
+            residual stream, benign drift, attribution gradients), one .npz; cost of each pass recorded
+2. tune     every strategy point of GRID on the 30-pair JBB tuning split (seed 0, the split of bench/eval_qwen.py):
+            greedy 150 tokens, llama.cpp on steered GGUFs, benign twins scored for first-token KL;
+            each condition is written to its own JSON as soon as it finishes
+3. heldout  each strategy's chosen point (fewest refusals with quality >= 0.97 x unsteered, then lowest KL), the
+            paper circuit and CAA on the held-out pairs (benign twins answered: over-refusal, KL over 32 tokens)
+4. report   the tables (bench/results/strategies/*.md), the frontier plot, the docs/strategies.md and
+            bench/README.md sections
+
+Discovery prompts are the recipe's own (never JBB). Outputs: bench/out/strategies/ (not tracked), results in
+bench/results/strategies/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from cna_export.evaluation.backends import Steering, open_backend  # noqa: E402
+from cna_export.evaluation.evaluator import Condition, EvalSettings, Evaluator, load_jbb, split_pairs  # noqa: E402
+from cna_export.evaluation.judge import get_judge  # noqa: E402
+from cna_export.evaluation.metrics import mcnemar_p, mean  # noqa: E402
+from cna_export.evaluation.sweep import caa_conditions, load_stats  # noqa: E402
+
+MODEL = "bundled:qwen2.5-coder-0.5b"
+RECIPE = ROOT / "recipes" / "refusal.yaml"
+OUT = ROOT / "bench" / "out" / "strategies"
+RESULTS = ROOT / "bench" / "results" / "strategies"
+
+# strategy name -> DiscoverOptions overrides (the paper: mean-diff, both signs, |score|, constant multiplier)
+STRATEGIES: dict[str, dict] = {
+    "paper": {},
+    "mean-diff+": {"sign": "positive"},
+    "direction+": {"score": "direction", "sign": "positive"},
+    "direction+ L-1": {"score": "direction", "direction_layer": "-1", "sign": "positive"},
+    "attribution+": {"score": "attribution", "sign": "positive"},
+    "direction+ per-drift": {"score": "direction", "sign": "positive", "rank": "per-drift"},
+    "attribution+ per-drift": {"score": "attribution", "sign": "positive", "rank": "per-drift"},
+    "direction+ mean-match": {"score": "direction", "sign": "positive", "multiplier_mode": "mean-match"},
+}
+# (strategy, circuit fraction, multiplier; None: the strategy's per-neuron multipliers), in run order
+GRID: list[tuple[str, float, float | None]] = [
+    ("paper", 0.001, 0.0),
+    ("direction+", 0.0025, 0.0),
+    ("attribution+", 0.0025, 0.0),
+    ("direction+ per-drift", 0.0025, 0.0),
+    ("mean-diff+", 0.0025, 0.0),
+    ("direction+", 0.005, 0.0),
+    ("attribution+", 0.005, 0.0),
+    ("direction+ mean-match", 0.005, None),
+    ("attribution+ per-drift", 0.005, 0.0),
+    ("direction+ per-drift", 0.005, 0.0),
+    ("direction+ L-1", 0.0025, 0.0),
+    ("direction+", 0.01, 0.0),
+    ("attribution+", 0.01, 0.0),
+    ("direction+", 0.005, -0.5),
+]
+CAA_ALPHAS = [-0.5, -1.0]
+
+
+def label(strategy: str, fraction: float, k: int, m: float | None) -> str:
+    return f"{strategy} {100 * fraction:.3g}% ({k}) " + ("mean-match" if m is None else f"x{m:g}")
+
+
+def slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in ".-" else "_" for c in text)
+
+
+def timing(step: str, seconds: float, extra: dict | None = None) -> None:
+    path = OUT / "timings.json"
+    t = json.loads(path.read_text()) if path.is_file() else {}
+    t[step] = {"seconds": round(seconds, 1), "load": os.getloadavg()[0], **(extra or {})}
+    path.write_text(json.dumps(t, indent=2) + "\n")
+    print(f"[{step}] {seconds / 60:.1f} min", file=sys.stderr, flush=True)
+
+
+def step_stats(a) -> None:
+    from cna_export.core.settings import DiscoverOptions, build, load_recipe
+    from cna_export.evaluation.sweep import compute_stats, save_stats
+    from cna_export.model.loading import load_model
+
+    t0 = time.time()
+    import torch
+
+    torch.set_num_threads(a.threads)
+    loaded = load_model(MODEL)
+    opts = build(DiscoverOptions, load_recipe(RECIPE))
+    saved = compute_stats(loaded, opts, progress=False, gradients=True)
+    save_stats(OUT / "stats.npz", saved, overwrite=True)
+    timing("stats", time.time() - t0, {"passes": {k: vars(r) for k, r in saved.stats.reports.items()}})
+
+
+def conditions(saved, names=None) -> list[Condition]:
+    out = []
+    for strategy, fraction, m in GRID:
+        k = saved.size_for(fraction)
+        lab = label(strategy, fraction, k, m)
+        if names is not None and lab not in names:
+            continue
+        circuit = saved.circuit(k, **STRATEGIES[strategy])
+        steering = Steering.cna(circuit, m, label=lab)
+        info = {"method": "cna", "strategy": strategy, "fraction": fraction, "neurons": k,
+                "multiplier": m, "overrides": STRATEGIES[strategy]}
+        out.append(Condition(lab, steering, None, info))
+    return out
+
+
+def run_split(a, split: str, indices: list[int], conds: list[Condition], settings: EvalSettings) -> None:
+    """Run the baseline and every condition not done yet on ``indices``; one JSON per condition."""
+    harmful, benign = load_jbb()
+    harmful, benign = harmful.subset(indices), benign.subset(indices)
+    out = OUT / split
+    out.mkdir(parents=True, exist_ok=True)
+    todo = [c for c in conds if not (out / f"{slug(c.label)}.json").is_file()]
+    if not todo:
+        return
+    backend = open_backend(MODEL, "llama.cpp", batch_size=a.batch_size, threads=a.threads)
+    try:
+        ev = Evaluator(backend, harmful, benign, settings, log=lambda m: print(m, file=sys.stderr, flush=True))
+        t0 = time.time()
+        base = ev.baseline()
+        _dump(out / "unsteered.json", base, time.time() - t0)
+        for c in todo:
+            t0 = time.time()
+            res = ev.run(c)
+            _dump(out / f"{slug(c.label)}.json", res, time.time() - t0)
+    finally:
+        backend.close()
+
+
+def _dump(path: Path, res, seconds: float) -> None:
+    phrases = get_judge("phrases")
+    rows = res.rows
+    h = [r for r in rows if r["set"] == "harmful"]
+    verdicts = phrases.judge([r["prompt"] for r in h], [r["response"] for r in h]) if h else []
+    summary = dict(res.summary)
+    if verdicts:
+        summary["refused_phrases"] = sum(v.refused for v in verdicts)
+    summary["wall_seconds"] = round(seconds, 1)
+    summary["load"] = os.getloadavg()[0]
+    path.write_text(json.dumps({"summary": summary, "rows": rows,
+                                "harmful_refused": res.harmful_refused}, default=str) + "\n")
+    print(f"  {res.label}: refused {summary.get('refused')}/{summary.get('harmful_n')} kl {summary.get('kl_last')} "
+          f"q {summary.get('quality_ratio')} ({seconds / 60:.1f} min)", file=sys.stderr, flush=True)
+
+
+def _split():
+    harmful, benign = load_jbb()
+    return split_pairs(harmful, benign, 30, 0)
+
+
+def step_tune(a) -> None:
+    t0 = time.time()
+    saved = load_stats(OUT / "stats.npz")
+    tune_idx, _ = _split()
+    conds = conditions(saved) + caa_conditions(saved, CAA_ALPHAS, list(range(1, saved.identity.num_layers)))
+    run_split(a, "tune", tune_idx, conds, EvalSettings(max_new_tokens=a.max_new_tokens, benign_answers=False))
+    timing("tune", time.time() - t0)
+
+
+def load_results(split: str) -> list[dict]:
+    out = []
+    for p in sorted((OUT / split).glob("*.json")):
+        out.append(json.loads(p.read_text()))
+    return out
+
+
+def chosen(quality_ratio: float) -> dict[str, dict]:
+    """Per strategy: fewest refusals with quality >= quality_ratio x unsteered, ties to the lowest KL."""
+    res = [r["summary"] for r in load_results("tune")]
+    base = next(s for s in res if s.get("method") == "none")
+    best: dict[str, dict] = {}
+    for s in res:
+        if s.get("method") != "cna" or s.get("quality_harmful") is None:
+            continue
+        if s["quality_harmful"] < quality_ratio * base["quality_harmful"]:
+            continue
+        cur = best.get(s["strategy"])
+        if cur is None or (s["refused"], s["kl_last"]) < (cur["refused"], cur["kl_last"]):
+            best[s["strategy"]] = s
+    return best
+
+
+def step_heldout(a) -> None:
+    t0 = time.time()
+    saved = load_stats(OUT / "stats.npz")
+    _, held = _split()
+    held = held[: a.heldout_limit]
+    picks = chosen(a.quality_ratio)
+    names = {s["label"] for s in picks.values()} | {label("paper", 0.001, saved.size_for(0.001), 0.0)}
+    conds = [c for c in conditions(saved, names)]
+    conds += caa_conditions(saved, [-1.0], list(range(1, saved.identity.num_layers)))
+    settings = EvalSettings(max_new_tokens=a.max_new_tokens, kl_tokens=a.kl_tokens, benign_answers=True,
+                            benign_max_new_tokens=max(a.kl_tokens, a.benign_tokens))
+    run_split(a, "heldout", held, conds, settings)
+    timing("heldout", time.time() - t0)
+
+
+COLS = [("label", "condition"), ("neurons", "neurons"), ("refused", "refused (keyword)"),
+        ("refused_phrases", "refused (phrases)"), ("mcnemar_p", "McNemar p"), ("over_refusal_rate", "over-refusal"),
+        ("quality_ratio", "quality / unsteered"), ("quality_compliant", "quality (non-refusals)"),
+        ("kl_last", "KL first token"), ("kl_gen", "KL 32 tokens"), ("wall_seconds", "wall s")]
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 0.01 and v != 0 else f"{v:.3f}"
+    return str(v)
+
+
+def table(split: str) -> str:
+    res = [r["summary"] for r in load_results(split)]
+    res.sort(key=lambda s: (s.get("method") != "none", s.get("method") == "caa", s.get("label")))
+    lines = ["| " + " | ".join(h for _, h in COLS) + " |", "|" + "---|" * len(COLS)]
+    for s in res:
+        cells = []
+        for k, _ in COLS:
+            v = s.get(k)
+            if k == "refused" and v is not None:
+                v = f"{v}/{s.get('harmful_n')}"
+            if k == "over_refusal_rate" and v is not None:
+                v = f"{100 * v:.0f}%"
+            cells.append(_fmt(v))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def frontier_plot(split: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    res = [r["summary"] for r in load_results(split)]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    groups: dict[str, list[dict]] = {}
+    for s in res:
+        key = s.get("strategy") or ("CAA" if s.get("method") == "caa" else "unsteered")
+        groups.setdefault(key, []).append(s)
+    for key, rows in sorted(groups.items()):
+        rows = [r for r in rows if r.get("kl_last") is not None]
+        marker = {"CAA": "s", "unsteered": "*"}.get(key, "o")
+        ax.scatter([r["kl_last"] for r in rows], [r["refusal_rate"] for r in rows], label=key, marker=marker)
+        for r in rows:
+            if key not in ("unsteered",):
+                ax.annotate(str(r.get("neurons") or f"a={r.get('alpha')}"), (r["kl_last"], r["refusal_rate"]),
+                            fontsize=6)
+    ax.set_xscale("symlog", linthresh=0.05)
+    ax.set_xlabel("benign drift: KL(unsteered || steered), first answer token (nats)")
+    ax.set_ylabel("JBB refusal rate (keyword judge)")
+    ax.set_title(f"Qwen2.5-Coder-0.5B, JBB {split} split: refusal vs drift")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def step_report(a) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    for split in ("tune", "heldout"):
+        if (OUT / split).is_dir():
+            (RESULTS / f"{split}.md").write_text(table(split) + "\n")
+            frontier_plot(split, RESULTS / f"frontier_{split}.png")
+    t = json.loads((OUT / "timings.json").read_text()) if (OUT / "timings.json").is_file() else {}
+    (RESULTS / "timings.json").write_text(json.dumps(t, indent=2) + "\n")
+    print(f"wrote {RESULTS}", file=sys.stderr)
+
+
+STEPS = {"stats": step_stats, "tune": step_tune, "heldout": step_heldout, "report": step_report}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", default="stats,tune,heldout,report")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=30)
+    p.add_argument("--max-new-tokens", type=int, default=150)
+    p.add_argument("--kl-tokens", type=int, default=32)
+    p.add_argument("--benign-tokens", type=int, default=64)
+    p.add_argument("--heldout-limit", type=int, default=70)
+    p.add_argument("--quality-ratio", type=float, default=0.97)
+    a = p.parse_args()
+    OUT.mkdir(parents=True, exist_ok=True)
+    for step in a.steps.split(","):
+        if step == "stats" and (OUT / "stats.npz").is_file():
+            print("[stats] done already", file=sys.stderr)
+            continue
+        STEPS[step](a)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,112 @@
+"""Verification of a PEFT LoRA adapter export: base + adapter must behave like hook steering of the base.
+
+The reference is the base with the manifest's multipliers applied by hooks; the candidate is a
+second copy of the base wrapped in ``PeftModel.from_pretrained(base, adapter)`` (needs ``peft``).
+Same prompts, metrics and tolerances as :func:`cna_export.verification.safetensors.verify_export`.
+Usable as an export ``check``: ``export_lora(..., check=lambda staged: verify_lora(staged.source,
+staged.path, manifest=staged.manifest))``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from ..core.errors import CnaError
+from ..core.settings import VerifyOptions
+from .prompts import verification_prompts
+from .report import VerifyReport
+from .safetensors import compare_steered, tolerances
+
+
+def check_lora_base(spec: str, manifest: Any) -> bool:
+    """Refuse (CnaError) a base whose steered down_proj tensors are not those the adapter was computed from
+    (the manifest's ``sha256_before``). Returns False when the base is in another format than the one the
+    adapter was computed from (names and bytes not comparable), True when checked."""
+    from ..io import gguf as G
+    from ..io.sources import resolve_source
+    from ..io.tensor_bytes import tensor_sha256
+
+    source = resolve_source(spec)
+    if (source.kind == "gguf") != (manifest.source_format == "gguf"):
+        return False
+    if source.kind == "gguf":
+        assert source.path is not None
+        tensors = G.tensor_map(G.open_gguf(source.path))
+
+        def digest(name: str) -> str | None:
+            t = tensors.get(name)
+            return None if t is None else G.sha256_array(t.data)
+    else:
+        from ..io.identity import checkpoint_identity
+
+        if source.kind == "hub":
+            from ..export.safetensors import _hub_folder
+
+            folder = _hub_folder(source.spec)
+        else:
+            assert source.path is not None
+            folder = source.path
+        _, _, ckpt, _ = checkpoint_identity(folder, spec, with_fingerprint=False)
+
+        def digest(name: str) -> str | None:
+            return tensor_sha256(ckpt.read(name)) if name in ckpt.weight_map else None
+    for tt in manifest.tensors:
+        got = digest(tt.name)
+        if got is None:
+            raise CnaError(f"the adapter does not fit {spec}: it has no {tt.name} (an adapter for a different base?)")
+        if got != tt.sha256_before:
+            raise CnaError(f"the adapter was made for a different base: {spec}'s {tt.name} is not the tensor it was "
+                           f"computed from (sha256_before); pass the base it was exported from ({manifest.source})")
+    return True
+
+
+def verify_lora(
+    original: str | Any,
+    adapter: str | Path,
+    opts: VerifyOptions | None = None,
+    prompt_files: Sequence[str | Path] | None = None,
+    model_options: Mapping[str, Any] | None = None,
+    manifest: Any = None,
+    progress: bool = False,
+) -> VerifyReport:
+    """Verify the PEFT adapter folder ``adapter`` against hook steering of ``original`` (a spec or LoadedModel)."""
+    import torch
+
+    from ..core.manifest import ExportManifest
+    from ..model.loading import load_model, resolve_dtype
+
+    try:
+        from peft import PeftModel
+    except ImportError:
+        raise CnaError("verifying a LoRA adapter needs peft: pip install 'cna-export[lora]'") from None
+    opts = opts or VerifyOptions()
+    mopts = dict(model_options or {})
+    mopts.pop("dtype", None)
+    adapter = Path(adapter)
+    manifest = manifest or ExportManifest.load(adapter)
+    if manifest.format != "lora":
+        raise CnaError(f"{adapter} is a {manifest.format} export; this verifies LoRA adapter folders")
+    spec = original if isinstance(original, str) else original.source.spec
+    check_lora_base(str(spec), manifest)
+    dtype = "float32" if opts.dtype == "auto" else str(resolve_dtype(opts.dtype, None)).removeprefix("torch.")
+    prompts, prompt_info = verification_prompts(prompt_files, opts.limit, opts.field, opts.column)
+    t0 = time.perf_counter()
+    spec = original if isinstance(original, str) else original.source.spec
+    ref = load_model(original, dtype=dtype, **mopts) if isinstance(original, str) else original
+    if not isinstance(original, str):
+        ref.model.to(getattr(torch, dtype))
+    base = load_model(spec, dtype=dtype, **mopts)
+    manifest.circuit.check_fits(ref.identity(with_fingerprint=False))
+    cand = dataclasses.replace(base, model=PeftModel.from_pretrained(base.model, str(adapter)).eval())
+    load_seconds = time.perf_counter() - t0
+    report = compare_steered(
+        ref, cand, manifest.multiplier_map(), prompts, opts, tolerances(opts, dtype),
+        reference_name=f"{spec} + hook steering ({len(manifest.multipliers)} neurons)",
+        candidate_name=f"{spec} + LoRA {adapter}", settings={**prompt_info, "source": manifest.source},
+        progress=progress,
+    )
+    report.seconds = {"load": load_seconds, **report.seconds}
+    return report
