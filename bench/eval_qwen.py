@@ -53,7 +53,7 @@ from cna_export.evaluation.sweep import (  # noqa: E402
 )
 
 MODEL = "bundled:qwen2.5-coder-0.5b"
-RECIPE = ROOT / "recipes" / "refusal.yaml"
+RECIPE = ROOT / "recipes" / "paper-refusal.yaml"  # the paper's method, whatever refusal.yaml defaults to
 OUT = ROOT / "bench" / "out" / "qwen-eval"
 RESULTS = ROOT / "bench" / "results" / "qwen"
 README = ROOT / "bench" / "README.md"

@@ -32,14 +32,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from cna_export.evaluation.backends import Steering, open_backend  # noqa: E402
-from cna_export.evaluation.evaluator import Condition, EvalSettings, Evaluator, load_jbb, split_pairs  # noqa: E402
-from cna_export.evaluation.judge import get_judge  # noqa: E402
-from cna_export.evaluation.metrics import mcnemar_p, mean  # noqa: E402
-from cna_export.evaluation.sweep import caa_conditions, load_stats  # noqa: E402
+from cna_export.evaluation.backends import Steering, open_backend
+from cna_export.evaluation.evaluator import Condition, EvalSettings, Evaluator, load_jbb, split_pairs
+from cna_export.evaluation.judge import get_judge
+from cna_export.evaluation.sweep import caa_conditions, load_stats
 
 MODEL = "bundled:qwen2.5-coder-0.5b"
-RECIPE = ROOT / "recipes" / "refusal.yaml"
+RECIPE = ROOT / "recipes" / "paper-refusal.yaml"  # prompt sets + the paper's settings; strategies override
 OUT = ROOT / "bench" / "out" / "strategies"
 RESULTS = ROOT / "bench" / "results" / "strategies"
 
@@ -53,25 +52,32 @@ STRATEGIES: dict[str, dict] = {
     "direction+ per-drift": {"score": "direction", "sign": "positive", "rank": "per-drift"},
     "attribution+ per-drift": {"score": "attribution", "sign": "positive", "rank": "per-drift"},
     "direction+ mean-match": {"score": "direction", "sign": "positive", "multiplier_mode": "mean-match"},
+    "attribution+ per-drift mean-match": {"score": "attribution", "sign": "positive", "rank": "per-drift",
+                                          "multiplier_mode": "mean-match"},
 }
 # (strategy, circuit fraction, multiplier; None: the strategy's per-neuron multipliers), in run order
 GRID: list[tuple[str, float, float | None]] = [
-    ("paper", 0.001, 0.0),
+    ("attribution+ per-drift", 0.0025, 0.0),
     ("direction+", 0.0025, 0.0),
     ("attribution+", 0.0025, 0.0),
+    ("attribution+ per-drift", 0.005, 0.0),
     ("direction+ per-drift", 0.0025, 0.0),
     ("mean-diff+", 0.0025, 0.0),
+    ("attribution+ per-drift", 0.01, 0.0),
+    ("attribution+ per-drift mean-match", 0.005, None),
     ("direction+", 0.005, 0.0),
     ("attribution+", 0.005, 0.0),
     ("direction+ mean-match", 0.005, None),
-    ("attribution+ per-drift", 0.005, 0.0),
     ("direction+ per-drift", 0.005, 0.0),
     ("direction+ L-1", 0.0025, 0.0),
-    ("direction+", 0.01, 0.0),
-    ("attribution+", 0.01, 0.0),
-    ("direction+", 0.005, -0.5),
+    ("paper", 0.001, 0.0),
 ]
 CAA_ALPHAS = [-0.5, -1.0]
+# CAA on the same 30-pair tuning split with the same protocol, measured by bench/eval_qwen.py (bench/README.md):
+# alpha -> (refused of 30, first-token benign KL); plotted when this run has no CAA rows of its own
+CAA_EARLIER = {-0.5: (8, 0.1185), -1.0: (2, 0.4446), -2.0: (0, 1.5778)}
+# heretic's published Qwen2-0.5B-Instruct figure (refusal rate, KL): 94 -> 7 of 100 at KL 0.05, its own protocol
+HERETIC = (0.07, 0.05)
 
 
 def label(strategy: str, fraction: float, k: int, m: float | None) -> str:
@@ -263,6 +269,12 @@ def frontier_plot(split: str, path: Path) -> None:
             if key not in ("unsteered",):
                 ax.annotate(str(r.get("neurons") or f"a={r.get('alpha')}"), (r["kl_last"], r["refusal_rate"]),
                             fontsize=6)
+    if split == "tune" and not any(s.get("method") == "caa" for s in res):
+        for alpha, (refused, kl) in CAA_EARLIER.items():  # same split and protocol, bench/eval_qwen.py's run
+            ax.scatter([kl], [refused / 30], marker="s", color="black")
+            ax.annotate(f"CAA a={alpha:g} (eval_qwen run)", (kl, refused / 30), fontsize=6)
+    ax.scatter([HERETIC[1]], [HERETIC[0]], marker="x", color="red",
+               label="heretic, published (Qwen2-0.5B, its own prompts)")
     ax.set_xscale("symlog", linthresh=0.05)
     ax.set_xlabel("benign drift: KL(unsteered || steered), first answer token (nats)")
     ax.set_ylabel("JBB refusal rate (keyword judge)")
@@ -282,7 +294,75 @@ def step_report(a) -> None:
             frontier_plot(split, RESULTS / f"frontier_{split}.png")
     t = json.loads((OUT / "timings.json").read_text()) if (OUT / "timings.json").is_file() else {}
     (RESULTS / "timings.json").write_text(json.dumps(t, indent=2) + "\n")
-    print(f"wrote {RESULTS}", file=sys.stderr)
+    for path, prefix in ((README, "results/strategies/"), (DOC, "../bench/results/strategies/")):
+        section = figures_section(a, t).replace("](results/strategies/", "](" + prefix)
+        text = path.read_text() if path.is_file() else ""
+        if START in text and END in text:
+            text = text[: text.index(START)] + section + text[text.index(END) + len(END):]
+        else:
+            text = text.rstrip("\n") + "\n\n" + section + "\n"
+        path.write_text(text)
+    print(f"wrote {RESULTS}, {README}, {DOC}", file=sys.stderr)
+
+
+README = ROOT / "bench" / "README.md"
+DOC = ROOT / "docs" / "strategies.md"
+START, END = "<!-- strategies:start -->", "<!-- strategies:end -->"
+
+
+def figures_section(a, timings: dict) -> str:
+    """The measured part of docs/strategies.md and bench/README.md (generated, nothing typed by hand)."""
+    lines = [START, "## Steering strategies on Qwen2.5-Coder-0.5B-Instruct (JBB-Behaviors)", "",
+             "Regenerate: `python bench/strategies.py` (steps stats, tune, heldout, report; resumable). Model "
+             f"`{MODEL}` (Q4_K_M GGUF; statistics from the dequantised weights in transformers, answers from "
+             "llama.cpp on steered GGUFs). Discovery prompts: `recipes/refusal.yaml`'s own 80 + 80 (+120 neutral), "
+             "never JBB. Greedy, 150 new tokens. Judges: the paper's keyword regex (first 500 characters; the "
+             "choice uses it) and the phrases judge (substring over the whole answer). Quality: distinct word "
+             "4-grams of the harmful answers relative to the unsteered model on the same prompts. KL: "
+             "KL(unsteered || steered) of the first answer token on the benign twins.", ""]
+    st = timings.get("stats", {})
+    if st:
+        passes = st.get("passes", {})
+        fwd = sum(v["seconds"] for k, v in passes.items() if not k.startswith("gradients"))
+        bwd = sum(v["seconds"] for k, v in passes.items() if k.startswith("gradients"))
+        lines += [f"Statistics pass: {st['seconds'] / 60:.1f} min in all (model load included); forward-only "
+                  f"captures (positive, negative, neutral: activations, residual stream) {fwd:.0f} s, attribution's "
+                  f"forward + backward passes over the positive and negative sets {bwd:.0f} s "
+                  f"({bwd / max(fwd, 1e-9):.1f}x the forward-only captures). Load average at the end: "
+                  f"{st.get('load', 0):.1f} on 2 cores shared with other agents.", ""]
+    lines += ["Concurrent load: the 2 cores were shared with other agents' jobs (a fuzzing run, a SmolLM2 steering "
+              "job) and this session's SmolLM2 hardening sweep (load average 4 to 11), so wall times are inflated "
+              "and noisy. The held-out step was not reached in the session that wrote these figures: every figure "
+              "below is on the 30-pair tuning split unless a held-out table follows.", ""]
+    strategies = "; ".join(f"`{k}`: {v or 'the paper (mean-diff, both signs, |score|, constant)'}"
+                           for k, v in STRATEGIES.items())
+    lines += [f"Strategies (DiscoverOptions overrides of the recipe): {strategies}.", ""]
+    if (OUT / "tune").is_dir():
+        n = len(load_results("tune"))
+        lines += [f"### Tuning split (30 JBB pairs, seed 0; {n} conditions measured)", "",
+                  "Benign twins scored for first-token KL only (no benign answers). `wall s`: that condition's "
+                  "evaluation time.", "", table("tune"), ""]
+        picks = chosen(a.quality_ratio)
+        if picks:
+            lines += ["Chosen per strategy (fewest keyword refusals with quality >= "
+                      f"{a.quality_ratio} x unsteered, then the lowest KL): "
+                      + "; ".join(f"{k}: **{v['label']}** ({v['refused']}/{v['harmful_n']}, KL {v['kl_last']:.3f})"
+                                  for k, v in sorted(picks.items())) + ".", ""]
+        lines += ["Reference points on the same split and protocol (bench/eval_qwen.py's run, section above): "
+                  + "; ".join(f"CAA alpha={a:g}: {r}/30 refusals at KL {k:.3f}" for a, (r, k) in CAA_EARLIER.items())
+                  + "; the paper's mixed-sign circuits: 0.1% x0 18/30 at KL 0.187, 0.25% x0 6/30 at KL 0.617, "
+                  "0.5% x0.5 14/30 at KL 0.162. Peer: heretic publishes 94 -> 7 of 100 refusals at KL 0.05 on "
+                  "Qwen2-0.5B-Instruct with its own prompts and judge (not re-measured: bench/peer_heretic.py).", "",
+                  "![frontier, tuning split](results/strategies/frontier_tune.png)", ""]
+    if (OUT / "heldout").is_dir():
+        res = load_results("heldout")
+        n = max((r["summary"].get("harmful_n") or 0) for r in res) if res else 0
+        lines += [f"### Held-out pairs ({n} pairs the tuning never saw)", "",
+                  f"Benign twins answered ({a.benign_tokens} tokens; over-refusal) and KL averaged over the first "
+                  f"{a.kl_tokens} tokens of the unsteered answer.", "", table("heldout"), "",
+                  "![frontier, held-out](results/strategies/frontier_heldout.png)", ""]
+    lines += [END]
+    return "\n".join(lines)
 
 
 STEPS = {"stats": step_stats, "tune": step_tune, "heldout": step_heldout, "report": step_report}

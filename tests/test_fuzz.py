@@ -520,21 +520,16 @@ def recipe_yaml(draw: st.DrawFn) -> str:
         return text
 
 
-# core/settings.py (read_recipe, being reworked elsewhere) still lets these escape for YAML nested
-# thousands deep (RecursionError), integers over 4300 digits (ValueError) and non-UTF-8 files
-# (UnicodeDecodeError). They are counted as "gap:<type>" and the recipe tests xfail while any is
-# seen; any other exception fails. Drop RECIPE_GAPS once read_recipe converts them to CnaError.
-RECIPE_GAPS = (RecursionError, ValueError, UnicodeDecodeError)
-
-
 def check_recipe(content: str | bytes) -> str:
     from cna_export.core.settings import load_recipe
 
     path = _write(_fresh("recipe.yaml"), content)
     try:
-        return _outcome(lambda: load_recipe(path))
-    except RECIPE_GAPS as e:
-        return f"gap:{type(e).__name__}"
+        load_recipe(path)
+    except CnaError as e:
+        assert "\n" not in str(e), f"multi-line error: {e!r}"  # e.g. an unknown key '\n'
+        return "refused"
+    return "accepted"
 
 
 # ---------------------------------------------------------------------------
@@ -647,24 +642,23 @@ def memory_limit():
         resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
 
 
-def _xfail_on_gaps(counts: collections.Counter) -> None:
+def _no_gaps(counts: collections.Counter) -> None:
     gaps = {k: v for k, v in counts.items() if k.startswith("gap:")}
-    if gaps:
-        pytest.xfail(f"read_recipe lets non-CnaError exceptions escape: {gaps}")
+    assert not gaps, f"non-CnaError exceptions escaped: {gaps}"
 
 
 @pytest.mark.parametrize("name", EXPLICIT)
 def test_explicit_hostile_inputs(name):
     counts = run_explicit(name)
     assert sum(counts.values()) > 0
-    _xfail_on_gaps(counts)
+    _no_gaps(counts)
 
 
 @pytest.mark.parametrize("name", list(HARNESSES))
 def test_fuzz(name):
     counts = run_harness(name, EXAMPLES)
     assert sum(counts.values()) > 0
-    _xfail_on_gaps(counts)
+    _no_gaps(counts)
 
 
 _SUBPROCESS = """

@@ -3,7 +3,9 @@
 Every import counts, at module level or inside a function, so a lazy import cannot hide an
 upward dependency. Stages, lowest first (a module may import its own stage and lower ones):
 
-    core < io < model < discovery < export < verification < evaluation < inspect < pipeline < api < cli
+    core < io < model < discovery < export < verification < evaluation < inspect < pipeline < steer < api < cli
+
+(``steer``: the one-command job composed of pipeline functions, ``cna_export/steer.py``.)
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pathlib import Path
 import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "cna_export"
-STAGES = ["core", "io", "model", "discovery", "export", "verification", "evaluation", "inspect", "pipeline", "", "cli", "__main__"]
+STAGES = ["core", "io", "model", "discovery", "export", "verification", "evaluation", "inspect", "pipeline", "steer", "", "cli", "__main__"]
 
 
 def _modules() -> dict[str, Path]:

@@ -13,7 +13,6 @@ import random
 from pathlib import Path
 
 import pytest
-
 from conftest import PLANTED, make_tiny_model, planted_circuit
 
 pytest.importorskip("peft", reason="pip install peft (the lora extra)")
@@ -307,3 +306,129 @@ def test_verify_lora_as_export_check(tiny_models, tmp_path, one_thread):
     assert res.verification.passed, res.verification.reasons
     assert res.verification.metrics["max_abs_logit_delta"] <= 1e-4
     assert res.manifest.verification is not None
+
+
+# -- the command line: export, verify and audit for both adapter kinds ---------------------------
+
+
+def _cli(argv, capsys):
+    from cna_export.cli import main
+
+    code = main(argv)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_cli_lora_export_verify_audit(tiny_models, tmp_path, capsys, one_thread):
+    from safetensors.torch import load_file, save_file
+
+    src = tiny_models["llama"]
+    circuit = tmp_path / "c.json"
+    planted_circuit(src, own=True).save(circuit)
+    ad = tmp_path / "ad"
+    few = ["--limit", "3", "--max-new-tokens", "2"]
+    code, out, err = _cli(["export", "--model", str(src), "--circuit", str(circuit), "--out", str(ad), "--format",
+                           "lora", "--verify", *few], capsys)
+    assert code == 0, err
+    assert "PEFT LoRA on down_proj, ranks L0:3 L2:3" in out and "PASSED" in out
+    code, out, err = _cli(["verify", "--original", str(src), "--exported", str(ad), *few], capsys)
+    assert code == 0 and "+ LoRA" in out, err
+    code, out, _ = _cli(["audit", str(ad), "--manifest"], capsys)
+    assert code == 0 and "manifest check passed: the adapter changes exactly the manifest's 6 neurons" in out
+    code, out, _ = _cli(["audit", str(ad), "--base", str(src)], capsys)
+    assert code == 4 and "6 neurons in layers [0, 2]" in out
+    code, out, _ = _cli(["audit", str(ad)], capsys)
+    assert code == 4 and "selecting 6 single MLP neurons" in out
+
+    # an adapter that also changes a neuron the manifest does not list fails the manifest check (exit 3)
+    tensors = load_file(ad / "adapter_model.safetensors")
+    key = "base_model.model.model.layers.0.mlp.down_proj.lora_A.weight"
+    tensors[key][0, 2] = 1.0  # the first row now also reads neuron 2
+    save_file(tensors, str(ad / "adapter_model.safetensors"))
+    code, out, _ = _cli(["audit", str(ad), "--manifest"], capsys)
+    assert code == 3 and "manifest check FAILED" in out
+
+    # the wrong base: one line, exit 2, for verify and audit
+    other = make_tiny_model("llama", tmp_path / "other", seed=1)
+    for argv in (["verify", "--original", str(other), "--exported", str(ad)],
+                 ["audit", str(ad), "--manifest", "--base", str(other)]):
+        code, _, err = _cli(argv, capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and "different base" in err, err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--format", "lora", "--fold", "up"], "always acts on down_proj"),
+    (["--format", "lora", "--fast-copy"], "always acts on down_proj"),
+    (["--format", "lora", "--link"], "apply to safetensors exports"),
+    (["--format", "lora", "--allow-pickle"], "--allow-pickle does not apply"),
+    (["--format", "gguf-lora"], "GGUF base"),
+    (["--format", "safetensors", "--adapter-dtype", "float16"], "--adapter-dtype applies to LoRA"),
+])
+def test_cli_lora_where_the_form_does_not_apply(extra, message, tiny_models, tmp_path, capsys):
+    src = tiny_models["llama"]
+    circuit = tmp_path / "c.json"
+    planted_circuit(src, own=True).save(circuit)
+    out = tmp_path / ("ad.gguf" if "gguf-lora" in extra else "ad")
+    code, _, err = _cli(["export", "--model", str(src), "--circuit", str(circuit), "--out", str(out), *extra], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
+    assert not out.exists()
+
+
+def test_cli_lora_out_names(tiny_models, tmp_path, capsys):
+    src = tiny_models["llama"]
+    circuit = tmp_path / "c.json"
+    planted_circuit(src, own=True).save(circuit)
+    code, _, err = _cli(["export", "--model", str(src), "--circuit", str(circuit), "--out", str(tmp_path / "a.gguf"),
+                         "--format", "lora"], capsys)
+    assert code == 2 and "gguf-lora" in err
+
+
+def test_gguf_lora_tensor_check_and_wrong_base(tmp_path):
+    """verify_gguf on a LoRA GGUF: exact adapter check (no llama.cpp needed), tampering caught, wrong base refused."""
+    import numpy as np
+    from gguf import GGMLQuantizationType as T
+    from test_gguf_export import MULTS, build_gguf, circuit_for
+
+    from cna_export.core.errors import CnaError
+    from cna_export.export.gguf_lora import export_gguf_lora
+    from cna_export.io import gguf as G
+    from cna_export.verification.gguf import verify_gguf
+
+    src = build_gguf(tmp_path / "src.gguf", down_type=T.F32)
+    res = export_gguf_lora(str(src), circuit_for(), tmp_path / "ad.gguf", multipliers=dict(MULTS), modelfile=True)
+    rep = verify_gguf(str(src), res.out, behaviour=False)
+    assert rep.passed, rep.reasons
+    assert rep.metrics["adapter_alpha"] == rep.metrics["adapter_rank"] == res.rank
+    assert verify_gguf(None, res.out, behaviour=False).passed  # the base recorded in the manifest
+    modelfile = (tmp_path / "Modelfile").read_text()
+    assert f"FROM {src.resolve()}" in modelfile and "ADAPTER ./ad.gguf" in modelfile and 'TEMPLATE """' in modelfile
+
+    bad = tmp_path / "bad.gguf"
+    data = bytearray(res.out.read_bytes())
+    t = G.tensor_map(G.open_gguf(res.out))[f"{res.manifest.tensors[0].name}.lora_b"]
+    off = t.data_offset + 4 * int(np.flatnonzero(np.asarray(t.data).ravel())[0])
+    data[off + 3] ^= 0x01  # flip a sign bit of one B entry
+    bad.write_bytes(bytes(data))
+    rep = verify_gguf(str(src), bad, behaviour=False)
+    assert not rep.passed and "lora_b" in rep.reasons[0]
+
+    other = build_gguf(tmp_path / "other.gguf", down_type=T.F32, seed=1)
+    with pytest.raises(CnaError, match="different base"):
+        verify_gguf(str(other), res.out, behaviour=False)
+
+
+@pytest.mark.slow
+@pytest.mark.llama
+def test_cli_gguf_lora_verify_smollm2(tmp_path, capsys):
+    """`verify` on a SmolLM2 LoRA GGUF passes against hook steering under the GGUF noise-floor rules."""
+    circuit = tmp_path / "c.json"
+    _smollm2_circuit().save(circuit)
+    out = tmp_path / "ad" / "steer.gguf"
+    out.parent.mkdir()
+    code, text, err = _cli(["export", "--model", "bundled:smollm2", "--circuit", str(circuit), "--out", str(out),
+                            "--format", "gguf-lora", "--verify", "--limit", "8"], capsys)
+    assert code == 0, err
+    print(text)
+    assert "adapter tensors exact, scale 1" in text and "PASSED" in text
+    code, text, _ = _cli(["audit", str(out), "--manifest"], capsys)
+    assert code == 0 and "exactly the manifest's 72 neurons" in text

@@ -10,12 +10,16 @@ import pytest
 import torch
 
 from cna_export.core.settings import DiscoverOptions, build, load_recipe
-from cna_export.discovery.cna import RunningStats, ContrastStats, collect, discover, run_prompts, select
+from cna_export.discovery.cna import ContrastStats, RunningStats, collect, discover, run_prompts, select
 from cna_export.discovery.scores import (
-    behaviour_score, benign_drift, neuron_multipliers, opening_token_ids, rank_key, score,
+    behaviour_score,
+    benign_drift,
+    neuron_multipliers,
+    opening_token_ids,
+    rank_key,
 )
 from cna_export.model.loading import load_model
-from cna_export.model.prompts import load_prompts, render, batches
+from cna_export.model.prompts import load_prompts, render
 from cna_export.model.steering import steer
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
@@ -197,7 +201,7 @@ def test_discover_with_attribution_collects_gradients(tiny_loaded, prompt_files)
 
 
 def _synthetic(diff, benign_sq, norms):
-    L, W = diff.shape
+    L, W = np.asarray(diff).shape
     pos, neg = RunningStats(L, W), RunningStats(L, W)
     pos.count = neg.count = 1
     pos.total = np.asarray(diff, float)

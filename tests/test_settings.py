@@ -17,7 +17,7 @@ from cna_export.core.settings import (
 )
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
-COMMANDS = ["discover", "generate", "show", "export", "verify", "eval", "tune", "diff", "audit"]
+COMMANDS = ["discover", "generate", "show", "export", "verify", "steer", "push", "eval", "tune", "diff", "audit"]
 
 
 def _discover(tmp_path: Path, recipe: Path, capsys) -> tuple[int, str]:

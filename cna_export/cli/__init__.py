@@ -1,7 +1,7 @@
 """Command line: a thin layer over the library API.
 
 One module per group of sub-commands (``discover``, ``export``, ``verify``,
-``evaluate``, ``audit``), registered in ``_registry``. Every sub-command parses flags
+``steer`` (+ ``push``), ``evaluate``, ``audit``), registered in ``_registry``. Every sub-command parses flags
 (generated from the options models), calls one library function and prints a
 summary. User errors end as one line on stderr
 and a non-zero exit code; see ``docs/exit-codes.md``.
@@ -21,7 +21,7 @@ from ..core.progress import wanted
 from ._registry import COMMANDS, PARSERS
 
 # importing the command modules registers their commands; --help lists them in this order
-from . import discover, export, verify, evaluate, audit  # noqa: E402,F401,I001  isort: skip
+from . import discover, export, verify, steer, evaluate, audit  # noqa: E402,F401,I001  isort: skip
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -7,7 +7,13 @@ from typing import Any
 
 from ..core.progress import wanted
 from ..core.settings import (
-    ExportOptions, GGUFExportOptions, GGUFVerifyOptions, HubOptions, ModelOptions, add_flags, settings_of,
+    ExportOptions,
+    GGUFExportOptions,
+    GGUFVerifyOptions,
+    HubOptions,
+    ModelOptions,
+    add_flags,
+    settings_of,
 )
 from ._registry import PARSERS, command
 
@@ -58,7 +64,7 @@ def print_export(model: str, fmt: str, r: Any) -> None:
         print(f"wrote        {r.out} ({size(total)}) in {r.seconds:.1f}s")
         return
     if fmt == "gguf":
-        print(f"source       {ns.model}")
+        print(f"source       {model}")
         print(f"circuit      {len(m.multipliers)} neurons in {len({x.layer for x in m.multipliers})} layers; multiplier "
               + _multiplier_line(values))
         print(f"folded       {len(m.tensors)} tensors ({', '.join(sorted({t.dtype for t in m.tensors}))}), "
@@ -69,7 +75,7 @@ def print_export(model: str, fmt: str, r: Any) -> None:
         if r.modelfile:
             print(f"ollama       {r.modelfile}")
     else:
-        print(f"source       {ns.model}" + (" (converted to safetensors)" if r.converted else ""))
+        print(f"source       {model}" + (" (converted to safetensors)" if r.converted else ""))
         print(f"circuit      {len(m.circuit.neurons)} neurons in {len(m.circuit.layer_counts())} layers; multiplier "
               + _multiplier_line(values))
         print(f"shards       {len(r.rewritten_shards)} rewritten, {len(r.copied_shards)} "

@@ -12,7 +12,6 @@ index out of range, a different shape, or different weights without ``force``).
 
 from __future__ import annotations
 
-import json
 import warnings
 from collections import Counter
 from datetime import datetime, timezone
@@ -23,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from .version import __version__
 from .errors import CnaError
+from .text import parse_json, read_text
 from .fingerprint import FINGERPRINT_METHOD
 
 SCHEMA_VERSION = 1
@@ -198,26 +198,8 @@ class Circuit(_Record):
         return cls.from_json(read_text(p, "circuit file"), source=str(p))
 
 
-def read_text(path: Path, what: str) -> str:
-    """A small UTF-8 text file, with one-line errors for unreadable or non-UTF-8 files."""
-    try:
-        return path.read_text("utf-8")
-    except UnicodeDecodeError as e:
-        raise CnaError(f"{what} {path} is not UTF-8 text (byte {e.start})") from None
-    except OSError as e:
-        raise CnaError(f"cannot read {what} {path}: {e.strerror or type(e).__name__}") from None
 
 
-def parse_json(text: str, source: str) -> object:
-    """``json.loads`` with one-line errors, also for inputs that are valid JSON the parser cannot take
-    (nesting deeper than the recursion limit, integers longer than Python's digit limit)."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise CnaError(f"{source} is not valid JSON: {e}") from None
-    except (ValueError, RecursionError, MemoryError) as e:
-        why = "nested too deeply" if isinstance(e, RecursionError) else str(e).splitlines()[0] or type(e).__name__
-        raise CnaError(f"{source} cannot be read as JSON: {why}") from None
 
 
 def check_multiplier(m: float) -> float:

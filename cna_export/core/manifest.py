@@ -16,7 +16,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .version import __version__
-from .circuit import Circuit, parse_json, read_text
+from .circuit import Circuit
+from .text import parse_json, read_text
 from .errors import CnaError
 
 EXPORT_SCHEMA_VERSION = 1

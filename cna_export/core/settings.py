@@ -28,6 +28,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 from .errors import CnaError
+from .text import read_text
 
 # Defaults shared with the library (written once, here).
 VERIFY_LIMIT = 16  # verification prompts compared
@@ -316,9 +317,9 @@ class HubOptions(_Switches):
 class SteerOptions(_Switches):
     """Steer job"""
 
-    formats: str = opt("safetensors,gguf", "formats to export, comma-separated: safetensors, gguf, lora, gguf-lora "
-                       "(gguf and gguf-lora need a GGUF model)", flag="--format", dest="steer_formats",
-                       metavar="F,F,...")
+    formats: str = opt("auto", "formats to export, comma-separated: safetensors, gguf, lora, gguf-lora (gguf and "
+                       "gguf-lora need a GGUF model); auto: every format that applies to the model",
+                       flag="--format", dest="steer_formats", metavar="F,F,...")
     fresh: bool = opt(False, "redo every step, even those whose inputs are unchanged")
 
 
@@ -478,12 +479,18 @@ def _check_section(where: str, data: dict[str, Any], fields: dict[str, Any], ext
         if key not in fields:
             near = difflib.get_close_matches(key, [*fields, *extra], n=1)
             hint = f" (did you mean '{near[0]}'?)" if near else ""
-            raise CnaError(f"{where}unknown key '{key}'{hint}")
+            raise CnaError(f"{where}unknown key '{_one_line(key)}'{hint}")
         f = fields[key]
         try:
             TypeAdapter(Annotated[f.annotation, Field(**_constraints(f))]).validate_python(value)
         except ValidationError as e:
-            raise CnaError(f"{where}{key}: {e.errors()[0]['msg']} (got {value!r})") from None
+            raise CnaError(f"{where}{key}: {e.errors()[0]['msg']} (got {_one_line(repr(value))})") from None
+
+
+def _one_line(text: str, limit: int = 80) -> str:
+    """``text`` fit for a one-line error: control characters escaped, long values cut."""
+    text = str(text).encode("unicode_escape").decode("ascii")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _constraints(f: Any) -> dict[str, Any]:
@@ -502,10 +509,14 @@ def read_recipe(path: str | Path) -> tuple[Path, dict[str, Any]]:
     p = Path(path)
     if not p.is_file():
         raise CnaError(f"recipe not found: {p}")
+    text = read_text(p, "recipe")
     try:
-        data = yaml.safe_load(p.read_text("utf-8")) or {}
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
         raise CnaError(f"recipe {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+    except (RecursionError, ValueError, MemoryError) as e:  # deep nesting, integers past Python's digit limit
+        why = "nested too deeply" if isinstance(e, RecursionError) else (str(e).splitlines() or [type(e).__name__])[0]
+        raise CnaError(f"recipe {p} cannot be read: {why}") from None
     if not isinstance(data, dict):
         raise CnaError(f"recipe {p} must be a mapping of settings")
     data = _norm(data)
@@ -530,7 +541,11 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
     out.update(data.get("discover") or {})
     for key in RECIPE_PATH_FIELDS:
         if isinstance(out.get(key), str):
-            out[key] = str((p.parent / out[key]).resolve())
+            try:
+                out[key] = str((p.parent / out[key]).resolve())
+            except (UnicodeEncodeError, ValueError, OSError) as e:  # lone surrogates, NUL bytes, name too long
+                raise CnaError(f"recipe {p}: {key}: not a usable path ({_one_line(repr(out[key]))}: "
+                               f"{type(e).__name__})") from None
     return out
 
 

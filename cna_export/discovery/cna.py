@@ -21,16 +21,17 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
 from ..core.circuit import Circuit, Neuron, UniversalNeuron
 from ..core.errors import CnaError
 from ..core.progress import bar as progress_bar
-from ..model.loading import LoadedModel
 from ..core.settings import DiscoverOptions
+from ..model.loading import LoadedModel
 from ..model.prompts import PromptSet, batches, render
 
 log = logging.getLogger(__name__)
@@ -140,7 +141,7 @@ class LastTokenCapture:
     def _pool(self, x: Any) -> np.ndarray:
         return pool(x.detach(), self.mask, self.capture, self.k).to("cpu").double().numpy()
 
-    def __enter__(self) -> "LastTokenCapture":
+    def __enter__(self) -> LastTokenCapture:
         layers = self.loaded.arch.layer_modules(self.loaded.model)
         for layer in range(self.loaded.num_layers):
             down = self.loaded.down_proj(layer)
@@ -159,7 +160,7 @@ class LastTokenCapture:
                 self._handles.append(layers[layer].register_forward_hook(out_hook))
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()

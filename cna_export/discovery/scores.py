@@ -46,7 +46,8 @@ Multipliers (``DiscoverOptions.multiplier_mode``):
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 

@@ -44,7 +44,7 @@ import numpy as np
 from ..core.circuit import Circuit, check_multiplier
 from ..core.errors import CnaError
 from ..core.multipliers import describe_multipliers
-from ..io.llama import LlamaContext, LlamaModel, llama_available
+from ..io.llama import LlamaContext, LlamaLora, LlamaModel, llama_available
 from .metrics import log_softmax
 from ..model.generation import Generation, greedy_generate
 
@@ -290,12 +290,14 @@ class LlamaCppBackend:
         chat_template: bool = True,
         system_prompt: str | None = None,
         tmp_dir: str | Path | None = None,
+        lora: str | Path | None = None,
     ):
         from ..io.sources import resolve_source
 
         source = resolve_source(spec)
         if source.kind != "gguf" or source.path is None:
             raise CnaError(f"the llama.cpp backend needs a .gguf file (got {spec})")
+        self.lora_path = Path(lora) if lora else None  # a LoRA adapter GGUF applied to the base at scale 1
         self.spec = spec
         self.path = source.path
         self.batch_size = batch_size
@@ -304,6 +306,7 @@ class LlamaCppBackend:
         self.system_prompt = system_prompt
         self.tmp_dir = Path(tmp_dir) if tmp_dir else None
         self.base = LlamaModel(self.path, purpose="the llama.cpp backend")
+        self._lora = LlamaLora(self.base, self.lora_path) if self.lora_path else None
         self._template = self.base.meta("tokenizer.chat_template") if chat_template else None
         if chat_template and not self._template:
             raise CnaError(f"{spec} has no chat template (tokenizer.chat_template); pass --no-chat-template for base models")
@@ -428,6 +431,8 @@ class LlamaCppBackend:
         total = sum(len(p) for p in prompts)
         ctx = LlamaContext(lm, n, _round_up(longest + max_new + 1, 256), min(total, 2048), self.threads)
         try:
+            if self._lora is not None and lm is self.base:
+                ctx.set_lora(self._lora, 1.0)
             if cvec is not None:
                 ctx.set_control_vector(cvec)
             items = []
@@ -491,6 +496,9 @@ class LlamaCppBackend:
 
     def close(self) -> None:
         self._drop_steered()
+        if self._lora is not None:
+            self._lora.close()
+            self._lora = None
         self.base.close()
 
 

@@ -130,14 +130,65 @@ def _modelfile_quote(text: str) -> str | None:
     return f'"""{text}"""' if '"' in text else f'"{text}"'
 
 
+# Ollama (Go template) renderings of the common chat formats, with their stop strings. Ollama's own
+# template detection fails for some imported GGUFs, so the Modelfile always carries one.
+CHAT_TEMPLATES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "chatml": ("{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n",
+               ("<|im_start|>", "<|im_end|>")),
+    "llama3": ("{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n{{ .Content }}<|eot_id|>"
+               "{{ end }}<|start_header_id|>assistant<|end_header_id|>\n\n",
+               ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")),
+    "gemma": ("{{- range .Messages }}<start_of_turn>{{ if eq .Role \"assistant\" }}model{{ else }}user{{ end }}\n"
+              "{{ .Content }}<end_of_turn>\n{{ end }}<start_of_turn>model\n", ("<start_of_turn>", "<end_of_turn>")),
+    "mistral": ("{{- range $i, $_ := .Messages }}{{- if eq .Role \"user\" }}[INST] "
+                "{{ if and (eq (len (slice $.Messages $i)) 1) $.System }}{{ $.System }}\n\n{{ end }}{{ .Content }}[/INST]"
+                "{{- else if eq .Role \"assistant\" }} {{ .Content }}</s>{{ end }}{{ end }}", ("[INST]", "[/INST]")),
+    "phi3": ("{{- range .Messages }}<|{{ .Role }}|>\n{{ .Content }}<|end|>\n{{ end }}<|assistant|>\n",
+             ("<|end|>", "<|user|>", "<|assistant|>", "<|endoftext|>")),
+}
+RAW_TEMPLATE = "{{ if .System }}{{ .System }}\n\n{{ end }}{{ .Prompt }}"
+
+
+def chat_family(template: str | None) -> str | None:
+    """Which of :data:`CHAT_TEMPLATES` a GGUF's ``tokenizer.chat_template`` (Jinja) is, or None."""
+    if not template:
+        return None
+    for family, marker in (("chatml", "<|im_start|>"), ("llama3", "<|start_header_id|>"), ("gemma", "<start_of_turn>"),
+                           ("mistral", "[INST]")):
+        if marker in template:
+            return family
+    if "<|end|>" in template and "<|assistant|>" in template:
+        return "phi3"
+    return None
+
+
+def template_lines(reader: Any) -> list[str]:
+    """``TEMPLATE`` (converted from the GGUF's chat template) and ``PARAMETER stop`` lines for a Modelfile."""
+    jinja = G.field_value(reader, "tokenizer.chat_template")
+    family = chat_family(jinja if isinstance(jinja, str) else None)
+    if family is None:
+        why = ("the GGUF's chat template is not one of " + ", ".join(CHAT_TEMPLATES) if jinja
+               else "the GGUF has no chat template")
+        lines = [f"# {why}: raw prompts (edit TEMPLATE for chat use)", f'TEMPLATE """{RAW_TEMPLATE}"""']
+        stops: list[str] = []
+    else:
+        lines = [f"# chat template: {family} (converted from tokenizer.chat_template)",
+                 f'TEMPLATE """{CHAT_TEMPLATES[family][0]}"""']
+        stops = list(CHAT_TEMPLATES[family][1])
+    for tok in stop_tokens(reader):
+        if tok not in stops:
+            stops.append(tok)
+    for tok in stops:
+        q = _modelfile_quote(tok)
+        lines.append(f"# stop token {tok!r} cannot be quoted for Ollama; left out" if q is None else f"PARAMETER stop {q}")
+    return lines
+
+
 def render_modelfile(out: Path, reader: Any, manifest: ExportManifest, manifest_where: str) -> str:
     """An Ollama Modelfile for the steered file: FROM, stop parameters, and a comment header."""
     mults = manifest.multiplier_map()
     layers = sorted({layer for layer, _ in mults})
     name = re.sub(r"[^a-z0-9._-]+", "-", out.stem.lower()).strip("-.") or "cna-steered"
-    chat = "the chat template (tokenizer.chat_template) is read from the GGUF" if reader.get_field(
-        "tokenizer.chat_template"
-    ) else "the GGUF has no tokenizer.chat_template: add a TEMPLATE for chat use"
     lines = [
         f"# Ollama Modelfile written by cna-export {manifest.tool_version} ({manifest.created})",
         f"# {out.name}: CNA-steered copy of {manifest.source}",
@@ -145,7 +196,6 @@ def render_modelfile(out: Path, reader: Any, manifest: ExportManifest, manifest_
         f"folded into {'ffn_up rows' if manifest.fold == 'up' else 'ffn_down columns'}",
         f"# circuit found on: {manifest.circuit.model.name} ({manifest.circuit.kind})",
         f"# manifest: {manifest_where}",
-        f"# {chat}",
         f"# create with: ollama create {name} -f {MODELFILE}",
     ]
     src = f"./{out.name}"
@@ -153,12 +203,7 @@ def render_modelfile(out: Path, reader: Any, manifest: ExportManifest, manifest_
     if quoted is None:
         raise CnaError(f"output name {out.name} cannot be written in an Ollama Modelfile; choose a simpler name")
     lines.append(f"FROM {quoted}")
-    for tok in stop_tokens(reader):
-        q = _modelfile_quote(tok)
-        if q is None:
-            lines.append(f"# stop token {tok!r} cannot be quoted for Ollama; left out")
-        else:
-            lines.append(f"PARAMETER stop {q}")
+    lines += template_lines(reader)
     return "\n".join(lines) + "\n"
 
 
@@ -266,9 +311,7 @@ def render_adapter_modelfile(out: Path, base: Path, reader: Any, manifest: Expor
         if quoted is None:
             raise CnaError(f"{what} {value} cannot be written in an Ollama Modelfile; choose a simpler name")
         lines.append(f"{keyword} {quoted}")
-    for tok in stop_tokens(reader):
-        q = _modelfile_quote(tok)
-        lines.append(f"# stop token {tok!r} cannot be quoted for Ollama; left out" if q is None else f"PARAMETER stop {q}")
+    lines += template_lines(reader)
     return "\n".join(lines) + "\n"
 
 

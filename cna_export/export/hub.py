@@ -20,9 +20,10 @@ error, which callers run before any work. ``HF_ENDPOINT`` points the client at a
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from ..core.errors import CnaError
 from ..core.manifest import MANIFEST_FILE, SIDE_MANIFEST_SUFFIX, ExportManifest
@@ -74,8 +75,8 @@ class Upload:
 
 
 def _gguf_manifest(path: Path) -> ExportManifest | None:
-    from ..io import gguf as G
     from ..core.manifest import GGUF_KEY
+    from ..io import gguf as G
 
     side = path.with_name(path.name + SIDE_MANIFEST_SUFFIX)
     if side.is_file():

@@ -247,8 +247,8 @@ def audit_adapter(suspect: str, settings: Any, report: Any, base_of: Any) -> Any
         report.manifest_check = {
             "where": where, "passed": not problems, "expected_neurons": len(want), "recovered_neurons": len(found),
             "fold": manifest.fold, "problems": problems,
-            "notes": [f"base {base_spec}: its down_proj tensors are those the adapter was computed from "
-                      "(sha256_before)", f"{len(downs)} adapted down_proj weights, {len(found)} changed columns"],
+            "notes": [(f"base {base_spec}: its down_proj tensors are those the adapter was computed from "
+                       "(sha256_before)"), f"{len(downs)} adapted down_proj weights, {len(found)} changed columns"],
         }
         if problems:
             more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""

@@ -1,0 +1,89 @@
+"""Commands steer (discover, export every format, verify, push: one resumable job) and push."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from ..core.progress import wanted
+from ..core.settings import (
+    ExportOptions,
+    GGUFExportOptions,
+    GGUFVerifyOptions,
+    HubOptions,
+    ModelOptions,
+    SteerOptions,
+    add_flags,
+    recipe_section,
+    settings_of,
+)
+from ._registry import PARSERS, command
+
+
+@command("steer")
+def cmd_steer(ns: argparse.Namespace) -> int:
+    import sys
+
+    from ..steer import run_steer
+
+    export_recipe = recipe_section(ns.recipe, "export")
+    steer_recipe = recipe_section(ns.recipe, "steer")
+    s: SteerOptions = settings_of(ns, SteerOptions, steer_recipe)
+    show = not ns.quiet
+    r = run_steer(
+        ns.model, ns.out, recipe=ns.recipe, circuit=ns.circuit, formats=s.formats,
+        export_options=settings_of(ns, ExportOptions, export_recipe),
+        gguf_options=settings_of(ns, GGUFExportOptions, export_recipe),
+        verify_options=settings_of(ns, GGUFVerifyOptions, export_recipe),
+        model_options=settings_of(ns, ModelOptions), hub=settings_of(ns, HubOptions, steer_recipe), fresh=s.fresh,
+        progress=wanted(ns.quiet), say=(lambda text: print(text, file=sys.stderr, flush=True)) if show else None,
+    )
+    if show:
+        print(r.table())
+        if r.pushed is not None:
+            print(f"pushed       {len(r.pushed.files)} files to {r.pushed.url}")
+        print(f"done         {r.out} in {r.seconds:.1f}s (rerun the same command to reuse every unchanged step)")
+    return 0
+
+
+def _steer_parser(sub: Any) -> None:
+    p = sub.add_parser("steer", help="discover a circuit and export it in every format, verified: one resumable job",
+                       description="discover (or --circuit) -> export each --format -> verify each (--verify) -> "
+                       "push (--push-to-hub) -> one summary table. Rerunning reuses every step whose inputs are "
+                       "unchanged.")
+    p.add_argument("--model", required=True, help="HF folder, Hub id, .gguf file, or bundled:smollm2")
+    p.add_argument("--out", required=True, help="output folder (circuit.json, one entry per format, steer.json)")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--recipe", help="YAML recipe: discovery settings (and export:/steer: sections)")
+    g.add_argument("--circuit", help="an existing circuit manifest (skips discovery)")
+    add_flags(p, SteerOptions)
+    add_flags(p, ExportOptions)
+    add_flags(p, GGUFExportOptions, skip=("format",))
+    add_flags(p, GGUFVerifyOptions, skip=("dtype",))
+    add_flags(p, HubOptions)
+    add_flags(p, ModelOptions, only=("device_map", "allow_pickle", "trust_remote_code"), negatable=False)
+
+
+@command("push")
+def cmd_push(ns: argparse.Namespace) -> int:
+    from ..pipeline import hub_token_for, push
+
+    hub = HubOptions(push_to_hub=ns.repo_id, private=ns.private)
+    token = hub_token_for(hub)
+    r = push(ns.path, hub, token, recipe=ns.recipe_name)
+    if not ns.quiet:
+        for f in r.files:
+            print(f"uploaded     {f}")
+        print(f"pushed       {len(r.files)} files to {r.url} in one commit")
+    return 0
+
+
+def _push_parser(sub: Any) -> None:
+    p = sub.add_parser("push", help="upload an export (folder or .gguf, or a steer folder) to the Hugging Face Hub")
+    p.add_argument("path", help="export folder, .gguf export or LoRA GGUF, or a steer output folder")
+    p.add_argument("repo_id", help="Hub repo (OWNER/NAME), created if missing")
+    p.add_argument("--private", action="store_true", help="create the repo private")
+    p.add_argument("--recipe-name", help="recipe name for the card's tags (default: the circuit's, when recorded)")
+
+
+PARSERS += [_steer_parser, _push_parser]

@@ -1,0 +1,339 @@
+"""The ``steer`` job: discover (or take) a circuit, export it in every requested format, verify each,
+push, and summarise in one table. Resumable.
+
+Layout of the output folder ``DIR``::
+
+    DIR/circuit.json                     the circuit (discovered with the recipe, or a copy of --circuit)
+    DIR/safetensors/                     steered safetensors checkpoint (+ cna_manifest.json, README.md)
+    DIR/gguf/<name>.gguf (+ Modelfile)   patched GGUF
+    DIR/lora/                            PEFT LoRA adapter folder
+    DIR/gguf-lora/<name>-lora.gguf (+ Modelfile)   llama.cpp LoRA adapter for the GGUF base
+    DIR/steer.json                       the state: each step's input hash, output, time, verification
+
+Resuming: each step's inputs (model file sizes and times, recipe and prompt-file contents, the
+circuit's bytes, the export and verification settings) are hashed; a step whose hash matches the one
+recorded in ``steer.json`` and whose output still exists is reused (``--fresh`` redoes everything).
+A step that failed or was interrupted left no output (exports are atomic), so it runs again.
+
+Progress: one line per step on stderr with its time and an estimate of the time left, from
+per-step costs measured on SmolLM2 scaled by the model's size and corrected by the steps done.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .core.errors import CnaError, VerificationFailed
+
+STATE_FILE = "steer.json"
+FORMATS = ("safetensors", "gguf", "lora", "gguf-lora")
+# seconds per GB of source weights on 2 CPU cores, from the bundled SmolLM2 (0.09 GB Q4_1 GGUF): discovery
+# about a minute, then each export and its verification; the remaining estimate is rescaled by the ratio of
+# measured to estimated time of the steps done, so a slower or busier machine corrects it after one step
+COST = {"discover": 650.0, "safetensors": 200.0, "gguf": 20.0, "lora": 30.0, "gguf-lora": 20.0,
+        "verify safetensors": 520.0, "verify gguf": 190.0, "verify lora": 250.0, "verify gguf-lora": 200.0}
+
+
+def parse_formats(text: str) -> list[str]:
+    out = []
+    for f in (x.strip() for x in text.split(",")):
+        if not f:
+            continue
+        if f not in FORMATS:
+            raise CnaError(f"--format: unknown format {f!r} (choose from {', '.join(FORMATS)})")
+        if f not in out:
+            out.append(f)
+    if not out:
+        raise CnaError("--format: no format given")
+    return out
+
+
+def _sha(*parts: Any) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(json.dumps(p, sort_keys=True, default=str).encode() if not isinstance(p, bytes) else p)
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def _file_sha(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def model_key(spec: str) -> tuple[str, int]:
+    """A cheap identity of a model's files (path, size, mtime of each) and its size in bytes."""
+    from .io.sources import resolve_source
+
+    src = resolve_source(spec)
+    if src.path is None:
+        return _sha(spec), 0
+    files = [src.path] if src.path.is_file() else sorted(p for p in src.path.rglob("*") if p.is_file())
+    stats = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    return _sha(stats), sum(s[1] for s in stats)
+
+
+@dataclass
+class StepResult:
+    name: str
+    output: str
+    status: str  # done | reused
+    seconds: float
+    bytes: int = 0
+    verification: dict | None = None
+
+
+@dataclass
+class SteerResult:
+    out: Path
+    circuit: Path
+    steps: list[StepResult] = field(default_factory=list)
+    pushed: Any = None
+    seconds: float = 0.0
+
+    def table(self) -> str:
+        """The summary table ``steer`` prints."""
+        rows = [("step", "output", "size", "verify", "time")]
+        for s in self.steps:
+            v = s.verification
+            if s.name == "discover":
+                verdict = "-"
+            elif v is None:
+                verdict = "not run"
+            else:
+                verdict = ("PASSED" if v.get("passed") else "FAILED") + _key_metric(v)
+            size = _size(s.bytes) if s.bytes else "-"
+            rows.append((s.name, s.output, size, verdict, f"{s.seconds:.1f}s" + (" (reused)" if s.status == "reused" else "")))
+        widths = [max(len(r[i]) for r in rows) for i in range(5)]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        return "\n".join(lines)
+
+
+def _key_metric(v: dict) -> str:
+    m = v.get("metrics") or {}
+    if "kl_ratio" in m:
+        return f" (KL {m['kl_ratio']:.2f}x floor, slope {m.get('steering_reproduced', float('nan')):.1%})"
+    if "max_abs_logit_delta" in m:
+        return f" (max |dlogit| {m['max_abs_logit_delta']:.1e})"
+    return ""
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def _bytes(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
+
+
+class _Progress:
+    """Step lines with time estimates on stderr."""
+
+    def __init__(self, est: dict[str, float], show: bool, say: Callable[[str], None] | None = None):
+        self.est, self.show = est, show
+        self.steps = list(est)
+        self.done: list[str] = []
+        self.ran: list[str] = []
+        self.spent = 0.0
+        self.factor = 1.0
+        self.t0 = time.perf_counter()
+        self.say = say or (lambda text: print(text, file=sys.stderr, flush=True))
+
+    def left(self) -> float:
+        return self.factor * sum(self.est[s] for s in self.steps if s not in self.done)
+
+    def start(self, step: str) -> None:
+        if self.show:
+            self.say(f"[{len(self.done) + 1}/{len(self.steps)}] {step}: about {_eta(self.factor * self.est[step])} "
+                     f"(all steps: about {_eta(self.left())} left)")
+
+    def finish(self, step: str, seconds: float, reused: bool) -> None:
+        self.done.append(step)
+        if not reused:  # correct the remaining estimates by what this machine measures
+            self.ran.append(step)
+            self.spent += seconds
+            self.factor = max(self.spent / max(sum(self.est[s] for s in self.ran), 1e-9), 0.05)
+        if self.show:
+            what = "reused (inputs unchanged)" if reused else f"done in {_eta(seconds)}"
+            self.say(f"      {step}: {what}; elapsed {_eta(time.perf_counter() - self.t0)}, "
+                     f"about {_eta(self.left())} left")
+
+
+def _eta(s: float) -> str:
+    return f"{s:.0f}s" if s < 90 else f"{s / 60:.1f} min"
+
+
+def _for_format(f: str, o: Any, g: Any) -> tuple[Any, Any]:
+    """The export settings that apply to format ``f`` (each flag applies to the formats it names)."""
+    if f != "safetensors":
+        o = o.model_copy(update={"link": False, "max_shard_size": None, "convert_dtype": "auto"})
+    upd: dict[str, Any] = {"format": f}
+    if f != "gguf":
+        upd.update(fold=None, fast_copy=False)
+    if f in ("safetensors", "lora"):
+        upd["modelfile"] = True
+    if f not in ("lora", "gguf-lora") or f == "gguf-lora" and g.adapter_dtype == "bfloat16":
+        upd["adapter_dtype"] = "auto"
+    return o, g.model_copy(update=upd)
+
+
+def run_steer(
+    model: str, out: str | Path, *, recipe: str | None = None, circuit: str | None = None, formats: str = "auto",
+    export_options: Any = None, gguf_options: Any = None, verify_options: Any = None, model_options: Any = None,
+    discover_options: Any = None, hub: Any = None, fresh: bool = False, progress: bool = False,
+    say: Callable[[str], None] | None = None,
+) -> SteerResult:
+    """See the module docstring. ``export_options``: ``ExportOptions`` (``verify`` verifies every export);
+    ``gguf_options``: ``GGUFExportOptions`` (its ``format`` is ignored); ``discover_options``:
+    ``DiscoverOptions`` (default: from ``recipe``)."""
+    from .core.settings import (
+        DiscoverOptions,
+        ExportOptions,
+        GGUFExportOptions,
+        GGUFVerifyOptions,
+        ModelOptions,
+        build,
+        load_recipe,
+    )
+    from .io.sources import resolve_source
+    from .pipeline import hub_token_for, push, run_discover, run_export
+
+    t_start = time.perf_counter()
+    fmts = None if formats.strip() == "auto" else parse_formats(formats)
+    token = hub_token_for(hub)  # before any work
+    if (recipe is None) == (circuit is None):
+        raise CnaError("steer needs --recipe (to discover the circuit) or --circuit (an existing one), not both")
+    eo = export_options or ExportOptions()
+    go = (gguf_options or GGUFExportOptions()).model_copy(update={"format": None})
+    vo = verify_options or GGUFVerifyOptions()
+    mo = model_options or ModelOptions()
+    src = resolve_source(model)
+    if fmts is None:
+        fmts = list(FORMATS) if src.kind == "gguf" else ["safetensors", "lora"]
+    if src.kind != "gguf" and any(f in ("gguf", "gguf-lora") for f in fmts):
+        raise CnaError(f"--format gguf and gguf-lora need a GGUF model (a .gguf file or bundled:NAME); {model} is not one")
+    out = Path(out)
+    state_path = out / STATE_FILE
+    if out.exists() and not (out.is_dir() and (state_path.is_file() or not any(out.iterdir()))) and not eo.overwrite:
+        raise CnaError(f"{out} already exists and is not a steer folder (no {STATE_FILE}); pass --overwrite "
+                           "or another --out")
+    state: dict[str, Any] = {}
+    if state_path.is_file() and not fresh:
+        try:
+            state = json.loads(state_path.read_text("utf-8")).get("steps", {})
+        except (json.JSONDecodeError, AttributeError):
+            state = {}
+    out.mkdir(parents=True, exist_ok=True)
+    mkey, mbytes = model_key(model)
+
+    stem = (src.path.stem if src.path is not None and src.path.is_file() else Path(model.rstrip("/")).name) or "model"
+    stem = stem.replace(" ", "-")
+    targets = {"safetensors": out / "safetensors", "gguf": out / "gguf" / f"{stem}-steered.gguf",
+               "lora": out / "lora", "gguf-lora": out / "gguf-lora" / f"{stem}-steer-lora.gguf"}
+    gb = max(mbytes / 1e9, 0.02)
+    est = {"discover": COST["discover"] * gb} if recipe else {}
+    for f in fmts:
+        est[f] = (COST[f] + (COST[f"verify {f}"] if eo.verify else 0.0)) * gb
+    prog = _Progress(est, say is not None, say)
+    result = SteerResult(out=out, circuit=out / "circuit.json")
+
+    def save_state() -> None:
+        from .core.atomic import atomic_write_text
+
+        atomic_write_text(state_path, json.dumps({"tool": "cna-export steer", "model": model, "recipe": recipe,
+                                                   "formats": fmts, "steps": state}, indent=2) + "\n", overwrite=True)
+
+    # -- the circuit
+    circuit_path = out / "circuit.json"
+    if recipe:
+        rec = load_recipe(recipe)
+        dopts = discover_options or build(DiscoverOptions, rec)
+        from .core.settings import read_recipe
+
+        name = read_recipe(recipe)[1].get("name") or Path(recipe).stem
+        prompt_hashes = {k: _file_sha(getattr(dopts, k)) for k in ("positive", "negative", "neutral") if getattr(dopts, k)}
+        ckey = _sha("discover", mkey, dopts.model_dump(), prompt_hashes, mo.model_dump())
+        prog.start("discover")
+        t0 = time.perf_counter()
+        prev = state.get("discover")
+        if prev and prev.get("key") == ckey and circuit_path.is_file():
+            result.steps.append(StepResult("discover", str(circuit_path), "reused", prev.get("seconds", 0.0),
+                                           _bytes(circuit_path)))
+            prog.finish("discover", 0.0, True)
+        else:
+            run = run_discover(model, circuit_path, dopts, mo, overwrite=True, progress=progress)
+            c = run.result.circuit
+            c.method["recipe"] = str(name)
+            c.save(circuit_path, overwrite=True)
+            secs = time.perf_counter() - t0
+            state["discover"] = {"key": ckey, "output": str(circuit_path), "seconds": secs,
+                                 "neurons": len(c.neurons)}
+            save_state()
+            result.steps.append(StepResult("discover", str(circuit_path), "done", secs, _bytes(circuit_path)))
+            prog.finish("discover", secs, False)
+    else:
+        assert circuit is not None
+        data = Path(circuit).read_bytes() if Path(circuit).is_file() else None
+        if data is None:
+            raise CnaError(f"circuit not found: {circuit}")
+        if not circuit_path.is_file() or circuit_path.read_bytes() != data:
+            from .core.atomic import atomic_file
+
+            with atomic_file(circuit_path, overwrite=True) as fh:
+                fh.write(data)
+    circuit_sha = _file_sha(circuit_path)
+
+    # -- the exports (each verified before its rename when asked)
+    from .core.circuit import Circuit
+
+    circ = Circuit.load(circuit_path)
+    multiplier = eo.multiplier
+    if multiplier is None and not eo.multipliers and any(n.multiplier is None for n in circ.neurons):
+        multiplier = 0.0
+        (say or (lambda t: print(t, file=sys.stderr)))(
+            "note: no multiplier in the recipe, the circuit or --multiplier: exporting multiplier 0 (ablation)")
+    settings = {"export": eo.model_dump(exclude={"overwrite"}), "gguf": go.model_dump(), "multiplier": multiplier,
+                "verify": vo.model_dump() if eo.verify else None, "model_options": mo.model_dump()}
+    for f in fmts:
+        target = targets[f]
+        key = _sha("export", f, mkey, circuit_sha, settings)
+        prev = state.get(f)
+        prog.start(f)
+        if prev and prev.get("key") == key and target.exists() and not fresh:
+            result.steps.append(StepResult(f, str(target), "reused", prev.get("seconds", 0.0), _bytes(target),
+                                           prev.get("verification")))
+            prog.finish(f, 0.0, True)
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        o, g = _for_format(f, eo.model_copy(update={"overwrite": True, "multiplier": multiplier}), go)
+        try:
+            _, r = run_export(model, circuit_path, target, o, g, vo, mo, progress=progress)
+        except VerificationFailed:
+            state.pop(f, None)
+            save_state()
+            raise
+        secs = time.perf_counter() - t0
+        v = r.verification.summary() if r.verification is not None else None
+        state[f] = {"key": key, "output": str(target), "seconds": secs, "verification": v}
+        save_state()
+        result.steps.append(StepResult(f, str(target), "done", secs, _bytes(target), v))
+        prog.finish(f, secs, False)
+    if hub is not None and hub.push_to_hub:
+        name = circ.method.get("recipe")
+        result.pushed = push(out, hub, token, recipe=str(name) if name else None)
+    result.seconds = time.perf_counter() - t_start
+    return result

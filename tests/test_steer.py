@@ -1,0 +1,92 @@
+"""`cna-export steer`: discover -> export every format -> verify -> one table; resumable; bad input refused early."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import planted_circuit
+
+
+def _run(argv, capsys):
+    from cna_export.cli import main
+
+    code = main(argv)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture()
+def recipe(tmp_path, prompt_files):
+    pos, neg, neu = prompt_files
+    r = tmp_path / "r.yaml"
+    r.write_text(f"name: tinyrefusal\npositive: {pos}\nnegative: {neg}\nneutral: {neu}\ntop_k: 5\n")
+    return r
+
+
+def test_steer_runs_resumes_and_redoes_what_changed(tiny_models, recipe, tmp_path, capsys, one_thread):
+    src = tiny_models["llama"]
+    out = tmp_path / "out"
+    argv = ["steer", "--model", str(src), "--recipe", str(recipe), "--out", str(out), "--format", "safetensors,lora",
+            "--verify", "--limit", "3", "--max-new-tokens", "2"]
+    code, stdout, err = _run(argv, capsys)
+    assert code == 0, err
+    assert "[1/3] discover: about" in err and "left" in err  # progress with time estimates
+    lines = stdout.splitlines()
+    assert lines[0].split() == ["step", "output", "size", "verify", "time"]
+    assert any(line.startswith("safetensors") and "PASSED" in line for line in lines)
+    assert any(line.startswith("lora") and "PASSED" in line for line in lines)
+    assert sorted(p.name for p in out.iterdir()) == ["circuit.json", "lora", "safetensors", "steer.json"]
+    circuit = json.loads((out / "circuit.json").read_text())
+    assert circuit["method"]["recipe"] == "tinyrefusal"
+    stamp = (out / "lora" / "adapter_model.safetensors").stat().st_mtime_ns
+
+    code, stdout, err = _run(argv, capsys)  # nothing changed: every step reused
+    assert code == 0 and stdout.count("(reused)") == 3 and "reused (inputs unchanged)" in err
+    assert (out / "lora" / "adapter_model.safetensors").stat().st_mtime_ns == stamp
+
+    code, stdout, _ = _run(argv + ["--multiplier", "0.5"], capsys)  # the circuit is reused, the exports redone
+    assert code == 0 and stdout.count("(reused)") == 1
+    manifest = json.loads((out / "lora" / "cna_manifest.json").read_text())
+    assert {m["multiplier"] for m in manifest["multipliers"]} == {0.5}
+
+    code, stdout, _ = _run(argv + ["--multiplier", "0.5", "--fresh"], capsys)
+    assert code == 0 and "(reused)" not in stdout
+
+
+def test_steer_with_a_circuit(tiny_models, tmp_path, capsys, one_thread):
+    src = tiny_models["qwen2"]
+    circuit = tmp_path / "c.json"
+    planted_circuit(src, own=True).save(circuit)
+    code, stdout, err = _run(["-q", "steer", "--model", str(src), "--circuit", str(circuit), "--out",
+                              str(tmp_path / "o"), "--format", "lora"], capsys)
+    assert code == 0 and stdout == "", err
+    assert (tmp_path / "o" / "lora" / "adapter_config.json").is_file()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--format", "gguf"], "need a GGUF model"),
+    (["--format", "lora,nope"], "unknown format 'nope'"),
+    (["--push-to-hub", "someone/x"], "token"),
+])
+def test_steer_bad_input_stops_before_work(extra, message, tiny_models, recipe, tmp_path, capsys, monkeypatch):
+    import huggingface_hub.constants as C
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(C, "HF_TOKEN_PATH", str(tmp_path / "none" / "token"))
+    monkeypatch.setattr(C, "HF_STORED_TOKENS_PATH", str(tmp_path / "none" / "stored"))
+    out = tmp_path / "out"
+    code, _, err = _run(["steer", "--model", str(tiny_models["llama"]), "--recipe", str(recipe), "--out", str(out),
+                         *extra], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
+    assert not out.exists()
+
+
+def test_steer_refuses_a_foreign_folder(tiny_models, recipe, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep")
+    code, _, err = _run(["steer", "--model", str(tiny_models["llama"]), "--recipe", str(recipe), "--out", str(out)],
+                        capsys)
+    assert code == 2 and "not a steer folder" in err
+    assert [p.name for p in out.iterdir()] == ["mine.txt"]
