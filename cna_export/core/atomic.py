@@ -115,24 +115,6 @@ def _replace(tmp: Path, final: Path, overwrite: bool = True) -> None:
 
 
 @contextlib.contextmanager
-def atomic_file(path: Path, overwrite: bool = False, inputs: tuple[Path, ...] = (), mode: str = "wb") -> Iterator:
-    """Open a temporary file beside ``path``; on success it is fsynced and renamed onto ``path``."""
-    final = check_output_path(Path(path), overwrite, inputs)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, mode) as fh:
-            yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
-        _replace(tmp, final, overwrite)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        _raise_write_error(e, final)
-        raise
-
-
-@contextlib.contextmanager
 def atomic_path(path: Path, overwrite: bool = False, inputs: tuple[Path, ...] = ()) -> Iterator[Path]:
     """Yield a temporary file path beside ``path`` for writers that want a name; renamed on success."""
     final = check_output_path(Path(path), overwrite, inputs)
@@ -146,6 +128,16 @@ def atomic_path(path: Path, overwrite: bool = False, inputs: tuple[Path, ...] = 
         tmp.unlink(missing_ok=True)
         _raise_write_error(e, final)
         raise
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path, overwrite: bool = False, inputs: tuple[Path, ...] = (), mode: str = "wb") -> Iterator:
+    """Open a temporary file beside ``path``; on success it is fsynced and renamed onto ``path``."""
+    with atomic_path(path, overwrite, inputs) as tmp:
+        with open(tmp, mode) as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
 
 
 @contextlib.contextmanager

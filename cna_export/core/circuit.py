@@ -18,10 +18,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal, Mapping
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .version import __version__
 from .errors import CnaError
+from .records import validate_record
 from .text import parse_json, read_text
 from .fingerprint import FINGERPRINT_METHOD
 
@@ -178,17 +179,7 @@ class Circuit(_Record):
             data = data["circuit"]
             if not isinstance(data, dict):
                 raise CnaError(f"{source} is not a circuit manifest (its 'circuit' is not a JSON object)")
-        version = data.get("schema_version")
-        if version != SCHEMA_VERSION:
-            raise CnaError(
-                f"{source} has circuit schema version {version!r}; this cna-export reads version {SCHEMA_VERSION}"
-            )
-        try:
-            return cls.model_validate(data)
-        except ValidationError as e:
-            first = e.errors()[0]
-            where = ".".join(str(p) for p in first["loc"]) or "(top level)"
-            raise CnaError(f"{source} is not a valid circuit manifest: {where}: {first['msg']}") from None
+        return validate_record(cls, data, source, "circuit", SCHEMA_VERSION)
 
     @classmethod
     def load(cls, path: str | Path) -> "Circuit":

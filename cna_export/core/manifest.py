@@ -13,12 +13,13 @@ from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .version import __version__
 from .circuit import Circuit
 from .text import parse_json, read_text
 from .errors import CnaError
+from .records import validate_record
 
 EXPORT_SCHEMA_VERSION = 1
 MANIFEST_FILE = "cna_manifest.json"
@@ -93,17 +94,7 @@ class ExportManifest(_Record):
         data = parse_json(text, source)
         if not isinstance(data, dict) or "circuit" not in data:
             raise CnaError(f"{source} is not a cna-export export manifest")
-        if data.get("schema_version") != EXPORT_SCHEMA_VERSION:
-            raise CnaError(
-                f"{source} has export schema version {data.get('schema_version')!r}; "
-                f"this cna-export reads version {EXPORT_SCHEMA_VERSION}"
-            )
-        try:
-            return cls.model_validate(data)
-        except ValidationError as e:
-            err = e.errors()[0]
-            where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-            raise CnaError(f"{source} is not a valid export manifest: {where}: {err['msg']}") from None
+        return validate_record(cls, data, source, "export", EXPORT_SCHEMA_VERSION)
 
     @classmethod
     def load(cls, path: str | Path) -> "ExportManifest":

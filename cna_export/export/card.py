@@ -184,20 +184,26 @@ def template_lines(reader: Any) -> list[str]:
     return lines
 
 
-def render_modelfile(out: Path, reader: Any, manifest: ExportManifest, manifest_where: str) -> str:
-    """An Ollama Modelfile for the steered file: FROM, stop parameters, and a comment header."""
+def _modelfile_header(out: Path, manifest: ExportManifest, what: str, how: str, manifest_where: str) -> list[str]:
+    """The comment lines that open every Modelfile: provenance, circuit, manifest, how to create it."""
     mults = manifest.multiplier_map()
     layers = sorted({layer for layer, _ in mults})
     name = re.sub(r"[^a-z0-9._-]+", "-", out.stem.lower()).strip("-.") or "cna-steered"
-    lines = [
+    return [
         f"# Ollama Modelfile written by cna-export {manifest.tool_version} ({manifest.created})",
-        f"# {out.name}: CNA-steered copy of {manifest.source}",
-        f"# circuit: {len(mults)} neurons in {len(layers)} layers, {describe_multipliers(mults, 'times')}, "
-        f"folded into {'ffn_up rows' if manifest.fold == 'up' else 'ffn_down columns'}",
+        f"# {out.name}: {what}",
+        f"# circuit: {len(mults)} neurons in {len(layers)} layers, {describe_multipliers(mults, 'times')}, {how}",
         f"# circuit found on: {manifest.circuit.model.name} ({manifest.circuit.kind})",
         f"# manifest: {manifest_where}",
         f"# create with: ollama create {name} -f {MODELFILE}",
     ]
+
+
+def render_modelfile(out: Path, reader: Any, manifest: ExportManifest, manifest_where: str) -> str:
+    """An Ollama Modelfile for the steered file: FROM, stop parameters, and a comment header."""
+    lines = _modelfile_header(out, manifest, f"CNA-steered copy of {manifest.source}",
+                              f"folded into {'ffn_up rows' if manifest.fold == 'up' else 'ffn_down columns'}",
+                              manifest_where)
     src = f"./{out.name}"
     quoted = src if " " not in src and '"' not in src else _modelfile_quote(src)
     if quoted is None:
@@ -293,18 +299,8 @@ def lora_model_card(manifest: ExportManifest, verification: Any = None, ranks: d
 
 def render_adapter_modelfile(out: Path, base: Path, reader: Any, manifest: ExportManifest) -> str:
     """An Ollama Modelfile for a GGUF LoRA adapter: ``FROM <base>``, ``ADAPTER ./<adapter>``, stop parameters."""
-    mults = manifest.multiplier_map()
-    layers = sorted({layer for layer, _ in mults})
-    name = re.sub(r"[^a-z0-9._-]+", "-", out.stem.lower()).strip("-.") or "cna-steered"
-    lines = [
-        f"# Ollama Modelfile written by cna-export {manifest.tool_version} ({manifest.created})",
-        f"# {out.name}: CNA steering LoRA adapter for {manifest.source}",
-        f"# circuit: {len(mults)} neurons in {len(layers)} layers, {describe_multipliers(mults, 'times')}, "
-        "as a LoRA on ffn_down",
-        f"# circuit found on: {manifest.circuit.model.name} ({manifest.circuit.kind})",
-        f"# manifest: the cna.manifest KV in {out.name}",
-        f"# create with: ollama create {name} -f {MODELFILE}",
-    ]
+    lines = _modelfile_header(out, manifest, f"CNA steering LoRA adapter for {manifest.source}",
+                              "as a LoRA on ffn_down", f"the cna.manifest KV in {out.name}")
     for keyword, value, what in (("FROM", str(Path(base).resolve()), "base model path"),
                                  ("ADAPTER", f"./{out.name}", "adapter name")):
         quoted = value if " " not in value and '"' not in value else _modelfile_quote(value)

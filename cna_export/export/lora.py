@@ -41,7 +41,7 @@ from ..core.errors import CnaError
 from ..core.manifest import MANIFEST_FILE, SHARD_METADATA_KEY, ExportManifest, TouchedTensor, multipliers_list
 from ..core.progress import bar as progress_bar
 from ..core.version import __version__
-from ..io.sources import resolve_source
+from ..io.sources import local_folder, resolve_source
 from ..io.tensor_bytes import tensor_sha256
 from ..model.steering import group_by_layer
 from .card import CARD_FILE, lora_model_card
@@ -211,13 +211,7 @@ def plan_lora(
         identity = gguf_identity(reader, source.spec, fingerprint=bool(circuit.model.fingerprint))
         folder = source.path
     else:
-        if source.kind == "hub":
-            from .safetensors import _hub_folder
-
-            folder = _hub_folder(source.spec)
-        else:
-            assert source.path is not None
-            folder = source.path
+        folder = local_folder(source)
         if not any(folder.glob("*.safetensors")):
             raise CnaError(f"LoRA export reads safetensors (or GGUF) weights; {model} has none "
                            "(convert it first, e.g. with a safetensors export at multiplier 1)")

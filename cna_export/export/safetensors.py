@@ -45,7 +45,7 @@ from ..io import safetensors as st_io
 from ..io.identity import checkpoint_identity
 from ..core.atomic import atomic_dir, check_output_path
 from ..core.manifest import MANIFEST_FILE, SHARD_METADATA_KEY, ExportManifest, TouchedTensor, multipliers_list
-from ..io.sources import resolve_source
+from ..io.sources import local_folder, resolve_source
 from ..model.loading import resolve_dtype
 from ..model.steering import group_by_layer
 
@@ -98,17 +98,6 @@ def _has_safetensors(folder: Path) -> bool:
 
 def _has_pickle(folder: Path) -> bool:
     return any(p.suffix in PICKLE_SUFFIXES for p in folder.iterdir() if p.is_file())
-
-
-def _hub_folder(repo_id: str) -> Path:
-    """A local snapshot of a Hub repo (from the cache when offline), without pickles or GGUF files."""
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(repo_id, ignore_patterns=["*.bin", "*.pt", "*.pth", "*.gguf", "*.h5",
-                                                                "*.msgpack", "*.onnx", "original/*"]))
-    except Exception as e:  # the hub client raises many types; all mean "not available"
-        raise CnaError(f"cannot get model {repo_id} from the Hugging Face Hub: {str(e).strip().splitlines()[0]}") from None
 
 
 # -- conversion of non-safetensors sources -----------------------------------------------
@@ -282,11 +271,7 @@ def export_safetensors(
     staging: Path | None = None
     loaded = None
     try:
-        if source.kind == "hub":
-            folder = _hub_folder(source.spec)
-        else:
-            assert source.path is not None
-            folder = source.path
+        folder = local_folder(source)
         needs_conversion = source.kind == "gguf" or not _has_safetensors(folder)
         if needs_conversion and source.kind != "gguf" and not _has_pickle(folder):
             raise CnaError(f"model {model} has no safetensors (or other) weights")

@@ -43,7 +43,7 @@ import numpy as np
 
 from ..core.errors import CnaError
 from ..core.progress import bar as progress_bar
-from .quants import LAYOUTS, ScaleReport, dequantize_rows, get_layout, scale_rows
+from .quants import LAYOUTS, ScaleReport, get_layout, scale_rows
 
 log = logging.getLogger(__name__)
 

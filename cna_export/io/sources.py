@@ -47,3 +47,23 @@ def resolve_source(spec: str | Path) -> ModelSource:
     if spec.lower().endswith(".gguf") or spec.startswith((".", "/", "~")) or spec.count("/") > 1:
         raise CnaError(f"model not found: {spec}")
     return ModelSource(spec, "hub", None)
+
+
+def hub_folder(repo_id: str) -> Path:
+    """A local snapshot of a Hub repo (from the cache when offline), without pickles or GGUF files."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, ignore_patterns=["*.bin", "*.pt", "*.pth", "*.gguf", "*.h5",
+                                                                "*.msgpack", "*.onnx", "original/*"]))
+    except Exception as e:  # the hub client raises many types; all mean "not available"
+        raise CnaError(f"cannot get model {repo_id} from the Hugging Face Hub: {str(e).strip().splitlines()[0]}") from None
+
+
+def local_folder(source: ModelSource) -> Path:
+    """The local folder of a Hugging Face model source: the folder itself, or a Hub snapshot."""
+    if source.kind == "hub":
+        return hub_folder(source.spec)
+    if source.path is None:
+        raise CnaError(f"model {source.spec} has no local path")
+    return source.path

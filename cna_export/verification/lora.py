@@ -26,7 +26,7 @@ def check_lora_base(spec: str, manifest: Any) -> bool:
     (the manifest's ``sha256_before``). Returns False when the base is in another format than the one the
     adapter was computed from (names and bytes not comparable), True when checked."""
     from ..io import gguf as G
-    from ..io.sources import resolve_source
+    from ..io.sources import local_folder, resolve_source
     from ..io.tensor_bytes import tensor_sha256
 
     source = resolve_source(spec)
@@ -42,13 +42,7 @@ def check_lora_base(spec: str, manifest: Any) -> bool:
     else:
         from ..io.identity import checkpoint_identity
 
-        if source.kind == "hub":
-            from ..export.safetensors import _hub_folder
-
-            folder = _hub_folder(source.spec)
-        else:
-            assert source.path is not None
-            folder = source.path
+        folder = local_folder(source)
         _, _, ckpt, _ = checkpoint_identity(folder, spec, with_fingerprint=False)
 
         def digest(name: str) -> str | None:
