@@ -266,3 +266,26 @@ def test_index_naming_a_path_outside_its_folder_is_refused(tmp_path, path):
     (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": path}}))
     with pytest.raises(CnaError, match="invalid shard path"):
         Checkpoint.open(folder)
+
+
+def test_directory_outputs_get_umask_permissions(tmp_path):
+    """A file a library wrote privately (0600) inside an output folder is published with the umask's
+    permissions, like every other output; a hard link into the input keeps the input's mode."""
+    import os
+    import stat
+
+    from cna_export.core.atomic import atomic_dir
+
+    src = tmp_path / "input.bin"
+    src.write_bytes(b"x")
+    os.chmod(src, 0o600)
+    out = tmp_path / "out"
+    with atomic_dir(out) as tmp:
+        private = tmp / "private.bin"
+        private.write_bytes(b"y")
+        os.chmod(private, 0o600)
+        os.link(src, tmp / "linked.bin")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE((out / "private.bin").stat().st_mode) == 0o666 & ~umask
+    assert stat.S_IMODE(src.stat().st_mode) == 0o600  # the input is untouched

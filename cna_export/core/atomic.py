@@ -57,6 +57,15 @@ def public_mode(path: Path) -> None:
     os.chmod(path, base & ~_umask())
 
 
+def _publish_private_files(folder: Path) -> None:
+    """Files that a library wrote through its own private temporary (safetensors' ``save_file`` leaves
+    0600) get the usual umask permissions. Hard-linked files are left alone: they are the input's."""
+    for f in folder.rglob("*"):
+        st = f.lstat()
+        if f.is_file() and not f.is_symlink() and st.st_nlink == 1 and not st.st_mode & 0o077:
+            public_mode(f)
+
+
 _RENAME_NOREPLACE = 1
 _AT_FDCWD = -100
 
@@ -147,6 +156,7 @@ def atomic_dir(path: Path, overwrite: bool = False, inputs: tuple[Path, ...] = (
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     try:
         yield tmp
+        _publish_private_files(tmp)
         _replace(tmp, final, overwrite)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
