@@ -71,6 +71,7 @@ GRID: list[tuple[str, float, float | None]] = [
     ("direction+ per-drift", 0.005, 0.0),
     ("direction+ L-1", 0.0025, 0.0),
     ("paper", 0.001, 0.0),
+    ("direction+", 0.0025, 0.5),  # a lower-drift point of the best strategy
 ]
 CAA_ALPHAS = [-0.5, -1.0]
 # CAA on the same 30-pair tuning split with the same protocol, measured by bench/eval_qwen.py (bench/README.md):
@@ -210,6 +211,9 @@ def step_heldout(a) -> None:
     held = held[: a.heldout_limit]
     picks = chosen(a.quality_ratio)
     names = {s["label"] for s in picks.values()} | {label("paper", 0.001, saved.size_for(0.001), 0.0)}
+    for spec in filter(None, (a.heldout_extra or "").split(";")):  # STRATEGY@FRACTION@MULTIPLIER
+        strategy, fraction, m = spec.split("@")
+        names.add(label(strategy, float(fraction), saved.size_for(float(fraction)), float(m)))
     conds = [c for c in conditions(saved, names)]
     conds += caa_conditions(saved, [-1.0], list(range(1, saved.identity.num_layers)))
     settings = EvalSettings(max_new_tokens=a.max_new_tokens, kl_tokens=a.kl_tokens, benign_answers=True,
@@ -378,6 +382,7 @@ def main() -> int:
     p.add_argument("--benign-tokens", type=int, default=64)
     p.add_argument("--heldout-limit", type=int, default=70)
     p.add_argument("--quality-ratio", type=float, default=0.97)
+    p.add_argument("--heldout-extra", help="more grid points for the held-out step: STRATEGY@FRACTION@MULTIPLIER;...")
     a = p.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     for step in a.steps.split(","):
