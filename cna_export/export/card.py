@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from ..core.errors import CnaError
 from ..core.multipliers import describe_multipliers
@@ -16,6 +16,19 @@ from ..core.manifest import (
 from ..io import gguf as G
 
 CARD_FILE = "README.md"
+
+
+def _steering_head(c: Any, total: int, mults: Mapping[tuple[int, int], float]) -> list[str]:
+    """The start of a card's "Steering" table: the circuit and its multipliers."""
+    return [
+        "## Steering",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| circuit | {len(c.neurons)} neurons ({len(c.neurons) / total:.3%} of {total} MLP neurons), {c.kind} "
+        f"on `{c.model.name}` ({c.model.architecture}, fingerprint `{(c.model.fingerprint or 'none')[:16]}`) |",
+        f"| multiplier | {describe_multipliers(mults)} |",
+    ]
 
 
 def model_card(manifest: ExportManifest, verification: Any = None) -> str:
@@ -43,13 +56,7 @@ def model_card(manifest: ExportManifest, verification: Any = None) -> str:
         f"multiplied by {describe_multipliers(mults)}. No hooks or custom code are needed to run it; it loads with "
         "`AutoModelForCausalLM.from_pretrained`.",
         "",
-        "## Steering",
-        "",
-        "| | |",
-        "|---|---|",
-        f"| circuit | {len(c.neurons)} neurons ({len(c.neurons) / total:.3%} of {total} MLP neurons), {c.kind} "
-        f"on `{c.model.name}` ({c.model.architecture}, fingerprint `{(c.model.fingerprint or 'none')[:16]}`) |",
-        f"| multiplier | {describe_multipliers(mults)} |",
+        *_steering_head(c, total, mults),
         "| fold | down_proj columns: `W[:, j] *= m` for each circuit neuron `j` (float32 arithmetic, rounded "
         f"once to {', '.join(dtypes) or 'the tensor dtype'}); equivalent to scaling the neuron's activation |",
         "| touched layers | " + ", ".join(f"L{layer}: {n}" for layer, n in counts.items()) + " |",
@@ -265,13 +272,7 @@ def lora_model_card(manifest: ExportManifest, verification: Any = None, ranks: d
         "model = PeftModel.from_pretrained(base, '<this folder>')",
         "```",
         "",
-        "## Steering",
-        "",
-        "| | |",
-        "|---|---|",
-        f"| circuit | {len(c.neurons)} neurons ({len(c.neurons) / total:.3%} of {total} MLP neurons), {c.kind} "
-        f"on `{c.model.name}` ({c.model.architecture}, fingerprint `{(c.model.fingerprint or 'none')[:16]}`) |",
-        f"| multiplier | {describe_multipliers(mults)} |",
+        *_steering_head(c, total, mults),
         "| adapter | LoRA on down_proj: `W + B A`, `A[i, j] = 1` for the i-th circuit neuron `j` of the layer, "
         "`B[:, i] = W[:, j] * m - W[:, j]` (the folded column minus the original, rounded once to the adapter "
         "dtype); equivalent to scaling the neuron's activation |",
