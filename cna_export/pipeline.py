@@ -14,8 +14,6 @@ from .core.circuit import Circuit
 from .export.plan import ExportCheck, StagedExport
 
 Format = Literal["safetensors", "gguf", "lora", "gguf-lora"]
-MANIFEST_FORMATS = {"safetensors": "safetensors", "gguf": "gguf", "lora": "lora", "gguf-lora": "gguf_lora"}
-"""CLI format name -> ``ExportManifest.format``."""
 
 
 def export_format(out: str | Path, format: Format | None = None) -> Format:
@@ -23,6 +21,22 @@ def export_format(out: str | Path, format: Format | None = None) -> Format:
     if format is not None:
         return format
     return "gguf" if str(out).lower().endswith(".gguf") else "safetensors"
+
+
+def _transformers_opts(opts: Any) -> Any:
+    """The transformers-side verification settings (``VerifyOptions``) of a ``GGUFVerifyOptions``."""
+    from .core.settings import VerifyOptions
+
+    return VerifyOptions(**opts.model_dump(include=set(VerifyOptions.model_fields)))
+
+
+def _gguf_opts(opts: Any) -> Any:
+    """``opts`` as ``GGUFVerifyOptions`` (defaults for the llama.cpp-only settings)."""
+    from .core.settings import GGUFVerifyOptions
+
+    if isinstance(opts, GGUFVerifyOptions):
+        return opts
+    return GGUFVerifyOptions(**(opts.model_dump() if opts is not None else {}))
 
 
 def lora_check(
@@ -55,18 +69,16 @@ def safetensors_check(
 
 
 def gguf_check(
-    opts: Any = None, prompt_files: Sequence[str | Path] | None = None, loaded: Any = None, progress: bool = False,
+    opts: Any = None, prompt_files: Sequence[str | Path] | None = None, progress: bool = False,
 ) -> ExportCheck:
-    """Verification of a staged GGUF export (tensors exactly, then behaviour in llama.cpp); ``loaded``
-    is an already loaded transformers model of the source, to save loading it again."""
-    from .verification.gguf import GGUFVerifyOptions, verify_gguf
+    """Verification of a staged GGUF export or LoRA GGUF (tensors exactly, then behaviour in llama.cpp)."""
+    from .verification.gguf import verify_gguf
 
-    gopts = opts if isinstance(opts, GGUFVerifyOptions) else GGUFVerifyOptions(
-        **(opts.model_dump() if opts is not None else {}))
+    gopts = _gguf_opts(opts)
 
     def check(staged: StagedExport) -> Any:
-        return verify_gguf(loaded if loaded is not None else staged.source, staged.path, gopts,
-                           prompt_files=prompt_files, manifest=staged.manifest, progress=progress)
+        return verify_gguf(staged.source, staged.path, gopts, prompt_files=prompt_files, manifest=staged.manifest,
+                           progress=progress)
 
     return check
 
@@ -121,7 +133,7 @@ def run_export(
     ``GGUFVerifyOptions``, ``model_options``: ``ModelOptions``); flags of the other format are refused.
     Returns the format written and the exporter's result."""
     from .core.errors import CnaError
-    from .core.settings import GGUFExportOptions, GGUFVerifyOptions, ModelOptions, VerifyOptions
+    from .core.settings import GGUFExportOptions, GGUFVerifyOptions, ModelOptions
 
     o, g = options, gguf or GGUFExportOptions()
     vopts = verify_options or GGUFVerifyOptions()
@@ -148,9 +160,8 @@ def run_export(
             if not g.modelfile:
                 raise CnaError("--no-modelfile applies to GGUF exports")
             dtype = "float32" if g.adapter_dtype == "auto" else g.adapter_dtype
-            sopts = VerifyOptions(**vopts.model_dump(include=set(VerifyOptions.model_fields)))
             return fmt, export(model, circuit, out, format=fmt, dtype=dtype, trust_remote_code=mopts.trust_remote_code,
-                               verify_options=sopts, **common)
+                               verify_options=_transformers_opts(vopts), **common)
         if not str(out).lower().endswith(".gguf"):
             raise CnaError(f"--format gguf-lora writes a .gguf adapter file; --out {out} does not end in .gguf")
         dtypes = {"auto": "F32", "float32": "F32", "float16": "F16"}
@@ -165,10 +176,9 @@ def run_export(
                            modelfile=g.modelfile, verify_options=vopts, **common)
     if g.fold == "up" or g.fast_copy or not g.modelfile:
         raise CnaError("--fold up, --fast-copy and --no-modelfile apply to GGUF exports (--format gguf)")
-    sopts = VerifyOptions(**vopts.model_dump(include=set(VerifyOptions.model_fields)))
     return fmt, export(model, circuit, out, format=fmt, link=o.link, dtype=o.convert_dtype,
                        max_shard_size=o.max_shard_size, allow_pickle=mopts.allow_pickle,
-                       trust_remote_code=mopts.trust_remote_code, verify_options=sopts, **common)
+                       trust_remote_code=mopts.trust_remote_code, verify_options=_transformers_opts(vopts), **common)
 
 
 def verify(
@@ -178,25 +188,22 @@ def verify(
     """Verify an export against hook steering of ``original``: a ``.gguf`` file in llama.cpp
     (:func:`cna_export.verification.gguf.verify_gguf`), else a safetensors folder
     (:func:`cna_export.verification.safetensors.verify_export`). ``opts``: ``GGUFVerifyOptions``."""
-    from .core.settings import GGUFVerifyOptions, ModelOptions, VerifyOptions
+    from .core.settings import GGUFVerifyOptions, ModelOptions
 
     opts = opts or GGUFVerifyOptions()
     mopts = model_options or ModelOptions()
     if (Path(exported) / "adapter_config.json").is_file():
         from .verification.lora import verify_lora
 
-        sopts = VerifyOptions(**opts.model_dump(include=set(VerifyOptions.model_fields)))
-        return verify_lora(str(original), exported, sopts, prompt_files=prompt_files,
+        return verify_lora(str(original), exported, _transformers_opts(opts), prompt_files=prompt_files,
                            model_options=mopts.model_dump(exclude={"dtype"}), progress=progress)
     if Path(exported).suffix.lower() == ".gguf":
         from .verification.gguf import verify_gguf
 
-        gopts = opts if isinstance(opts, GGUFVerifyOptions) else GGUFVerifyOptions(**opts.model_dump())
-        return verify_gguf(original, exported, gopts, prompt_files=prompt_files, progress=progress)
+        return verify_gguf(original, exported, _gguf_opts(opts), prompt_files=prompt_files, progress=progress)
     from .verification.safetensors import verify_export
 
-    sopts = VerifyOptions(**opts.model_dump(include=set(VerifyOptions.model_fields)))
-    return verify_export(original, exported, sopts, prompt_files=prompt_files,
+    return verify_export(original, exported, _transformers_opts(opts), prompt_files=prompt_files,
                          model_options=mopts.model_dump(exclude={"dtype"}), progress=progress)
 
 

@@ -79,7 +79,7 @@ def model_key(spec: str) -> tuple[str, int]:
     if src.path is None:
         return _sha(spec), 0
     files = [src.path] if src.path.is_file() else sorted(p for p in src.path.rglob("*") if p.is_file())
-    stats = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    stats = [(str(p), st.st_size, st.st_mtime_ns) for p in files for st in (p.stat(),)]
     return _sha(stats), sum(s[1] for s in stats)
 
 

@@ -16,6 +16,8 @@ from ..core.manifest import (
 from ..io import gguf as G
 
 CARD_FILE = "README.md"
+RESPONSIBLE_USE = ("Steering changes the model's behaviour (for a refusal circuit, multiplier 0 weakens refusals). "
+                   "Use it responsibly and in line with the base model's licence.")
 
 
 def _steering_head(c: Any, total: int, mults: Mapping[tuple[int, int], float]) -> list[str]:
@@ -100,8 +102,7 @@ def model_card(manifest: ExportManifest, verification: Any = None) -> str:
         "tensor, the sha256 before and after folding; each rewritten shard carries a short summary in its "
         f"safetensors metadata under `{SHARD_METADATA_KEY}`. All other tensors are the source's, unchanged.",
         "",
-        "Steering changes the model's behaviour (for a refusal circuit, multiplier 0 weakens refusals). Use it "
-        "responsibly and in line with the base model's licence.",
+        RESPONSIBLE_USE,
         "",
     ]
     text = f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)
@@ -290,8 +291,7 @@ def lora_model_card(manifest: ExportManifest, verification: Any = None, ranks: d
         "the adapter applies to, its sha256 and that of the merged weight; the adapter's safetensors metadata "
         f"carries a short summary under `{SHARD_METADATA_KEY}`.",
         "",
-        "Steering changes the model's behaviour (for a refusal circuit, multiplier 0 weakens refusals). Use it "
-        "responsibly and in line with the base model's licence.",
+        RESPONSIBLE_USE,
         "",
     ]
     text = f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)

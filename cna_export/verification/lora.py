@@ -28,30 +28,23 @@ def check_lora_base(spec: str, manifest: Any) -> bool:
     from ..io import gguf as G
     from ..io.sources import local_folder, resolve_source
     from ..io.tensor_bytes import tensor_sha256
+    from .gguf_lora import check_base
 
     source = resolve_source(spec)
     if (source.kind == "gguf") != (manifest.source_format == "gguf"):
         return False
     if source.kind == "gguf":
         assert source.path is not None
-        tensors = G.tensor_map(G.open_gguf(source.path))
+        check_base(G.open_gguf(source.path), manifest, source.path)
+        return True
+    from ..io.identity import checkpoint_identity
 
-        def digest(name: str) -> str | None:
-            t = tensors.get(name)
-            return None if t is None else G.sha256_array(t.data)
-    else:
-        from ..io.identity import checkpoint_identity
+    _, _, ckpt, _ = checkpoint_identity(local_folder(source), spec, with_fingerprint=False)
 
-        folder = local_folder(source)
-        _, _, ckpt, _ = checkpoint_identity(folder, spec, with_fingerprint=False)
-
-        def digest(name: str) -> str | None:
-            return tensor_sha256(ckpt.read(name)) if name in ckpt.weight_map else None
     for tt in manifest.tensors:
-        got = digest(tt.name)
-        if got is None:
+        if tt.name not in ckpt.weight_map:
             raise CnaError(f"the adapter does not fit {spec}: it has no {tt.name} (an adapter for a different base?)")
-        if got != tt.sha256_before:
+        if tensor_sha256(ckpt.read(tt.name)) != tt.sha256_before:
             raise CnaError(f"the adapter was made for a different base: {spec}'s {tt.name} is not the tensor it was "
                            f"computed from (sha256_before); pass the base it was exported from ({manifest.source})")
     return True
