@@ -69,7 +69,7 @@ def batched(loaded, texts, batch_size):
     stats = RunningStats(loaded.num_layers, loaded.intermediate_size)
     report = run_prompts(loaded, texts, stats.add, batch_size=batch_size, chat_template=True, progress=False)
     stats.count = len(texts)
-    return report.seconds, stats.mean
+    return report.seconds, stats.mean, report.batches
 
 
 def matmul_peak(n=2048, repeats=5):
@@ -95,7 +95,8 @@ def main():
     ap.add_argument("--model", default="bundled:smollm2")
     ap.add_argument("--recipe", default=str(ROOT / "recipes" / "refusal.yaml"))
     ap.add_argument("--limit", type=int, default=80, help="prompts per set (positive + negative are used)")
-    ap.add_argument("--batch-sizes", default="8,16,32")
+    ap.add_argument("--batch-sizes", default="8,16,32,auto", help="comma-separated; auto: --batch-size auto")
+    ap.add_argument("--no-reference", action="store_true", help="skip the reference loop (speed-ups vs batch 8)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "out" / "discover.json"))
     args = ap.parse_args()
 
@@ -111,13 +112,19 @@ def main():
     peak = matmul_peak()
 
     batched(loaded, texts[:4], 4)  # warm-up
-    ref_s, ref_acts = reference_loop(loaded, texts)
-    rows = [{"mode": "reference (1 prompt/forward, full model)", "batch": 1, "seconds": ref_s}]
-    ref_mean = ref_acts.mean(axis=0)
-    for bs in [int(x) for x in args.batch_sizes.split(",")]:
-        s, mean = batched(loaded, texts, bs)
+    if args.no_reference:
+        ref_s, ref_mean = batched(loaded, texts, 8)[:2]
+        rows = [{"mode": "cna-export batched, batch 8 (reference row)", "batch": 8, "seconds": ref_s}]
+    else:
+        ref_s, ref_acts = reference_loop(loaded, texts)
+        rows = [{"mode": "reference (1 prompt/forward, full model)", "batch": 1, "seconds": ref_s}]
+        ref_mean = ref_acts.mean(axis=0)
+    for bs in [x if x == "auto" else int(x) for x in args.batch_sizes.split(",")]:
+        s, mean, sizes = batched(loaded, texts, bs)
         err = float(np.abs(mean - ref_mean).max() / np.abs(ref_mean).max())
-        rows.append({"mode": "cna-export batched (decoder only)", "batch": bs, "seconds": s, "max_rel_diff_vs_reference": err})
+        label = f"auto ({min(sizes)}-{max(sizes)})" if bs == "auto" else bs
+        rows.append({"mode": "cna-export batched (decoder only)", "batch": label, "seconds": s,
+                     "max_rel_diff_vs_reference": err, "batches": sizes})
     for r in rows:
         r["prompts_per_s"] = len(texts) / r["seconds"]
         r["speedup_vs_reference"] = ref_s / r["seconds"]

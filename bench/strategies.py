@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from cna_export.evaluation.backends import Steering, open_backend
+from cna_export.evaluation.search import STRATEGIES as SEARCH_STRATEGIES
 from cna_export.evaluation.evaluator import Condition, EvalSettings, Evaluator, load_jbb, split_pairs
 from cna_export.evaluation.judge import get_judge
 from cna_export.evaluation.sweep import caa_conditions, load_stats
@@ -42,19 +43,9 @@ RECIPE = ROOT / "recipes" / "paper-refusal.yaml"  # prompt sets + the paper's se
 OUT = ROOT / "bench" / "out" / "strategies"
 RESULTS = ROOT / "bench" / "results" / "strategies"
 
-# strategy name -> DiscoverOptions overrides (the paper: mean-diff, both signs, |score|, constant multiplier)
-STRATEGIES: dict[str, dict] = {
-    "paper": {},
-    "mean-diff+": {"sign": "positive"},
-    "direction+": {"score": "direction", "sign": "positive"},
-    "direction+ L-1": {"score": "direction", "direction_layer": "-1", "sign": "positive"},
-    "attribution+": {"score": "attribution", "sign": "positive"},
-    "direction+ per-drift": {"score": "direction", "sign": "positive", "rank": "per-drift"},
-    "attribution+ per-drift": {"score": "attribution", "sign": "positive", "rank": "per-drift"},
-    "direction+ mean-match": {"score": "direction", "sign": "positive", "multiplier_mode": "mean-match"},
-    "attribution+ per-drift mean-match": {"score": "attribution", "sign": "positive", "rank": "per-drift",
-                                          "multiplier_mode": "mean-match"},
-}
+# strategy name -> DiscoverOptions overrides: the package's named strategies (the paper: mean-diff,
+# both signs, |score|, constant multiplier)
+STRATEGIES: dict[str, dict] = {k: v for k, v in SEARCH_STRATEGIES.items() if k != "recipe"}
 # (strategy, circuit fraction, multiplier; None: the strategy's per-neuron multipliers), in run order
 GRID: list[tuple[str, float, float | None]] = [
     ("attribution+ per-drift", 0.0025, 0.0),
@@ -181,6 +172,81 @@ def step_tune(a) -> None:
     timing("tune", time.time() - t0)
 
 
+# Multi-objective TPE (cna_export.evaluation.search): strategy x circuit size x multiplier on the tuning split
+TPE_STRATEGIES = ["direction+", "attribution+", "attribution+ per-drift"]
+TPE_FRACTIONS = (0.0005, 0.005)  # circuit sizes searched (log), as fractions of all MLP neurons
+TPE_MULTIPLIERS = (0.0, 0.9)  # multiplier range, step 0.1
+
+
+def _tpe_space(saved):
+    from cna_export.evaluation.search import SearchSpace, resolve_strategies
+
+    return SearchSpace(resolve_strategies(TPE_STRATEGIES), (saved.size_for(TPE_FRACTIONS[0]),
+                       saved.size_for(TPE_FRACTIONS[1])), TPE_MULTIPLIERS, 0.1)
+
+
+def step_tpe(a) -> None:
+    """The search: the grid's tuning results (same split and protocol) and earlier trials are told to the sampler
+    first (resumable: each trial is written as soon as it finishes), then --trials new configurations."""
+    from cna_export.evaluation.search import tpe_search
+
+    t0 = time.time()
+    saved = load_stats(OUT / "stats.npz")
+    space = _tpe_space(saved)
+    tune_idx, _ = _split()
+    harmful, benign = load_jbb()
+    harmful, benign = harmful.subset(tune_idx), benign.subset(tune_idx)
+    (OUT / "tpe").mkdir(parents=True, exist_ok=True)
+    prior = [r["summary"] for r in load_results("tune") if r["summary"].get("strategy") in space.strategies]
+    prior += [r["summary"] for r in load_results("tpe") if r["summary"].get("method") == "cna"]
+    backend = open_backend(MODEL, "llama.cpp", batch_size=a.batch_size, threads=a.threads)
+    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    try:
+        ev = Evaluator(backend, harmful, benign, EvalSettings(max_new_tokens=a.max_new_tokens, benign_answers=False),
+                       log=log)
+        tb = time.time()
+        base = ev.baseline()
+        _dump(OUT / "tpe" / "unsteered.json", base, time.time() - tb)
+        clock = [time.time()]
+
+        def save(summary: dict) -> None:
+            res = next(r for r in ev.results if r.label == summary["label"])
+            res.summary.update(summary)
+            _dump(OUT / "tpe" / f"{slug(summary['label'])}.json", res, time.time() - clock[0])
+            clock[0] = time.time()
+
+        out = tpe_search(ev, saved, space, a.trials, a.seed, a.quality_ratio, max_kl=a.max_kl,
+                         startup_trials=a.startup_trials, prior=prior, on_result=save, log=log)
+        log(f"[tpe] {len(out.trials)} points ({len(prior)} prior, skipped {out.skipped_priors}); front: "
+            + "; ".join(f"{f['label']} {f['refused']}/30 KL {f['kl_last']:.3f}" for f in out.front))
+    finally:
+        backend.close()
+    timing("tpe", time.time() - t0, {"trials": a.trials, "prior": len(prior)})
+
+
+def tpe_points(quality_ratio: float, max_kl: float, strategy_max_kl: float | None = None,
+               strategy_quality_ratio: float | None = None):
+    """The tuning split's TPE points (grid results of the searched strategies included), the feasible Pareto
+    front, the chosen point (fewest refusals on the front with KL <= max_kl) and each strategy's own choice."""
+    from cna_export.evaluation.search import choose_on_front, feasible, pareto_front
+
+    res = {r["summary"]["label"]: r["summary"] for r in load_results("tune") + load_results("tpe")}
+    base = res.get("unsteered")
+    pts = [s for s in res.values() if s.get("method") == "cna" and s.get("strategy") in TPE_STRATEGIES]
+    ref = base["quality_harmful"] if base else None
+    ok = lambda s: feasible(s, ref, quality_ratio, "quality_harmful")  # noqa: E731
+    front = pareto_front(pts, "kl_last", ok)
+    per = {}
+    for st in TPE_STRATEGIES:
+        ok_st = ok if strategy_quality_ratio is None else (
+            lambda s: feasible(s, ref, strategy_quality_ratio, "quality_harmful"))  # noqa: E731
+        c = choose_on_front(pareto_front([p for p in pts if p["strategy"] == st], "kl_last", ok_st),
+                            max_kl if strategy_max_kl is None else strategy_max_kl, "kl_last")
+        if c is not None:
+            per[st] = c
+    return base, pts, front, choose_on_front(front, max_kl, "kl_last"), per
+
+
 def load_results(split: str) -> list[dict]:
     out = []
     for p in sorted((OUT / split).glob("*.json")):
@@ -215,6 +281,17 @@ def step_heldout(a) -> None:
         strategy, fraction, m = spec.split("@")
         names.add(label(strategy, float(fraction), saved.size_for(float(fraction)), float(m)))
     conds = [c for c in conditions(saved, names)]
+    if (OUT / "tpe").is_dir():  # the TPE choice and each searched strategy's own choice
+        from cna_export.evaluation.search import condition
+
+        space = _tpe_space(saved)
+        _, _, _, pick, per = tpe_points(a.quality_ratio, a.max_kl, a.strategy_max_kl, a.strategy_quality_ratio)
+        have = {c.label for c in conds}
+        for s in ([pick] if pick else []) + list(per.values()):
+            if s["label"] not in have:
+                have.add(s["label"])
+                conds.append(condition(saved, s["strategy"], space.strategies[s["strategy"]], s["neurons"],
+                                       s["multiplier"], s.get("strength")))
     conds += caa_conditions(saved, [-1.0], list(range(1, saved.identity.num_layers)))
     settings = EvalSettings(max_new_tokens=a.max_new_tokens, kl_tokens=a.kl_tokens, benign_answers=True,
                             benign_max_new_tokens=max(a.kl_tokens, a.benign_tokens))
@@ -225,7 +302,7 @@ def step_heldout(a) -> None:
 COLS = [("label", "condition"), ("neurons", "neurons"), ("refused", "refused (keyword)"),
         ("refused_phrases", "refused (phrases)"), ("mcnemar_p", "McNemar p"), ("over_refusal_rate", "over-refusal"),
         ("quality_ratio", "quality / unsteered"), ("quality_compliant", "quality (non-refusals)"),
-        ("kl_last", "KL first token"), ("kl_gen", "KL 32 tokens"), ("wall_seconds", "wall s")]
+        ("kl_last", "KL first token"), ("kl_gen", "KL 32 tokens"), ("wall_seconds", "wall s"), ("load", "load avg")]
 
 
 def _fmt(v) -> str:
@@ -236,18 +313,24 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def table(split: str) -> str:
-    res = [r["summary"] for r in load_results(split)]
-    res.sort(key=lambda s: (s.get("method") != "none", s.get("method") == "caa", s.get("label")))
-    lines = ["| " + " | ".join(h for _, h in COLS) + " |", "|" + "---|" * len(COLS)]
+def table(split: str | None, rows: list[dict] | None = None, cols=None) -> str:
+    cols = cols or COLS
+    res = rows if rows is not None else [r["summary"] for r in load_results(split)]
+    if rows is None:
+        res.sort(key=lambda s: (s.get("method") != "none", s.get("method") == "caa", s.get("label")))
+    lines = ["| " + " | ".join(h for _, h in cols) + " |", "|" + "---|" * len(cols)]
     for s in res:
         cells = []
-        for k, _ in COLS:
+        for k, _ in cols:
             v = s.get(k)
             if k == "refused" and v is not None:
                 v = f"{v}/{s.get('harmful_n')}"
             if k == "over_refusal_rate" and v is not None:
                 v = f"{100 * v:.0f}%"
+            if k == "wall_seconds" and v is not None:
+                v = f"{v:.0f}"
+            if k == "load" and v is not None:
+                v = f"{v:.1f}"
             cells.append(_fmt(v))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -290,12 +373,34 @@ def frontier_plot(split: str, path: Path) -> None:
     plt.close(fig)
 
 
+TPE_COLS = [("label", "condition"), ("trial", "trial"), ("refused", "refused (keyword)"),
+            ("refused_phrases", "refused (phrases)"), ("quality_ratio", "quality / unsteered"),
+            ("kl_last", "KL first token"), ("wall_seconds", "wall s"), ("load", "load avg")]
+
+
+def tpe_plot(path: Path, quality_ratio: float, max_kl: float) -> None:
+    """The TPE frontier on the tuning split: one series per strategy, the front, the choice, CAA and heretic."""
+    from cna_export.evaluation.search import plot_frontier
+
+    base, pts, front, pick, _ = tpe_points(quality_ratio, max_kl)
+    extra = [(f"CAA a={al:g} (eval_qwen run)", kl, r / 30) for al, (r, kl) in CAA_EARLIER.items()]
+    extra.append(("heretic, published (Qwen2-0.5B, own protocol)", HERETIC[1], HERETIC[0]))
+    from cna_export.evaluation.search import feasible
+
+    ref = base["quality_harmful"] if base else None
+    plot_frontier(path, ([base] if base else []) + pts, "kl_last", front, pick, extra,
+                  title="Qwen2.5-Coder-0.5B, JBB tuning split (30 pairs): multi-objective TPE",
+                  feasible_if=lambda s: feasible(s, ref, quality_ratio, "quality_harmful"))
+
+
 def step_report(a) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     for split in ("tune", "heldout"):
         if (OUT / split).is_dir():
             (RESULTS / f"{split}.md").write_text(table(split) + "\n")
             frontier_plot(split, RESULTS / f"frontier_{split}.png")
+    if (OUT / "tpe").is_dir():
+        tpe_plot(RESULTS / "frontier_tpe.png", a.quality_ratio, a.max_kl)
     t = json.loads((OUT / "timings.json").read_text()) if (OUT / "timings.json").is_file() else {}
     (RESULTS / "timings.json").write_text(json.dumps(t, indent=2) + "\n")
     for path, prefix in ((README, "results/strategies/"), (DOC, "../bench/results/strategies/")):
@@ -334,10 +439,14 @@ def figures_section(a, timings: dict) -> str:
                   f"forward + backward passes over the positive and negative sets {bwd:.0f} s "
                   f"({bwd / max(fwd, 1e-9):.1f}x the forward-only captures). Load average at the end: "
                   f"{st.get('load', 0):.1f} on 2 cores shared with other agents.", ""]
-    lines += ["Concurrent load: the 2 cores were shared with other agents' jobs (a fuzzing run, a SmolLM2 steering "
-              "job) and this session's SmolLM2 hardening sweep (load average 4 to 11), so wall times are inflated "
-              "and noisy. The held-out step was not reached in the session that wrote these figures: every figure "
-              "below is on the 30-pair tuning split unless a held-out table follows.", ""]
+    loads = [r["summary"]["load"] for split in ("tune", "tpe", "heldout") for r in load_results(split)
+             if r["summary"].get("load") is not None]
+    if loads:
+        lines += [f"Concurrent load: the 2 cores were shared with other engineers' jobs (test runs on tiny models, "
+                  f"audit and Llama-8B export benchmarks) and this session's SmolLM2 hardening sweep, so wall times "
+                  f"are inflated and noisy: the 1-minute load average at the "
+                  f"end of each condition ranged {min(loads):.1f} to {max(loads):.1f} (median "
+                  f"{sorted(loads)[len(loads) // 2]:.1f}; `load avg` columns).", ""]
     strategies = "; ".join(f"`{k}`: {v or 'the paper (mean-diff, both signs, |score|, constant)'}"
                            for k, v in STRATEGIES.items())
     lines += [f"Strategies (DiscoverOptions overrides of the recipe): {strategies}.", ""]
@@ -358,6 +467,36 @@ def figures_section(a, timings: dict) -> str:
                   "0.5% x0.5 14/30 at KL 0.162. Peer: heretic publishes 94 -> 7 of 100 refusals at KL 0.05 on "
                   "Qwen2-0.5B-Instruct with its own prompts and judge (not re-measured: bench/peer_heretic.py).", "",
                   "![frontier, tuning split](results/strategies/frontier_tune.png)", ""]
+    if (OUT / "tpe").is_dir():
+        base, pts, front, pick, per = tpe_points(a.quality_ratio, a.max_kl, a.strategy_max_kl, a.strategy_quality_ratio)
+        space_txt = (f"strategies {', '.join(TPE_STRATEGIES)} x circuit size {100 * TPE_FRACTIONS[0]:g}% to "
+                     f"{100 * TPE_FRACTIONS[1]:g}% of all MLP neurons (log) x multiplier {TPE_MULTIPLIERS[0]:g} to "
+                     f"{TPE_MULTIPLIERS[1]:g} (step 0.1)")
+        new = [s for s in pts if s.get("trial") is not None]
+        tt = timings.get("tpe", {})
+        lines += ["### Multi-objective search (tuning split)", "",
+                  f"`python bench/strategies.py --steps tpe --trials N`: Optuna's multi-objective TPE "
+                  f"(`cna_export.evaluation.search`, as `cna-export tune --sampler tpe`) over {space_txt}, "
+                  f"minimising (refusals, first-token benign KL) under quality >= {a.quality_ratio} x unsteered. "
+                  f"The grid's results for these strategies on the same split were told to the sampler first; "
+                  f"{len(new)} new configurations were evaluated"
+                  + (f" ({tt['seconds'] / 60:.0f} min for the last invocation, baseline included)" if tt else "")
+                  + ". Same protocol as the grid: 30 pairs, 150 tokens, benign twins scored for KL only.", "",
+                  "Pareto front (feasible points that no other point beats on both refusals and KL):", "",
+                  table(None, front, TPE_COLS), "",
+                  (f"Chosen (fewest refusals on the front with KL <= {a.max_kl:g}): **{pick['label']}**, "
+                   f"{pick['refused']}/30 at KL {pick['kl_last']:.3f}." if pick else
+                   f"No point of the front has KL <= {a.max_kl:g}: the goal's drift bound is not reachable with "
+                   "these strategies on this split."),
+                  f"Each strategy's own choice (fewest refusals on its own front with KL <= {a.strategy_max_kl:g} "
+                  f"and quality >= {a.strategy_quality_ratio:g} x unsteered: the 0.97 bound is within the noise of "
+                  "30 prompts, see below; these go to the held-out step too): " + ("; ".join(
+                      f"{k}: {v['label']} ({v['refused']}/30, KL {v['kl_last']:.3f})" for k, v in per.items())
+                      or "none within the bound") + ".", "",
+                  "All points of the search (trial: Optuna's trial number, the grid's points told first are numbered "
+                  "from 0 too; `-`: told from the grid):", "",
+                  table(None, sorted(pts, key=lambda s: (s.get("trial") is not None, s.get("trial") or 0)), TPE_COLS),
+                  "", "![frontier, TPE](results/strategies/frontier_tpe.png)", ""]
     if (OUT / "heldout").is_dir():
         res = load_results("heldout")
         n = max((r["summary"].get("harmful_n") or 0) for r in res) if res else 0
@@ -365,11 +504,27 @@ def figures_section(a, timings: dict) -> str:
                   f"Benign twins answered ({a.benign_tokens} tokens; over-refusal) and KL averaged over the first "
                   f"{a.kl_tokens} tokens of the unsteered answer.", "", table("heldout"), "",
                   "![frontier, held-out](results/strategies/frontier_heldout.png)", ""]
+        summ = [r["summary"] for r in res]
+        base = next((x for x in summ if x.get("method") == "none"), None)
+        if base and base.get("refused"):
+            goal = []
+            for x in sorted(summ, key=lambda x: x["label"]):
+                if x.get("method") not in ("cna", "caa"):
+                    continue
+                cut = 1 - x["refused"] / base["refused"]
+                ok = cut >= 0.7 and (x.get("kl_last") or 0) <= 0.1 and (x.get("quality_ratio") or 0) >= 0.97
+                goal.append(f"{x['label']}: {x['refused']}/{x['harmful_n']} ({-100 * cut:+.0f}%), KL "
+                            f"{x.get('kl_last') or 0:.3f}, quality "
+                            f"{x.get('quality_ratio') or 0:.3f}x" + (" (meets the goal)" if ok else ""))
+            met = [g for g in goal if g.endswith("(meets the goal)")]
+            lines += ["Goal (>= 70% fewer held-out refusals at first-token KL <= 0.1 and quality >= 0.97x): "
+                      + ("met by " + "; ".join(met) if met else "**not met by any row**") + f". Per row (held-out refusals, change relative to unsteered "
+                      f"{base['refused']}/{base['harmful_n']}): " + "; ".join(goal) + ".", ""]
     lines += [END]
     return "\n".join(lines)
 
 
-STEPS = {"stats": step_stats, "tune": step_tune, "heldout": step_heldout, "report": step_report}
+STEPS = {"stats": step_stats, "tune": step_tune, "tpe": step_tpe, "heldout": step_heldout, "report": step_report}
 
 
 def main() -> int:
@@ -383,6 +538,14 @@ def main() -> int:
     p.add_argument("--heldout-limit", type=int, default=70)
     p.add_argument("--quality-ratio", type=float, default=0.97)
     p.add_argument("--heldout-extra", help="more grid points for the held-out step: STRATEGY@FRACTION@MULTIPLIER;...")
+    p.add_argument("--trials", type=int, default=10, help="tpe: new configurations to evaluate")
+    p.add_argument("--seed", type=int, default=0, help="tpe: sampler seed")
+    p.add_argument("--startup-trials", type=int, default=3, help="tpe: random trials before TPE models the results")
+    p.add_argument("--max-kl", type=float, default=0.1, help="tpe: the chosen point's first-token KL bound (the goal)")
+    p.add_argument("--strategy-max-kl", type=float, default=0.3,
+                   help="tpe: KL bound of each strategy's own choice (held out too)")
+    p.add_argument("--strategy-quality-ratio", type=float, default=0.95,
+                   help="tpe: quality bound of each strategy's own choice")
     a = p.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     for step in a.steps.split(","):

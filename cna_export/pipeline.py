@@ -183,12 +183,18 @@ def run_export(
 
 def verify(
     original: str | Path, exported: str | Path, opts: Any = None, prompt_files: Sequence[str | Path] | None = None,
-    model_options: Any = None, progress: bool = False,
+    model_options: Any = None, progress: bool = False, reference: str | Path | None = None,
 ) -> Any:
     """Verify an export against hook steering of ``original``: a ``.gguf`` file in llama.cpp
     (:func:`cna_export.verification.gguf.verify_gguf`), else a safetensors folder
-    (:func:`cna_export.verification.safetensors.verify_export`). ``opts``: ``GGUFVerifyOptions``."""
+    (:func:`cna_export.verification.safetensors.verify_export`). ``opts``: ``GGUFVerifyOptions``.
+    ``reference`` (GGUF exports only): the Hugging Face model that transformers runs with hook steering
+    instead of the source GGUF (for families whose GGUF files transformers cannot load)."""
+    from .core.errors import CnaError
     from .core.settings import GGUFVerifyOptions, ModelOptions
+
+    if reference is not None and Path(exported).suffix.lower() != ".gguf":
+        raise CnaError("--reference applies to GGUF exports only")
 
     opts = opts or GGUFVerifyOptions()
     mopts = model_options or ModelOptions()
@@ -200,7 +206,8 @@ def verify(
     if Path(exported).suffix.lower() == ".gguf":
         from .verification.gguf import verify_gguf
 
-        return verify_gguf(original, exported, _gguf_opts(opts), prompt_files=prompt_files, progress=progress)
+        return verify_gguf(original, exported, _gguf_opts(opts), prompt_files=prompt_files, progress=progress,
+                           reference=reference)
     from .verification.safetensors import verify_export
 
     return verify_export(original, exported, _transformers_opts(opts), prompt_files=prompt_files,

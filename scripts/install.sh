@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install -q "torch==2.13.0"
-python -m pip install -q -e ".[test,models,llama,plots]"
+python -m pip install -q -e ".[test,models,llama,plots,tune]"

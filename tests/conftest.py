@@ -11,6 +11,11 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# fingerprints the tests compute are cached in a folder of this session, not the user's cache
+if "CNA_EXPORT_FINGERPRINT_CACHE" not in os.environ:
+    import tempfile
+
+    os.environ["CNA_EXPORT_FINGERPRINT_CACHE"] = tempfile.mkdtemp(prefix="cna-fp-cache-")
 
 CORPUS = [
     "How do I bake a cake with chocolate and flour?",
@@ -29,6 +34,13 @@ CHAT_TEMPLATE = (
 )
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "gemma3", "phi3"]
+# more dense gated families (issue 13): model_type -> extra config keys; each is one table entry
+MORE_DENSE = {
+    "granite": {}, "olmo": {}, "olmo2": {}, "cohere": {}, "cohere2": {}, "glm4": {"head_dim": 8},
+    "smollm3": {}, "ministral3": {}, "exaone4": {}, "seed_oss": {}, "ernie4_5": {}, "stablelm": {},
+}
+# mixture-of-experts families (issue 13): 4 routed experts, top-2; see moe_config
+MOE_FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3"]
 
 
 def _tokenizer():
@@ -87,17 +99,23 @@ def tiny_config(arch: str, vocab: int, layers: int = 3, hidden: int = 32, interm
                                image_token_index=vocab - 1, boi_token_index=vocab - 2, eoi_token_index=vocab - 3)
     if arch == "phi3":
         return tf.Phi3Config(**common)
+    if arch in MORE_DENSE:
+        return tf.CONFIG_MAPPING[arch](**common, **MORE_DENSE[arch])
+    if arch in MOE_FAMILIES:
+        return moe_config(arch, common)
     raise ValueError(arch)
 
 
 def make_tiny_model(arch: str, path: Path, dtype: str = "float32", seed: int = 0, layers: int = 3,
-                    max_shard_size: str | None = None) -> Path:
+                    max_shard_size: str | None = None, hidden: int = 32, **config_overrides) -> Path:
     """Save a tiny random model of ``arch`` plus a small BPE tokenizer with a chat template to ``path``."""
     import torch
     import transformers as tf
 
     tok = _tokenizer()
-    config = tiny_config(arch, len(tok), layers=layers)
+    config = tiny_config(arch, len(tok), layers=layers, hidden=hidden)
+    for key, value in config_overrides.items():
+        setattr(config, key, value)
     torch.manual_seed(seed)
     if arch == "gemma3":
         model = tf.Gemma3ForConditionalGeneration(config)
@@ -105,7 +123,7 @@ def make_tiny_model(arch: str, path: Path, dtype: str = "float32", seed: int = 0
         model = tf.AutoModelForCausalLM.from_config(config)
     with torch.no_grad():  # random init is tiny; widen it so activations carry signal
         for name, p in model.named_parameters():
-            if p.dim() == 2 and "embed" not in name:
+            if p.dim() in (2, 3) and "embed" not in name:  # 3-D: fused expert weights
                 p.normal_(0.0, 0.2)
     model = model.to(getattr(torch, dtype))
     path.mkdir(parents=True, exist_ok=True)
@@ -226,3 +244,50 @@ def planted_circuit(src: Path, mults=PLANTED, own: bool = False):
     ident, *_ = checkpoint_identity(src, str(src))
     neurons = [Neuron(layer=l, index=i, score=1.0, multiplier=m if own else None) for (l, i), m in sorted(mults.items())]
     return Circuit(model=ident, neurons=neurons, method={"name": "manual"})
+
+
+def moe_config(arch: str, common: dict):
+    """A tiny config of a mixture-of-experts family: 4 routed experts (top-2) of width 16, a shared
+    expert where the family has one (Qwen2-MoE: width 24; DeepSeek: 1 x 16), and for DeepSeek a dense
+    first layer (``first_k_dense_replace=1``)."""
+    import transformers as tf
+
+    c = dict(common)
+    moe = dict(num_experts_per_tok=2)
+    if arch == "mixtral":
+        return tf.MixtralConfig(**c, num_local_experts=4, **moe)
+    if arch == "olmoe":  # llama.cpp's OLMoE normalises q and k over all heads: no grouped-query attention
+        return tf.OlmoeConfig(**{**c, "num_key_value_heads": c["num_attention_heads"]}, num_experts=4, **moe)
+    if arch == "qwen2_moe":
+        return tf.Qwen2MoeConfig(**c, num_experts=4, moe_intermediate_size=16, shared_expert_intermediate_size=24,
+                                 **moe)
+    if arch == "qwen3_moe":
+        return tf.Qwen3MoeConfig(**c, num_experts=4, moe_intermediate_size=16, norm_topk_prob=True,
+                                 head_dim=c["hidden_size"] // c["num_attention_heads"], **moe)
+    mla = dict(kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, n_routed_experts=4,
+               moe_intermediate_size=16, n_shared_experts=1, first_k_dense_replace=1, **moe)
+    c["num_key_value_heads"] = c["num_attention_heads"]  # multi-head latent attention
+    if arch == "deepseek_v2":
+        return tf.DeepseekV2Config(**c, q_lora_rank=16, **mla)  # llama.cpp reads q_lora_rank unless 27 layers (Lite)
+    if arch == "deepseek_v3":
+        return tf.DeepseekV3Config(**c, q_lora_rank=16, n_group=1, topk_group=1, **mla)
+    raise ValueError(arch)
+
+
+def fused_twin(src: Path, dst: Path) -> Path:
+    """The checkpoint ``src`` (saved by transformers in the per-expert layout) rewritten with the fused 3-D
+    expert tensors transformers 5 holds in memory (``mlp.experts.gate_up_proj`` / ``down_proj``): the
+    model's own ``state_dict`` names, which ``from_pretrained`` loads as they are."""
+    import shutil
+
+    import transformers as tf
+    from safetensors.torch import save_file
+
+    model = tf.AutoModelForCausalLM.from_pretrained(src)
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.is_file() and not f.name.endswith(".safetensors"):
+            shutil.copy(f, dst / f.name)
+    tensors = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst

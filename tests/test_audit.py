@@ -173,7 +173,7 @@ def test_diff_recovers_cna_scaling_gguf(qtype, ggufs):
     assert [f["kind"] for f in r.findings()] == ["cna"]
     changed = [t for t in r.tensors if t.differs]
     assert {t.role for t in changed} == {"ffn_up"} and all(t.scale_axis == "row" for t in changed)
-    assert {t.name for t in changed} == {f"model.layers.{l}.mlp.up_proj.weight" for l in (0, 1, 2)}
+    assert {t.name for t in changed} == {f"blk.{l}.ffn_up.weight" for l in (0, 1, 2)}  # two GGUFs: llama.cpp names
     assert any(GGUF_KEY in m for m in r.metadata_differences)
 
 
@@ -407,7 +407,7 @@ def test_base_free_finds_abliteration_direction(abliterated):
     assert d["flagged_layers"] == [1, 2] and d["consistency"] > 0.999
     assert abs(float(np.dot(d["direction"], r))) > 0.9999
     assert d["embedding_energy_along_direction"]["token_embd"] < 1e-6
-    assert "directional ablation detected: layers 1-2" in rep.verdict
+    assert "refusals stripped by directional ablation: layers 1-2 write nothing" in rep.verdict
 
 
 def test_base_free_is_quiet_on_clean_models(base, ggufs):

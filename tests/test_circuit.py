@@ -27,7 +27,7 @@ def test_round_trip(tmp_path):
     c.save(p)
     back = Circuit.load(p)
     assert back == c
-    assert json.loads(p.read_text())["schema_version"] == 1
+    assert json.loads(p.read_text())["schema_version"] == 2
     with pytest.raises(CnaError, match="already exists"):
         c.save(p)
     c.save(p, overwrite=True)

@@ -80,11 +80,11 @@ def test_one_line_errors(argv, message, tiny_models, prompt_files, tmp_path, cap
 
 
 def test_unsupported_architecture_is_refused(tmp_path, capsys, prompt_files):
-    from transformers import GPT2Config, MixtralConfig
+    from transformers import GPT2Config, GptOssConfig
 
     pos, neg, _ = prompt_files
     for name, cfg, reason in (("gpt2", GPT2Config(n_layer=1, n_embd=16, n_head=2), "non-gated"),
-                              ("mixtral", MixtralConfig(num_hidden_layers=1, hidden_size=16), "mixture-of-experts")):
+                              ("gpt_oss", GptOssConfig(num_hidden_layers=1, hidden_size=16), "mixture-of-experts")):
         d = tmp_path / name
         d.mkdir()
         cfg.save_pretrained(d)

@@ -89,15 +89,21 @@ CHILD = textwrap.dedent("""
             return orig(*a, **k)
         A._replace = _replace
     elif hook == "first-write":
-        import safetensors.torch as ST, gguf
-        orig_save, orig_tensor = ST.save_file, gguf.GGUFWriter.write_tensor_data
-        def save_file(*a, **k):
+        import cna_export.io.safetensors as ST, gguf
+        orig_save, orig_tensor = ST.rewrite_shard, gguf.GGUFWriter.write_tensor_data
+        def rewrite_shard(*a, **k):
             orig_save(*a, **k)
             at_hook()
         def write_tensor_data(self, *a, **k):
             orig_tensor(self, *a, **k)
             at_hook()
-        ST.save_file, gguf.GGUFWriter.write_tensor_data = save_file, write_tensor_data
+        ST.rewrite_shard, gguf.GGUFWriter.write_tensor_data = rewrite_shard, write_tensor_data
+        import cna_export.io.filecopy as FC
+        orig_range = FC.copy_range
+        def copy_range(*a, **k):  # the GGUF writer's kernel-copied data section
+            orig_range(*a, **k)
+            at_hook()
+        FC.copy_range = copy_range
     if os.environ.get("DELAY"):
         threading.Timer(float(os.environ["DELAY"]), os.kill, (os.getpid(), signal.SIGKILL)).start()
     if os.environ.get("FSIZE"):

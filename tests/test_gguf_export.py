@@ -18,7 +18,7 @@ import pytest
 from gguf.constants import GGMLQuantizationType as T
 from gguf.constants import GGUFValueType as V
 
-from cna_export.io.identity import gguf_fingerprint, gguf_identity
+from cna_export.io.identity import gguf_fingerprint
 from cna_export.core.circuit import Circuit, ModelIdentity, Neuron
 from cna_export.cli import main
 from cna_export.core.errors import CnaError

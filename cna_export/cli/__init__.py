@@ -55,18 +55,26 @@ def _setup_logging(verbose: bool, quiet: bool) -> None:
         warnings.filterwarnings("ignore", module="torch")
 
 
+def _quiet_transformers(no_bars: bool) -> None:
+    """transformers logs errors only (and shows no progress bars when ours are off), without
+    importing it: commands that never load a model (GGUF export, show, diff of GGUFs) must not pay
+    for the import. Its environment switches apply when it is imported later; an already imported
+    transformers (the CLI called in-process) is set directly."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if no_bars:
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    transformers = sys.modules.get("transformers")
+    if transformers is not None:
+        transformers.logging.set_verbosity_error()
+        if no_bars:
+            transformers.logging.disable_progress_bar()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
     _setup_logging(ns.verbose, ns.quiet)
-    try:
-        import transformers
-
-        transformers.logging.set_verbosity_error()
-        if not wanted(ns.quiet):
-            transformers.logging.disable_progress_bar()
-    except ImportError:  # pragma: no cover - transformers is a hard dependency
-        pass
+    _quiet_transformers(not wanted(ns.quiet))
     try:
         return COMMANDS[ns.command](ns)
     except CnaError as e:

@@ -23,7 +23,7 @@ def _check_outputs(ns: argparse.Namespace, inputs: tuple[str | None, ...], overw
             return Path(x) if Path(x).exists() else None
 
     paths = tuple(p for p in (path_of(x) for x in inputs if x) if p is not None)
-    for out in (ns.json, ns.out_circuit):
+    for out in (ns.json, ns.out_circuit, getattr(ns, "plot", None), getattr(ns, "save_direction", None)):
         if out:
             check_output_path(Path(out), overwrite, paths)
 
@@ -51,7 +51,7 @@ def cmd_diff(ns: argparse.Namespace) -> int:
     if not 0 < opts.rank1_share <= 1:
         raise CnaError("--rank1-share must be in (0, 1]")
     _check_outputs(ns, (ns.a, ns.b), opts.overwrite)
-    report = diff_checkpoints(ns.a, ns.b, rank1_share=opts.rank1_share, progress=wanted(ns.quiet))
+    report = diff_checkpoints(ns.a, ns.b, rank1_share=opts.rank1_share, progress=wanted(ns.quiet), rank_k=opts.rank_k)
     _write(ns, report, ns.a, report.to_dict() if ns.json else {}, opts.overwrite)
     if not ns.quiet:
         print(report.render(top=opts.top))

@@ -33,12 +33,15 @@ def cmd_discover(ns: argparse.Namespace) -> int:
           f"{loaded.intermediate_size} neurons, loaded in {run.load_seconds:.1f}s)")
     print(f"prompts      {len(run.positive)} positive, {len(run.negative)} negative"
           + (f", {len(neutral)} neutral" if neutral else ""))
-    print(f"capture      {prompts} prompts in {total:.1f}s ({prompts / total:.1f} prompts/s, batch {opts.batch_size})")
+    sizes = [b for r in reports.values() for b in r.batches]
+    batch = (f"batch auto: {min(sizes)}-{max(sizes)} prompts" if opts.batch_size == "auto" and sizes
+             else f"batch {opts.batch_size}")
+    print(f"capture      {prompts} prompts in {total:.1f}s ({prompts / total:.1f} prompts/s, {batch})")
     print(f"universal    {len(circuit.universal_neurons)} neurons excluded "
           f"(top-{opts.universal_top_k} on >= {opts.universal_threshold:.0%} of neutral prompts)"
           if neutral else "universal    no neutral set: filter not applied")
     print(f"circuit      {len(circuit.neurons)} neurons "
-          f"({len(circuit.neurons) / (loaded.num_layers * loaded.intermediate_size):.3%} of all)")
+          f"({len(circuit.neurons) / circuit.model.total_neurons:.3%} of all)")
     print("per layer    " + " ".join(f"L{k}:{v}" for k, v in circuit.layer_counts().items()))
     print(f"wrote        {ns.out}")
     return 0
@@ -110,7 +113,8 @@ def cmd_show(ns: argparse.Namespace) -> int:
     print(f"neurons      {len(c.neurons)}; universal excluded: {len(c.universal_neurons)}")
     print("per layer    " + " ".join(f"L{k}:{v}" for k, v in c.layer_counts().items()))
     for n in c.neurons[: ns.top]:
-        print(f"  L{n.layer:<3d} #{n.index:<6d} score {n.score:+.4f}"
+        where = "" if n.expert is None else ("shared " if n.expert == "shared" else f"E{n.expert} ")
+        print(f"  L{n.layer:<3d} {where}#{n.index:<6d} score {n.score:+.4f}"
               + (f"  pos {n.positive_mean:+.4f} neg {n.negative_mean:+.4f}" if n.positive_mean is not None else "")
               + (f"  x{n.multiplier}" if n.multiplier is not None else ""))
     return 0

@@ -42,7 +42,9 @@ def cmd_tune(ns: argparse.Namespace) -> int:
         return NOTHING_FITS
     if not ns.quiet:
         ch = report["chosen"]
-        print(f"chosen       top_k {ch['neurons']} ({100 * ch['fraction']:.3g}%), multiplier {ch['multiplier']:g}")
+        m = "per-neuron (mean-match)" if ch["multiplier"] is None else f"{ch['multiplier']:g}"
+        print(f"chosen       top_k {ch['neurons']} ({100 * ch['fraction']:.3g}%), multiplier {m}"
+              + (f", strategy {ch['strategy']}" if ch.get("strategy") else ""))
         print(f"recipe       {ns.out}/recipe.yaml")
     return 0
 

@@ -23,7 +23,7 @@ def cmd_verify(ns: argparse.Namespace) -> int:
         check_output_path(Path(ns.json), run.overwrite)
     t0 = time.perf_counter()
     report = verify(ns.original, ns.exported, settings_of(ns, GGUFVerifyOptions), prompt_files=run.prompts,
-                    model_options=settings_of(ns, ModelOptions), progress=wanted(ns.quiet))
+                    model_options=settings_of(ns, ModelOptions), progress=wanted(ns.quiet), reference=ns.reference)
     if ns.json:
         atomic_write_text(Path(ns.json), report.to_json() + "\n", overwrite=run.overwrite)
     if not ns.quiet:
@@ -39,6 +39,10 @@ def _verify_parser(sub: Any) -> None:
     p.add_argument("--original", required=True, help="the model the export was made from (folder, .gguf, bundled:NAME)")
     p.add_argument("--exported", required=True, help="the exported folder (with cna_manifest.json)")
     p.add_argument("--json", metavar="FILE", help="also write the full report as JSON")
+    p.add_argument("--reference", metavar="HF_MODEL",
+                   help="GGUF exports: a Hugging Face model with the source's weights, run in transformers with hook "
+                        "steering instead of the source GGUF (for families whose GGUF transformers cannot load: "
+                        "Mixtral, OLMoE, DeepSeek)")
     add_flags(p, VerifyRunOptions)
     add_flags(p, GGUFVerifyOptions)
     add_flags(p, ModelOptions, skip=("dtype",))

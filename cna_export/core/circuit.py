@@ -16,7 +16,7 @@ import warnings
 from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Literal, Mapping
+from typing import Literal, Mapping, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -25,12 +25,26 @@ from .errors import CnaError
 from .records import validate_record
 from .text import parse_json, read_text
 from .fingerprint import FINGERPRINT_METHOD
+from .experts import SHARED, Layout, describe, key_layer, make_key, parse_expert, parse_key_text
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_SCHEMAS = (1, 2)  # schema 1: dense neurons only (no expert field, no MoE model identity)
+
+ExpertLabel = Union[int, Literal["shared"], None]
 
 
 class _Record(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class MoeIdentity(_Record):
+    """The mixture-of-experts shape of a model: which layers route, how many experts of what width."""
+
+    num_experts: int = Field(gt=0, description="routed experts per MoE layer")
+    expert_intermediate_size: int = Field(gt=0, description="neurons per routed expert")
+    shared_intermediate_size: int = Field(0, ge=0, description="neurons of the shared expert group (0: none)")
+    moe_layers: list[int] = Field(description="the layers with experts; the others are dense MLPs")
+    dense_intermediate_size: int | None = Field(None, gt=0, description="neurons of the dense layers, if any")
 
 
 class ModelIdentity(_Record):
@@ -39,16 +53,25 @@ class ModelIdentity(_Record):
     name: str = Field(description="model path or Hub id as given")
     architecture: str = Field(description="Hugging Face model_type")
     num_layers: int = Field(gt=0)
-    intermediate_size: int = Field(gt=0, description="MLP neurons per layer")
+    intermediate_size: int = Field(gt=0, description="MLP neurons per layer (MoE: of the widest layer, all its experts)")
     hidden_size: int = Field(gt=0)
     fingerprint: str | None = Field(default=None, description="sha256 over the down_proj weights")
     fingerprint_method: str = FINGERPRINT_METHOD
     source_format: Literal["hf", "gguf", "hub"] = "hf"
     dtype: str | None = None
+    moe: MoeIdentity | None = Field(default=None, description="mixture-of-experts shape (schema 2); None: dense")
 
     @property
     def total_neurons(self) -> int:
-        return self.num_layers * self.intermediate_size
+        return self.layout().total
+
+    def layout(self) -> Layout:
+        """The neuron groups of every layer (one dense group per layer for dense models)."""
+        if self.moe is None:
+            return Layout(self.num_layers, self.intermediate_size)
+        m = self.moe
+        return Layout(self.num_layers, m.dense_intermediate_size or 0, m.num_experts, m.expert_intermediate_size,
+                      m.shared_intermediate_size, frozenset(m.moe_layers))
 
 
 class PromptSetInfo(_Record):
@@ -60,7 +83,8 @@ class PromptSetInfo(_Record):
 
 class Neuron(_Record):
     layer: int = Field(ge=0)
-    index: int = Field(ge=0)
+    expert: ExpertLabel = Field(default=None, description="routed expert number, \"shared\", or None (dense MLP)")
+    index: int = Field(ge=0, description="input of the (expert's) down projection")
     score: float = 0.0
     positive_mean: float | None = None
     negative_mean: float | None = None
@@ -69,14 +93,15 @@ class Neuron(_Record):
 
 class UniversalNeuron(_Record):
     layer: int = Field(ge=0)
+    expert: ExpertLabel = None
     index: int = Field(ge=0)
     frequency: float = Field(ge=0.0, le=1.0, description="fraction of neutral prompts with this neuron in the per-layer top-k")
 
 
 class Circuit(_Record):
-    """A CNA circuit manifest (schema version 1)."""
+    """A CNA circuit manifest (schema version 2; version 1 files, dense only, still read)."""
 
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Literal[1, 2] = SCHEMA_VERSION
     kind: Literal["discovered", "recovered", "manual"] = "discovered"
     tool: str = "cna-export"
     tool_version: str = __version__
@@ -87,15 +112,22 @@ class Circuit(_Record):
     neurons: list[Neuron]
     universal_neurons: list[UniversalNeuron] = Field(default_factory=list)
     per_layer_counts: dict[int, int] = Field(default_factory=dict)
+    routing_frequency: dict[int, list[float]] = Field(
+        default_factory=dict,
+        description="MoE layer -> per routed expert, the share of positive and negative prompts routed to it "
+                    "at the captured position",
+    )
     notes: list[str] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _consistent(self) -> "Circuit":
-        seen: set[tuple[int, int]] = set()
+        if self.schema_version == 1 and (self.model.moe is not None or any(n.expert is not None for n in self.neurons)):
+            raise ValueError("expert neurons need circuit schema version 2")
+        seen: set[tuple[int, ...]] = set()
         for n in self.neurons:
-            key = (n.layer, n.index)
+            key = neuron_key(n)
             if key in seen:
-                raise ValueError(f"neuron (layer {n.layer}, index {n.index}) is listed twice")
+                raise ValueError(f"neuron {describe(key)} is listed twice")
             seen.add(key)
         counts = Counter(n.layer for n in self.neurons)
         if self.per_layer_counts and dict(counts) != {k: v for k, v in self.per_layer_counts.items() if v}:
@@ -112,22 +144,32 @@ class Circuit(_Record):
     def layer_counts(self) -> dict[int, int]:
         return {layer: len(ns) for layer, ns in self.by_layer().items()}
 
-    def multipliers(self, multiplier: float | None = None) -> dict[tuple[int, int], float]:
-        """(layer, index) -> multiplier: ``multiplier`` for all, else each neuron's own."""
-        out: dict[tuple[int, int], float] = {}
+    def multipliers(self, multiplier: float | None = None) -> dict[tuple[int, ...], float]:
+        """Neuron key -> multiplier: ``multiplier`` for all, else each neuron's own. Keys are
+        (layer, index), or (layer, expert, index) for expert neurons (see :mod:`cna_export.core.experts`)."""
+        out: dict[tuple[int, ...], float] = {}
         for n in self.neurons:
             m = multiplier if multiplier is not None else n.multiplier
             if m is None:
                 raise CnaError(
-                    f"no multiplier for neuron (layer {n.layer}, index {n.index}): pass --multiplier "
+                    f"no multiplier for neuron {describe(neuron_key(n))}: pass --multiplier "
                     "or use a circuit with per-neuron multipliers"
                 )
-            out[(n.layer, n.index)] = check_multiplier(m)
+            out[neuron_key(n)] = check_multiplier(m)
         return out
+
+    def keys(self) -> list[tuple[int, ...]]:
+        return [neuron_key(n) for n in self.neurons]
+
+    @property
+    def has_experts(self) -> bool:
+        return any(n.expert is not None for n in self.neurons)
 
     # -- checks ------------------------------------------------------------
     def check_fits(self, model: ModelIdentity, force: bool = False) -> list[str]:
         """Refuse a circuit that does not fit ``model``; return warnings that ``force`` overrode."""
+        if model.moe is not None or self.model.moe is not None or self.has_experts:
+            return self._check_fits_moe(model, force)
         for n in self.neurons:
             if n.layer >= model.num_layers:
                 raise CnaError(
@@ -150,6 +192,22 @@ class Circuit(_Record):
                 f"{mine.num_layers} layers x {mine.intermediate_size} neurons (hidden {mine.hidden_size}), "
                 f"this one has {model.num_layers} x {model.intermediate_size} (hidden {model.hidden_size})"
             )
+        return self._check_fingerprint(model, force)
+
+    def _check_fits_moe(self, model: ModelIdentity, force: bool) -> list[str]:
+        layout = model.layout()
+        for n in self.neurons:
+            layout.check(neuron_key(n))
+        mine = self.model
+        if (mine.num_layers, mine.hidden_size, mine.moe) != (model.num_layers, model.hidden_size, model.moe):
+            raise CnaError(
+                "circuit does not fit the model: it was found on a model with a different expert layout "
+                f"({_shape(mine)}); this one has {_shape(model)}"
+            )
+        return self._check_fingerprint(model, force)
+
+    def _check_fingerprint(self, model: ModelIdentity, force: bool) -> list[str]:
+        mine = self.model
         notes: list[str] = []
         if mine.fingerprint and model.fingerprint and mine.fingerprint != model.fingerprint:
             msg = (
@@ -179,7 +237,7 @@ class Circuit(_Record):
             data = data["circuit"]
             if not isinstance(data, dict):
                 raise CnaError(f"{source} is not a circuit manifest (its 'circuit' is not a JSON object)")
-        return validate_record(cls, data, source, "circuit", SCHEMA_VERSION)
+        return validate_record(cls, data, source, "circuit", SCHEMA_VERSION, readable=READABLE_SCHEMAS)
 
     @classmethod
     def load(cls, path: str | Path) -> "Circuit":
@@ -193,6 +251,28 @@ class Circuit(_Record):
 
 
 
+def neuron_key(n: Neuron | UniversalNeuron) -> tuple[int, ...]:
+    """(layer, index) for a dense neuron, (layer, expert, index) for an expert neuron (shared: -1)."""
+    return make_key(n.layer, n.index, parse_expert(n.expert))
+
+
+def neuron_fields(key: tuple[int, ...]) -> dict:
+    """The ``layer``/``expert``/``index`` fields of a :class:`Neuron` for ``key`` (no expert field when dense)."""
+    out: dict = {"layer": key_layer(key), "index": int(key[-1])}
+    if len(key) == 3:
+        out["expert"] = "shared" if key[1] == SHARED else int(key[1])
+    return out
+
+
+def _shape(m: ModelIdentity) -> str:
+    if m.moe is None:
+        return f"{m.num_layers} dense layers x {m.intermediate_size} neurons, hidden {m.hidden_size}"
+    e = m.moe
+    shared = f" + shared {e.shared_intermediate_size}" if e.shared_intermediate_size else ""
+    return (f"{m.num_layers} layers, experts in layers {e.moe_layers}: {e.num_experts} x "
+            f"{e.expert_intermediate_size}{shared}, hidden {m.hidden_size}")
+
+
 def check_multiplier(m: float) -> float:
     m = float(m)
     if m != m or m in (float("inf"), float("-inf")):
@@ -201,7 +281,8 @@ def check_multiplier(m: float) -> float:
 
 
 def load_multipliers_file(path: str | Path, circuit: Circuit) -> dict[tuple[int, int], float]:
-    """Per-neuron multipliers from a JSON file ``[{"layer":L,"index":i,"multiplier":m}, ...]`` or ``{"L:i": m}``.
+    """Per-neuron multipliers from a JSON file ``[{"layer":L,"index":i,"multiplier":m}, ...]`` or ``{"L:i": m}``
+    (expert neurons: an ``expert`` field, or ``"L:e:i"`` / ``"L:shared:i"``).
 
     Neurons of the circuit not named in the file are refused, so nothing is left silently unscaled.
     """
@@ -209,25 +290,25 @@ def load_multipliers_file(path: str | Path, circuit: Circuit) -> dict[tuple[int,
     if not p.is_file():
         raise CnaError(f"multipliers file not found: {p}")
     data = parse_json(read_text(p, "multipliers file"), f"multipliers file {p}")
-    out: dict[tuple[int, int], float] = {}
+    out: dict[tuple[int, ...], float] = {}
     try:
         if isinstance(data, Mapping):
             for key, m in data.items():
-                layer, index = (int(x) for x in str(key).split(":"))
-                out[(layer, index)] = check_multiplier(m)
+                out[parse_key_text(str(key))] = check_multiplier(m)
         else:
             for row in data:
-                out[(int(row["layer"]), int(row["index"]))] = check_multiplier(row["multiplier"])
-    except (ValueError, KeyError, TypeError, OverflowError):
+                key = make_key(int(row["layer"]), int(row["index"]), parse_expert(row.get("expert")))
+                out[key] = check_multiplier(row["multiplier"])
+    except (ValueError, KeyError, TypeError, OverflowError, AttributeError):
         raise CnaError(
-            f"multipliers file {p} must be {{\"layer:index\": m}} or a list of {{layer, index, multiplier}}"
+            f"multipliers file {p} must be {{\"layer:index\": m}} (experts: \"layer:expert:index\") or a list of "
+            "{layer, index, multiplier} (+ expert)"
         ) from None
-    wanted = {(n.layer, n.index) for n in circuit.neurons}
+    wanted = set(circuit.keys())
     missing = wanted - out.keys()
     extra = out.keys() - wanted
     if missing:
-        layer, index = sorted(missing)[0]
-        raise CnaError(f"multipliers file {p} has no multiplier for circuit neuron (layer {layer}, index {index})")
+        raise CnaError(f"multipliers file {p} has no multiplier for circuit neuron {describe(sorted(missing)[0])}")
     if extra:
         warnings.warn(f"multipliers file {p} names {len(extra)} neurons that are not in the circuit; they are ignored")
     return {k: out[k] for k in sorted(wanted)}

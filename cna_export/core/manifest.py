@@ -16,7 +16,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .version import __version__
-from .circuit import Circuit
+from .circuit import Circuit, ExpertLabel, neuron_fields
+from .experts import make_key, parse_expert
 from .text import parse_json, read_text
 from .errors import CnaError
 from .records import validate_record
@@ -41,8 +42,12 @@ class _Record(BaseModel):
 
 class NeuronMultiplier(_Record):
     layer: int = Field(ge=0)
+    expert: ExpertLabel = Field(default=None, description="expert neurons: routed expert number or \"shared\"")
     index: int = Field(ge=0)
     multiplier: float
+
+    def key(self) -> tuple[int, ...]:
+        return make_key(self.layer, self.index, parse_expert(self.expert))
 
 
 class TouchedTensor(_Record):
@@ -83,8 +88,8 @@ class ExportManifest(_Record):
     notes: list[str] = Field(default_factory=list)
     verification: dict | None = None
 
-    def multiplier_map(self) -> dict[tuple[int, int], float]:
-        return {(m.layer, m.index): m.multiplier for m in self.multipliers}
+    def multiplier_map(self) -> dict[tuple[int, ...], float]:
+        return {m.key(): m.multiplier for m in self.multipliers}
 
     def to_json(self) -> str:
         return self.model_dump_json(indent=2)
@@ -106,5 +111,5 @@ class ExportManifest(_Record):
         return cls.from_json(read_text(p, "export manifest"), source=str(p))
 
 
-def multipliers_list(mults: dict[tuple[int, int], float]) -> list[NeuronMultiplier]:
-    return [NeuronMultiplier(layer=l, index=i, multiplier=m) for (l, i), m in sorted(mults.items())]
+def multipliers_list(mults: dict[tuple[int, ...], float]) -> list[NeuronMultiplier]:
+    return [NeuronMultiplier(**neuron_fields(k), multiplier=m) for k, m in sorted(mults.items())]

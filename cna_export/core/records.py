@@ -11,11 +11,14 @@ from .errors import CnaError
 R = TypeVar("R", bound=BaseModel)
 
 
-def validate_record(cls: type[R], data: dict[str, Any], source: str, kind: str, version: int) -> R:
-    """``data`` as a ``cls`` record of schema ``version``; one-line errors naming ``source`` and the bad field."""
+def validate_record(cls: type[R], data: dict[str, Any], source: str, kind: str, version: int,
+                    readable: tuple[int, ...] = ()) -> R:
+    """``data`` as a ``cls`` record of schema ``version`` (or an older one in ``readable``); one-line errors
+    naming ``source`` and the bad field."""
     found = data.get("schema_version")
-    if found != version:
-        raise CnaError(f"{source} has {kind} schema version {found!r}; this cna-export reads version {version}")
+    if found != version and (type(found) is not int or found not in readable):
+        versions = " or ".join(str(v) for v in sorted({*readable, version}))
+        raise CnaError(f"{source} has {kind} schema version {found!r}; this cna-export reads version {versions}")
     try:
         return cls.model_validate(data)
     except ValidationError as e:

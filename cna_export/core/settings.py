@@ -106,7 +106,24 @@ class PromptOptions(_Options):
     chat_template: bool = Field(True, description="render prompts as one user turn with the chat template (off for base models)")
     system_prompt: str | None = Field(None, description="optional system message placed before the user turn")
     max_length: int | None = Field(None, gt=0, description="keep at most this many tokens of each prompt (from the end)")
-    batch_size: int = Field(8, gt=0, description="prompts per forward pass")
+    batch_size: int | Literal["auto"] = Field(
+        "auto", description="prompts per forward pass, or auto: the largest batch whose forward pass fits in half "
+        "the memory free on the device (sized per batch, longest prompts first)",
+        json_schema_extra={"cli": {"metavar": "N|auto"}},
+    )  # fmt: skip
+
+    @field_validator("batch_size", mode="before")
+    @classmethod
+    def _batch_size(cls, v: Any) -> Any:
+        if isinstance(v, str) and v.strip().lower() == "auto":
+            return "auto"
+        try:
+            n = int(v)
+        except (TypeError, ValueError):
+            raise ValueError("batch_size must be a positive integer or 'auto'") from None
+        if n < 1 or (isinstance(v, float) and v != n):
+            raise ValueError("batch_size must be a positive integer or 'auto'")
+        return n
 
 
 # -- discover ----------------------------------------------------------------------------------
@@ -397,6 +414,19 @@ class TuneJob(_Switches):
         "harmful", "quality the bound applies to: all harmful answers, the harmful answers not judged refusals (a "
         "short refusal scores 1.0, so fewer refusals lower the mean), or benign answers")
     heldout: bool = opt(True, "skip the held-out check", flag="--no-heldout")
+    sampler: Literal["grid", "tpe"] = opt(
+        "grid", "grid: every --fractions x --multipliers point; tpe: Optuna's multi-objective TPE over strategy x "
+        "circuit size (log, between the sizes of the smallest and largest --fractions) x multiplier (between the "
+        "smallest and largest --multipliers), minimising refusals and benign KL under the quality bound")
+    trials: int = opt(12, "tpe: configurations to evaluate", gt=0)
+    strategies: list[str] = opt([], "tpe: a strategy to search (repeat the flag): recipe (its own settings), a "
+                                "built-in name (paper, mean-diff+, direction+, attribution+, direction+ per-drift, "
+                                "attribution+ per-drift, direction+ mean-match, ...) or one of the recipe's "
+                                "tune: custom_strategies (default: recipe)", flag="--strategy", metavar="NAME")
+    custom_strategies: dict[str, dict[str, Any]] = opt({}, "tpe: name -> discovery settings overriding the recipe's",
+                                                       cli=False)
+    multiplier_step: float = opt(0.1, "tpe: multiplier grid step", gt=0)
+    startup_trials: int = opt(4, "tpe: random trials before the sampler models the results", ge=0)
 
     @model_validator(mode="after")
     def _no_bound(self) -> "TuneJob":
@@ -413,6 +443,8 @@ class DiffOptions(Overwrite):
 
     top: int = opt(20, "list this many changed tensors")
     rank1_share: float = opt(RANK1_SHARE, "top singular value's share of a change's energy that makes it a rank-1 edit")
+    rank_k: int = opt(4, "low-rank directional edits: rank counted from the top k singular values of a change",
+                      ge=1, le=64)
 
 
 class AuditSettings(Overwrite):
@@ -439,6 +471,19 @@ class AuditSettings(Overwrite):
     direction_threshold: float = opt(1e-3, "base-free: flag a residual direction whose eigenvalue is below this x "
                                      "the median")
     rank1_share: float = opt(RANK1_SHARE, "as for diff")
+    rank_k: int = opt(4, "as for diff", ge=1, le=64)
+    refusal_direction: bool = opt(True, "skip the refusal directions (cosine with a directional edit; base-free "
+                                  "depletion score)", flag="--no-refusal-direction")
+    directions: str | None = opt(None, "refusal directions (mean residual, harmful - benign, per layer) of the base "
+                                 "(or, without a base, of the suspect): read when FILE exists (checked against the "
+                                 "weights and the recipe's prompts), else computed and saved there", metavar="FILE")
+    direction_prompts: int = opt(32, "harmful and benign prompts each for the refusal directions", ge=2)
+    depletion_threshold: float = opt(0.05, "base-free: flag abliteration when a window of layers' writers write a "
+                                     "direction aligned with the model's own refusal direction below this x a "
+                                     "typical direction (smallest / median eigenvalue)", gt=0)
+    plot: str | None = opt(None, "write the directional edit's per-layer strength profile as a PNG", metavar="FILE")
+    save_direction: str | None = opt(None, "write the directional edit's consensus direction (.npy or "
+                                     ".safetensors)", metavar="FILE")
 
 
 # -- recipes -----------------------------------------------------------------------------------

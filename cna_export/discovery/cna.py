@@ -27,12 +27,13 @@ from typing import Any
 
 import numpy as np
 
-from ..core.circuit import Circuit, Neuron, UniversalNeuron
+from ..core.circuit import Circuit, Neuron, UniversalNeuron, neuron_fields
 from ..core.errors import CnaError
 from ..core.progress import bar as progress_bar
 from ..core.settings import DiscoverOptions
 from ..model.loading import LoadedModel
 from ..model.prompts import PromptSet, batches, render
+from ..model.batching import resolve_batch_size
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,8 @@ class CaptureReport:
     prompts: int
     tokens: int
     seconds: float
+    routing: dict[int, list[float]] | None = None  # MoE layer -> share of prompts routed to each expert
+    batches: list[int] = field(default_factory=list)  # prompts in each batch (--batch-size auto varies them)
 
     @property
     def prompts_per_second(self) -> float:
@@ -137,20 +140,33 @@ class LastTokenCapture:
         self.mask: Any = None
         self.capture, self.k = capture, k
         self._handles: list[Any] = []
+        self.width = 0
+        self._experts: Any = None
+        self.routing: dict[int, np.ndarray] = {}  # MoE layer -> prompts routed to each expert (last token)
 
-    def _pool(self, x: Any) -> np.ndarray:
-        return pool(x.detach(), self.mask, self.capture, self.k).to("cpu").double().numpy()
+    def _pool(self, x: Any, pad: bool = False) -> np.ndarray:
+        out = pool(x.detach(), self.mask, self.capture, self.k).to("cpu").double().numpy()
+        if pad and out.shape[1] < self.width:  # a narrower layer of a MoE model (DeepSeek's dense first layers)
+            out = np.pad(out, ((0, 0), (0, self.width - out.shape[1])))
+        return out
 
     def __enter__(self) -> LastTokenCapture:
+        from .experts import ExpertCapture
+
         layers = self.loaded.arch.layer_modules(self.loaded.model)
+        layout = self.loaded.layout()
+        self.width = layout.max_width
+        if layout.is_moe:
+            self._experts = ExpertCapture(self, pool)
+            self._experts.__enter__()
         for layer in range(self.loaded.num_layers):
-            down = self.loaded.down_proj(layer)
 
             def hook(module: Any, args: tuple, layer: int = layer) -> None:
                 if self.sink is not None:
-                    self.sink(layer, self._pool(args[0]), self.rows)
+                    self.sink(layer, self._pool(args[0], pad=True), self.rows)
 
-            self._handles.append(down.register_forward_pre_hook(hook))
+            if layer not in layout.moe_layers:  # MoE layers: captured by ExpertCapture
+                self._handles.append(self.loaded.down_proj(layer).register_forward_pre_hook(hook))
             if self.residual_sink is not None:
 
                 def out_hook(module: Any, args: tuple, output: Any, layer: int = layer) -> None:
@@ -164,13 +180,16 @@ class LastTokenCapture:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        if self._experts is not None:
+            self._experts.__exit__(*exc)
+            self._experts = None
 
 
 def run_prompts(
     loaded: LoadedModel,
     texts: Sequence[str],
     sink: Sink,
-    batch_size: int,
+    batch_size: int | str,
     chat_template: bool,
     max_length: int | None = None,
     desc: str = "prompts",
@@ -187,13 +206,16 @@ def run_prompts(
     rendered = render(loaded.tokenizer, texts, chat_template, system_prompt)
     decoder = loaded.arch.decoder_module(loaded.model)
     tokens = 0
+    sizes: list[int] = []
     start = time.perf_counter()
     bar = progress_bar(progress, total=len(rendered), desc=desc, unit="prompt", leave=True)
     with LastTokenCapture(loaded, capture, capture_k, residual_sink) as cap, torch.inference_mode():
         cap.sink = sink
         for batch in batches(
-            loaded.tokenizer, rendered, batch_size, chat_template, loaded.input_device, max_length
+            loaded.tokenizer, rendered, resolve_batch_size(batch_size, loaded), chat_template, loaded.input_device,
+            max_length,
         ):
+            sizes.append(len(batch.indices))
             cap.rows = batch.indices
             cap.mask = batch.attention_mask
             decoder(
@@ -205,14 +227,15 @@ def run_prompts(
             tokens += int(batch.attention_mask.sum())
             bar.update(len(batch.indices))
     bar.close()
-    return CaptureReport(len(rendered), tokens, time.perf_counter() - start)
+    routing = {layer: (hits / max(len(rendered), 1)).tolist() for layer, hits in sorted(cap.routing.items())}
+    return CaptureReport(len(rendered), tokens, time.perf_counter() - start, routing or None, sizes)
 
 
 def run_gradients(
     loaded: LoadedModel,
     texts: Sequence[str],
     sink: Sink,
-    batch_size: int,
+    batch_size: int | str,
     chat_template: bool,
     max_length: int | None = None,
     desc: str = "gradients",
@@ -230,6 +253,8 @@ def run_gradients(
     from .scores import behaviour_score, opening_token_ids
 
     refusal_ids, compliance_ids = opening_token_ids(loaded.tokenizer)
+    if loaded.layout().is_moe:
+        raise CnaError("not supported yet: gradient scores (attribution) on a mixture-of-experts model")
     rendered = render(loaded.tokenizer, texts, chat_template, system_prompt)
     model = loaded.model
     tokens = 0
@@ -237,6 +262,7 @@ def run_gradients(
     bar = progress_bar(progress, total=len(rendered), desc=desc, unit="prompt", leave=True)
     state: dict[str, Any] = {}
     handles = []
+    sizes: list[int] = []
 
     def embed_hook(module: Any, args: tuple, output: Any) -> Any:
         return output.detach().requires_grad_(True)  # the graph starts here: no parameter gradients
@@ -263,8 +289,9 @@ def run_gradients(
         for layer in range(loaded.num_layers):
             handles.append(loaded.down_proj(layer).register_forward_pre_hook(make_pre(layer)))
         with torch.enable_grad():
-            for batch in batches(loaded.tokenizer, rendered, batch_size, chat_template, loaded.input_device,
-                                 max_length):
+            for batch in batches(loaded.tokenizer, rendered, resolve_batch_size(batch_size, loaded, backward=True),
+                                 chat_template, loaded.input_device, max_length):
+                sizes.append(len(batch.indices))
                 state["rows"], state["mask"] = batch.indices, batch.attention_mask
                 out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                             position_ids=batch.position_ids, use_cache=False, logits_to_keep=1)
@@ -278,7 +305,7 @@ def run_gradients(
         for p, flag in flags:
             p.requires_grad_(flag)
     bar.close()
-    return CaptureReport(len(rendered), tokens, time.perf_counter() - start)
+    return CaptureReport(len(rendered), tokens, time.perf_counter() - start, batches=sizes)
 
 
 @dataclass
@@ -304,6 +331,9 @@ class ContrastStats:
     write_norm_sq: np.ndarray | None = None
     grad_positive: RunningStats | None = None
     grad_negative: RunningStats | None = None
+    layout: Any = None  # core.experts.Layout of a MoE model (flat index <-> (layer, expert, index))
+    routing: dict[int, list[float]] | None = None  # MoE layer -> share of prompts routed to each expert
+    batches: list[int] = field(default_factory=list)  # prompts in each batch (--batch-size auto varies them)
 
     def scores(self, method: str, opts: DiscoverOptions | None = None) -> np.ndarray:
         """The ``[layers, neurons]`` scores of ``method`` (see :mod:`cna_export.discovery.scores`)."""
@@ -331,9 +361,9 @@ class ContrastStats:
         self.write_proj = np.zeros((L, width, L))
         self.write_norm_sq = np.zeros((L, width))
         for layer in range(L):
-            w = loaded.down_proj(layer).weight.detach().to("cpu").double().numpy()  # [H, W]
-            self.write_proj[layer] = w.T @ dirs.T
-            self.write_norm_sq[layer] = np.square(w).sum(axis=0)
+            w = loaded.down_weight(layer).detach().to("cpu").double().numpy()  # [H, W] (MoE: all experts)
+            self.write_proj[layer, : w.shape[1]] = w.T @ dirs.T
+            self.write_norm_sq[layer, : w.shape[1]] = np.square(w).sum(axis=0)
 
 
 def collect(
@@ -376,6 +406,12 @@ def collect(
         reports["neutral"] = run_prompts(loaded, neutral.texts, both, desc="neutral", **common)
         topk.count = neutral_acts.count = len(neutral)
     out = ContrastStats(pos, neg, topk, reports, rpos, rneg, neutral_acts)
+    if loaded.layout().is_moe:
+        out.layout = loaded.layout()
+        n = len(positive) + len(negative)
+        out.routing = {layer: [(a * len(positive) + b * len(negative)) / n for a, b in
+                               zip(reports["positive"].routing[layer], reports["negative"].routing[layer])]
+                       for layer in sorted(reports["positive"].routing or {})}
     out.add_weights(loaded)
     if gradients if gradients is not None else opts.score == "attribution":
         gpos, gneg = RunningStats(L, width), RunningStats(L, width)
@@ -405,6 +441,9 @@ def eligible(stats: ContrastStats, opts: DiscoverOptions, scores: np.ndarray | N
     universal, and of the requested sign (``opts.sign``: both, or only positive/negative scores)."""
     scores = stats.scores(opts.score, opts) if scores is None else scores
     allowed = np.ones_like(scores, dtype=bool)
+    if stats.layout is not None:  # MoE models: positions past a narrower layer's neurons are padding
+        for layer in range(allowed.shape[0]):
+            allowed[layer, stats.layout.width(layer):] = False
     allowed[list(opts.exclude_layers)] = False
     if stats.neutral is not None:
         allowed &= ~(stats.neutral.frequency >= opts.universal_threshold)
@@ -432,11 +471,17 @@ def select(
     check_settings(opts, L)
     allowed = eligible(stats, opts, scores)
     universal: list[UniversalNeuron] = []
+    layout = stats.layout
     if stats.neutral is not None:
         freq = stats.neutral.frequency
         for layer, index in zip(*np.nonzero(freq >= opts.universal_threshold)):
-            universal.append(UniversalNeuron(layer=int(layer), index=int(index), frequency=float(freq[layer, index])))
-    k = top_k if top_k is not None else circuit_size(opts, L * width)
+            if layout is not None and index >= layout.width(int(layer)):
+                continue
+            where = neuron_fields(layout.key(int(layer), int(index))) if layout is not None else {
+                "layer": int(layer), "index": int(index)}
+            universal.append(UniversalNeuron(**where, frequency=float(freq[layer, index])))
+    total = layout.total if layout is not None else L * width
+    k = top_k if top_k is not None else circuit_size(opts, total)
     if k > int(allowed.sum()):
         raise CnaError(f"circuit size {k} exceeds the {int(allowed.sum())} neurons left after exclusions")
     flat = np.where(allowed, rank_key(stats, scores, opts), -1.0).ravel()
@@ -446,10 +491,10 @@ def select(
     neurons = []
     for f in order:
         layer, index = divmod(int(f), width)
+        where = neuron_fields(layout.key(layer, index)) if layout is not None else {"layer": layer, "index": index}
         neurons.append(
             Neuron(
-                layer=layer,
-                index=index,
+                **where,
                 score=float(scores[layer, index]),
                 positive_mean=float(pm[layer, index]),
                 negative_mean=float(nm[layer, index]),
@@ -466,8 +511,11 @@ def select(
         "activation": position,
         **opts.method_params(),
         "circuit_size": k,
-        "total_neurons": L * width,
+        "total_neurons": total,
     }
+    if layout is not None:
+        method["expert_activation"] = ("routing weight x activation at the captured token, 0 when the token is "
+                                       "not routed to the expert; shared experts: the plain activation")
     return Circuit(
         model=loaded.identity(),
         method=method,
@@ -475,6 +523,7 @@ def select(
         neurons=neurons,
         universal_neurons=universal,
         per_layer_counts=dict(sorted(counts.items())),
+        routing_frequency=stats.routing or {},
     )
 
 

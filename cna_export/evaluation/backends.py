@@ -530,7 +530,7 @@ def choose_backend(spec: str, backend: str = "auto") -> str:
 def open_backend(
     spec: str,
     backend: str = "auto",
-    batch_size: int = 8,
+    batch_size: int | str = 8,
     threads: int | None = None,
     chat_template: bool = True,
     system_prompt: str | None = None,
@@ -540,8 +540,9 @@ def open_backend(
     """Open ``spec`` with the chosen backend (an already loaded transformers model may be passed in)."""
     kind = choose_backend(spec, backend)
     if kind == "llama.cpp":
-        return LlamaCppBackend(spec, batch_size=batch_size, threads=threads, chat_template=chat_template,
-                               system_prompt=system_prompt)
+        # llama.cpp decodes the batch's sequences in one context sized for them: "auto" keeps 8
+        return LlamaCppBackend(spec, batch_size=8 if batch_size == "auto" else int(batch_size), threads=threads,
+                               chat_template=chat_template, system_prompt=system_prompt)
     if loaded is None:
         from ..model.loading import load_model
 

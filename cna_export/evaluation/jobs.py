@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from .backends import Backend, Steering, open_backend
 from ..core.circuit import Circuit, check_multiplier
@@ -255,6 +255,14 @@ def run_tune_job(t: TuneJob) -> dict:
         check_multiplier(m)
     if not t.fractions or not t.multipliers:
         raise CnaError("tune needs at least one fraction and one multiplier")
+    if t.sampler == "grid" and (t.strategies or t.custom_strategies):
+        raise CnaError("--strategy (and custom_strategies) need --sampler tpe; the grid uses the recipe's settings")
+    if t.sampler == "tpe":
+        from .search import resolve_strategies
+
+        resolve_strategies(t.strategies, t.custom_strategies)
+        if not job.settings.benign:
+            raise CnaError("--sampler tpe minimises benign KL: it needs the benign twins (drop --no-benign)")
     for f in t.fractions:
         if not 0 < f <= 1:
             raise CnaError(f"--fractions: {f} is not in (0, 1]")
@@ -274,6 +282,8 @@ def run_tune_job(t: TuneJob) -> dict:
     backend = _open(job, job.model)
     try:
         saved = get_stats(job, backend, log)
+        if t.sampler == "tpe":
+            return _run_tpe(t, saved, backend, harmful, benign, tune_idx, held_idx, log, t0)
         grid = cna_conditions(saved, t.fractions, t.multipliers, force=job.force)
         h_tune = harmful.subset(tune_idx)
         b_tune = benign.subset(tune_idx) if benign is not None else None
@@ -320,17 +330,7 @@ def run_tune_job(t: TuneJob) -> dict:
                     write_report(tmp / "heldout", ev2, _meta(job, backend, None),
                                  title="cna-export tune: held-out check")
                     held = [r.summary for r in ev2.results]
-                notes = {
-                    "objective": "fewest refusals on the tuning split",
-                    "constraints": {"quality_ratio": t.quality_ratio, "quality_metric": t.quality_metric,
-                                    "max_kl": t.max_kl, "kl_metric": t.kl_metric},
-                    "tuning_split": {"size": len(tune_idx), "seed": t.seed, "indices": tune_idx},
-                    "model": job.model,
-                    "judge": job.settings.judge,
-                    "max_new_tokens": job.settings.max_new_tokens,
-                    "tuning": _brief(chosen, base.summary),
-                    **({"heldout": _brief(held[1], held[0])} if len(held) == 2 else {}),
-                }
+                notes = _tune_notes(t, job, "fewest refusals on the tuning split", tune_idx, chosen, base.summary, held)
                 (tmp / "recipe.yaml").write_text(tuned_recipe_yaml(job.recipe, out, chosen, saved, notes), "utf-8")
             report = {
                 "model": job.model,
@@ -352,6 +352,135 @@ def run_tune_job(t: TuneJob) -> dict:
         return report
     finally:
         backend.close()
+
+
+def _run_tpe(t: TuneJob, saved: SavedStats, backend: Backend, harmful: EvalSet, benign: EvalSet | None,
+             tune_idx: list[int], held_idx: list[int], log: Callable[[str], None], t0: float) -> dict:
+    """``tune --sampler tpe``: the multi-objective search (evaluation/search.py) on the tuning split,
+    its Pareto front, the chosen point on the held-out split, the tuned recipe."""
+    from ..core.atomic import atomic_dir
+    from .search import FRONT_COLUMNS, SearchSpace, condition, feasible, plot_frontier, resolve_strategies, tpe_search
+    from .sweep import QUALITY_KEYS
+
+    job = t.eval
+    out = Path(job.out)
+    if benign is None:
+        raise CnaError("--sampler tpe minimises benign KL: it needs the benign twins (drop --no-benign)")
+    space = SearchSpace(resolve_strategies(t.strategies, t.custom_strategies),
+                        (saved.size_for(min(t.fractions)), saved.size_for(max(t.fractions))),
+                        (min(t.multipliers), max(t.multipliers)), t.multiplier_step)
+    space.check(saved)
+    kl_key, q_key = t.kl_metric, QUALITY_KEYS[t.quality_metric]
+    h_tune, b_tune = harmful.subset(tune_idx), benign.subset(tune_idx)
+    log(f"tune         tpe: {t.trials} trials over {len(space.strategies)} strateg"
+        f"{'y' if len(space.strategies) == 1 else 'ies'} x {space.k_range[0]}-{space.k_range[1]} neurons x "
+        f"multiplier {space.multiplier_range[0]:g}..{space.multiplier_range[1]:g} on {len(h_tune)} pairs (seed "
+        f"{t.seed}); held out {len(held_idx)}")
+    with atomic_dir(out, overwrite=job.overwrite) as tmp:
+        (tmp / "tune").mkdir()
+        sink = JsonlSink(tmp / "tune" / "generations.jsonl")
+        try:
+            ev = Evaluator(backend, h_tune, b_tune, job.settings, log=log, on_rows=sink)
+            base = ev.baseline()
+            res = tpe_search(ev, saved, space, t.trials, t.seed, t.quality_ratio, q_key, kl_key, t.max_kl,
+                             t.startup_trials, force=job.force, log=log)
+        finally:
+            sink.close()
+        tuning = [base.summary] + res.trials
+        (tmp / "tune" / "sweep.csv").write_text(sweep_csv(tuning), "utf-8")
+        (tmp / "tune" / "sweep.md").write_text(sweep_markdown(tuning), "utf-8")
+        plot_frontier(tmp / "tune" / "frontier.png", tuning, kl_key, res.front, res.chosen,
+                      title=f"{job.model}: tuning split, {len(res.trials)} trials",
+                      feasible_if=lambda s: feasible(s, res.reference_quality, t.quality_ratio, q_key))
+        write_report(tmp / "tune", ev, _meta(job, backend, None), title="cna-export tune (tpe): tuning split",
+                     extra_md="![frontier](frontier.png)")
+        chosen = res.chosen
+        held: list[dict] = []
+        if chosen is not None:
+            log(f"chosen       {chosen['label']}: refused {chosen['refused']}/{chosen['harmful_n']}, quality ratio "
+                f"{chosen['quality_ratio']:.3f}, {kl_key} {chosen[kl_key]:.4f}")
+            cond = condition(saved, chosen["strategy"], space.strategies[chosen["strategy"]], chosen["neurons"],
+                             chosen["multiplier"], chosen.get("strength"), force=job.force)
+            _write_circuits(tmp / "circuits", [cond])
+            if t.heldout and held_idx:
+                (tmp / "heldout").mkdir()
+                sink = JsonlSink(tmp / "heldout" / "generations.jsonl")
+                try:
+                    ev2 = Evaluator(backend, harmful.subset(held_idx), benign.subset(held_idx), job.settings, log=log,
+                                    on_rows=sink)
+                    ev2.baseline()
+                    run_conditions(ev2, [cond])
+                finally:
+                    sink.close()
+                write_report(tmp / "heldout", ev2, _meta(job, backend, None), title="cna-export tune: held-out check")
+                held = [r.summary for r in ev2.results]
+            notes = _tune_notes(t, job, f"Pareto front of (refusals, {kl_key}) on the tuning split (multi-objective "
+                                f"TPE, {len(res.trials)} trials); chosen: fewest refusals on the front within the KL "
+                                "bound", tune_idx, chosen, base.summary, held, strategy=chosen["strategy"])
+            (tmp / "recipe.yaml").write_text(tuned_recipe_yaml(job.recipe, out, chosen, saved, notes), "utf-8")
+        front_labels = {s["label"] for s in res.front}
+        report = {
+            "model": job.model,
+            "backend": backend.name,
+            "sampler": "tpe",
+            "search": {"strategies": space.strategies, "k_range": list(space.k_range),
+                       "multiplier_range": list(space.multiplier_range), "multiplier_step": space.multiplier_step,
+                       "trials": t.trials, "asked": res.asked, "startup_trials": t.startup_trials, "seed": t.seed},
+            "constraints": {"quality_ratio": t.quality_ratio, "quality_metric": t.quality_metric,
+                            "reference_quality": res.reference_quality, "max_kl": t.max_kl, "kl_metric": t.kl_metric},
+            "split": {"tune": tune_idx, "heldout": held_idx, "seed": t.seed},
+            "front": res.front,
+            "chosen": chosen,
+            "rejected": [{"label": s["label"], "reason": f"quality {s.get(q_key):.3f} < {t.quality_ratio:g} x "
+                          f"{res.reference_quality:.3f}"} for s in res.trials
+                         if res.reference_quality is not None and s.get(q_key) is not None
+                         and s[q_key] < t.quality_ratio * res.reference_quality],
+            "tuning": tuning,
+            "heldout": held,
+            "seconds": round(time.perf_counter() - t0, 1),
+        }
+        (tmp / "tune.json").write_text(json.dumps(report, indent=2, default=str) + "\n", "utf-8")
+        lines = ["# cna-export tune (tpe)", "",
+                 f"Model `{job.model}` ({backend.name}); {len(res.trials)} configurations ({res.asked} asked, repeats "
+                 f"reused) over strategies {', '.join(space.strategies)} x {space.k_range[0]}-{space.k_range[1]} "
+                 f"neurons x multiplier {space.multiplier_range[0]:g}..{space.multiplier_range[1]:g} (step "
+                 f"{space.multiplier_step:g}); tuning split {len(tune_idx)} pairs (seed {t.seed}), held out "
+                 f"{len(held_idx)}; greedy, {job.settings.max_new_tokens} new tokens.", "",
+                 f"Objectives: refusals, {kl_key} (both minimised). Constraint: {t.quality_metric} quality >= "
+                 f"{t.quality_ratio:g} x unsteered. Choice: fewest refusals on the front"
+                 + (f" with {kl_key} <= {t.max_kl:g}." if t.max_kl is not None else "."), "",
+                 "## Pareto front (tuning split)", "", markdown_table(res.front, FRONT_COLUMNS),
+                 "![frontier](tune/frontier.png)", "", "## All trials", "",
+                 markdown_table([{**s, "label": s["label"] + (" (front)" if s["label"] in front_labels else "")}
+                                 for s in tuning]),
+                 "## Choice", ""]
+        if chosen is not None:
+            lines.append(f"**{chosen['label']}** (strategy `{chosen['strategy']}`: {chosen['overrides'] or 'recipe'}); "
+                         "written to `recipe.yaml`.")
+        else:
+            lines.append("No point of the front met the constraints; no recipe written.")
+        if held:
+            lines += ["", "## Held-out split", "", markdown_table(held)]
+        (tmp / "tune.md").write_text("\n".join(lines) + "\n", "utf-8")
+    log(f"wrote        {out} ({time.perf_counter() - t0:.0f}s)")
+    return report
+
+
+def _tune_notes(t: TuneJob, job: EvalJob, objective: str, tune_idx: Sequence[int], chosen: dict, base: dict,
+                held: Sequence[dict], **extra: Any) -> dict:
+    """What a tuned recipe records about how it was chosen."""
+    return {
+        "objective": objective,
+        **extra,
+        "constraints": {"quality_ratio": t.quality_ratio, "quality_metric": t.quality_metric,
+                        "max_kl": t.max_kl, "kl_metric": t.kl_metric},
+        "tuning_split": {"size": len(tune_idx), "seed": t.seed, "indices": list(tune_idx)},
+        "model": job.model,
+        "judge": job.settings.judge,
+        "max_new_tokens": job.settings.max_new_tokens,
+        "tuning": _brief(chosen, base),
+        **({"heldout": _brief(held[1], held[0])} if len(held) == 2 else {}),
+    }
 
 
 def _brief(s: dict, base: dict) -> dict:

@@ -510,9 +510,13 @@ def tuned_recipe_yaml(base_recipe: str | Path | None, out_dir: Path, choice: dic
             if v:
                 data[key] = os.path.relpath(Path(v).resolve(), out_dir.resolve())
     data.pop("top_k", None)
+    data.update(choice.get("overrides") or {})  # a searched strategy's discovery settings
     data["top_fraction"] = float(choice["fraction"]) if choice.get("fraction") else choice["neurons"] / saved.total_neurons
     data["top_k"] = int(choice["neurons"])
-    data["multiplier"] = float(choice["multiplier"])
+    if choice.get("multiplier") is None:  # per-neuron (mean-match) multipliers: discovery computes them
+        data.pop("multiplier", None)
+    else:
+        data["multiplier"] = float(choice["multiplier"])
     data["tuned"] = notes
     header = ("# Tuned by cna-export tune: circuit size (top_k) and multiplier chosen on a tuning split.\n"
               "# 'tuned' records the objective, the constraints and the measured figures.\n")

@@ -64,11 +64,16 @@ def _check(weight: torch.Tensor, axis: Axis, indices: Sequence[int], multipliers
 def scale_slices(
     weight: torch.Tensor, axis: Axis, indices: Sequence[int], multipliers: Sequence[float] | float
 ) -> torch.Tensor:
-    """A copy of ``weight`` with the given columns/rows/elements multiplied (one rounding each)."""
+    """A copy of ``weight`` with the given columns/rows/elements multiplied (one rounding each).
+
+    A 3-D ``[experts, rows, columns]`` tensor (fused MoE experts) counts its columns/rows expert by
+    expert: flat index ``e * columns + j`` is column ``j`` of expert ``e`` (rows: ``e * rows + r``)."""
     import torch
 
     if isinstance(multipliers, (int, float)):
         multipliers = [float(multipliers)] * len(indices)
+    if weight.dim() == 3 and axis in ("column", "row"):
+        return _scale_experts(weight, axis, indices, multipliers)
     dim = _check(weight, axis, indices, multipliers)
     out = weight.detach().clone()
     if not len(indices):
@@ -81,6 +86,25 @@ def scale_slices(
     shape[dim] = len(indices)
     scaled = (picked * m.reshape(shape)).to(weight.dtype)
     out.index_copy_(dim, idx, scaled)
+    return out
+
+
+def _scale_experts(weight: torch.Tensor, axis: Axis, indices: Sequence[int], multipliers: Sequence[float]) -> torch.Tensor:
+    size = weight.shape[2] if axis == "column" else weight.shape[1]
+    if len(indices) != len(multipliers):
+        raise ValueError("indices and multipliers must have the same length")
+    if len(set(indices)) != len(indices):
+        raise CnaError(f"an index is listed twice in the {axis}s to scale")
+    by_expert: dict[int, tuple[list[int], list[float]]] = {}
+    for i, m in zip(indices, multipliers):
+        if not 0 <= int(i) < weight.shape[0] * size:
+            raise CnaError(f"expert {axis} {i} is out of range for a tensor of shape {list(weight.shape)}")
+        e, j = divmod(int(i), size)
+        by_expert.setdefault(e, ([], []))[0].append(j)
+        by_expert[e][1].append(float(m))
+    out = weight.detach().clone()
+    for e, (js, ms) in sorted(by_expert.items()):
+        out[e] = scale_slices(weight[e], axis, js, ms)
     return out
 
 

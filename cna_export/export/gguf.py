@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -36,7 +37,8 @@ from ..core.circuit import Circuit
 from ..core.errors import CnaError
 from .plan import ExportCheck, Fold, StagedExport, plan_patches, resolve_export_multipliers, run_check
 from ..io import gguf as G
-from ..io.identity import gguf_identity
+from ..io import fpcache
+from ..io.identity import gguf_fingerprint, gguf_identity
 from ..core.atomic import atomic_path, atomic_write_text, check_output_path
 from ..io.quants import ScaleReport
 from ..core.manifest import STEERED_SUFFIX, GGUF_KEY, ExportManifest, TouchedTensor, multipliers_list, side_manifest_path
@@ -122,7 +124,9 @@ def export_gguf(
     JSON file), or the circuit's own.
 
     Raises :class:`CnaError` (before writing anything) for a circuit that does not
-    fit, an unsupported tensor type, or an existing output without ``overwrite``.
+    fit, an unsupported tensor type, or an existing output without ``overwrite``. A circuit found
+    on other weights (fingerprint) is refused too: at once when the fingerprint cache knows the
+    file, else once it is hashed (beside the copy with ``fast_copy``; nothing is left behind).
     A ``check`` (see :mod:`cna_export.export.plan`) runs on the written file before it is moved
     into place; when it fails, :class:`VerificationFailed` (with ``.report``) is raised and nothing
     is left behind. :func:`cna_export.pipeline.export` passes the verification as that check.
@@ -144,10 +148,42 @@ def export_gguf(
 
     reader = G.open_gguf(src)
     spec = G.gguf_arch(reader)
-    identity = gguf_identity(reader, model, fingerprint=bool(circuit.model.fingerprint))
-    notes = list(circuit.check_fits(identity, force=force))
+    identity = gguf_identity(reader, model, fingerprint=False)
+    notes = list(circuit.check_fits(identity, force=force))  # shapes; the fingerprint once it is known
     mults = resolve_export_multipliers(circuit, multiplier, multipliers)
     patches = plan_patches(reader, spec, mults, fold)
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cna-fingerprint")
+    pending: Future | None = None
+    if circuit.model.fingerprint:  # from the cache, else hashed beside the work below (it releases the GIL)
+        hit = fpcache.lookup("gguf", [reader.path], extra=spec.model_type)
+        if hit is not None:
+            notes += circuit.check_fits(identity.model_copy(update={"fingerprint": hit}), force=force)
+        else:
+            pending = pool.submit(gguf_fingerprint, reader, spec)
+
+    def fingerprint_checked() -> list[str]:
+        nonlocal pending
+        if pending is None:
+            return []
+        got, pending = pending.result(), None
+        more = circuit.check_fits(identity.model_copy(update={"fingerprint": got}), force=force)
+        for note in more:
+            log.warning(note)
+        return more
+
+    try:
+        return _export(model, circuit, src, out, side, modelfile_path, reader, spec, mults, patches, notes, fold,
+                       fast_copy, overwrite, check, progress, fingerprint_checked, t0)
+    finally:
+        if pending is not None:
+            pending.cancel()
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _export(model: str, circuit: Circuit, src: Path, out: Path, side: Path | None, modelfile_path: Path | None,
+            reader: Any, spec: Any, mults: Mapping[tuple[int, int], float], patches: Any, notes: list[str], fold: Fold,
+            fast_copy: bool, overwrite: bool, check: ExportCheck | None, progress: bool,
+            fingerprint_checked: Any, t0: float) -> GGUFExportResult:
 
     # pass 1: hashes before/after and the scale reports, one tensor in memory at a time
     tensors = G.tensor_map(reader)
@@ -177,6 +213,8 @@ def export_gguf(
     for w in warnings_:
         log.warning(w)
 
+    if not fast_copy:  # the manifest goes into the header, written first: the fingerprint must be known now
+        notes[:0] = fingerprint_checked()
     previous = G.field_value(reader, GGUF_KEY)
     if previous is not None and fast_copy:
         raise CnaError(
@@ -208,6 +246,7 @@ def export_gguf(
         with atomic_path(out, overwrite=overwrite, inputs=(src,)) as tmp:
             shutil.copyfile(src, tmp)
             patch_reports = G.patch_in_place(tmp, reader, patches)
+            manifest.notes[:0] = fingerprint_checked()  # hashed during the copy: a mismatch discards it
             _check_written(reader, tmp, manifest, header_changed=False)
             report = _verify(tmp) if check is not None else None
             atomic_write_text(side, manifest.to_json() + "\n", overwrite=overwrite)

@@ -18,6 +18,7 @@ from ..core.circuit import Circuit, load_multipliers_file
 from ..core.errors import CnaError, VerificationFailed
 from ..core.manifest import ExportManifest
 from ..io import gguf as G
+from ..core.experts import SHARED, describe, group_multipliers, is_expert_key
 from ..model.steering import group_by_layer, resolve_multipliers
 
 Fold = Literal["up", "down"]
@@ -34,11 +35,10 @@ def resolve_export_multipliers(
     if isinstance(multipliers, (str, Path)):
         return load_multipliers_file(multipliers, circuit)
     if multipliers is not None:
-        wanted = {(n.layer, n.index) for n in circuit.neurons}
+        wanted = set(circuit.keys())
         missing = wanted - set(multipliers)
         if missing:
-            layer, index = sorted(missing)[0]
-            raise CnaError(f"no multiplier for circuit neuron (layer {layer}, index {index})")
+            raise CnaError(f"no multiplier for circuit neuron {describe(sorted(missing)[0])}")
         return resolve_multipliers(circuit, per_neuron={k: multipliers[k] for k in sorted(wanted)})
     return resolve_multipliers(circuit, multiplier)
 
@@ -52,6 +52,10 @@ def plan_patches(reader: Any, spec: ArchSpec, mults: Mapping[tuple[int, int], fl
     tensors = G.tensor_map(reader)
     n_layers = G.num_layers(reader)
     patches: dict[str, G.TensorPatch] = {}
+    expert_keys = {k: m for k, m in mults.items() if is_expert_key(k)}
+    if expert_keys:
+        _plan_expert_patches(reader, spec, expert_keys, fold, n_layers, patches)
+        mults = {k: m for k, m in mults.items() if not is_expert_key(k)}
     for layer, (idx, ms) in group_by_layer(mults).items():
         if layer >= n_layers:
             raise CnaError(f"circuit neuron layer {layer} is out of range (the GGUF file has {n_layers} layers)")
@@ -85,6 +89,53 @@ def plan_patches(reader: Any, spec: ArchSpec, mults: Mapping[tuple[int, int], fl
     if not patches:
         raise CnaError("the circuit has no neurons: nothing to export")
     return patches
+
+
+def _plan_expert_patches(reader: Any, spec: ArchSpec, mults: Mapping[tuple[int, ...], float], fold: Fold,
+                         n_layers: int, patches: dict[str, G.TensorPatch]) -> None:
+    """Expert neurons: row ``e * n_ff + j`` of ``ffn_up_exps`` (``e * 2 n_ff + n_ff + j`` of a fused
+    ``ffn_gate_up_exps``) or column ``j`` of expert ``e`` in ``ffn_down_exps`` (float types only, flat
+    index ``e * n_ff + j``); the shared expert's row ``j`` of ``ffn_up_shexp`` / column ``j`` of
+    ``ffn_down_shexp``."""
+    grouped: dict[tuple[str, str], tuple[Any, str, list[int], list[float]]] = {}
+    for (layer, expert), (idx, ms) in group_multipliers(mults).items():
+        where = describe((layer, expert, idx[0]))
+        if layer >= n_layers:
+            raise CnaError(f"circuit neuron {where} is out of range (the GGUF file has {n_layers} layers)")
+        ffn = G.expert_ffn(reader, spec, layer)
+        if ffn is None:
+            raise CnaError(f"circuit neuron {where} names an expert, but layer {layer} of the GGUF file has no "
+                           "expert tensors")
+        if expert == SHARED:
+            if ffn.down_shexp is None:
+                raise CnaError(f"circuit neuron {where} names the shared expert, which the model lacks")
+            width = ffn.shared_width
+            if max(idx) >= width:
+                raise CnaError(f"circuit neuron {describe((layer, expert, max(idx)))} is out of range ({width} neurons)")
+            tensor, flat = (ffn.down_shexp, list(idx)) if fold == "down" else (ffn.up_shexp, list(idx))
+        else:
+            if expert >= ffn.experts:
+                raise CnaError(f"circuit neuron {where} names an expert the model lacks (layer {layer} has "
+                               f"{ffn.experts} experts)")
+            if max(idx) >= ffn.width:
+                raise CnaError(f"circuit neuron {describe((layer, expert, max(idx)))} is out of range "
+                               f"({ffn.width} neurons per expert)")
+            if fold == "down":
+                tensor, flat = ffn.down, [expert * ffn.width + j for j in idx]
+            else:
+                rows = 2 * ffn.width if ffn.fused_up else ffn.width
+                tensor = ffn.up
+                flat = [expert * rows + (ffn.width if ffn.fused_up else 0) + j for j in idx]
+        axis = "column" if fold == "down" else "row"
+        _, _, have_idx, have_ms = grouped.setdefault((tensor.name, axis), (tensor, axis, [], []))
+        have_idx.extend(flat)
+        have_ms.extend(ms)
+    for (name, axis), (tensor, _, idx, ms) in sorted(grouped.items()):
+        order = sorted(range(len(idx)), key=lambda i: idx[i])
+        patch = G.TensorPatch(name, tensor.tensor_type, axis, [idx[i] for i in order], [ms[i] for i in order],
+                              G.np_shape(tensor))
+        patch.check()
+        patches[name] = patch
 
 
 class CheckReport(Protocol):

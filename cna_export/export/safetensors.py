@@ -14,10 +14,11 @@ or a Hub repo without safetensors is first loaded by transformers and written
 as a safetensors folder with ``save_pretrained``; that folder is then folded
 the same way.
 
-The circuit is checked against the source before anything is written: shapes
-from config.json and the safetensors headers, and the fingerprint (sha256 of
+The circuit is checked against the source: shapes from config.json and the
+safetensors headers before anything is written, and the fingerprint (sha256 of
 every layer's down_proj weight as float32, computed one memory-mapped tensor
-at a time, equal to ``LoadedModel.fingerprint()``).
+at a time, equal to ``LoadedModel.fingerprint()``) from the fingerprint cache,
+or hashed while the shards are written; a mismatch discards the staged output.
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ import logging
 import shutil
 import tempfile
 import time
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -42,7 +45,9 @@ from ..io.tensor_bytes import tensor_sha256
 from .fold import scale_columns
 from .plan import ExportCheck, StagedExport, resolve_export_multipliers, run_check
 from ..io import safetensors as st_io
-from ..io.identity import checkpoint_identity
+from ..io import fpcache
+from ..io.identity import checkpoint_fingerprint, checkpoint_identity, expert_tensors
+from ..core.experts import group_multipliers
 from ..core.atomic import atomic_dir, check_output_path
 from ..core.manifest import MANIFEST_FILE, SHARD_METADATA_KEY, ExportManifest, TouchedTensor, multipliers_list
 from ..io.sources import local_folder, resolve_source
@@ -52,6 +57,9 @@ from ..model.steering import group_by_layer
 from .card import CARD_FILE, model_card  # noqa: F401  (model_card: part of this API)
 
 log = logging.getLogger(__name__)
+
+WORKERS = 2
+"""Shards written at once: while the kernel copies one, another's touched tensors are hashed."""
 
 # Weight files that are not part of the folded safetensors checkpoint: copying them would ship
 # unsteered weights beside the steered ones, so they are left out (and listed in the manifest notes).
@@ -76,6 +84,7 @@ class ExportResult:
     total_bytes: int = 0
     seconds: float = 0.0
     verification: Any = None  # the check's report when a check ran
+    tensors: list[TouchedTensor] = field(default_factory=list, repr=False)  # the touched tensors, in file order
 
 
 @dataclass
@@ -175,6 +184,17 @@ def _plan(
     mults: Mapping[tuple[int, int], float],
 ) -> _Plan:
     by_file: dict[str, dict[str, tuple[int, list[int], list[float]]]] = {}
+    if identity.moe is not None:  # MoE: per-expert or fused 3-D tensors (flat column e * width + j)
+        layout = identity.layout()
+        for (layer, expert), (idx, ms) in group_multipliers(mults).items():
+            for j in idx:
+                layout.check((layer, j) if expert is None else (layer, expert, j))
+            name, slot = expert_tensors(ckpt, arch, layer).groups[expert]
+            flat = idx if slot is None else [slot * layout.expert_width + j for j in idx]
+            _, have_idx, have_ms = by_file.setdefault(ckpt.weight_map[name], {}).setdefault(name, (layer, [], []))
+            have_idx.extend(flat)
+            have_ms.extend(ms)
+        return _Plan(arch, identity, ckpt, dict(sorted(by_file.items())))
     for layer, (idx, ms) in group_by_layer(mults).items():
         name = down_names[layer]
         by_file.setdefault(ckpt.weight_map[name], {})[name] = (layer, idx, ms)
@@ -201,20 +221,22 @@ def _shard_summary(circuit_sha: str, mults: Mapping[tuple[int, int], float],
 def _fold_shard(
     plan: _Plan, file: str, dst: Path, summary: str,
 ) -> list[TouchedTensor]:
-    touched: list[TouchedTensor] = []
-    replacements = {}
-    for name, (_layer, idx, ms) in plan.by_file[file].items():
+    """Rewrite one shard with its touched down_proj weights folded, one tensor in memory at a time."""
+    touched: dict[str, TouchedTensor] = {}
+
+    def folded(name: str, idx: list[int], ms: list[float]) -> Any:
         w = plan.ckpt.read(name)
         new = scale_columns(w, idx, ms)
-        touched.append(TouchedTensor(
+        touched[name] = TouchedTensor(
             name=name, dtype=str(w.dtype).removeprefix("torch."), shape=list(w.shape),
             sha256_before=tensor_sha256(w), sha256_after=tensor_sha256(new), axis="column", indices=idx, file=file,
-        ))
-        replacements[name] = new
-        del w
-    dst.parent.mkdir(parents=True, exist_ok=True)
+        )
+        return new
+
+    entries = plan.by_file[file]
+    replacements = {name: partial(folded, name, idx, ms) for name, (_layer, idx, ms) in entries.items()}
     st_io.rewrite_shard(plan.ckpt.path(file), dst, replacements, {SHARD_METADATA_KEY: summary})
-    return touched
+    return [touched[name] for name in entries]
 
 
 def _files(folder: Path) -> list[Path]:
@@ -270,6 +292,8 @@ def export_safetensors(
 
     staging: Path | None = None
     loaded = None
+    fingerprint: Future | None = None
+    pool = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="cna-export")
     try:
         folder = local_folder(source)
         needs_conversion = source.kind == "gguf" or not _has_safetensors(folder)
@@ -292,9 +316,13 @@ def export_safetensors(
             folder_for_fold = staging
         else:
             identity, arch, ckpt, down_names = checkpoint_identity(
-                folder, source.spec, "hub" if source.kind == "hub" else "hf", trust_remote_code)
+                folder, source.spec, "hub" if source.kind == "hub" else "hf", trust_remote_code, with_fingerprint=False)
             folder_for_fold = folder
-        notes = circ.check_fits(identity, force=force)
+            if circ.model.fingerprint:
+                fingerprint = pending_fingerprint(ckpt, down_names, pool)
+        notes = circ.check_fits(identity, force=force)  # shapes now; the fingerprint below, once hashed
+        if fingerprint is not None and fingerprint.done():
+            identity, fingerprint = _checked(circ, identity, fingerprint, force, notes), None
         for note in notes:
             log.warning(note)
         plan = _plan(ckpt, arch, identity, down_names, mults)
@@ -308,10 +336,17 @@ def export_safetensors(
         )
         with atomic_dir(out_path, overwrite=overwrite, inputs=inputs) as tmp:
             try:
-                _write(plan, folder_for_fold, tmp, manifest, result, circuit_sha, mults,
+                _write(plan, folder_for_fold, tmp, result, circuit_sha, mults, pool,
                        link=link or needs_conversion, progress=progress)
             except OSError as e:
                 raise CnaError(f"cannot write {out_path}: {e.strerror or e}") from None
+            if fingerprint is not None:  # hashed while the shards were written: a mismatch discards them
+                more: list[str] = []
+                identity, fingerprint = _checked(circ, identity, fingerprint, force, more), None
+                for note in more:
+                    log.warning(note)
+                manifest.notes.extend(more)
+            _finish(tmp, manifest, result)
             if check is not None:
                 original: Any = loaded if loaded is not None else str(folder_for_fold)
                 staged = StagedExport(tmp, manifest, original, source.spec, out_path)
@@ -326,36 +361,77 @@ def export_safetensors(
         return result
     finally:
         loaded = None
+        if fingerprint is not None:
+            fingerprint.cancel()
+        pool.shutdown(wait=True, cancel_futures=True)
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
 
 
+def pending_fingerprint(ckpt: st_io.Checkpoint, down_names: Sequence[str], pool: ThreadPoolExecutor) -> Future:
+    """The checkpoint's fingerprint: from the fingerprint cache at once, else hashed on ``pool``
+    (sha256 and the float32 conversion release the GIL, so it runs beside the shard copies)."""
+    fut: Future = Future()
+    shards = sorted({str(ckpt.path(ckpt.weight_map[n])) for n in down_names})
+    hit = fpcache.lookup("safetensors", shards, extra=json.dumps(list(down_names)))
+    if hit is not None:
+        fut.set_result(hit)
+        return fut
+    return pool.submit(checkpoint_fingerprint, ckpt, list(down_names))
+
+
+def _checked(circ: Circuit, identity: ModelIdentity, fingerprint: Future, force: bool, notes: list[str]) -> ModelIdentity:
+    identity = identity.model_copy(update={"fingerprint": fingerprint.result()})
+    notes.extend(circ.check_fits(identity, force=force))
+    return identity
+
+
 def _write(
-    plan: _Plan, folder: Path, tmp: Path, manifest: ExportManifest, result: ExportResult, circuit_sha: str,
-    mults: Mapping[tuple[int, int], float], link: bool, progress: bool,
+    plan: _Plan, folder: Path, tmp: Path, result: ExportResult, circuit_sha: str,
+    mults: Mapping[tuple[int, int], float], pool: ThreadPoolExecutor, link: bool, progress: bool,
 ) -> None:
+    """Every file of ``folder`` into ``tmp``: touched shards rewritten, the rest copied (or linked),
+    several at a time on ``pool`` (the kernel copies while another shard is hashed)."""
     files = _files(folder)
     shards = set(plan.ckpt.files)
     bar = progress_bar(progress, total=len(files), desc="export", unit="file", leave=True)
-    for rel in files:
-        key = rel.as_posix()
-        src, dst = folder / rel, tmp / rel
-        if key in plan.by_file:
-            summary = _shard_summary(circuit_sha, mults, plan.by_file[key])
-            manifest.tensors.extend(_fold_shard(plan, key, dst, summary))
-            result.rewritten_shards.append(key)
-        elif key in shards:
-            st_io.copy_file(src, dst, link=link)
-            result.copied_shards.append(key)
-        elif key in (MANIFEST_FILE, CARD_FILE):
-            pass  # replaced by ours
-        elif src.suffix.lower() in OTHER_WEIGHT_SUFFIXES:
-            result.left_out.append(key)
-        else:
-            st_io.copy_file(src, dst)
-            result.other_files.append(key)
-        bar.update(1)
-    bar.close()
+    jobs: list[tuple[str, str, Future]] = []
+    try:
+        for rel in files:
+            key = rel.as_posix()
+            src, dst = folder / rel, tmp / rel
+            if key in plan.by_file:
+                summary = _shard_summary(circuit_sha, mults, plan.by_file[key])
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                jobs.append(("rewritten", key, pool.submit(_fold_shard, plan, key, dst, summary)))
+            elif key in shards:
+                jobs.append(("copied", key, pool.submit(st_io.copy_file, src, dst, link)))
+            elif key in (MANIFEST_FILE, CARD_FILE):
+                bar.update(1)  # replaced by ours
+            elif src.suffix.lower() in OTHER_WEIGHT_SUFFIXES:
+                result.left_out.append(key)
+                bar.update(1)
+            else:
+                jobs.append(("other", key, pool.submit(st_io.copy_file, src, dst)))
+        for kind, key, job in jobs:
+            done = job.result()
+            if kind == "rewritten":
+                result.tensors.extend(done)
+                result.rewritten_shards.append(key)
+            elif kind == "copied":
+                result.copied_shards.append(key)
+            else:
+                result.other_files.append(key)
+            bar.update(1)
+    finally:
+        for _, _, job in jobs:
+            job.cancel()
+        wait([j for _, _, j in jobs])  # nothing keeps writing into a folder that is being removed
+        bar.close()
+
+
+def _finish(tmp: Path, manifest: ExportManifest, result: ExportResult) -> None:
+    manifest.tensors.extend(result.tensors)
     if result.left_out:
         manifest.notes.append("not copied (weights outside the folded safetensors checkpoint, which would not carry "
                               "the steering): " + ", ".join(result.left_out))

@@ -45,6 +45,7 @@ import numpy as np
 
 from ..core.settings import AuditSettings  # noqa: F401  (part of this module's API)
 from .diff import DiffReport, Expectation, diff_sources, layer_ranges, neuron_summary
+from ..core.circuit import neuron_key
 from ..core.errors import CnaError
 from ..core.multipliers import describe_multipliers
 from ..io.weights import WeightSource, open_weights
@@ -106,6 +107,17 @@ class AuditReport:
         if self.diff is not None:
             lines.append("-- diff against " + self.diff.a["description"])
             lines += ["  " + x for x in self.diff.render(top=10).splitlines()[2:]]
+            lr = self.diff.lowrank
+            if lr is not None and lr.detected:
+                lines.append(f"-- directional edit along one residual direction ({lr.kind}; per writer along the "
+                             "consensus direction: strength = share of the projection removed, corr = projection "
+                             "correlation, rho/z = concentration over noise, cos = own direction vs consensus)")
+                lines += ["  " + x for x in lr.table().splitlines()]
+                if lr.refusal:
+                    lines.append(f"refusal dir  |cos| with the base's refusal direction: best {lr.refusal['best_cos']:.3f} "
+                                 f"(layer {lr.refusal['best_layer']}), mean over the edited layers "
+                                 f"{lr.refusal['edited_layers_mean_cos'] if lr.refusal['edited_layers_mean_cos'] is not None else float('nan'):.3f} "
+                                 f"({lr.refusal['source']})")
         if self.manifest_check is not None:
             mc = self.manifest_check
             lines.append(f"manifest     {mc['where']}: {mc['expected_neurons']} neurons expected, "
@@ -128,6 +140,12 @@ class AuditReport:
             lines.append(f"direction    smallest/median eigenvalue of sum W W^T: {g['ratio']:.3e} (all writers), "
                          f"per layer min {g['layer_ratio_min']:.3e}; flagged layers: "
                          f"{layer_ranges(g['flagged_layers']) or 'none'} (threshold {bf['direction_threshold']:g})")
+            dep = bf.get("depletion")
+            if dep is not None:
+                lines.append(f"depletion    layers {dep['window'][0]}-{dep['window'][1]}: smallest/median eigenvalue of "
+                             f"the writers' summed Gram {dep['score']:.3f} (threshold {dep['threshold']:g}), its direction "
+                             f"|cos| {dep['alignment']:.2f} with the refusal direction of layer {dep['direction_layer']} "
+                             f"(needs {dep['min_alignment']:g}; {dep['source']})")
         if self.behaviour is not None:
             b = self.behaviour
             lines.append(f"behaviour    {b['summary']}")
@@ -201,9 +219,10 @@ def expectation(manifest: Any, base: WeightSource) -> Expectation:
     """The slices the manifest's fold must have scaled, in the base's tensors."""
     role = "ffn_down" if manifest.fold == "down" else "ffn_up"
     slices: dict[int, dict[int, float]] = {}
-    for (layer, index), m in manifest.multiplier_map().items():
-        if m == 1.0:
+    for key, m in manifest.multiplier_map().items():
+        if m == 1.0 or len(key) == 3:  # expert neurons: checked by _check_manifest_experts
             continue
+        layer, index = key
         if layer >= base.num_layers:
             raise CnaError(f"the manifest names layer {layer}; the base has {base.num_layers} layers")
         down = base.find("ffn_down", layer)
@@ -218,6 +237,8 @@ def expectation(manifest: Any, base: WeightSource) -> Expectation:
 def check_manifest(manifest: Any, where: str, suspect: WeightSource, base: WeightSource, diff: DiffReport,
                    expect: Expectation) -> dict:
     """Exactly the manifest's neurons changed, by exactly its multipliers, and nothing else."""
+    if any(len(k) == 3 for k in manifest.multiplier_map()):
+        return _check_manifest_experts(manifest, where, suspect, base, diff)
     problems: list[str] = []
     notes: list[str] = []
     mults = {k: v for k, v in manifest.multiplier_map().items() if v != 1.0}
@@ -302,6 +323,47 @@ def check_manifest(manifest: Any, where: str, suspect: WeightSource, base: Weigh
     }
 
 
+def _check_manifest_experts(manifest: Any, where: str, suspect: WeightSource, base: WeightSource,
+                            diff: DiffReport) -> dict:
+    """:func:`check_manifest` for a mixture-of-experts export: the neurons the diff recovers, as
+    (layer, expert, index), are exactly the manifest's with its multipliers (within the fold's
+    rounding), only the manifest's tensors changed, and their bytes are the recorded ones."""
+    import math
+
+    from ..core.experts import format_key
+
+    problems: list[str] = []
+    mults = {k: v for k, v in manifest.multiplier_map().items() if v != 1.0}
+    for key, m in sorted(mults.items()):
+        got = diff.neurons.get(key)
+        if got is None or not math.isclose(got, m, rel_tol=2e-3, abs_tol=1e-6):
+            problems.append(f"neuron {format_key(key)} is not scaled by x{m:g}"
+                            + (f" (found x{got:g})" if got is not None else " (no constant scaling found)"))
+    extra = sorted(set(diff.neurons) - set(mults))
+    if extra:
+        problems.append(f"{len(extra)} neurons are scaled in the suspect but not listed (e.g. {format_key(extra[0])})")
+    listed = {t.name for t in manifest.tensors}
+    same_format = suspect.kind == base.kind
+    for t in diff.tensors:
+        if not t.differs:
+            continue
+        if same_format and t.name not in listed:
+            problems.append(f"tensor {t.name} changed but the manifest does not touch it")
+        elif t.unexplained:
+            problems.append(f"tensor {t.name} has {t.unexplained} changed slices that are not a constant scaling")
+    allowed_meta = ALLOWED_KV_CHANGES if suspect.kind == "gguf" else ALLOWED_FILE_CHANGES
+    problems += [f"metadata: {m}" for m in diff.metadata_differences
+                 if same_format and not any(f" {k} " in f" {m} " for k in allowed_meta)]
+    if same_format and manifest.format == ("gguf" if suspect.kind == "gguf" else "safetensors"):
+        for tt in manifest.tensors:
+            e = suspect.entries.get(tt.name)
+            if e is None or suspect.sha256(e) != tt.sha256_after:
+                problems.append(f"tensor {tt.name} does not hold the bytes the manifest recorded (sha256_after)")
+    return {"where": where, "passed": not problems, "expected_neurons": len(mults),
+            "recovered_neurons": len(diff.neurons), "fold": manifest.fold, "problems": problems,
+            "notes": ["mixture-of-experts export: checked neuron by neuron as (layer, expert, index)"]}
+
+
 def _neuron_of(slot: int, layer: int, base: WeightSource, role: str) -> int:
     if role == "ffn_up" and base.arch.fused_gate_up:
         down = base.find("ffn_down", layer)
@@ -370,9 +432,9 @@ def refusal_overlap(base_spec: str, recovered: Mapping[tuple[int, int], float], 
         ref = saved.circuit(circuit_size(opts, saved.total_neurons))
         if recovered:
             same = saved.circuit(min(len(recovered), int(eligible(saved.stats, opts).sum())))
-            same_size = len({(n.layer, n.index) for n in same.neurons} & set(recovered))
+            same_size = len({neuron_key(n) for n in same.neurons} & set(recovered))
             ranks = _ranks(saved.stats, opts, recovered)
-    ref_set = {(n.layer, n.index) for n in ref.neurons}
+    ref_set = {neuron_key(n) for n in ref.neurons}  # (layer, index), or (layer, expert, index) for MoE
     K = len(ref_set)
     steered = ref_set & set(recovered)
     ablated = {k for k in steered if recovered[k] == 0.0}
@@ -472,7 +534,10 @@ def _ranks(stats: Any, opts: Any, recovered: Mapping[tuple[int, int], float]) ->
     rank = np.empty_like(order)
     rank[order] = np.arange(1, order.size + 1)
     width = scores.shape[1]
-    rs = sorted(int(rank[l * width + i]) for (l, i) in recovered if l < scores.shape[0] and i < width)
+    layout = getattr(stats, "layout", None)  # MoE: (layer, expert, index) -> the layer's flat index
+    flat_of = {k: (k[-1] if len(k) == 2 else layout.flat(k) if layout is not None else None) for k in recovered}
+    rs = sorted(int(rank[k[0] * width + f]) for k, f in flat_of.items()
+                if f is not None and k[0] < scores.shape[0] and f < width)
     return {"median": int(np.median(rs)) if rs else None, "best": rs[0] if rs else None, "worst": rs[-1] if rs else None,
             "of": int(allowed.sum())}
 
@@ -572,11 +637,21 @@ def audit(suspect: str, settings: AuditSettings | None = None, progress: bool = 
             report.findings = [report.verdict]
         elif s.base:
             base = open_weights(s.base)
-            diff = diff_sources(base, sus, rank1_share=s.rank1_share, progress=progress)
+            diff = diff_sources(base, sus, rank1_share=s.rank1_share, progress=progress, rank_k=s.rank_k)
             report.diff = diff
             timings["diff"] = diff.seconds
             base.close()
             base = None
+            lr = diff.lowrank
+            if lr is not None and lr.detected and s.refusal_direction:
+                from .abliteration import refusal_cosines
+                from .refusal_direction import refusal_directions
+
+                t1 = time.perf_counter()
+                rd, source = refusal_directions(s.base, s.recipe, s.directions, s.direction_prompts, s.overwrite,
+                                                progress)
+                lr.refusal = refusal_cosines(lr.direction, rd.directions(), lr.layers, source)
+                timings["refusal direction"] = time.perf_counter() - t1
             findings = diff.findings()
             if diff.neurons and s.discover:
                 t1 = time.perf_counter()
@@ -611,17 +686,45 @@ def audit(suspect: str, settings: AuditSettings | None = None, progress: bool = 
             bf = scan_base_free(sus, s.zero_threshold, s.direction_threshold, progress=progress)
             timings["scan"] = time.perf_counter() - t1
             report.base_free = bf
+            if s.refusal_direction:
+                from .refusal_direction import depletion_score, refusal_directions
+
+                t1 = time.perf_counter()
+                try:
+                    rd, source = refusal_directions(suspect, s.recipe, s.directions, s.direction_prompts,
+                                                    s.overwrite, progress)
+                except CnaError as e:  # the weights scan stands without it
+                    if s.directions and Path(s.directions).is_file():
+                        raise
+                    report.notes.append(f"refusal directions not measured ({e}); no depletion score")
+                else:
+                    dep = depletion_score(sus, rd.directions(), threshold=s.depletion_threshold)
+                    dep["source"] = source
+                    bf["depletion"] = dep
+                timings["refusal direction"] = time.perf_counter() - t1
             parts = []
             if bf["zeroed_total"]:
                 parts.append(f"zeroed MLP neurons: {bf['zeroed_total']} in layers {layer_ranges(bf['zeroed_layers'])} "
                              "(CNA-style ablation, multiplier 0)")
             d = bf["direction"]
+            # a direction annihilated coherently across layers is a directional ablation whether or not the
+            # suspect's refusal direction can still be measured (a complete ablation removes it from the stream)
+            annihilated = []
             if d["ratio"] < s.direction_threshold:
                 where = layer_ranges(d["flagged_layers"]) or "all layers together"
-                parts.append(f"directional ablation detected: a residual direction no layer writes "
-                             f"(eigenvalue ratio {d['ratio']:.1e}); layers {where}")
+                annihilated.append(f"a residual direction no layer writes (eigenvalue ratio {d['ratio']:.1e}); "
+                                   f"layers {where}")
             elif len(d["flagged_layers"]) >= 2:
-                parts.append(f"directional ablation detected: layers {layer_ranges(d['flagged_layers'])}")
+                annihilated.append(f"layers {layer_ranges(d['flagged_layers'])} write nothing along one shared "
+                                   "residual direction")
+            dep = bf.get("depletion")
+            if dep is not None and dep["flagged"]:
+                annihilated.append(f"the writers of layers {dep['window'][0]}-{dep['window'][1]} write a direction "
+                                   f"{dep['score']:.3f} x as strongly as a typical one (threshold "
+                                   f"{dep['threshold']:g}), aligned with the model's own refusal direction "
+                                   f"(|cos| {dep['alignment']:.2f}, layer {dep['direction_layer']})")
+            if annihilated:
+                parts.append("refusals stripped by directional ablation: " + "; ".join(annihilated))
             if embedded is not None:
                 mults = embedded.multiplier_map()
                 claim = f"{len(mults)} neurons, {describe_multipliers(mults, 'phrase')}"
@@ -644,6 +747,7 @@ def audit(suspect: str, settings: AuditSettings | None = None, progress: bool = 
             ms = report.behaviour["models"]
             rates = " -> ".join(f"{m['refused']}/{m['n']}" for m in ms.values())
             report.verdict += f" [refusals {rates}]"
+        write_directional_outputs(report, s)
         timings["total"] = time.perf_counter() - t0
         report.timings = timings
         return report
@@ -651,6 +755,24 @@ def audit(suspect: str, settings: AuditSettings | None = None, progress: bool = 
         if base is not None:
             base.close()
         sus.close()
+
+
+def write_directional_outputs(report: AuditReport, s: AuditSettings) -> None:
+    """``--plot`` (strength profile PNG) and ``--save-direction`` (consensus direction) of a directional edit."""
+    lr = report.diff.lowrank if report.diff is not None else None
+    found = lr is not None and lr.detected
+    for flag, path in (("--plot", s.plot), ("--save-direction", s.save_direction)):
+        if path and not found:
+            report.notes.append(f"{flag}: no directional edit was found, {path} not written")
+    if not found:
+        return
+    from .abliteration import plot_profile, save_direction
+
+    if s.plot:
+        plot_profile(s.plot, lr, title=f"{Path(report.suspect['spec']).name}: strength along the consensus direction",
+                     overwrite=s.overwrite)
+    if s.save_direction:
+        save_direction(s.save_direction, lr, overwrite=s.overwrite)
 
 
 def _manifest_base(manifest: Any) -> str:

@@ -49,6 +49,7 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
+from ..core.circuit import neuron_fields
 from ..core.errors import CnaError
 from ..core.multipliers import describe_multipliers, multiplier_counts  # noqa: F401  (re-exported)
 from ..core.progress import bar as progress_bar
@@ -201,6 +202,8 @@ class TensorDiff:
     unexplained: int = 0  # changed slices (or elements) left after scaling
     rank1: Rank1 | None = None
     notes: list[str] = field(default_factory=list)
+    expert: int | None = None  # MoE: the expert of a per-expert or shared down projection (shared: -1)
+    expert_width: int | None = None  # MoE: fused 3-D down projection, scaled columns are e * width + j
 
     @property
     def differs(self) -> bool:
@@ -236,6 +239,7 @@ class DiffReport:
     metadata_differences: list[str]
     rank1_share: float
     seconds: float = 0.0
+    lowrank: Any = None  # abliteration.DirectionalFinding: low-rank directional edits along one shared direction
 
     # -- views ---------------------------------------------------------------
     def count(self, status: str) -> int:
@@ -264,18 +268,27 @@ class DiffReport:
         )
 
     def other_changes(self) -> list[TensorDiff]:
-        return [t for t in self.tensors if t.differs and (t.structure is None or "other" in t.structure)]
+        lr = self.lowrank if self.lowrank is not None and self.lowrank.detected else None
+        along = {w.name for w in lr.support()} if lr is not None else set()
+        return [t for t in self.tensors if t.differs and (t.structure is None or "other" in t.structure)
+                and t.name not in along]
 
     def findings(self) -> list[dict]:
         """What the difference consists of: cna scaling, directional edits, other changes."""
         out: list[dict] = []
+        lr = self.lowrank if self.lowrank is not None and self.lowrank.detected else None
         if self.neurons:
             out.append({"kind": "cna", "neurons": len(self.neurons),
-                        "layers": sorted({l for l, _ in self.neurons}),
+                        "layers": sorted({k[0] for k in self.neurons}),
                         "multipliers": multiplier_counts(self.neurons.values()),
                         "summary": f"CNA neuron scaling: {neuron_summary(self.neurons)}"})
         d = self.directional()
-        if d is not None:
+        if lr is not None:  # the low-rank analysis (inspect/abliteration.py) supersedes the rank-1 grouping
+            fl = lr.support()
+            out.append({"kind": "directional", "layers": lr.layers, "tensors": [w.name for w in fl],
+                        "consistency": lr.shared_share, "ablated": lr.ablation, "edit_kind": lr.kind,
+                        "profile": {str(k): v for k, v in lr.profile().items()}, "summary": lr.summary()})
+        elif d is not None:
             where = layer_ranges(d.layers) if d.layers else "embeddings only"
             extra = f" and {', '.join(d.embeddings)}" if d.embeddings and d.layers else ""
             shared = "one shared direction" if d.consistency >= 0.9 else f"directions differ (min |cos| {d.consistency:.2f})"
@@ -303,9 +316,10 @@ class DiffReport:
 
     # -- outputs ---------------------------------------------------------------
     def recovered_circuit(self, identity: Any, notes: Iterable[str] = ()) -> Any:
-        from ..core.circuit import Circuit, Neuron
+        from ..core.circuit import Circuit, Neuron, neuron_fields
+        from ..core.experts import format_key
 
-        neurons = [Neuron(layer=l, index=i, score=0.0, multiplier=m) for (l, i), m in sorted(self.neurons.items())]
+        neurons = [Neuron(**neuron_fields(k), score=0.0, multiplier=m) for k, m in sorted(self.neurons.items())]
         counts: dict[int, int] = {}
         for n in neurons:
             counts[n.layer] = counts.get(n.layer, 0) + 1
@@ -316,7 +330,7 @@ class DiffReport:
                 "name": "recovered-by-diff",
                 "base": self.a["spec"],
                 "suspect": self.b["spec"],
-                "sources": {f"{l}:{i}": s for (l, i), s in sorted(self.neuron_sources.items())},
+                "sources": {format_key(k): s for k, s in sorted(self.neuron_sources.items())},
                 "score": "not measured (0.0): recovered neurons carry their multiplier instead",
             },
             neurons=neurons,
@@ -332,9 +346,10 @@ class DiffReport:
             "verdict": self.verdict(),
             "findings": self.findings(),
             "counts": {s: self.count(s) for s in ("identical", "equivalent", "changed", "only_a", "only_b", "shape_mismatch")},
-            "neurons": [{"layer": l, "index": i, "multiplier": m, "tensors": self.neuron_sources.get((l, i), [])}
-                        for (l, i), m in sorted(self.neurons.items())],
+            "neurons": [{**neuron_fields(k), "multiplier": m, "tensors": self.neuron_sources.get(k, [])}
+                        for k, m in sorted(self.neurons.items())],
             "directional": asdict(d) if d else None,
+            "lowrank": self.lowrank.to_dict() if self.lowrank is not None else None,
             "metadata_differences": self.metadata_differences,
             "rank1_share_threshold": self.rank1_share,
             "tensors": [t.to_dict() for t in self.tensors if t.status != "identical"],
@@ -352,8 +367,8 @@ class DiffReport:
         ]
         if self.neurons:
             by_layer: dict[int, list[int]] = {}
-            for (l, i) in self.neurons:
-                by_layer.setdefault(l, []).append(i)
+            for k in self.neurons:
+                by_layer.setdefault(k[0], []).append(k[-1])
             lines.append(f"neurons      {neuron_summary(self.neurons)}")
             lines.append("per layer    " + " ".join(f"L{l}:{len(v)}" for l, v in sorted(by_layer.items())))
         d = self.directional()
@@ -362,6 +377,14 @@ class DiffReport:
                          + (f" + {', '.join(d.embeddings)}" if d.embeddings else "")
                          + f"; min |cos| to the main direction {d.consistency:.3f}; "
                          + ("projection removed" if d.ablated else "projection not removed"))
+        lr = self.lowrank
+        if lr is not None:
+            lines.append(f"low rank     hollow spike {lr.spike:.3g} vs permuted {lr.null_spike:.3g} "
+                         f"({'coherent' if lr.coherent else 'not coherent'}); flagged writers {len(lr.flagged())}, "
+                         f"carrying the edit {len(lr.support())}"
+                         + (f", shared share {lr.shared_share:.2f}" if lr.shared_share is not None else ""))
+            if lr.detected:
+                lines.append("profile      " + " ".join(f"L{l}:{v:.2f}" for l, v in lr.profile().items()))
         changed = [t for t in self.tensors if t.differs]
         if changed:
             lines.append(f"changed      (largest first, {min(top, len(changed))} of {len(changed)})")
@@ -398,7 +421,7 @@ def describe_tensor(t: TensorDiff) -> str:
 
 
 def neuron_summary(neurons: Mapping[tuple[int, int], float]) -> str:
-    layers = sorted({l for l, _ in neurons})
+    layers = sorted({k[0] for k in neurons})
     mult = describe_multipliers(neurons, "phrase")
     n, k = len(neurons), len(layers)
     return f"{n} neuron{'s' if n != 1 else ''} in {k} layer{'s' if k != 1 else ''} ({layer_ranges(layers)}), {mult}"
@@ -626,6 +649,25 @@ def compare_tensor(
     """Compare one pair of tensors (already read) and explain the change."""
     td = TensorDiff(name, ea.role, ea.layer, list(ea.shape), list(eb.shape), ea.storage, eb.storage, "identical")
     tol = PairTolerance(ea.storage, eb.storage)
+    role = ea.role
+    expert = _expert_tensor(name, a_src.arch) if role is None else None
+    if expert is not None and expert[1] is not None:  # a per-expert down projection [hidden, width]
+        role, td.layer, td.expert = "ffn_down", expert[0], expert[1]
+    elif role in ("ffn_down_shexp", "ffn_up_shexp", "ffn_gate_shexp"):  # the shared expert: a dense MLP
+        role, td.expert = role.removesuffix("_shexp"), -1
+    elif role in ("ffn_up_exps", "ffn_gate_exps") and A.ndim == 3 and A.shape == B.shape:
+        # [experts, n_ff, hidden]: rows e * n_ff + j
+        td.expert_width = int(A.shape[1])
+        A, B = A.reshape(-1, A.shape[2]), B.reshape(-1, B.shape[2])
+        role = role.removesuffix("_exps")
+    elif (role == "ffn_down_exps" or expert is not None) and A.ndim == 3 and A.shape == B.shape:
+        # fused [experts, hidden, width]: columns e * width + j of [hidden, experts * width]
+        if expert is not None:
+            td.layer = expert[0]
+        td.expert_width = int(A.shape[2])
+        A = np.ascontiguousarray(A.transpose(1, 0, 2)).reshape(A.shape[1], -1)
+        B = np.ascontiguousarray(B.transpose(1, 0, 2)).reshape(B.shape[1], -1)
+        role = "ffn_down"
     A2, B2 = _as_2d(A), _as_2d(B)
     rmA = a_src.rows_max_abs(ea, A2)
     rmB = b_src.rows_max_abs(eb, B2)
@@ -647,8 +689,7 @@ def compare_tensor(
 
     explained_rows = np.zeros(A2.shape[0], dtype=bool)
     explained_cols = np.zeros(A2.shape[1], dtype=bool)
-    role = ea.role
-    if A.ndim == 2 and role in NEURON_ROLES and ea.suffix == "weight":
+    if A.ndim == 2 and role in NEURON_ROLES and (ea.suffix == "weight" or td.expert_width):
         axis = "column" if role == "ffn_down" else "row"
         changed = np.nonzero(st.changed_cols if axis == "column" else st.changed_rows)[0]
         mult, ok = scaled_slices(A2, B2, axis, changed, tol, rmA, rmB)
@@ -656,7 +697,7 @@ def compare_tensor(
             if not good or m == 1.0:
                 continue
             neuron = int(j)
-            if role == "ffn_up" and info.fused_up and info.n_ff:
+            if role == "ffn_up" and info.fused_up and info.n_ff and td.expert is None and not td.expert_width:
                 if j < info.n_ff:  # gate half of a fused gate_up: only an ablation is a neuron edit
                     if m != 0.0:
                         continue
@@ -767,14 +808,23 @@ def diff_sources(
     rank1_share: float = RANK1_SHARE,
     expect: Expectation | None = None,
     progress: bool = False,
+    lowrank: bool = True,
+    rank_k: int | None = None,
 ) -> DiffReport:
-    """Compare two opened checkpoints tensor by tensor (one tensor of each side in memory at a time)."""
+    """Compare two opened checkpoints tensor by tensor (one tensor of each side in memory at a time).
+
+    ``lowrank``: also run the low-rank directional analysis of the residual writers
+    (:mod:`cna_export.inspect.abliteration`, which reads those tensors a second time)."""
+    from .abliteration import RANK_K, DirectionalScan
+
     t0 = time.perf_counter()
     if a.arch.model_type != b.arch.model_type and (a.arch.gguf.arch[0] != b.arch.gguf.arch[0]):
         raise CnaError(f"cannot compare a {a.arch.model_type} model with a {b.arch.model_type} model")
     pairs = pair_entries(a, b)
     infos = _layer_info(a)
     tensors: list[TensorDiff] = []
+    scan = DirectionalScan(a.hidden_size, rank_k=rank_k or RANK_K) if lowrank else None
+    scanned: dict[str, tuple[TensorEntry, TensorEntry, list[int]]] = {}
     bar = progress_bar(progress, total=len(pairs), desc="diff", unit="tensor")
     for name, ea, eb in pairs:
         if ea is None or eb is None:
@@ -794,14 +844,65 @@ def diff_sources(
             B = b.read(eb)
             info = infos.get(ea.layer, _LayerInfo()) if ea.layer is not None else _LayerInfo()
             tensors.append(compare_tensor(name, ea, eb, A, B, a, b, info, rank1_share, expect))
+            if scan is not None and ea.role in RESIDUAL_WRITERS and A.ndim == 2 and ea.suffix == "weight":
+                td = tensors[-1]
+                cols = sorted(td.scaled) if td.scale_axis == "column" else []  # scaled neurons are CNA's, not this
+                scanned[name] = (ea, eb, cols)
+                scan.add(name, ea.role, ea.layer, RESIDUAL_WRITERS[ea.role], A, _unscale(A, B, cols))
             del A, B
         bar.update(1)
     bar.close()
     neurons, sources = _collect_neurons(tensors)
+    finding = None
+    if scan is not None and scanned:
+
+        def read_pair(n: str) -> tuple[np.ndarray, np.ndarray]:
+            ea, eb, cols = scanned[n]
+            A = a.read(ea)
+            return A, _unscale(A, b.read(eb), cols)
+
+        finding = scan.finish(read_pair, rank1_share=rank1_share)
     return DiffReport(
         a=source_info(a), b=source_info(b), tensors=tensors, neurons=neurons, neuron_sources=sources,
         metadata_differences=a.metadata_differences(b), rank1_share=rank1_share, seconds=time.perf_counter() - t0,
+        lowrank=finding,
     )
+
+
+def _expert_tensor(name: str, arch: Any) -> tuple[int, int | None] | None:
+    """(layer, expert) when ``name`` is a per-expert down projection of the architecture's MoE layout,
+    (layer, None) when it is a fused 3-D one."""
+    import re
+
+    if arch.moe is None:
+        return None
+    for template in arch.moe.checkpoint_fused_down:
+        m = re.fullmatch(re.escape(template).replace(r"\{layer\}", r"(\d+)"), name)
+        if m:
+            return int(m.group(1)), None
+    for template in arch.moe.checkpoint_expert_down:
+        pattern = re.escape(template).replace(r"\{layer\}", r"(?P<layer>\d+)").replace(r"\{expert\}", r"(?P<expert>\d+)")
+        m = re.fullmatch(pattern, name)
+        if m:
+            return int(m.group("layer")), int(m.group("expert"))
+    return None
+
+
+def _neuron_key(t: TensorDiff, j: int) -> tuple[int, ...]:
+    if t.expert_width:
+        return (t.layer, j // t.expert_width, j % t.expert_width)  # type: ignore[return-value]
+    if t.expert is not None:
+        return (t.layer, t.expert, j)  # type: ignore[return-value]
+    return (t.layer, j)  # type: ignore[return-value]
+
+
+def _unscale(A: np.ndarray, B: np.ndarray, cols: list[int]) -> np.ndarray:
+    """B with the columns a neuron scaling explains put back to A's (left out of the directional analysis)."""
+    if not cols:
+        return B
+    B = B.copy()
+    B[:, cols] = A[:, cols]
+    return B
 
 
 def _collect_neurons(tensors: list[TensorDiff]) -> tuple[dict[tuple[int, int], float], dict[tuple[int, int], list[str]]]:
@@ -813,7 +914,7 @@ def _collect_neurons(tensors: list[TensorDiff]) -> tuple[dict[tuple[int, int], f
         if t.layer is None or not t.scaled or t.scale_axis == "element":
             continue
         for j, m in t.scaled.items():
-            key = (t.layer, j)
+            key = _neuron_key(t, j)
             mults[key] = mults.get(key, 1.0) * m
             sources.setdefault(key, []).append(t.name)
             if t.role == "ffn_up":
@@ -835,13 +936,18 @@ def _collect_neurons(tensors: list[TensorDiff]) -> tuple[dict[tuple[int, int], f
     return dict(sorted(mults.items())), {k: sources[k] for k in sorted(mults)}
 
 
-def diff_checkpoints(a: str, b: str, rank1_share: float = RANK1_SHARE, progress: bool = False) -> DiffReport:
-    """Library entry point: open both checkpoints and compare them."""
-    sa = open_weights(a)
+def diff_checkpoints(a: str, b: str, rank1_share: float = RANK1_SHARE, progress: bool = False,
+                     rank_k: int | None = None) -> DiffReport:
+    """Library entry point: open both checkpoints and compare them (two GGUF files in llama.cpp's
+    own names and layout, which needs neither transformers nor torch)."""
+    from ..io.sources import resolve_source
+
+    both_gguf = all(resolve_source(x).kind == "gguf" for x in (a, b))
+    sa = open_weights(a, hf_layout=not both_gguf)
     try:
-        sb = open_weights(b)
+        sb = open_weights(b, hf_layout=not both_gguf)
         try:
-            return diff_sources(sa, sb, rank1_share=rank1_share, progress=progress)
+            return diff_sources(sa, sb, rank1_share=rank1_share, progress=progress, rank_k=rank_k)
         finally:
             sb.close()
     finally:

@@ -455,6 +455,14 @@ class TensorPatch:
                 col = elems.reshape(-1, 1)
                 _, report = scale_rows(col, self.ggml_type, self.indices, self.multipliers, out=col)
                 return report
+            if elems.ndim == 3:  # ffn_down_exps [experts, n_embd, n_ff]: flat column e * n_ff + j
+                width = elems.shape[-1]
+                mat = elems.transpose(1, 0, 2).reshape(elems.shape[1], -1)  # a copy: written back below
+                cols = np.ascontiguousarray(mat[:, self.indices].T)
+                _, report = scale_rows(cols, self.ggml_type, range(len(self.indices)), self.multipliers, out=cols)
+                for k, i in enumerate(self.indices):
+                    elems[i // width, :, i % width] = cols[k]
+                return report
             mat = elems if elems.ndim == 2 else elems.reshape(-1, elems.shape[-1])
             cols = np.ascontiguousarray(mat[:, self.indices].T)
             _, report = scale_rows(cols, self.ggml_type, range(len(self.indices)), self.multipliers, out=cols)
@@ -537,15 +545,18 @@ def write_patched(
         writer.write_header_to_file(path=Path(path))
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        for t in reader.tensors:
-            patch = patches.get(t.name)
-            if patch is None:
-                writer.write_tensor_data(t.data)
-            else:
-                buf, reports[t.name] = patch.patched_copy(t.data)
-                writer.write_tensor_data(buf)
-                del buf
-            bar.update(int(t.n_bytes))
+        if _same_data_layout(reader, writer.data_alignment):
+            _copy_data_section(reader, writer, patches, reports, bar)
+        else:
+            for t in reader.tensors:
+                patch = patches.get(t.name)
+                if patch is None:
+                    writer.write_tensor_data(t.data)
+                else:
+                    buf, reports[t.name] = patch.patched_copy(t.data)
+                    writer.write_tensor_data(buf)
+                    del buf
+                bar.update(int(t.n_bytes))
         writer.flush()
         assert writer.fout is not None
         for fh in writer.fout:
@@ -554,6 +565,53 @@ def write_patched(
         writer.close()
         bar.close()
     return reports
+
+
+def _padded(n: int, alignment: int) -> int:
+    return -(-n // alignment) * alignment
+
+
+def _same_data_layout(reader: Any, alignment: int) -> bool:
+    """True when the source's tensor data sit where ``GGUFWriter`` puts them (header order, each
+    tensor padded to ``alignment``): then the data section can be copied as a whole."""
+    expected = reader.data_offset
+    for t in reader.tensors:
+        if int(t.data_offset) != expected:
+            return False
+        expected += _padded(int(t.n_bytes), alignment)
+    return True
+
+
+def _copy_data_section(reader: Any, writer: Any, patches: Mapping[str, TensorPatch],
+                       reports: dict[str, ScaleReport], bar: Any) -> None:
+    """After the header: the source's data section copied by the kernel (padding included), each
+    patched tensor written from its patched copy instead (one tensor in memory at a time)."""
+    from .filecopy import copy_range, write_all
+
+    fout = writer.fout[0]
+    fout.flush()
+    fd = fout.fileno()
+    pos = os.lseek(fd, 0, os.SEEK_CUR)
+    write_all(fd, memoryview(bytes(_padded(pos, writer.data_alignment) - pos)))
+    size = os.path.getsize(reader.path)
+    end = reader.data_offset
+    with open(reader.path, "rb") as src:
+        sfd = src.fileno()
+        pos = reader.data_offset  # next source byte to copy
+        for t in reader.tensors:
+            patch = patches.get(t.name)
+            if patch is not None:
+                copy_range(sfd, fd, pos, int(t.data_offset) - pos)
+                buf, reports[t.name] = patch.patched_copy(t.data)
+                write_all(fd, memoryview(np.ascontiguousarray(buf).reshape(-1).view(np.uint8)))
+                del buf
+                pos = int(t.data_offset) + int(t.n_bytes)
+            end = int(t.data_offset) + _padded(int(t.n_bytes), writer.data_alignment)
+            bar.update(int(t.n_bytes))
+        copy_range(sfd, fd, pos, min(end, size) - pos)
+    if end > size:  # the source's last tensor was not padded: GGUFWriter would have padded it
+        write_all(fd, memoryview(bytes(end - size)))
+    os.lseek(fd, 0, os.SEEK_END)
 
 
 def patch_in_place(
@@ -647,7 +705,8 @@ def gguf_arch(reader: Any) -> Any:
     name = field_value(reader, "general.architecture")
     if not name:
         raise CnaError("GGUF file has no general.architecture")
-    return arch_for_gguf(str(name))
+    moe = any(t.name.endswith("_exps.weight") for t in reader.tensors)
+    return arch_for_gguf(str(name), moe=moe)
 
 
 def num_layers(reader: Any) -> int:
@@ -669,6 +728,66 @@ def ffn_tensors(reader: Any, spec: Any, layer: int) -> tuple[Any, Any]:
         if len(t.ne) != 2:
             raise CnaError(f"not supported yet: {name} has {len(t.ne)} dimensions (expected a 2-D MLP weight)")
     return down, up
+
+
+@dataclass
+class ExpertFFN:
+    """One mixture-of-experts layer's expert tensors (llama.cpp ``ne``: down ``[n_ff, n_embd, n_expert]``,
+    up ``[n_embd, n_ff, n_expert]``, or a fused gate_up ``[n_embd, 2 n_ff, n_expert]``, gate half first)."""
+
+    layer: int
+    down: Any
+    up: Any
+    fused_up: bool
+    down_shexp: Any = None
+    up_shexp: Any = None
+
+    @property
+    def experts(self) -> int:
+        return int(self.down.ne[2])
+
+    @property
+    def width(self) -> int:
+        return int(self.down.ne[0])
+
+    @property
+    def hidden(self) -> int:
+        return int(self.down.ne[1])
+
+    @property
+    def shared_width(self) -> int:
+        return int(self.down_shexp.ne[0]) if self.down_shexp is not None else 0
+
+
+def expert_ffn(reader: Any, spec: Any, layer: int) -> ExpertFFN | None:
+    """The expert tensors of ``layer``, or None for a dense layer (or a dense architecture)."""
+    moe = spec.moe
+    if moe is None:
+        return None
+    tensors = tensor_map(reader)
+    down = tensors.get(moe.gguf_down_exps.format(layer=layer))
+    if down is None:
+        return None
+    up = tensors.get(moe.gguf_up_exps.format(layer=layer))
+    fused = False
+    if up is None and moe.gguf_gate_up_exps:
+        up, fused = tensors.get(moe.gguf_gate_up_exps.format(layer=layer)), True
+    if up is None:
+        raise CnaError(f"GGUF file has {down.name} but no {moe.gguf_up_exps.format(layer=layer)}")
+    for t in (down, up):
+        if len(t.ne) != 3:
+            raise CnaError(f"not supported yet: {t.name} has {len(t.ne)} dimensions (expected [.., .., experts])")
+    want_up = (int(down.ne[1]), (2 if fused else 1) * int(down.ne[0]), int(down.ne[2]))
+    if tuple(int(x) for x in up.ne) != want_up:
+        raise CnaError(f"{up.name} has shape {list(up.ne)}, expected {list(want_up)} for {down.name} {list(down.ne)}")
+    out = ExpertFFN(layer, down, up, fused)
+    if moe.gguf_down_shexp:
+        out.down_shexp = tensors.get(moe.gguf_down_shexp.format(layer=layer))
+        if out.down_shexp is not None:
+            out.up_shexp = tensors.get((moe.gguf_up_shexp or "").format(layer=layer))
+            if out.up_shexp is None:
+                raise CnaError(f"GGUF file has {out.down_shexp.name} but no shared up projection")
+    return out
 
 
 def intermediate_size(down: Any) -> int:

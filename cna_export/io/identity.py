@@ -3,21 +3,26 @@
 :func:`checkpoint_identity` reads a safetensors folder (config.json and the tensor headers) and
 :func:`gguf_identity` a GGUF file. Both fingerprint the down projection weights with
 :func:`cna_export.core.fingerprint.fingerprint`, one layer at a time, so the identities equal
-``LoadedModel.identity()`` of the same weights.
+``LoadedModel.identity()`` of the same weights. Fingerprints of files are remembered in the
+fingerprint cache (:mod:`cna_export.io.fpcache`), so the same weights are hashed once.
 """
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 
 from ..core.architectures import ArchSpec, arch_for_config
-from ..core.circuit import ModelIdentity
+from ..core.circuit import ModelIdentity, MoeIdentity
+from ..core.experts import SHARED
 from ..core.errors import CnaError
 from ..core.fingerprint import fingerprint
-from .gguf import ffn_tensors, gguf_arch, intermediate_size, num_layers, type_name
+from . import fpcache
+from .gguf import expert_ffn, ffn_tensors, gguf_arch, intermediate_size, num_layers, type_name
 from .quants import dequantize_rows
 from .safetensors import Checkpoint, fp32_fingerprint
 
@@ -43,6 +48,9 @@ def checkpoint_identity(
     if not num_layers:
         raise CnaError(f"the config of {name} has no num_hidden_layers")
     ckpt = Checkpoint.open(folder)
+    if arch.moe is not None and any(getattr(text, a, None) for a in ("num_local_experts", "num_experts",
+                                                                         "n_routed_experts")):
+        return _moe_checkpoint_identity(ckpt, arch, text, num_layers, name, source_format, with_fingerprint)
     names: list[str] = []
     for layer in range(num_layers):
         found = ckpt.first_present(arch.checkpoint_down_names(layer))
@@ -72,29 +80,148 @@ def checkpoint_identity(
         num_layers=num_layers,
         intermediate_size=intermediate,
         hidden_size=hidden,
-        fingerprint=fp32_fingerprint(ckpt, names) if with_fingerprint else None,
+        fingerprint=checkpoint_fingerprint(ckpt, names) if with_fingerprint else None,
         source_format=source_format,  # type: ignore[arg-type]
         dtype=first.dtype,
     )
     return identity, arch, ckpt, names
 
 
+def checkpoint_fingerprint(ckpt: Checkpoint, down_names: list[str]) -> str:
+    """:func:`fp32_fingerprint` of the down projections, through the fingerprint cache (:mod:`.fpcache`)."""
+    shards = sorted({str(ckpt.path(ckpt.weight_map[n])) for n in down_names})
+    return fpcache.cached("safetensors", shards, lambda: fp32_fingerprint(ckpt, down_names),
+                          extra=json.dumps(down_names))
+
+
+@dataclass(frozen=True)
+class ExpertTensors:
+    """Where one layer's down projections live in a safetensors checkpoint.
+
+    ``groups`` maps an expert (None for a dense layer, :data:`~cna_export.core.experts.SHARED` for the
+    shared group) to ``(tensor name, expert slot)``: the slot is the expert's index in a fused 3-D
+    ``[experts, hidden, width]`` tensor, or None for a 2-D ``[hidden, width]`` tensor (per-expert layout).
+    """
+
+    layer: int
+    layout: str  # "dense", "fused" or "per-expert"
+    groups: dict[int | None, tuple[str, int | None]]
+
+    def names(self) -> list[str]:
+        """The distinct tensor names in group order (the fingerprint's order)."""
+        out: list[str] = []
+        for name, _ in self.groups.values():
+            if name not in out:
+                out.append(name)
+        return out
+
+
+def expert_tensors(ckpt: Checkpoint, arch: ArchSpec, layer: int) -> ExpertTensors:
+    """The down projection tensors of ``layer``: fused, per-expert, or a dense MLP's (no experts)."""
+    moe = arch.moe
+    assert moe is not None
+    shared = ckpt.first_present(t.format(layer=layer) for t in moe.checkpoint_shared_down)
+    fused = ckpt.first_present(t.format(layer=layer) for t in moe.checkpoint_fused_down)
+    groups: dict[int | None, tuple[str, int | None]] = {}
+    if fused is not None:
+        shape = ckpt.info(fused).shape
+        if len(shape) != 3:
+            raise CnaError(f"{fused} has shape {list(shape)}; expected [experts, hidden, width]")
+        groups = {e: (fused, e) for e in range(shape[0])}
+        kind = "fused"
+    else:
+        e = 0
+        while True:
+            found = ckpt.first_present(t.format(layer=layer, expert=e) for t in moe.checkpoint_expert_down)
+            if found is None:
+                break
+            groups[e] = (found, None)
+            e += 1
+        kind = "per-expert"
+    if not groups:
+        dense = ckpt.first_present(arch.checkpoint_down_names(layer))
+        if dense is None:
+            raise CnaError(f"the checkpoint has neither expert nor MLP down projections for layer {layer}")
+        return ExpertTensors(layer, "dense", {None: (dense, None)})
+    if shared is not None and ckpt.info(shared).shape[-1] > 0:
+        groups[SHARED] = (shared, None)
+    return ExpertTensors(layer, kind, groups)
+
+
+def _moe_checkpoint_identity(ckpt: Checkpoint, arch: ArchSpec, text: Any, num_layers: int, name: str,
+                             source_format: str, with_fingerprint: bool):
+    """:func:`checkpoint_identity` of a mixture-of-experts checkpoint (either weight layout); the names
+    returned are every down projection tensor in layer and group order (the fingerprint's input)."""
+    names: list[str] = []
+    moe_layers, shapes, shared_w, dense_w, hidden = [], set(), set(), set(), set()
+    dtype = None
+    for layer in range(num_layers):
+        t = expert_tensors(ckpt, arch, layer)
+        names.extend(t.names())
+        for expert, (tensor, slot) in t.groups.items():
+            shape = ckpt.info(tensor).shape
+            dtype = dtype or ckpt.info(tensor).dtype
+            h, w = shape[-2], shape[-1]
+            hidden.add(h)
+            if expert is None:
+                dense_w.add(w)
+            elif expert == SHARED:
+                shared_w.add(w)
+            else:
+                shapes.add(w)
+        if t.layout != "dense":
+            moe_layers.append(layer)
+            shapes.add(("experts", sum(1 for e in t.groups if e is not None and e != SHARED)))
+            if SHARED not in t.groups:
+                shared_w.add(0)
+    if len(hidden) != 1 or len(shapes) != 2 or len(shared_w) > 1 or len(dense_w) > 1:
+        raise CnaError(f"not supported yet: the layers of {name} have different MLP or expert shapes")
+    n_experts = next(x[1] for x in shapes if isinstance(x, tuple))
+    width = next(x for x in shapes if not isinstance(x, tuple))
+    moe = MoeIdentity(num_experts=n_experts, expert_intermediate_size=width,
+                      shared_intermediate_size=shared_w.pop() if shared_w else 0, moe_layers=moe_layers,
+                      dense_intermediate_size=dense_w.pop() if dense_w else None)
+    identity = ModelIdentity(
+        name=name, architecture=arch.model_type, num_layers=num_layers,
+        intermediate_size=1, hidden_size=hidden.pop(), source_format=source_format,  # type: ignore[arg-type]
+        dtype=dtype, moe=moe,
+    )
+    identity = identity.model_copy(update={
+        "intermediate_size": identity.layout().max_width,
+        "fingerprint": checkpoint_fingerprint(ckpt, names) if with_fingerprint else None,
+    })
+    return identity, arch, ckpt, names
+
+
 def gguf_fingerprint(reader: Any, spec: Any | None = None) -> str:
-    """sha256 over every layer's ffn_down, dequantised to fp32, in layer order (as transformers loads it)."""
+    """sha256 over every layer's ffn_down, dequantised to fp32, in layer order (as transformers loads it),
+    through the fingerprint cache (:mod:`.fpcache`) when the reader has a file path."""
     spec = spec or gguf_arch(reader)
 
     def layers() -> Iterator[np.ndarray]:
         for layer in range(num_layers(reader)):
+            ffn = expert_ffn(reader, spec, layer)
+            if ffn is not None:  # every expert's [hidden, width] in expert order, then the shared expert's
+                yield dequantize_rows(ffn.down.data, ffn.down.tensor_type)
+                if ffn.down_shexp is not None:
+                    yield dequantize_rows(ffn.down_shexp.data, ffn.down_shexp.tensor_type)
+                continue
             down, _ = ffn_tensors(reader, spec, layer)
             yield dequantize_rows(down.data, down.tensor_type)
 
-    return fingerprint(layers())
+    path = getattr(reader, "path", None)
+    if path is None:
+        return fingerprint(layers())
+    return fpcache.cached("gguf", [path], lambda: fingerprint(layers()), extra=spec.model_type)
 
 
 def gguf_identity(reader: Any, name: str, fingerprint: bool = True) -> Any:
     """A :class:`ModelIdentity` for a GGUF file (dimensions from layer 0's ffn_down)."""
     spec = gguf_arch(reader)
     n_layers = num_layers(reader)
+    ffns = [expert_ffn(reader, spec, layer) for layer in range(n_layers)] if spec.moe is not None else []
+    if any(f is not None for f in ffns):
+        return _moe_gguf_identity(reader, spec, name, ffns, fingerprint)
     down, _ = ffn_tensors(reader, spec, 0)
     return ModelIdentity(
         name=name,
@@ -106,3 +233,25 @@ def gguf_identity(reader: Any, name: str, fingerprint: bool = True) -> Any:
         source_format="gguf",
         dtype=type_name(down),
     )
+
+
+def _moe_gguf_identity(reader: Any, spec: ArchSpec, name: str, ffns: list, with_fingerprint: bool) -> ModelIdentity:
+    """:func:`gguf_identity` of a mixture-of-experts GGUF (expert tensors ``ffn_*_exps``)."""
+    moe_layers = [f.layer for f in ffns if f is not None]
+    shapes = {(f.experts, f.width, f.hidden, f.shared_width) for f in ffns if f is not None}
+    dense = {(intermediate_size(d), int(d.ne[1])) for layer, f in enumerate(ffns) if f is None
+             for d in [ffn_tensors(reader, spec, layer)[0]]}
+    if len(shapes) != 1 or len(dense) > 1 or (dense and next(iter(dense))[1] != next(iter(shapes))[2]):
+        raise CnaError(f"not supported yet: the layers of {name} have different MLP or expert shapes")
+    (n, width, hidden, shared), = shapes
+    first = next(f for f in ffns if f is not None)
+    ident = ModelIdentity(
+        name=name, architecture=spec.model_type, num_layers=len(ffns), intermediate_size=1, hidden_size=hidden,
+        source_format="gguf", dtype=type_name(first.down),
+        moe=MoeIdentity(num_experts=n, expert_intermediate_size=width, shared_intermediate_size=shared,
+                        moe_layers=moe_layers, dense_intermediate_size=next(iter(dense))[0] if dense else None),
+    )
+    return ident.model_copy(update={
+        "intermediate_size": ident.layout().max_width,
+        "fingerprint": gguf_fingerprint(reader, spec) if with_fingerprint else None,
+    })

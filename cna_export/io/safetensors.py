@@ -1,10 +1,10 @@
 """Safetensors checkpoints on disk: which tensor is in which shard, reading single tensors, rewriting shards.
 
-Everything goes through the ``safetensors`` library: ``safe_open`` memory-maps a
-shard and hands out single tensors lazily, so reading a tensor (or hashing the
-down_proj weights of a whole model) costs only that tensor's pages, and
-``save_file`` writes a shard straight from the tensors' memory. A rewritten
-shard therefore peaks near the size of that one shard, never the model.
+Reading goes through the ``safetensors`` library: ``safe_open`` validates and memory-maps a
+shard and hands out single tensors lazily, so reading a tensor (or hashing the down_proj
+weights of a whole model) costs only that tensor's pages. A rewritten shard is streamed: the
+kernel copies the bytes of every unchanged tensor (``copy_file_range``) and only the replaced
+tensors pass through memory, so an export holds a few tensors, never a shard.
 """
 
 from __future__ import annotations
@@ -13,15 +13,20 @@ import errno
 import json
 import os
 import shutil
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping
 
+import numpy as np
+
 
 from ..core.errors import CnaError
 from ..core.atomic import public_mode
+from .filecopy import copy_range, write_all
 
 INDEX_SUFFIX = ".safetensors.index.json"
+MAX_HEADER = 100_000_000  # the safetensors library's own limit
 
 # safetensors header dtype -> torch dtype name
 DTYPE_NAMES = {
@@ -184,35 +189,77 @@ def fp32_fingerprint(ckpt: Checkpoint, names: Iterable[str]) -> str:
     return fingerprint(ckpt.read(name).to(torch.float32).numpy() for name in names)
 
 
+def _raw_header(path: Path) -> tuple[int, dict]:
+    """The header length and JSON of a safetensors file that ``safe_open`` has already accepted."""
+    with open(path, "rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        if n > MAX_HEADER:
+            raise ValueError(f"{path.name}: header of {n} bytes")
+        header = json.loads(fh.read(n))
+    if not isinstance(header, dict):
+        raise ValueError(f"{path.name}: the header is not a JSON object")
+    return n, header
+
+
 def rewrite_shard(src: Path, dst: Path, replacements: Mapping[str, object], metadata: Mapping[str, str]) -> None:
     """Write shard ``src`` to ``dst`` with some tensors replaced and ``metadata`` merged into its header.
 
-    Every other tensor is written from the memory-mapped source unchanged (same dtype, shape and
-    bytes); existing header metadata (e.g. ``{"format": "pt"}``) is kept.
+    Streams the shard: a new header (the source's, with ``metadata`` merged in; tensor entries and
+    data offsets unchanged), then every byte range outside the replaced tensors copied by the
+    kernel, and each replacement written from memory. A replacement may be a callable that returns
+    the tensor: it is called when its bytes are due, so memory holds one replacement at a time, never
+    the shard. Every other tensor keeps its dtype, shape and bytes; existing header metadata (e.g.
+    ``{"format": "pt"}``) is kept.
     """
+    import torch
     from safetensors import safe_open
-    from safetensors.torch import save_file
 
-    with safe_open(src, framework="pt") as f:
-        names = list(f.keys())
-        meta = dict(f.metadata() or {})
-        tensors = {}
-        for name in names:
-            t = replacements.get(name)
-            if t is None:
-                tensors[name] = f.get_tensor(name)
-                continue
-            sl = f.get_slice(name)
-            orig_dtype = DTYPE_NAMES.get(sl.get_dtype(), sl.get_dtype())
-            if str(t.dtype).removeprefix("torch.") != orig_dtype or list(t.shape) != list(sl.get_shape()):
-                raise ValueError(f"replacement for {name} changes its dtype or shape")
-            tensors[name] = t.contiguous()
-    missing = set(replacements) - set(names)
+    with safe_open(src, framework="pt") as f:  # the library validates the header and the offsets
+        names = set(f.keys())
+    missing = set(replacements) - names
     if missing:
         raise ValueError(f"{src.name} has no tensor {sorted(missing)[0]}")
+    n, header = _raw_header(src)
+    patches = sorted(((int(header[name]["data_offsets"][0]), int(header[name]["data_offsets"][1]), name)
+                      for name in replacements), key=lambda p: p[0])
+
+    def data(name: str) -> np.ndarray:
+        t = replacements[name]
+        t = (t() if callable(t) else t).detach().to("cpu").contiguous()  # type: ignore[attr-defined]
+        entry = header[name]
+        raw = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else np.empty(0, np.uint8)
+        begin, end = entry["data_offsets"]
+        if (str(t.dtype).removeprefix("torch.") != DTYPE_NAMES.get(entry["dtype"], entry["dtype"])
+                or list(t.shape) != list(entry["shape"]) or raw.nbytes != end - begin):
+            raise ValueError(f"replacement for {name} changes its dtype or shape")
+        return raw
+
+    if not any(callable(t) for t in replacements.values()):
+        for name in replacements:  # all given: check them before writing anything
+            data(name)
+    meta = dict(header.get("__metadata__") or {})
     meta.update(metadata)
-    save_file(tensors, dst, metadata=meta)
-    public_mode(dst)  # the writer creates a private file; a model shard is not
+    header["__metadata__"] = meta
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    raw += b" " * (-(8 + len(raw)) % 8)
+    start = 8 + n
+    src_fd = os.open(src, os.O_RDONLY)
+    try:
+        data_len = os.fstat(src_fd).st_size - start
+        dst_fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            write_all(dst_fd, memoryview(struct.pack("<Q", len(raw)) + raw))
+            pos = 0
+            for begin, end, name in patches:
+                copy_range(src_fd, dst_fd, start + pos, begin - pos)
+                write_all(dst_fd, memoryview(data(name)).cast("B"))  # a callable's tensor lives only here
+                pos = end
+            copy_range(src_fd, dst_fd, start + pos, data_len - pos)
+        finally:
+            os.close(dst_fd)
+    finally:
+        os.close(src_fd)
+    public_mode(dst)
 
 
 def copy_file(src: Path, dst: Path, link: bool = False) -> None:

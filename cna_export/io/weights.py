@@ -197,7 +197,10 @@ class WeightSource:
     @property
     def hidden_size(self) -> int:
         down = self.find("ffn_down", 0)
-        if down is None:
+        if down is None:  # a mixture-of-experts first layer: the embeddings say it
+            emb = self.find("token_embd", None)
+            if emb is not None and len(emb.shape) == 2:
+                return int(emb.shape[1])
             raise CnaError(f"{self.spec} has no down_proj weight in layer 0")
         return int(down.shape[0])
 
@@ -351,7 +354,9 @@ class GGUFWeights(WeightSource):
 
     kind = "gguf"
 
-    def __init__(self, spec: str, path: Path):
+    def __init__(self, spec: str, path: Path, hf_layout: bool = True):
+        """``hf_layout=False`` keeps llama.cpp's names and layout (no transformers, no torch): enough
+        to compare two GGUF files with each other."""
         from . import gguf as G
 
         self.spec, self.path = spec, path
@@ -359,7 +364,7 @@ class GGUFWeights(WeightSource):
         self.gguf_arch = str(G.field_value(self.reader, "general.architecture") or "")
         self.arch = G.gguf_arch(self.reader)
         self.num_layers = G.num_layers(self.reader)
-        names = gguf_to_hf_modules(self.arch.model_type, self.gguf_arch, self.num_layers)
+        names = gguf_to_hf_modules(self.arch.model_type, self.gguf_arch, self.num_layers) if hf_layout else {}
         self._tensors = G.tensor_map(self.reader)
         entries = []
         for t in self.reader.tensors:
@@ -369,7 +374,7 @@ class GGUFWeights(WeightSource):
             role, layer = parse_key(t.name)
             entries.append(TensorEntry(name, t.name, t.name, tuple(G.np_shape(t)), G.type_name(t), role, layer, suffix))
         self.entries = {e.stored: e for e in _natural(entries)}
-        self._processor = self._make_processor()
+        self._processor = self._make_processor() if hf_layout else None
 
     def _make_processor(self) -> Any:
         from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
@@ -395,6 +400,8 @@ class GGUFWeights(WeightSource):
             values = np.asarray(t.data, dtype=np.float64).reshape(entry.shape)
         else:
             values = dequantize_rows(t.data, t.tensor_type).reshape(entry.shape)
+        if self._processor is None:
+            return np.ascontiguousarray(values)
         processed = self._processor.process(weights=values, name=entry.stored).weights
         return np.ascontiguousarray(processed)
 
@@ -445,15 +452,17 @@ class GGUFWeights(WeightSource):
                 pass
 
 
-def open_weights(spec: str) -> WeightSource:
-    """Open a safetensors folder, a ``.gguf`` file or ``bundled:NAME`` for reading; one-line errors otherwise."""
+def open_weights(spec: str, hf_layout: bool = True) -> WeightSource:
+    """Open a safetensors folder, a ``.gguf`` file or ``bundled:NAME`` for reading; one-line errors otherwise.
+
+    ``hf_layout=False`` opens a GGUF file with llama.cpp's names and layout (see :class:`GGUFWeights`)."""
     from .sources import resolve_source
 
     source = resolve_source(spec)
     if source.kind == "hub" or source.path is None:
         raise CnaError(f"{spec} is not a local model folder or .gguf file (download it first)")
     if source.kind == "gguf":
-        return GGUFWeights(spec, source.path)
+        return GGUFWeights(spec, source.path, hf_layout=hf_layout)
     folder = source.path
     if not any(folder.glob("*.safetensors")):
         pickles = [p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth")]

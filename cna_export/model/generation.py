@@ -8,6 +8,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..core.numerics import log_softmax
+from .batching import AUTO, memory_model
 from .prompts import render
 
 
@@ -40,7 +41,7 @@ def greedy_generate(
     max_new_tokens: int,
     chat_template: bool = True,
     system_prompt: str | None = None,
-    batch_size: int = 8,
+    batch_size: int | str = 8,
     first_logprobs: bool = False,
 ) -> list[Generation]:
     """Greedy continuations of ``prompts`` (in order), cut after the first end-of-sequence token, with
@@ -50,6 +51,9 @@ def greedy_generate(
 
     tok = loaded.tokenizer
     texts = render(tok, prompts, chat_template, system_prompt)
+    if batch_size == AUTO:  # one size for all: generation is not sorted by length (answers keep their order)
+        longest = max((len(x) for x in tok(list(texts), add_special_tokens=not chat_template)["input_ids"]), default=1)
+        batch_size = memory_model(loaded, logits=True, cache=True).fits(longest + max_new_tokens)
     eos = _eos_ids(loaded)
     old_side = tok.padding_side
     tok.padding_side = "left"
@@ -98,7 +102,7 @@ def generate(
     max_new_tokens: int = 64,
     chat_template: bool = True,
     system_prompt: str | None = None,
-    batch_size: int = 8,
+    batch_size: int | str = 8,
 ) -> list[str]:
     """The texts of :func:`greedy_generate` (special tokens dropped)."""
     gens = greedy_generate(loaded, prompts, max_new_tokens, chat_template, system_prompt, batch_size)

@@ -18,7 +18,8 @@ from typing import Any, Iterator
 
 from ..io.sources import ModelSource, resolve_source  # noqa: F401  (re-exported: model specs)
 from ..core.architectures import ArchSpec, arch_for_config
-from ..core.circuit import ModelIdentity
+from ..core.circuit import ModelIdentity, MoeIdentity
+from ..core.experts import Layout
 from ..core.errors import CnaError
 from ..core.progress import bar as progress_bar, wanted
 from ..core.fingerprint import fingerprint
@@ -63,6 +64,7 @@ class LoadedModel:
     arch: ArchSpec
     source: ModelSource
     _fingerprint: str | None = field(default=None, repr=False)
+    _layout: Layout | None = field(default=None, repr=False)
 
     @property
     def num_layers(self) -> int:
@@ -71,13 +73,60 @@ class LoadedModel:
     def down_proj(self, layer: int) -> Any:
         return self.arch.down_proj_module(self.model, layer)
 
+    def layout(self) -> Layout:
+        """The neuron groups of every layer, read from the modules (experts where they exist)."""
+        if self._layout is None:
+            from .experts import check_experts, experts_shape
+
+            moe_layers, shapes, shared, dense = [], set(), set(), set()
+            for layer in range(self.num_layers):
+                experts = self.arch.experts_module(self.model, layer)
+                if experts is None:
+                    dense.add(int(self.down_proj(layer).weight.shape[1]))
+                    continue
+                check_experts(experts, layer)
+                moe_layers.append(layer)
+                n, _, width = experts_shape(experts)
+                shapes.add((n, width))
+                sh = self.arch.shared_module(self.model, layer)
+                shared.add(0 if sh is None else int(getattr(sh, self.arch.down_proj).weight.shape[1]))
+            if len(shapes) > 1 or len(shared) > 1 or len(dense) > 1:
+                raise CnaError("not supported yet: the layers of this model have different MLP or expert widths")
+            if not moe_layers:
+                self._layout = Layout(self.num_layers, dense.pop())
+            else:
+                (n, width), = shapes
+                self._layout = Layout(self.num_layers, dense.pop() if dense else 0, n, width, shared.pop(),
+                                      frozenset(moe_layers))
+        return self._layout
+
+    def down_parts(self, layer: int) -> list[Any]:
+        """Layer ``layer``'s down projections, ``[hidden, width]`` each: the dense MLP's weight, or every
+        routed expert's ``down_proj[e]`` in expert order, then the shared expert's."""
+        layout = self.layout()
+        if layer not in layout.moe_layers:
+            return [self.down_proj(layer).weight]
+        experts = self.arch.experts_module(self.model, layer)
+        parts = [experts.down_proj[e] for e in range(layout.experts)]
+        if layout.shared_width:
+            parts.append(getattr(self.arch.shared_module(self.model, layer), self.arch.down_proj).weight)
+        return parts
+
+    def down_weight(self, layer: int) -> Any:
+        """:meth:`down_parts` as one ``[hidden, neurons]`` matrix (flat neuron order)."""
+        import torch
+
+        parts = self.down_parts(layer)
+        return parts[0] if len(parts) == 1 else torch.cat([p.detach() for p in parts], dim=1)
+
     @property
     def intermediate_size(self) -> int:
-        return int(self.down_proj(0).weight.shape[1])
+        """Neurons per layer (for MoE models: of the widest layer, all its experts together)."""
+        return self.layout().max_width
 
     @property
     def hidden_size(self) -> int:
-        return int(self.down_proj(0).weight.shape[0])
+        return int(self.model.get_input_embeddings().weight.shape[1])
 
     @property
     def input_device(self) -> Any:
@@ -85,14 +134,14 @@ class LoadedModel:
 
     @property
     def dtype(self) -> Any:
-        return self.down_proj(0).weight.dtype
+        return self.down_weight(0).dtype
 
     def fingerprint(self) -> str | None:
         """sha256 over every layer's down_proj weight as fp32 (independent of the load dtype when lossless)."""
         if self._fingerprint is None:
             import torch
 
-            weights = [self.down_proj(layer).weight for layer in range(self.num_layers)]
+            weights = [w for layer in range(self.num_layers) for w in self.down_parts(layer)]
             if any(w.device.type == "meta" for w in weights):
                 log.warning("down_proj weights are offloaded; the model fingerprint is not computed")
                 return None
@@ -101,6 +150,12 @@ class LoadedModel:
         return self._fingerprint
 
     def identity(self, with_fingerprint: bool = True) -> ModelIdentity:
+        layout = self.layout()
+        moe = None
+        if layout.is_moe:
+            moe = MoeIdentity(num_experts=layout.experts, expert_intermediate_size=layout.expert_width,
+                              shared_intermediate_size=layout.shared_width, moe_layers=sorted(layout.moe_layers),
+                              dense_intermediate_size=layout.dense_width or None)
         return ModelIdentity(
             name=self.source.spec,
             architecture=self.arch.model_type,
@@ -110,6 +165,7 @@ class LoadedModel:
             fingerprint=self.fingerprint() if with_fingerprint else None,
             source_format=self.source.kind,  # type: ignore[arg-type]
             dtype=str(self.dtype).removeprefix("torch."),
+            moe=moe,
         )
 
 
@@ -183,7 +239,7 @@ def load_model(
     model.requires_grad_(False)
     tokenizer = load_tokenizer(source, trust_remote_code)
     loaded = LoadedModel(model=model, tokenizer=tokenizer, arch=arch, source=source)
-    loaded.down_proj(0)  # fail early, with the reason, if the MLP is not what the table says
+    loaded.layout()  # fail early, with the reason, if the MLP is not what the table says
     return loaded
 
 

@@ -13,7 +13,7 @@ import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from ..core.circuit import PromptSetInfo
 from ..core.errors import CnaError
@@ -125,7 +125,7 @@ class Batch:
 def batches(
     tokenizer: Any,
     texts: Sequence[str],
-    batch_size: int,
+    batch_size: int | Callable[[int], int],
     chat_template: bool,
     device: Any = "cpu",
     max_length: int | None = None,
@@ -136,10 +136,12 @@ def batches(
     With left padding, the last real token of every row sits at position -1.
     Position ids count real tokens only, so a padded row sees the same positions
     as it would alone. Over-long prompts are cut from the left, keeping the end.
+    ``batch_size`` may be a function of the padded width (``--batch-size auto``, see
+    :mod:`cna_export.model.batching`): each batch is then as large as that width allows.
     """
     import torch
 
-    if batch_size < 1:
+    if not callable(batch_size) and batch_size < 1:
         raise CnaError("batch size must be at least 1")
     enc = tokenizer(list(texts), add_special_tokens=not chat_template)["input_ids"]
     if max_length:
@@ -148,8 +150,18 @@ def batches(
     if sort_by_length:
         order.sort(key=lambda i: (-len(enc[i]), i))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
+    start = 0
+    while start < len(order):
+        if callable(batch_size):
+            size = max(1, batch_size(len(enc[order[start]])))
+            width = max(len(enc[i]) for i in order[start : start + size])
+            while size > 1 and batch_size(width) < size:  # unsorted: a longer prompt further on
+                size = max(1, batch_size(width))
+                width = max(len(enc[i]) for i in order[start : start + size])
+        else:
+            size = batch_size
+        idx = order[start : start + size]
+        start += len(idx)
         width = max(len(enc[i]) for i in idx)
         ids = torch.full((len(idx), width), pad, dtype=torch.long)
         mask = torch.zeros((len(idx), width), dtype=torch.long)

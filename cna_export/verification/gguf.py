@@ -134,8 +134,13 @@ def verify_gguf(
     behaviour: bool = True,
     progress: bool = False,
     raise_on_failure: bool = False,
+    reference: str | Any | None = None,
 ) -> VerifyReport:
     """Check a steered GGUF against its source: tensors exactly, then behaviour (see the module docstring).
+
+    ``reference``: the model transformers runs with hook steering for the behaviour check, when not the
+    source GGUF itself (a Hugging Face folder or :class:`LoadedModel` holding the same weights, for the
+    families whose GGUF files transformers cannot load, e.g. Mixtral and OLMoE).
 
     ``original`` is the source (a .gguf path, ``bundled:NAME``, or an already loaded
     :class:`~cna_export.model.loading.LoadedModel` of it); ``None`` takes the manifest's source.
@@ -227,6 +232,11 @@ def verify_gguf(
             settings.update(info)
         if not prompt_list:
             raise CnaError("verify needs at least one prompt")
+        if reference is not None:
+            from ..model.loading import load_model
+
+            loaded = load_model(str(reference)) if isinstance(reference, (str, Path)) else reference
+            settings["reference"] = loaded.source.spec
         if loaded is None:
             from ..model.loading import load_model
 

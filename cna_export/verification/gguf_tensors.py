@@ -97,6 +97,10 @@ def _check_patch(src: Any, exp: Any, patch: G.TensorPatch) -> dict[str, Any]:
     else:
         full_old = dequantize_rows(src.data, qtype).astype(np.float64)
         full_new = dequantize_rows(exp.data, qtype).astype(np.float64)
+        if len(src.ne) == 3 and patch.axis == "column":  # ffn_down_exps: columns e * n_ff + j of [n_embd, E * n_ff]
+            n_ff, n_embd, n_exp = (int(x) for x in src.ne)
+            full_old = full_old.reshape(n_exp, n_embd, n_ff).transpose(1, 0, 2).reshape(n_embd, -1)
+            full_new = full_new.reshape(n_exp, n_embd, n_ff).transpose(1, 0, 2).reshape(n_embd, -1)
         if patch.axis == "element":
             full_old, full_new = full_old.reshape(-1, 1), full_new.reshape(-1, 1)
             old, new = full_old[idx], full_new[idx]

@@ -109,6 +109,7 @@ def compare_steered(
     """Compare ``reference`` (a LoadedModel, hook-steered with ``multipliers``) with ``candidate`` (unsteered)."""
     import torch
 
+    from ..model.batching import SHARE, memory_model, resolve_batch_size
     from ..model.generation import generate
     from ..model.prompts import batches, render
     from ..model.steering import steer
@@ -119,7 +120,11 @@ def compare_steered(
     texts_cand = render(candidate.tokenizer, prompts, opts.chat_template, opts.system_prompt)
     if texts_ref != texts_cand:
         reasons.append("the chat templates render the prompts differently")
-    args = dict(batch_size=opts.batch_size, chat_template=opts.chat_template, max_length=opts.max_length)
+    # one size rule for both models, so that their batches line up (two logits tensors live at once)
+    size = resolve_batch_size(opts.batch_size, reference, logits=True)
+    if callable(size):
+        size = memory_model(reference, logits=True, share=SHARE / 2).fits
+    args = dict(batch_size=size, chat_template=opts.chat_template, max_length=opts.max_length)
     ref_batches = list(batches(reference.tokenizer, texts_ref, device=reference.input_device, **args))
     cand_batches = list(batches(candidate.tokenizer, texts_cand, device=candidate.input_device, **args))
     same_tokens = len(ref_batches) == len(cand_batches) and all(
@@ -200,9 +205,31 @@ def exported_dtype(exported: Path) -> str:
     arch = arch_for_config(config)
     ckpt = Checkpoint.open(exported)
     name = ckpt.first_present(arch.checkpoint_down_names(0))
+    if name is None and arch.moe is not None:  # a MoE layer: its (first) expert down projection
+        from ..io.identity import expert_tensors
+
+        name = expert_tensors(ckpt, arch, 0).names()[0]
     if name is None:
         raise CnaError(f"{exported} has no down_proj weight for layer 0 (looked for {arch.checkpoint_down_names(0)[0]})")
     return ckpt.info(name).dtype
+
+
+def _moe_source_tensor(ref: Any, name: str) -> Any:
+    """The loaded model's tensor holding checkpoint tensor ``name`` of a MoE model (a per-expert tensor is
+    one slice of transformers' fused 3-D parameter, byte for byte), or None."""
+    found = ref.arch.down_tensor_of(name)
+    if found is None:
+        return None
+    layer, kind, expert = found
+    if kind == "dense":
+        return ref.down_proj(layer).weight
+    if kind == "shared":
+        shared = ref.arch.shared_module(ref.model, layer)
+        return None if shared is None else getattr(shared, ref.arch.down_proj).weight
+    experts = ref.arch.experts_module(ref.model, layer)
+    if experts is None:
+        return None
+    return experts.down_proj if kind == "fused" else experts.down_proj[expert].contiguous()
 
 
 def verify_export(
@@ -257,7 +284,16 @@ def verify_export(
     # Is --original really the model the export was made from? Exact when compared in the export's dtype.
     touched = {t.name: t for t in manifest.tensors if t.axis == "column"}
     checked = 0
-    for layer in sorted(circuit.layer_counts()):
+    for t in (manifest.tensors if ref.layout().is_moe else []):  # MoE: every touched tensor, by its name
+        w = _moe_source_tensor(ref, t.name)
+        if w is None or t.dtype != dtype or w.device.type == "meta":
+            continue
+        checked += 1
+        if tensor_sha256(w) != t.sha256_before:
+            reasons.append(f"the original's {t.name} is not the tensor the export was made from "
+                           f"(sha256 differs from the manifest); is --original the export's source?")
+            break
+    for layer in sorted(circuit.layer_counts()) if not ref.layout().is_moe else []:
         t = next((touched[n] for n in ref.arch.checkpoint_down_names(layer) if n in touched), None)
         if t is None or t.dtype != dtype:
             continue

@@ -1,0 +1,333 @@
+#!/usr/bin/env python
+"""Audit abliterated SmolLM2 checkpoints: four techniques x three formats x (with base, base-free).
+
+    nice python bench/audit_abliteration.py            # writes bench/out/audit-abliteration/ and the table
+                                                        # between the audit-abliteration markers of bench/README.md
+
+The abliterations are our own implementations of the published math (tests/abliterate.py), applied to the
+bundled SmolLM2-135M-Instruct (Q4_1 GGUF) dequantised to a float32 safetensors folder (the base). The refusal
+direction they remove is the base's own (recipes/refusal.yaml prompts, 32 harmful and 32 benign, mean residual
+difference at the last prompt token), taken at layer LAYER. Each abliterated model is audited as
+
+* the same format (a float32 safetensors folder, against the float32 base);
+* GGUF Q8_0 and Q4_K_M (an F32 GGUF with the edited tensors, quantised by llama.cpp's own
+  ``llama_model_quantize`` through llama-cpp-python), against the float32 safetensors base;
+
+with ``--base`` (the diff and its low-rank directional analysis, cosine with the base's refusal direction)
+and base-free (the scan plus the depletion score along the suspect's own refusal directions). Clean rows:
+the base itself, and a fine-tune-like perturbation of every weight (1% of each tensor's rms, independent
+noise). A sweep of plain rank-1 strengths on the writers (no embeddings) gives the smallest strength the
+diff detects in Q8_0 and Q4_K_M against the float base. Behaviour (generation) is skipped (--no-generate).
+"""
+
+from __future__ import annotations
+
+import os
+
+# One BLAS thread: on a shared 2-core machine OpenBLAS's threads oversubscribe it (eigh of a 576 x 576 matrix
+# measured 0.15 s with one thread, 2.8 s with two, at load average 9).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import argparse
+import ctypes
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))
+
+import abliterate as ab
+
+OUT = ROOT / "bench" / "out" / "audit-abliteration"
+README = ROOT / "bench" / "README.md"
+START, END = "<!-- audit-abliteration:start -->", "<!-- audit-abliteration:end -->"
+FTYPES = {"Q8_0": 7, "Q4_K_M": 15}  # llama_ftype
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def base_folder() -> Path:
+    out = OUT / "base"
+    if (out / "model.safetensors").is_file():
+        return out
+    from cna_export.export.safetensors import convert_to_safetensors
+
+    tmp = OUT / "base.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    convert_to_safetensors("bundled:smollm2", tmp, dtype="float32")
+    tmp.rename(out)
+    return out
+
+
+def read_tensors(folder: Path) -> dict:
+    from safetensors.numpy import load_file
+
+    return dict(load_file(str(folder / "model.safetensors")))
+
+
+def write_folder(base: Path, tensors: dict, out: Path) -> Path:
+    from safetensors.numpy import save_file
+
+    if (out / "model.safetensors").is_file():
+        return out
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(base, tmp, ignore=shutil.ignore_patterns("*.safetensors"))
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp / "model.safetensors"),
+              metadata={"format": "pt"})
+    tmp.rename(out)
+    return out
+
+
+def write_f32_gguf(tensors: dict, path: Path) -> Path:
+    """The bundled GGUF's KVs and tensors, every tensor as F32: the residual writers and embeddings from
+    ``tensors`` (HF orientation = gguf-py's numpy orientation for these), the rest dequantised as stored."""
+    from gguf import GGMLQuantizationType, GGUFWriter
+    from gguf.quants import dequantize
+
+    from cna_export.io.bundled import smollm2_path
+    from cna_export.io.gguf import field_value, kv_fields, open_gguf
+    from cna_export.io.weights import hf_to_gguf_module
+
+    reader = open_gguf(smollm2_path())
+    L = int(field_value(reader, "llama.block_count"))
+    edited = {}
+    for name, arr in tensors.items():
+        if name in ab.EMBEDDINGS or ab._LAYER.search(name):
+            module, suffix = name.rsplit(".", 1)
+            key = hf_to_gguf_module("llama", L, module)
+            if key is not None:
+                edited[f"{key}.{suffix}"] = arr
+    writer = GGUFWriter(str(path), field_value(reader, "general.architecture"))
+    writer.kv_data = [{}]
+    for fld in kv_fields(reader):
+        value, vtype, sub = fld.writer_value()
+        if fld.name == "general.file_type":
+            continue
+        writer.add_key_value(fld.name, value, vtype, sub_type=sub)
+    for t in reader.tensors:
+        if t.name in edited:
+            data = np.asarray(edited.pop(t.name), dtype=np.float32)
+        else:
+            data = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
+        writer.add_tensor(t.name, np.ascontiguousarray(data), raw_dtype=GGMLQuantizationType.F32)
+    if edited:
+        raise SystemExit(f"edited tensors not in the GGUF: {sorted(edited)[:3]}")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def quantize(src: Path, out: Path, qtype: str) -> Path:
+    import llama_cpp
+
+    if out.is_file():
+        return out
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = FTYPES[qtype]
+    params.nthread = 2
+    tmp = out.with_name(out.name + ".tmp")
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
+    if rc != 0:
+        raise SystemExit(f"llama_model_quantize {qtype} failed ({rc})")
+    tmp.rename(out)
+    return out
+
+
+def ggufs(tensors: dict, stem: str, types=("Q8_0", "Q4_K_M")) -> dict[str, Path]:
+    out = {q: OUT / f"{stem}.{q}.gguf" for q in types}
+    if all(p.is_file() for p in out.values()):
+        return out
+    f32 = write_f32_gguf(tensors, OUT / f"{stem}.F32.gguf")
+    for q, p in out.items():
+        quantize(f32, p, q)
+    f32.unlink()
+    return out
+
+
+def run_audit(suspect: Path, base: Path | None, directions: Path) -> dict:
+    from cna_export.inspect.audit import AuditSettings, audit
+
+    s = AuditSettings(base=str(base) if base else None, generate=False, discover=False, directions=str(directions))
+    t0 = time.perf_counter()
+    rep = audit(str(suspect), s)
+    wall = time.perf_counter() - t0
+    out = {"exit": rep.exit_code, "verdict": rep.verdict, "wall": wall}
+    lr = rep.diff.lowrank if rep.diff is not None else None
+    if lr is not None:
+        out["lowrank"] = {"detected": lr.detected, "spike": lr.spike, "null": lr.null_spike, "kind": lr.kind,
+                          "layers": lr.layers, "profile": lr.profile(), "refusal": lr.refusal}
+    if rep.base_free is not None:
+        out["depletion"] = rep.base_free.get("depletion")
+        out["eig_ratio"] = rep.base_free["direction"]["ratio"]
+    return out
+
+
+def profile_text(r: dict) -> tuple[str, str]:
+    lr = r.get("lowrank")
+    if lr and lr["detected"]:
+        from cna_export.inspect.abliteration import layer_ranges
+
+        prof = lr["profile"]
+        vals = " ".join(f"{v:.2f}" for _, v in sorted(prof.items(), key=lambda kv: int(kv[0])))
+        cos = lr["refusal"]["best_cos"] if lr.get("refusal") else None
+        return f"{layer_ranges(lr['layers'])}: {vals}", (f"{cos:.2f}" if cos is not None else "-")
+    if lr:
+        return f"none (hollow spike {lr['spike']:.0f} vs permuted {lr['null']:.0f})", "-"
+    dep = r.get("depletion")
+    if dep:
+        return (f"depletion {dep['score']:.3f} in layers {dep['window'][0]}-{dep['window'][1]}, |cos| "
+                f"{dep['alignment']:.2f} with own refusal dir. L{dep['direction_layer']}; eigenvalue ratio "
+                f"{r['eig_ratio']:.2g}"), "-"
+    return "-", "-"
+
+
+def cached(key: str, fn) -> dict:
+    """One row's result, computed once (bench/out/audit-abliteration/rows/KEY.json)."""
+    path = OUT / "rows" / (key.replace("/", "_").replace(" ", "_").replace("|", "__") + ".json")
+    if path.is_file():
+        return json.loads(path.read_text())
+    res = fn()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(res, indent=2, default=str))
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sweep", default="0.001,0.003,0.01,0.03,0.1,0.3", help="rank-1 strengths for the detection-limit sweep")
+    ap.add_argument("--layer", type=float, default=None, help="refusal-direction layer (default 0.6 x layers)")
+    ap.add_argument("--only", default=None, help="comma-separated steps: rank1,weighted,normpres,biproj,finetune,"
+                    "requant,clean,sweep (default: all, then the table)")
+    args = ap.parse_args()
+    OUT.mkdir(parents=True, exist_ok=True)
+    steps = set(args.only.split(",")) if args.only else None
+    t_all = time.perf_counter()
+    base = base_folder()
+    log(f"base {base}")
+    from cna_export.inspect.refusal_direction import refusal_directions
+
+    base_dirs_file = OUT / "base.directions.npz"
+    rd, _ = refusal_directions(str(base), None, str(base_dirs_file), 32)
+    D = rd.directions()
+    L = D.shape[0]
+    layer = args.layer if args.layer is not None else round(0.6 * L)
+    r = D[int(layer)]
+    T = read_tensors(base)
+    techniques = {
+        "rank1": ("rank-1 (all writers + embeddings, x1)", lambda: ab.rank1(T, r)),
+        "weighted": (f"weighted kernel (peak 1.2 at L{layer:g}, min 0.6 at +-{L / 5:g} layers, interpolated direction)",
+                     lambda: ab.weighted(T, D, layer - 0.5, peak=layer, max_weight=1.2, min_weight=0.6, distance=L / 5)),
+        "normpres": ("norm-preserving rank-3 (x1, all writers)", lambda: ab.norm_preserving(T, r, 1.0, rank=3)),
+        "biproj": ("biprojected norm-preserving (x1, all writers)",
+                   lambda: ab.biprojected(T, r, rd.benign_mean[int(layer)])),
+        "finetune": ("clean: fine-tune-like noise (1% rms, every weight)", lambda: ab.finetune_noise(T, 0.01)),
+        "requant": ("clean: the base itself (re-quantised for the GGUF rows)", lambda: dict(T)),
+    }
+    formats = ("safetensors F32", "GGUF Q8_0", "GGUF Q4_K_M")
+    rows = []
+    for stem, (label, make) in techniques.items():
+        if steps is None or stem in steps:
+            log(f"{stem}: building")
+            folder = OUT / stem
+            if not (folder / "model.safetensors").is_file():
+                write_folder(base, make(), folder)
+            gg = ggufs(read_tensors(folder), stem)
+            for fmt, suspect in zip(formats, (folder, gg["Q8_0"], gg["Q4_K_M"])):
+                for mode in ("base", "base-free"):
+                    log(f"{stem} {fmt} {mode}")
+                    dirs = base_dirs_file if mode == "base" else OUT / f"{suspect.name}.directions.npz"
+                    res = cached(f"{stem}|{fmt}|{mode}",
+                                 lambda: run_audit(suspect, base if mode == "base" else None, dirs))
+                    log(f"  exit {res['exit']}: {res['verdict'][:160]} ({res['wall']:.0f}s)")
+        for fmt in formats:
+            for mode in ("base", "base-free"):
+                rows.append((label, fmt, mode, f"{stem}|{fmt}|{mode}"))
+    for spec in ("bundled:smollm2", "bundled:qwen2.5-coder-0.5b"):
+        if steps is None or "clean" in steps:
+            log(f"clean {spec} base-free")
+            cached(f"{spec}|as shipped|base-free",
+                   lambda: run_audit(Path(spec), None, OUT / f"{spec.split(':')[1]}.directions.npz"))
+        rows.append((f"clean: {spec}", "GGUF (as shipped)", "base-free", f"{spec}|as shipped|base-free"))
+    # detection limit: plain rank-1 on the writers only, against the float base
+    from cna_export.inspect.diff import diff_checkpoints
+
+    sweep_keys = []
+    for lam in [float(x) for x in args.sweep.split(",") if x]:
+        stem = f"sweep{lam:g}"
+        keys = [f"sweep|{lam:g}|{q}" for q in FTYPES]
+        sweep_keys += keys
+        if steps is not None and "sweep" not in steps:
+            continue
+        if all((OUT / "rows" / (k.replace("|", "__") + ".json")).is_file() for k in keys):
+            continue
+        gg = ggufs(ab.rank1(T, r, lam, embeddings=False), stem)
+        for q, p in gg.items():
+
+            def one() -> dict:
+                t0 = time.perf_counter()
+                rep = diff_checkpoints(str(base), str(p))
+                lr = rep.lowrank
+                prof = lr.profile() if lr is not None else {}
+                return {"strength": lam, "format": q, "detected": bool(lr and lr.detected),
+                        "spike": lr.spike if lr else None, "null": lr.null_spike if lr else None,
+                        "flagged": len(lr.support()) if lr else 0,
+                        "median_strength": float(np.median(list(prof.values()))) if prof else None,
+                        "verdict": rep.verdict(), "wall": time.perf_counter() - t0}
+
+            res = cached(f"sweep|{lam:g}|{q}", one)
+            log(f"sweep x{lam:g} {q}: {res}")
+            p.unlink()
+    if steps is not None:
+        log(f"steps {sorted(steps)} done in {(time.perf_counter() - t_all) / 60:.1f} min")
+        return
+    table = ["| technique | suspect | audit | exit | verdict | recovered layers: strength profile (--base) / "
+             "depletion score (base-free) | \\|cos\\| with the base's refusal dir. | wall |",
+             "|---|---|---|---|---|---|---|---|"]
+    walls = []
+    for label, fmt, mode, key in rows:
+        res = cached(key, lambda: (_ for _ in ()).throw(SystemExit(f"row {key} not computed")))
+        walls.append(res["wall"])
+        prof, cos = profile_text(res)
+        v = res["verdict"]
+        if len(v) > 240:
+            v = v[:237] + "..."
+        v, prof = v.replace("|", "\\|"), prof.replace("|", "\\|")
+        table.append(f"| {label} | {fmt} | {'--base' if mode == 'base' else 'base-free'} | {res['exit']} | {v} | "
+                     f"{prof} | {cos} | {res['wall']:.0f} s |")
+    table += ["", "Detection limit (plain rank-1 projection of every o_proj/down_proj at the given strength, "
+              "embeddings untouched, GGUF against the float32 base; detected = the diff reports a directional edit):",
+              "", "| strength | GGUF | detected | hollow spike / permuted | writers carrying the edit | median recovered strength |",
+              "|---|---|---|---|---|---|"]
+    for key in sweep_keys:
+        sw = cached(key, lambda: (_ for _ in ()).throw(SystemExit(f"row {key} not computed")))
+        ms = f"{sw['median_strength']:.3f}" if sw["median_strength"] is not None else "-"
+        table.append(f"| {sw['strength']:g} | {sw['format']} | {'yes' if sw['detected'] else 'no'} | "
+                     f"{sw['spike']:.1f} / {sw['null']:.1f} | {sw['flagged']} | {ms} |")
+    table += ["", f"The direction removed is the base's refusal direction at layer {layer:g} of {L} (32 harmful and 32 "
+              f"benign prompts of recipes/refusal.yaml). Audit wall times (sum {sum(walls) / 60:.0f} min) were "
+              "measured on 2 CPU cores shared with other jobs (load average 9 to 16), so they are upper bounds; base-free rows include loading the suspect in transformers for its refusal directions unless cached."]
+    text = README.read_text()
+    block = START + "\n" + "\n".join(table) + "\n" + END
+    if START in text:
+        text = text[: text.index(START)] + block + text[text.index(END) + len(END):]
+    else:
+        text += "\n## Audit: abliterated SmolLM2 (bench/audit_abliteration.py)\n\n" + block + "\n"
+    README.write_text(text)
+    log("table written")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+#!/usr/bin/env python
+"""Start-up cost per command: wall and CPU time of the whole process, time spent importing, and
+which heavy libraries each command imports.
+
+    python bench/startup.py                 # 7 runs per command, medians, Markdown table
+    python bench/startup.py --runs 3 --json bench/out/startup.json
+
+Commands (on the bundled SmolLM2 GGUF, outputs in a temporary folder):
+
+    --help               the top-level help
+    export --help        one command's help
+    argument error       ``export --multiplier abc`` (exit 2)
+    show                 summarise a circuit
+    export gguf          fold a 3-neuron circuit into the GGUF (GGUFWriter)
+    export gguf fast     the same with --fast-copy
+    diff gguf            the export against its source
+    discover --help      a command whose work needs torch: its help must not import it
+
+Each run is a fresh ``python -m cna_export`` process: wall time from this script, CPU time
+(user + system) from ``resource.getrusage(RUSAGE_CHILDREN)``. One extra run per command with
+``python -X importtime`` sums the top-level imports' cumulative time and lists the heavy modules
+loaded (torch, transformers, safetensors, gguf, numpy, llama_cpp).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+HEAVY = ("torch", "transformers", "safetensors", "gguf", "numpy", "llama_cpp", "pydantic")
+
+
+def commands(tmp: Path, model: str, circuit: Path) -> dict[str, tuple[list[str], int]]:
+    exp = ["export", "--model", model, "--circuit", str(circuit), "--multiplier", "0", "--format", "gguf",
+           "--no-modelfile", "--overwrite"]
+    return {
+        "--help": (["--help"], 0),
+        "export --help": (["export", "--help"], 0),
+        "argument error": (["export", "--multiplier", "abc"], 2),
+        "show": (["show", str(circuit)], 0),
+        "export gguf": (exp + ["--out", str(tmp / "w.gguf")], 0),
+        "export gguf fast": (exp + ["--fast-copy", "--out", str(tmp / "f.gguf")], 0),
+        "diff gguf": (["diff", str(tmp / "w.gguf"), model], 0),
+        "discover --help": (["discover", "--help"], 0),
+    }
+
+
+def run_once(argv: list[str], want: int) -> tuple[float, float]:
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t = time.perf_counter()
+    p = subprocess.run([sys.executable, "-m", "cna_export", *argv], capture_output=True, text=True, cwd=REPO)
+    wall = time.perf_counter() - t
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if p.returncode != want:
+        raise SystemExit(f"{argv} exited {p.returncode}, expected {want}:\n{p.stderr[-2000:]}")
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def import_profile(argv: list[str]) -> tuple[float, list[str]]:
+    p = subprocess.run([sys.executable, "-X", "importtime", "-m", "cna_export", *argv], capture_output=True,
+                       text=True, cwd=REPO)
+    total = 0
+    loaded = set()
+    for line in p.stderr.splitlines():
+        if not line.startswith("import time:") or "|" not in line:
+            continue
+        _, cumulative, name = line.split(":", 1)[1].split("|")
+        cumulative = cumulative.strip()
+        if not cumulative.isdigit():
+            continue
+        top = name.startswith(" ") and not name.startswith("  ")  # top level: no indentation
+        raw_name = name.strip()
+        if raw_name.split(".")[0] in HEAVY:
+            loaded.add(raw_name.split(".")[0])
+        if top:
+            total += int(cumulative)
+    return total / 1e6, sorted(loaded)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=7)
+    ap.add_argument("--model", default="bundled:smollm2")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+
+    from cna_export.core.circuit import Circuit, Neuron
+    from cna_export.io.bundled import resolve
+    from cna_export.io.gguf import open_gguf
+    from cna_export.io.identity import gguf_identity
+
+    model = str(resolve(args.model))
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="cna-startup-") as d:
+        tmp = Path(d)
+        circuit = tmp / "c.json"
+        Circuit(model=gguf_identity(open_gguf(model), args.model),
+                neurons=[Neuron(layer=l, index=i, score=1.0) for l, i in ((3, 5), (10, 100), (20, 7))],
+                method={"name": "manual"}).save(circuit)
+        cmds = commands(tmp, model, circuit)
+        run_once(*cmds["export gguf"])  # the file the diff reads, and a warm page cache
+        for _ in range(args.runs):  # round-robin: load changes hit every command alike
+            for name, (argv, want) in cmds.items():
+                wall, cpu = run_once(argv, want)
+                results.setdefault(name, {"wall": [], "cpu": []})
+                results[name]["wall"].append(wall)
+                results[name]["cpu"].append(cpu)
+        for name, (argv, _) in cmds.items():
+            results[name]["imports_s"], results[name]["heavy"] = import_profile(argv)
+    load = os.getloadavg()
+    print(f"{args.runs} runs per command; load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} "
+          f"on {os.cpu_count()} cores")
+    print("\n| command | wall (median) | CPU (median) | imports | heavy modules imported |\n|---|---|---|---|---|")
+    for name, r in results.items():
+        print(f"| {name} | {statistics.median(r['wall']):.2f} s | {statistics.median(r['cpu']):.2f} s | "
+              f"{r['imports_s']:.2f} s | {', '.join(r['heavy']) or '-'} |")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"load": load, "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,209 @@
+"""A model's refusal direction per layer, from the recipe's prompts, and a base-free abliteration score.
+
+The refusal direction at layer ``l`` is the mean residual stream (the decoder layer's output) at the last
+prompt token over harmful prompts minus the same mean over benign prompts (the recipe's positive and
+negative sets, chat-templated as discovery renders them; ``limit`` prompts of each, evenly spread). It is
+computed with discovery's own capture (:func:`cna_export.discovery.cna.run_prompts`, residual hook) and
+cached in a versioned ``.npz`` (``--directions FILE``) that records the weights' fingerprint and the
+prompt sets' sha256, like ``--stats``.
+
+Base-free score (:func:`depletion_score`): directional ablation makes the writers (``o_proj``,
+``down_proj``) of the edited layers write (almost) nothing along the ablated direction. Over each window
+of consecutive layers (a quarter of the layers), the writers' Gram matrices ``W W^T``, each divided by its
+mean eigenvalue, are summed; the score is the window's smallest eigenvalue over its median (how much less
+the window writes along its weakest direction than along a typical one), and that direction's best
+|cos| with the model's own refusal directions (one per layer, from the recipe's prompts) says whether it
+is the refusal direction. A window scoring below ``threshold`` along a direction aligned at least
+``min_alignment`` is flagged.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..core.errors import CnaError
+
+SCHEMA = 1
+DEPLETION_THRESHOLD = 0.05  # base-free: window's smallest / median eigenvalue below this ...
+# ... along a direction with |cos| >= this with one of the model's own refusal directions. A random direction's
+# best |cos| with L of them is about sqrt(2 ln(2L) / hidden): 0.14 for SmolLM2 (576, 30 layers), 0.11 for
+# Qwen2.5-0.5B (896, 24). The ablated direction itself is only partly in the suspect's own refusal directions:
+# the edited layers no longer write it, so only the layers before them carry it.
+ALIGNMENT = 0.25
+
+
+@dataclass
+class RefusalDirections:
+    """Per-layer mean residuals (harmful, benign) at the last prompt token; typed and versioned."""
+
+    schema: int
+    model: str
+    fingerprint: str | None
+    prompts: dict  # set name -> {"path", "sha256", "used"}
+    harmful_mean: np.ndarray  # [layers, hidden]
+    benign_mean: np.ndarray
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.harmful_mean.shape[0])
+
+    def directions(self) -> np.ndarray:
+        """``[layers, hidden]`` unit refusal directions."""
+        d = self.harmful_mean - self.benign_mean
+        n = np.linalg.norm(d, axis=1, keepdims=True)
+        return np.divide(d, n, out=np.zeros_like(d), where=n > 0)
+
+    def save(self, path: str | Path, overwrite: bool = False) -> None:
+        from ..core.atomic import atomic_file
+
+        meta = {"schema": self.schema, "kind": "cna-export refusal directions", "model": self.model,
+                "fingerprint": self.fingerprint, "prompts": self.prompts}
+        buf = io.BytesIO()
+        np.savez(buf, meta=np.array(json.dumps(meta)), harmful_mean=self.harmful_mean, benign_mean=self.benign_mean)
+        with atomic_file(Path(path), overwrite=overwrite) as fh:
+            fh.write(buf.getvalue())
+
+    @classmethod
+    def load(cls, path: str | Path) -> RefusalDirections:
+        try:
+            with np.load(Path(path), allow_pickle=False) as z:
+                meta = json.loads(str(z["meta"]))
+                hm, bm = np.asarray(z["harmful_mean"]), np.asarray(z["benign_mean"])
+        except (OSError, ValueError, KeyError) as e:
+            raise CnaError(f"{path} is not a refusal-directions file ({type(e).__name__}: {str(e)[:80]})") from None
+        if meta.get("kind") != "cna-export refusal directions" or meta.get("schema") != SCHEMA:
+            raise CnaError(f"{path} is not a refusal-directions file of schema {SCHEMA}")
+        return cls(SCHEMA, meta["model"], meta.get("fingerprint"), meta["prompts"], hm, bm)
+
+
+def _spread(texts: list[str], n: int) -> list[str]:
+    if n >= len(texts):
+        return list(texts)
+    return [texts[round(i * (len(texts) - 1) / max(n - 1, 1))] for i in range(n)]
+
+
+def _recipe_sets(recipe: str | Path | None, limit: int) -> tuple[Any, dict, dict]:
+    from ..core.settings import DiscoverOptions, build, load_recipe
+    from ..model.prompts import load_prompts
+    from ..verification.prompts import recipes_dir
+
+    path = recipe or recipes_dir() / "refusal.yaml"
+    opts = build(DiscoverOptions, load_recipe(path))
+    if not opts.positive or not opts.negative:
+        raise CnaError(f"recipe {path} names no positive/negative prompt sets")
+    sel = {"field": opts.field, "column": opts.column}
+    sets = {"harmful": load_prompts(opts.positive, **sel), "benign": load_prompts(opts.negative, **sel)}
+    texts = {k: _spread(list(ps.texts), limit) for k, ps in sets.items()}
+    info = {k: {"path": str(ps.path), "sha256": ps.info().sha256, "used": len(texts[k])} for k, ps in sets.items()}
+    return opts, texts, info
+
+
+def compute_directions(spec: str, recipe: str | Path | None = None, limit: int = 32, progress: bool = False
+                       ) -> RefusalDirections:
+    """Load ``spec`` in transformers and measure its per-layer mean residuals on the recipe's prompts."""
+    from ..discovery.cna import RunningStats, run_prompts
+    from ..model.loading import load_model
+
+    opts, texts, info = _recipe_sets(recipe, limit)
+    loaded = load_model(spec)
+    try:
+        fp = loaded.identity().fingerprint
+    except Exception:  # noqa: BLE001 - identity is informative here, not required
+        fp = None
+    means = {}
+    for name, ts in texts.items():
+        rs = RunningStats(loaded.num_layers, loaded.hidden_size)
+        run_prompts(loaded, ts, lambda *a: None, batch_size=opts.batch_size, chat_template=opts.chat_template,
+                    max_length=opts.max_length, desc=f"refusal direction ({name})", progress=progress,
+                    system_prompt=opts.system_prompt, residual_sink=rs.add)
+        rs.count = len(ts)
+        means[name] = rs.mean
+    del loaded
+    return RefusalDirections(SCHEMA, spec, fp, info, means["harmful"], means["benign"])
+
+
+def refusal_directions(spec: str, recipe: str | Path | None, cache: str | None, limit: int = 32,
+                       overwrite: bool = False, progress: bool = False) -> tuple[RefusalDirections, str]:
+    """The refusal directions of ``spec``: read from ``cache`` when it fits, else computed (and saved there)."""
+    path = Path(cache) if cache else None
+    if path is not None and path.is_file():
+        rd = RefusalDirections.load(path)
+        problem = _mismatch(rd, spec, recipe, limit)
+        if problem is None:
+            return rd, f"refusal directions read from {path}"
+        if not overwrite:
+            raise CnaError(f"--directions {path} {problem}; pass --overwrite to recompute it, or another file")
+    rd = compute_directions(spec, recipe, limit, progress)
+    if path is not None:
+        rd.save(path, overwrite=overwrite)
+    return rd, f"refusal directions of {spec} from the recipe's prompts ({limit} harmful, {limit} benign)"
+
+
+def _mismatch(rd: RefusalDirections, spec: str, recipe: str | Path | None, limit: int) -> str | None:
+    from ..io.weights import open_weights
+
+    src = open_weights(spec)
+    try:
+        ident = src.identity(fingerprint=True)
+    finally:
+        src.close()
+    if rd.fingerprint and ident.fingerprint and rd.fingerprint != ident.fingerprint:
+        return f"was computed on other weights ({rd.model})"
+    if rd.harmful_mean.shape != (ident.num_layers, ident.hidden_size):
+        return f"has the shape of another model ({rd.model})"
+    _, _, info = _recipe_sets(recipe, limit)
+    for k, v in info.items():
+        have = rd.prompts.get(k, {})
+        if have.get("sha256") != v["sha256"] or have.get("used") != v["used"]:
+            return f"was computed with other {k} prompts than the recipe's"
+    return None
+
+
+def depletion_score(src: Any, directions: np.ndarray, window: int | None = None,
+                    threshold: float = DEPLETION_THRESHOLD, min_alignment: float = ALIGNMENT) -> dict:
+    """Base-free: a residual direction that a window of layers' writers write far less than their spectrum
+    predicts, and that lines up with the model's own refusal directions (``[layers, hidden]``, unit rows)."""
+    L, H = directions.shape
+    D = directions.astype(np.float64)
+    grams: list[np.ndarray | None] = []
+    for layer in range(L):
+        G = None
+        for role in ("attn_output", "ffn_down"):
+            e = src.find(role, layer)
+            if e is None or len(e.shape) != 2 or e.shape[0] != H:
+                continue
+            W = src.read(e).astype(np.float64)
+            g = W @ W.T
+            del W
+            tr = float(np.trace(g))
+            if tr > 0:
+                G = g * (H / tr) if G is None else G + g * (H / tr)
+        grams.append(G)
+    w = min(window or max(2, L // 4), L)
+    windows = []
+    for start in range(L - w + 1):
+        parts = [g for g in grams[start : start + w] if g is not None]
+        if not parts:
+            continue
+        ev, V = np.linalg.eigh(sum(parts))
+        med = float(np.median(ev))
+        ratio = max(float(ev[0]), 0.0) / med if med > 0 else math.inf
+        cos = np.abs(D @ V[:, 0])
+        m = int(np.argmax(cos))
+        windows.append({"window": [start, start + w - 1], "ratio": ratio, "alignment": float(cos[m]),
+                        "direction_layer": m})
+    if not windows:
+        raise CnaError(f"{src.spec} has no o_proj/down_proj weights of the hidden size {H}")
+    hits = [x for x in windows if x["ratio"] < threshold and x["alignment"] >= min_alignment]
+    best = min(hits or windows, key=lambda x: x["ratio"])
+    return {"score": best["ratio"], "window": best["window"], "alignment": best["alignment"],
+            "direction_layer": best["direction_layer"], "window_size": w, "threshold": threshold,
+            "min_alignment": min_alignment, "flagged": bool(hits),
+            "windows": windows}

@@ -1,0 +1,102 @@
+"""A cache of model fingerprints, keyed by the files they were hashed from.
+
+Hashing every down projection of an 8B checkpoint as float32 (7.5 GB through sha256, after
+converting bfloat16 or dequantising Q4_K) takes longer than copying the checkpoint. Discovery,
+export and verification of the same weights each need that fingerprint, so it is computed once
+and remembered under ``<cache>/fingerprints/`` (``<cache>`` is ``$CNA_EXPORT_CACHE``, else
+``$XDG_CACHE_HOME/cna-export``, else ``~/.cache/cna-export``).
+
+An entry is keyed by the fingerprint's definition and, for every file read, its resolved path,
+size, inode, device, modification time and change time (all in nanoseconds). Any write to a file
+changes its change time, which no user-level call can set back, so a changed file never matches
+a stale entry. ``CNA_EXPORT_FINGERPRINT_CACHE`` names another folder for the entries, or is ``off``
+to disable the cache (every fingerprint is hashed afresh). A cache that cannot be written
+(read-only home) is skipped without an error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Callable, Iterable
+
+from ..core.atomic import atomic_write_text
+from ..core.fingerprint import FINGERPRINT_METHOD
+
+CACHE_SWITCH = "CNA_EXPORT_FINGERPRINT_CACHE"
+"""A folder for the entries, or ``off`` (``0``, ``no``, ``false``) to disable the fingerprint cache."""
+
+
+def enabled() -> bool:
+    return os.environ.get(CACHE_SWITCH, "").strip().lower() not in ("off", "0", "no", "false")
+
+
+def cache_folder() -> Path:
+    from .bundled import cache_dir
+
+    chosen = os.environ.get(CACHE_SWITCH, "").strip()
+    return Path(chosen).expanduser() if chosen else cache_dir() / "fingerprints"
+
+
+def _key(kind: str, paths: Iterable[str | Path], extra: str) -> str | None:
+    stamps = []
+    for p in paths:
+        try:
+            real = os.path.realpath(p)
+            st = os.stat(real)
+        except OSError:
+            return None
+        stamps.append([real, st.st_size, st.st_ino, st.st_dev, st.st_mtime_ns, st.st_ctime_ns])
+    text = json.dumps([FINGERPRINT_METHOD, kind, extra, stamps], separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def lookup(kind: str, paths: Iterable[str | Path], extra: str = "") -> str | None:
+    """The cached fingerprint of ``paths`` (unchanged since it was stored), else None."""
+    if not enabled():
+        return None
+    key = _key(kind, list(paths), extra)
+    if key is None:
+        return None
+    try:
+        entry = json.loads((cache_folder() / f"{key}.json").read_text("utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    fp = entry.get("fingerprint") if isinstance(entry, dict) else None
+    if isinstance(fp, str) and len(fp) == 64 and all(c in "0123456789abcdef" for c in fp):
+        return fp
+    return None
+
+
+def store(kind: str, paths: Iterable[str | Path], fingerprint: str, extra: str = "", key: str | None = None) -> None:
+    """Remember ``fingerprint`` for ``paths`` as they are now (best effort: errors are ignored)."""
+    if not enabled():
+        return
+    paths = list(paths)
+    key = key or _key(kind, paths, extra)
+    if key is None:
+        return
+    try:
+        folder = cache_folder()
+        folder.mkdir(parents=True, exist_ok=True)
+        entry = {"fingerprint": fingerprint, "method": FINGERPRINT_METHOD, "kind": kind,
+                 "files": [os.path.realpath(p) for p in paths]}
+        atomic_write_text(folder / f"{key}.json", json.dumps(entry, indent=1) + "\n", overwrite=True)
+    except Exception:  # noqa: BLE001 - a cache is an optimisation, never a failure
+        pass
+
+
+def cached(kind: str, paths: Iterable[str | Path], compute: Callable[[], str], extra: str = "") -> str:
+    """The fingerprint of ``paths``: from the cache, else ``compute()``, stored only when no file
+    changed while it was hashed."""
+    paths = list(paths)
+    hit = lookup(kind, paths, extra)
+    if hit is not None:
+        return hit
+    before = _key(kind, paths, extra) if enabled() else None
+    fp = compute()
+    if before is not None and _key(kind, paths, extra) == before:
+        store(kind, paths, fp, extra, key=before)
+    return fp

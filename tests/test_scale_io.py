@@ -1,0 +1,369 @@
+"""Streaming shard rewrite (kernel copy + patched tensors) and the fingerprint cache."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from cna_export.io import fpcache
+from cna_export.io import safetensors as st_io
+from cna_export.io.identity import checkpoint_identity, gguf_fingerprint
+
+
+def _shard(path: Path, dtypes=(torch.float32, torch.bfloat16, torch.float16), seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for i, dt in enumerate(dtypes):
+        tensors[f"t{i}.weight"] = torch.randn(5 + i, 7, generator=g).to(dt)
+    tensors["norm"] = torch.ones(3)
+    save_file(tensors, path, metadata={"format": "pt", "keep": "me"})
+    return tensors
+
+
+def test_rewrite_shard_replaces_only_the_named_tensors(tmp_path):
+    src, dst = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    tensors = _shard(src)
+    before = src.read_bytes()
+    new = {"t0.weight": tensors["t0.weight"] * 0, "t2.weight": -tensors["t2.weight"]}
+    st_io.rewrite_shard(src, dst, new, {"cna_export": "x"})
+    assert src.read_bytes() == before  # the input is never modified
+    out = load_file(dst)
+    assert set(out) == set(tensors)
+    for name, t in tensors.items():
+        want = new.get(name, t)
+        assert out[name].dtype == t.dtype and torch.equal(out[name], want)
+    with safe_open(dst, framework="pt") as f:
+        assert f.metadata() == {"format": "pt", "keep": "me", "cna_export": "x"}
+    raw = dst.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    assert (8 + n) % 8 == 0 and json.loads(raw[8:8 + n])["t1.weight"]["dtype"] == "BF16"
+    assert os.stat(dst).st_mode & 0o044 == 0o044  # a model shard is readable by others
+
+
+def test_rewrite_shard_refuses_a_changed_dtype_or_shape(tmp_path):
+    src = tmp_path / "a.safetensors"
+    tensors = _shard(src)
+    with pytest.raises(ValueError, match="changes its dtype or shape"):
+        st_io.rewrite_shard(src, tmp_path / "b.safetensors", {"t0.weight": tensors["t0.weight"].half()}, {})
+    with pytest.raises(ValueError, match="changes its dtype or shape"):
+        st_io.rewrite_shard(src, tmp_path / "c.safetensors", {"t0.weight": tensors["t0.weight"][:-1]}, {})
+    with pytest.raises(ValueError, match="has no tensor"):
+        st_io.rewrite_shard(src, tmp_path / "d.safetensors", {"nope": tensors["norm"]}, {})
+
+
+def test_rewrite_shard_without_the_kernel_copy(tmp_path, monkeypatch):
+    """Where copy_file_range is missing (or refuses), the bytes go through a buffer: same file."""
+    src = tmp_path / "a.safetensors"
+    tensors = _shard(src)
+    new = {"t1.weight": tensors["t1.weight"] * 2}
+    st_io.rewrite_shard(src, tmp_path / "kernel.safetensors", new, {"k": "v"})
+    monkeypatch.delattr(os, "copy_file_range", raising=False)
+    st_io.rewrite_shard(src, tmp_path / "buffer.safetensors", new, {"k": "v"})
+    assert (tmp_path / "kernel.safetensors").read_bytes() == (tmp_path / "buffer.safetensors").read_bytes()
+
+
+@settings(max_examples=25, deadline=None)
+@given(picks=st.lists(st.booleans(), min_size=4, max_size=4), seed=st.integers(0, 2**16))
+def test_rewrite_shard_equals_save_file(tmp_path_factory, picks, seed):
+    """Any subset of replaced tensors: the streamed shard holds what save_file would have written."""
+    d = tmp_path_factory.mktemp("rw")
+    src = d / "a.safetensors"
+    tensors = _shard(src, seed=seed)
+    names = sorted(tensors)
+    g = torch.Generator().manual_seed(seed + 1)
+    new = {n: torch.randn(tensors[n].shape, generator=g).to(tensors[n].dtype) for n, p in zip(names, picks) if p}
+    st_io.rewrite_shard(src, d / "b.safetensors", new, {"m": "1"})
+    save_file({**tensors, **new}, d / "ref.safetensors", metadata={"format": "pt", "keep": "me", "m": "1"})
+    a, b = load_file(d / "b.safetensors"), load_file(d / "ref.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# -- fingerprint cache ----------------------------------------------------------------------
+
+
+@pytest.fixture()
+def fp_cache(tmp_path, monkeypatch):
+    folder = tmp_path / "fp-cache"
+    monkeypatch.setenv(fpcache.CACHE_SWITCH, str(folder))
+    return folder
+
+
+def test_fingerprint_is_hashed_once_then_read_from_the_cache(export_sources, fp_cache, monkeypatch):
+    src = export_sources[("llama", "float32", True)]
+    first = checkpoint_identity(src, str(src))[0].fingerprint
+    assert len(list(fp_cache.glob("*.json"))) == 1
+    calls = []
+    real = st_io.fp32_fingerprint
+    monkeypatch.setattr("cna_export.io.identity.fp32_fingerprint", lambda *a: calls.append(1) or real(*a))
+    assert checkpoint_identity(src, str(src))[0].fingerprint == first and calls == []
+    monkeypatch.setenv(fpcache.CACHE_SWITCH, "off")
+    assert checkpoint_identity(src, str(src))[0].fingerprint == first and calls == [1]
+
+
+def test_a_changed_file_is_hashed_again(export_sources, fp_cache, tmp_path):
+    import shutil
+
+    src = tmp_path / "copy"
+    shutil.copytree(export_sources[("llama", "float32", False)], src)
+    first = checkpoint_identity(src, str(src))[0].fingerprint
+    shard = src / "model.safetensors"
+    tensors = load_file(shard)
+    name = next(n for n in tensors if "down_proj" in n)
+    tensors[name] = tensors[name] * 2
+    stat = shard.stat()
+    save_file(tensors, shard, metadata={"format": "pt"})
+    os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # even with the old modification time
+    second = checkpoint_identity(src, str(src))[0].fingerprint
+    assert second != first
+    assert second == fpcache.lookup("safetensors", [shard], extra=json.dumps(checkpoint_identity(
+        src, str(src), with_fingerprint=False)[3]))
+
+
+def test_a_file_changed_while_hashing_is_not_cached(tmp_path, fp_cache):
+    f = tmp_path / "w.bin"
+    f.write_bytes(b"abc")
+
+    def compute():
+        time.sleep(0.01)
+        f.write_bytes(b"abd")
+        return "0" * 64
+
+    assert fpcache.cached("x", [f], compute) == "0" * 64
+    assert fpcache.lookup("x", [f]) is None and not list(fp_cache.glob("*.json"))
+
+
+def test_a_corrupt_or_unwritable_cache_is_ignored(tmp_path, monkeypatch):
+    f = tmp_path / "w.bin"
+    f.write_bytes(b"abc")
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("x")
+    monkeypatch.setenv(fpcache.CACHE_SWITCH, str(blocker / "sub"))
+    assert fpcache.cached("x", [f], lambda: "1" * 64) == "1" * 64  # no error, nothing stored
+    monkeypatch.setenv(fpcache.CACHE_SWITCH, str(tmp_path / "c"))
+    fpcache.store("x", [f], "2" * 64)
+    (entry,) = (tmp_path / "c").glob("*.json")
+    entry.write_text("{not json")
+    assert fpcache.lookup("x", [f]) is None
+    entry.write_text(json.dumps({"fingerprint": "zz"}))
+    assert fpcache.lookup("x", [f]) is None
+
+
+def test_gguf_fingerprint_is_cached(smollm2, fp_cache):
+    from cna_export.io.gguf import open_gguf
+
+    reader = open_gguf(smollm2.source.path)
+    t = time.perf_counter()
+    first = gguf_fingerprint(reader)
+    cold = time.perf_counter() - t
+    t = time.perf_counter()
+    assert gguf_fingerprint(reader) == first == smollm2.fingerprint()
+    assert time.perf_counter() - t < cold
+    assert np.asarray(sorted(p.name for p in fp_cache.glob("*.json"))).size == 1
+
+
+# -- commands that must not import torch or transformers -----------------------------------------
+
+PROBE = r"""
+import json, sys
+tried = []
+class Spy:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "transformers"):
+            tried.append(name)
+        return None
+sys.meta_path.insert(0, Spy())
+from cna_export.cli import main
+try:
+    rc = main(json.loads(sys.argv[1]))
+except SystemExit as e:  # --help
+    rc = e.code
+print(json.dumps({"rc": rc, "tried": sorted(set(tried))}))
+"""
+
+
+def test_gguf_commands_never_import_torch(tmp_path):
+    """GGUF export (writer and fast copy), diff of two GGUF files and show run without torch or
+    transformers: a process pays for those imports only when it needs tensors."""
+    import subprocess
+    import sys
+
+    from cna_export.core.circuit import Circuit, Neuron
+    from cna_export.io.gguf import open_gguf
+    from cna_export.io.identity import gguf_identity
+
+    from cna_export.io.bundled import resolve
+
+    src = str(resolve("bundled:smollm2"))
+    circuit = tmp_path / "c.json"
+    Circuit(model=gguf_identity(open_gguf(src), "smollm2"), neurons=[Neuron(layer=2, index=7, score=1.0)],
+            method={"name": "manual"}).save(circuit)
+    w, f = tmp_path / "w.gguf", tmp_path / "f.gguf"
+    commands = [
+        ["--help"],
+        ["show", str(circuit)],
+        ["export", "--model", src, "--circuit", str(circuit), "--multiplier", "0", "--format", "gguf", "--out", str(w),
+         "--no-modelfile"],
+        ["export", "--model", src, "--circuit", str(circuit), "--multiplier", "0", "--format", "gguf", "--fast-copy",
+         "--out", str(f), "--no-modelfile"],
+        ["diff", str(w), src],
+    ]
+    for argv in commands:
+        r = subprocess.run([sys.executable, "-c", PROBE, json.dumps(argv)], capture_output=True, text=True, timeout=300)
+        lines = [l for l in r.stdout.splitlines() if l.startswith('{"rc"')]
+        assert lines, (argv, r.stdout[-500:], r.stderr[-2000:])
+        got = json.loads(lines[-1])
+        assert got["rc"] == 0 and got["tried"] == [], (argv, got, r.stderr[-1000:])
+
+
+# -- ggml's C dequantisation -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("qname", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "Q2_K", "Q3_K"])
+def test_c_dequantisation_gives_gguf_py_bits(qname):
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+    from gguf import quants as gq
+
+    from cna_export.io import quants
+
+    if quants._ggml_lib() is None:
+        pytest.skip("llama-cpp-python's libggml-base is not installed")
+    q = GGMLQuantizationType[qname]
+    block_elems, block_bytes = GGML_QUANT_SIZES[q]
+    rng = np.random.default_rng(0)
+    raw = rng.integers(0, 256, size=(6, 4 * block_bytes), dtype=np.uint8)
+    # sane fp16 scale fields at the start of each block (random bytes may be inf/nan)
+    blocks = raw.reshape(-1, block_bytes)
+    if q == GGMLQuantizationType.Q2_K:  # d and dmin close the block
+        blocks[:, -4:] = rng.uniform(1e-3, 1e-2, size=(blocks.shape[0], 2)).astype(np.float16).view(np.uint8)
+    elif q in (GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q5_K):
+        blocks[:, 0:4] = rng.uniform(1e-3, 1e-2, size=(blocks.shape[0], 2)).astype(np.float16).view(np.uint8)
+    elif q in (GGMLQuantizationType.Q6_K, GGMLQuantizationType.Q3_K):
+        blocks[:, -2:] = rng.uniform(1e-3, 1e-2, size=(blocks.shape[0], 1)).astype(np.float16).view(np.uint8)
+    else:
+        blocks[:, 0:2] = rng.uniform(1e-3, 1e-2, size=(blocks.shape[0], 1)).astype(np.float16).view(np.uint8)
+    fast = quants._ggml_dequantize(raw, q, 4 * block_elems)
+    ref = np.asarray(gq.dequantize(raw, q), dtype=np.float32).reshape(6, -1)
+    assert fast is not None and np.array_equal(fast.view(np.uint32), ref.view(np.uint32))
+    assert np.array_equal(quants.dequantize_rows(raw, q).view(np.uint32), ref.view(np.uint32))
+    assert q not in quants._GGML_BAD
+
+
+def test_a_c_routine_that_disagrees_is_retired(monkeypatch):
+    from gguf import GGMLQuantizationType
+    from gguf import quants as gq
+
+    from cna_export.io import quants
+
+    q = GGMLQuantizationType.Q8_0
+    raw = np.zeros((4, 34 * 2), dtype=np.uint8)
+    raw[:, 0:2] = np.array([0.5], np.float16).view(np.uint8)
+    raw[:, 2:34] = 3
+    monkeypatch.setattr(quants, "_GGML_BAD", set())
+    monkeypatch.setattr(quants, "_ggml_dequantize", lambda b, qt, n: np.full((b.shape[0], n), 7.0, np.float32)
+                        if qt not in quants._GGML_BAD else None)
+    got = quants.dequantize_rows(raw, q)
+    assert np.array_equal(got, np.asarray(gq.dequantize(raw, q), np.float32).reshape(4, -1))
+    assert q in quants._GGML_BAD
+
+
+# -- --batch-size auto ---------------------------------------------------------------------------
+
+
+def test_memory_model_sizes_batches_by_width_and_memory(tiny_loaded):
+    from cna_export.model.batching import MAX_CPU, memory_model
+
+    loaded = tiny_loaded("llama")
+    small = memory_model(loaded, available=10_000_000)
+    assert small.fits(8) > small.fits(64) > small.fits(4096) >= 1  # longer prompts, smaller batches
+    assert memory_model(loaded, available=1 << 40).fits(8) == MAX_CPU  # capped on a CPU
+    assert memory_model(loaded, available=1).fits(8) == 1  # never below one prompt
+    # the estimate is a bound on bytes: a batch it allows needs no more than the memory given
+    m = memory_model(loaded, available=50_000_000, share=1.0)
+    for width in (5, 50, 500):
+        b = m.fits(width)
+        assert b == MAX_CPU or b * width * (m.per_token + m.per_token_per_position * width) <= 50_000_000
+        assert (b + 1) * width * (m.per_token + m.per_token_per_position * width) > 50_000_000 or b == MAX_CPU
+    assert memory_model(loaded, backward=True, available=10**7).fits(32) < memory_model(loaded, available=10**7).fits(32)
+
+
+def test_auto_batches_are_longest_first_and_sized_per_batch(tiny_loaded):
+    from cna_export.model.prompts import batches
+
+    loaded = tiny_loaded("llama")
+    texts = ["word " * n for n in (40, 3, 3, 3, 3, 3, 20, 3)]
+    got = list(batches(loaded.tokenizer, texts, lambda width: 2 if width > 30 else 4, chat_template=False))
+    assert [len(b.indices) for b in got] == [2, 4, 2] and got[0].indices[0] == 0
+    # unsorted: a long prompt later in the window shrinks the batch to what its width allows
+    got = list(batches(loaded.tokenizer, texts, lambda width: 2 if width > 30 else 4, chat_template=False,
+                       sort_by_length=False))
+    assert all(len(b.indices) <= (2 if b.input_ids.shape[1] > 30 else 4) for b in got)
+    assert sorted(i for b in got for i in b.indices) == list(range(len(texts)))
+
+
+def test_discover_with_auto_batches_equals_batch_one(tiny_loaded, prompt_files):
+    from cna_export.core.settings import DiscoverOptions
+    from cna_export.discovery.cna import discover
+    from cna_export.model.prompts import load_prompts
+
+    loaded = tiny_loaded("qwen2")
+    pos, neg, _ = (load_prompts(p) for p in prompt_files)
+    auto = discover(loaded, pos, neg, None, DiscoverOptions(top_k=6), progress=False)
+    one = discover(loaded, pos, neg, None, DiscoverOptions(top_k=6, batch_size=1), progress=False)
+    assert [(n.layer, n.index) for n in auto.circuit.neurons] == [(n.layer, n.index) for n in one.circuit.neurons]
+    assert max(b for r in auto.stats.reports.values() for b in r.batches) > 1
+    assert all(b == 1 for r in one.stats.reports.values() for b in r.batches)
+
+
+@pytest.mark.parametrize("value, want", [("auto", "auto"), ("AUTO", "auto"), ("16", 16), (16, 16)])
+def test_batch_size_setting_accepts_auto_or_a_count(value, want):
+    from cna_export.core.settings import DiscoverOptions
+
+    assert DiscoverOptions(batch_size=value).batch_size == want
+    assert DiscoverOptions().batch_size == "auto"
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "many", "1.5", 2.5])
+def test_batch_size_setting_refuses_nonsense(value, capsys):
+    from cna_export import cli
+
+    code = cli.main(["discover", "--model", "x", "--out", "y.json", "--batch-size", str(value)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "batch_size" in err[0].replace("-", "_")
+
+
+def test_gguf_writer_copies_the_data_section_byte_for_byte(tmp_path, monkeypatch):
+    """The kernel-copied data section gives the same file as GGUFWriter writing every tensor."""
+    from cna_export.core.circuit import Circuit, Neuron
+    from cna_export.export.gguf import export_gguf
+    from cna_export.io import gguf as G
+    from cna_export.io.bundled import resolve
+
+    src = str(resolve("bundled:smollm2"))
+    circuit = Circuit(model=gguf_identity_of(src), neurons=[Neuron(layer=0, index=3, score=1.0),
+                                                          Neuron(layer=29, index=1535, score=1.0)],
+                      method={"name": "manual"})
+    assert G._same_data_layout(G.open_gguf(src), G.open_gguf(src).alignment)
+    fast = export_gguf(src, circuit, tmp_path / "fast.gguf", multiplier=-1.0, modelfile=False).out
+    monkeypatch.setattr(G, "_same_data_layout", lambda reader, alignment: False)
+    slow = export_gguf(src, circuit, tmp_path / "slow.gguf", multiplier=-1.0, modelfile=False).out
+    a, b = G.open_gguf(fast), G.open_gguf(slow)  # headers differ only in the manifest's time stamp
+    assert fast.read_bytes()[a.data_offset:] == slow.read_bytes()[b.data_offset:]
+    assert [(t.name, t.data_offset - a.data_offset) for t in a.tensors] == \
+        [(t.name, t.data_offset - b.data_offset) for t in b.tensors]
+
+
+def gguf_identity_of(path: str):
+    from cna_export.io.gguf import open_gguf
+    from cna_export.io.identity import gguf_identity
+
+    return gguf_identity(open_gguf(path), "smollm2", fingerprint=False)
