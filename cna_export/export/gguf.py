@@ -47,6 +47,9 @@ from .card import MODELFILE, render_modelfile, stop_tokens  # noqa: F401  (stop_
 
 log = logging.getLogger(__name__)
 
+PASS1_WORKERS = 2
+"""Touched tensors hashed (before and after patching) at once."""
+
 
 
 @dataclass
@@ -185,26 +188,21 @@ def _export(model: str, circuit: Circuit, src: Path, out: Path, side: Path | Non
             fast_copy: bool, overwrite: bool, check: ExportCheck | None, progress: bool,
             fingerprint_checked: Any, t0: float) -> GGUFExportResult:
 
-    # pass 1: hashes before/after and the scale reports, one tensor in memory at a time
+    # pass 1: hashes before/after and the scale reports, two tensors in memory at a time (sha256
+    # releases the GIL: two threads hash on two cores)
     tensors = G.tensor_map(reader)
-    touched: list[TouchedTensor] = []
     reports: dict[str, ScaleReport] = {}
-    for name, patch in patches.items():
-        t = tensors[name]
+
+    def one(name: str) -> TouchedTensor:
+        t, patch = tensors[name], patches[name]
         before = G.sha256_array(t.data)
         buf, reports[name] = patch.patched_copy(t.data)
-        touched.append(
-            TouchedTensor(
-                name=name,
-                dtype=G.type_name(t),
-                shape=G.np_shape(t),
-                sha256_before=before,
-                sha256_after=G.sha256_array(buf),
-                axis=patch.axis,
-                indices=list(patch.indices),
-            )
-        )
-        del buf
+        return TouchedTensor(name=name, dtype=G.type_name(t), shape=G.np_shape(t), sha256_before=before,
+                             sha256_after=G.sha256_array(buf), axis=patch.axis, indices=list(patch.indices))
+
+    with ThreadPoolExecutor(max_workers=PASS1_WORKERS, thread_name_prefix="cna-hash") as hashers:
+        touched: list[TouchedTensor] = list(hashers.map(one, list(patches)))
+    reports = {name: reports[name] for name in patches}  # in plan order
     warnings_: list[str] = []
     for name, rep in reports.items():
         msg = rep.warning()
@@ -293,8 +291,10 @@ def _check_written(source: Any, path: Path, manifest: ExportManifest, header_cha
     problems = G.kv_differences(source, written, ignore=ignore)
     problems += G.tensor_differences(source, written, data=False)
     tensors = G.tensor_map(written)
-    for t in manifest.tensors:
-        if G.sha256_array(tensors[t.name].data) != t.sha256_after:
+    with ThreadPoolExecutor(max_workers=PASS1_WORKERS, thread_name_prefix="cna-hash") as hashers:
+        got = list(hashers.map(lambda t: G.sha256_array(tensors[t.name].data), manifest.tensors))
+    for t, digest in zip(manifest.tensors, got):
+        if digest != t.sha256_after:
             problems.append(f"tensor {t.name} does not hold the patched bytes")
     if header_changed:
         text = G.field_value(written, GGUF_KEY)
