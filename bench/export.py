@@ -44,10 +44,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from cna_export import bundled  # noqa: E402
+from cna_export.io import bundled  # noqa: E402
+from scale import GNU_TIME, measure  # noqa: E402  (bench/scale.py: wall, CPU, peak RSS and anonymous memory)
 
 MODEL = "bundled:qwen2.5-coder-0.5b"
-GNU_TIME = "/usr/bin/time"
 SHARDS = 4
 
 HF_FULL = r"""
@@ -111,19 +111,6 @@ def prepare_circuit(root: Path) -> Path:
                         "--recipe", str(REPO / "recipes" / "refusal.yaml"), "--out", str(circuit)],
                        check=True, cwd=REPO)
     return circuit
-
-
-def measure(cmd: list[str], log: Path) -> dict:
-    """Run ``cmd`` under GNU time: wall seconds and peak RSS of that process."""
-    load = os.getloadavg()[0]
-    stats = log.with_suffix(".time")
-    with open(log, "wb") as err:
-        proc = subprocess.run([GNU_TIME, "-f", "%e %M", "-o", str(stats), *cmd], stdout=err, stderr=subprocess.STDOUT,
-                              cwd=REPO)
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}); see {log}:\n{log.read_text()[-2000:]}")
-    wall, rss_kib = stats.read_text().split()[-2:]
-    return {"seconds": float(wall), "max_rss_mib": int(rss_kib) / 1024, "load_before": load}
 
 
 def _dir_bytes(p: Path) -> int:
@@ -205,8 +192,7 @@ def main() -> None:
         for name, cmd in variants.items():
             out = root / f"out-{name}"
             shutil.rmtree(out, ignore_errors=True)
-            subprocess.run(["sync"], check=True)
-            r = measure(cmd(out), root / f"{name}.log")
+            r = measure(cmd(out), root / f"{name}.log")  # syncs first
             r["output_bytes"] = _dir_bytes(out)
             inner = re.search(r"^wrote .* in ([0-9.]+)s$", (root / f"{name}.log").read_text(), re.M)
             if inner:  # the export's own time, without interpreter start-up and imports

@@ -44,7 +44,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cna_export import bundled  # noqa: E402
+from cna_export.io import bundled  # noqa: E402
 from cna_export.core.circuit import Circuit  # noqa: E402
 from cna_export.evaluation.evaluator import load_jbb  # noqa: E402
 from cna_export.core.manifest import side_manifest_path  # noqa: E402

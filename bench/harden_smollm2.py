@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from cna_export.evaluation.backends import Steering, open_backend
+from cna_export.evaluation.search import STRATEGIES as SEARCH_STRATEGIES
 from cna_export.evaluation.evaluator import Condition, EvalSettings, Evaluator, load_jbb, split_pairs
 from cna_export.evaluation.sweep import load_stats
 
@@ -35,12 +36,10 @@ MODEL = "bundled:smollm2"
 RECIPE = ROOT / "recipes" / "paper-refusal.yaml"  # prompt sets + the paper's settings; strategies override
 OUT = ROOT / "bench" / "out" / "harden"
 RESULTS = ROOT / "bench" / "results" / "harden"
-STRATEGIES = {  # DiscoverOptions overrides of the recipe
-    "direction+": {"score": "direction", "sign": "positive"},
-    # attribution: mean-diff x gradient of the refusal-minus-compliance first-token log-prob gap, so the neurons
-    # that push towards refusal openings, not just the harmful-vs-benign ones
-    "attribution+": {"score": "attribution", "sign": "positive"},
-}
+# DiscoverOptions overrides of the recipe, from the package's named strategies. attribution: mean-diff x
+# gradient of the refusal-minus-compliance first-token log-prob gap, so the neurons that push towards refusal
+# openings, not just the harmful-vs-benign ones
+STRATEGIES = {name: SEARCH_STRATEGIES[name] for name in ("direction+", "attribution+")}
 
 
 def sweep_path(strategy: str) -> Path:

@@ -197,13 +197,8 @@ def run_eval_job(job: EvalJob) -> dict:
             conds = [Condition(job.model, Steering.none(job.model), backend, {"method": "model"})]
         sweep = bool(job.sweep_multipliers or job.sweep_fractions or job.caa_alphas)
         with atomic_dir(out, overwrite=job.overwrite) as tmp:
-            sink = JsonlSink(tmp / "generations.jsonl")
-            try:
-                ev = Evaluator(backend, harmful, benign, job.settings, reference=reference, log=log, on_rows=sink)
-                ev.baseline("unsteered" if reference is None else f"reference {job.reference}")
-                results = run_conditions(ev, conds)
-            finally:
-                sink.close()
+            ev, _, results = _split_run(tmp, backend, harmful, benign, job, log, lambda e: run_conditions(e, conds),
+                                        reference=reference)
             circuits = _write_circuits(tmp / "circuits", conds)
             summaries = [r.summary for r in ev.results]
             meta = _meta(job, backend, reference)
@@ -291,14 +286,7 @@ def run_tune_job(t: TuneJob) -> dict:
             + (f" + {len(b_tune)} benign" if b_tune is not None else "") + f" prompts (seed {t.seed}); held out "
             f"{len(held_idx)}")
         with atomic_dir(out, overwrite=job.overwrite) as tmp:
-            (tmp / "tune").mkdir()
-            sink = JsonlSink(tmp / "tune" / "generations.jsonl")
-            try:
-                ev = Evaluator(backend, h_tune, b_tune, job.settings, log=log, on_rows=sink)
-                base = ev.baseline()
-                run_conditions(ev, grid)
-            finally:
-                sink.close()
+            ev, base, _ = _split_run(tmp / "tune", backend, h_tune, b_tune, job, log, lambda e: run_conditions(e, grid))
             summaries = [r.summary for r in ev.results]
             kl_key = t.kl_metric if b_tune is not None else None
             choice = choose(summaries, base.summary, t.quality_ratio, t.max_kl if kl_key else None, kl_key or "kl_last",
@@ -316,20 +304,8 @@ def run_tune_job(t: TuneJob) -> dict:
                 log(f"chosen       {chosen['label']}: refused {chosen['refused']}/{chosen['harmful_n']}, quality ratio "
                     f"{chosen['quality_ratio']:.3f}" + (f", {kl_key} {chosen[kl_key]:.4f}" if kl_key else ""))
                 if t.heldout and held_idx:
-                    (tmp / "heldout").mkdir()
-                    sink = JsonlSink(tmp / "heldout" / "generations.jsonl")
-                    try:
-                        ev2 = Evaluator(backend, harmful.subset(held_idx),
-                                        benign.subset(held_idx) if benign is not None else None,
-                                        job.settings, log=log, on_rows=sink)
-                        ev2.baseline()
-                        cond = next(c for c in grid if c.label == chosen["label"])
-                        run_conditions(ev2, [cond])
-                    finally:
-                        sink.close()
-                    write_report(tmp / "heldout", ev2, _meta(job, backend, None),
-                                 title="cna-export tune: held-out check")
-                    held = [r.summary for r in ev2.results]
+                    cond = next(c for c in grid if c.label == chosen["label"])
+                    held = _heldout_check(tmp, backend, harmful, benign, held_idx, cond, job, log)
                 notes = _tune_notes(t, job, "fewest refusals on the tuning split", tune_idx, chosen, base.summary, held)
                 (tmp / "recipe.yaml").write_text(tuned_recipe_yaml(job.recipe, out, chosen, saved, notes), "utf-8")
             report = {
@@ -377,15 +353,10 @@ def _run_tpe(t: TuneJob, saved: SavedStats, backend: Backend, harmful: EvalSet, 
         f"multiplier {space.multiplier_range[0]:g}..{space.multiplier_range[1]:g} on {len(h_tune)} pairs (seed "
         f"{t.seed}); held out {len(held_idx)}")
     with atomic_dir(out, overwrite=job.overwrite) as tmp:
-        (tmp / "tune").mkdir()
-        sink = JsonlSink(tmp / "tune" / "generations.jsonl")
-        try:
-            ev = Evaluator(backend, h_tune, b_tune, job.settings, log=log, on_rows=sink)
-            base = ev.baseline()
-            res = tpe_search(ev, saved, space, t.trials, t.seed, t.quality_ratio, q_key, kl_key, t.max_kl,
-                             t.startup_trials, force=job.force, log=log)
-        finally:
-            sink.close()
+        ev, base, res = _split_run(
+            tmp / "tune", backend, h_tune, b_tune, job, log,
+            lambda e: tpe_search(e, saved, space, t.trials, t.seed, t.quality_ratio, q_key, kl_key, t.max_kl,
+                                 t.startup_trials, force=job.force, log=log))
         tuning = [base.summary] + res.trials
         (tmp / "tune" / "sweep.csv").write_text(sweep_csv(tuning), "utf-8")
         (tmp / "tune" / "sweep.md").write_text(sweep_markdown(tuning), "utf-8")
@@ -403,17 +374,7 @@ def _run_tpe(t: TuneJob, saved: SavedStats, backend: Backend, harmful: EvalSet, 
                              chosen["multiplier"], chosen.get("strength"), force=job.force)
             _write_circuits(tmp / "circuits", [cond])
             if t.heldout and held_idx:
-                (tmp / "heldout").mkdir()
-                sink = JsonlSink(tmp / "heldout" / "generations.jsonl")
-                try:
-                    ev2 = Evaluator(backend, harmful.subset(held_idx), benign.subset(held_idx), job.settings, log=log,
-                                    on_rows=sink)
-                    ev2.baseline()
-                    run_conditions(ev2, [cond])
-                finally:
-                    sink.close()
-                write_report(tmp / "heldout", ev2, _meta(job, backend, None), title="cna-export tune: held-out check")
-                held = [r.summary for r in ev2.results]
+                held = _heldout_check(tmp, backend, harmful, benign, held_idx, cond, job, log)
             notes = _tune_notes(t, job, f"Pareto front of (refusals, {kl_key}) on the tuning split (multi-objective "
                                 f"TPE, {len(res.trials)} trials); chosen: fewest refusals on the front within the KL "
                                 "bound", tune_idx, chosen, base.summary, held, strategy=chosen["strategy"])
@@ -464,6 +425,33 @@ def _run_tpe(t: TuneJob, saved: SavedStats, backend: Backend, harmful: EvalSet, 
         (tmp / "tune.md").write_text("\n".join(lines) + "\n", "utf-8")
     log(f"wrote        {out} ({time.perf_counter() - t0:.0f}s)")
     return report
+
+
+def _split_run(folder: Path, backend: Backend, harmful: EvalSet, benign: EvalSet | None, job: EvalJob,
+               log: Callable[[str], None], run: Callable[[Evaluator], Any],
+               reference: Backend | None = None) -> tuple[Evaluator, Any, Any]:
+    """One evaluation in ``folder`` (generations streamed to its ``generations.jsonl``): the baseline
+    (the unsteered model, or ``reference``), then ``run(evaluator)``; returns (evaluator, baseline,
+    what ``run`` returned)."""
+    folder.mkdir(exist_ok=True)
+    sink = JsonlSink(folder / "generations.jsonl")
+    try:
+        ev = Evaluator(backend, harmful, benign, job.settings, reference=reference, log=log, on_rows=sink)
+        base = ev.baseline("unsteered" if reference is None else f"reference {job.reference}")
+        result = run(ev)
+    finally:
+        sink.close()
+    return ev, base, result
+
+
+def _heldout_check(tmp: Path, backend: Backend, harmful: EvalSet, benign: EvalSet | None, held_idx: list[int],
+                   cond: Condition, job: EvalJob, log: Callable[[str], None]) -> list[dict]:
+    """The chosen condition against the unsteered model on the held-out pairs (``tmp/heldout``)."""
+    ev, _, _ = _split_run(tmp / "heldout", backend, harmful.subset(held_idx),
+                          benign.subset(held_idx) if benign is not None else None, job, log,
+                          lambda e: run_conditions(e, [cond]))
+    write_report(tmp / "heldout", ev, _meta(job, backend, None), title="cna-export tune: held-out check")
+    return [r.summary for r in ev.results]
 
 
 def _tune_notes(t: TuneJob, job: EvalJob, objective: str, tune_idx: Sequence[int], chosen: dict, base: dict,

@@ -37,8 +37,7 @@ from ..core.circuit import Circuit
 from ..core.errors import CnaError
 from .plan import ExportCheck, Fold, StagedExport, plan_patches, resolve_export_multipliers, run_check
 from ..io import gguf as G
-from ..io import fpcache
-from ..io.identity import gguf_fingerprint, gguf_identity
+from ..io.identity import gguf_fingerprint, gguf_identity, known_gguf_fingerprint
 from ..core.atomic import atomic_path, atomic_write_text, check_output_path
 from ..io.quants import ScaleReport
 from ..core.manifest import STEERED_SUFFIX, GGUF_KEY, ExportManifest, TouchedTensor, multipliers_list, side_manifest_path
@@ -158,7 +157,7 @@ def export_gguf(
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cna-fingerprint")
     pending: Future | None = None
     if circuit.model.fingerprint:  # from the cache, else hashed beside the work below (it releases the GIL)
-        hit = fpcache.lookup("gguf", [reader.path], extra=spec.model_type)
+        hit = known_gguf_fingerprint(reader, spec)
         if hit is not None:
             notes += circuit.check_fits(identity.model_copy(update={"fingerprint": hit}), force=force)
         else:

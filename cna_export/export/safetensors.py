@@ -45,8 +45,7 @@ from ..io.tensor_bytes import tensor_sha256
 from .fold import scale_columns
 from .plan import ExportCheck, StagedExport, resolve_export_multipliers, run_check
 from ..io import safetensors as st_io
-from ..io import fpcache
-from ..io.identity import checkpoint_fingerprint, checkpoint_identity, expert_tensors
+from ..io.identity import checkpoint_fingerprint, checkpoint_identity, expert_tensors, known_checkpoint_fingerprint
 from ..core.experts import group_multipliers
 from ..core.atomic import atomic_dir, check_output_path
 from ..core.manifest import MANIFEST_FILE, SHARD_METADATA_KEY, ExportManifest, TouchedTensor, multipliers_list
@@ -372,8 +371,7 @@ def pending_fingerprint(ckpt: st_io.Checkpoint, down_names: Sequence[str], pool:
     """The checkpoint's fingerprint: from the fingerprint cache at once, else hashed on ``pool``
     (sha256 and the float32 conversion release the GIL, so it runs beside the shard copies)."""
     fut: Future = Future()
-    shards = sorted({str(ckpt.path(ckpt.weight_map[n])) for n in down_names})
-    hit = fpcache.lookup("safetensors", shards, extra=json.dumps(list(down_names)))
+    hit = known_checkpoint_fingerprint(ckpt, list(down_names))
     if hit is not None:
         fut.set_result(hit)
         return fut

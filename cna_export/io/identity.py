@@ -87,11 +87,21 @@ def checkpoint_identity(
     return identity, arch, ckpt, names
 
 
+def _checkpoint_key(ckpt: Checkpoint, down_names: list[str]) -> tuple[str, list[str], str]:
+    """The fingerprint cache's (kind, files, extra) for these down projections of ``ckpt``."""
+    return "safetensors", sorted({str(ckpt.path(ckpt.weight_map[n])) for n in down_names}), json.dumps(down_names)
+
+
 def checkpoint_fingerprint(ckpt: Checkpoint, down_names: list[str]) -> str:
     """:func:`fp32_fingerprint` of the down projections, through the fingerprint cache (:mod:`.fpcache`)."""
-    shards = sorted({str(ckpt.path(ckpt.weight_map[n])) for n in down_names})
-    return fpcache.cached("safetensors", shards, lambda: fp32_fingerprint(ckpt, down_names),
-                          extra=json.dumps(down_names))
+    kind, files, extra = _checkpoint_key(ckpt, down_names)
+    return fpcache.cached(kind, files, lambda: fp32_fingerprint(ckpt, down_names), extra=extra)
+
+
+def known_checkpoint_fingerprint(ckpt: Checkpoint, down_names: list[str]) -> str | None:
+    """The cached :func:`checkpoint_fingerprint`, or None (nothing is hashed)."""
+    kind, files, extra = _checkpoint_key(ckpt, down_names)
+    return fpcache.lookup(kind, files, extra=extra)
 
 
 @dataclass(frozen=True)
@@ -213,6 +223,12 @@ def gguf_fingerprint(reader: Any, spec: Any | None = None) -> str:
     if path is None:
         return fingerprint(layers())
     return fpcache.cached("gguf", [path], lambda: fingerprint(layers()), extra=spec.model_type)
+
+
+def known_gguf_fingerprint(reader: Any, spec: Any | None = None) -> str | None:
+    """The cached :func:`gguf_fingerprint`, or None (nothing is hashed)."""
+    path = getattr(reader, "path", None)
+    return None if path is None else fpcache.lookup("gguf", [path], extra=(spec or gguf_arch(reader)).model_type)
 
 
 def gguf_identity(reader: Any, name: str, fingerprint: bool = True) -> Any:

@@ -125,11 +125,11 @@ def memory_model(loaded: Any, logits: bool = False, backward: bool = False, shar
     return MemoryModel(per_token, per_position, int(free * share), MAX_CPU if kind == "cpu" else MAX_ACCELERATOR)
 
 
-def resolve_batch_size(batch_size: int | str, loaded: Any, logits: bool = False,
-                       backward: bool = False) -> int | Callable[[int], int]:
+def resolve_batch_size(batch_size: int | str, loaded: Any, logits: bool = False, backward: bool = False,
+                       share: float = SHARE) -> int | Callable[[int], int]:
     """An int stays as it is; ``"auto"`` becomes the function width -> batch size of :class:`MemoryModel`."""
     if batch_size == AUTO:
-        return memory_model(loaded, logits=logits, backward=backward).fits
+        return memory_model(loaded, logits=logits, backward=backward, share=share).fits
     return int(batch_size)
 
 

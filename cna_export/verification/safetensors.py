@@ -109,7 +109,7 @@ def compare_steered(
     """Compare ``reference`` (a LoadedModel, hook-steered with ``multipliers``) with ``candidate`` (unsteered)."""
     import torch
 
-    from ..model.batching import SHARE, memory_model, resolve_batch_size
+    from ..model.batching import SHARE, resolve_batch_size
     from ..model.generation import generate
     from ..model.prompts import batches, render
     from ..model.steering import steer
@@ -121,9 +121,7 @@ def compare_steered(
     if texts_ref != texts_cand:
         reasons.append("the chat templates render the prompts differently")
     # one size rule for both models, so that their batches line up (two logits tensors live at once)
-    size = resolve_batch_size(opts.batch_size, reference, logits=True)
-    if callable(size):
-        size = memory_model(reference, logits=True, share=SHARE / 2).fits
+    size = resolve_batch_size(opts.batch_size, reference, logits=True, share=SHARE / 2)
     args = dict(batch_size=size, chat_template=opts.chat_template, max_length=opts.max_length)
     ref_batches = list(batches(reference.tokenizer, texts_ref, device=reference.input_device, **args))
     cand_batches = list(batches(candidate.tokenizer, texts_cand, device=candidate.input_device, **args))
@@ -282,27 +280,26 @@ def verify_export(
     reasons: list[str] = []
     notes: list[str] = []
     # Is --original really the model the export was made from? Exact when compared in the export's dtype.
-    touched = {t.name: t for t in manifest.tensors if t.axis == "column"}
+    def sources() -> Any:
+        """(manifest record, the original's tensor, how to name it): MoE every touched tensor by its
+        name, dense each circuit layer's down_proj."""
+        if ref.layout().is_moe:
+            for t in manifest.tensors:
+                yield t, _moe_source_tensor(ref, t.name), t.name
+            return
+        touched = {t.name: t for t in manifest.tensors if t.axis == "column"}
+        for layer in sorted(circuit.layer_counts()):
+            t = next((touched[n] for n in ref.arch.checkpoint_down_names(layer) if n in touched), None)
+            if t is not None:
+                yield t, ref.down_proj(layer).weight, f"layer {layer} down_proj"
+
     checked = 0
-    for t in (manifest.tensors if ref.layout().is_moe else []):  # MoE: every touched tensor, by its name
-        w = _moe_source_tensor(ref, t.name)
+    for t, w, what in sources():
         if w is None or t.dtype != dtype or w.device.type == "meta":
             continue
         checked += 1
         if tensor_sha256(w) != t.sha256_before:
-            reasons.append(f"the original's {t.name} is not the tensor the export was made from "
-                           f"(sha256 differs from the manifest); is --original the export's source?")
-            break
-    for layer in sorted(circuit.layer_counts()) if not ref.layout().is_moe else []:
-        t = next((touched[n] for n in ref.arch.checkpoint_down_names(layer) if n in touched), None)
-        if t is None or t.dtype != dtype:
-            continue
-        w = ref.down_proj(layer).weight
-        if w.device.type == "meta":
-            continue
-        checked += 1
-        if tensor_sha256(w) != t.sha256_before:
-            reasons.append(f"the original's layer {layer} down_proj is not the tensor the export was made from "
+            reasons.append(f"the original's {what} is not the tensor the export was made from "
                            f"(sha256 differs from the manifest); is --original the export's source?")
             break
     if not checked:
