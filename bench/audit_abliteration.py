@@ -30,7 +30,6 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import argparse
-import ctypes
 import json
 import shutil
 import sys
@@ -41,14 +40,16 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
 
 import abliterate as ab
+import gguf_rebuild
 
 OUT = ROOT / "bench" / "out" / "audit-abliteration"
 README = ROOT / "bench" / "README.md"
 START, END = "<!-- audit-abliteration:start -->", "<!-- audit-abliteration:end -->"
-FTYPES = {"Q8_0": 7, "Q4_K_M": 15}  # llama_ftype
+FTYPES = ("Q8_0", "Q4_K_M")  # the quantisations audited
 
 
 def log(msg: str) -> None:
@@ -90,60 +91,15 @@ def write_folder(base: Path, tensors: dict, out: Path) -> Path:
 
 
 def write_f32_gguf(tensors: dict, path: Path) -> Path:
-    """The bundled GGUF's KVs and tensors, every tensor as F32: the residual writers and embeddings from
-    ``tensors`` (HF orientation = gguf-py's numpy orientation for these), the rest dequantised as stored."""
-    from gguf import GGMLQuantizationType, GGUFWriter
-    from gguf.quants import dequantize
-
+    """The bundled GGUF with the residual writers and embeddings of ``tensors`` in place (bench/gguf_rebuild.py)."""
     from cna_export.io.bundled import smollm2_path
-    from cna_export.io.gguf import field_value, kv_fields, open_gguf
-    from cna_export.io.weights import hf_to_gguf_module
 
-    reader = open_gguf(smollm2_path())
-    L = int(field_value(reader, "llama.block_count"))
-    edited = {}
-    for name, arr in tensors.items():
-        if name in ab.EMBEDDINGS or ab._LAYER.search(name):
-            module, suffix = name.rsplit(".", 1)
-            key = hf_to_gguf_module("llama", L, module)
-            if key is not None:
-                edited[f"{key}.{suffix}"] = arr
-    writer = GGUFWriter(str(path), field_value(reader, "general.architecture"))
-    writer.kv_data = [{}]
-    for fld in kv_fields(reader):
-        value, vtype, sub = fld.writer_value()
-        if fld.name == "general.file_type":
-            continue
-        writer.add_key_value(fld.name, value, vtype, sub_type=sub)
-    for t in reader.tensors:
-        if t.name in edited:
-            data = np.asarray(edited.pop(t.name), dtype=np.float32)
-        else:
-            data = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
-        writer.add_tensor(t.name, np.ascontiguousarray(data), raw_dtype=GGMLQuantizationType.F32)
-    if edited:
-        raise SystemExit(f"edited tensors not in the GGUF: {sorted(edited)[:3]}")
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
+    edited = {n: a for n, a in tensors.items() if n in ab.EMBEDDINGS or ab._LAYER.search(n)}
+    return gguf_rebuild.write_f32_gguf(smollm2_path(), edited, path)
 
 
 def quantize(src: Path, out: Path, qtype: str) -> Path:
-    import llama_cpp
-
-    if out.is_file():
-        return out
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = FTYPES[qtype]
-    params.nthread = 2
-    tmp = out.with_name(out.name + ".tmp")
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
-    if rc != 0:
-        raise SystemExit(f"llama_model_quantize {qtype} failed ({rc})")
-    tmp.rename(out)
-    return out
+    return gguf_rebuild.quantize(src, out, qtype)
 
 
 def ggufs(tensors: dict, stem: str, types=("Q8_0", "Q4_K_M")) -> dict[str, Path]:
@@ -157,14 +113,17 @@ def ggufs(tensors: dict, stem: str, types=("Q8_0", "Q4_K_M")) -> dict[str, Path]
     return out
 
 
-def run_audit(suspect: Path, base: Path | None, directions: Path) -> dict:
+def run_audit(suspect: Path, base: Path | None, directions: Path, generate: bool = False) -> dict:
     from cna_export.inspect.audit import AuditSettings, audit
 
-    s = AuditSettings(base=str(base) if base else None, generate=False, discover=False, directions=str(directions))
+    s = AuditSettings(base=str(base) if base else None, generate=generate, discover=False, directions=str(directions))
     t0 = time.perf_counter()
     rep = audit(str(suspect), s)
     wall = time.perf_counter() - t0
     out = {"exit": rep.exit_code, "verdict": rep.verdict, "wall": wall}
+    if rep.behaviour is not None:
+        out["behaviour"] = {k: f"{m['refused']}/{m['n']}" for k, m in rep.behaviour["models"].items()}
+        out["behaviour_summary"] = rep.behaviour["summary"]
     lr = rep.diff.lowrank if rep.diff is not None else None
     if lr is not None:
         out["lowrank"] = {"detected": lr.detected, "spike": lr.spike, "null": lr.null_spike, "kind": lr.kind,
@@ -188,9 +147,12 @@ def profile_text(r: dict) -> tuple[str, str]:
         return f"none (hollow spike {lr['spike']:.0f} vs permuted {lr['null']:.0f})", "-"
     dep = r.get("depletion")
     if dep:
-        return (f"depletion {dep['score']:.3f} in layers {dep['window'][0]}-{dep['window'][1]}, |cos| "
+        return (f"depletion {dep['score']:.3f} in layers {dep['window'][0]}-{dep['window'][1]} "
+                f"({dep.get('writers', 'o_proj + down_proj')}), |cos| "
                 f"{dep['alignment']:.2f} with own refusal dir. L{dep['direction_layer']}; eigenvalue ratio "
-                f"{r['eig_ratio']:.2g}"), "-"
+                f"{r['eig_ratio']:.2g}" + (f"; refusal write {dep['write']['score']:.2f} in layers "
+                                            f"{dep['write']['window'][0]}-{dep['write']['window'][1]} "
+                                            f"({dep['write']['writers']})" if dep.get("write") else "")), "-"
     return "-", "-"
 
 
@@ -261,6 +223,28 @@ def main() -> None:
             cached(f"{spec}|as shipped|base-free",
                    lambda: run_audit(Path(spec), None, OUT / f"{spec.split(':')[1]}.directions.npz"))
         rows.append((f"clean: {spec}", "GGUF (as shipped)", "base-free", f"{spec}|as shipped|base-free"))
+    # heretic itself (bench/peer_heretic.py --run --convert), when its output is on this machine
+    her = ROOT / "bench" / "out" / "heretic"
+    her_model, her_base = her / "run" / "model", her / "base-f32"
+    if (her_model / "config.json").is_file() and (steps is None or "heretic" in steps):
+        info = json.loads((her / "run" / "run.json").read_text())
+        label = (f"heretic {info['heretic']} on Qwen2.5-Coder-0.5B (trial {info['choice']['trial']} of "
+                 f"{info['trials']}, norm-preserving rank-3 default)")
+        suspects = [("safetensors F32", her_model)] + [(f"GGUF {q}", her / "run" / f"heretic.{q}.gguf")
+                                                        for q in FTYPES]
+        qdirs = her / "base-f32.directions.npz"
+        for fmt, suspect in suspects:
+            if not suspect.exists():
+                log(f"heretic {fmt}: {suspect} missing (run bench/peer_heretic.py --convert)")
+                continue
+            for mode in ("base", "base-free"):
+                log(f"heretic {fmt} {mode}")
+                dirs = qdirs if mode == "base" else her / "run" / f"{suspect.name}.directions.npz"
+                res = cached(f"heretic|{fmt}|{mode}",
+                             lambda: run_audit(suspect, her_base if mode == "base" else None, dirs,
+                                               generate=(mode == "base")))
+                log(f"  exit {res['exit']}: {res['verdict'][:160]} ({res['wall']:.0f}s)")
+                rows.append((label, fmt, mode, f"heretic|{fmt}|{mode}"))
     # detection limit: plain rank-1 on the writers only, against the float base
     from cna_export.inspect.diff import diff_checkpoints
 
@@ -294,8 +278,8 @@ def main() -> None:
         log(f"steps {sorted(steps)} done in {(time.perf_counter() - t_all) / 60:.1f} min")
         return
     table = ["| technique | suspect | audit | exit | verdict | recovered layers: strength profile (--base) / "
-             "depletion score (base-free) | \\|cos\\| with the base's refusal dir. | wall |",
-             "|---|---|---|---|---|---|---|---|"]
+             "depletion score (base-free) | \\|cos\\| with the base's refusal dir. | refusals base -> suspect | wall |",
+             "|---|---|---|---|---|---|---|---|---|"]
     walls = []
     for label, fmt, mode, key in rows:
         res = cached(key, lambda: (_ for _ in ()).throw(SystemExit(f"row {key} not computed")))
@@ -305,8 +289,9 @@ def main() -> None:
         if len(v) > 240:
             v = v[:237] + "..."
         v, prof = v.replace("|", "\\|"), prof.replace("|", "\\|")
+        beh = " -> ".join(res["behaviour"].values()) if res.get("behaviour") else "-"
         table.append(f"| {label} | {fmt} | {'--base' if mode == 'base' else 'base-free'} | {res['exit']} | {v} | "
-                     f"{prof} | {cos} | {res['wall']:.0f} s |")
+                     f"{prof} | {cos} | {beh} | {res['wall']:.0f} s |")
     table += ["", "Detection limit (plain rank-1 projection of every o_proj/down_proj at the given strength, "
               "embeddings untouched, GGUF against the float32 base; detected = the diff reports a directional edit):",
               "", "| strength | GGUF | detected | hollow spike / permuted | writers carrying the edit | median recovered strength |",
@@ -318,7 +303,12 @@ def main() -> None:
                      f"{sw['spike']:.1f} / {sw['null']:.1f} | {sw['flagged']} | {ms} |")
     table += ["", f"The direction removed is the base's refusal direction at layer {layer:g} of {L} (32 harmful and 32 "
               f"benign prompts of recipes/refusal.yaml). Audit wall times (sum {sum(walls) / 60:.0f} min) were "
-              "measured on 2 CPU cores shared with other jobs (load average 9 to 16), so they are upper bounds; base-free rows include loading the suspect in transformers for its refusal directions unless cached."]
+              "measured on 2 CPU cores shared with other jobs (heretic runs, evaluations; load average 3 to 16 over "
+              "the rows), so they are upper bounds; base-free rows include loading the suspect in transformers for its "
+              "refusal directions unless cached. `refusals base -> suspect`: the audit's behaviour check (8 harmful "
+              "prompts of the recipe, 40 greedy tokens, keyword judge), run for the heretic rows with --base only "
+              "(SmolLM2 refuses none of them, so its rows skip it). heretic's own direction prompts were the same "
+              "recipe prompts (bench/peer_heretic.py), so its behaviour row is in-sample for heretic."]
     text = README.read_text()
     block = START + "\n" + "\n".join(table) + "\n" + END
     if START in text:

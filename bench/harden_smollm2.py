@@ -40,10 +40,14 @@ RESULTS = ROOT / "bench" / "results" / "harden"
 # gradient of the refusal-minus-compliance first-token log-prob gap, so the neurons that push towards refusal
 # openings, not just the harmful-vs-benign ones
 STRATEGIES = {name: SEARCH_STRATEGIES[name] for name in ("direction+", "attribution+")}
+# the other lever: the neurons whose harmful-vs-benign difference pushes the first token AWAY from refusal
+# openings (attribution, negative sign), ablated (x0) or inverted (x-1) instead of amplified
+STRATEGIES["attribution-"] = {"score": "attribution", "sign": "negative"}
 
 
 def sweep_path(strategy: str) -> Path:
-    return OUT / ("sweep.json" if strategy == "direction+" else f"sweep-{strategy.replace('+', 'p')}.json")
+    return OUT / ("sweep.json" if strategy == "direction+" else
+                  f"sweep-{strategy.replace('+', 'p').replace('-', 'm')}.json")
 
 
 def step_stats(a) -> None:
@@ -114,7 +118,7 @@ def step_samples(a) -> None:
     for m in [None, *a.multipliers]:
         steering = Steering.none() if m is None else Steering.cna(circuit, m)
         out.append({"multiplier": m, "answers": [g.text for g in backend.generate(prompts, steering, 40)]})
-    (OUT / f"samples-{a.strategy.replace('+', 'p')}.json").write_text(json.dumps(out, indent=1))
+    (OUT / f"samples-{a.strategy.replace('+', 'p').replace('-', 'm')}.json").write_text(json.dumps(out, indent=1))
 
 
 def _samples(rows: list[dict], n: int = 2) -> dict:
@@ -128,7 +132,7 @@ def step_report(a) -> None:
     for strategy in STRATEGIES:
         if sweep_path(strategy).is_file():
             parts.append(f"### {strategy} ({STRATEGIES[strategy]})\n\n" + _table(json.loads(sweep_path(strategy).read_text())))
-        sp = OUT / f"samples-{strategy.replace('+', 'p')}.json"
+        sp = OUT / f"samples-{strategy.replace('+', 'p').replace('-', 'm')}.json"
         if sp.is_file():
             parts.append(f"Answers with hook steering (transformers, 40 greedy tokens, the first 2 harmful prompts of "
                          f"the split; `python bench/harden_smollm2.py --steps samples --strategy {strategy}`):\n")
@@ -142,9 +146,12 @@ def step_report(a) -> None:
     print(text)
     section = "\n".join([
         START, "## Hardening SmolLM2-135M-Instruct (multipliers > 1)", "",
-        "Regenerate: `python bench/harden_smollm2.py [--strategy attribution+] --multipliers 2,4,8,16` then "
-        "`--steps report`. Circuit: 0.25% of all MLP neurons of `bundled:smollm2` from `recipes/paper-refusal.yaml`'s "
-        "prompts (never JBB), positive sign, amplified by the multiplier; 30 JBB pairs (seed 0 split), greedy, "
+        "Regenerate: `python bench/harden_smollm2.py [--strategy attribution+] --multipliers 2,4,8,16` (and "
+        "`--strategy attribution- --multipliers 0,-1`) then `--steps report`. Circuit: 0.25% of all MLP neurons of "
+        "`bundled:smollm2` from `recipes/paper-refusal.yaml`'s prompts (never JBB); direction+ and attribution+: "
+        "positive sign (the neurons that push towards refusal), amplified by the multiplier; attribution-: negative "
+        "sign (the neurons whose difference pushes the first token away from refusal openings), ablated (x0) or "
+        "inverted (x-1); 30 JBB pairs (seed 0 split), greedy, "
         f"llama.cpp, harmful answers {a.max_new_tokens} tokens, benign twins {a.benign_tokens} tokens (over-refusal). "
         "Quality: distinct word 4-grams relative to unsteered; collapse: quality < 0.9 x unsteered. Note that "
         "gibberish without repeats scores high on this measure: read the KL column and the sample answers.", "",

@@ -1,104 +1,361 @@
 #!/usr/bin/env python
-"""Peer baseline: heretic (directional ablation + Optuna TPE; PyPI heretic-llm, AGPL-3.0) on Qwen2.5-Coder-0.5B.
+"""Peer baseline: heretic (directional ablation + Optuna TPE; PyPI heretic-llm, AGPL-3.0) on Qwen2.5-Coder-0.5B,
+scored with our own eval (same judge, same held-out JBB pairs, same KL) next to the CNA strategies.
 
-    python bench/peer_heretic.py --setup          # venv in bench/out/heretic/venv + pip install heretic-llm
-    python bench/peer_heretic.py --run            # dequantise the bundled GGUF, run heretic in its own process
+    python bench/peer_heretic.py --setup                 # venv bench/out/heretic/venv: torch==2.13.0 (CPU) + heretic-llm
+    python bench/peer_heretic.py --run --trials 16       # heretic on the float32 base; the chosen trial saved merged
+    python bench/peer_heretic.py --convert               # its edit put into the bundled Q4_K_M GGUF (llama.cpp quantiser)
+    python bench/peer_heretic.py --eval                  # held-out pairs, as bench/strategies.py's heldout step
+    python bench/peer_heretic.py --all --trials 16       # the four in order; finished steps are skipped
 
-Licence boundary: heretic is AGPL. It is installed only into its own virtual environment created here and
-runs only as a separate process; cna_export never imports it and nothing of it is copied into this repo.
+Licence boundary: heretic is AGPL. It is installed only into its own virtual environment created here and runs
+only as a separate process, driven through its text menus; cna_export never imports it and nothing of it is
+copied into this repository. Nothing here downloads anything but the venv's PyPI packages.
 
-Status (CPU-only, no network but PyPI): NOT RUN for the published figures. heretic's default search is
-200 trials, each generating answers for its harmful and harmless prompt sets and scoring KL, which on this
-2-core machine would take days for a 0.5B model (one 150-token pass over 100 prompts takes several minutes
-in llama.cpp, and heretic runs transformers). Its default prompt sets are Hugging Face datasets that this
-machine cannot download; this script points it at local copies of the recipe's own prompt sets (never
-JBB) saved with `datasets.save_to_disk` if its config accepts a local dataset path (heretic's dataset
-loader is `datasets.load_dataset`, which takes a local folder). The published peer figure (94 -> 7
-refusals at KL 0.05 on Qwen2-0.5B) is heretic's own, on its own prompts and judge; it is quoted in
-docs/strategies.md as such, not re-measured.
+Protocol (the same inputs our own strategies get):
 
-After a run, the abliterated model (safetensors) can be evaluated with the same JBB protocol as the other
-rows: convert it to GGUF (llama.cpp's convert_hf_to_gguf.py, Q4_K_M) and run
-`cna-export eval --model <gguf> --backend llama.cpp` on the held-out pairs.
+* model: the bundled Qwen2.5-Coder-0.5B-Instruct Q4_K_M GGUF, dequantised to a float32 safetensors folder
+  (heretic runs transformers);
+* refusal-direction prompts: recipes/prompts/refusal-harmful.txt and refusal-benign.txt (ours, never JBB), the
+  prompts our discovery uses;
+* heretic's optimisation prompts: the 30-pair JBB tuning split (seed 0) that `bench/strategies.py` tunes on,
+  written to a temporary folder for the run and deleted after it (JBB is read from ../shared/data/jbb, never
+  copied into the repository); the held-out pairs are never shown to heretic;
+* the chat template's default system prompt (Qwen's), as our eval renders it;
+* a fixed trial budget (``--trials``; heretic's default is 200, which is days on this 2-core CPU), seed 0, everything
+  else heretic's defaults (norm-preserving "full" row normalisation, rank-3 LoRA, its refusal markers);
+* the trial: heretic leaves the choice to the user among its Pareto front (refusals, first-token KL on its
+  evaluation prompts). We take the one with the fewest refusals at KL <= ``--max-kl`` (0.1, the efficacy goal's
+  drift budget), else the lowest KL. The whole front is recorded in bench/out/heretic/run.json.
+
+The merged model's changed tensors (heretic edits ``o_proj`` and ``down_proj``) replace theirs in the bundled
+GGUF, each quantised by ggml to the type the shipped file has for it; every other tensor keeps its shipped bytes
+(bench/gguf_rebuild.py ``splice_edit``), so the file differs from the bundled one only where heretic's edit is,
+as the CNA rows' patched GGUFs do. It is evaluated against the bundled GGUF (one unsteered reference run, the
+checkpoint as a condition on its own backend) with the settings of bench/strategies.py's heldout step, and the
+result lands in bench/out/strategies/heldout/ where its report step picks it up.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import re
+import selectors
+import shutil
 import subprocess
 import sys
+import tempfile
+import time
 import venv
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
 OUT = ROOT / "bench" / "out" / "heretic"
 VENV = OUT / "venv"
+BASE = OUT / "base-f32"
+RUN = OUT / "run"
+MODEL = "bundled:qwen2.5-coder-0.5b"
+HERETIC_VERSION = "1.4.0"
+HELDOUT = ROOT / "bench" / "out" / "strategies" / "heldout"
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def setup() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     if not (VENV / "bin" / "python").is_file():
         venv.create(VENV, with_pip=True)
-    subprocess.run([str(VENV / "bin" / "pip"), "install", "heretic-llm"], check=True)
+    pip = [str(VENV / "bin" / "pip"), "install", "-q"]
+    # torch first, pinned to the local CPU wheel: any other torch spec pulls GBs of CUDA packages
+    subprocess.run(pip + ["torch==2.13.0"], check=True)
+    subprocess.run(pip + [f"heretic-llm=={HERETIC_VERSION}"], check=True)
 
 
-def dequantised_model() -> Path:
-    """The bundled Qwen GGUF as a float32 Hugging Face folder (once), for heretic's transformers loader."""
-    sys.path.insert(0, str(ROOT))
-    from cna_export.model.loading import load_model, save_tokenizer
+def base_folder() -> Path:
+    """The bundled GGUF dequantised to a float32 safetensors folder (once)."""
+    if (BASE / "config.json").is_file():
+        return BASE
+    from cna_export.export.safetensors import convert_to_safetensors
 
-    target = OUT / "qwen2.5-coder-0.5b-f32"
-    if not (target / "config.json").is_file():
-        loaded = load_model("bundled:qwen2.5-coder-0.5b")
-        loaded.model.save_pretrained(target)
-        save_tokenizer(loaded.tokenizer, target)
-    return target
-
-
-def local_prompts() -> tuple[Path, Path]:
-    """The recipe's harmful and benign prompt sets as local datasets (heretic reads datasets, not text files)."""
-    import datasets
-
-    out = []
-    for name in ("refusal-harmful", "refusal-benign"):
-        path = OUT / "prompts" / name
-        if not path.is_dir():
-            texts = [l.strip() for l in (ROOT / "recipes" / "prompts" / f"{name}.txt").read_text().splitlines()
-                     if l.strip() and not l.startswith("#")]
-            datasets.Dataset.from_dict({"text": texts}).save_to_disk(str(path))
-        out.append(path)
-    return out[0], out[1]
+    tmp = BASE.with_name(BASE.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    convert_to_safetensors(MODEL, tmp, dtype="float32")
+    tmp.rename(BASE)
+    return BASE
 
 
-def run(trials: int) -> None:
-    model = dequantised_model()
-    bad, good = local_prompts()
-    config = OUT / "config.toml"
-    config.write_text(
-        f'model = "{model}"\n'
-        'device_map = "cpu"\n'
-        f"n_trials = {trials}\n"
-        f"n_startup_trials = {max(1, trials // 3)}\n"
-        f'[bad_prompts]\ndataset = "{bad}"\nsplit = "train"\ncolumn = "text"\n'
-        f'[good_prompts]\ndataset = "{good}"\nsplit = "train"\ncolumn = "text"\n'
-    )
+def _prompt_lines(path: Path) -> list[str]:
+    return [ln.strip() for ln in path.read_text().splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+
+
+def _system_prompt() -> str:
+    """The system prompt Qwen's chat template inserts when a conversation has none (what our eval renders)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(base_folder()))
+    text = tok.apply_chat_template([{"role": "user", "content": "X"}], tokenize=False, add_generation_prompt=True)
+    m = re.search(r"<\|im_start\|>system\n(.*?)<\|im_end\|>", text, re.S)
+    return m.group(1) if m else ""
+
+
+def _toml_str(s: str) -> str:
+    return json.dumps(s)  # a JSON string is a valid TOML basic string
+
+
+class Driver:
+    """Answers heretic's numbered menus (its notebook mode reads them from stdin) and records its output."""
+
+    MENU = re.compile(r"^\[(\d+)\] (.*)$")
+    TRIAL = re.compile(r"\[Trial\s+(\d+)\] Refusals:\s*(\d+)/(\d+), KL divergence: ([0-9.]+)")
+
+    def __init__(self, max_kl: float, save_to: Path, logfile: Path):
+        self.max_kl, self.save_to, self.logfile = max_kl, save_to, logfile
+        self.saved = False
+        self.front: list[dict] = []
+        self.choice: dict | None = None
+
+    def answer(self, pending: str) -> str:
+        lines = [ln.strip() for ln in pending.splitlines()]
+        if lines and lines[-1].startswith("Path to the folder"):
+            return str(self.save_to)
+        menu = [(int(m.group(1)), m.group(2)) for m in map(self.MENU.match, lines) if m]
+        titles = {t: i for i, t in menu}
+
+        def pick(title: str) -> str:
+            return str(titles[title])
+
+        if "Continue the previous run" in titles:
+            return pick("Continue the previous run")
+        if "Save the model to a local folder" in titles:
+            if not self.saved:
+                self.saved = True
+                return pick("Save the model to a local folder")
+            return str(next(i for i, t in menu if t.startswith("Return to") or t.startswith("Exit")))
+        trials = [(i, self.TRIAL.search(t)) for i, t in menu]
+        trials = [(i, m) for i, m in trials if m]
+        if trials:
+            if self.saved:
+                return pick("Exit program")
+            self.front = [{"trial": int(m.group(1)), "refusals": int(m.group(2)), "n": int(m.group(3)),
+                           "kl": float(m.group(4))} for _, m in trials]
+            ok = [(i, f) for (i, _), f in zip(trials, self.front) if f["kl"] <= self.max_kl]
+            if ok:
+                i, f = min(ok, key=lambda x: (x[1]["refusals"], x[1]["kl"]))
+            else:
+                i, f = min(zip((i for i, _ in trials), self.front), key=lambda x: x[1]["kl"])
+            self.choice = f
+            return str(i)
+        raise RuntimeError(f"unexpected heretic menu: {menu or lines[-3:]}")
+
+    def run(self, cmd: list[str], cwd: Path, env: dict) -> int:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT)
+        sel = selectors.DefaultSelector()
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        pending = ""
+        with self.logfile.open("a") as fh:
+            while True:
+                if not sel.select(timeout=1.0):
+                    if proc.poll() is not None:
+                        break
+                    continue
+                chunk = os.read(proc.stdout.fileno(), 65536)
+                if not chunk:
+                    break
+                text = chunk.decode("utf-8", "replace")
+                fh.write(text)
+                fh.flush()
+                pending += text
+                tail = pending.rstrip()
+                if tail.endswith("Enter number:") or tail.endswith("Path to the folder::"):
+                    try:
+                        reply = self.answer(pending)
+                    except Exception:
+                        proc.kill()
+                        raise
+                    fh.write(f"<<< {reply}\n")
+                    proc.stdin.write((reply + "\n").encode())
+                    proc.stdin.flush()
+                    pending = ""
+                elif len(pending) > 200_000:
+                    pending = pending[-100_000:]
+        return proc.wait()
+
+
+def run(trials: int, max_kl: float, batch_size: int) -> None:
     exe = VENV / "bin" / "heretic"
     if not exe.is_file():
         raise SystemExit("heretic is not installed: run with --setup first")
-    subprocess.run([str(exe), "--model", str(model)], cwd=OUT, check=True)
+    if (RUN / "model" / "config.json").is_file():
+        log(f"heretic model already saved: {RUN / 'model'}")
+        return
+    from cna_export.evaluation.evaluator import load_jbb, split_pairs
+
+    model = base_folder()
+    RUN.mkdir(parents=True, exist_ok=True)
+    prompts = RUN / "prompts"
+    prompts.mkdir(exist_ok=True)
+    for name in ("harmful", "benign"):
+        (prompts / f"{name}.txt").write_text(
+            "\n".join(_prompt_lines(ROOT / "recipes" / "prompts" / f"refusal-{name}.txt")) + "\n")
+    harmful, benign = load_jbb()
+    tune_idx, _ = split_pairs(harmful, benign, 30, 0)  # bench/strategies.py's tuning split
+    t0 = time.time()
+    with tempfile.TemporaryDirectory(prefix="jbb-tune-") as tmp:  # JBB text exists only for the run
+        for name, es in (("bad", harmful), ("good", benign)):
+            texts = [es.prompts[i].replace("\n", " ") for i in tune_idx]
+            Path(tmp, f"{name}.txt").write_text("\n".join(texts) + "\n")
+        system = _system_prompt()
+        spec = lambda path: f'dataset = {_toml_str(str(path))}\n'  # noqa: E731 (text file: every line)
+        (RUN / "config.toml").write_text(
+            f"model = {_toml_str(str(model))}\n"
+            'device_map = "cpu"\n'
+            'dtypes = ["float32"]\n'
+            f"batch_size = {batch_size}\n"
+            f"n_trials = {trials}\n"
+            f"n_startup_trials = {max(1, trials // 3)}\n"
+            "seed = 0\n"
+            'export_strategy = "merge"\n'
+            f"system_prompt = {_toml_str(system)}\n"
+            f"\n[good_prompts]\n{spec(prompts / 'benign.txt')}"
+            f"\n[bad_prompts]\n{spec(prompts / 'harmful.txt')}"
+            f"\n[good_evaluation_prompts]\n{spec(Path(tmp, 'good.txt'))}"
+            f"\n[bad_evaluation_prompts]\n{spec(Path(tmp, 'bad.txt'))}"
+        )
+        env = dict(os.environ, KAGGLE_KERNEL_RUN_TYPE="bench", PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1",
+                   HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", NO_COLOR="1", TERM="dumb")
+        env.pop("VIRTUAL_ENV", None)
+        drv = Driver(max_kl, RUN / "model.tmp", RUN / "heretic.log")
+        rc = drv.run([str(exe)], RUN, env)
+    if rc != 0 or not (RUN / "model.tmp" / "config.json").is_file():
+        raise SystemExit(f"heretic exited {rc} without saving a model; see {RUN / 'heretic.log'}")
+    (RUN / "model.tmp").rename(RUN / "model")
+    info = {"heretic": HERETIC_VERSION, "trials": trials, "max_kl": max_kl, "front": drv.front,
+            "choice": drv.choice, "wall_seconds": round(time.time() - t0, 1), "load": os.getloadavg()[0],
+            "system_prompt": system, "tune_pairs": len(tune_idx)}
+    (RUN / "run.json").write_text(json.dumps(info, indent=2) + "\n")
+    log(f"heretic: {trials} trials in {info['wall_seconds'] / 60:.1f} min; chose {drv.choice}")
+
+
+def convert() -> dict[str, Path]:
+    """heretic's edit in the bundled GGUF: ``heretic.Q4_K_M.gguf`` is the shipped file byte for byte except the
+    tensors heretic changed, each quantised to its shipped type by ggml (``gguf_rebuild.splice_edit``);
+    ``heretic.Q8_0.gguf`` (for the audit bench) is an F32 copy quantised whole by llama.cpp."""
+    import numpy as np
+    from safetensors import safe_open
+
+    import gguf_rebuild
+    from cna_export.io.bundled import resolve
+
+    out = {"heretic": RUN / "heretic.Q4_K_M.gguf", "heretic-q8": RUN / "heretic.Q8_0.gguf"}
+    if all(p.is_file() for p in out.values()):
+        return out
+    reference = resolve(MODEL)
+
+    def tensors(folder: Path) -> dict:
+        res = {}
+        for f in sorted(folder.glob("*.safetensors")):
+            with safe_open(str(f), "np") as fh:
+                for k in fh.keys():
+                    res[k] = fh.get_tensor(k)
+        return res
+
+    base, edited = tensors(base_folder()), tensors(RUN / "model")
+    changed = {}
+    for k, v in edited.items():
+        b = base.get(k)
+        if b is None:
+            raise SystemExit(f"heretic's model has a tensor the base lacks: {k}")
+        if not np.array_equal(np.asarray(v, dtype=np.float32), b):
+            changed[k] = np.asarray(v, dtype=np.float32)
+    log(f"heretic changed {len(changed)} tensors: "
+        f"{sorted({re.sub(r'layers[.]([0-9]+)[.]', 'layers.N.', k) for k in changed})}")
+    (RUN / "changed.json").write_text(json.dumps(sorted(changed), indent=1) + "\n")
+    if not out["heretic"].is_file():
+        gguf_rebuild.splice_edit(reference, changed, out["heretic"])
+    if not out["heretic-q8"].is_file():
+        f32 = gguf_rebuild.write_f32_gguf(reference, changed, RUN / "heretic.F32.gguf")
+        gguf_rebuild.quantize(f32, out["heretic-q8"], "Q8_0")
+        f32.unlink()
+    return out
+
+
+def evaluate(a) -> None:
+    """heretic's GGUF against the bundled one on the held-out pairs (bench/strategies.py's heldout settings)."""
+    import strategies as st
+    from cna_export.evaluation.backends import Steering, open_backend
+    from cna_export.evaluation.evaluator import Condition, EvalSettings, Evaluator, load_jbb
+
+    paths = convert()
+    info = json.loads((RUN / "run.json").read_text())
+    ch = info["choice"]
+    _, held = st._split()
+    held = held[: a.heldout_limit]
+    harmful, benign = load_jbb()
+    harmful, benign = harmful.subset(held), benign.subset(held)
+    settings = EvalSettings(max_new_tokens=a.max_new_tokens, kl_tokens=a.kl_tokens, benign_answers=True,
+                            benign_max_new_tokens=max(a.kl_tokens, a.benign_tokens))
+    HELDOUT.mkdir(parents=True, exist_ok=True)
+    rows = {
+        "heretic": (paths["heretic"], f"heretic {HERETIC_VERSION} ({info['trials']} trials, trial {ch['trial']})",
+                    {"method": "peer", "strategy": "heretic", "peer": "heretic", "trials": info["trials"],
+                     "trial": ch["trial"], "tune_refusals": ch["refusals"], "tune_kl": ch["kl"]}),
+    }
+    todo = {k: v for k, v in rows.items() if not (HELDOUT / f"{st.slug(v[1])}.json").is_file()}
+    if not todo:
+        return
+    reference = open_backend(MODEL, "llama.cpp", batch_size=a.batch_size, threads=a.threads)
+    try:  # one unsteered reference run; each checkpoint is a condition on its own backend
+        ev = Evaluator(reference, harmful, benign, settings, log=lambda m: print(m, file=sys.stderr, flush=True))
+        ev.baseline()
+        for key, (path, lab, extra) in todo.items():
+            backend = open_backend(str(path), "llama.cpp", batch_size=a.batch_size, threads=a.threads)
+            try:
+                t0 = time.time()
+                res = ev.run(Condition(lab, Steering.none(lab), backend, extra))
+                st._dump(HELDOUT / f"{st.slug(lab)}.json", res, time.time() - t0)
+            finally:
+                backend.close()
+    finally:
+        reference.close()
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--setup", action="store_true")
     p.add_argument("--run", action="store_true")
-    p.add_argument("--trials", type=int, default=20)
+    p.add_argument("--convert", action="store_true")
+    p.add_argument("--eval", action="store_true")
+    p.add_argument("--all", action="store_true")
+    p.add_argument("--trials", type=int, default=16)
+    p.add_argument("--max-kl", type=float, default=0.1)
+    p.add_argument("--heretic-batch-size", type=int, default=16)
+    # the held-out settings of bench/strategies.py
+    p.add_argument("--batch-size", type=int, default=30)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--heldout-limit", type=int, default=70)
+    p.add_argument("--max-new-tokens", type=int, default=150)
+    p.add_argument("--kl-tokens", type=int, default=32)
+    p.add_argument("--benign-tokens", type=int, default=64)
     a = p.parse_args()
-    if a.setup:
-        setup()
-    if a.run:
-        run(a.trials)
-    if not (a.setup or a.run):
+    if a.setup or a.all:
+        if not (VENV / "bin" / "heretic").is_file() or a.setup:
+            setup()
+    if a.run or a.all:
+        run(a.trials, a.max_kl, a.heretic_batch_size)
+    if a.convert or a.all:
+        convert()
+    if a.eval or a.all:
+        evaluate(a)
+    if not (a.setup or a.run or a.convert or a.eval or a.all):
         p.print_help()
     return 0
 

@@ -214,7 +214,7 @@ def test_depletion_score_separates_ablated_from_clean(base, tensors):
         clean = depletion_score(src, D)
     finally:
         src.close()
-    assert not clean["flagged"], clean
+    assert not clean["ratio_flagged"], clean  # (random D: the refusal-write score is tested below)
     folder = base.parent / "depleted"
     if not folder.exists():
         save(base, ab.rank1(tensors, D[1], 0.9, layers=(1, 2), embeddings=False), folder)
@@ -244,3 +244,92 @@ def test_cli_audit_flags(base, suspects, tmp_path, capsys):
     code = main(["-q", "audit", str(folder), "--base", str(base), "--no-generate", "--no-discover", "--no-refusal-direction",
                  "--save-direction", str(tmp_path / "d.txt")])
     assert code == 2
+
+
+def _ggml_quantize(W: np.ndarray, qtype):
+    """``W`` quantised by ggml's own quantiser (skipped where llama-cpp-python is missing)."""
+    from cna_export.io.quants import UnsupportedTensorType, quantize_rows
+
+    try:
+        return quantize_rows(W, qtype)
+    except UnsupportedTensorType as e:
+        pytest.skip(str(e))
+
+
+@pytest.mark.parametrize("name", ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K", "Q2_K"])
+def test_rounding_noise_model_predicts_the_quantisers_error(name):
+    """step^2/12 per weight predicts ggml's own rounding error of a float matrix, row by row."""
+    from gguf import GGMLQuantizationType
+
+    from cna_export.io.quants import dequantize_rows, rounding_noise_rows
+
+    qtype = GGMLQuantizationType[name]
+    rng = np.random.default_rng(1)
+    W = (rng.standard_normal((24, 512)) * rng.uniform(0.2, 3.0, size=(24, 1))).astype(np.float32)
+    raw = _ggml_quantize(W, qtype)
+    actual = ((dequantize_rows(raw, qtype).astype(np.float64) - W) ** 2).sum(axis=1)
+    predicted = rounding_noise_rows(raw, qtype)
+    ratio = actual / predicted
+    # uniform rounding within one step: 1 for plain rounding; ggml's K-quant scale search trades a slightly
+    # larger error for fewer clipped values (Q2_K most), never by more than a factor of two here
+    assert np.all((ratio > 0.6) & (ratio < 1.6)), (name, ratio.min(), ratio.max())
+    assert rounding_noise_rows(W, GGMLQuantizationType.F32).tolist() == [0.0] * 24
+    assert rounding_noise_rows(np.zeros((2, 66), np.uint8), GGMLQuantizationType.IQ2_XXS) is None
+
+
+def test_depletion_score_sees_one_writer_kind(base, tensors):
+    """An edit that survives in o_proj only (as after a re-quantisation restored down_proj) is still found,
+    by the o_proj-only windows; the clean model stays unflagged in every writer group."""
+    rng = np.random.default_rng(5)
+    D = np.stack([ab.unit(rng.standard_normal(32)) for _ in range(LAYERS)])
+    folder = base.parent / "depleted-oproj"
+    if not folder.exists():
+        edited = ab.rank1(tensors, D[1], 1.0, layers=(1, 2), embeddings=False)
+        edited = {k: (v if "o_proj" in k else tensors[k]) for k, v in edited.items()}
+        save(base, edited, folder)
+    src = open_weights(str(folder))
+    try:
+        hit = depletion_score(src, D, window=2)
+    finally:
+        src.close()
+    assert hit["flagged"] and hit["writers"] == "o_proj" and hit["window"] == [1, 2], hit
+    assert hit["debiased"]
+    src = open_weights(str(base))
+    try:
+        clean = depletion_score(src, D, window=2)
+    finally:
+        src.close()
+    assert not clean["ratio_flagged"] and {w["writers"] for w in clean["windows"]} == {"o_proj + down_proj", "o_proj",
+                                                                                       "down_proj"}
+
+
+def test_refusal_write_deficit_flags_a_partial_per_layer_ablation(base, tensors):
+    """A partial ablation (strength 0.6, a different direction per layer, as heretic's kernels) leaves no
+    depleted eigen-direction, but the writers write the model's own per-layer direction at (1 - 0.6)^2 of
+    its energy: the write score falls below its threshold; the clean model, which writes those directions
+    strongly, stays above it."""
+    grams = []
+    for layer in range(LAYERS):
+        W = tensors[f"model.layers.{layer}.self_attn.o_proj.weight"].astype(np.float64)
+        grams.append(W @ W.T)
+    D = np.stack([np.linalg.eigh(g)[1][:, -1] for g in grams])  # each layer's most strongly written direction
+    src = open_weights(str(base))
+    try:
+        clean = depletion_score(src, D, window=2)
+    finally:
+        src.close()
+    assert not clean["write"]["flagged"] and min(clean["write"]["per_layer"]["attn_output"]) > 3.0, clean["write"]
+    edited = dict(tensors)
+    for layer in range(LAYERS):
+        edited = ab.rank1(edited, D[layer], 0.6, layers=(layer,), embeddings=False)
+    folder = save(base, edited, base.parent / "partial-per-layer")
+    src = open_weights(str(folder))
+    try:
+        hit = depletion_score(src, D, window=2)
+    finally:
+        src.close()
+    w = hit["write"]
+    assert w["flagged"] and hit["flagged"] and not hit["ratio_flagged"], (w, hit["score"])
+    assert w["score"] < 0.5 * clean["write"]["score"]
+    per = w["per_layer"]["attn_output"]
+    assert all(v < 0.2 * clean["write"]["per_layer"]["attn_output"][i] + 1e-9 for i, v in enumerate(per)), per

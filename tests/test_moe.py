@@ -490,3 +490,19 @@ def test_layout_flat_index_round_trip():
     assert layout.key(1, 17) == (1, 1, 1) and layout.key(1, 64) == (1, SHARED, 0) and layout.key(0, 5) == (0, 5)
     with pytest.raises(CnaError, match="out of range"):
         layout.key(1, 88)
+
+
+def test_gradient_score_on_moe_is_one_line_naming_the_forward_only_recipe(moe_models, tmp_path, capsys):
+    """The default recipe's attribution score refuses MoE models with one line that names the forward-only
+    recipe; that recipe runs (steer with it: discover, export, verify)."""
+    from cna_export.cli import main
+
+    recipes = Path(__file__).resolve().parents[1] / "recipes"
+    src = moe_models[("deepseek_v3", "per-expert")]
+    code = main(["-q", "discover", "--model", str(src), "--recipe", str(recipes / "refusal.yaml"), "--limit", "3",
+                 "--out", str(tmp_path / "c.json")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "refusal-direction.yaml" in err and len(err.splitlines()) == 1, err
+    code = main(["-q", "steer", "--model", str(src), "--recipe", str(recipes / "refusal-direction.yaml"), "--out",
+                 str(tmp_path / "o"), "--format", "safetensors", "--verify", "--limit", "3", "--max-new-tokens", "2"])
+    assert code == 0, capsys.readouterr().err

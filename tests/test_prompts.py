@@ -89,10 +89,15 @@ def test_recipe_and_precedence(tmp_path):
         load_recipe(r)
 
 
-def test_bundled_recipe_is_complete():
+@pytest.mark.parametrize("name", ["refusal", "refusal-direction", "paper-refusal", "harden-refusal"])
+def test_bundled_recipe_is_complete(name):
+    """Every shipped recipe validates as discovery options and names complete, disjoint prompt sets."""
     from pathlib import Path
 
-    rec = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "refusal.yaml")
+    from cna_export.core.settings import DiscoverOptions, build
+
+    rec = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / f"{name}.yaml")
+    build(DiscoverOptions, rec)
     pos, neg, neu = (load_prompts(rec[k]) for k in ("positive", "negative", "neutral"))
     assert len(pos) >= 64 and len(neg) == len(pos) and len(neu) >= 64
     assert not set(pos.texts) & set(neg.texts)

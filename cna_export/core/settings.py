@@ -481,6 +481,9 @@ class AuditSettings(Overwrite):
     depletion_threshold: float = opt(0.05, "base-free: flag abliteration when a window of layers' writers write a "
                                      "direction aligned with the model's own refusal direction below this x a "
                                      "typical direction (smallest / median eigenvalue)", gt=0)
+    write_threshold: float = opt(0.8, "base-free: flag abliteration when a window of layers' writers write the "
+                                 "model's own refusal direction below this x a typical direction's energy (clean "
+                                 "models measured 1.0 to 1.1)", gt=0)
     plot: str | None = opt(None, "write the directional edit's per-layer strength profile as a PNG", metavar="FILE")
     save_direction: str | None = opt(None, "write the directional edit's consensus direction (.npy or "
                                      ".safetensors)", metavar="FILE")

@@ -254,7 +254,8 @@ def run_gradients(
 
     refusal_ids, compliance_ids = opening_token_ids(loaded.tokenizer)
     if loaded.layout().is_moe:
-        raise CnaError("not supported yet: gradient scores (attribution) on a mixture-of-experts model")
+        raise CnaError("not supported yet: gradient scores (attribution) on a mixture-of-experts model; use a forward-only "
+                       "score (--score direction, or --recipe recipes/refusal-direction.yaml)")
     rendered = render(loaded.tokenizer, texts, chat_template, system_prompt)
     model = loaded.model
     tokens = 0

@@ -142,10 +142,18 @@ class AuditReport:
                          f"{layer_ranges(g['flagged_layers']) or 'none'} (threshold {bf['direction_threshold']:g})")
             dep = bf.get("depletion")
             if dep is not None:
-                lines.append(f"depletion    layers {dep['window'][0]}-{dep['window'][1]}: smallest/median eigenvalue of "
-                             f"the writers' summed Gram {dep['score']:.3f} (threshold {dep['threshold']:g}), its direction "
-                             f"|cos| {dep['alignment']:.2f} with the refusal direction of layer {dep['direction_layer']} "
-                             f"(needs {dep['min_alignment']:g}; {dep['source']})")
+                noise = ("rounding noise debiased" if dep.get("debiased", False) else
+                         f"no rounding-noise model for {', '.join(dep.get('not_debiased', [])) or 'its types'}")
+                lines.append(f"depletion    layers {dep['window'][0]}-{dep['window'][1]} ({dep.get('writers', 'writers')}): "
+                             f"smallest/median eigenvalue of the summed Gram {dep['score']:.3f} (threshold "
+                             f"{dep['threshold']:g}; {noise}), its direction |cos| {dep['alignment']:.2f} with the "
+                             f"refusal direction of layer {dep['direction_layer']} (needs {dep['min_alignment']:g}; "
+                             f"{dep['source']})")
+                wr = dep.get("write")
+                if wr is not None:
+                    lines.append(f"refusal write layers {wr['window'][0]}-{wr['window'][1]} ({wr['writers']}): the model's "
+                                 f"own refusal direction written at {wr['score']:.2f} x a typical direction's energy "
+                                 f"(threshold {wr['threshold']:g})")
         if self.behaviour is not None:
             b = self.behaviour
             lines.append(f"behaviour    {b['summary']}")
@@ -655,7 +663,12 @@ def audit(suspect: str, settings: AuditSettings | None = None, progress: bool = 
             findings = diff.findings()
             if diff.neurons and s.discover:
                 t1 = time.perf_counter()
-                report.circuit_overlap = refusal_overlap(s.base, diff.neurons, s, progress=progress)
+                try:
+                    report.circuit_overlap = refusal_overlap(s.base, diff.neurons, s, progress=progress)
+                except CnaError as e:  # the diff stands without the comparison (e.g. a gradient score on MoE)
+                    if s.circuit or s.stats and Path(s.stats).is_file():
+                        raise
+                    report.notes.append(f"base's refusal circuit not compared ({e})")
                 timings["refusal circuit"] = time.perf_counter() - t1
             if s.generate:
                 t1 = time.perf_counter()
@@ -698,7 +711,8 @@ def audit(suspect: str, settings: AuditSettings | None = None, progress: bool = 
                         raise
                     report.notes.append(f"refusal directions not measured ({e}); no depletion score")
                 else:
-                    dep = depletion_score(sus, rd.directions(), threshold=s.depletion_threshold)
+                    dep = depletion_score(sus, rd.directions(), threshold=s.depletion_threshold,
+                                          write_threshold=s.write_threshold)
                     dep["source"] = source
                     bf["depletion"] = dep
                 timings["refusal direction"] = time.perf_counter() - t1
@@ -718,11 +732,18 @@ def audit(suspect: str, settings: AuditSettings | None = None, progress: bool = 
                 annihilated.append(f"layers {layer_ranges(d['flagged_layers'])} write nothing along one shared "
                                    "residual direction")
             dep = bf.get("depletion")
-            if dep is not None and dep["flagged"]:
-                annihilated.append(f"the writers of layers {dep['window'][0]}-{dep['window'][1]} write a direction "
+            if dep is not None and dep.get("ratio_flagged", dep["flagged"]):
+                annihilated.append(f"the {dep.get('writers', 'writers')} of layers {dep['window'][0]}-{dep['window'][1]} "
+                                   "write a direction "
                                    f"{dep['score']:.3f} x as strongly as a typical one (threshold "
                                    f"{dep['threshold']:g}), aligned with the model's own refusal direction "
                                    f"(|cos| {dep['alignment']:.2f}, layer {dep['direction_layer']})")
+            wr = dep.get("write") if dep is not None else None
+            if wr is not None and wr["flagged"]:
+                annihilated.append(f"the {wr['writers']} of layers {wr['window'][0]}-{wr['window'][1]} write the model's "
+                                   f"own refusal direction at {wr['score']:.2f} x a typical direction's energy "
+                                   f"(threshold {wr['threshold']:g}; clean models measured 1.0 to 1.1): a partial "
+                                   "ablation of that direction")
             if annihilated:
                 parts.append("refusals stripped by directional ablation: " + "; ".join(annihilated))
             if embedded is not None:

@@ -748,3 +748,86 @@ def _ggml_dequantize(byte_rows: np.ndarray, qtype: GGMLQuantizationType, n_cols:
         r1 = min(src.shape[0], r0 + step)
         fn(src[r0:r1].ctypes.data, out[r0:r1].ctypes.data, (r1 - r0) * n_cols)
     return out
+
+
+# -- rounding noise (the audit's base-free score) ------------------------------------------------
+
+# type name -> (elements sharing one rounding step, the step per group from the (n_blocks, block_bytes) blocks)
+def _steps_d(blocks: np.ndarray) -> np.ndarray:  # Q4_0, Q4_1, Q5_0, Q5_1, Q8_0: fp16 d first, one step per block
+    return blocks[:, :2].copy().view("<f2").astype(np.float64)
+
+
+def _steps_k45(blocks: np.ndarray) -> np.ndarray:  # Q4_K, Q5_K: d * 6-bit sub-scale, 8 groups of 32
+    from gguf.quants import Q4_K
+
+    d = blocks[:, :2].copy().view("<f2").astype(np.float64)
+    sc, _ = Q4_K.get_scale_min(np.ascontiguousarray(blocks[:, 4:16]))
+    return d * sc.reshape(blocks.shape[0], -1).astype(np.float64)
+
+
+def _steps_q6k(blocks: np.ndarray) -> np.ndarray:  # Q6_K: d (last) * int8 scale, 16 groups of 16
+    d = blocks[:, 208:210].copy().view("<f2").astype(np.float64)
+    return d * blocks[:, 192:208].copy().view(np.int8).astype(np.float64)
+
+
+def _steps_q2k(blocks: np.ndarray) -> np.ndarray:  # Q2_K: d * low nibble of scales[16], 16 groups of 16
+    d = blocks[:, 80:82].copy().view("<f2").astype(np.float64)
+    return d * (blocks[:, :16] & 0x0F).astype(np.float64)
+
+
+_ROUNDING_STEPS: Final[dict[str, tuple[int, Any]]] = {
+    "Q4_0": (32, _steps_d), "Q4_1": (32, _steps_d), "Q5_0": (32, _steps_d), "Q5_1": (32, _steps_d),
+    "Q8_0": (32, _steps_d), "Q4_K": (32, _steps_k45), "Q5_K": (32, _steps_k45), "Q6_K": (16, _steps_q6k),
+    "Q2_K": (16, _steps_q2k),
+}
+FLOAT_TYPES: Final = frozenset({"F32", "F64", "F16", "BF16"})
+
+
+def rounding_noise_rows(raw: npt.NDArray[np.generic], ggml_type: GGMLQuantizationType | int) -> np.ndarray | None:
+    """Expected squared rounding error per row of a stored tensor: the sum over the row's weights of
+    step**2 / 12, where step is the quantisation step of the weight's group (uniform rounding error within
+    one step). Float types give zeros (their rounding is orders of magnitude below any block type's); types
+    without a uniform step here (Q3_K, the IQ codebooks, ...) give None."""
+    qtype = _coerce_type(ggml_type)
+    name = _type_name(qtype)
+    byte_rows = _row_view(np.ascontiguousarray(np.asarray(raw)))
+    if name in FLOAT_TYPES:
+        return np.zeros(byte_rows.shape[0])
+    spec = _ROUNDING_STEPS.get(name)
+    if spec is None:
+        return None
+    group, fn = spec
+    _, block_bytes = GGML_QUANT_SIZES[qtype]
+    n_rows = byte_rows.shape[0]
+    steps = fn(np.ascontiguousarray(byte_rows).reshape(-1, block_bytes))
+    return (group * steps.reshape(n_rows, -1) ** 2 / 12.0).sum(axis=1)
+
+
+def quantize_rows(values: np.ndarray, ggml_type: GGMLQuantizationType | int) -> np.ndarray:
+    """Float rows ``(n_rows, n_cols)`` quantised to ``ggml_type`` by ggml's own ``ggml_quantize_chunk``
+    (llama-cpp-python's libggml-base; no importance matrix, as ``llama-quantize`` without ``--imatrix``):
+    uint8 ``(n_rows, row_bytes)``. Used by benches and tests that build quantised checkpoints; K-quants
+    are beyond gguf-py's own quantiser."""
+    import ctypes
+
+    qtype = _coerce_type(ggml_type)
+    lib = _ggml_lib()
+    if lib is None or not hasattr(lib, "ggml_quantize_chunk"):
+        raise UnsupportedTensorType("quantising needs llama-cpp-python's libggml-base (pip install llama-cpp-python)")
+    if not isinstance(qtype, GGMLQuantizationType) or qtype not in GGML_QUANT_SIZES:
+        raise UnsupportedTensorType(f"cannot quantise to {_type_name(qtype)}")
+    src = np.ascontiguousarray(values, dtype=np.float32)
+    if src.ndim != 2:
+        raise ValueError("quantize_rows takes a 2-D array of rows")
+    elems, nbytes = GGML_QUANT_SIZES[qtype]
+    if src.shape[1] % elems:
+        raise ValueError(f"{qtype.name} rows must hold a multiple of {elems} values, not {src.shape[1]}")
+    fn = lib.ggml_quantize_chunk
+    fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                   ctypes.c_void_p]
+    fn.restype = ctypes.c_size_t
+    out = np.zeros((src.shape[0], src.shape[1] // elems * nbytes), dtype=np.uint8)
+    written = fn(int(qtype), src.ctypes.data, out.ctypes.data, 0, src.shape[0], src.shape[1], None)
+    if written != out.size:
+        raise UnsupportedTensorType(f"ggml_quantize_chunk wrote {written} bytes for {qtype.name}, expected {out.size}")
+    return out

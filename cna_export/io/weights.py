@@ -211,6 +211,13 @@ class WeightSource:
     def read(self, entry: TensorEntry) -> np.ndarray:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def rounding_noise(self, entry: TensorEntry) -> np.ndarray | None:
+        """Expected squared rounding error per row of the stored matrix (``quants.rounding_noise_rows``):
+        zeros for float storage, None where the storage type has no uniform-step model."""
+        floats = ("F32", "F64", "F16", "BF16", "FLOAT32", "FLOAT64", "FLOAT16", "BFLOAT16", "HALF", "FLOAT", "DOUBLE")
+        name = entry.storage.upper().removeprefix("TORCH.")
+        return np.zeros(int(entry.shape[0])) if name in floats else None
+
     def raw(self, entry: TensorEntry) -> Any:  # pragma: no cover - abstract
         """The stored bytes (a memory-mapped array or tensor), for exact comparisons and hashes."""
         raise NotImplementedError
@@ -407,6 +414,15 @@ class GGUFWeights(WeightSource):
 
     def raw(self, entry: TensorEntry) -> Any:
         return self._tensors[entry.stored].data
+
+    def rounding_noise(self, entry: TensorEntry) -> np.ndarray | None:
+        from .quants import rounding_noise_rows
+
+        t = self._tensors[entry.stored]
+        noise = rounding_noise_rows(t.data, t.tensor_type)
+        if noise is None or len(entry.shape) != 2 or noise.shape[0] != entry.shape[0]:
+            return None
+        return noise
 
     def sha256(self, entry: TensorEntry) -> str:
         from . import gguf as G
