@@ -441,7 +441,9 @@ START, END = "<!-- strategies:start -->", "<!-- strategies:end -->"
 def figures_section(a, timings: dict) -> str:
     """The measured part of docs/strategies.md and bench/README.md (generated, nothing typed by hand)."""
     lines = [START, "## Steering strategies on Qwen2.5-Coder-0.5B-Instruct (JBB-Behaviors)", "",
-             "Regenerate: `python bench/strategies.py` (steps stats, tune, heldout, report; resumable). Model "
+             "Regenerate everything (this section, the heretic peer and the hardening section): `python "
+             "bench/efficacy.py`; this section alone: `python bench/strategies.py` (steps stats, tune, heldout, "
+             "report; resumable; `--steps tpe` for the multi-objective search). Model "
              f"`{MODEL}` (Q4_K_M GGUF; statistics from the dequantised weights in transformers, answers from "
              "llama.cpp on steered GGUFs). Discovery prompts: `recipes/refusal.yaml`'s own 80 + 80 (+120 neutral), "
              "never JBB. Greedy, 150 new tokens. Judges: the paper's keyword regex (first 500 characters; the "
