@@ -503,7 +503,13 @@ def figures_section(a, timings: dict) -> str:
                   f"The grid's results for these strategies on the same split were told to the sampler first; "
                   f"{len(new)} new configurations were evaluated"
                   + (f" ({tt['seconds'] / 60:.0f} min for the last invocation, baseline included)" if tt else "")
-                  + ". Same protocol as the grid: 30 pairs, 150 tokens, benign twins scored for KL only.", "",
+                  + ". Same protocol as the grid: 30 pairs, 150 tokens, benign twins scored for KL only."
+                  + "".join(f" A focused search (`--tpe-focus {name}`: {', '.join(f['strategies'])}, circuit size "
+                            f"{100 * f['fractions'][0]:g}% to {100 * f['fractions'][1]:g}%, multiplier "
+                            f"{f['multipliers'][0]:g} to {f['multipliers'][1]:g}) added "
+                            f"{timings[f'tpe-{name}'].get('trials')} trials "
+                            f"({timings[f'tpe-{name}']['seconds'] / 60:.0f} min); its points are in the tables below."
+                            for name, f in FOCUS.items() if f"tpe-{name}" in timings), "",
                   "Pareto front (feasible points that no other point beats on both refusals and KL):", "",
                   table(None, front, TPE_COLS), "",
                   (f"Chosen (fewest refusals on the front with KL <= {a.max_kl:g}): **{pick['label']}**, "
