@@ -201,6 +201,9 @@ def run(trials: int, max_kl: float, batch_size: int) -> None:
 
     model = base_folder()
     RUN.mkdir(parents=True, exist_ok=True)
+    # heretic's checkpoint would resume with settings that name the previous run's temporary JBB files, which
+    # are gone: every run starts from scratch (the saved model above is what makes a run final)
+    shutil.rmtree(RUN / "checkpoints", ignore_errors=True)
     prompts = RUN / "prompts"
     prompts.mkdir(exist_ok=True)
     for name in ("harmful", "benign"):
