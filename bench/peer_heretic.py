@@ -7,6 +7,7 @@ scored with our own eval (same judge, same held-out JBB pairs, same KL) next to 
     python bench/peer_heretic.py --convert               # its edit put into the bundled Q4_K_M GGUF (llama.cpp quantiser)
     python bench/peer_heretic.py --eval                  # held-out pairs, as bench/strategies.py's heldout step
     python bench/peer_heretic.py --all --trials 16       # the four in order; finished steps are skipped
+    python bench/peer_heretic.py --eval --extra-trial 13 # also another trial of the front (the study is re-opened)
 
 Licence boundary: heretic is AGPL. It is installed only into its own virtual environment created here and runs
 only as a separate process, driven through its text menus; cna_export never imports it and nothing of it is
@@ -116,8 +117,8 @@ class Driver:
     MENU = re.compile(r"^\[(\d+)\] (.*)$")
     TRIAL = re.compile(r"\[Trial\s+(\d+)\] Refusals:\s*(\d+)/(\d+), KL divergence: ([0-9.]+)")
 
-    def __init__(self, max_kl: float, save_to: Path, logfile: Path):
-        self.max_kl, self.save_to, self.logfile = max_kl, save_to, logfile
+    def __init__(self, max_kl: float, save_to: Path, logfile: Path, trial: int | None = None):
+        self.max_kl, self.save_to, self.logfile, self.trial = max_kl, save_to, logfile, trial
         self.saved = False
         self.front: list[dict] = []
         self.choice: dict | None = None
@@ -132,8 +133,9 @@ class Driver:
         def pick(title: str) -> str:
             return str(titles[title])
 
-        if "Continue the previous run" in titles:
-            return pick("Continue the previous run")
+        for resume in ("Continue the previous run", "Show the results from the previous run"):
+            if resume in titles:
+                return pick(resume)
         if "Save the model to a local folder" in titles:
             if not self.saved:
                 self.saved = True
@@ -147,6 +149,13 @@ class Driver:
             self.front = [{"trial": int(m.group(1)), "refusals": int(m.group(2)), "n": int(m.group(3)),
                            "kl": float(m.group(4))} for _, m in trials]
             ok = [(i, f) for (i, _), f in zip(trials, self.front) if f["kl"] <= self.max_kl]
+            if self.trial is not None:  # a given trial of the front (--extra-trial)
+                i, f = next(((i, f) for (i, _), f in zip(trials, self.front) if f["trial"] == self.trial),
+                            (None, None))
+                if f is None:
+                    raise RuntimeError(f"trial {self.trial} is not on heretic's Pareto front: {self.front}")
+                self.choice = f
+                return str(i)
             if ok:
                 i, f = min(ok, key=lambda x: (x[1]["refusals"], x[1]["kl"]))
             else:
@@ -248,20 +257,66 @@ def run(trials: int, max_kl: float, batch_size: int) -> None:
     log(f"heretic: {trials} trials in {info['wall_seconds'] / 60:.1f} min; chose {drv.choice}")
 
 
-def convert() -> dict[str, Path]:
-    """heretic's edit in the bundled GGUF: ``heretic.Q4_K_M.gguf`` is the shipped file byte for byte except the
-    tensors heretic changed, each quantised to its shipped type by ggml (``gguf_rebuild.splice_edit``);
-    ``heretic.Q8_0.gguf`` (for the audit bench) is an F32 copy quantised whole by llama.cpp."""
+def _study_settings() -> dict:
+    """The settings heretic stored with its finished study (the journal in run/checkpoints)."""
+    for f in sorted((RUN / "checkpoints").glob("*")):
+        for line in f.read_text().splitlines():
+            if "bad_evaluation_prompts" not in line:
+                continue
+            stack = [json.loads(line)]
+            while stack:
+                x = stack.pop()
+                if isinstance(x, dict):
+                    stack.extend(x.values())
+                elif isinstance(x, list):
+                    stack.extend(x)
+                elif isinstance(x, str) and "bad_evaluation_prompts" in x:
+                    return json.loads(x)
+    raise SystemExit(f"no finished heretic study in {RUN / 'checkpoints'}: run --run first")
+
+
+def run_extra(trial: int) -> Path:
+    """Save another trial of the finished study's front (no new trials): heretic re-opens the study with its
+    stored settings, whose evaluation prompts are the run's temporary JBB files, recreated at the same paths for
+    this call only."""
+    from cna_export.evaluation.evaluator import load_jbb, split_pairs
+
+    out = RUN / f"model-t{trial}"
+    if (out / "config.json").is_file():
+        return out
+    settings = _study_settings()
+    harmful, benign = load_jbb()
+    tune_idx, _ = split_pairs(harmful, benign, 30, 0)
+    files = {"bad": Path(settings["bad_evaluation_prompts"]["dataset"]),
+             "good": Path(settings["good_evaluation_prompts"]["dataset"])}
+    folder = files["bad"].parent
+    if not str(folder).startswith(tempfile.gettempdir()) or folder.exists():
+        raise SystemExit(f"heretic's study names evaluation prompts in {folder}; refusing to write there")
+    folder.mkdir(parents=True)
+    try:
+        for name, es in (("bad", harmful), ("good", benign)):
+            files[name].write_text("\n".join(es.prompts[i].replace("\n", " ") for i in tune_idx) + "\n")
+        env = dict(os.environ, KAGGLE_KERNEL_RUN_TYPE="bench", PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1",
+                   HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", NO_COLOR="1", TERM="dumb")
+        env.pop("VIRTUAL_ENV", None)
+        drv = Driver(0.0, out.with_name(out.name + ".tmp"), RUN / f"heretic-t{trial}.log", trial=trial)
+        rc = drv.run([str(VENV / "bin" / "heretic")], RUN, env)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    tmp = out.with_name(out.name + ".tmp")
+    if rc != 0 or not (tmp / "config.json").is_file():
+        raise SystemExit(f"heretic exited {rc} without saving trial {trial}; see {RUN / f'heretic-t{trial}.log'}")
+    tmp.rename(out)
+    info = json.loads((RUN / "run.json").read_text())
+    info.setdefault("extra", {})[str(trial)] = drv.choice
+    (RUN / "run.json").write_text(json.dumps(info, indent=2) + "\n")
+    return out
+
+
+def _changed(model_dir: Path) -> dict:
+    """The tensors of ``model_dir`` (heretic's merged model) that differ from the float32 base."""
     import numpy as np
     from safetensors import safe_open
-
-    import gguf_rebuild
-    from cna_export.io.bundled import resolve
-
-    out = {"heretic": RUN / "heretic.Q4_K_M.gguf", "heretic-q8": RUN / "heretic.Q8_0.gguf"}
-    if all(p.is_file() for p in out.values()):
-        return out
-    reference = resolve(MODEL)
 
     def tensors(folder: Path) -> dict:
         res = {}
@@ -271,7 +326,7 @@ def convert() -> dict[str, Path]:
                     res[k] = fh.get_tensor(k)
         return res
 
-    base, edited = tensors(base_folder()), tensors(RUN / "model")
+    base, edited = tensors(base_folder()), tensors(model_dir)
     changed = {}
     for k, v in edited.items():
         b = base.get(k)
@@ -279,6 +334,21 @@ def convert() -> dict[str, Path]:
             raise SystemExit(f"heretic's model has a tensor the base lacks: {k}")
         if not np.array_equal(np.asarray(v, dtype=np.float32), b):
             changed[k] = np.asarray(v, dtype=np.float32)
+    return changed
+
+
+def convert() -> dict[str, Path]:
+    """heretic's edit in the bundled GGUF: ``heretic.Q4_K_M.gguf`` is the shipped file byte for byte except the
+    tensors heretic changed, each quantised to its shipped type by ggml (``gguf_rebuild.splice_edit``);
+    ``heretic.Q8_0.gguf`` (for the audit bench) is an F32 copy quantised whole by llama.cpp."""
+    import gguf_rebuild
+    from cna_export.io.bundled import resolve
+
+    out = {"heretic": RUN / "heretic.Q4_K_M.gguf", "heretic-q8": RUN / "heretic.Q8_0.gguf"}
+    if all(p.is_file() for p in out.values()):
+        return out
+    reference = resolve(MODEL)
+    changed = _changed(RUN / "model")
     log(f"heretic changed {len(changed)} tensors: "
         f"{sorted({re.sub(r'layers[.]([0-9]+)[.]', 'layers.N.', k) for k in changed})}")
     (RUN / "changed.json").write_text(json.dumps(sorted(changed), indent=1) + "\n")
@@ -312,6 +382,17 @@ def evaluate(a) -> None:
                     {"method": "peer", "strategy": "heretic", "peer": "heretic", "trials": info["trials"],
                      "trial": ch["trial"], "tune_refusals": ch["refusals"], "tune_kl": ch["kl"]}),
     }
+    for t in getattr(a, "extra_trial", None) or []:
+        import gguf_rebuild
+        from cna_export.io.bundled import resolve
+
+        path = RUN / f"heretic-t{t}.Q4_K_M.gguf"
+        if not path.is_file():
+            gguf_rebuild.splice_edit(resolve(MODEL), _changed(run_extra(t)), path)
+        f = json.loads((RUN / "run.json").read_text())["extra"][str(t)]
+        rows[f"t{t}"] = (path, f"heretic {HERETIC_VERSION} ({info['trials']} trials, trial {t})",
+                         {"method": "peer", "strategy": "heretic", "peer": "heretic-extra", "trials": info["trials"],
+                          "trial": t, "tune_refusals": f["refusals"], "tune_kl": f["kl"]})
     todo = {k: v for k, v in rows.items() if not (HELDOUT / f"{st.slug(v[1])}.json").is_file()}
     if not todo:
         return
@@ -340,6 +421,8 @@ def main() -> int:
     p.add_argument("--all", action="store_true")
     p.add_argument("--trials", type=int, default=16)
     p.add_argument("--max-kl", type=float, default=0.1)
+    p.add_argument("--extra-trial", type=int, action="append",
+                   help="--eval: also save and score this trial of heretic's front (repeatable)")
     p.add_argument("--heretic-batch-size", type=int, default=16)
     # the held-out settings of bench/strategies.py
     p.add_argument("--batch-size", type=int, default=30)

@@ -554,19 +554,21 @@ def figures_section(a, timings: dict) -> str:
 
 
 def equal_kl(summ: list[dict]) -> list[str]:
-    """Each CAA held-out point against the CNA rows at no more first-token KL: fewest refusals among them."""
+    """Each CAA and peer held-out point against the CNA rows at no more first-token KL: fewest refusals among them."""
     out = []
     cna = [x for x in summ if x.get("method") == "cna" and x.get("kl_last") is not None]
-    for c in sorted((x for x in summ if x.get("method") == "caa"), key=lambda x: x["kl_last"]):
+    others = [x for x in summ if x.get("method") in ("caa", "peer") and x.get("kl_last") is not None]
+    for c in sorted(others, key=lambda x: (x.get("method") != "caa", x["kl_last"])):
+        name = f"CAA alpha={c.get('alpha')}" if c.get("method") == "caa" else c["label"]
         within = [x for x in cna if x["kl_last"] <= c["kl_last"]]
         if not within:
-            out.append(f"CAA alpha={c.get('alpha')}: {c['refused']}/{c['harmful_n']} at KL {c['kl_last']:.3f}; no CNA "
+            out.append(f"{name}: {c['refused']}/{c['harmful_n']} at KL {c['kl_last']:.3f}; no CNA "
                        "row at that KL or less.")
             continue
         b = min(within, key=lambda x: (x["refused"], x["kl_last"]))
         verdict = ("CNA matches or beats it" if b["refused"] <= c["refused"] else
                    f"CNA does not match it ({b['refused'] - c['refused']} more refusals)")
-        out.append(f"CAA alpha={c.get('alpha')}: {c['refused']}/{c['harmful_n']} at KL {c['kl_last']:.3f}; the best "
+        out.append(f"{name}: {c['refused']}/{c['harmful_n']} at KL {c['kl_last']:.3f}; the best "
                    f"CNA row at KL <= that is {b['label']} with {b['refused']}/{b['harmful_n']} at KL "
                    f"{b['kl_last']:.3f}: {verdict}.")
     return (["At equal drift (held-out, first-token KL): " + " ".join(out), ""]) if out else []
@@ -589,6 +591,10 @@ def peer_notes(summ: list[dict]) -> list[str]:
             f"{info.get('max_kl')}: trial {her.get('trial')}. The tensors its merged model changed were put into the "
             "bundled GGUF, each quantised by ggml to the type the shipped file has for it (every other tensor keeps its "
             "shipped bytes, as in the CNA rows' patched GGUFs), then evaluated exactly like the rows above.")
+    for x in sorted((x for x in summ if x.get("peer") == "heretic-extra"), key=lambda x: x.get("trial") or 0):
+        text += (f" Also scored (`--extra-trial {x.get('trial')}`): trial {x.get('trial')} ({x.get('tune_refusals')}/30 "
+                 f"at KL {x.get('tune_kl'):.3f} on the tuning split): {x['refused']}/{x['harmful_n']} at KL "
+                 f"{x['kl_last']:.3f}, quality {x.get('quality_ratio') or 0:.3f}x.")
     return [text, ""]
 
 
