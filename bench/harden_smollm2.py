@@ -45,9 +45,17 @@ STRATEGIES = {name: SEARCH_STRATEGIES[name] for name in ("direction+", "attribut
 STRATEGIES["attribution-"] = {"score": "attribution", "sign": "negative"}
 
 
+def _stem(strategy: str) -> str:
+    """The strategy's name in file names (``attribution+`` -> ``attributionp``, ``attribution-`` -> ``attributionm``)."""
+    return strategy.replace("+", "p").replace("-", "m")
+
+
 def sweep_path(strategy: str) -> Path:
-    return OUT / ("sweep.json" if strategy == "direction+" else
-                  f"sweep-{strategy.replace('+', 'p').replace('-', 'm')}.json")
+    return OUT / ("sweep.json" if strategy == "direction+" else f"sweep-{_stem(strategy)}.json")
+
+
+def samples_path(strategy: str) -> Path:
+    return OUT / f"samples-{_stem(strategy)}.json"
 
 
 def step_stats(a) -> None:
@@ -118,7 +126,7 @@ def step_samples(a) -> None:
     for m in [None, *a.multipliers]:
         steering = Steering.none() if m is None else Steering.cna(circuit, m)
         out.append({"multiplier": m, "answers": [g.text for g in backend.generate(prompts, steering, 40)]})
-    (OUT / f"samples-{a.strategy.replace('+', 'p').replace('-', 'm')}.json").write_text(json.dumps(out, indent=1))
+    samples_path(a.strategy).write_text(json.dumps(out, indent=1))
 
 
 def _samples(rows: list[dict], n: int = 2) -> dict:
@@ -132,7 +140,7 @@ def step_report(a) -> None:
     for strategy in STRATEGIES:
         if sweep_path(strategy).is_file():
             parts.append(f"### {strategy} ({STRATEGIES[strategy]})\n\n" + _table(json.loads(sweep_path(strategy).read_text())))
-        sp = OUT / f"samples-{strategy.replace('+', 'p').replace('-', 'm')}.json"
+        sp = samples_path(strategy)
         if sp.is_file():
             parts.append(f"Answers with hook steering (transformers, 40 greedy tokens, the first 2 harmful prompts of "
                          f"the split; `python bench/harden_smollm2.py --steps samples --strategy {strategy}`):\n")

@@ -199,6 +199,35 @@ class Driver:
         return proc.wait()
 
 
+def _write_tune_prompts(bad: Path, good: Path) -> int:
+    """The JBB tuning split of bench/strategies.py (harmful -> ``bad``, benign twins -> ``good``), one prompt per
+    line, for heretic's evaluation; the number of pairs."""
+    import strategies as st
+
+    from cna_export.evaluation.evaluator import load_jbb
+
+    harmful, benign = load_jbb()
+    tune_idx, _ = st._split()
+    for path, es in ((bad, harmful), (good, benign)):
+        path.write_text("\n".join(es.prompts[i].replace("\n", " ") for i in tune_idx) + "\n")
+    return len(tune_idx)
+
+
+def _drive(out: Path, logfile: Path, max_kl: float, trial: int | None = None) -> Driver:
+    """Run heretic (config.toml or its stored study in RUN) through its menus; the chosen trial's merged model
+    is saved to ``out`` (through ``out``.tmp)."""
+    env = dict(os.environ, KAGGLE_KERNEL_RUN_TYPE="bench", PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1",
+               HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", NO_COLOR="1", TERM="dumb")
+    env.pop("VIRTUAL_ENV", None)
+    tmp = out.with_name(out.name + ".tmp")
+    drv = Driver(max_kl, tmp, logfile, trial=trial)
+    rc = drv.run([str(VENV / "bin" / "heretic")], RUN, env)
+    if rc != 0 or not (tmp / "config.json").is_file():
+        raise SystemExit(f"heretic exited {rc} without saving {out.name}; see {logfile}")
+    tmp.rename(out)
+    return drv
+
+
 def run(trials: int, max_kl: float, batch_size: int) -> None:
     exe = VENV / "bin" / "heretic"
     if not exe.is_file():
@@ -206,8 +235,6 @@ def run(trials: int, max_kl: float, batch_size: int) -> None:
     if (RUN / "model" / "config.json").is_file():
         log(f"heretic model already saved: {RUN / 'model'}")
         return
-    from cna_export.evaluation.evaluator import load_jbb, split_pairs
-
     model = base_folder()
     RUN.mkdir(parents=True, exist_ok=True)
     # heretic's checkpoint would resume with settings that name the previous run's temporary JBB files, which
@@ -218,13 +245,9 @@ def run(trials: int, max_kl: float, batch_size: int) -> None:
     for name in ("harmful", "benign"):
         (prompts / f"{name}.txt").write_text(
             "\n".join(_prompt_lines(ROOT / "recipes" / "prompts" / f"refusal-{name}.txt")) + "\n")
-    harmful, benign = load_jbb()
-    tune_idx, _ = split_pairs(harmful, benign, 30, 0)  # bench/strategies.py's tuning split
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix="jbb-tune-") as tmp:  # JBB text exists only for the run
-        for name, es in (("bad", harmful), ("good", benign)):
-            texts = [es.prompts[i].replace("\n", " ") for i in tune_idx]
-            Path(tmp, f"{name}.txt").write_text("\n".join(texts) + "\n")
+        pairs = _write_tune_prompts(Path(tmp, "bad.txt"), Path(tmp, "good.txt"))
         system = _system_prompt()
         spec = lambda path: f'dataset = {_toml_str(str(path))}\n'  # noqa: E731 (text file: every line)
         (RUN / "config.toml").write_text(
@@ -242,17 +265,10 @@ def run(trials: int, max_kl: float, batch_size: int) -> None:
             f"\n[good_evaluation_prompts]\n{spec(Path(tmp, 'good.txt'))}"
             f"\n[bad_evaluation_prompts]\n{spec(Path(tmp, 'bad.txt'))}"
         )
-        env = dict(os.environ, KAGGLE_KERNEL_RUN_TYPE="bench", PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1",
-                   HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", NO_COLOR="1", TERM="dumb")
-        env.pop("VIRTUAL_ENV", None)
-        drv = Driver(max_kl, RUN / "model.tmp", RUN / "heretic.log")
-        rc = drv.run([str(exe)], RUN, env)
-    if rc != 0 or not (RUN / "model.tmp" / "config.json").is_file():
-        raise SystemExit(f"heretic exited {rc} without saving a model; see {RUN / 'heretic.log'}")
-    (RUN / "model.tmp").rename(RUN / "model")
+        drv = _drive(RUN / "model", RUN / "heretic.log", max_kl)
     info = {"heretic": HERETIC_VERSION, "trials": trials, "max_kl": max_kl, "front": drv.front,
             "choice": drv.choice, "wall_seconds": round(time.time() - t0, 1), "load": os.getloadavg()[0],
-            "system_prompt": system, "tune_pairs": len(tune_idx)}
+            "system_prompt": system, "tune_pairs": pairs}
     (RUN / "run.json").write_text(json.dumps(info, indent=2) + "\n")
     log(f"heretic: {trials} trials in {info['wall_seconds'] / 60:.1f} min; chose {drv.choice}")
 
@@ -279,14 +295,10 @@ def run_extra(trial: int) -> Path:
     """Save another trial of the finished study's front (no new trials): heretic re-opens the study with its
     stored settings, whose evaluation prompts are the run's temporary JBB files, recreated at the same paths for
     this call only."""
-    from cna_export.evaluation.evaluator import load_jbb, split_pairs
-
     out = RUN / f"model-t{trial}"
     if (out / "config.json").is_file():
         return out
     settings = _study_settings()
-    harmful, benign = load_jbb()
-    tune_idx, _ = split_pairs(harmful, benign, 30, 0)
     files = {"bad": Path(settings["bad_evaluation_prompts"]["dataset"]),
              "good": Path(settings["good_evaluation_prompts"]["dataset"])}
     folder = files["bad"].parent
@@ -294,19 +306,10 @@ def run_extra(trial: int) -> Path:
         raise SystemExit(f"heretic's study names evaluation prompts in {folder}; refusing to write there")
     folder.mkdir(parents=True)
     try:
-        for name, es in (("bad", harmful), ("good", benign)):
-            files[name].write_text("\n".join(es.prompts[i].replace("\n", " ") for i in tune_idx) + "\n")
-        env = dict(os.environ, KAGGLE_KERNEL_RUN_TYPE="bench", PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1",
-                   HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", NO_COLOR="1", TERM="dumb")
-        env.pop("VIRTUAL_ENV", None)
-        drv = Driver(0.0, out.with_name(out.name + ".tmp"), RUN / f"heretic-t{trial}.log", trial=trial)
-        rc = drv.run([str(VENV / "bin" / "heretic")], RUN, env)
+        _write_tune_prompts(files["bad"], files["good"])
+        drv = _drive(out, RUN / f"heretic-t{trial}.log", 0.0, trial=trial)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    tmp = out.with_name(out.name + ".tmp")
-    if rc != 0 or not (tmp / "config.json").is_file():
-        raise SystemExit(f"heretic exited {rc} without saving trial {trial}; see {RUN / f'heretic-t{trial}.log'}")
-    tmp.rename(out)
     info = json.loads((RUN / "run.json").read_text())
     info.setdefault("extra", {})[str(trial)] = drv.choice
     (RUN / "run.json").write_text(json.dumps(info, indent=2) + "\n")
@@ -342,6 +345,7 @@ def convert() -> dict[str, Path]:
     tensors heretic changed, each quantised to its shipped type by ggml (``gguf_rebuild.splice_edit``);
     ``heretic.Q8_0.gguf`` (for the audit bench) is an F32 copy quantised whole by llama.cpp."""
     import gguf_rebuild
+
     from cna_export.io.bundled import resolve
 
     out = {"heretic": RUN / "heretic.Q4_K_M.gguf", "heretic-q8": RUN / "heretic.Q8_0.gguf"}
@@ -364,6 +368,7 @@ def convert() -> dict[str, Path]:
 def evaluate(a) -> None:
     """heretic's GGUF against the bundled one on the held-out pairs (bench/strategies.py's heldout settings)."""
     import strategies as st
+
     from cna_export.evaluation.backends import Steering, open_backend
     from cna_export.evaluation.evaluator import Condition, EvalSettings, Evaluator, load_jbb
 
@@ -384,6 +389,7 @@ def evaluate(a) -> None:
     }
     for t in getattr(a, "extra_trial", None) or []:
         import gguf_rebuild
+
         from cna_export.io.bundled import resolve
 
         path = RUN / f"heretic-t{t}.Q4_K_M.gguf"

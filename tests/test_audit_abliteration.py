@@ -151,10 +151,16 @@ def test_cna_export_is_not_a_directional_edit(base, tensors):
     assert rep.neurons and (rep.lowrank is None or not rep.lowrank.detected)
 
 
-def test_audit_reports_refusal_cosine_plot_and_direction(base, suspects, prompt_files, tmp_path):
+@pytest.fixture()
+def recipe(prompt_files, tmp_path) -> Path:
+    """A recipe naming the small test prompt sets (for refusal directions)."""
     pos, neg, _ = prompt_files
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"positive: {pos}\nnegative: {neg}\nbatch_size: 4\n")
+    path = tmp_path / "r.yaml"
+    path.write_text(f"positive: {pos}\nnegative: {neg}\nbatch_size: 4\n")
+    return path
+
+
+def test_audit_reports_refusal_cosine_plot_and_direction(base, suspects, recipe, tmp_path):
     # abliterate the base's own refusal direction at layer 2
     loaded_dirs = tmp_path / "base.npz"
     rd, _ = refusal_directions(str(base), str(recipe), str(loaded_dirs), limit=6)
@@ -179,10 +185,7 @@ def test_audit_reports_refusal_cosine_plot_and_direction(base, suspects, prompt_
         audit(str(suspect), s)
 
 
-def test_refusal_directions_cache_is_checked(base, tensors, prompt_files, tmp_path):
-    pos, neg, _ = prompt_files
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"positive: {pos}\nnegative: {neg}\nbatch_size: 4\n")
+def test_refusal_directions_cache_is_checked(base, tensors, recipe, tmp_path):
     cache = tmp_path / "d.npz"
     rd, src = refusal_directions(str(base), str(recipe), str(cache), limit=6)
     assert cache.is_file() and "from the recipe" in src

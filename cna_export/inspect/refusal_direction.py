@@ -201,14 +201,12 @@ def depletion_score(src: Any, directions: np.ndarray, window: int | None = None,
     L, H = directions.shape
     D = directions.astype(np.float64)
     grams: dict[str, list[np.ndarray | None]] = {"attn_output": [], "ffn_down": []}
-    along: dict[str, list[float | None]] = {"attn_output": [], "ffn_down": []}  # energy along d_l, per layer
     undebiased: set[str] = set()
     for layer in range(L):
         for role, out in grams.items():
             e = src.find(role, layer)
             if e is None or len(e.shape) != 2 or e.shape[0] != H:
                 out.append(None)
-                along[role].append(None)
                 continue
             W = src.read(e).astype(np.float64)
             g = W @ W.T
@@ -220,7 +218,9 @@ def depletion_score(src: Any, directions: np.ndarray, window: int | None = None,
                 g[np.diag_indices_from(g)] -= noise
             tr = float(np.trace(g))
             out.append(g * (H / tr) if tr > 0 else None)
-            along[role].append(float(D[layer] @ out[-1] @ D[layer]) if out[-1] is not None else None)
+    # energy each writer puts along the model's own refusal direction of its layer (1: a typical direction)
+    along = {role: [None if g is None else float(D[layer] @ g @ D[layer]) for layer, g in enumerate(gs)]
+             for role, gs in grams.items()}
     w = min(window or max(2, L // 4), L)
     windows = []
     for group, roles in WRITER_GROUPS.items():
@@ -233,24 +233,19 @@ def depletion_score(src: Any, directions: np.ndarray, window: int | None = None,
             ratio = max(float(ev[0]), 0.0) / med if med > 0 else math.inf
             cos = np.abs(D @ V[:, 0])
             m = int(np.argmax(cos))
+            write = float(np.mean([v for r in roles for v in along[r][start : start + w] if v is not None]))
             windows.append({"writers": group, "window": [start, start + w - 1], "ratio": ratio,
-                            "alignment": float(cos[m]), "direction_layer": m})
+                            "alignment": float(cos[m]), "direction_layer": m, "write": write})
     if not windows:
         raise CnaError(f"{src.spec} has no o_proj/down_proj weights of the hidden size {H}")
     hits = [x for x in windows if x["ratio"] < threshold and x["alignment"] >= min_alignment]
     best = min(hits or windows, key=lambda x: x["ratio"])
-    writes = []
-    for group, roles in WRITER_GROUPS.items():
-        for start in range(L - w + 1):
-            vals = [v for r in roles for v in along[r][start : start + w] if v is not None]
-            if vals:
-                writes.append({"writers": group, "window": [start, start + w - 1], "mean": float(np.mean(vals))})
-    low = min(writes, key=lambda x: x["mean"])
+    low = min(windows, key=lambda x: x["write"])
     per_layer = {role: [None if v is None else round(v, 4) for v in vals] for role, vals in along.items()}
     return {"score": best["ratio"], "window": best["window"], "writers": best["writers"],
             "alignment": best["alignment"], "direction_layer": best["direction_layer"], "window_size": w,
-            "threshold": threshold, "min_alignment": min_alignment, "flagged": bool(hits) or low["mean"] < write_threshold,
+            "threshold": threshold, "min_alignment": min_alignment, "flagged": bool(hits) or low["write"] < write_threshold,
             "ratio_flagged": bool(hits),
-            "write": {"score": low["mean"], "window": low["window"], "writers": low["writers"],
-                      "threshold": write_threshold, "flagged": low["mean"] < write_threshold, "per_layer": per_layer},
+            "write": {"score": low["write"], "window": low["window"], "writers": low["writers"],
+                      "threshold": write_threshold, "flagged": low["write"] < write_threshold, "per_layer": per_layer},
             "debiased": not undebiased, "not_debiased": sorted(undebiased), "windows": windows}

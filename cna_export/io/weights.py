@@ -214,9 +214,11 @@ class WeightSource:
     def rounding_noise(self, entry: TensorEntry) -> np.ndarray | None:
         """Expected squared rounding error per row of the stored matrix (``quants.rounding_noise_rows``):
         zeros for float storage, None where the storage type has no uniform-step model."""
-        floats = ("F32", "F64", "F16", "BF16", "FLOAT32", "FLOAT64", "FLOAT16", "BFLOAT16", "HALF", "FLOAT", "DOUBLE")
+        from .quants import FLOAT_TYPES
+
+        torch_floats = ("FLOAT32", "FLOAT64", "FLOAT16", "BFLOAT16", "HALF", "FLOAT", "DOUBLE")  # torch dtype names
         name = entry.storage.upper().removeprefix("TORCH.")
-        return np.zeros(int(entry.shape[0])) if name in floats else None
+        return np.zeros(int(entry.shape[0])) if name in FLOAT_TYPES or name in torch_floats else None
 
     def raw(self, entry: TensorEntry) -> Any:  # pragma: no cover - abstract
         """The stored bytes (a memory-mapped array or tensor), for exact comparisons and hashes."""
