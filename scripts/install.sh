@@ -4,4 +4,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install -q "torch==2.13.0"
+# llama-cpp-python compiles llama.cpp for this CPU (-march=native). On machines with AMX (Sapphire
+# Rapids and later) ggml's AMX matmul segfaults in the first decode (ggml-org/llama.cpp#20824, seen
+# here with 0.3.36), so build without AMX; every other instruction set stays native.
+if [ "$(uname -m)" = "x86_64" ] && ! python -c "import llama_cpp" 2>/dev/null; then
+    CMAKE_ARGS="${CMAKE_ARGS:-} -DCMAKE_C_FLAGS=-mno-amx-int8 -DCMAKE_CXX_FLAGS=-mno-amx-int8" \
+        python -m pip install -q --no-cache-dir "llama-cpp-python>=0.3"
+fi
 python -m pip install -q -e ".[test,models,llama,plots,tune]"

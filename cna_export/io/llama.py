@@ -66,6 +66,15 @@ def llama_module(purpose: str = "llama.cpp") -> Any:
     return llama_cpp
 
 
+def _amx_build(L: Any) -> bool:
+    """Whether this llama.cpp build uses AMX (from ``llama_print_system_info``)."""
+    try:
+        info = L.llama_print_system_info().decode("utf-8", "replace")
+    except Exception:  # an older binding without the call: nothing to avoid
+        return False
+    return "AMX_INT8 = 1" in info
+
+
 class LlamaModel:
     """A loaded GGUF (weights only; contexts are made separately, see :class:`LlamaContext`).
 
@@ -77,6 +86,11 @@ class LlamaModel:
         self.L = L
         self.path = Path(path)
         params = L.llama_model_default_params()
+        if _amx_build(L) and hasattr(params, "use_extra_bufts"):
+            # ggml's AMX matmul segfaults on some AMX machines (ggml-org/llama.cpp#20824; seen on this
+            # project's own machines with llama-cpp-python 0.3.36): keep the weights out of the AMX
+            # buffer type (the plain CPU kernels run instead, a little slower).
+            params.use_extra_bufts = False
         if reference:
             params.n_gpu_layers = 0
             if hasattr(params, "load_mode") and hasattr(L, "LLAMA_LOAD_MODE_MMAP"):
