@@ -433,3 +433,36 @@ def test_choose_constraints_and_ties():
     # the compliant-answer quality is free of the short-refusal confound: ablation becomes feasible
     assert choose(grid, base, 0.97, 0.5, quality_key="quality_compliant").summary["label"] == "100x0.0"
     assert choose(grid, base, 0.97, 0.01).summary is None
+
+
+def test_llama_builds_with_amx_keep_weights_out_of_the_amx_buffers(monkeypatch, tmp_path):
+    # ggml's AMX matmul segfaults on some AMX machines (ggml-org/llama.cpp#20824): LlamaModel must turn the
+    # extra buffer types off exactly when the build reports AMX
+    from types import SimpleNamespace
+
+    from cna_export.core.errors import CnaError
+    from cna_export.io import llama as io_llama
+
+    def fake(info):
+        seen = {}
+
+        def load(path, params):
+            seen["params"] = params
+            return None  # "cannot load": the params are all this test needs
+
+        return seen, SimpleNamespace(
+            llama_print_system_info=lambda: info.encode(),
+            llama_model_default_params=lambda: SimpleNamespace(use_extra_bufts=True, n_gpu_layers=-1),
+            llama_model_load_from_file=load,
+        )
+
+    gguf_file = tmp_path / "m.gguf"
+    gguf_file.write_bytes(b"GGUF")
+    for info, extra in [("CPU : AVX2 = 1 | AMX_INT8 = 1 | REPACK = 1 |", False),
+                        ("CPU : AVX2 = 1 | AVX512 = 1 | REPACK = 1 |", True)]:
+        seen, L = fake(info)
+        monkeypatch.setattr(io_llama, "llama_module", lambda purpose="": L)
+        with pytest.raises(CnaError, match="cannot load"):
+            io_llama.LlamaModel(gguf_file)
+        assert seen["params"].use_extra_bufts is extra
+    assert io_llama._amx_build(SimpleNamespace()) is False  # a binding without the call
