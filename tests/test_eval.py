@@ -447,8 +447,7 @@ def test_llama_builds_with_amx_keep_weights_out_of_the_amx_buffers(monkeypatch, 
         seen = {}
 
         def load(path, params):
-            seen["params"] = params
-            return None  # "cannot load": the params are all this test needs
+            seen["params"] = params  # and no model ("cannot load"): the params are all this test needs
 
         return seen, SimpleNamespace(
             llama_print_system_info=lambda: info.encode(),
@@ -461,7 +460,7 @@ def test_llama_builds_with_amx_keep_weights_out_of_the_amx_buffers(monkeypatch, 
     for info, extra in [("CPU : AVX2 = 1 | AMX_INT8 = 1 | REPACK = 1 |", False),
                         ("CPU : AVX2 = 1 | AVX512 = 1 | REPACK = 1 |", True)]:
         seen, L = fake(info)
-        monkeypatch.setattr(io_llama, "llama_module", lambda purpose="": L)
+        monkeypatch.setattr(io_llama, "llama_module", lambda purpose="", L=L: L)
         with pytest.raises(CnaError, match="cannot load"):
             io_llama.LlamaModel(gguf_file)
         assert seen["params"].use_extra_bufts is extra

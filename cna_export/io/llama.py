@@ -70,7 +70,7 @@ def _amx_build(L: Any) -> bool:
     """Whether this llama.cpp build uses AMX (from ``llama_print_system_info``)."""
     try:
         info = L.llama_print_system_info().decode("utf-8", "replace")
-    except Exception:  # an older binding without the call: nothing to avoid
+    except AttributeError:  # an older binding without the call: nothing to avoid
         return False
     return "AMX_INT8 = 1" in info
 
