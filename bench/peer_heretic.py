@@ -370,17 +370,15 @@ def evaluate(a) -> None:
     import strategies as st
 
     from cna_export.evaluation.backends import Steering, open_backend
-    from cna_export.evaluation.evaluator import Condition, EvalSettings, Evaluator, load_jbb
+    from cna_export.evaluation.evaluator import Condition, Evaluator, load_jbb
 
     paths = convert()
     info = json.loads((RUN / "run.json").read_text())
     ch = info["choice"]
-    _, held = st._split()
-    held = held[: a.heldout_limit]
+    held = st.heldout_pairs(a)
     harmful, benign = load_jbb()
     harmful, benign = harmful.subset(held), benign.subset(held)
-    settings = EvalSettings(max_new_tokens=a.max_new_tokens, kl_tokens=a.kl_tokens, benign_answers=True,
-                            benign_max_new_tokens=max(a.kl_tokens, a.benign_tokens))
+    settings = st.heldout_settings(a)
     HELDOUT.mkdir(parents=True, exist_ok=True)
     rows = {
         "heretic": (paths["heretic"], f"heretic {HERETIC_VERSION} ({info['trials']} trials, trial {ch['trial']})",
@@ -430,13 +428,9 @@ def main() -> int:
     p.add_argument("--extra-trial", type=int, action="append",
                    help="--eval: also save and score this trial of heretic's front (repeatable)")
     p.add_argument("--heretic-batch-size", type=int, default=16)
-    # the held-out settings of bench/strategies.py
-    p.add_argument("--batch-size", type=int, default=30)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--heldout-limit", type=int, default=70)
-    p.add_argument("--max-new-tokens", type=int, default=150)
-    p.add_argument("--kl-tokens", type=int, default=32)
-    p.add_argument("--benign-tokens", type=int, default=64)
+    import strategies as st
+
+    st.add_protocol_args(p)  # the held-out settings of bench/strategies.py
     a = p.parse_args()
     if a.setup or a.all:
         if not (VENV / "bin" / "heretic").is_file() or a.setup:

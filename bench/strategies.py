@@ -164,6 +164,27 @@ def _split():
     return split_pairs(harmful, benign, 30, 0)
 
 
+def add_protocol_args(p: argparse.ArgumentParser) -> None:
+    """The evaluation protocol's settings (bench/peer_heretic.py scores heretic with the same ones)."""
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=30)
+    p.add_argument("--max-new-tokens", type=int, default=150)
+    p.add_argument("--kl-tokens", type=int, default=32)
+    p.add_argument("--benign-tokens", type=int, default=64)
+    p.add_argument("--heldout-limit", type=int, default=70)
+
+
+def heldout_pairs(a) -> list[int]:
+    """The held-out pairs: the first ``--heldout-limit`` of the pairs the tuning split never saw."""
+    return _split()[1][: a.heldout_limit]
+
+
+def heldout_settings(a) -> EvalSettings:
+    """The held-out step's settings: benign twins answered (over-refusal), KL over the first ``--kl-tokens``."""
+    return EvalSettings(max_new_tokens=a.max_new_tokens, kl_tokens=a.kl_tokens, benign_answers=True,
+                        benign_max_new_tokens=max(a.kl_tokens, a.benign_tokens))
+
+
 def step_tune(a) -> None:
     t0 = time.time()
     saved = load_stats(OUT / "stats.npz")
@@ -288,8 +309,7 @@ def chosen(quality_ratio: float) -> dict[str, dict]:
 def step_heldout(a) -> None:
     t0 = time.time()
     saved = load_stats(OUT / "stats.npz")
-    _, held = _split()
-    held = held[: a.heldout_limit]
+    held = heldout_pairs(a)
     picks = chosen(a.quality_ratio)
     names = {s["label"] for s in picks.values()} | {label("paper", 0.001, saved.size_for(0.001), 0.0)}
     for spec in filter(None, (a.heldout_extra or "").split(";")):  # STRATEGY@FRACTION@MULTIPLIER
@@ -308,9 +328,7 @@ def step_heldout(a) -> None:
                 conds.append(condition(saved, s["strategy"], space.strategies[s["strategy"]], s["neurons"],
                                        s["multiplier"], s.get("strength")))
     conds += caa_conditions(saved, HELDOUT_CAA, list(range(1, saved.identity.num_layers)))
-    settings = EvalSettings(max_new_tokens=a.max_new_tokens, kl_tokens=a.kl_tokens, benign_answers=True,
-                            benign_max_new_tokens=max(a.kl_tokens, a.benign_tokens))
-    run_split(a, "heldout", held, conds, settings)
+    run_split(a, "heldout", held, conds, heldout_settings(a))
     timing("heldout", time.time() - t0)
 
 
@@ -604,12 +622,7 @@ STEPS = {"stats": step_stats, "tune": step_tune, "tpe": step_tpe, "heldout": ste
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", default="stats,tune,heldout,report")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--batch-size", type=int, default=30)
-    p.add_argument("--max-new-tokens", type=int, default=150)
-    p.add_argument("--kl-tokens", type=int, default=32)
-    p.add_argument("--benign-tokens", type=int, default=64)
-    p.add_argument("--heldout-limit", type=int, default=70)
+    add_protocol_args(p)
     p.add_argument("--quality-ratio", type=float, default=0.97)
     p.add_argument("--heldout-extra", help="more grid points for the held-out step: STRATEGY@FRACTION@MULTIPLIER;...")
     p.add_argument("--trials", type=int, default=10, help="tpe: new configurations to evaluate")
