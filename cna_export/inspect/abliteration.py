@@ -158,7 +158,7 @@ class DirectionalFinding:
 
 
 def layer_ranges(layers: Sequence[int]) -> str:
-    """[0, 1, 2, 5] -> '0-2, 5' (diff.py imports this module, so it cannot import diff's twin)."""
+    """[0, 1, 2, 5, 7, 8] -> '0-2, 5, 7-8' (diff and audit use it too)."""
     xs = sorted(set(layers))
     out: list[list[int]] = []
     for x in xs:

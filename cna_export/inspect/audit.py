@@ -142,18 +142,17 @@ class AuditReport:
                          f"{layer_ranges(g['flagged_layers']) or 'none'} (threshold {bf['direction_threshold']:g})")
             dep = bf.get("depletion")
             if dep is not None:
-                noise = ("rounding noise debiased" if dep.get("debiased", False) else
-                         f"no rounding-noise model for {', '.join(dep.get('not_debiased', [])) or 'its types'}")
-                lines.append(f"depletion    layers {dep['window'][0]}-{dep['window'][1]} ({dep.get('writers', 'writers')}): "
+                noise = ("rounding noise debiased" if dep["debiased"] else
+                         f"no rounding-noise model for {', '.join(dep['not_debiased']) or 'its types'}")
+                lines.append(f"depletion    layers {dep['window'][0]}-{dep['window'][1]} ({dep['writers']}): "
                              f"smallest/median eigenvalue of the summed Gram {dep['score']:.3f} (threshold "
                              f"{dep['threshold']:g}; {noise}), its direction |cos| {dep['alignment']:.2f} with the "
                              f"refusal direction of layer {dep['direction_layer']} (needs {dep['min_alignment']:g}; "
                              f"{dep['source']})")
-                wr = dep.get("write")
-                if wr is not None:
-                    lines.append(f"refusal write layers {wr['window'][0]}-{wr['window'][1]} ({wr['writers']}): the model's "
-                                 f"own refusal direction written at {wr['score']:.2f} x a typical direction's energy "
-                                 f"(threshold {wr['threshold']:g})")
+                wr = dep["write"]
+                lines.append(f"refusal write layers {wr['window'][0]}-{wr['window'][1]} ({wr['writers']}): the model's "
+                             f"own refusal direction written at {wr['score']:.2f} x a typical direction's energy "
+                             f"(threshold {wr['threshold']:g})")
         if self.behaviour is not None:
             b = self.behaviour
             lines.append(f"behaviour    {b['summary']}")
@@ -732,13 +731,13 @@ def audit(suspect: str, settings: AuditSettings | None = None, progress: bool = 
                 annihilated.append(f"layers {layer_ranges(d['flagged_layers'])} write nothing along one shared "
                                    "residual direction")
             dep = bf.get("depletion")
-            if dep is not None and dep.get("ratio_flagged", dep["flagged"]):
-                annihilated.append(f"the {dep.get('writers', 'writers')} of layers {dep['window'][0]}-{dep['window'][1]} "
+            if dep is not None and dep["ratio_flagged"]:
+                annihilated.append(f"the {dep['writers']} of layers {dep['window'][0]}-{dep['window'][1]} "
                                    "write a direction "
                                    f"{dep['score']:.3f} x as strongly as a typical one (threshold "
                                    f"{dep['threshold']:g}), aligned with the model's own refusal direction "
                                    f"(|cos| {dep['alignment']:.2f}, layer {dep['direction_layer']})")
-            wr = dep.get("write") if dep is not None else None
+            wr = dep["write"] if dep is not None else None
             if wr is not None and wr["flagged"]:
                 annihilated.append(f"the {wr['writers']} of layers {wr['window'][0]}-{wr['window'][1]} write the model's "
                                    f"own refusal direction at {wr['score']:.2f} x a typical direction's energy "

@@ -54,6 +54,7 @@ from ..core.errors import CnaError
 from ..core.multipliers import describe_multipliers, multiplier_counts  # noqa: F401  (re-exported)
 from ..core.progress import bar as progress_bar
 from ..io.weights import TensorEntry, WeightSource, open_weights, pair_entries
+from .abliteration import layer_ranges
 
 log = logging.getLogger(__name__)
 
@@ -425,20 +426,6 @@ def neuron_summary(neurons: Mapping[tuple[int, int], float]) -> str:
     mult = describe_multipliers(neurons, "phrase")
     n, k = len(neurons), len(layers)
     return f"{n} neuron{'s' if n != 1 else ''} in {k} layer{'s' if k != 1 else ''} ({layer_ranges(layers)}), {mult}"
-
-
-def layer_ranges(layers: Iterable[int]) -> str:
-    """[0, 1, 2, 5, 7, 8] -> '0-2, 5, 7-8'."""
-    xs = sorted(set(layers))
-    out = []
-    i = 0
-    while i < len(xs):
-        j = i
-        while j + 1 < len(xs) and xs[j + 1] == xs[j] + 1:
-            j += 1
-        out.append(str(xs[i]) if i == j else f"{xs[i]}-{xs[j]}")
-        i = j + 1
-    return ", ".join(out)
 
 
 # ---------------------------------------------------------------------------
