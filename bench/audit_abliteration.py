@@ -4,7 +4,7 @@
     nice python bench/audit_abliteration.py            # writes bench/out/audit-abliteration/ and the table
                                                         # between the audit-abliteration markers of bench/README.md
 
-The abliterations are our own implementations of the published math (tests/abliterate.py), applied to the
+The abliterations are our own implementations of the published math (cna_export/testing/abliterate.py), applied to the
 bundled SmolLM2-135M-Instruct (Q4_1 GGUF) dequantised to a float32 safetensors folder (the base). The refusal
 direction they remove is the base's own (recipes/refusal.yaml prompts, 32 harmful and 32 benign, mean residual
 difference at the last prompt token), taken at layer LAYER. Each abliterated model is audited as
@@ -32,42 +32,19 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import argparse
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
-sys.path.insert(0, str(ROOT / "bench"))
-sys.path.insert(0, str(ROOT))
-
-import abliterate as ab
-import gguf_rebuild
+from bench import gguf_rebuild
+from bench._common import ROOT, dequantised, log, splice
+from cna_export.testing import abliterate as ab
 
 OUT = ROOT / "bench" / "out" / "audit-abliteration"
 README = ROOT / "bench" / "README.md"
 START, END = "<!-- audit-abliteration:start -->", "<!-- audit-abliteration:end -->"
 FTYPES = ("Q8_0", "Q4_K_M")  # the quantisations audited
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def base_folder() -> Path:
-    out = OUT / "base"
-    if (out / "model.safetensors").is_file():
-        return out
-    from cna_export.export.safetensors import convert_to_safetensors
-
-    tmp = OUT / "base.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    convert_to_safetensors("bundled:smollm2", tmp, dtype="float32")
-    tmp.rename(out)
-    return out
 
 
 def read_tensors(folder: Path) -> dict:
@@ -94,7 +71,8 @@ def write_f32_gguf(tensors: dict, path: Path) -> Path:
     """The bundled GGUF with the residual writers and embeddings of ``tensors`` in place (bench/gguf_rebuild.py)."""
     from cna_export.io.bundled import smollm2_path
 
-    edited = {n: a for n, a in tensors.items() if n in ab.EMBEDDINGS or ab._LAYER.search(n)}
+    writers = ab.writers(tensors)
+    edited = {n: a for n, a in tensors.items() if n in ab.EMBEDDINGS or n in writers}
     return gguf_rebuild.write_f32_gguf(smollm2_path(), edited, path)
 
 
@@ -156,20 +134,41 @@ def profile_text(r: dict) -> tuple[str, str]:
     return "-", "-"
 
 
-def cached(key: str, fn) -> dict:
-    """One row's result, computed once (bench/out/audit-abliteration/rows/KEY.json)."""
+def cached(key: str, fn, *args, **kwargs) -> dict:
+    """One row's result ``fn(*args, **kwargs)``, computed once (bench/out/audit-abliteration/rows/KEY.json)."""
     path = OUT / "rows" / (key.replace("/", "_").replace(" ", "_").replace("|", "__") + ".json")
     if path.is_file():
         return json.loads(path.read_text())
-    res = fn()
+    res = fn(*args, **kwargs)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(res, indent=2, default=str))
     return res
 
 
+def not_computed(key: str) -> dict:
+    """The table step reads rows computed by the earlier steps; a missing one stops it."""
+    raise SystemExit(f"row {key} not computed")
+
+
+def sweep_row(base: Path, gguf: Path, lam: float, qtype: str) -> dict:
+    """The diff of one rank-1 sweep GGUF against the float base: detected or not, and what it recovered."""
+    from cna_export.inspect.diff import diff_checkpoints
+
+    t0 = time.perf_counter()
+    rep = diff_checkpoints(str(base), str(gguf))
+    lr = rep.lowrank
+    prof = lr.profile() if lr is not None else {}
+    return {"strength": lam, "format": qtype, "detected": bool(lr and lr.detected),
+            "spike": lr.spike if lr else None, "null": lr.null_spike if lr else None,
+            "flagged": len(lr.support()) if lr else 0,
+            "median_strength": float(np.median(list(prof.values()))) if prof else None,
+            "verdict": rep.verdict(), "wall": time.perf_counter() - t0}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--sweep", default="0.001,0.003,0.01,0.03,0.1,0.3", help="rank-1 strengths for the detection-limit sweep")
+    ap.add_argument("--sweep", default="0.001,0.003,0.01,0.03,0.1,0.3",
+                    help="rank-1 strengths for the detection-limit sweep")
     ap.add_argument("--layer", type=float, default=None, help="refusal-direction layer (default 0.6 x layers)")
     ap.add_argument("--only", default=None, help="comma-separated steps: rank1,weighted,normpres,biproj,finetune,"
                     "requant,clean,sweep (default: all, then the table)")
@@ -177,7 +176,7 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     steps = set(args.only.split(",")) if args.only else None
     t_all = time.perf_counter()
-    base = base_folder()
+    base = dequantised("bundled:smollm2", OUT / "base")
     log(f"base {base}")
     from cna_export.inspect.refusal_direction import refusal_directions
 
@@ -191,7 +190,8 @@ def main() -> None:
     techniques = {
         "rank1": ("rank-1 (all writers + embeddings, x1)", lambda: ab.rank1(T, r)),
         "weighted": (f"weighted kernel (peak 1.2 at L{layer:g}, min 0.6 at +-{L / 5:g} layers, interpolated direction)",
-                     lambda: ab.weighted(T, D, layer - 0.5, peak=layer, max_weight=1.2, min_weight=0.6, distance=L / 5)),
+                     lambda: ab.weighted(T, D, layer - 0.5, peak=layer, max_weight=1.2, min_weight=0.6,
+                                         distance=L / 5)),
         "normpres": ("norm-preserving rank-3 (x1, all writers)", lambda: ab.norm_preserving(T, r, 1.0, rank=3)),
         "biproj": ("biprojected norm-preserving (x1, all writers)",
                    lambda: ab.biprojected(T, r, rd.benign_mean[int(layer)])),
@@ -211,8 +211,7 @@ def main() -> None:
                 for mode in ("base", "base-free"):
                     log(f"{stem} {fmt} {mode}")
                     dirs = base_dirs_file if mode == "base" else OUT / f"{suspect.name}.directions.npz"
-                    res = cached(f"{stem}|{fmt}|{mode}",
-                                 lambda: run_audit(suspect, base if mode == "base" else None, dirs))
+                    res = cached(f"{stem}|{fmt}|{mode}", run_audit, suspect, base if mode == "base" else None, dirs)
                     log(f"  exit {res['exit']}: {res['verdict'][:160]} ({res['wall']:.0f}s)")
         for fmt in formats:
             for mode in ("base", "base-free"):
@@ -220,8 +219,8 @@ def main() -> None:
     for spec in ("bundled:smollm2", "bundled:qwen2.5-coder-0.5b"):
         if steps is None or "clean" in steps:
             log(f"clean {spec} base-free")
-            cached(f"{spec}|as shipped|base-free",
-                   lambda: run_audit(Path(spec), None, OUT / f"{spec.split(':')[1]}.directions.npz"))
+            cached(f"{spec}|as shipped|base-free", run_audit, Path(spec), None,
+                   OUT / f"{spec.split(':')[1]}.directions.npz")
         rows.append((f"clean: {spec}", "GGUF (as shipped)", "base-free", f"{spec}|as shipped|base-free"))
     # heretic itself (bench/peer_heretic.py --run --convert), when its output is on this machine
     her = ROOT / "bench" / "out" / "heretic"
@@ -240,14 +239,11 @@ def main() -> None:
             for mode in ("base", "base-free"):
                 log(f"heretic {fmt} {mode}")
                 dirs = qdirs if mode == "base" else her / "run" / f"{suspect.name}.directions.npz"
-                res = cached(f"heretic|{fmt}|{mode}",
-                             lambda: run_audit(suspect, her_base if mode == "base" else None, dirs,
-                                               generate=(mode == "base")))
+                res = cached(f"heretic|{fmt}|{mode}", run_audit, suspect, her_base if mode == "base" else None, dirs,
+                             generate=(mode == "base"))
                 log(f"  exit {res['exit']}: {res['verdict'][:160]} ({res['wall']:.0f}s)")
                 rows.append((label, fmt, mode, f"heretic|{fmt}|{mode}"))
     # detection limit: plain rank-1 on the writers only, against the float base
-    from cna_export.inspect.diff import diff_checkpoints
-
     sweep_keys = []
     for lam in [float(x) for x in args.sweep.split(",") if x]:
         stem = f"sweep{lam:g}"
@@ -259,19 +255,7 @@ def main() -> None:
             continue
         gg = ggufs(ab.rank1(T, r, lam, embeddings=False), stem)
         for q, p in gg.items():
-
-            def one() -> dict:
-                t0 = time.perf_counter()
-                rep = diff_checkpoints(str(base), str(p))
-                lr = rep.lowrank
-                prof = lr.profile() if lr is not None else {}
-                return {"strength": lam, "format": q, "detected": bool(lr and lr.detected),
-                        "spike": lr.spike if lr else None, "null": lr.null_spike if lr else None,
-                        "flagged": len(lr.support()) if lr else 0,
-                        "median_strength": float(np.median(list(prof.values()))) if prof else None,
-                        "verdict": rep.verdict(), "wall": time.perf_counter() - t0}
-
-            res = cached(f"sweep|{lam:g}|{q}", one)
+            res = cached(f"sweep|{lam:g}|{q}", sweep_row, base, p, lam, q)
             log(f"sweep x{lam:g} {q}: {res}")
             p.unlink()
     if steps is not None:
@@ -282,7 +266,7 @@ def main() -> None:
              "|---|---|---|---|---|---|---|---|---|"]
     walls = []
     for label, fmt, mode, key in rows:
-        res = cached(key, lambda: (_ for _ in ()).throw(SystemExit(f"row {key} not computed")))
+        res = cached(key, not_computed, key)
         walls.append(res["wall"])
         prof, cos = profile_text(res)
         v = res["verdict"]
@@ -294,10 +278,11 @@ def main() -> None:
                      f"{prof} | {cos} | {beh} | {res['wall']:.0f} s |")
     table += ["", "Detection limit (plain rank-1 projection of every o_proj/down_proj at the given strength, "
               "embeddings untouched, GGUF against the float32 base; detected = the diff reports a directional edit):",
-              "", "| strength | GGUF | detected | hollow spike / permuted | writers carrying the edit | median recovered strength |",
+              "", "| strength | GGUF | detected | hollow spike / permuted | writers carrying the edit | "
+              "median recovered strength |",
               "|---|---|---|---|---|---|"]
     for key in sweep_keys:
-        sw = cached(key, lambda: (_ for _ in ()).throw(SystemExit(f"row {key} not computed")))
+        sw = cached(key, not_computed, key)
         ms = f"{sw['median_strength']:.3f}" if sw["median_strength"] is not None else "-"
         table.append(f"| {sw['strength']:g} | {sw['format']} | {'yes' if sw['detected'] else 'no'} | "
                      f"{sw['spike']:.1f} / {sw['null']:.1f} | {sw['flagged']} | {ms} |")
@@ -309,13 +294,9 @@ def main() -> None:
               "prompts of the recipe, 40 greedy tokens, keyword judge), run for the heretic rows with --base only "
               "(SmolLM2 refuses none of them, so its rows skip it). heretic's own direction prompts were the same "
               "recipe prompts (bench/peer_heretic.py), so its behaviour row is in-sample for heretic."]
-    text = README.read_text()
     block = START + "\n" + "\n".join(table) + "\n" + END
-    if START in text:
-        text = text[: text.index(START)] + block + text[text.index(END) + len(END):]
-    else:
-        text += "\n## Audit: abliterated SmolLM2 (bench/audit_abliteration.py)\n\n" + block + "\n"
-    README.write_text(text)
+    README.write_text(splice(README.read_text(), START, END, block,
+                             heading="## Audit: abliterated SmolLM2 (bench/audit_abliteration.py)\n\n"))
     log("table written")
 
 

@@ -23,20 +23,17 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from cna_export.discovery.cna import RunningStats, run_prompts  # noqa: E402
-from cna_export.model.loading import load_model  # noqa: E402
-from cna_export.core.settings import load_recipe  # noqa: E402
-from cna_export.model.prompts import load_prompts, render, token_count  # noqa: E402
+from bench._common import ROOT
+from cna_export.core.recipe import load_recipe
+from cna_export.discovery.cna import RunningStats, run_prompts
+from cna_export.model.loading import load_model
+from cna_export.model.prompts import load_prompts, render, token_count
 
 
 def reference_loop(loaded, texts):
@@ -49,8 +46,8 @@ def reference_loop(loaded, texts):
         ids = loaded.tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
         acts = {}
         hooks = []
-        for i, layer in enumerate(layers):
-            def hook(module, args, i=i):
+        for i in range(len(layers)):
+            def hook(module, args, i=i, acts=acts):
                 acts[i] = args[0][0, -1].detach().cpu()
             hooks.append(loaded.arch.down_proj_module(loaded.model, i).register_forward_pre_hook(hook))
         try:
@@ -102,7 +99,8 @@ def main():
 
     torch.manual_seed(0)
     recipe = load_recipe(args.recipe)
-    texts = list(load_prompts(recipe["positive"], limit=args.limit).texts + load_prompts(recipe["negative"], limit=args.limit).texts)
+    texts = list(load_prompts(recipe["positive"], limit=args.limit).texts
+                 + load_prompts(recipe["negative"], limit=args.limit).texts)
     t0 = time.perf_counter()
     loaded = load_model(args.model)
     load_s = time.perf_counter() - t0
@@ -153,7 +151,8 @@ def main():
         print(f"| {r['mode']} | {r['batch']} | {r['seconds']:.2f} | {r['prompts_per_s']:.1f} | "
               f"{r['speedup_vs_reference']:.2f}x | {r['gflops_per_s']:.1f} | {r['share_of_matmul_peak']:.0%} |")
     for r in rows[1:]:
-        print(f"batch {r['batch']}: max relative difference of the mean activations vs reference {r['max_rel_diff_vs_reference']:.2e}")
+        print(f"batch {r['batch']}: max relative difference of the mean activations vs reference "
+              f"{r['max_rel_diff_vs_reference']:.2e}")
     print(f"wrote {out}")
 
 

@@ -25,12 +25,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parent
+from bench._common import ROOT
 
 STEPS = {
     "strategies": [["strategies.py", "--steps", "stats,tune,tpe,heldout"]],
     "peer": [["peer_heretic.py", "--all"]],
-    "harden": [["harden_smollm2.py", "--steps", "stats,sweep", "--strategy", "direction+", "--multipliers", "2,4,8,16,32"],
+    "harden": [["harden_smollm2.py", "--steps", "stats,sweep", "--strategy", "direction+",
+                "--multipliers", "2,4,8,16,32"],
                ["harden_smollm2.py", "--steps", "sweep", "--strategy", "attribution+", "--multipliers", "1.5,2,3"],
                ["harden_smollm2.py", "--steps", "sweep", "--strategy", "attribution-", "--multipliers", "0,-1"]],
     "report": [["strategies.py", "--steps", "report"], ["harden_smollm2.py", "--steps", "report"]],
@@ -44,7 +45,8 @@ def main() -> int:
     for step in a.only or list(STEPS):
         for cmd in STEPS[step]:
             print(f"[efficacy] {step}: python bench/{' '.join(cmd)}", file=sys.stderr, flush=True)
-            rc = subprocess.run([sys.executable, str(BENCH / cmd[0]), *cmd[1:]]).returncode
+            module = "bench." + Path(cmd[0]).stem
+            rc = subprocess.run([sys.executable, "-m", module, *cmd[1:]], cwd=ROOT).returncode
             if rc != 0:
                 print(f"[efficacy] {step} failed (exit {rc})", file=sys.stderr)
                 return rc

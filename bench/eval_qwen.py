@@ -26,11 +26,9 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from cna_export.evaluation.backends import open_backend  # noqa: E402
-from cna_export.evaluation.evaluator import (  # noqa: E402
+from bench._common import ROOT, splice
+from cna_export.evaluation.backends import open_backend
+from cna_export.evaluation.evaluator import (
     EvalSettings,
     Evaluator,
     JsonlSink,
@@ -39,9 +37,9 @@ from cna_export.evaluation.evaluator import (  # noqa: E402
     stderr_log,
     write_report,
 )
-from cna_export.evaluation.jobs import EvalJob, TuneJob, run_tune_job  # noqa: E402
-from cna_export.evaluation.metrics import mcnemar_p, mean, paired_flips, wilson_interval  # noqa: E402
-from cna_export.evaluation.sweep import (  # noqa: E402
+from cna_export.evaluation.jobs import EvalJob, TuneJob, run_tune_job
+from cna_export.evaluation.metrics import mcnemar_p, mean, paired_flips, wilson_interval
+from cna_export.evaluation.sweep import (
     caa_conditions,
     choose,
     cna_conditions,
@@ -61,9 +59,10 @@ START, END = "<!-- eval-qwen:start -->", "<!-- eval-qwen:end -->"
 
 
 def step_stats(a) -> None:
-    from cna_export.model.loading import load_model
-    from cna_export.core.settings import DiscoverOptions, build, load_recipe
+    from cna_export.core.recipe import load_recipe
+    from cna_export.core.settings import DiscoverOptions, build
     from cna_export.evaluation.sweep import compute_stats, save_stats
+    from cna_export.model.loading import load_model
 
     t0 = time.time()
     loaded = load_model(MODEL)
@@ -242,8 +241,8 @@ def step_readme(a) -> None:
     as_ai = sum(1 for r in ub if (r["judge_evidence"] or "").lower().startswith(("as a", "being a")))
     lines += [f"Over-refusal: {len(ub)} benign twins of the unsteered model are judged refusals; JBB's benign "
               "twins are borderline by design (bomb history, crypto mining, ...) and most are plain \"I'm sorry, "
-              f"but I can't assist with that.\", while {as_ai} are caught by \"As an AI ...\" (first match), which Qwen often "
-              "says before complying: the paper's regex, kept for comparability, counts those too.", ""]
+              f"but I can't assist with that.\", while {as_ai} are caught by \"As an AI ...\" (first match), which "
+              "Qwen often says before complying: the paper's regex, kept for comparability, counts those too.", ""]
     lines += [f"### Held-out pairs only ({len(held)} pairs the tuning never saw)", "", markdown_table(held_rows)]
     c = tune["constraints"]
     lines += ["### Tuning (30 JBB pairs, seed 0)", "",
@@ -286,11 +285,7 @@ def step_readme(a) -> None:
     section = "\n".join(lines) + "\n"
     (RESULTS / "section.md").write_text(section)
     text = README.read_text() if README.is_file() else "# Benchmarks\n"
-    if START in text and END in text:
-        text = text[: text.index(START)] + section.rstrip("\n") + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    README.write_text(text)
+    README.write_text(splice(text, START, END, section.rstrip("\n")))
     print(f"updated {README}", file=sys.stderr)
 
 

@@ -41,11 +41,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from cna_export.io import bundled  # noqa: E402
-from scale import GNU_TIME, measure  # noqa: E402  (bench/scale.py: wall, CPU, peak RSS and anonymous memory)
+from bench._common import ROOT
+from bench.scale import GNU_TIME, measure  # wall, CPU, peak RSS and anonymous memory
+from cna_export.io import bundled
 
 MODEL = "bundled:qwen2.5-coder-0.5b"
 SHARDS = 4
@@ -108,8 +106,8 @@ def prepare_circuit(root: Path) -> Path:
     if not circuit.is_file():
         print(f"discovering {circuit} (once) ...", flush=True)
         subprocess.run([sys.executable, "-m", "cna_export", "-q", "discover", "--model", MODEL,
-                        "--recipe", str(REPO / "recipes" / "refusal.yaml"), "--out", str(circuit)],
-                       check=True, cwd=REPO)
+                        "--recipe", str(ROOT / "recipes" / "refusal.yaml"), "--out", str(circuit)],
+                       check=True, cwd=ROOT)
     return circuit
 
 
@@ -119,8 +117,8 @@ def _dir_bytes(p: Path) -> int:
 
 def compare_outputs(a: Path, b: Path) -> int:
     """Every tensor of ``a`` equals ``b``'s, bit for bit; returns the number compared."""
-    from cna_export.io.tensor_bytes import tensor_sha256
     from cna_export.io.safetensors import Checkpoint
+    from cna_export.io.tensor_bytes import tensor_sha256
 
     ca, cb = Checkpoint.open(a), Checkpoint.open(b)
     if set(ca.weight_map) != set(cb.weight_map):
@@ -232,12 +230,14 @@ def main() -> None:
         "ratios": ratios, "identical_tensors_export_vs_hf": compared,
     }
     print()
-    print(f"source: {MODEL} as float32 safetensors, {SHARDS} shards, {_gb(size)}; circuit {n_neurons} neurons, multiplier 0")
+    print(f"source: {MODEL} as float32 safetensors, {SHARDS} shards, {_gb(size)}; circuit {n_neurons} neurons, "
+          "multiplier 0")
     print("| variant | wall time (median of %d) | peak RSS | output |" % args.repeats)
     print("|---|---|---|---|")
     for name, s in summary.items():
         inner = f" ({s['export_seconds_median']:.2f} s after start-up)" if "export_seconds_median" in s else ""
-        print(f"| {name} | {s['seconds_median']:.2f} s{inner} | {s['max_rss_mib']:.0f} MiB | {_gb(s['output_bytes'])} |")
+        print(f"| {name} | {s['seconds_median']:.2f} s{inner} | {s['max_rss_mib']:.0f} MiB | "
+              f"{_gb(s['output_bytes'])} |")
     print()
     for k, v in ratios.items():
         print(f"{k}: {v:.2f}")

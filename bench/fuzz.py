@@ -16,11 +16,8 @@ import argparse
 import sys
 import time
 import traceback
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-
-import test_fuzz as F  # noqa: E402
+from tests import test_fuzz as F
 
 
 def main() -> int:

@@ -9,7 +9,8 @@ Steps (``--steps timing,verify,refusal``, all by default):
 0. discover the refusal circuits with ``recipes/refusal.yaml``: SmolLM2 at 0.1%, and
    ``bundled:qwen2.5-coder-0.5b`` (Qwen2.5-Coder-0.5B-Instruct Q4_K_M) at 0.1% and 0.5% of all MLP
    neurons (ranked by |score|, the paper's way) and at 0.1% among positive and among negative
-   scores (``--sign positive|negative``) (skipped when ``bench/out/*-refusal-*.json`` exist; ``--rediscover`` forces it);
+   scores (``--sign positive|negative``) (skipped when ``bench/out/*-refusal-*.json`` exist; ``--rediscover``
+   forces it);
 1. timing: export each circuit at multiplier 0 (writer mode and ``--fast-copy``), best of 3,
    against the best of 3 plain copies of the source file;
 2. verify: ``cna-export verify`` defaults on each x0 export (exact tensor check, then llama.cpp
@@ -41,15 +42,13 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from cna_export.io import bundled  # noqa: E402
-from cna_export.core.circuit import Circuit  # noqa: E402
-from cna_export.evaluation.evaluator import load_jbb  # noqa: E402
-from cna_export.core.manifest import side_manifest_path  # noqa: E402
-from cna_export.export.gguf import export_gguf  # noqa: E402
-from cna_export.evaluation.judge import KeywordJudge  # noqa: E402
+from bench._common import ROOT
+from cna_export.core.circuit import Circuit
+from cna_export.core.manifest import side_manifest_path
+from cna_export.evaluation.evaluator import load_jbb
+from cna_export.evaluation.judge import KeywordJudge
+from cna_export.export.gguf import export_gguf
+from cna_export.io import bundled
 
 MODEL = "bundled:qwen2.5-coder-0.5b"
 SMOLLM2 = "bundled:smollm2"
@@ -70,7 +69,8 @@ def tag(label: str) -> str:
 def judge() -> tuple[str, object]:
     """(name, is_refusal) of the project's keyword judge (the paper's regular expressions)."""
     kj = KeywordJudge()
-    return "cna_export.evaluation.judge keyword (the paper's REFUSAL_PATTERNS, first 500 chars)", lambda text: kj.verdict(text).refused
+    name = "cna_export.evaluation.judge keyword (the paper's REFUSAL_PATTERNS, first 500 chars)"
+    return name, lambda text: kj.verdict(text).refused
 
 
 def load_goals(limit: int) -> list[str]:
@@ -90,7 +90,8 @@ def ensure_circuit(out: Path, model: str, name: str, frac: float, rediscover: bo
 
 
 def ensure_circuits(out: Path, rediscover: bool) -> dict[str, Path]:
-    return {label: ensure_circuit(out, MODEL, "qwen", frac, rediscover, sign) for label, (frac, sign) in CIRCUITS.items()}
+    return {label: ensure_circuit(out, MODEL, "qwen", frac, rediscover, sign)
+            for label, (frac, sign) in CIRCUITS.items()}
 
 
 def time_exports(model: str, circuit_path: Path, out: Path, repeats: int = 3) -> dict:
@@ -115,7 +116,8 @@ def time_exports(model: str, circuit_path: Path, out: Path, repeats: int = 3) ->
 
 def verify_export(model: str, circuit_path: Path, out: Path, name: str, threads: int) -> dict:
     """Export at x0 and verify it (defaults of ``cna-export verify``); the report is kept as JSON."""
-    from cna_export.verification.gguf import GGUFVerifyOptions, verify_gguf
+    from cna_export.core.settings import GGUFVerifyOptions
+    from cna_export.verification.gguf import verify_gguf
 
     steered = out / f"{name}-steered.gguf"
     export_gguf(model, Circuit.load(circuit_path), steered, multiplier=0.0, overwrite=True, modelfile=False)
@@ -129,7 +131,8 @@ def verify_export(model: str, circuit_path: Path, out: Path, name: str, threads:
     print(f"verify {name}: {'PASSED' if report.passed else 'FAILED'} " + ", ".join(
         f"{k}={report.metrics[k]:.4g}" for k in keep if k in report.metrics), flush=True)
     return {"model": model, "circuit": circuit_path.name, "passed": report.passed,
-            "metrics": {k: report.metrics[k] for k in keep if k in report.metrics}, "reasons": report.reasons}  # fmt: skip
+            "metrics": {k: report.metrics[k] for k in keep if k in report.metrics},
+            "reasons": report.reasons}
 
 
 def time_cp(src: Path, dst: Path, repeats: int = 3) -> float:
@@ -240,7 +243,8 @@ def main() -> int:
                        refusals=sum(bool(is_refusal(x)) for x in texts))  # fmt: skip
             print(f"{run['label']}: {run['refusals']}/{len(goals)} refusals ({run['seconds']:.0f}s)", flush=True)
         results.update(judge=judge_name, max_tokens=args.max_tokens, runs=runs,
-                       decoding="greedy (temperature 0), llama-cpp-python create_chat_completion, the GGUF's chat template")  # fmt: skip
+                       decoding="greedy (temperature 0), llama-cpp-python create_chat_completion, "
+                                "the GGUF's chat template")
     results_path.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {results_path}")
     return 0

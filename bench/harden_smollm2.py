@@ -24,12 +24,10 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
+from bench._common import ROOT, splice
 from cna_export.evaluation.backends import Steering, open_backend
-from cna_export.evaluation.search import STRATEGIES as SEARCH_STRATEGIES
 from cna_export.evaluation.evaluator import Condition, EvalSettings, Evaluator, load_jbb, split_pairs
+from cna_export.evaluation.search import STRATEGIES as SEARCH_STRATEGIES
 from cna_export.evaluation.sweep import load_stats
 
 MODEL = "bundled:smollm2"
@@ -46,7 +44,8 @@ STRATEGIES["attribution-"] = {"score": "attribution", "sign": "negative"}
 
 
 def _stem(strategy: str) -> str:
-    """The strategy's name in file names (``attribution+`` -> ``attributionp``, ``attribution-`` -> ``attributionm``)."""
+    """The strategy's name in file names (``attribution+`` -> ``attributionp``, ``attribution-`` ->
+    ``attributionm``)."""
     return strategy.replace("+", "p").replace("-", "m")
 
 
@@ -59,7 +58,8 @@ def samples_path(strategy: str) -> Path:
 
 
 def step_stats(a) -> None:
-    from cna_export.core.settings import DiscoverOptions, build, load_recipe
+    from cna_export.core.recipe import load_recipe
+    from cna_export.core.settings import DiscoverOptions, build
     from cna_export.evaluation.sweep import compute_stats, save_stats
     from cna_export.model.loading import load_model
 
@@ -110,10 +110,10 @@ def step_sweep(a) -> None:
 def step_samples(a) -> None:
     """Read the answers: 2 harmful JBB prompts of the split, 40 greedy tokens with hook steering (transformers)
     at each multiplier, so the collapse is seen in text and not only in the distinct-4-gram measure."""
+    import torch
+
     from cna_export.evaluation.backends import TransformersBackend
     from cna_export.model.loading import load_model
-
-    import torch
 
     torch.set_num_threads(1)  # a shared machine: one thread beats contended two
     saved = load_stats(OUT / "stats.npz")
@@ -139,7 +139,8 @@ def step_report(a) -> None:
     parts = []
     for strategy in STRATEGIES:
         if sweep_path(strategy).is_file():
-            parts.append(f"### {strategy} ({STRATEGIES[strategy]})\n\n" + _table(json.loads(sweep_path(strategy).read_text())))
+            rows = json.loads(sweep_path(strategy).read_text())
+            parts.append(f"### {strategy} ({STRATEGIES[strategy]})\n\n" + _table(rows))
         sp = samples_path(strategy)
         if sp.is_file():
             parts.append(f"Answers with hook steering (transformers, 40 greedy tokens, the first 2 harmful prompts of "
@@ -147,7 +148,8 @@ def step_report(a) -> None:
             for r in json.loads(sp.read_text()):
                 m = r["multiplier"]
                 parts += [f"- {'unsteered' if m is None else f'x{m:g}'}: "
-                          + " / ".join(f"`{t[:120].replace(chr(10), ' ').replace('`', chr(39))}`" for t in r["answers"])]
+                          + " / ".join(f"`{t[:120].replace(chr(10), ' ').replace('`', chr(39))}`"
+                                       for t in r["answers"])]
             parts.append("")
     text = "\n".join(parts)
     (RESULTS / "harden.md").write_text(text)
@@ -165,12 +167,7 @@ def step_report(a) -> None:
         "gibberish without repeats scores high on this measure: read the KL column and the sample answers.", "",
         text, END])
     for path in (ROOT / "bench" / "README.md", ROOT / "docs" / "strategies.md"):
-        doc = path.read_text()
-        if START in doc and END in doc:
-            doc = doc[: doc.index(START)] + section + doc[doc.index(END) + len(END):]
-        else:
-            doc = doc.rstrip("\n") + "\n\n" + section + "\n"
-        path.write_text(doc)
+        path.write_text(splice(path.read_text(), START, END, section))
 
 
 START, END = "<!-- harden:start -->", "<!-- harden:end -->"
@@ -182,7 +179,8 @@ def _table(rows: list[dict]) -> str:
     collapse = None
     for r in rows:
         m = r.get("multiplier")
-        lines.append(f"| {'-' if m is None else f'{m:g}'} | {r.get('neurons') or '-'} | {r['refused']}/{r['harmful_n']} | "
+        lines.append(f"| {'-' if m is None else f'{m:g}'} | {r.get('neurons') or '-'} | "
+                     f"{r['refused']}/{r['harmful_n']} | "
                      f"{100 * (r.get('over_refusal_rate') or 0):.0f}% | {r['quality_ratio']:.3f} | "
                      f"{r.get('quality_benign') or 0:.3f} | {r['kl_last']:.3f} | {r.get('wall_seconds')} |")
         if collapse is None and m is not None and r["quality_ratio"] < 0.9:

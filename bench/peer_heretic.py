@@ -2,9 +2,9 @@
 """Peer baseline: heretic (directional ablation + Optuna TPE; PyPI heretic-llm, AGPL-3.0) on Qwen2.5-Coder-0.5B,
 scored with our own eval (same judge, same held-out JBB pairs, same KL) next to the CNA strategies.
 
-    python bench/peer_heretic.py --setup                 # venv bench/out/heretic/venv: torch==2.13.0 (CPU) + heretic-llm
+    python bench/peer_heretic.py --setup                 # venv bench/out/heretic/venv: torch==2.13.0 CPU + heretic-llm
     python bench/peer_heretic.py --run --trials 16       # heretic on the float32 base; the chosen trial saved merged
-    python bench/peer_heretic.py --convert               # its edit put into the bundled Q4_K_M GGUF (llama.cpp quantiser)
+    python bench/peer_heretic.py --convert               # its edit put into the bundled Q4_K_M GGUF (ggml quantiser)
     python bench/peer_heretic.py --eval                  # held-out pairs, as bench/strategies.py's heldout step
     python bench/peer_heretic.py --all --trials 16       # the four in order; finished steps are skipped
     python bench/peer_heretic.py --eval --extra-trial 13 # also another trial of the front (the study is re-opened)
@@ -52,9 +52,9 @@ import time
 import venv
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
+from bench import gguf_rebuild
+from bench import strategies as st
+from bench._common import ROOT, dequantised, log
 
 OUT = ROOT / "bench" / "out" / "heretic"
 VENV = OUT / "venv"
@@ -63,10 +63,6 @@ RUN = OUT / "run"
 MODEL = "bundled:qwen2.5-coder-0.5b"
 HERETIC_VERSION = "1.4.0"
 HELDOUT = ROOT / "bench" / "out" / "strategies" / "heldout"
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def setup() -> None:
@@ -81,16 +77,7 @@ def setup() -> None:
 
 def base_folder() -> Path:
     """The bundled GGUF dequantised to a float32 safetensors folder (once)."""
-    if (BASE / "config.json").is_file():
-        return BASE
-    from cna_export.export.safetensors import convert_to_safetensors
-
-    tmp = BASE.with_name(BASE.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    convert_to_safetensors(MODEL, tmp, dtype="float32")
-    tmp.rename(BASE)
-    return BASE
+    return dequantised(MODEL, BASE)
 
 
 def _prompt_lines(path: Path) -> list[str]:
@@ -202,12 +189,10 @@ class Driver:
 def _write_tune_prompts(bad: Path, good: Path) -> int:
     """The JBB tuning split of bench/strategies.py (harmful -> ``bad``, benign twins -> ``good``), one prompt per
     line, for heretic's evaluation; the number of pairs."""
-    import strategies as st
-
     from cna_export.evaluation.evaluator import load_jbb
 
     harmful, benign = load_jbb()
-    tune_idx, _ = st._split()
+    tune_idx, _ = st.jbb_split()
     for path, es in ((bad, harmful), (good, benign)):
         path.write_text("\n".join(es.prompts[i].replace("\n", " ") for i in tune_idx) + "\n")
     return len(tune_idx)
@@ -233,7 +218,7 @@ def run(trials: int, max_kl: float, batch_size: int) -> None:
     if not exe.is_file():
         raise SystemExit("heretic is not installed: run with --setup first")
     if (RUN / "model" / "config.json").is_file():
-        log(f"heretic model already saved: {RUN / 'model'}")
+        log(f"heretic model already saved: {RUN / 'model'}", sys.stderr)
         return
     model = base_folder()
     RUN.mkdir(parents=True, exist_ok=True)
@@ -270,7 +255,7 @@ def run(trials: int, max_kl: float, batch_size: int) -> None:
             "choice": drv.choice, "wall_seconds": round(time.time() - t0, 1), "load": os.getloadavg()[0],
             "system_prompt": system, "tune_pairs": pairs}
     (RUN / "run.json").write_text(json.dumps(info, indent=2) + "\n")
-    log(f"heretic: {trials} trials in {info['wall_seconds'] / 60:.1f} min; chose {drv.choice}")
+    log(f"heretic: {trials} trials in {info['wall_seconds'] / 60:.1f} min; chose {drv.choice}", sys.stderr)
 
 
 def _study_settings() -> dict:
@@ -344,8 +329,6 @@ def convert() -> dict[str, Path]:
     """heretic's edit in the bundled GGUF: ``heretic.Q4_K_M.gguf`` is the shipped file byte for byte except the
     tensors heretic changed, each quantised to its shipped type by ggml (``gguf_rebuild.splice_edit``);
     ``heretic.Q8_0.gguf`` (for the audit bench) is an F32 copy quantised whole by llama.cpp."""
-    import gguf_rebuild
-
     from cna_export.io.bundled import resolve
 
     out = {"heretic": RUN / "heretic.Q4_K_M.gguf", "heretic-q8": RUN / "heretic.Q8_0.gguf"}
@@ -354,7 +337,7 @@ def convert() -> dict[str, Path]:
     reference = resolve(MODEL)
     changed = _changed(RUN / "model")
     log(f"heretic changed {len(changed)} tensors: "
-        f"{sorted({re.sub(r'layers[.]([0-9]+)[.]', 'layers.N.', k) for k in changed})}")
+        f"{sorted({re.sub(r'layers[.]([0-9]+)[.]', 'layers.N.', k) for k in changed})}", sys.stderr)
     (RUN / "changed.json").write_text(json.dumps(sorted(changed), indent=1) + "\n")
     if not out["heretic"].is_file():
         gguf_rebuild.splice_edit(reference, changed, out["heretic"])
@@ -367,8 +350,6 @@ def convert() -> dict[str, Path]:
 
 def evaluate(a) -> None:
     """heretic's GGUF against the bundled one on the held-out pairs (bench/strategies.py's heldout settings)."""
-    import strategies as st
-
     from cna_export.evaluation.backends import Steering, open_backend
     from cna_export.evaluation.evaluator import Condition, Evaluator, load_jbb
 
@@ -386,8 +367,6 @@ def evaluate(a) -> None:
                      "trial": ch["trial"], "tune_refusals": ch["refusals"], "tune_kl": ch["kl"]}),
     }
     for t in getattr(a, "extra_trial", None) or []:
-        import gguf_rebuild
-
         from cna_export.io.bundled import resolve
 
         path = RUN / f"heretic-t{t}.Q4_K_M.gguf"
@@ -404,12 +383,12 @@ def evaluate(a) -> None:
     try:  # one unsteered reference run; each checkpoint is a condition on its own backend
         ev = Evaluator(reference, harmful, benign, settings, log=lambda m: print(m, file=sys.stderr, flush=True))
         ev.baseline()
-        for key, (path, lab, extra) in todo.items():
+        for path, lab, extra in todo.values():
             backend = open_backend(str(path), "llama.cpp", batch_size=a.batch_size, threads=a.threads)
             try:
                 t0 = time.time()
                 res = ev.run(Condition(lab, Steering.none(lab), backend, extra))
-                st._dump(HELDOUT / f"{st.slug(lab)}.json", res, time.time() - t0)
+                st.dump_result(HELDOUT / f"{st.slug(lab)}.json", res, time.time() - t0)
             finally:
                 backend.close()
     finally:
@@ -428,8 +407,6 @@ def main() -> int:
     p.add_argument("--extra-trial", type=int, action="append",
                    help="--eval: also save and score this trial of heretic's front (repeatable)")
     p.add_argument("--heretic-batch-size", type=int, default=16)
-    import strategies as st
-
     st.add_protocol_args(p)  # the held-out settings of bench/strategies.py
     a = p.parse_args()
     if a.setup or a.all:

@@ -30,7 +30,8 @@ system) and are deleted after each run:
 ``--cache cold`` runs the exports without the fingerprint cache (``CNA_EXPORT_FINGERPRINT_CACHE=off``),
 so that they hash every down projection; ``--cache warm`` with a cache primed before the first
 round (the usual case: the weights were fingerprinted when the circuit was discovered or the first
-export was made); the default measures both. Figures land in the JSON file and a Markdown table on stdout; bench/README.md quotes them.
+export was made); the default measures both. Figures land in the JSON file and a Markdown table on stdout;
+bench/README.md quotes them.
 """
 
 from __future__ import annotations
@@ -50,8 +51,8 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from bench._common import ROOT
+
 GNU_TIME = "/usr/bin/time"
 
 LAYERS, HIDDEN, INTER, HEADS, KV_HEADS, VOCAB = 32, 4096, 14336, 32, 8, 128256
@@ -135,7 +136,7 @@ def make_safetensors(folder: Path, rng: np.random.Generator) -> None:
         raw += b" " * (-len(raw) % 8)
         with open(tmp / fname, "wb") as fh:
             fh.write(struct.pack("<Q", len(raw)) + raw)
-            for name, shape in group:
+            for _, shape in group:
                 _write_tensor_bytes(fh, pool, int(np.prod(shape)), rng, ones=len(shape) == 1)
         print(f"  wrote {fname}", flush=True)
     total = sum(int(np.prod(s)) * 2 for _, s in tensors())
@@ -157,18 +158,11 @@ def _q4k_pool(rng: np.random.Generator, blocks: int) -> np.ndarray:
 def make_gguf(path: Path, rng: np.random.Generator) -> None:
     import gguf
 
-    names = {"model.embed_tokens.weight": "token_embd", "model.norm.weight": "output_norm", "lm_head.weight": "output"}
-    per_layer = {
-        "input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
-        "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
-        "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
-    }
+    from cna_export.io.weights import hf_to_gguf_module
 
     def gguf_name(hf: str) -> str:
-        if hf in names:
-            return names[hf] + ".weight"
-        _, _, layer, rest = hf.split(".", 3)
-        return f"blk.{layer}.{per_layer[rest.removesuffix('.weight')]}.weight"
+        """llama.cpp's name of the Hugging Face weight ``hf`` (gguf-py's tensor-name map)."""
+        return hf_to_gguf_module("llama", LAYERS, hf.removesuffix(".weight")) + ".weight"
 
     tmp = path.with_name("." + path.name + ".tmp")
     w = gguf.GGUFWriter(str(tmp), "llama")
@@ -199,7 +193,7 @@ def make_gguf(path: Path, rng: np.random.Generator) -> None:
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
     pool = _q4k_pool(rng, 1 << 18)
-    for name, shape, nbytes in plan:
+    for _, shape, nbytes in plan:
         if nbytes is None:
             w.write_tensor_data(np.ones(shape, dtype=np.float32))
             continue
@@ -258,7 +252,7 @@ def measure(cmd: list[str], log: Path, env: dict | None = None) -> dict:
     subprocess.run(["sync"], check=False)
     with open(log, "wb") as err:
         proc = subprocess.Popen([GNU_TIME, "-f", "%e %M %U %S", "-o", str(stats), *cmd], stdout=err,
-                                stderr=subprocess.STDOUT, cwd=REPO, env=env)
+                                stderr=subprocess.STDOUT, cwd=ROOT, env=env)
         anon = 0
         child = None
         while proc.poll() is None:
@@ -370,8 +364,8 @@ def main() -> None:
             r = measure(variants[name][0](out), logs / f"{name}-{state}-{rep}.log", env)
             r["bytes"] = _bytes(out)
             results.setdefault(label, []).append(r)
-            print(f"  {label}: {r['seconds']:.2f}s (CPU {r['cpu_seconds']:.1f}s), RSS {r['max_rss_mib']:.0f} MiB, anonymous {r['max_anon_mib']:.0f} MiB "
-                  f"(load {r['load_before']})", flush=True)
+            print(f"  {label}: {r['seconds']:.2f}s (CPU {r['cpu_seconds']:.1f}s), RSS {r['max_rss_mib']:.0f} MiB, "
+                  f"anonymous {r['max_anon_mib']:.0f} MiB (load {r['load_before']})", flush=True)
             _rm(out)
             _rm(out.with_name(out.name + ".cna_manifest.json"))
 

@@ -35,8 +35,8 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from bench._common import ROOT
+
 HEAVY = ("torch", "transformers", "safetensors", "gguf", "numpy", "llama_cpp", "pydantic")
 
 
@@ -58,7 +58,7 @@ def commands(tmp: Path, model: str, circuit: Path) -> dict[str, tuple[list[str],
 def run_once(argv: list[str], want: int) -> tuple[float, float]:
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
-    p = subprocess.run([sys.executable, "-m", "cna_export", *argv], capture_output=True, text=True, cwd=REPO)
+    p = subprocess.run([sys.executable, "-m", "cna_export", *argv], capture_output=True, text=True, cwd=ROOT)
     wall = time.perf_counter() - t
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if p.returncode != want:
@@ -68,7 +68,7 @@ def run_once(argv: list[str], want: int) -> tuple[float, float]:
 
 def import_profile(argv: list[str]) -> tuple[float, list[str]]:
     p = subprocess.run([sys.executable, "-X", "importtime", "-m", "cna_export", *argv], capture_output=True,
-                       text=True, cwd=REPO)
+                       text=True, cwd=ROOT)
     total = 0
     loaded = set()
     for line in p.stderr.splitlines():

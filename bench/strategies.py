@@ -29,13 +29,18 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
+from bench._common import ROOT, splice
 from cna_export.evaluation.backends import Steering, open_backend
-from cna_export.evaluation.search import STRATEGIES as SEARCH_STRATEGIES
-from cna_export.evaluation.evaluator import Condition, EvalSettings, Evaluator, load_jbb, split_pairs
+from cna_export.evaluation.evaluator import (
+    Condition,
+    EvalSettings,
+    Evaluator,
+    load_jbb,
+    markdown_table,
+    split_pairs,
+)
 from cna_export.evaluation.judge import get_judge
+from cna_export.evaluation.search import STRATEGIES as SEARCH_STRATEGIES
 from cna_export.evaluation.sweep import caa_conditions, load_stats
 
 MODEL = "bundled:qwen2.5-coder-0.5b"
@@ -90,7 +95,8 @@ def timing(step: str, seconds: float, extra: dict | None = None) -> None:
 
 
 def step_stats(a) -> None:
-    from cna_export.core.settings import DiscoverOptions, build, load_recipe
+    from cna_export.core.recipe import load_recipe
+    from cna_export.core.settings import DiscoverOptions, build
     from cna_export.evaluation.sweep import compute_stats, save_stats
     from cna_export.model.loading import load_model
 
@@ -134,16 +140,18 @@ def run_split(a, split: str, indices: list[int], conds: list[Condition], setting
         ev = Evaluator(backend, harmful, benign, settings, log=lambda m: print(m, file=sys.stderr, flush=True))
         t0 = time.time()
         base = ev.baseline()
-        _dump(out / "unsteered.json", base, time.time() - t0)
+        dump_result(out / "unsteered.json", base, time.time() - t0)
         for c in todo:
             t0 = time.time()
             res = ev.run(c)
-            _dump(out / f"{slug(c.label)}.json", res, time.time() - t0)
+            dump_result(out / f"{slug(c.label)}.json", res, time.time() - t0)
     finally:
         backend.close()
 
 
-def _dump(path: Path, res, seconds: float) -> None:
+def dump_result(path: Path, res, seconds: float) -> None:
+    """One condition's result as JSON (summary and rows), its summary with the phrases judge's refusal count,
+    the wall seconds and the load average."""
     phrases = get_judge("phrases")
     rows = res.rows
     h = [r for r in rows if r["set"] == "harmful"]
@@ -159,7 +167,8 @@ def _dump(path: Path, res, seconds: float) -> None:
           f"q {summary.get('quality_ratio')} ({seconds / 60:.1f} min)", file=sys.stderr, flush=True)
 
 
-def _split():
+def jbb_split():
+    """The JBB pair indices: 30 tuning pairs (seed 0, bench/eval_qwen.py's split) and the held-out rest."""
     harmful, benign = load_jbb()
     return split_pairs(harmful, benign, 30, 0)
 
@@ -176,7 +185,7 @@ def add_protocol_args(p: argparse.ArgumentParser) -> None:
 
 def heldout_pairs(a) -> list[int]:
     """The held-out pairs: the first ``--heldout-limit`` of the pairs the tuning split never saw."""
-    return _split()[1][: a.heldout_limit]
+    return jbb_split()[1][: a.heldout_limit]
 
 
 def heldout_settings(a) -> EvalSettings:
@@ -188,7 +197,7 @@ def heldout_settings(a) -> EvalSettings:
 def step_tune(a) -> None:
     t0 = time.time()
     saved = load_stats(OUT / "stats.npz")
-    tune_idx, _ = _split()
+    tune_idx, _ = jbb_split()
     conds = conditions(saved) + caa_conditions(saved, CAA_ALPHAS, list(range(1, saved.identity.num_layers)))
     run_split(a, "tune", tune_idx, conds, EvalSettings(max_new_tokens=a.max_new_tokens, benign_answers=False))
     timing("tune", time.time() - t0)
@@ -228,7 +237,7 @@ def step_tpe(a) -> None:
     t0 = time.time()
     saved = load_stats(OUT / "stats.npz")
     space = _tpe_space(saved, a)
-    tune_idx, _ = _split()
+    tune_idx, _ = jbb_split()
     harmful, benign = load_jbb()
     harmful, benign = harmful.subset(tune_idx), benign.subset(tune_idx)
     (OUT / "tpe").mkdir(parents=True, exist_ok=True)
@@ -241,13 +250,13 @@ def step_tpe(a) -> None:
                        log=log)
         tb = time.time()
         base = ev.baseline()
-        _dump(OUT / "tpe" / "unsteered.json", base, time.time() - tb)
+        dump_result(OUT / "tpe" / "unsteered.json", base, time.time() - tb)
         clock = [time.time()]
 
         def save(summary: dict) -> None:
             res = next(r for r in ev.results if r.label == summary["label"])
             res.summary.update(summary)
-            _dump(OUT / "tpe" / f"{slug(summary['label'])}.json", res, time.time() - clock[0])
+            dump_result(OUT / "tpe" / f"{slug(summary['label'])}.json", res, time.time() - clock[0])
             clock[0] = time.time()
 
         out = tpe_search(ev, saved, space, a.trials, a.seed, a.quality_ratio, max_kl=a.max_kl,
@@ -338,36 +347,37 @@ COLS = [("label", "condition"), ("neurons", "neurons"), ("refused", "refused (ke
         ("kl_last", "KL first token"), ("kl_gen", "KL 32 tokens"), ("wall_seconds", "wall s"), ("load", "load avg")]
 
 
-def _fmt(v) -> str:
+def cell(key: str, s: dict) -> str:
+    """The cell of column ``key`` for summary ``s`` as the published tables print it: three significant digits
+    below 0.01 (KL, McNemar p), three decimals otherwise, whole wall seconds, the load average to one decimal."""
+    v = s.get(key)
     if v is None:
         return "-"
+    if key == "refused":
+        return f"{v}/{s.get('harmful_n')}"
+    if key == "over_refusal_rate":
+        return f"{100 * v:.0f}%"
+    if key == "wall_seconds":
+        return f"{v:.0f}"
+    if key == "load":
+        return f"{v:.1f}"
     if isinstance(v, float):
         return f"{v:.3g}" if abs(v) < 0.01 and v != 0 else f"{v:.3f}"
     return str(v)
 
 
 def table(split: str | None, rows: list[dict] | None = None, cols=None) -> str:
+    """The summaries of ``split`` (or ``rows``) as a Markdown table, laid out by ``evaluator.markdown_table``. The
+    cells are formatted here (:func:`cell`) and keyed by their headers, so every column is printed as published
+    (markdown_table formats the evaluation keys its own way, with other digits, and drops empty columns); a table
+    without rows gets one row of dashes."""
     cols = cols or COLS
     res = rows if rows is not None else [r["summary"] for r in load_results(split)]
     if rows is None:
         res.sort(key=lambda s: (s.get("method") != "none", {"caa": 1, "peer": 2}.get(s.get("method"), 0),
                                 s.get("label")))
-    lines = ["| " + " | ".join(h for _, h in cols) + " |", "|" + "---|" * len(cols)]
-    for s in res:
-        cells = []
-        for k, _ in cols:
-            v = s.get(k)
-            if k == "refused" and v is not None:
-                v = f"{v}/{s.get('harmful_n')}"
-            if k == "over_refusal_rate" and v is not None:
-                v = f"{100 * v:.0f}%"
-            if k == "wall_seconds" and v is not None:
-                v = f"{v:.0f}"
-            if k == "load" and v is not None:
-                v = f"{v:.1f}"
-            cells.append(_fmt(v))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    cells = [{head: cell(key, s) for key, head in cols} for s in res] or [{head: "-" for _, head in cols}]
+    return markdown_table(cells, [(head, head) for _, head in cols]).rstrip("\n")
 
 
 def frontier_plot(split: str, path: Path) -> None:
@@ -442,12 +452,7 @@ def step_report(a) -> None:
     (RESULTS / "timings.json").write_text(json.dumps(t, indent=2) + "\n")
     for path, prefix in ((README, "results/strategies/"), (DOC, "../bench/results/strategies/")):
         section = figures_section(a, t).replace("](results/strategies/", "](" + prefix)
-        text = path.read_text() if path.is_file() else ""
-        if START in text and END in text:
-            text = text[: text.index(START)] + section + text[text.index(END) + len(END):]
-        else:
-            text = text.rstrip("\n") + "\n\n" + section + "\n"
-        path.write_text(text)
+        path.write_text(splice(path.read_text() if path.is_file() else "", START, END, section))
     print(f"wrote {RESULTS}, {README}, {DOC}", file=sys.stderr)
 
 
@@ -504,8 +509,8 @@ def figures_section(a, timings: dict) -> str:
                   + "; ".join(f"CAA alpha={a:g}: {r}/30 refusals at KL {k:.3f}" for a, (r, k) in CAA_EARLIER.items())
                   + "; the paper's mixed-sign circuits: 0.1% x0 18/30 at KL 0.187, 0.25% x0 6/30 at KL 0.617, "
                   "0.5% x0.5 14/30 at KL 0.162. Peer: heretic publishes 94 -> 7 of 100 refusals at KL 0.05 on "
-                  "Qwen2-0.5B-Instruct with its own prompts and judge; bench/peer_heretic.py runs it on this model and protocol "
-                  "(held-out section).", "",
+                  "Qwen2-0.5B-Instruct with its own prompts and judge; bench/peer_heretic.py runs it on this model and "
+                  "protocol (held-out section).", "",
                   "![frontier, tuning split](results/strategies/frontier_tune.png)", ""]
     if (OUT / "tpe").is_dir():
         base, pts, front, pick, per = tpe_points(a.quality_ratio, a.max_kl, a.strategy_max_kl, a.strategy_quality_ratio)
@@ -564,7 +569,8 @@ def figures_section(a, timings: dict) -> str:
                             f"{x.get('quality_ratio') or 0:.3f}x" + (" (meets the goal)" if ok else ""))
             met = [g for g in goal if g.endswith("(meets the goal)")]
             lines += ["Goal (>= 70% fewer held-out refusals at first-token KL <= 0.1 and quality >= 0.97x): "
-                      + ("met by " + "; ".join(met) if met else "**not met by any row**") + f". Per row (held-out refusals, change relative to unsteered "
+                      + ("met by " + "; ".join(met) if met else "**not met by any row**")
+                      + f". Per row (held-out refusals, change relative to unsteered "
                       f"{base['refused']}/{base['harmful_n']}): " + "; ".join(goal) + ".", ""]
             lines += equal_kl(summ) + peer_notes(summ)
     lines += [END]
@@ -600,19 +606,21 @@ def peer_notes(summ: list[dict]) -> list[str]:
                 "prompts and judge; not re-measured here (`python bench/peer_heretic.py --all`).", ""]
     run = ROOT / "bench" / "out" / "heretic" / "run" / "run.json"
     info = json.loads(run.read_text()) if run.is_file() else {}
-    front = "; ".join(f"trial {f['trial']}: {f['refusals']}/{f['n']} at KL {f['kl']:.3f}" for f in info.get("front", []))
+    front = "; ".join(f"trial {f['trial']}: {f['refusals']}/{f['n']} at KL {f['kl']:.3f}"
+                      for f in info.get("front", []))
     text = (f"Peer: heretic {info.get('heretic', '')} run by `bench/peer_heretic.py` on the same float32 weights "
             f"(the bundled GGUF dequantised), {info.get('trials')} trials (its default is 200), seed 0, its default "
             "settings otherwise; refusal directions from our recipe prompts, optimised on the same 30-pair tuning "
             f"split ({info.get('wall_seconds', 0) / 60:.0f} min on this CPU). Its Pareto front on the tuning split "
             f"(its own refusal markers, 100 tokens): {front}. Chosen: the fewest refusals at KL <= "
             f"{info.get('max_kl')}: trial {her.get('trial')}. The tensors its merged model changed were put into the "
-            "bundled GGUF, each quantised by ggml to the type the shipped file has for it (every other tensor keeps its "
-            "shipped bytes, as in the CNA rows' patched GGUFs), then evaluated exactly like the rows above.")
+            "bundled GGUF, each quantised by ggml to the type the shipped file has for it (every other tensor keeps "
+            "its shipped bytes, as in the CNA rows' patched GGUFs), then evaluated exactly like the rows above.")
     for x in sorted((x for x in summ if x.get("peer") == "heretic-extra"), key=lambda x: x.get("trial") or 0):
-        text += (f" Also scored (`--extra-trial {x.get('trial')}`): trial {x.get('trial')} ({x.get('tune_refusals')}/30 "
-                 f"at KL {x.get('tune_kl'):.3f} on the tuning split): {x['refused']}/{x['harmful_n']} at KL "
-                 f"{x['kl_last']:.3f}, quality {x.get('quality_ratio') or 0:.3f}x.")
+        text += (f" Also scored (`--extra-trial {x.get('trial')}`): trial {x.get('trial')} "
+                 f"({x.get('tune_refusals')}/30 at KL {x.get('tune_kl'):.3f} on the tuning split): "
+                 f"{x['refused']}/{x['harmful_n']} at KL {x['kl_last']:.3f}, "
+                 f"quality {x.get('quality_ratio') or 0:.3f}x.")
     return [text, ""]
 
 

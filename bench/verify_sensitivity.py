@@ -28,14 +28,13 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from cna_export.core.circuit import Circuit  # noqa: E402
-from cna_export.export.gguf import export_gguf  # noqa: E402
-from cna_export.model.loading import load_model  # noqa: E402
-from cna_export.verification.prompts import verification_prompts  # noqa: E402
-from cna_export.verification.gguf_behaviour import GGUFVerifyOptions, check_behaviour  # noqa: E402
+from bench._common import ROOT
+from cna_export.core.circuit import Circuit
+from cna_export.core.settings import GGUFVerifyOptions
+from cna_export.export.gguf import export_gguf
+from cna_export.model.loading import load_model
+from cna_export.verification.gguf_behaviour import check_behaviour
+from cna_export.verification.prompts import verification_prompts
 
 OUT = ROOT / "bench" / "out"
 
@@ -53,7 +52,8 @@ def variants(circuit: Circuit, n_neurons: int, seed: int = 0) -> dict[str, tuple
         "correct (x0)": (circuit, {k: 0.0 for k in keys}),
         "x0.1 instead of x0": (circuit, {k: 0.1 for k in keys}),
         "x0.5 instead of x0": (circuit, {k: 0.5 for k in keys}),
-        "strongest neuron left out": (circuit, {k: 1.0 if k == (strongest.layer, strongest.index) else 0.0 for k in keys}),
+        "strongest neuron left out": (circuit, {k: 1.0 if k == (strongest.layer, strongest.index) else 0.0
+                                                for k in keys}),
         f"a tenth left out ({len(tenth)} neurons)": (circuit, {k: 1.0 if k in tenth else 0.0 for k in keys}),
         "indices shifted by one": (shifted, {(n.layer, n.index): 0.0 for n in shifted.neurons}),
         "unsteered source": (circuit, None),
@@ -104,15 +104,18 @@ def main() -> None:
             }
             rows.append(row)
             print(f"{name}: {'pass' if row['passed'] else 'FAIL'} ratio {row['kl_ratio']:.3f} "
-                  f"excess {row['excess_share_of_effect']:.2%} slope {row['steering_reproduced']:.4f}", flush=True)  # fmt: skip
+                  f"excess {row['excess_share_of_effect']:.2%} slope {row['steering_reproduced']:.4f}",
+                  flush=True)
     tag = args.model.split(":")[-1].replace("/", "_")
     (OUT / f"verify_sensitivity-{tag}.json").write_text(json.dumps(
         {"model": args.model, "circuit": str(args.circuit), "neurons": len(circuit.neurons), "prompts": len(prompts),
          "defaults": {"max_kl_ratio": opts.max_kl_ratio, "max_effect_share": opts.max_effect_share,
                       "max_top1_drop": opts.max_top1_drop}, "rows": rows}, indent=2))  # fmt: skip
     print(f"\n{args.model}, {len(circuit.neurons)}-neuron circuit, reference = hook steering x0, "
-          f"noise floor mean KL {rows[0]['floor_mean_kl']:.4g}, steering effect {rows[0]['steering_effect_mean_kl']:.4g}\n")
-    print("| export | mean KL to hooks | x floor | excess / steering effect | steering reproduced | confident top-1 (floor) | verdict |")
+          f"noise floor mean KL {rows[0]['floor_mean_kl']:.4g}, "
+          f"steering effect {rows[0]['steering_effect_mean_kl']:.4g}\n")
+    print("| export | mean KL to hooks | x floor | excess / steering effect | steering reproduced | "
+          "confident top-1 (floor) | verdict |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['export']} | {r['mean_kl']:.4g} | {r['kl_ratio']:.2f} | {r['excess_share_of_effect']:.2%} | "

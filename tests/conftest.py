@@ -242,7 +242,8 @@ def planted_circuit(src: Path, mults=PLANTED, own: bool = False):
     from cna_export.io.identity import checkpoint_identity
 
     ident, *_ = checkpoint_identity(src, str(src))
-    neurons = [Neuron(layer=l, index=i, score=1.0, multiplier=m if own else None) for (l, i), m in sorted(mults.items())]
+    neurons = [Neuron(layer=l, index=i, score=1.0, multiplier=m if own else None)
+               for (l, i), m in sorted(mults.items())]
     return Circuit(model=ident, neurons=neurons, method={"name": "manual"})
 
 

@@ -10,7 +10,6 @@ import json
 import shutil
 from pathlib import Path
 
-import abliterate as ab
 import numpy as np
 import pytest
 from conftest import make_tiny_model
@@ -23,6 +22,7 @@ from cna_export.inspect.audit import AuditSettings, audit
 from cna_export.inspect.diff import diff_checkpoints
 from cna_export.inspect.refusal_direction import RefusalDirections, depletion_score, refusal_directions
 from cna_export.io.weights import open_weights
+from cna_export.testing import abliterate as ab
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 LAYERS = 4
@@ -85,7 +85,7 @@ def test_recognised_with_strength_profile(base, suspects, direction, name, fmt, 
     rep = diff_checkpoints(str(base), str(suspect))
     lr = rep.lowrank
     assert lr is not None and lr.detected and lr.ablation, (lr.spike, lr.null_spike, [w.z for w in lr.writers])
-    assert rep.findings()[0]["kind"] == "directional"
+    assert rep.findings()[0].kind == "directional"
     assert rep.verdict().startswith("refusals stripped by directional ablation")
     edited = sorted(l for l, w in profile.items() if w > 0)
     assert lr.layers == edited
@@ -115,7 +115,7 @@ def test_clean_changes_not_flagged(base, tensors, clean, fmt, tmp_path):
     suspect = folder if fmt == "same" else write_gguf(folder, tmp_path / f"c.{fmt}.gguf", fmt)
     rep = diff_checkpoints(str(base), str(suspect))
     assert rep.lowrank is None or not rep.lowrank.detected
-    assert not any(f["kind"] == "directional" for f in rep.findings())
+    assert not any(f.kind == "directional" for f in rep.findings())
     res = audit(str(suspect), AuditSettings(base=str(base), generate=False, discover=False, refusal_direction=False))
     assert res.exit_code in (0, 5), res.verdict
 
@@ -173,7 +173,7 @@ def test_audit_reports_refusal_cosine_plot_and_direction(base, suspects, recipe,
     rep = audit(str(suspect), s)
     assert rep.exit_code == 4
     lr = rep.diff.lowrank
-    assert lr.refusal["best_layer"] == 2 and lr.refusal["best_cos"] > 0.99
+    assert lr.refusal.best_layer == 2 and lr.refusal.best_cos > 0.99
     assert "refusals stripped by directional ablation" in rep.verdict and "refusal direction 1.00 (layer 2)" in rep.verdict
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
     saved = load_file(str(tmp_path / "d.safetensors"))["direction"]
@@ -206,7 +206,7 @@ def test_refusal_cosines_finds_the_layer():
     rng = np.random.default_rng(0)
     D = np.stack([ab.unit(rng.standard_normal(16)) for _ in range(5)])
     c = refusal_cosines(-D[3], D, [3], "test")
-    assert c["best_layer"] == 3 and c["best_cos"] == pytest.approx(1.0)
+    assert c.best_layer == 3 and c.best_cos == pytest.approx(1.0)
 
 
 def test_depletion_score_separates_ablated_from_clean(base, tensors):
@@ -217,7 +217,7 @@ def test_depletion_score_separates_ablated_from_clean(base, tensors):
         clean = depletion_score(src, D)
     finally:
         src.close()
-    assert not clean["ratio_flagged"], clean  # (random D: the refusal-write score is tested below)
+    assert not clean.ratio_flagged, clean  # (random D: the refusal-write score is tested below)
     folder = base.parent / "depleted"
     if not folder.exists():
         save(base, ab.rank1(tensors, D[1], 0.9, layers=(1, 2), embeddings=False), folder)
@@ -226,8 +226,8 @@ def test_depletion_score_separates_ablated_from_clean(base, tensors):
         hit = depletion_score(src, D, window=2)
     finally:
         src.close()
-    assert hit["flagged"] and hit["window"] == [1, 2] and hit["direction_layer"] == 1, hit
-    assert hit["score"] < 0.05 and hit["alignment"] > 0.99
+    assert hit.flagged and hit.window == [1, 2] and hit.direction_layer == 1, hit
+    assert hit.score < 0.05 and hit.alignment > 0.99
 
 
 def test_cli_audit_flags(base, suspects, tmp_path, capsys):
@@ -295,14 +295,14 @@ def test_depletion_score_sees_one_writer_kind(base, tensors):
         hit = depletion_score(src, D, window=2)
     finally:
         src.close()
-    assert hit["flagged"] and hit["writers"] == "o_proj" and hit["window"] == [1, 2], hit
-    assert hit["debiased"]
+    assert hit.flagged and hit.writers == "o_proj" and hit.window == [1, 2], hit
+    assert hit.debiased
     src = open_weights(str(base))
     try:
         clean = depletion_score(src, D, window=2)
     finally:
         src.close()
-    assert not clean["ratio_flagged"] and {w["writers"] for w in clean["windows"]} == {"o_proj + down_proj", "o_proj",
+    assert not clean.ratio_flagged and {w.writers for w in clean.windows} == {"o_proj + down_proj", "o_proj",
                                                                                        "down_proj"}
 
 
@@ -321,7 +321,7 @@ def test_refusal_write_deficit_flags_a_partial_per_layer_ablation(base, tensors)
         clean = depletion_score(src, D, window=2)
     finally:
         src.close()
-    assert not clean["write"]["flagged"] and min(clean["write"]["per_layer"]["attn_output"]) > 3.0, clean["write"]
+    assert not clean.write.flagged and min(clean.write.per_layer["attn_output"]) > 3.0, clean.write
     edited = dict(tensors)
     for layer in range(LAYERS):
         edited = ab.rank1(edited, D[layer], 0.6, layers=(layer,), embeddings=False)
@@ -331,8 +331,8 @@ def test_refusal_write_deficit_flags_a_partial_per_layer_ablation(base, tensors)
         hit = depletion_score(src, D, window=2)
     finally:
         src.close()
-    w = hit["write"]
-    assert w["flagged"] and hit["flagged"] and not hit["ratio_flagged"], (w, hit["score"])
-    assert w["score"] < 0.5 * clean["write"]["score"]
-    per = w["per_layer"]["attn_output"]
-    assert all(v < 0.2 * clean["write"]["per_layer"]["attn_output"][i] + 1e-9 for i, v in enumerate(per)), per
+    w = hit.write
+    assert w.flagged and hit.flagged and not hit.ratio_flagged, (w, hit.score)
+    assert w.score < 0.5 * clean.write.score
+    per = w.per_layer["attn_output"]
+    assert all(v < 0.2 * clean.write.per_layer["attn_output"][i] + 1e-9 for i, v in enumerate(per)), per

@@ -4,8 +4,10 @@ Every import counts, at module level or inside a function, so a lazy import cann
 upward dependency. Stages, lowest first (a module may import its own stage and lower ones):
 
     core < io < model < discovery < export < verification < evaluation < inspect < pipeline < steer < api < cli
+    < testing
 
-(``steer``: the one-command job composed of pipeline functions, ``cna_export/steer.py``.)
+(``steer``: the one-command job composed of pipeline functions, ``cna_export/steer.py``; ``testing``: the
+fixtures of the tests and benchmarks, which may import anything and which no module of the package imports.)
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from pathlib import Path
 import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "cna_export"
-STAGES = ["core", "io", "model", "discovery", "export", "verification", "evaluation", "inspect", "pipeline", "steer", "", "cli", "__main__"]
+STAGES = ["core", "io", "model", "discovery", "export", "verification", "evaluation", "inspect", "pipeline", "steer",
+          "", "cli", "__main__", "testing"]
 
 
 def _modules() -> dict[str, Path]:
@@ -81,6 +84,14 @@ def test_graph_is_read():
 def test_no_upward_import(mod):
     upward = sorted(d for d in GRAPH[mod] if stage(d) > stage(mod))
     assert not upward, f"{mod} (stage {STAGES[stage(mod)] or 'api'}) imports higher stages: {upward}"
+
+
+def test_nothing_imports_testing():
+    """The test fixtures (``cna_export.testing``) are the top stage: the library never depends on them."""
+    assert any(m.startswith("cna_export.testing.") for m in MODULES)
+    users = sorted(m for m, deps in GRAPH.items() if not m.startswith("cna_export.testing")
+                   and any(d == "cna_export.testing" or d.startswith("cna_export.testing.") for d in deps))
+    assert not users, f"library modules import the test fixtures: {users}"
 
 
 def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:

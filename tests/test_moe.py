@@ -268,12 +268,12 @@ GGUF_FAMILIES = MOE_FAMILIES  # llama.cpp and gguf-py know every one
 def _gguf_case(moe_models, family: str, tmp_path: Path, qtype: str, fold: str, behaviour: bool,
                hf: Path | None = None, gguf_reference: bool = False, mults: dict | None = None):
     pytest.importorskip("llama_cpp")
-    from gguf_twin import write_gguf_twin
-
     from cna_export.export.gguf import export_gguf
     from cna_export.io import gguf as G
     from cna_export.io.identity import gguf_identity
-    from cna_export.verification.gguf import GGUFVerifyOptions, verify_gguf
+    from cna_export.testing.gguf_twin import write_gguf_twin
+    from cna_export.core.settings import GGUFVerifyOptions
+    from cna_export.verification.gguf import verify_gguf
 
     hf = hf or moe_models[(family, "per-expert")]
     src = write_gguf_twin(hf, tmp_path / f"{family}.{qtype}.gguf", qtype)
@@ -308,12 +308,11 @@ def test_cli_verify_gguf_with_hf_reference(moe_models, tmp_path, capsys):
     """``cna-export verify --original M.gguf --exported S.gguf --reference HF``: Mixtral's GGUF, which
     transformers cannot load, verified against its Hugging Face twin; exit 0 with the report."""
     pytest.importorskip("llama_cpp")
-    from gguf_twin import write_gguf_twin
-
     from cna_export.cli import main
     from cna_export.export.gguf import export_gguf
     from cna_export.io import gguf as G
     from cna_export.io.identity import gguf_identity
+    from cna_export.testing.gguf_twin import write_gguf_twin
 
     hf = moe_models[("mixtral", "per-expert")]
     src = write_gguf_twin(hf, tmp_path / "m.gguf", "F32")
@@ -361,11 +360,10 @@ def test_gguf_k_quant_experts(tmp_path, moe_models):
 
 
 def test_gguf_expert_the_model_lacks_is_one_line(moe_models, tmp_path):
-    from gguf_twin import write_gguf_twin
-
     from cna_export.export.gguf import export_gguf
     from cna_export.io import gguf as G
     from cna_export.io.identity import gguf_identity
+    from cna_export.testing.gguf_twin import write_gguf_twin
 
     src = write_gguf_twin(moe_models[("qwen3_moe", "per-expert")], tmp_path / "q.gguf", "F32")
     ident = gguf_identity(G.open_gguf(src), str(src), fingerprint=False)
@@ -441,11 +439,10 @@ def test_audit_base_overlap_with_an_expert_circuit(moe_models, tmp_path):
 @pytest.mark.llama
 def test_gguf_fold_down_of_quantised_experts_is_one_line(moe_models, tmp_path):
     """ffn_down_exps columns need a float tensor: a Q8_0 one is refused before anything is written."""
-    from gguf_twin import write_gguf_twin
-
     from cna_export.export.gguf import export_gguf
     from cna_export.io import gguf as G
     from cna_export.io.identity import gguf_identity
+    from cna_export.testing.gguf_twin import write_gguf_twin
 
     src = write_gguf_twin(moe_models[("mixtral", "per-expert")], tmp_path / "m.gguf", "Q8_0")
     assert G.type_name(G.tensor_map(G.open_gguf(src))["blk.0.ffn_down_exps.weight"]) == "Q8_0"

@@ -56,7 +56,8 @@ def _vocab(folder: Path) -> tuple[list[str], list[str], list[int]]:
 
 
 def write_gguf_twin(hf: Path, path: Path, qtype: str = "F32") -> Path:
-    """Write ``hf`` (a tiny model saved by ``make_tiny_model``) as a GGUF file llama.cpp loads."""
+    """Write ``hf`` (a tiny model saved by ``make_tiny_model`` of tests/conftest.py) as a GGUF file llama.cpp
+    loads."""
     import torch
     import transformers as tf
     from gguf import GGUFWriter
@@ -121,7 +122,8 @@ def write_gguf_twin(hf: Path, path: Path, qtype: str = "F32") -> Path:
         w.add_expert_weights_norm(bool(cfg.get("norm_topk_prob", False)))
         from gguf import ExpertGatingFuncType
 
-        w.add_expert_gating_func(ExpertGatingFuncType.SIGMOID if model_type == "deepseek_v3" else ExpertGatingFuncType.SOFTMAX)
+        gating = ExpertGatingFuncType.SIGMOID if model_type == "deepseek_v3" else ExpertGatingFuncType.SOFTMAX
+        w.add_expert_gating_func(gating)
         if cfg.get("q_lora_rank"):
             w.add_q_lora_rank(cfg["q_lora_rank"])
         w.add_kv_lora_rank(cfg["kv_lora_rank"])

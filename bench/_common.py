@@ -1,0 +1,41 @@
+"""What several benchmarks share: the repository root, a timestamped log line, a bundled model dequantised to a
+float32 safetensors folder, and the splice of a generated section into a Markdown file."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import TextIO
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def log(msg: str, file: TextIO | None = None) -> None:
+    """``msg`` after the wall-clock time (``[HH:MM:SS]``), flushed; on stdout unless ``file`` is given."""
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=file or sys.stdout, flush=True)
+
+
+def dequantised(model: str, out: Path) -> Path:
+    """``model`` (a bundled GGUF) dequantised to a float32 safetensors folder ``out``, converted once: the folder
+    is written beside ``out`` and renamed into place, so an existing ``out`` is complete."""
+    if (out / "config.json").is_file():
+        return out
+    from cna_export.export.safetensors import convert_to_safetensors
+
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    convert_to_safetensors(model, tmp, dtype="float32")
+    tmp.rename(out)
+    return out
+
+
+def splice(text: str, start: str, end: str, section: str, heading: str = "") -> str:
+    """``text`` with the part from marker ``start`` to marker ``end`` (both included) replaced by ``section``
+    (which carries both markers); without the markers, ``heading`` and ``section`` are appended after a blank
+    line."""
+    if start in text and end in text:
+        return text[: text.index(start)] + section + text[text.index(end) + len(end):]
+    return text.rstrip("\n") + "\n\n" + heading + section + "\n"
