@@ -1,4 +1,4 @@
-"""Settings models: recipes validated key by key, flags generated from the models, --help without torch."""
+"""Settings models: recipes validated by the models, flags generated from them, --help without torch."""
 
 from __future__ import annotations
 
@@ -10,11 +10,10 @@ from pathlib import Path
 import pytest
 
 from cna_export.cli import build_parser, main
+from cna_export.cli.flags import add_flags, flags_of
 from cna_export.core.errors import CnaError
-from cna_export.core.settings import (
-    AuditSettings, DiscoverOptions, EvalJob, EvalSettings, TuneJob, add_flags, build, flags_of, load_recipe,
-    recipe_section,
-)
+from cna_export.core.recipe import load_recipe, recipe_section
+from cna_export.core.settings import AuditSettings, DiscoverOptions, EvalJob, EvalSettings, TuneJob, build
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 COMMANDS = ["discover", "generate", "show", "export", "verify", "steer", "push", "eval", "tune", "diff", "audit"]
@@ -58,6 +57,94 @@ def test_bad_values_are_refused(tmp_path, text, message):
         load_recipe(recipe)
 
 
+@pytest.mark.parametrize("text, message", [
+    ("top_k: true\n", "top_k: Input should be a number, not a boolean"),  # not a 1-neuron circuit
+    ("top_fraction: false\n", "top_fraction: Input should be a number, not a boolean"),
+    ("discover:\n  batch_size: true\n", "discover: batch_size"),
+    ("exclude_layers: [1, true]\n", "exclude_layers: Input should be a number, not a boolean"),
+    ("mean_match_range: [true, 1]\n", "mean_match_range: Input should be a number, not a boolean"),
+    ("eval:\n  max_new_tokens: true\n", "eval: max_new_tokens: Input should be a number, not a boolean"),
+    ("tune:\n  multipliers: [0.5, false]\n", "tune: multipliers: Input should be a number, not a boolean"),
+    ("audit:\n  zero_threshold: true\n", "audit: zero_threshold: Input should be a number, not a boolean"),
+])
+def test_bool_is_not_a_number(tmp_path, text, message):
+    recipe = tmp_path / "x.yaml"
+    recipe.write_text(text)
+    with pytest.raises(CnaError, match=f"^recipe {recipe}: {message}"):
+        load_recipe(recipe)
+
+
+def test_bool_is_not_a_number_in_the_library_and_the_cli(tmp_path, capsys):
+    with pytest.raises(CnaError, match="^--top-k: Input should be a number, not a boolean$"):
+        build(DiscoverOptions, {"top_k": True})
+    assert build(DiscoverOptions, {"top_k": 1, "top_fraction": 1}).top_k == 1  # ints stay numbers
+    recipe = tmp_path / "x.yaml"
+    recipe.write_text("positive: p.txt\ntop_k: true\n")
+    code, err = _discover(tmp_path, recipe, capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "top_k: Input should be a number" in err
+
+
+@pytest.mark.parametrize("text, message", [
+    ("mean_match_range: [0.5]\n", "mean_match_range: List should have at least 2 items"),  # min_length
+    ("mean_match_range: [0, 0.5, 1]\n", "mean_match_range: List should have at most 2 items"),  # max_length
+    ("mean_match_range: [1, -1]\n", "mean_match_range: lowest must not exceed highest"),  # a field validator
+    ("direction_layer: first\n", "direction_layer: expected 'own' or a layer number"),
+    ("discover:\n  batch_size: 0\n", "discover: batch_size: expected a positive integer or 'auto'"),
+    ("audit:\n  rank_k: 65\n", "audit: rank_k: Input should be less than or equal to 64"),
+    ("eval:\n  max_new_tokens: 0\n", "eval: max_new_tokens: Input should be greater than or equal to 1"),
+    ("export:\n  max_kl_ratio: 0\n", "export: max_kl_ratio: Input should be greater than 0"),
+])
+def test_every_field_constraint_applies_to_recipes(tmp_path, text, message):
+    recipe = tmp_path / "x.yaml"
+    recipe.write_text(text)
+    with pytest.raises(CnaError, match=f"^recipe {recipe}: {message}"):
+        load_recipe(recipe)
+
+
+def test_cross_field_checks_see_every_layer(tmp_path):
+    """A recipe section is one layer: a check across fields is judged when the flags complete it."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("eval:\n  kl_tokens: 5\n  benign_max_new_tokens: 2\n")
+    section = recipe_section(recipe, "eval")
+    with pytest.raises(CnaError, match="^--benign-max-new-tokens must be at least --kl-tokens$"):
+        build(EvalSettings, section)
+    assert build(EvalSettings, section, {"kl_tokens": 1}).benign_max_new_tokens == 2
+    with pytest.raises(CnaError, match="^--max-new-tokens: Input should be greater than or equal to 1$"):
+        build(EvalSettings, {"max_new_tokens": 0})
+
+
+def test_benign_file_and_benign_switch_are_two_keys(tmp_path):
+    """eval's benign prompt file (--benign FILE) and the switch that skips the benign set (--no-benign)."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("eval:\n  benign: b.txt\n  benign_set: false\n")
+    section = recipe_section(recipe, "eval")
+    assert build(EvalJob, section).benign == "b.txt" and build(EvalSettings, section).benign_set is False
+    recipe.write_text("eval:\n  benign: false\n")
+    with pytest.raises(CnaError, match="eval: benign: Input should be a valid string"):
+        recipe_section(recipe, "eval")
+
+
+def test_recipe_only_and_library_only_fields(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("tune:\n  custom_strategies: {mine: {score: direction, sign: positive}}\n")
+    tune = build(TuneJob, recipe_section(recipe, "tune"))
+    assert tune.custom_strategies == {"mine": {"score": "direction", "sign": "positive"}}
+    assert "--custom-strategies" not in " ".join(a for x in build_parser()._actions for a in x.option_strings)
+    recipe.write_text("eval:\n  score_chunk: 2\n")  # a library-only setting
+    with pytest.raises(CnaError, match="eval: unknown key 'score_chunk'"):
+        recipe_section(recipe, "eval")
+
+
+def test_strategy_settings_recorded_only_when_not_their_default():
+    assert not set(DiscoverOptions().method_params()) & set(DiscoverOptions.STRATEGY_FIELDS)
+    opts = DiscoverOptions(rank="per-drift", drift_floor=0.2, capture_k=8, multiplier_strength=0.5)
+    params = opts.method_params()
+    assert (params["rank"], params["drift_floor"]) == ("per-drift", 0.2)
+    assert "capture_k" not in params and "multiplier_strength" not in params  # irrelevant: capture last, constant
+    for name in DiscoverOptions.STRATEGY_FIELDS:
+        assert name in DiscoverOptions.model_fields
+
+
 def test_valid_recipe_with_sections(tmp_path):
     (tmp_path / "pos.txt").write_text("a\n")
     recipe = tmp_path / "r.yaml"
@@ -85,7 +172,8 @@ def test_valid_recipe_with_sections(tmp_path):
 def test_recipe_sections_feed_the_cli_below_flags(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("eval:\n  max_new_tokens: 3\n  judge: phrases\n")
-    ns = build_parser().parse_args(["eval", "--model", "m", "--out", "o", "--recipe", str(recipe), "--judge", "keyword"])
+    ns = build_parser().parse_args(["eval", "--model", "m", "--out", "o", "--recipe", str(recipe),
+                                    "--judge", "keyword"])
     s = build(EvalSettings, recipe_section(ns.recipe, "eval"), flags_of(ns, EvalSettings))
     assert (s.max_new_tokens, s.judge) == (3, "keyword")
 
@@ -140,11 +228,11 @@ def test_defaults_shown_in_help(capsys):
 
 
 def test_negated_switches_set_the_field():
-    ns = build_parser().parse_args(["tune", "--model", "m", "--out", "o", "--no-heldout", "--no-benign", "--max-kl", "-1",
-                                    "--benign", "b.txt"])
+    ns = build_parser().parse_args(["tune", "--model", "m", "--out", "o", "--no-heldout", "--no-benign",
+                                    "--max-kl", "-1", "--benign", "b.txt"])
     assert build(TuneJob, flags_of(ns, TuneJob)).heldout is False
     assert build(TuneJob, flags_of(ns, TuneJob)).max_kl is None
-    assert build(EvalSettings, flags_of(ns, EvalSettings)).benign is False
+    assert build(EvalSettings, flags_of(ns, EvalSettings)).benign_set is False
     assert build(EvalJob, flags_of(ns, EvalJob)).benign == "b.txt"
 
 

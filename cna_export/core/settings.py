@@ -2,8 +2,10 @@
 
 Each field's name, type, default and description generate its CLI flag (``top_fraction``
 becomes ``--top-fraction``; :func:`opt` adds what a flag needs beyond that: another name, a
-metavar, a negated switch), a recipe may set the same fields, and the library takes the model
-directly. Precedence: defaults < recipe < CLI flags. Defaults are written here, once.
+metavar, a negated switch; the generator is ``cna_export.cli.flags``), a recipe may set the same
+fields (``core.recipe`` reads and validates recipes), and the library takes the model directly.
+Precedence: defaults < recipe < CLI flags. Defaults and constraints are written here, once, in
+each ``Field``; an int or float field refuses a bool (``top_k: true`` is not one neuron).
 
 Jobs and their models: discover (:class:`DiscoverOptions`, :class:`ModelOptions`), export
 (:class:`ExportOptions`, :class:`GGUFExportOptions`, :class:`GGUFVerifyOptions`), verify
@@ -18,17 +20,16 @@ This module imports no torch or transformers: ``cna-export --help`` builds every
 
 from __future__ import annotations
 
-import argparse
-import difflib
 import types
 import typing
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from .errors import CnaError
-from .text import read_text
+from .outputs import INPUT, OUTPUT, InputFile, InputFiles, InputPath, OutputPath
 
 # Defaults shared with the library (written once, here).
 VERIFY_LIMIT = 16  # verification prompts compared
@@ -41,19 +42,38 @@ RANK1_SHARE = 0.95  # top singular value's share of a change's energy for a "ran
 
 def opt(default: Any = ..., description: str | None = None, *, flag: str | None = None, dest: str | None = None,
         metavar: str | None = None, nargs: str | None = None, const: Any = None, cli: bool = True,
-        **constraints: Any) -> Any:
+        recipe: bool | None = None, **constraints: Any) -> Any:
     """A pydantic ``Field`` with what its CLI flag needs beyond name, type and default.
 
     ``flag``: the flag's name when it is not ``--field-name`` (a ``--no-x`` switch for a field
     that defaults to true); ``dest``: the namespace attribute (when two models share a name);
-    ``cli=False``: a library-only setting with no flag.
+    ``cli=False``: a library-only setting with no flag; ``recipe``: whether a recipe may set it
+    (default: when it has a flag).
     """
-    extra = {k: v for k, v in dict(flag=flag, dest=dest, metavar=metavar, nargs=nargs, const=const).items()
-             if v is not None}
+    extra = {k: v for k, v in dict(flag=flag, dest=dest, metavar=metavar, nargs=nargs, const=const,
+                                   recipe=recipe).items() if v is not None}
     if not cli:
         extra["cli"] = False
     return Field(default, description=description, json_schema_extra={"cli": extra} if extra else None,
                  **constraints)
+
+
+def cli_spec(f: Any) -> dict[str, Any]:
+    """What :func:`opt` recorded for a field's flag and recipe key ({} for a plain ``Field``)."""
+    extra = f.json_schema_extra
+    return dict(extra.get("cli", {})) if isinstance(extra, dict) else {}
+
+
+def _numeric(tp: Any) -> bool:
+    """Whether a field of type ``tp`` takes numbers: int or float, alone, optional, in a union or a list."""
+    if tp is int or tp is float:
+        return True
+    origin = typing.get_origin(tp)
+    return origin in (typing.Union, types.UnionType, list, Annotated) and any(_numeric(a) for a in typing.get_args(tp))
+
+
+def _has_bool(value: Any) -> bool:
+    return isinstance(value, bool) or (isinstance(value, (list, tuple)) and any(isinstance(x, bool) for x in value))
 
 
 class _Options(BaseModel):
@@ -61,6 +81,14 @@ class _Options(BaseModel):
 
     negatable: ClassVar[bool] = True
     """True: a bool field gets ``--x/--no-x``; False: a plain ``--x`` switch (or its ``flag``)."""
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, v: Any, info: ValidationInfo) -> Any:
+        """pydantic reads true as 1: a bool given for a number is a mistake (``top_k: true``), not 1."""
+        if info.field_name is not None and _numeric(cls.model_fields[info.field_name].annotation) and _has_bool(v):
+            raise PydanticCustomError("bool_not_number", "Input should be a number, not a boolean")
+        return v
 
 
 class _Switches(_Options):
@@ -92,10 +120,13 @@ class Multiplier(_Switches):
 class ModelOptions(_Options):
     """How to load a model."""
 
-    dtype: str = Field("auto", description="auto (float32 on CPU, checkpoint dtype with a device map), float32, bfloat16, float16")
-    device_map: str | None = Field(None, description="passed to accelerate, e.g. auto to spread a large model over GPUs and CPU")
+    dtype: str = Field(
+        "auto", description="auto (float32 on CPU, checkpoint dtype with a device map), float32, bfloat16, float16")
+    device_map: str | None = Field(
+        None, description="passed to accelerate, e.g. auto to spread a large model over GPUs and CPU")
     allow_pickle: bool = Field(False, description="allow loading pickled .bin/.pt weights (can run arbitrary code)")
-    trust_remote_code: bool = Field(False, description="allow model code from the checkpoint (transformers trust_remote_code)")
+    trust_remote_code: bool = Field(
+        False, description="allow model code from the checkpoint (transformers trust_remote_code)")
 
 
 class PromptOptions(_Options):
@@ -103,9 +134,11 @@ class PromptOptions(_Options):
 
     field: str | None = Field(None, description="JSONL field holding the prompt (default: prompt/goal/text/...)")
     column: str | None = Field(None, description="CSV column holding the prompt (default: prompt/Goal/text/...)")
-    chat_template: bool = Field(True, description="render prompts as one user turn with the chat template (off for base models)")
+    chat_template: bool = Field(
+        True, description="render prompts as one user turn with the chat template (off for base models)")
     system_prompt: str | None = Field(None, description="optional system message placed before the user turn")
-    max_length: int | None = Field(None, gt=0, description="keep at most this many tokens of each prompt (from the end)")
+    max_length: int | None = Field(
+        None, gt=0, description="keep at most this many tokens of each prompt (from the end)")
     batch_size: int | Literal["auto"] = Field(
         "auto", description="prompts per forward pass, or auto: the largest batch whose forward pass fits in half "
         "the memory free on the device (sized per batch, longest prompts first)",
@@ -119,10 +152,10 @@ class PromptOptions(_Options):
             return "auto"
         try:
             n = int(v)
-        except (TypeError, ValueError):
-            raise ValueError("batch_size must be a positive integer or 'auto'") from None
-        if n < 1 or (isinstance(v, float) and v != n):
-            raise ValueError("batch_size must be a positive integer or 'auto'")
+        except (TypeError, ValueError, OverflowError):  # OverflowError: an infinite float
+            raise ValueError("expected a positive integer or 'auto'") from None
+        if n < 1 or (isinstance(v, float) and v != n) or isinstance(v, bool):
+            raise ValueError("expected a positive integer or 'auto'")
         return n
 
 
@@ -132,9 +165,9 @@ class PromptOptions(_Options):
 class DiscoverOptions(PromptOptions):
     """CNA discovery settings (the fields a recipe may set)."""
 
-    positive: str | None = Field(None, description="prompt set showing the behaviour (text, JSONL or CSV)")
-    negative: str | None = Field(None, description="matched prompt set without it")
-    neutral: str | None = Field(None, description="diverse neutral prompts for the universal-neuron filter")
+    positive: InputFile = Field(None, description="prompt set showing the behaviour (text, JSONL or CSV)")
+    negative: InputFile = Field(None, description="matched prompt set without it")
+    neutral: InputFile = Field(None, description="diverse neutral prompts for the universal-neuron filter")
     top_fraction: float = Field(0.001, gt=0, le=1, description="circuit size as a fraction of all MLP neurons")
     top_k: int | None = Field(None, gt=0, description="circuit size in neurons (overrides --top-fraction)")
     score: Literal["mean-diff", "standardized", "direction", "attribution"] = Field(
@@ -153,19 +186,23 @@ class DiscoverOptions(PromptOptions):
         description="rank by |score| (the paper) or per-drift: |score| / sqrt(E_benign[a^2] |W_down col|^2 + floor), "
         "neurons silent on the negative and neutral prompts first",
     )  # fmt: skip
-    drift_floor: float = Field(0.1, ge=0, description="per-drift ranking: floor added to the drift, as a share of the median neuron's drift")
+    drift_floor: float = Field(
+        0.1, ge=0, description="per-drift ranking: floor added to the drift, as a share of the median neuron's drift")
     multiplier_mode: Literal["constant", "mean-match"] = Field(
         "constant",
         description="per-neuron multipliers: constant (--multiplier for all) or mean-match (m = mean_neg / mean_pos "
-        "clipped to --mean-match-range, moved towards 1 by --multiplier-strength): lands the positive mean on the negative",
+        "clipped to --mean-match-range, moved towards 1 by --multiplier-strength): lands the positive mean on "
+        "the negative",
     )  # fmt: skip
-    mean_match_range: list[float] = Field([-1.0, 1.0], min_length=2, max_length=2, description="mean-match: lowest,highest multiplier")
+    mean_match_range: list[float] = Field(
+        [-1.0, 1.0], min_length=2, max_length=2, description="mean-match: lowest,highest multiplier")
     multiplier_strength: float = Field(
         1.0, allow_inf_nan=False,
         description="mean-match: m = 1 + strength x (m - 1) (1: full match, 0: no change, >1: overshoot)",
     )  # fmt: skip
     capture: Literal["last", "mean-last-k"] = Field(
-        "last", description="activation position: the last prompt token (the paper) or the mean over the last --capture-k tokens"
+        "last", description="activation position: the last prompt token (the paper) or the mean over the "
+        "last --capture-k tokens"
     )  # fmt: skip
     capture_k: int = Field(4, gt=0, description="mean-last-k: number of trailing prompt (template) tokens averaged")
     sign: Literal["both", "positive", "negative"] = Field(
@@ -174,7 +211,8 @@ class DiscoverOptions(PromptOptions):
         "on the positive set) or negative",
     )  # fmt: skip
     exclude_layers: list[int] = Field(default_factory=list, description="layers never included (comma-separated)")
-    universal_threshold: float = Field(0.8, gt=0, le=1, description="share of neutral prompts a universal neuron is top-k on")
+    universal_threshold: float = Field(
+        0.8, gt=0, le=1, description="share of neutral prompts a universal neuron is top-k on")
     universal_top_k: int = Field(50, gt=0, description="per-layer top-k (by |activation|) for the universal filter")
     limit: int | None = Field(None, gt=0, description="use at most this many prompts of each set")
     multiplier: float | None = Field(
@@ -191,20 +229,21 @@ class DiscoverOptions(PromptOptions):
             try:
                 int(text)
             except ValueError:
-                raise ValueError("direction_layer must be 'own' or a layer number") from None
+                raise ValueError("expected 'own' or a layer number") from None
         return text
 
     @field_validator("mean_match_range")
     @classmethod
     def _range(cls, v: list[float]) -> list[float]:
         if v[0] > v[1]:
-            raise ValueError("mean_match_range: lowest must not exceed highest")
+            raise ValueError("lowest must not exceed highest")
         return v
 
-    STRATEGY_DEFAULTS: ClassVar[dict[str, Any]] = {
-        "direction_layer": "own", "rank": "score", "drift_floor": 0.1, "multiplier_mode": "constant",
-        "mean_match_range": [-1.0, 1.0], "multiplier_strength": 1.0, "capture": "last", "capture_k": 4,
-    }
+    STRATEGY_FIELDS: ClassVar[tuple[str, ...]] = (
+        "direction_layer", "rank", "drift_floor", "multiplier_mode", "mean_match_range", "multiplier_strength",
+        "capture", "capture_k",
+    )
+    """The strategy settings beyond the paper's: recorded in :meth:`method_params` when not their default."""
 
     def method_params(self) -> dict[str, Any]:
         """The parameters that define the method (paths are recorded separately, with hashes); the
@@ -219,7 +258,8 @@ class DiscoverOptions(PromptOptions):
                     "mean_match_range": self.multiplier_mode == "mean-match",
                     "multiplier_strength": self.multiplier_mode == "mean-match",
                     "capture_k": self.capture == "mean-last-k"}
-        for k, default in self.STRATEGY_DEFAULTS.items():
+        for k in self.STRATEGY_FIELDS:
+            default = type(self).model_fields[k].get_default(call_default_factory=True)
             if getattr(self, k) != default and relevant.get(k, True):
                 out[k] = getattr(self, k)
         return out
@@ -239,11 +279,15 @@ class VerifyOptions(PromptOptions):
     """Verification settings."""
 
     limit: int = Field(VERIFY_LIMIT, gt=0, description="compare at most this many prompts")
-    max_new_tokens: int = Field(VERIFY_MAX_NEW_TOKENS, ge=0, description="greedy tokens generated and compared per prompt (0: skip)")
+    max_new_tokens: int = Field(
+        VERIFY_MAX_NEW_TOKENS, ge=0, description="greedy tokens generated and compared per prompt (0: skip)")
     dtype: str = Field("auto", description="dtype both models run in; auto: the exported down_proj dtype")
-    max_logit_delta: float | None = Field(None, ge=0, description=f"tolerance on max |delta logit| (default {FP32_MAX_LOGIT_DELTA:g} for float32)")
-    max_kl: float | None = Field(None, ge=0, description=f"tolerance on mean KL (default {HALF_MAX_KL:g} for bf16/fp16)")
-    min_top1: float | None = Field(None, ge=0, le=1, description=f"minimum top-1 agreement (default {HALF_MIN_TOP1:g} for bf16/fp16)")
+    max_logit_delta: float | None = Field(
+        None, ge=0, description=f"tolerance on max |delta logit| (default {FP32_MAX_LOGIT_DELTA:g} for float32)")
+    max_kl: float | None = Field(
+        None, ge=0, description=f"tolerance on mean KL (default {HALF_MAX_KL:g} for bf16/fp16)")
+    min_top1: float | None = Field(
+        None, ge=0, le=1, description=f"minimum top-1 agreement (default {HALF_MIN_TOP1:g} for bf16/fp16)")
     identical_greedy: bool | None = Field(None, description="require identical greedy text (default: on for float32)")
 
     def tolerance_overrides(self) -> dict[str, Any]:
@@ -258,13 +302,16 @@ class GGUFVerifyOptions(VerifyOptions):
     Extends :class:`VerifyOptions` (prompts, limit, absolute tolerances).
     """
 
-    max_kl_ratio: float = Field(1.1, gt=0, description="GGUF: steered mean KL may be at most this x the unsteered noise floor")
+    max_kl_ratio: float = Field(
+        1.1, gt=0, description="GGUF: steered mean KL may be at most this x the unsteered noise floor")
     max_effect_share: float = Field(
         0.01, ge=0,
         description="GGUF: plus this share of the steering effect (transformers' mean KL between hooked and plain): "
         "the steered model sits further from llama.cpp than the unsteered one; 0: the noise floor alone",
     )  # fmt: skip
-    max_top1_drop: float = Field(0.01, ge=0, le=1, description="GGUF: steered top-1 agreement may be at most this below the noise floor's")
+    max_top1_drop: float = Field(
+        0.01, ge=0, le=1, description="GGUF: the steered pair's top-1 flip rate may be at most this above the noise "
+        "floor's (paired, at positions where both references are confident)")
     top1_min_margin: float = Field(
         0.1, ge=0,
         description="GGUF: count top-1 agreement where the reference's top-1/top-2 log-prob gap is at least this "
@@ -273,15 +320,18 @@ class GGUFVerifyOptions(VerifyOptions):
     max_steering_error: float = Field(
         0.03, ge=0,
         description="GGUF: llama.cpp must reproduce the hook-steering effect to within this share (regression slope "
-        "of its logit change on transformers', plus twice its standard error)",
+        "of its logit change on transformers')",
     )  # fmt: skip
+    max_prompts: int = Field(
+        64, ge=0, description="GGUF: while the prompts are too few to decide a criterion, double them (from --limit) "
+        "up to this many; then the verdict is 'not enough positions to decide', never a failure (docs/verify.md)")
     threads: int = Field(2, gt=0, description="GGUF: CPU threads for llama.cpp and the transformers reference")
 
 
 class VerifyRunOptions(Overwrite):
     """Verification prompts and report"""
 
-    prompts: list[str] | None = opt(None, "prompt files (repeatable; default: the refusal recipe's)", metavar="FILE")
+    prompts: InputFiles = opt(None, "prompt files (repeatable; default: the refusal recipe's)", metavar="FILE")
     per_prompt: bool = opt(False, "print one line per prompt")
 
 
@@ -291,11 +341,11 @@ class VerifyRunOptions(Overwrite):
 class ExportOptions(Multiplier, Force, Overwrite):
     """Export"""
 
-    multipliers: str | None = opt(None, 'per-neuron multipliers: {"layer:index": m} or [{layer, index, multiplier}]',
+    multipliers: InputFile = opt(None, 'per-neuron multipliers: {"layer:index": m} or [{layer, index, multiplier}]',
                                   metavar="FILE")
     link: bool = opt(False, "hard-link untouched shards instead of copying them (same filesystem)")
     verify: bool = opt(False, "verify against hook steering before writing (exit 3 and no output if it fails)")
-    prompts: list[str] | None = opt(None, "verification prompts (repeatable; default: the refusal recipe's)",
+    prompts: InputFiles = opt(None, "verification prompts (repeatable; default: the refusal recipe's)",
                                     metavar="FILE")
     convert_dtype: str = opt("auto", "dtype of a converted GGUF/pickled source: auto (float32 for GGUF), float32, "
                              "bfloat16, float16", flag="--dtype")
@@ -346,49 +396,47 @@ class SteerOptions(_Switches):
 class EvalSettings(_Switches):
     """Evaluation"""
 
-    max_new_tokens: int = opt(150, "greedy answer length (150, as the paper)")
-    kl_tokens: int = opt(0, "also average KL over the first N tokens of the unsteered answer (0: first token only)")
+    max_new_tokens: int = opt(150, "greedy answer length (150, as the paper)", ge=1)
+    kl_tokens: int = opt(0, "also average KL over the first N tokens of the unsteered answer (0: first token only)",
+                         ge=0)
     judge: str = opt("keyword", "refusal judge: keyword (the paper's regex) or phrases")
-    benign: bool = opt(True, "skip the benign set (no over-refusal or KL)", flag="--no-benign", dest="no_benign")
+    benign_set: bool = opt(True, "skip the benign set (no over-refusal or KL)", flag="--no-benign")
     benign_answers: bool = opt(True, "score benign prompts for KL only (no answers: no over-refusal or benign quality; "
                                "much faster)", flag="--benign-kl-only")
-    benign_max_new_tokens: int | None = opt(None, "answer length on the benign set (default: --max-new-tokens)")
+    benign_max_new_tokens: int | None = opt(None, "answer length on the benign set (default: --max-new-tokens)", ge=1)
     score_chunk: int = opt(4, "prompts per scoring pass", cli=False, gt=0)
 
     @model_validator(mode="after")
-    def _check(self) -> "EvalSettings":
-        if self.max_new_tokens < 1:
-            raise CnaError("--max-new-tokens must be at least 1")
-        if self.kl_tokens < 0:
-            raise CnaError("--kl-tokens must be 0 or more")
-        if self.benign_max_new_tokens is not None and self.benign_max_new_tokens < max(1, self.kl_tokens):
-            raise CnaError("--benign-max-new-tokens must be at least 1 and at least --kl-tokens")
+    def _benign_covers_kl(self) -> "EvalSettings":
+        if self.benign_max_new_tokens is not None and self.benign_max_new_tokens < self.kl_tokens:
+            raise ValueError("--benign-max-new-tokens must be at least --kl-tokens")
         return self
 
 
 class EvalJob(PromptOptions, Multiplier, Force, Overwrite):
     """Evaluation job"""
 
-    model: str = opt("", "HF folder, Hub id, .gguf file, or bundled:NAME", cli=False)
-    out: str | Path = opt("", "output folder", cli=False)
+    model: Annotated[str, INPUT] = opt("", "HF folder, Hub id, .gguf file, or bundled:NAME", cli=False)
+    out: Annotated[str | Path, OUTPUT] = opt("", "output folder", cli=False)
     settings: EvalSettings = Field(default_factory=EvalSettings, json_schema_extra={"cli": {"cli": False}})
     backend: Literal["auto", "transformers", "llama.cpp"] = opt(
         "auto", "auto: llama.cpp for a GGUF when llama-cpp-python is installed, else transformers")
     threads: int | None = opt(None, "CPU threads (default: all cores)")
-    harmful: str | None = opt(None, "harmful prompt file (default: JBB-Behaviors harmful)")
-    benign: str | None = opt(None, "benign prompt file, twins of --harmful by position (default: JBB benign)")
-    jbb_dir: str | None = opt(None, "folder with JBB harmful-behaviors.csv / benign-behaviors.csv "
+    harmful: InputFile = opt(None, "harmful prompt file (default: JBB-Behaviors harmful)")
+    benign: InputFile = opt(None, "benign prompt file, twins of --harmful by position (default: JBB benign)")
+    jbb_dir: InputPath = opt(None, "folder with JBB harmful-behaviors.csv / benign-behaviors.csv "
                               "(default: $CNA_JBB_DIR, then <repo>/../shared/data/jbb, then the Hub)")
     limit: int | None = opt(None, "use the first N harmful prompts (and their twins)")
-    recipe: str | None = opt(None, "discovery recipe, for circuit sizes (--sweep-fractions) and CAA")
-    stats: str | None = opt(None, "discovery statistics .npz: read if it exists, else computed from --recipe and saved")
-    circuit: str | None = opt(None, "circuit manifest to steer with")
-    reference: str | None = opt(None, "evaluate --model (e.g. an export) against this unsteered model instead")
+    recipe: InputFile = opt(None, "discovery recipe, for circuit sizes (--sweep-fractions) and CAA")
+    stats: InputFile = opt(None, "discovery statistics .npz: read if it exists, else computed from --recipe and saved")
+    circuit: InputFile = opt(None, "circuit manifest to steer with")
+    reference: InputPath = opt(None, "evaluate --model (e.g. an export) against this unsteered model instead")
     sweep_multipliers: list[float] | None = opt(None, "e.g. 1,0.5,0,-0.5,2", metavar="M,M,...")
     sweep_fractions: list[float] | None = opt(
         None, "circuit sizes as fractions of all MLP neurons (needs --recipe or --stats)", metavar="F,F,...")
     caa_alphas: list[float] | None = opt(
-        None, "CAA baseline strengths (negative: against the positive set; needs --recipe or --stats)", metavar="A,A,...")
+        None, "CAA baseline strengths (negative: against the positive set; needs --recipe or --stats)",
+        metavar="A,A,...")
     caa_layers: str | None = opt(None, "layers CAA steers: all (default) or e.g. 1-23 (llama.cpp cannot steer layer 0)")
     model_options: dict[str, Any] = opt({}, "ModelOptions as a dict", cli=False)
     quiet: bool = opt(False, "no log lines", cli=False)
@@ -424,7 +472,7 @@ class TuneJob(_Switches):
                                 "attribution+ per-drift, direction+ mean-match, ...) or one of the recipe's "
                                 "tune: custom_strategies (default: recipe)", flag="--strategy", metavar="NAME")
     custom_strategies: dict[str, dict[str, Any]] = opt({}, "tpe: name -> discovery settings overriding the recipe's",
-                                                       cli=False)
+                                                       cli=False, recipe=True)
     multiplier_step: float = opt(0.1, "tpe: multiplier grid step", gt=0)
     startup_trials: int = opt(4, "tpe: random trials before the sampler models the results", ge=0)
 
@@ -441,7 +489,7 @@ class TuneJob(_Switches):
 class DiffOptions(Overwrite):
     """Comparison"""
 
-    top: int = opt(20, "list this many changed tensors")
+    top: int = opt(20, "list this many changed tensors", ge=0)
     rank1_share: float = opt(RANK1_SHARE, "top singular value's share of a change's energy that makes it a rank-1 edit")
     rank_k: int = opt(4, "low-rank directional edits: rank counted from the top k singular values of a change",
                       ge=1, le=64)
@@ -450,31 +498,32 @@ class DiffOptions(Overwrite):
 class AuditSettings(Overwrite):
     """Audit"""
 
-    base: str | None = opt(None, "the model the suspect may have been made from (diff, refusal-circuit overlap, behaviour)")
-    manifest: str | None = opt(None, "check that exactly this export manifest's edits were made (no FILE: the "
+    base: InputPath = opt(
+        None, "the model the suspect may have been made from (diff, refusal-circuit overlap, behaviour)")
+    manifest: InputFile = opt(None, "check that exactly this export manifest's edits were made (no FILE: the "
                                "embedded one)", nargs="?", const="embedded", metavar="FILE")
-    recipe: str | None = opt(None, "discovery recipe for the base's refusal circuit and the harmful prompts "
+    recipe: InputFile = opt(None, "discovery recipe for the base's refusal circuit and the harmful prompts "
                              "(default: the bundled recipes/refusal.yaml)")
-    circuit: str | None = opt(None, "the base's refusal circuit, already discovered (skips discovery)")
-    stats: str | None = opt(None, "the base's discovery statistics: read when FILE exists (checked against the base's "
+    circuit: InputFile = opt(None, "the base's refusal circuit, already discovered (skips discovery)")
+    stats: InputFile = opt(None, "the base's discovery statistics: read when FILE exists (checked against the base's "
                             "weights and the recipe), else computed and saved there, so later audits against the same "
                             "base skip discovery", metavar="FILE")
     discover: bool = opt(True, "skip the refusal-circuit overlap", flag="--no-discover")
     generate: bool = opt(True, "skip the behavioural check", flag="--no-generate")
-    prompts: int = opt(8, "harmful prompts for the behavioural check")
+    prompts: int = opt(8, "harmful prompts for the behavioural check", ge=1)
     max_new_tokens: int = opt(40, "greedy tokens per answer")
     backend: Literal["auto", "transformers", "llama.cpp"] = opt(
         "auto", "generation backend (auto: llama.cpp for GGUF files when installed)")
     threads: int | None = opt(None, "CPU threads for generation")
     batch_size: int = opt(8, "prompts per generation batch")
-    zero_threshold: float = opt(1e-3, "base-free: flag weights with norm below this x the layer median")
+    zero_threshold: float = opt(1e-3, "base-free: flag weights with norm below this x the layer median", gt=0)
     direction_threshold: float = opt(1e-3, "base-free: flag a residual direction whose eigenvalue is below this x "
-                                     "the median")
+                                     "the median", gt=0)
     rank1_share: float = opt(RANK1_SHARE, "as for diff")
     rank_k: int = opt(4, "as for diff", ge=1, le=64)
     refusal_direction: bool = opt(True, "skip the refusal directions (cosine with a directional edit; base-free "
                                   "depletion score)", flag="--no-refusal-direction")
-    directions: str | None = opt(None, "refusal directions (mean residual, harmful - benign, per layer) of the base "
+    directions: InputFile = opt(None, "refusal directions (mean residual, harmful - benign, per layer) of the base "
                                  "(or, without a base, of the suspect): read when FILE exists (checked against the "
                                  "weights and the recipe's prompts), else computed and saved there", metavar="FILE")
     direction_prompts: int = opt(32, "harmful and benign prompts each for the refusal directions", ge=2)
@@ -484,128 +533,23 @@ class AuditSettings(Overwrite):
     write_threshold: float = opt(0.8, "base-free: flag abliteration when a window of layers' writers write the "
                                  "model's own refusal direction below this x a typical direction's energy (clean "
                                  "models measured 1.0 to 1.1)", gt=0)
-    plot: str | None = opt(None, "write the directional edit's per-layer strength profile as a PNG", metavar="FILE")
-    save_direction: str | None = opt(None, "write the directional edit's consensus direction (.npy or "
+    plot: OutputPath = opt(None, "write the directional edit's per-layer strength profile as a PNG", metavar="FILE")
+    save_direction: OutputPath = opt(None, "write the directional edit's consensus direction (.npy or "
                                      ".safetensors)", metavar="FILE")
 
 
-# -- recipes -----------------------------------------------------------------------------------
+# -- building ------------------------------------------------------------------------------
 
 
-RECIPE_PATH_FIELDS = ("positive", "negative", "neutral")
-RECIPE_META_FIELDS = ("name", "description", "tuned")
-RECIPE_SECTIONS: dict[str, tuple[type[_Options], ...]] = {
-    "discover": (DiscoverOptions, ModelOptions),
-    "export": (ExportOptions, GGUFExportOptions, GGUFVerifyOptions, HubOptions),
-    "steer": (SteerOptions, HubOptions),
-    "verify": (GGUFVerifyOptions, VerifyRunOptions, ModelOptions),
-    "eval": (EvalSettings, EvalJob),
-    "tune": (TuneJob, EvalSettings, EvalJob),
-    "audit": (AuditSettings,),
-}
-"""Each job's section of a recipe and the models its keys belong to (the first model with a key wins)."""
-
-
-def _norm(data: dict) -> dict[str, Any]:
-    return {str(k).replace("-", "_"): v for k, v in data.items()}
-
-
-def _recipe_fields(models: tuple[type[_Options], ...]) -> dict[str, Any]:
-    fields: dict[str, Any] = {}
-    for cls in models:
-        for name, f in cls.model_fields.items():
-            if _cli(f).get("cli") is False:
-                continue  # the job's plumbing (model, out, nested settings), not a recipe setting
-            fields.setdefault(name, f)
-    return fields
-
-
-def _check_section(where: str, data: dict[str, Any], fields: dict[str, Any], extra: tuple[str, ...] = ()) -> None:
-    for key, value in data.items():
-        if key in extra:
-            continue
-        if key not in fields:
-            near = difflib.get_close_matches(key, [*fields, *extra], n=1)
-            hint = f" (did you mean '{near[0]}'?)" if near else ""
-            raise CnaError(f"{where}unknown key '{_one_line(key)}'{hint}")
-        f = fields[key]
-        try:
-            TypeAdapter(Annotated[f.annotation, Field(**_constraints(f))]).validate_python(value)
-        except ValidationError as e:
-            raise CnaError(f"{where}{key}: {e.errors()[0]['msg']} (got {_one_line(repr(value))})") from None
-
-
-def _one_line(text: str, limit: int = 80) -> str:
-    """``text`` fit for a one-line error: control characters escaped, long values cut."""
-    text = str(text).encode("unicode_escape").decode("ascii")
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _constraints(f: Any) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for m in f.metadata:
-        for attr in ("gt", "ge", "lt", "le", "allow_inf_nan"):
-            if getattr(m, attr, None) is not None:
-                out[attr] = getattr(m, attr)
-    return out
-
-
-def read_recipe(path: str | Path) -> tuple[Path, dict[str, Any]]:
-    """A recipe's YAML, validated: every key known to its section's settings models, every value of its type."""
-    import yaml
-
-    p = Path(path)
-    if not p.is_file():
-        raise CnaError(f"recipe not found: {p}")
-    text = read_text(p, "recipe")
-    try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as e:
-        raise CnaError(f"recipe {p} is not valid YAML: {str(e).splitlines()[0]}") from None
-    except (RecursionError, ValueError, MemoryError) as e:  # deep nesting, integers past Python's digit limit
-        why = "nested too deeply" if isinstance(e, RecursionError) else (str(e).splitlines() or [type(e).__name__])[0]
-        raise CnaError(f"recipe {p} cannot be read: {why}") from None
-    if not isinstance(data, dict):
-        raise CnaError(f"recipe {p} must be a mapping of settings")
-    data = _norm(data)
-    top = _recipe_fields(RECIPE_SECTIONS["discover"])
-    _check_section(f"recipe {p}: ", data, top, RECIPE_META_FIELDS + tuple(RECIPE_SECTIONS))
-    for name in RECIPE_SECTIONS:
-        section = data.get(name)
-        if section is None:
-            continue
-        if not isinstance(section, dict):
-            raise CnaError(f"recipe {p}: section '{name}' must be a mapping of settings")
-        data[name] = _norm(section)
-        _check_section(f"recipe {p}: {name}: ", data[name], _recipe_fields(RECIPE_SECTIONS[name]))
-    return p, data
-
-
-def load_recipe(path: str | Path) -> dict[str, Any]:
-    """A recipe's discovery settings (top level and its ``discover:`` section), validated; relative
-    prompt paths are resolved against the recipe's folder. Unknown keys anywhere are an error."""
-    p, data = read_recipe(path)
-    out = {k: v for k, v in data.items() if k not in RECIPE_META_FIELDS and k not in RECIPE_SECTIONS}
-    out.update(data.get("discover") or {})
-    for key in RECIPE_PATH_FIELDS:
-        if isinstance(out.get(key), str):
-            try:
-                out[key] = str((p.parent / out[key]).resolve())
-            except (UnicodeEncodeError, ValueError, OSError) as e:  # lone surrogates, NUL bytes, name too long
-                raise CnaError(f"recipe {p}: {key}: not a usable path ({_one_line(repr(out[key]))}: "
-                               f"{type(e).__name__})") from None
-    return out
-
-
-def recipe_section(path: str | Path | None, job: str) -> dict[str, Any]:
-    """The validated ``job:`` section of a recipe ({} without a recipe or section)."""
-    if not path:
-        return {}
-    return dict(read_recipe(path)[1].get(job) or {})
+def error_text(err: Any) -> str:
+    """One pydantic error's message; a validator's own ``ValueError`` text without pydantic's prefix."""
+    if err["type"] == "value_error" and "error" in err.get("ctx", {}):
+        return str(err["ctx"]["error"])
+    return err["msg"]
 
 
 def build(cls: type[_Options], *layers: dict[str, Any]) -> Any:
-    """Validate merged settings into ``cls`` with a one-line error naming the bad setting."""
+    """Validate merged settings into ``cls`` with a one-line error naming the bad setting by its flag."""
     merged: dict[str, Any] = {}
     for layer in layers:
         merged.update({k: v for k, v in layer.items() if k in cls.model_fields})
@@ -613,98 +557,9 @@ def build(cls: type[_Options], *layers: dict[str, Any]) -> Any:
         return cls.model_validate(merged)
     except ValidationError as e:
         err = e.errors()[0]
-        name = "--" + "-".join(str(p) for p in err["loc"][:1]).replace("_", "-")
-        raise CnaError(f"{name}: {err['msg']}") from None
-
-
-# -- CLI flag generation ----------------------------------------------------------
-
-
-def _unwrap_optional(tp: Any) -> Any:
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(args) == 1:
-            return args[0]
-    return tp
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.replace(" ", "").split(",") if x]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{text}'") from None
-
-
-def _float_list(text: str) -> list[float]:
-    try:
-        return [float(x) for x in text.replace(" ", "").split(",") if x]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got '{text}'") from None
-
-
-def _cli(f: Any) -> dict[str, Any]:
-    extra = f.json_schema_extra
-    return dict(extra.get("cli", {})) if isinstance(extra, dict) else {}
-
-
-def _shown(default: Any) -> str:
-    if isinstance(default, list):
-        return ",".join(f"{x:g}" if isinstance(x, float) else str(x) for x in default) or "none"
-    return str(default)
-
-
-def add_flags(parser: argparse.ArgumentParser, cls: type[_Options], skip: tuple[str, ...] = (),
-              only: tuple[str, ...] | None = None, negatable: bool | None = None) -> None:
-    """Add one flag per field of ``cls``; unset flags stay absent so recipes and defaults apply."""
-    title = cls.__doc__.strip().splitlines()[0] if cls.__doc__ else cls.__name__
-    group = parser.add_argument_group(title)
-    for name, f in cls.model_fields.items():
-        cli = _cli(f)
-        if name in skip or (only is not None and name not in only) or cli.get("cli") is False:
-            continue
-        flag = cli.get("flag", "--" + name.replace("_", "-"))
-        tp = _unwrap_optional(f.annotation)
-        default = f.get_default(call_default_factory=True)
-        switch = tp is bool and flag != "--" + name.replace("_", "-")  # --no-x: stores the opposite of the default
-        help_text = f.description or ""
-        if help_text and not switch and "default" not in help_text:
-            help_text += f" (default: {_shown(default)})"
-        kwargs: dict[str, Any] = {"dest": cli.get("dest", name), "default": argparse.SUPPRESS,
-                                  "help": help_text.replace("%", "%%") or None}
-        if switch:
-            kwargs.update(action="store_const", const=not default)
-        elif tp is bool:
-            owner = next((c for c in cls.__mro__ if name in getattr(c, "__annotations__", {})), cls)
-            kwargs["action"] = argparse.BooleanOptionalAction if (owner.negatable if negatable is None else negatable) \
-                else "store_true"
-        elif typing.get_origin(tp) is Literal:
-            kwargs["choices"] = list(typing.get_args(tp))
-        elif typing.get_origin(tp) is list:
-            item = typing.get_args(tp)[0]
-            if item is str:
-                kwargs["action"] = "append"
-            else:
-                kwargs["type"] = _int_list if item is int else _float_list
-                kwargs["metavar"] = "N,N,..."
-        elif tp in (int, float, str):
-            kwargs["type"] = tp
-        for key in ("metavar", "nargs", "const"):
-            if key in cli:
-                kwargs[key] = cli[key]
-        group.add_argument(flag, **kwargs)
-
-
-def flags_of(ns: argparse.Namespace, cls: type[_Options]) -> dict[str, Any]:
-    """The settings of ``cls`` that were given on the command line."""
-    given = vars(ns)
-    out = {}
-    for name, f in cls.model_fields.items():
-        dest = _cli(f).get("dest", name)
-        if dest in given:
-            out[name] = given[dest]
-    return out
-
-
-def settings_of(ns: argparse.Namespace, cls: type[_Options], *recipe: dict[str, Any], **fixed: Any) -> Any:
-    """``cls`` built from defaults < recipe layers < the flags given < ``fixed``."""
-    return build(cls, *recipe, flags_of(ns, cls), fixed)
+        if not err["loc"]:  # a check across fields: its message names them
+            raise CnaError(error_text(err)) from None
+        name = str(err["loc"][0])
+        f = cls.model_fields.get(name)
+        flag = cli_spec(f).get("flag") if f is not None else None
+        raise CnaError(f"{flag or '--' + name.replace('_', '-')}: {error_text(err)}") from None

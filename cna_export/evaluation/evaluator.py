@@ -234,7 +234,7 @@ class Evaluator:
     ):
         self.backend = backend
         self.harmful = harmful
-        self.benign = benign if settings.benign else None
+        self.benign = benign if settings.benign_set else None
         self.settings = settings
         self.reference_backend = reference or backend
         self.judge = judge or get_judge(settings.judge)

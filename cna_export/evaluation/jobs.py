@@ -23,7 +23,8 @@ from .backends import Backend, Steering, open_backend
 from ..core.circuit import Circuit, check_multiplier
 from ..core.errors import CnaError
 from .evaluator import Condition, EvalSet, Evaluator, JsonlSink, load_eval_set, load_jbb, markdown_table, split_pairs, stderr_log, write_report
-from ..core.settings import DiscoverOptions, EvalJob, EvalSettings, TuneJob, build, load_recipe  # noqa: F401  (EvalJob, TuneJob, EvalSettings: part of this API)
+from ..core.recipe import load_recipe
+from ..core.settings import DiscoverOptions, EvalJob, EvalSettings, TuneJob, build  # noqa: F401  (EvalJob, TuneJob, EvalSettings: part of this API)
 from .sweep import SavedStats, caa_conditions, choose, cna_conditions, compute_stats, fraction_label, load_stats, parse_layers, plot_sweep, run_conditions, save_stats, sweep_csv, sweep_markdown, tuned_recipe_yaml
 
 
@@ -52,7 +53,7 @@ def load_sets(job: EvalJob) -> tuple[EvalSet, EvalSet | None]:
         if missing:
             raise CnaError(f"the benign set has no twin for harmful prompt {missing[0]} (pairs match by index)")
         benign = benign.subset(wanted)
-    if not job.settings.benign:
+    if not job.settings.benign_set:
         benign = None
     return harmful, benign
 
@@ -240,7 +241,7 @@ def run_tune_job(t: TuneJob) -> dict:
 
     if t.quality_metric not in QUALITY_KEYS:
         raise CnaError(f"--quality-metric must be one of {', '.join(QUALITY_KEYS)}")
-    if t.quality_metric == "benign" and not (job.settings.benign and job.settings.benign_answers):
+    if t.quality_metric == "benign" and not (job.settings.benign_set and job.settings.benign_answers):
         raise CnaError("--quality-metric benign needs benign answers (drop --no-benign / --benign-kl-only)")
     if t.kl_metric == "kl_gen" and not job.settings.kl_tokens:
         raise CnaError("--kl-metric kl_gen needs --kl-tokens N")
@@ -256,7 +257,7 @@ def run_tune_job(t: TuneJob) -> dict:
         from .search import resolve_strategies
 
         resolve_strategies(t.strategies, t.custom_strategies)
-        if not job.settings.benign:
+        if not job.settings.benign_set:
             raise CnaError("--sampler tpe minimises benign KL: it needs the benign twins (drop --no-benign)")
     for f in t.fractions:
         if not 0 < f <= 1:
