@@ -54,29 +54,41 @@ def test_recipe_drives_discover(tiny_models, prompt_files, tmp_path, capsys):
     assert set(c.prompts) == {"positive", "negative", "neutral"}
 
 
+DISCOVER = ["discover", "--model", "{m}", "--positive", "{pos}", "--negative", "{neg}"]
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["discover", "--model", "{m}", "--positive", "{pos}", "--negative", "/nope.txt", "--out", "{out}"], "prompt file not found"),
-        (["discover", "--model", "/no/such/model", "--positive", "{pos}", "--negative", "{neg}", "--out", "{out}"], "model not found"),
+        (["discover", "--model", "{m}", "--positive", "{pos}", "--negative", "/nope.txt", "--out", "{out}"],
+         "prompt file not found"),
+        (["discover", "--model", "/no/such/model", "--positive", "{pos}", "--negative", "{neg}", "--out", "{out}"],
+         "model not found"),
         (["discover", "--model", "{m}", "--out", "{out}"], "needs --positive and --negative"),
-        (["discover", "--model", "{m}", "--positive", "{pos}", "--negative", "{neg}", "--top-fraction", "3", "--out", "{out}"], "--top-fraction"),
-        (["discover", "--model", "{m}", "--positive", "{pos}", "--negative", "{neg}", "--exclude-layers", "9", "--out", "{out}"], "out of range"),
-        (["discover", "--model", "{m}", "--positive", "{pos}", "--negative", "{neg}", "--out", "/no/such/dir/c.json"], "does not exist"),
-        (["discover", "--model", "{m}", "--positive", "{pos}", "--negative", "{neg}", "--dtype", "int3", "--out", "{out}"], "unknown dtype"),
-        (["discover", "--model", "bundled:nope", "--positive", "{pos}", "--negative", "{neg}", "--out", "{out}"], "unknown bundled model"),
+        (DISCOVER + ["--top-fraction", "3", "--out", "{out}"], "--top-fraction"),
+        (DISCOVER + ["--exclude-layers", "9", "--out", "{out}"], "out of range"),
+        (DISCOVER + ["--out", "{pos}/c.json"], "is a file, not a folder"),
+        (DISCOVER + ["--out", "{pos}"], "is the input itself"),
+        (DISCOVER + ["--out", ""], "--out is empty"),
+        (DISCOVER + ["--dtype", "int3", "--out", "{out}"], "unknown dtype"),
+        (["discover", "--model", "bundled:nope", "--positive", "{pos}", "--negative", "{neg}", "--out", "{out}"],
+         "unknown bundled model"),
         (["show", "/nope.json"], "circuit file not found"),
+        (["show", "{dir}"], "is a folder; expected a file"),
+        (["show", "{pos}", "--top", "-3"], "--top"),
         (["generate", "--model", "{m}", "--multiplier", "0", "hi"], "--multiplier needs --circuit"),
     ],
 )
 def test_one_line_errors(argv, message, tiny_models, prompt_files, tmp_path, capsys):
     pos, neg, _ = prompt_files
-    fill = {"m": str(tiny_models["llama"]), "pos": str(pos), "neg": str(neg), "out": str(tmp_path / "c.json")}
+    fill = {"m": str(tiny_models["llama"]), "pos": str(pos), "neg": str(neg), "out": str(tmp_path / "c.json"),
+            "dir": str(tmp_path)}
+    before = pos.read_bytes()
     code, _, err = run([a.format(**fill) for a in argv], capsys)
     assert code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("cna-export: error:") and message in lines[0], err
-    assert not (tmp_path / "c.json").exists()
+    assert not (tmp_path / "c.json").exists() and pos.read_bytes() == before
 
 
 def test_unsupported_architecture_is_refused(tmp_path, capsys, prompt_files):
@@ -116,7 +128,8 @@ def test_architecture_table():
     from cna_export.core.architectures import arch_for_gguf, get_arch, supported_model_types
     from cna_export.core.errors import CnaError
 
-    assert {"llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "gemma3_text", "phi3"} <= set(supported_model_types())
+    dense = {"llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "gemma3_text", "phi3"}
+    assert dense <= set(supported_model_types())
     phi3 = get_arch("phi3")
     assert phi3.fused_gate_up and phi3.up_row(5, 100) == 105
     assert get_arch("llama").up_row(5, 100) == 5

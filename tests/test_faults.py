@@ -29,13 +29,12 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import make_tiny_model, planted_circuit
+from test_gguf_export import build_gguf, circuit_for
 
 from cna_export.cli import main
 from cna_export.core.errors import CnaError
 from cna_export.core.manifest import MANIFEST_FILE, ExportManifest
-
-from conftest import make_tiny_model, planted_circuit
-from test_gguf_export import build_gguf, circuit_for
 
 TESTS = Path(__file__).parent
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="signals, rlimits and renameat2 are Linux")
@@ -206,7 +205,8 @@ def test_full_disk_is_one_line_error(sources, tmp_path, fmt):
     rc, _, err = child("none", argv(sources, fmt, out), FSIZE=size // 2)
     lines = err.strip().splitlines()
     assert rc == 2, err[-3000:]
-    assert len(lines) == 1 and lines[0].startswith("cna-export: error:") and re.search("File too large|disk is full", lines[0]), err
+    assert len(lines) == 1 and lines[0].startswith("cna-export: error:"), err
+    assert re.search("File too large|disk is full", lines[0]), err
     assert not out.exists() and leftovers(tmp_path, out, set()) == []
     assert tree_hash(src) == digest
 
@@ -263,8 +263,9 @@ def test_manifest_naming_a_path_outside_its_folder_is_refused(path):
 
 @pytest.mark.parametrize("path", ["../model.safetensors", "/etc/passwd", "a/../../model.safetensors", ""])
 def test_index_naming_a_path_outside_its_folder_is_refused(tmp_path, path):
-    from cna_export.io.safetensors import Checkpoint
     from test_fuzz import valid_safetensors
+
+    from cna_export.io.safetensors import Checkpoint
 
     folder = tmp_path / "ckpt"
     folder.mkdir()

@@ -3,8 +3,9 @@
 One module per group of sub-commands (``discover``, ``export``, ``verify``,
 ``steer`` (+ ``push``), ``evaluate``, ``audit``), registered in ``_registry``. Every sub-command parses flags
 (generated from the options models), calls one library function and prints a
-summary. User errors end as one line on stderr
-and a non-zero exit code; see ``docs/exit-codes.md``.
+summary. User errors end as one line on stderr and a non-zero exit code, and so do write, network and
+Hub errors (``_errors``); see ``docs/exit-codes.md``. Before any work, each command checks the paths it
+reads and writes against the output policy (``paths.guard``, ``core/outputs.py``).
 """
 
 from __future__ import annotations
@@ -21,10 +22,12 @@ from typing import Sequence
 # configured plugins (the variable is only set when absent). Must run before pydantic is imported.
 os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
 
-from ..core.version import __version__  # noqa: E402
-from ..core.errors import CnaError  # noqa: E402
+from ..core.errors import CnaError, ExitCode  # noqa: E402
 from ..core.progress import wanted  # noqa: E402
+from ..core.version import __version__  # noqa: E402
+from ._errors import one_line  # noqa: E402
 from ._registry import COMMANDS, PARSERS  # noqa: E402
+from .paths import check_command_line  # noqa: E402
 
 # importing the command modules registers their commands; --help lists them in this order
 from . import discover, export, verify, steer, evaluate, audit  # noqa: E402,F401,I001  isort: skip
@@ -76,16 +79,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     _setup_logging(ns.verbose, ns.quiet)
     _quiet_transformers(not wanted(ns.quiet))
     try:
+        check_command_line(ns)
         return COMMANDS[ns.command](ns)
     except CnaError as e:
         report = getattr(e, "report", None)  # a failed export --verify carries its report table
         if report is not None and not ns.quiet:
             print(report.render())
-        print(f"cna-export: error: {e}", file=sys.stderr)
-        return e.exit_code
+        return _error(str(e), e.exit_code)
     except KeyboardInterrupt:
         print("cna-export: interrupted", file=sys.stderr)
-        return 130
+        return ExitCode.INTERRUPTED
     except MemoryError:
-        print("cna-export: error: out of memory (try a smaller --batch-size or --device-map auto)", file=sys.stderr)
-        return 1
+        return _error("out of memory (try a smaller --batch-size or --device-map auto)", ExitCode.OUT_OF_MEMORY)
+    except Exception as e:  # a write, network or Hub error is one line; anything else is a bug: its traceback
+        line = one_line(e)
+        if line is None:
+            raise
+        logging.getLogger("cna_export").debug("traceback of the error below", exc_info=True)
+        return _error(line, ExitCode.USER_ERROR)
+
+
+def _error(message: str, code: int) -> int:
+    print(f"cna-export: error: {message}", file=sys.stderr)
+    return code

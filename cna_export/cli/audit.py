@@ -8,24 +8,11 @@ from typing import Any
 
 from ..core.errors import CnaError
 from ..core.progress import wanted
-from ..core.settings import AuditSettings, DiffOptions, add_flags, recipe_section, settings_of
+from ..core.recipe import recipe_section
+from ..core.settings import AuditSettings, DiffOptions
 from ._registry import PARSERS, command
-
-
-def _check_outputs(ns: argparse.Namespace, inputs: tuple[str | None, ...], overwrite: bool) -> None:
-    from ..core.atomic import check_output_path
-    from ..io.sources import resolve_source
-
-    def path_of(x: str) -> Path | None:
-        try:
-            return resolve_source(x).path
-        except CnaError:  # a LoRA adapter folder is no model folder
-            return Path(x) if Path(x).exists() else None
-
-    paths = tuple(p for p in (path_of(x) for x in inputs if x) if p is not None)
-    for out in (ns.json, ns.out_circuit, getattr(ns, "plot", None), getattr(ns, "save_direction", None)):
-        if out:
-            check_output_path(Path(out), overwrite, paths)
+from .flags import add_flags, settings_of
+from .paths import guard
 
 
 def _write(ns: argparse.Namespace, diff: Any, base: str, data: dict, overwrite: bool) -> None:
@@ -50,7 +37,7 @@ def cmd_diff(ns: argparse.Namespace) -> int:
     opts: DiffOptions = settings_of(ns, DiffOptions)
     if not 0 < opts.rank1_share <= 1:
         raise CnaError("--rank1-share must be in (0, 1]")
-    _check_outputs(ns, (ns.a, ns.b), opts.overwrite)
+    guard(ns, opts, overwrite=opts.overwrite)
     report = diff_checkpoints(ns.a, ns.b, rank1_share=opts.rank1_share, progress=wanted(ns.quiet), rank_k=opts.rank_k)
     _write(ns, report, ns.a, report.to_dict() if ns.json else {}, opts.overwrite)
     if not ns.quiet:
@@ -66,7 +53,7 @@ def cmd_audit(ns: argparse.Namespace) -> int:
     s: AuditSettings = settings_of(ns, AuditSettings, recipe_section(getattr(ns, "recipe", None), "audit"))
     if ns.out_circuit and not (s.base or s.manifest):
         raise CnaError("--out-circuit needs --base (or --manifest): recovered neurons come from a comparison")
-    _check_outputs(ns, (ns.suspect, s.base), s.overwrite)
+    guard(ns, s, overwrite=s.overwrite)
     report = audit(ns.suspect, s, progress=wanted(ns.quiet))
     diff = report.diff
     _write(ns, diff, diff.a["spec"] if diff is not None else "", report.to_dict() if ns.json else {}, s.overwrite)
@@ -80,7 +67,8 @@ def _outputs(p: argparse.ArgumentParser, circuit_help: str) -> None:
 
 
 def _diff_parser(sub: Any) -> None:
-    p = sub.add_parser("diff", help="compare two checkpoints tensor by tensor; recover scaled neurons and directional edits")
+    p = sub.add_parser("diff", help="compare two checkpoints tensor by tensor; recover scaled neurons and "
+                       "directional edits")
     p.add_argument("a", help="the reference: HF safetensors folder, .gguf file or bundled:NAME")
     p.add_argument("b", help="the checkpoint to compare with it (any of the same kinds)")
     _outputs(p, "write the recovered neurons as a circuit manifest (kind recovered)")
@@ -88,10 +76,11 @@ def _diff_parser(sub: Any) -> None:
 
 
 def _audit_parser(sub: Any) -> None:
-    p = sub.add_parser("audit", help="was this checkpoint steered? check a manifest, diff against a base, or scan alone",
-                       description="Exit codes: 0 nothing found / manifest check passed, 2 bad input, "
-                                   "3 manifest check failed, 4 steering edits found, 5 weights differ without steering structure.")
-    p.add_argument("suspect", help="HF safetensors folder, .gguf file, bundled:NAME, or a LoRA adapter (PEFT folder or LoRA GGUF)")
+    p = sub.add_parser("audit", help="was this checkpoint steered? check a manifest, diff against a base, or scan "
+                       "alone", description="Exit codes: 0 nothing found / manifest check passed, 2 bad input, "
+                       "3 manifest check failed, 4 steering edits found, 5 weights differ without steering structure.")
+    p.add_argument("suspect", help="HF safetensors folder, .gguf file, bundled:NAME, or a LoRA adapter (PEFT folder or "
+                   "LoRA GGUF)")
     _outputs(p, "write the recovered neurons as a circuit manifest")
     add_flags(p, AuditSettings)
 

@@ -5,12 +5,22 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict
+
+from ..core.recipe import load_recipe
 from ..core.settings import (
-    DiscoverOptions, Force, GenerateOptions, ModelOptions, Multiplier, Overwrite, PromptOptions, add_flags, load_recipe,
-    settings_of,
+    DiscoverOptions,
+    Force,
+    GenerateOptions,
+    ModelOptions,
+    Multiplier,
+    Overwrite,
+    PromptOptions,
+    opt,
 )
 from ._registry import PARSERS, command
-
+from .flags import add_flags, settings_of
+from .paths import guard
 
 # -- discover -------------------------------------------------------------------------
 
@@ -21,8 +31,10 @@ def cmd_discover(ns: argparse.Namespace) -> int:
 
     recipe = load_recipe(ns.recipe) if ns.recipe else {}
     opts: DiscoverOptions = settings_of(ns, DiscoverOptions, recipe)
-    run = run_discover(ns.model, ns.out, opts, settings_of(ns, ModelOptions, recipe),
-                       overwrite=settings_of(ns, Overwrite).overwrite, progress=not ns.quiet)
+    overwrite = settings_of(ns, Overwrite).overwrite
+    guard(ns, opts, overwrite=overwrite)
+    run = run_discover(ns.model, ns.out, opts, settings_of(ns, ModelOptions, recipe), overwrite=overwrite,
+                       progress=not ns.quiet)
     if ns.quiet:
         return 0
     loaded, circuit, neutral = run.loaded, run.result.circuit, run.neutral
@@ -97,10 +109,19 @@ def _generate_parser(sub: Any) -> None:
 # -- show -----------------------------------------------------------------------------
 
 
+class ShowOptions(BaseModel):
+    """Listing"""
+
+    model_config = ConfigDict(extra="forbid")
+
+    top: int = opt(10, "list this many neurons (0: none)", ge=0)
+
+
 @command("show")
 def cmd_show(ns: argparse.Namespace) -> int:
     from ..core.circuit import Circuit
 
+    top = settings_of(ns, ShowOptions).top
     c = Circuit.load(ns.circuit)
     m = c.model
     print(f"circuit      {ns.circuit} ({c.kind}, schema {c.schema_version}, cna-export {c.tool_version}, {c.created})")
@@ -112,7 +133,7 @@ def cmd_show(ns: argparse.Namespace) -> int:
         print(f"prompts      {name}: {ps.count} from {ps.path} (sha256 {ps.sha256[:12]})")
     print(f"neurons      {len(c.neurons)}; universal excluded: {len(c.universal_neurons)}")
     print("per layer    " + " ".join(f"L{k}:{v}" for k, v in c.layer_counts().items()))
-    for n in c.neurons[: ns.top]:
+    for n in c.neurons[:top]:
         where = "" if n.expert is None else ("shared " if n.expert == "shared" else f"E{n.expert} ")
         print(f"  L{n.layer:<3d} {where}#{n.index:<6d} score {n.score:+.4f}"
               + (f"  pos {n.positive_mean:+.4f} neg {n.negative_mean:+.4f}" if n.positive_mean is not None else "")
@@ -123,7 +144,7 @@ def cmd_show(ns: argparse.Namespace) -> int:
 def _show_parser(sub: Any) -> None:
     p = sub.add_parser("show", help="summarise a circuit manifest")
     p.add_argument("circuit")
-    p.add_argument("--top", type=int, default=10, help="list this many neurons")
+    add_flags(p, ShowOptions)
 
 
 PARSERS += [_discover_parser, _generate_parser, _show_parser]

@@ -8,8 +8,11 @@ from typing import Any
 
 from ..core.errors import NOTHING_FITS
 from ..core.progress import wanted
-from ..core.settings import EVAL_ONLY, EvalJob, EvalSettings, ModelOptions, TuneJob, add_flags, recipe_section, settings_of
+from ..core.recipe import recipe_section
+from ..core.settings import EVAL_ONLY, EvalJob, EvalSettings, ModelOptions, TuneJob
 from ._registry import PARSERS, command
+from .flags import add_flags, settings_of
+from .paths import guard
 
 
 def _eval_job(ns: argparse.Namespace, section: str) -> EvalJob:
@@ -25,7 +28,9 @@ def cmd_eval(ns: argparse.Namespace) -> int:
     from ..evaluation.evaluator import markdown_table
     from ..evaluation.jobs import run_eval_job
 
-    report = run_eval_job(_eval_job(ns, "eval"))
+    job = _eval_job(ns, "eval")
+    guard(ns, job, overwrite=job.overwrite)
+    report = run_eval_job(job)
     if not ns.quiet:
         print(markdown_table(report["conditions"]), end="")
     return 0
@@ -36,6 +41,7 @@ def cmd_tune(ns: argparse.Namespace) -> int:
     from ..evaluation.jobs import run_tune_job
 
     tune = settings_of(ns, TuneJob, recipe_section(getattr(ns, "recipe", None), "tune"), eval=_eval_job(ns, "tune"))
+    guard(ns, tune, overwrite=tune.eval.overwrite)
     report = run_tune_job(tune)
     if report["chosen"] is None:
         print(f"cna-export: no configuration met the constraints; see {ns.out}/tune.md", file=sys.stderr)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
+from ..core.errors import CnaError
 from ..core.progress import wanted
 from ..core.settings import (
     ExportOptions,
@@ -12,10 +14,11 @@ from ..core.settings import (
     GGUFVerifyOptions,
     HubOptions,
     ModelOptions,
-    add_flags,
-    settings_of,
 )
+from ._errors import one_line
 from ._registry import PARSERS, command
+from .flags import add_flags, settings_of
+from .paths import guard
 
 
 def size(n: int) -> str:
@@ -28,19 +31,37 @@ def _multiplier_line(values: list[float]) -> str:
 
 @command("export")
 def cmd_export(ns: argparse.Namespace) -> int:
-    from ..pipeline import hub_token_for, push, run_export
+    from ..pipeline import hub_token_for, run_export
 
     hub: HubOptions = settings_of(ns, HubOptions)
+    eo: ExportOptions = settings_of(ns, ExportOptions)
+    guard(ns, eo, overwrite=eo.overwrite)
     token = hub_token_for(hub)  # a missing token fails here, before any work
-    fmt, r = run_export(ns.model, ns.circuit, ns.out, settings_of(ns, ExportOptions), settings_of(ns, GGUFExportOptions),
+    fmt, r = run_export(ns.model, ns.circuit, ns.out, eo, settings_of(ns, GGUFExportOptions),
                         settings_of(ns, GGUFVerifyOptions), settings_of(ns, ModelOptions), progress=wanted(ns.quiet))
     if not ns.quiet:
         print_export(ns.model, fmt, r)
     if hub.push_to_hub:
-        pushed = push(r.out, hub, token)
+        pushed = _push(r.out, hub, token)
         if not ns.quiet:
             print(f"pushed       {len(pushed.files)} files to {pushed.url}")
-    return 0
+    from ..verification.report import inconclusive_exit
+
+    return inconclusive_exit([r.verification])  # 7 when an inconclusive verify let the export be written
+
+
+def _push(out: Path, hub: HubOptions, token: str | None) -> Any:
+    """Push a written export; a failed push (offline, refused by the Hub) is one line saying the export is kept."""
+    from ..pipeline import push
+
+    try:
+        return push(out, hub, token)
+    except Exception as e:
+        line = str(e) if isinstance(e, CnaError) else one_line(e)
+        if line is None:
+            raise
+        raise CnaError(f"{line}; the export is written to {out}: push it later with "
+                       f"`cna-export push {out} {hub.push_to_hub}`") from None
 
 
 def print_export(model: str, fmt: str, r: Any) -> None:
@@ -49,11 +70,12 @@ def print_export(model: str, fmt: str, r: Any) -> None:
     values = sorted({x.multiplier for x in m.multipliers})
     if fmt in ("lora", "gguf-lora"):
         print(f"base         {model}")
-        print(f"circuit      {len(m.multipliers)} neurons in {len({x.layer for x in m.multipliers})} layers; multiplier "
-              + _multiplier_line(values))
+        print(f"circuit      {len(m.multipliers)} neurons in {len({x.layer for x in m.multipliers})} layers; "
+              f"multiplier {_multiplier_line(values)}")
         if fmt == "lora":
-            print("adapter      PEFT LoRA on down_proj, ranks " + " ".join(f"L{k}:{v}" for k, v in sorted(r.ranks.items()))
-                  + f", alpha = rank (scale 1); adapter_model.safetensors {size(r.adapter_bytes)}")
+            ranks = " ".join(f"L{k}:{v}" for k, v in sorted(r.ranks.items()))
+            print(f"adapter      PEFT LoRA on down_proj, ranks {ranks}, alpha = rank (scale 1); "
+                  f"adapter_model.safetensors {size(r.adapter_bytes)}")
         else:
             print(f"adapter      llama.cpp LoRA on ffn_down, rank {r.rank} (padded), alpha {r.alpha:g} (scale 1)")
             if r.modelfile:
@@ -65,10 +87,11 @@ def print_export(model: str, fmt: str, r: Any) -> None:
         return
     if fmt == "gguf":
         print(f"source       {model}")
-        print(f"circuit      {len(m.multipliers)} neurons in {len({x.layer for x in m.multipliers})} layers; multiplier "
-              + _multiplier_line(values))
-        print(f"folded       {len(m.tensors)} tensors ({', '.join(sorted({t.dtype for t in m.tensors}))}), "
-              + ("ffn_up rows" if m.fold == "up" else "ffn_down columns") + "; every other tensor and KV pair unchanged")
+        print(f"circuit      {len(m.multipliers)} neurons in {len({x.layer for x in m.multipliers})} layers; "
+              f"multiplier {_multiplier_line(values)}")
+        dtypes = ", ".join(sorted({t.dtype for t in m.tensors}))
+        axis = "ffn_up rows" if m.fold == "up" else "ffn_down columns"
+        print(f"folded       {len(m.tensors)} tensors ({dtypes}), {axis}; every other tensor and KV pair unchanged")
         for w in r.warnings:
             print(f"warning      {w}")
         print("manifest     " + (str(r.manifest_path) if r.manifest_path else f"cna.manifest KV in {r.out.name}"))
@@ -87,7 +110,8 @@ def print_export(model: str, fmt: str, r: Any) -> None:
     print(r.verification.render() if r.verification is not None
           else "verify       not run (pass --verify, or run cna-export verify)")
     total = r.out.stat().st_size if fmt == "gguf" else r.total_bytes
-    print(f"wrote        {r.out} ({size(total)}) in {r.seconds:.1f}s" + (" (fast copy)" if getattr(r, "fast_copy", False) else ""))
+    fast = " (fast copy)" if getattr(r, "fast_copy", False) else ""
+    print(f"wrote        {r.out} ({size(total)}) in {r.seconds:.1f}s{fast}")
 
 
 def _export_parser(sub: Any) -> None:

@@ -6,6 +6,7 @@ import argparse
 from typing import Any
 
 from ..core.progress import wanted
+from ..core.recipe import recipe_section
 from ..core.settings import (
     ExportOptions,
     GGUFExportOptions,
@@ -13,26 +14,27 @@ from ..core.settings import (
     HubOptions,
     ModelOptions,
     SteerOptions,
-    add_flags,
-    recipe_section,
-    settings_of,
 )
 from ._registry import PARSERS, command
+from .flags import add_flags, settings_of
+from .paths import guard
 
 
 @command("steer")
 def cmd_steer(ns: argparse.Namespace) -> int:
     import sys
 
-    from ..steer import run_steer
+    from ..steer import STATE_FILE, run_steer
 
     export_recipe = recipe_section(ns.recipe, "export")
     steer_recipe = recipe_section(ns.recipe, "steer")
     s: SteerOptions = settings_of(ns, SteerOptions, steer_recipe)
+    eo: ExportOptions = settings_of(ns, ExportOptions, export_recipe)
+    guard(ns, eo, overwrite=eo.overwrite, exists_ok=True, markers=(STATE_FILE,))  # a steer folder is resumed
     show = not ns.quiet
     r = run_steer(
         ns.model, ns.out, recipe=ns.recipe, circuit=ns.circuit, formats=s.formats,
-        export_options=settings_of(ns, ExportOptions, export_recipe),
+        export_options=eo,
         gguf_options=settings_of(ns, GGUFExportOptions, export_recipe),
         verify_options=settings_of(ns, GGUFVerifyOptions, export_recipe),
         model_options=settings_of(ns, ModelOptions), hub=settings_of(ns, HubOptions, steer_recipe), fresh=s.fresh,
@@ -43,7 +45,9 @@ def cmd_steer(ns: argparse.Namespace) -> int:
         if r.pushed is not None:
             print(f"pushed       {len(r.pushed.files)} files to {r.pushed.url}")
         print(f"done         {r.out} in {r.seconds:.1f}s (rerun the same command to reuse every unchanged step)")
-    return 0
+    from ..verification.report import inconclusive_exit
+
+    return inconclusive_exit([step.verification for step in r.steps])  # 7 when an inconclusive verify kept an export
 
 
 def _steer_parser(sub: Any) -> None:

@@ -8,19 +8,20 @@ from pathlib import Path
 from typing import Any
 
 from ..core.progress import wanted
-from ..core.settings import GGUFVerifyOptions, ModelOptions, VerifyRunOptions, add_flags, settings_of
+from ..core.settings import GGUFVerifyOptions, ModelOptions, VerifyRunOptions
 from ._registry import PARSERS, command
+from .flags import add_flags, settings_of
+from .paths import guard
 
 
 @command("verify")
 def cmd_verify(ns: argparse.Namespace) -> int:
-    from ..core.atomic import atomic_write_text, check_output_path
+    from ..core.atomic import atomic_write_text
     from ..core.errors import VerificationFailed
     from ..pipeline import verify
 
     run: VerifyRunOptions = settings_of(ns, VerifyRunOptions)
-    if ns.json:
-        check_output_path(Path(ns.json), run.overwrite)
+    guard(ns, run, overwrite=run.overwrite)
     t0 = time.perf_counter()
     report = verify(ns.original, ns.exported, settings_of(ns, GGUFVerifyOptions), prompt_files=run.prompts,
                     model_options=settings_of(ns, ModelOptions), progress=wanted(ns.quiet), reference=ns.reference)
@@ -29,6 +30,10 @@ def cmd_verify(ns: argparse.Namespace) -> int:
     if not ns.quiet:
         print(report.render(per_prompt=run.per_prompt))
         print(f"time         {time.perf_counter() - t0:.1f}s" + (f"; wrote {ns.json}" if ns.json else ""))
+    if report.verdict == "inconclusive":  # not a failure: the tensors are exact, the prompts too few to decide
+        from ..verification.report import inconclusive_exit
+
+        return inconclusive_exit([report], "nothing changed")
     if not report.passed:
         raise VerificationFailed("verification failed: " + "; ".join(report.reasons))
     return 0

@@ -2,14 +2,17 @@
 
 An existing output is never replaced unless ``overwrite`` is set (also when another
 run creates it while this one is writing: the final rename refuses to replace it),
-a failure part-way leaves no partial output behind, and outputs are refused when they
-would land inside (or on) an input.
+a failure part-way leaves no partial output behind, and every output obeys the output
+policy of :mod:`cna_export.core.outputs` (never an input, never a device or FIFO, never a
+folder this tool did not write, never the working folder). A missing parent folder of the
+output is created when it is written.
 
 Temporaries live beside the output and are named ``.<output name>.<random>.tmp``
 (plus ``.<output name>.convert-<random>.tmp`` for a converted source). A process
 killed with SIGKILL cannot remove its temporary: a later run ignores it (it picks a
 new random name) and it may be deleted by hand. Errors while writing (a full
-disk, a file-size limit) are reported as one-line :class:`CnaError`.
+disk, a file-size limit, a folder that cannot be written) are reported as one-line
+:class:`CnaError`.
 """
 
 from __future__ import annotations
@@ -24,25 +27,29 @@ from pathlib import Path
 from typing import Iterator
 
 from .errors import CnaError
+from .outputs import check_output
 
 
 def check_output_path(out: Path, overwrite: bool, inputs: tuple[Path, ...] = ()) -> Path:
-    """Resolve ``out`` and refuse it if it exists (without overwrite) or sits inside/equal to an input."""
-    out = Path(out)
-    resolved = out.resolve()
-    for src in inputs:
-        src_r = Path(src).resolve()
-        if resolved == src_r:
-            raise CnaError(f"output {out} is the input itself; choose another output path")
-        if src_r.is_dir() and src_r in resolved.parents:
-            raise CnaError(f"output {out} is inside the input {src}; choose a path outside it")
-        if resolved.is_dir() and resolved in src_r.parents and overwrite:
-            raise CnaError(f"output {out} contains the input {src}; refusing to overwrite it")
-    if out.exists() and not overwrite:
-        raise CnaError(f"output {out} already exists; pass --overwrite to replace it")
-    if not resolved.parent.exists():
-        raise CnaError(f"output folder {out.parent} does not exist")
-    return resolved
+    """Resolve ``out`` and refuse it where the output policy does (:func:`cna_export.core.outputs.check_output`):
+    an existing output without ``overwrite``, an output on, inside or containing one of ``inputs``, a device
+    or FIFO, a folder this tool did not write, the working folder."""
+    return check_output(Path(out), overwrite, tuple(Path(p) for p in inputs))
+
+
+def _new_temp(final: Path, folder: bool) -> Path:
+    """A new temporary file or folder beside ``final``, creating its missing parent folders (a write error,
+    such as a folder that cannot be written, is one line)."""
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if folder:
+            return Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+        fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+        os.close(fd)
+        return Path(name)
+    except OSError as e:
+        _raise_write_error(e, final)
+        raise
 
 
 def _umask() -> int:
@@ -108,6 +115,7 @@ def _replace(tmp: Path, final: Path, overwrite: bool = True) -> None:
             ) from None
         return
     if final.exists() or final.is_symlink():
+        check_output(final, True, exists_ok=True)  # what appeared meanwhile is still ours to replace
         backup = final.with_name(f".{final.name}.old-{os.getpid()}")
         os.replace(final, backup)
         try:
@@ -127,9 +135,7 @@ def _replace(tmp: Path, final: Path, overwrite: bool = True) -> None:
 def atomic_path(path: Path, overwrite: bool = False, inputs: tuple[Path, ...] = ()) -> Iterator[Path]:
     """Yield a temporary file path beside ``path`` for writers that want a name; renamed on success."""
     final = check_output_path(Path(path), overwrite, inputs)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = _new_temp(final, folder=False)
     try:
         yield tmp
         _replace(tmp, final, overwrite)
@@ -153,7 +159,7 @@ def atomic_file(path: Path, overwrite: bool = False, inputs: tuple[Path, ...] = 
 def atomic_dir(path: Path, overwrite: bool = False, inputs: tuple[Path, ...] = ()) -> Iterator[Path]:
     """Yield a temporary folder beside ``path``; on success it is renamed onto ``path``."""
     final = check_output_path(Path(path), overwrite, inputs)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    tmp = _new_temp(final, folder=True)
     try:
         yield tmp
         _publish_private_files(tmp)

@@ -188,12 +188,27 @@ class DiscoverOptions(PromptOptions):
     )  # fmt: skip
     drift_floor: float = Field(
         0.1, ge=0, description="per-drift ranking: floor added to the drift, as a share of the median neuron's drift")
-    multiplier_mode: Literal["constant", "mean-match"] = Field(
+    multiplier_mode: Literal["constant", "mean-match", "learned"] = Field(
         "constant",
-        description="per-neuron multipliers: constant (--multiplier for all) or mean-match (m = mean_neg / mean_pos "
+        description="per-neuron multipliers: constant (--multiplier for all), mean-match (m = mean_neg / mean_pos "
         "clipped to --mean-match-range, moved towards 1 by --multiplier-strength): lands the positive mean on "
-        "the negative",
+        "the negative, or learned (one scalar per circuit neuron fitted by gradient descent on the recipe's prompts: "
+        "behaviour loss + --learn-kl-weight x benign KL + --learn-l1 x |m - 1|; starts from --multiplier, else 1)",
     )  # fmt: skip
+    learn_goal: Literal["suppress", "increase"] = Field(
+        "suppress", description="learned: lower the behaviour on the positive prompts (refusal removal) or raise it "
+        "(hardening)")
+    learn_kl_weight: float = Field(
+        10.0, ge=0, allow_inf_nan=False, description="learned: lambda, the weight of KL(unsteered || steered) over "
+        "the unsteered model's own greedy answers to the negative and neutral prompts")
+    learn_kl_tokens: int = Field(16, ge=1, le=64, description="learned: answer tokens the KL is averaged over")
+    learn_l1: float = Field(
+        0.0, ge=0, allow_inf_nan=False, description="learned: weight of the L1 penalty on m - 1 (nats per unit of "
+        "change, per neuron): neurons the objective does not need stay at (or return to) 1")
+    learn_steps: int = Field(40, gt=0, description="learned: optimiser steps (Adam, proximal for the L1)")
+    learn_lr: float = Field(0.05, gt=0, allow_inf_nan=False, description="learned: Adam learning rate")
+    learn_batch: int = Field(8, gt=0, description="learned: positive and benign prompts per step (each)")
+    learn_seed: int = Field(0, ge=0, description="learned: seed of the prompt batches")
     mean_match_range: list[float] = Field(
         [-1.0, 1.0], min_length=2, max_length=2, description="mean-match: lowest,highest multiplier")
     multiplier_strength: float = Field(
@@ -241,7 +256,8 @@ class DiscoverOptions(PromptOptions):
 
     STRATEGY_FIELDS: ClassVar[tuple[str, ...]] = (
         "direction_layer", "rank", "drift_floor", "multiplier_mode", "mean_match_range", "multiplier_strength",
-        "capture", "capture_k",
+        "capture", "capture_k", "learn_goal", "learn_kl_weight", "learn_kl_tokens", "learn_l1", "learn_steps",
+        "learn_lr", "learn_batch", "learn_seed",
     )
     """The strategy settings beyond the paper's: recorded in :meth:`method_params` when not their default."""
 
@@ -257,7 +273,8 @@ class DiscoverOptions(PromptOptions):
                     "drift_floor": self.rank == "per-drift",
                     "mean_match_range": self.multiplier_mode == "mean-match",
                     "multiplier_strength": self.multiplier_mode == "mean-match",
-                    "capture_k": self.capture == "mean-last-k"}
+                    "capture_k": self.capture == "mean-last-k",
+                    **{k: self.multiplier_mode == "learned" for k in self.STRATEGY_FIELDS if k.startswith("learn_")}}
         for k in self.STRATEGY_FIELDS:
             default = type(self).model_fields[k].get_default(call_default_factory=True)
             if getattr(self, k) != default and relevant.get(k, True):
@@ -399,7 +416,11 @@ class EvalSettings(_Switches):
     max_new_tokens: int = opt(150, "greedy answer length (150, as the paper)", ge=1)
     kl_tokens: int = opt(0, "also average KL over the first N tokens of the unsteered answer (0: first token only)",
                          ge=0)
-    judge: str = opt("keyword", "refusal judge: keyword (the paper's regex) or phrases")
+    judge: str = opt("keyword", "refusal judge: keyword (the paper's regex), phrases, or model (a local GGUF asked "
+                     "whether each answer complies, refuses or is unusable; needs --judge-model; reports its agreement "
+                     "with keyword and phrases)")
+    judge_model: InputFile = opt(None, "--judge model: the judge's GGUF (any local instruction model through "
+                                 "llama.cpp; a larger one than the model evaluated judges better)", metavar="FILE")
     benign_set: bool = opt(True, "skip the benign set (no over-refusal or KL)", flag="--no-benign")
     benign_answers: bool = opt(True, "score benign prompts for KL only (no answers: no over-refusal or benign quality; "
                                "much faster)", flag="--benign-kl-only")
@@ -410,6 +431,9 @@ class EvalSettings(_Switches):
     def _benign_covers_kl(self) -> "EvalSettings":
         if self.benign_max_new_tokens is not None and self.benign_max_new_tokens < self.kl_tokens:
             raise ValueError("--benign-max-new-tokens must be at least --kl-tokens")
+        if (self.judge == "model") != (self.judge_model is not None):
+            raise ValueError("--judge model needs --judge-model FILE.gguf" if self.judge == "model"
+                             else "--judge-model needs --judge model")
         return self
 
 
@@ -475,6 +499,19 @@ class TuneJob(_Switches):
                                                        cli=False, recipe=True)
     multiplier_step: float = opt(0.1, "tpe: multiplier grid step", gt=0)
     startup_trials: int = opt(4, "tpe: random trials before the sampler models the results", ge=0)
+    kl_weights: list[Annotated[float, Field(gt=0, allow_inf_nan=False)]] = opt(
+        [1.0, 100.0], "tpe, learned-multiplier strategies: lowest,highest lambda (benign KL weight; searched "
+        "log-uniform)", metavar="LO,HI", min_length=2, max_length=2)
+    l1_weights: list[Annotated[float, Field(gt=0, allow_inf_nan=False)]] = opt(
+        [0.001, 0.1], "tpe, learned-multiplier strategies: lowest,highest L1 weight on m - 1 (searched log-uniform)",
+        metavar="LO,HI", min_length=2, max_length=2)
+
+    @field_validator("kl_weights", "l1_weights")
+    @classmethod
+    def _ordered(cls, v: list[float]) -> list[float]:
+        if v[0] > v[1]:
+            raise ValueError("lowest must not exceed highest")
+        return v
 
     @model_validator(mode="after")
     def _no_bound(self) -> "TuneJob":
