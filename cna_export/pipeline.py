@@ -7,46 +7,58 @@ final rename, and this module builds that check from the verification stage.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-from .core.circuit import Circuit
-from .export.plan import ExportCheck, StagedExport
+from .core.circuit import Circuit, ModelIdentity
+from .core.errors import CnaError
+from .core.formats import FORMAT_OPTIONS, Format, FormatOptions, export_format, format_options
+from .core.settings import (
+    DiscoverOptions,
+    ExportOptions,
+    GGUFExportOptions,
+    GGUFVerifyOptions,
+    HubOptions,
+    ModelOptions,
+    VerifyOptions,
+)
+from .export.plan import CheckReport, ExportCheck, StagedExport
+from .export.request import ExportRequest, MultiplierSpec
 
-Format = Literal["safetensors", "gguf", "lora", "gguf-lora"]
+if TYPE_CHECKING:
+    from .discovery.cna import DiscoveryResult
+    from .export.gguf import GGUFExportResult
+    from .export.gguf_lora import GGUFLoraExportResult
+    from .export.hub import PushResult
+    from .export.lora import LoraExportResult
+    from .export.safetensors import ExportResult
+    from .model.loading import LoadedModel
+    from .model.prompts import PromptSet
 
+    Written = ExportResult | GGUFExportResult | LoraExportResult | GGUFLoraExportResult
+    """What an exporter returns (each has ``out``, ``manifest``, ``seconds`` and ``verification``)."""
 
-def export_format(out: str | Path, format: Format | None = None) -> Format:
-    """The output format: as given, else GGUF when ``out`` ends in ``.gguf``, else safetensors."""
-    if format is not None:
-        return format
-    return "gguf" if str(out).lower().endswith(".gguf") else "safetensors"
-
-
-def _transformers_opts(opts: Any) -> Any:
+def _transformers_opts(opts: GGUFVerifyOptions) -> VerifyOptions:
     """The transformers-side verification settings (``VerifyOptions``) of a ``GGUFVerifyOptions``."""
-    from .core.settings import VerifyOptions
-
     return VerifyOptions(**opts.model_dump(include=set(VerifyOptions.model_fields)))
 
 
-def _gguf_opts(opts: Any) -> Any:
+def _gguf_opts(opts: VerifyOptions | None) -> GGUFVerifyOptions:
     """``opts`` as ``GGUFVerifyOptions`` (defaults for the llama.cpp-only settings)."""
-    from .core.settings import GGUFVerifyOptions
-
     if isinstance(opts, GGUFVerifyOptions):
         return opts
     return GGUFVerifyOptions(**(opts.model_dump() if opts is not None else {}))
 
 
 def lora_check(
-    opts: Any = None, prompt_files: Sequence[str | Path] | None = None,
+    opts: VerifyOptions | None = None, prompt_files: Sequence[str | Path] | None = None,
     model_options: Mapping[str, Any] | None = None, progress: bool = False,
 ) -> ExportCheck:
     """Verification of a staged PEFT LoRA adapter folder: base + adapter against hook steering of the base."""
     from .verification.lora import verify_lora
 
-    def check(staged: StagedExport) -> Any:
+    def check(staged: StagedExport) -> CheckReport:
         return verify_lora(staged.source, staged.path, opts, prompt_files=prompt_files, model_options=model_options,
                            manifest=staged.manifest, progress=progress)
 
@@ -54,13 +66,13 @@ def lora_check(
 
 
 def safetensors_check(
-    opts: Any = None, prompt_files: Sequence[str | Path] | None = None,
+    opts: VerifyOptions | None = None, prompt_files: Sequence[str | Path] | None = None,
     model_options: Mapping[str, Any] | None = None, progress: bool = False,
 ) -> ExportCheck:
     """Verification of a staged safetensors export against hook steering of its source."""
     from .verification.safetensors import verify_export
 
-    def check(staged: StagedExport) -> Any:
+    def check(staged: StagedExport) -> CheckReport:
         return verify_export(staged.source, staged.path, opts=opts, prompt_files=prompt_files,
                              model_options=model_options, manifest=staged.manifest,
                              reference_name=staged.source_name, candidate_name=str(staged.out), progress=progress)
@@ -69,154 +81,126 @@ def safetensors_check(
 
 
 def gguf_check(
-    opts: Any = None, prompt_files: Sequence[str | Path] | None = None, progress: bool = False,
+    opts: VerifyOptions | None = None, prompt_files: Sequence[str | Path] | None = None, progress: bool = False,
 ) -> ExportCheck:
     """Verification of a staged GGUF export or LoRA GGUF (tensors exactly, then behaviour in llama.cpp)."""
     from .verification.gguf import verify_gguf
 
     gopts = _gguf_opts(opts)
 
-    def check(staged: StagedExport) -> Any:
+    def check(staged: StagedExport) -> CheckReport:
         return verify_gguf(staged.source, staged.path, gopts, prompt_files=prompt_files, manifest=staged.manifest,
                            progress=progress)
 
     return check
 
 
+def export_check(options: FormatOptions, verify_options: VerifyOptions | None = None,
+                 prompt_files: Sequence[str | Path] | None = None, progress: bool = False) -> ExportCheck:
+    """The verification run on a staged export of ``options.format`` before it is published."""
+    if options.format in ("gguf", "gguf-lora"):
+        return gguf_check(verify_options, prompt_files, progress=progress)
+    vopts = _transformers_opts(_gguf_opts(verify_options))
+    if options.format == "lora":
+        return lora_check(vopts, prompt_files, {"trust_remote_code": options.trust_remote_code}, progress)
+    model_options = {"allow_pickle": options.allow_pickle, "trust_remote_code": options.trust_remote_code}
+    return safetensors_check(vopts, prompt_files, model_options, progress)
+
+
+def write_export(request: ExportRequest, options: FormatOptions) -> Written:
+    """Write ``request`` in the format ``options`` names (the exporter's result)."""
+    if options.format == "lora":
+        from .export.lora import write_lora
+
+        return write_lora(request, options)
+    if options.format == "gguf-lora":
+        from .export.gguf_lora import write_gguf_lora
+
+        return write_gguf_lora(request, options)
+    if options.format == "gguf":
+        from .export.gguf import write_gguf
+
+        return write_gguf(request, options)
+    from .export.safetensors import write_safetensors
+
+    return write_safetensors(request, options)
+
+
 def export(
-    model: str | Path,
-    circuit: Circuit | str | Path,
-    out: str | Path,
-    *,
-    format: Format | None = None,
-    verify: bool = False,
-    verify_options: Any = None,
-    prompt_files: Sequence[str | Path] | None = None,
-    progress: bool = False,
-    **options: Any,
-) -> Any:
-    """Export ``circuit`` folded into ``model`` as safetensors or GGUF (see :func:`export_format`),
-    verified before it is written when ``verify`` is set. ``options`` go to
-    :func:`cna_export.export.safetensors.export_safetensors`, :func:`cna_export.export.gguf.export_gguf`,
-    :func:`cna_export.export.lora.export_lora` (``format="lora"``) or
-    :func:`cna_export.export.gguf_lora.export_gguf_lora` (``format="gguf-lora"``)."""
-    fmt = export_format(out, format)
-    if fmt == "lora":
-        from .export.lora import export_lora
+    model: str | Path, circuit: Circuit | str | Path, out: str | Path, *, format: Format | None = None,
+    verify: bool = False, verify_options: VerifyOptions | None = None,
+    prompt_files: Sequence[str | Path] | None = None, **settings: Any,
+) -> Written:
+    """Export ``circuit`` folded into ``model`` (see :func:`export_format`), verified before it is written
+    when ``verify`` is set. ``settings``: the request's (``multiplier``, ``multipliers``, ``overwrite``,
+    ``force``, ``progress``) and the fields of the format's options (:mod:`cna_export.core.formats`)."""
+    import dataclasses
 
-        model_options = {k: options[k] for k in ("trust_remote_code",) if k in options}
-        check = lora_check(verify_options, prompt_files, model_options, progress) if verify else None
-        return export_lora(model, circuit, out, check=check, progress=progress, **options)
-    if fmt == "gguf-lora":
-        from .export.gguf_lora import export_gguf_lora
+    from .export.request import request_for
 
-        check = gguf_check(verify_options, prompt_files, progress=progress) if verify else None
-        return export_gguf_lora(model, circuit, out, check=check, progress=progress, **options)
-    if fmt == "gguf":
-        from .export.gguf import export_gguf
-
-        check = gguf_check(verify_options, prompt_files, progress=progress) if verify else None
-        return export_gguf(model, circuit, out, check=check, progress=progress, **options)
-    from .export.safetensors import export_safetensors
-
-    model_options = {k: options[k] for k in ("allow_pickle", "trust_remote_code") if k in options}
-    check = safetensors_check(verify_options, prompt_files, model_options, progress) if verify else None
-    return export_safetensors(model, circuit, out, check=check, progress=progress, **options)
+    request, options = request_for(FORMAT_OPTIONS[export_format(out, format)], model, circuit, out, settings)
+    if verify:
+        check = export_check(options, verify_options, prompt_files, request.progress)
+        request = dataclasses.replace(request, check=check)
+    return write_export(request, options)
 
 
 def run_export(
-    model: str | Path, circuit: str | Path, out: str | Path, options: Any, gguf: Any = None, verify_options: Any = None,
-    model_options: Any = None, progress: bool = False,
-) -> tuple[Format, Any]:
-    """The ``export`` job: :func:`export` with its settings models (``options``:
-    :class:`~cna_export.core.settings.ExportOptions`, ``gguf``: ``GGUFExportOptions``, ``verify_options``:
-    ``GGUFVerifyOptions``, ``model_options``: ``ModelOptions``); flags of the other format are refused.
+    model: str | Path, circuit: str | Path, out: str | Path, options: ExportOptions,
+    gguf: GGUFExportOptions | None = None, verify_options: GGUFVerifyOptions | None = None,
+    model_options: ModelOptions | None = None, progress: bool = False, *, strict: bool = True,
+) -> tuple[Format, Written]:
+    """The ``export`` job: the settings models turned into the format's options
+    (:func:`cna_export.core.formats.format_options`: with ``strict``, flags of another format are
+    refused; ``steer`` leaves them out) and one :class:`ExportRequest`, verified with ``options.verify``.
     Returns the format written and the exporter's result."""
-    from .core.errors import CnaError
-    from .core.settings import GGUFExportOptions, GGUFVerifyOptions, ModelOptions
-
-    o, g = options, gguf or GGUFExportOptions()
-    vopts = verify_options or GGUFVerifyOptions()
-    mopts = model_options or ModelOptions()
+    g = gguf or GGUFExportOptions()
     fmt = export_format(out, g.format)
-    common = dict(multiplier=o.multiplier, multipliers=o.multipliers, overwrite=o.overwrite, force=o.force,
-                  verify=o.verify, prompt_files=o.prompts, progress=progress)
-    if g.adapter_dtype != "auto" and fmt not in ("lora", "gguf-lora"):
-        raise CnaError("--adapter-dtype applies to LoRA exports (--format lora or gguf-lora)")
-    if fmt in ("lora", "gguf-lora"):
-        what = "a LoRA adapter"
-        if o.link or o.max_shard_size or o.convert_dtype != "auto":
-            raise CnaError(f"--link, --max-shard-size and --dtype apply to safetensors exports, not {what} "
-                           "(--adapter-dtype sets the adapter's dtype)")
-        if g.fold == "up" or g.fast_copy:
-            raise CnaError(f"--fold up and --fast-copy apply to GGUF exports; {what} always acts on down_proj")
-        if mopts.allow_pickle:
-            raise CnaError(f"{what} is computed from safetensors or GGUF weights; --allow-pickle does not apply "
-                           "(convert the checkpoint with a safetensors export first)")
-        if fmt == "lora":
-            if str(out).lower().endswith(".gguf"):
-                raise CnaError(f"--format lora writes a PEFT adapter folder, not {out}; use --format gguf-lora for a "
-                               "llama.cpp adapter")
-            if not g.modelfile:
-                raise CnaError("--no-modelfile applies to GGUF exports")
-            dtype = "float32" if g.adapter_dtype == "auto" else g.adapter_dtype
-            return fmt, export(model, circuit, out, format=fmt, dtype=dtype, trust_remote_code=mopts.trust_remote_code,
-                               verify_options=_transformers_opts(vopts), **common)
-        if not str(out).lower().endswith(".gguf"):
-            raise CnaError(f"--format gguf-lora writes a .gguf adapter file; --out {out} does not end in .gguf")
-        dtypes = {"auto": "F32", "float32": "F32", "float16": "F16"}
-        if g.adapter_dtype not in dtypes:
-            raise CnaError("a llama.cpp LoRA adapter is float32 or float16 (--adapter-dtype)")
-        return fmt, export(model, circuit, out, format=fmt, dtype=dtypes[g.adapter_dtype], modelfile=g.modelfile,
-                           verify_options=vopts, **common)
-    if fmt == "gguf":
-        if o.link or o.max_shard_size:
-            raise CnaError("--link and --max-shard-size apply to safetensors exports, not GGUF")
-        return fmt, export(model, circuit, out, format=fmt, fold=g.fold or "up", fast_copy=g.fast_copy,
-                           modelfile=g.modelfile, verify_options=vopts, **common)
-    if g.fold == "up" or g.fast_copy or not g.modelfile:
-        raise CnaError("--fold up, --fast-copy and --no-modelfile apply to GGUF exports (--format gguf)")
-    return fmt, export(model, circuit, out, format=fmt, link=o.link, dtype=o.convert_dtype,
-                       max_shard_size=o.max_shard_size, allow_pickle=mopts.allow_pickle,
-                       trust_remote_code=mopts.trust_remote_code, verify_options=_transformers_opts(vopts), **common)
+    fopts = format_options(fmt, out, options, g, model_options or ModelOptions(), strict=strict)
+    multipliers: MultiplierSpec = options.multipliers
+    check = export_check(fopts, verify_options or GGUFVerifyOptions(), options.prompts, progress) \
+        if options.verify else None
+    request = ExportRequest.build(model, circuit, out, multiplier=options.multiplier, multipliers=multipliers,
+                                  overwrite=options.overwrite, force=options.force, check=check, progress=progress)
+    return fmt, write_export(request, fopts)
 
 
 def verify(
-    original: str | Path, exported: str | Path, opts: Any = None, prompt_files: Sequence[str | Path] | None = None,
-    model_options: Any = None, progress: bool = False, reference: str | Path | None = None,
-) -> Any:
+    original: str | Path, exported: str | Path, opts: VerifyOptions | None = None,
+    prompt_files: Sequence[str | Path] | None = None, model_options: ModelOptions | None = None,
+    progress: bool = False, reference: str | Path | None = None,
+) -> CheckReport:
     """Verify an export against hook steering of ``original``: a ``.gguf`` file in llama.cpp
     (:func:`cna_export.verification.gguf.verify_gguf`), else a safetensors folder
     (:func:`cna_export.verification.safetensors.verify_export`). ``opts``: ``GGUFVerifyOptions``.
     ``reference`` (GGUF exports only): the Hugging Face model that transformers runs with hook steering
     instead of the source GGUF (for families whose GGUF files transformers cannot load)."""
-    from .core.errors import CnaError
-    from .core.settings import GGUFVerifyOptions, ModelOptions
-
     if reference is not None and Path(exported).suffix.lower() != ".gguf":
         raise CnaError("--reference applies to GGUF exports only")
 
-    opts = opts or GGUFVerifyOptions()
-    mopts = model_options or ModelOptions()
+    gopts = _gguf_opts(opts)
+    mopts = (model_options or ModelOptions()).model_dump(exclude={"dtype"})
     if (Path(exported) / "adapter_config.json").is_file():
         from .verification.lora import verify_lora
 
-        return verify_lora(str(original), exported, _transformers_opts(opts), prompt_files=prompt_files,
-                           model_options=mopts.model_dump(exclude={"dtype"}), progress=progress)
+        return verify_lora(str(original), exported, _transformers_opts(gopts), prompt_files=prompt_files,
+                           model_options=mopts, progress=progress)
     if Path(exported).suffix.lower() == ".gguf":
         from .verification.gguf import verify_gguf
 
-        return verify_gguf(original, exported, _gguf_opts(opts), prompt_files=prompt_files, progress=progress,
+        return verify_gguf(original, exported, gopts, prompt_files=prompt_files, progress=progress,
                            reference=reference)
     from .verification.safetensors import verify_export
 
-    return verify_export(original, exported, _transformers_opts(opts), prompt_files=prompt_files,
-                         model_options=mopts.model_dump(exclude={"dtype"}), progress=progress)
+    return verify_export(original, exported, _transformers_opts(gopts), prompt_files=prompt_files,
+                         model_options=mopts, progress=progress)
 
 
-def hub_token_for(hub: Any) -> str | None:
-    """The Hub token when ``hub`` (:class:`~cna_export.core.settings.HubOptions`) asks for a push, checked
-    before any work: a missing token or a malformed repo id is a one-line error. None without a push."""
+def hub_token_for(hub: HubOptions | None) -> str | None:
+    """The Hub token when ``hub`` asks for a push, checked before any work: a missing token, a malformed
+    repo id or ``--private`` without a push is a one-line error. None without a push."""
+    if hub is not None and hub.private and not hub.push_to_hub:
+        raise CnaError("--private applies to the Hub repo that --push-to-hub creates; pass --push-to-hub REPO_ID")
     if hub is None or not hub.push_to_hub:
         return None
     from .export.hub import check_repo_id, hub_token
@@ -225,25 +209,33 @@ def hub_token_for(hub: Any) -> str | None:
     return hub_token()
 
 
-def push(path: str | Path, hub: Any, token: str | None = None, recipe: str | None = None) -> Any:
+def push(path: str | Path, hub: HubOptions, token: str | None = None, recipe: str | None = None) -> PushResult:
     """Upload an export (folder or GGUF file, or a ``steer`` folder) to ``hub.push_to_hub`` in one commit
     (:func:`cna_export.export.hub.push_export`)."""
     from .export.hub import push_export
 
+    assert hub.push_to_hub is not None
     return push_export(path, hub.push_to_hub, private=hub.private, token=token, recipe=recipe)
 
 
-def run_discover(model: str | Path, out: str | Path, opts: Any, model_options: Any = None, overwrite: bool = False,
-                 progress: bool = False) -> Any:
-    """The ``discover`` job: read the prompt sets, load ``model``, find the circuit and save it to ``out``.
-    ``opts``: :class:`~cna_export.core.settings.DiscoverOptions`. Returns a namespace with ``result``
-    (the discovery result), ``loaded``, the prompt sets and ``load_seconds``."""
+@dataclass
+class DiscoverRun:
+    """What :func:`run_discover` did."""
+
+    result: DiscoveryResult
+    loaded: LoadedModel
+    positive: PromptSet
+    negative: PromptSet
+    neutral: PromptSet | None
+    load_seconds: float
+
+
+def run_discover(model: str | Path, out: str | Path, opts: DiscoverOptions, model_options: ModelOptions | None = None,
+                 overwrite: bool = False, progress: bool = False) -> DiscoverRun:
+    """The ``discover`` job: read the prompt sets, load ``model``, find the circuit and save it to ``out``."""
     import time
-    from types import SimpleNamespace
 
     from .core.atomic import check_output_path
-    from .core.errors import CnaError
-    from .core.settings import ModelOptions
     from .discovery.cna import discover
     from .model.loading import load_model
     from .model.prompts import load_prompts
@@ -260,28 +252,51 @@ def run_discover(model: str | Path, out: str | Path, opts: Any, model_options: A
     load_seconds = time.perf_counter() - t0
     result = discover(loaded, positive, negative, neutral, opts, progress=progress)
     result.circuit.save(out, overwrite=overwrite)
-    return SimpleNamespace(result=result, loaded=loaded, positive=positive, negative=negative, neutral=neutral,
-                           load_seconds=load_seconds)
+    return DiscoverRun(result, loaded, positive, negative, neutral, load_seconds)
+
+
+def _files_identity(model: str | Path, trust_remote_code: bool) -> ModelIdentity | None:
+    """The shapes of a local model read from its files (config.json and safetensors headers, or the GGUF
+    header) without loading it; None where they cannot be read that way (a Hub id, pickled weights)."""
+    from .io.sources import resolve_source
+
+    source = resolve_source(model)
+    if source.path is None:
+        return None
+    if source.kind == "gguf":
+        from .io import gguf as G
+        from .io.identity import gguf_identity
+
+        return gguf_identity(G.open_gguf(source.path), source.spec, fingerprint=False)
+    if not any(source.path.glob("*.safetensors")):
+        return None
+    from .io.identity import checkpoint_identity
+
+    return checkpoint_identity(source.path, source.spec, trust_remote_code=trust_remote_code,
+                               with_fingerprint=False)[0]
 
 
 def run_generate(model: str | Path, prompts: Sequence[str], circuit: str | Path | None = None,
                  multiplier: float | None = None, *, force: bool = False, compare: bool = False,
-                 model_options: Any = None, **gen: Any) -> tuple[list[str] | None, list[str]]:
+                 model_options: ModelOptions | None = None, **gen: Any) -> tuple[list[str] | None, list[str]]:
     """The ``generate`` job: greedy answers to ``prompts`` with ``circuit`` hook-steered (and, with
     ``compare``, unsteered ones too). Returns ``(unsteered or None, steered)``; ``gen``: options
-    of :func:`cna_export.model.generation.generate`."""
+    of :func:`cna_export.model.generation.generate`. A circuit that does not fit the model's shapes is
+    refused before the weights are loaded."""
     import logging
 
-    from .core.errors import CnaError
-    from .core.settings import ModelOptions
     from .model.generation import generate
     from .model.loading import load_model
     from .model.steering import steer_circuit
 
+    mopts = model_options or ModelOptions()
     c = Circuit.load(circuit) if circuit else None
     if c is None and multiplier is not None:
         raise CnaError("--multiplier needs --circuit")
-    loaded = load_model(model, **(model_options or ModelOptions()).model_dump())
+    shapes = _files_identity(model, mopts.trust_remote_code) if c is not None else None
+    if c is not None and shapes is not None:
+        c.check_fits(shapes, force=force)  # shapes only (no fingerprint): before the weights are loaded
+    loaded = load_model(model, **mopts.model_dump())
     if c is not None:
         for note in c.check_fits(loaded.identity(), force=force):
             logging.getLogger("cna_export").warning(note)

@@ -5,10 +5,11 @@ Layout of the output folder ``DIR``::
 
     DIR/circuit.json                     the circuit (discovered with the recipe, or a copy of --circuit)
     DIR/safetensors/                     steered safetensors checkpoint (+ cna_manifest.json, README.md)
-    DIR/gguf/<name>.gguf (+ Modelfile)   patched GGUF
+    DIR/gguf/<name>-steered.gguf         patched GGUF (+ <name>-steered.Modelfile)
     DIR/lora/                            PEFT LoRA adapter folder
-    DIR/gguf-lora/<name>-lora.gguf (+ Modelfile)   llama.cpp LoRA adapter for the GGUF base
+    DIR/gguf-lora/<name>-steer-lora.gguf llama.cpp LoRA adapter for the GGUF base (+ its .Modelfile)
     DIR/steer.json                       the state: each step's input hash, output, time, verification
+                                         (written first: a folder whose first step failed is resumed)
 
 Resuming: each step's inputs (model file sizes and times, recipe and prompt-file contents, the
 circuit's bytes, the export and verification settings) are hashed; a step whose hash matches the one
@@ -28,12 +29,18 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from .core.circuit import Circuit
 from .core.errors import CnaError, VerificationFailed
+from .core.formats import FORMATS
+from .core.settings import ExportOptions, GGUFExportOptions, GGUFVerifyOptions, ModelOptions
+
+if TYPE_CHECKING:
+    from .core.settings import DiscoverOptions, HubOptions
+    from .export.hub import PushResult
 
 STATE_FILE = "steer.json"
-FORMATS = ("safetensors", "gguf", "lora", "gguf-lora")
 # seconds per GB of source weights on 2 CPU cores, from the bundled SmolLM2 (0.09 GB Q4_1 GGUF): discovery
 # about a minute, then each export and its verification; the remaining estimate is rescaled by the ratio of
 # measured to estimated time of the steps done, so a slower or busier machine corrects it after one step
@@ -98,7 +105,7 @@ class SteerResult:
     out: Path
     circuit: Path
     steps: list[StepResult] = field(default_factory=list)
-    pushed: Any = None
+    pushed: PushResult | None = None
     seconds: float = 0.0
 
     def table(self) -> str:
@@ -111,9 +118,11 @@ class SteerResult:
             elif v is None:
                 verdict = "not run"
             else:
-                verdict = ("PASSED" if v.get("passed") else "FAILED") + _key_metric(v)
+                verdict = ("PASSED" if v.get("passed") else "INCONCLUSIVE" if v.get("verdict") == "inconclusive"
+                           else "FAILED") + _key_metric(v)
             size = _size(s.bytes) if s.bytes else "-"
-            rows.append((s.name, s.output, size, verdict, f"{s.seconds:.1f}s" + (" (reused)" if s.status == "reused" else "")))
+            took = f"{s.seconds:.1f}s" + (" (reused)" if s.status == "reused" else "")
+            rows.append((s.name, s.output, size, verdict, took))
         widths = [max(len(r[i]) for r in rows) for i in range(5)]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
@@ -176,60 +185,82 @@ def _eta(s: float) -> str:
     return f"{s:.0f}s" if s < 90 else f"{s / 60:.1f} min"
 
 
-def _for_format(f: str, o: Any, g: Any) -> tuple[Any, Any]:
-    """The export settings that apply to format ``f`` (each flag applies to the formats it names)."""
-    if f != "safetensors":
-        o = o.model_copy(update={"link": False, "max_shard_size": None, "convert_dtype": "auto"})
-    upd: dict[str, Any] = {"format": f}
-    if f != "gguf":
-        upd.update(fold=None, fast_copy=False)
-    if f in ("safetensors", "lora"):
-        upd["modelfile"] = True
-    if f not in ("lora", "gguf-lora") or f == "gguf-lora" and g.adapter_dtype == "bfloat16":
-        upd["adapter_dtype"] = "auto"
-    return o, g.model_copy(update=upd)
+@dataclass
+class _Job:
+    """One ``steer`` run: its settings, the folder's recorded steps and the summary being built."""
+
+    model: str
+    out: Path
+    recipe: str | None
+    formats: list[str]
+    export: ExportOptions
+    gguf: GGUFExportOptions
+    verify: GGUFVerifyOptions
+    model_options: ModelOptions
+    fresh: bool
+    progress: bool
+    mkey: str  # the model files' identity (model_key)
+    targets: dict[str, Path]
+    prog: _Progress
+    result: SteerResult
+    state: dict[str, Any] = field(default_factory=dict)  # step -> what steer.json records of it
+
+    def save(self) -> None:
+        """Write ``steer.json``: the folder is a steer folder from its first step on, so a retry continues."""
+        from .core.atomic import atomic_write_text
+
+        atomic_write_text(self.out / STATE_FILE, json.dumps({
+            "tool": "cna-export steer", "model": self.model, "recipe": self.recipe, "formats": self.formats,
+            "steps": self.state}, indent=2) + "\n", overwrite=True)
 
 
 def run_steer(
     model: str, out: str | Path, *, recipe: str | None = None, circuit: str | None = None, formats: str = "auto",
-    export_options: Any = None, gguf_options: Any = None, verify_options: Any = None, model_options: Any = None,
-    discover_options: Any = None, hub: Any = None, fresh: bool = False, progress: bool = False,
-    say: Callable[[str], None] | None = None,
+    export_options: ExportOptions | None = None, gguf_options: GGUFExportOptions | None = None,
+    verify_options: GGUFVerifyOptions | None = None, model_options: ModelOptions | None = None,
+    discover_options: DiscoverOptions | None = None, hub: HubOptions | None = None, fresh: bool = False,
+    progress: bool = False, say: Callable[[str], None] | None = None,
 ) -> SteerResult:
-    """See the module docstring. ``export_options``: ``ExportOptions`` (``verify`` verifies every export);
-    ``gguf_options``: ``GGUFExportOptions`` (its ``format`` is ignored); ``discover_options``:
-    ``DiscoverOptions`` (default: from ``recipe``)."""
-    from .core.settings import (
-        DiscoverOptions,
-        ExportOptions,
-        GGUFExportOptions,
-        GGUFVerifyOptions,
-        ModelOptions,
-        build,
-        load_recipe,
-    )
-    from .io.sources import resolve_source
-    from .pipeline import hub_token_for, push, run_discover, run_export
+    """See the module docstring. ``export_options``: ``verify`` verifies every export; ``gguf_options``: its
+    ``format`` is ignored; ``discover_options``: default from ``recipe``."""
+    from .pipeline import hub_token_for, push
 
     t_start = time.perf_counter()
     fmts = None if formats.strip() == "auto" else parse_formats(formats)
     token = hub_token_for(hub)  # before any work
     if (recipe is None) == (circuit is None):
         raise CnaError("steer needs --recipe (to discover the circuit) or --circuit (an existing one), not both")
-    eo = export_options or ExportOptions()
-    go = (gguf_options or GGUFExportOptions()).model_copy(update={"format": None})
-    vo = verify_options or GGUFVerifyOptions()
-    mo = model_options or ModelOptions()
+    job = _open(model, Path(out), recipe, fmts, export_options or ExportOptions(), gguf_options or GGUFExportOptions(),
+                verify_options or GGUFVerifyOptions(), model_options or ModelOptions(), fresh, progress, say)
+    if recipe is not None:
+        _discover(job, recipe, discover_options)
+    else:
+        assert circuit is not None
+        _copy_circuit(job, circuit)
+    circ = _export_all(job, say)
+    if hub is not None and hub.push_to_hub:
+        name = circ.method.get("recipe")
+        job.result.pushed = push(job.out, hub, token, recipe=str(name) if name else None)
+    job.result.seconds = time.perf_counter() - t_start
+    return job.result
+
+
+def _open(model: str, out: Path, recipe: str | None, fmts: list[str] | None, eo: ExportOptions, go: GGUFExportOptions,
+          vo: GGUFVerifyOptions, mo: ModelOptions, fresh: bool, progress: bool,
+          say: Callable[[str], None] | None) -> _Job:
+    """Check the model and the folder, read its recorded steps, and mark it as a steer folder."""
+    from .io.sources import resolve_source
+
     src = resolve_source(model)
     if fmts is None:
         fmts = list(FORMATS) if src.kind == "gguf" else ["safetensors", "lora"]
     if src.kind != "gguf" and any(f in ("gguf", "gguf-lora") for f in fmts):
-        raise CnaError(f"--format gguf and gguf-lora need a GGUF model (a .gguf file or bundled:NAME); {model} is not one")
-    out = Path(out)
+        raise CnaError(f"--format gguf and gguf-lora need a GGUF model (a .gguf file or bundled:NAME); {model} is "
+                       "not one")
     state_path = out / STATE_FILE
     if out.exists() and not (out.is_dir() and (state_path.is_file() or not any(out.iterdir()))) and not eo.overwrite:
         raise CnaError(f"{out} already exists and is not a steer folder (no {STATE_FILE}); pass --overwrite "
-                           "or another --out")
+                       "or another --out")
     state: dict[str, Any] = {}
     if state_path.is_file() and not fresh:
         try:
@@ -238,7 +269,6 @@ def run_steer(
             state = {}
     out.mkdir(parents=True, exist_ok=True)
     mkey, mbytes = model_key(model)
-
     stem = (src.path.stem if src.path is not None and src.path.is_file() else Path(model.rstrip("/")).name) or "model"
     stem = stem.replace(" ", "-")
     targets = {"safetensors": out / "safetensors", "gguf": out / "gguf" / f"{stem}-steered.gguf",
@@ -247,93 +277,103 @@ def run_steer(
     est = {"discover": COST["discover"] * gb} if recipe else {}
     for f in fmts:
         est[f] = (COST[f] + (COST[f"verify {f}"] if eo.verify else 0.0)) * gb
-    prog = _Progress(est, say is not None, say)
-    result = SteerResult(out=out, circuit=out / "circuit.json")
+    job = _Job(model, out, recipe, fmts, eo, go.model_copy(update={"format": None}), vo, mo, fresh, progress, mkey,
+               targets, _Progress(est, say is not None, say), SteerResult(out=out, circuit=out / "circuit.json"),
+               state)
+    if not state_path.is_file():
+        job.save()  # before anything else is written: a failed first step leaves a folder the retry continues
+    return job
 
-    def save_state() -> None:
-        from .core.atomic import atomic_write_text
 
-        atomic_write_text(state_path, json.dumps({"tool": "cna-export steer", "model": model, "recipe": recipe,
-                                                   "formats": fmts, "steps": state}, indent=2) + "\n", overwrite=True)
+def _discover(job: _Job, recipe: str, discover_options: DiscoverOptions | None) -> None:
+    """The circuit step with a recipe: discovery, reused when its inputs are unchanged."""
+    from .core.recipe import load_recipe, read_recipe
+    from .core.settings import DiscoverOptions, build
+    from .pipeline import run_discover
 
-    # -- the circuit
-    circuit_path = out / "circuit.json"
-    if recipe:
-        rec = load_recipe(recipe)
-        dopts = discover_options or build(DiscoverOptions, rec)
-        from .core.settings import read_recipe
-
-        name = read_recipe(recipe)[1].get("name") or Path(recipe).stem
-        prompt_hashes = {k: _file_sha(getattr(dopts, k)) for k in ("positive", "negative", "neutral") if getattr(dopts, k)}
-        ckey = _sha("discover", mkey, dopts.model_dump(), prompt_hashes, mo.model_dump())
-        prog.start("discover")
-        t0 = time.perf_counter()
-        prev = state.get("discover")
-        if prev and prev.get("key") == ckey and circuit_path.is_file():
-            result.steps.append(StepResult("discover", str(circuit_path), "reused", prev.get("seconds", 0.0),
+    circuit_path, mo = job.result.circuit, job.model_options
+    dopts = discover_options or build(DiscoverOptions, load_recipe(recipe))
+    name = read_recipe(recipe)[1].get("name") or Path(recipe).stem
+    prompt_hashes = {k: _file_sha(getattr(dopts, k)) for k in ("positive", "negative", "neutral") if getattr(dopts, k)}
+    ckey = _sha("discover", job.mkey, dopts.model_dump(), prompt_hashes, mo.model_dump())
+    job.prog.start("discover")
+    t0 = time.perf_counter()
+    prev = job.state.get("discover")
+    if prev and prev.get("key") == ckey and circuit_path.is_file():
+        job.result.steps.append(StepResult("discover", str(circuit_path), "reused", prev.get("seconds", 0.0),
                                            _bytes(circuit_path)))
-            prog.finish("discover", 0.0, True)
-        else:
-            run = run_discover(model, circuit_path, dopts, mo, overwrite=True, progress=progress)
-            c = run.result.circuit
-            c.method["recipe"] = str(name)
-            c.save(circuit_path, overwrite=True)
-            secs = time.perf_counter() - t0
-            state["discover"] = {"key": ckey, "output": str(circuit_path), "seconds": secs,
-                                 "neurons": len(c.neurons)}
-            save_state()
-            result.steps.append(StepResult("discover", str(circuit_path), "done", secs, _bytes(circuit_path)))
-            prog.finish("discover", secs, False)
-    else:
-        assert circuit is not None
-        data = Path(circuit).read_bytes() if Path(circuit).is_file() else None
-        if data is None:
-            raise CnaError(f"circuit not found: {circuit}")
-        if not circuit_path.is_file() or circuit_path.read_bytes() != data:
-            from .core.atomic import atomic_file
+        job.prog.finish("discover", 0.0, True)
+        return
+    run = run_discover(job.model, circuit_path, dopts, mo, overwrite=True, progress=job.progress)
+    c = run.result.circuit
+    c.method["recipe"] = str(name)
+    c.save(circuit_path, overwrite=True)
+    secs = time.perf_counter() - t0
+    job.state["discover"] = {"key": ckey, "output": str(circuit_path), "seconds": secs, "neurons": len(c.neurons)}
+    job.save()
+    job.result.steps.append(StepResult("discover", str(circuit_path), "done", secs, _bytes(circuit_path)))
+    job.prog.finish("discover", secs, False)
 
-            with atomic_file(circuit_path, overwrite=True) as fh:
-                fh.write(data)
-    circuit_sha = _file_sha(circuit_path)
 
-    # -- the exports (each verified before its rename when asked)
-    from .core.circuit import Circuit
+def _copy_circuit(job: _Job, circuit: str) -> None:
+    """The circuit step with ``--circuit``: its bytes copied into the folder (when they changed)."""
+    circuit_path = job.result.circuit
+    data = Path(circuit).read_bytes() if Path(circuit).is_file() else None
+    if data is None:
+        raise CnaError(f"circuit not found: {circuit}")
+    if not circuit_path.is_file() or circuit_path.read_bytes() != data:
+        from .core.atomic import atomic_file
 
-    circ = Circuit.load(circuit_path)
+        with atomic_file(circuit_path, overwrite=True) as fh:
+            fh.write(data)
+
+
+def _export_all(job: _Job, say: Callable[[str], None] | None) -> Circuit:
+    """Every format's export (each verified before its rename when asked); returns the circuit."""
+    circ = Circuit.load(job.result.circuit)
+    eo = job.export
     multiplier = eo.multiplier
     if multiplier is None and not eo.multipliers and any(n.multiplier is None for n in circ.neurons):
         multiplier = 0.0
         (say or (lambda t: print(t, file=sys.stderr)))(
             "note: no multiplier in the recipe, the circuit or --multiplier: exporting multiplier 0 (ablation)")
-    settings = {"export": eo.model_dump(exclude={"overwrite"}), "gguf": go.model_dump(), "multiplier": multiplier,
-                "verify": vo.model_dump() if eo.verify else None, "model_options": mo.model_dump()}
-    for f in fmts:
-        target = targets[f]
-        key = _sha("export", f, mkey, circuit_sha, settings)
-        prev = state.get(f)
-        prog.start(f)
-        if prev and prev.get("key") == key and target.exists() and not fresh:
-            result.steps.append(StepResult(f, str(target), "reused", prev.get("seconds", 0.0), _bytes(target),
+    settings = {"export": eo.model_dump(exclude={"overwrite"}), "gguf": job.gguf.model_dump(), "multiplier": multiplier,
+                "verify": job.verify.model_dump() if eo.verify else None,
+                "model_options": job.model_options.model_dump()}
+    circuit_sha = _file_sha(job.result.circuit)
+    for f in job.formats:
+        key = _sha("export", f, job.mkey, circuit_sha, settings)
+        _export_step(job, f, key, eo.model_copy(update={"overwrite": True, "multiplier": multiplier}))
+    return circ
+
+
+def _export_step(job: _Job, f: str, key: str, eo: ExportOptions) -> None:
+    """One format's export, reused when its inputs are unchanged and its output still exists. Flags that do
+    not apply to ``f`` are left out (``format_options`` without ``strict``)."""
+    from .pipeline import run_export
+
+    target, prev = job.targets[f], job.state.get(f)
+    job.prog.start(f)
+    if prev and prev.get("key") == key and target.exists() and not job.fresh:
+        job.result.steps.append(StepResult(f, str(target), "reused", prev.get("seconds", 0.0), _bytes(target),
                                            prev.get("verification")))
-            prog.finish(f, 0.0, True)
-            continue
-        target.parent.mkdir(parents=True, exist_ok=True)
-        t0 = time.perf_counter()
-        o, g = _for_format(f, eo.model_copy(update={"overwrite": True, "multiplier": multiplier}), go)
-        try:
-            _, r = run_export(model, circuit_path, target, o, g, vo, mo, progress=progress)
-        except VerificationFailed:
-            state.pop(f, None)
-            save_state()
-            raise
-        secs = time.perf_counter() - t0
-        v = r.verification.summary() if r.verification is not None else None
-        state[f] = {"key": key, "output": str(target), "seconds": secs, "verification": v}
-        save_state()
-        result.steps.append(StepResult(f, str(target), "done", secs, _bytes(target), v))
-        prog.finish(f, secs, False)
-    if hub is not None and hub.push_to_hub:
-        name = circ.method.get("recipe")
-        result.pushed = push(out, hub, token, recipe=str(name) if name else None)
-    result.seconds = time.perf_counter() - t_start
-    return result
+        job.prog.finish(f, 0.0, True)
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    try:
+        _, r = run_export(job.model, job.result.circuit, target, eo, job.gguf.model_copy(update={"format": f}),
+                          job.verify, job.model_options, progress=job.progress, strict=False)
+    except VerificationFailed:
+        job.state.pop(f, None)
+        job.save()
+        raise
+    finally:
+        if target.parent != job.out and target.parent.is_dir() and not any(target.parent.iterdir()):
+            target.parent.rmdir()  # a format folder the failed export left empty
+    secs = time.perf_counter() - t0
+    v = r.verification.summary() if r.verification is not None else None
+    job.state[f] = {"key": key, "output": str(target), "seconds": secs, "verification": v}
+    job.save()
+    job.result.steps.append(StepResult(f, str(target), "done", secs, _bytes(target), v))
+    job.prog.finish(f, secs, False)

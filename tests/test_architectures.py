@@ -73,11 +73,11 @@ DENSE_GGUF = ["olmo2", "smollm3", "ministral3", "exaone4", "seed_oss", "ernie4_5
 def test_dense_family_gguf_export_verifies_in_llama_cpp(arch, tmp_path):
     pytest.importorskip("llama_cpp")
     from cna_export.core.circuit import Circuit, Neuron
+    from cna_export.core.settings import GGUFVerifyOptions
     from cna_export.export.gguf import export_gguf
     from cna_export.io import gguf as G
     from cna_export.io.identity import gguf_identity
     from cna_export.testing.gguf_twin import write_gguf_twin
-    from cna_export.core.settings import GGUFVerifyOptions
     from cna_export.verification.gguf import verify_gguf
 
     hf = make_tiny_model(arch, tmp_path / "src", layers=2)

@@ -11,23 +11,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import make_tiny_model
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from cna_export.inspect.audit import AuditSettings, audit
-from cna_export.inspect.scan import scan_base_free
-from cna_export.core.errors import CnaError
-from cna_export.core.circuit import Circuit, Neuron
 from cna_export.cli import main
-from cna_export.inspect.diff import diff_checkpoints, layer_ranges
-from cna_export.export.safetensors import export_safetensors
-from cna_export.io.identity import checkpoint_identity, gguf_identity
-from cna_export.export.gguf import export_gguf
-from cna_export.io import gguf as G
-from cna_export.io.weights import hf_to_gguf_module, open_weights
+from cna_export.core.circuit import Circuit, Neuron
+from cna_export.core.errors import CnaError
 from cna_export.core.manifest import GGUF_KEY, MANIFEST_FILE
-
-from conftest import make_tiny_model
+from cna_export.export.gguf import export_gguf
+from cna_export.export.safetensors import export_safetensors
+from cna_export.inspect.abliteration import layer_ranges
+from cna_export.inspect.audit import AuditSettings, audit
+from cna_export.inspect.diff import diff_checkpoints
+from cna_export.inspect.scan import scan_base_free
+from cna_export.io import gguf as G
+from cna_export.io.identity import checkpoint_identity, gguf_identity
+from cna_export.io.weights import hf_to_gguf_module, open_weights
 
 # exact in every format: 0, -1 and powers of two; spread over all three layers
 PLANTED = {(0, 1): 0.0, (0, 17): -1.0, (0, 40): 2.0, (1, 30): 0.5, (2, 5): 0.5, (2, 63): 0.0}
@@ -160,7 +160,7 @@ def test_diff_recovers_cna_scaling_safetensors(dtype, base, base_bf16, tmp_path)
     export_safetensors(str(src), circuit_for(checkpoint_identity(src, str(src))[0], planted), out)
     r = diff_checkpoints(str(src), str(out))
     assert r.neurons == planted
-    assert [f["kind"] for f in r.findings()] == ["cna"]
+    assert [f.kind for f in r.findings()] == ["cna"]
     assert r.count("changed") == 3 and all(t.role == "ffn_down" for t in r.tensors if t.differs)
     assert r.directional() is None and not r.other_changes()
 
@@ -170,7 +170,7 @@ def test_diff_recovers_cna_scaling_gguf(qtype, ggufs):
     src, dst = ggufs[qtype]
     r = diff_checkpoints(str(src), str(dst))
     assert r.neurons == PLANTED
-    assert [f["kind"] for f in r.findings()] == ["cna"]
+    assert [f.kind for f in r.findings()] == ["cna"]
     changed = [t for t in r.tensors if t.differs]
     assert {t.role for t in changed} == {"ffn_up"} and all(t.scale_axis == "row" for t in changed)
     assert {t.name for t in changed} == {f"blk.{l}.ffn_up.weight" for l in (0, 1, 2)}  # two GGUFs: llama.cpp names
@@ -225,7 +225,7 @@ def test_fused_gate_up_rows_map_to_neurons(tmp_path):
     assert rep.neurons == {(1, 7): -1.0, (1, 20): 0.5, (1, 11): 0.0}
     (t,) = [t for t in rep.tensors if t.differs]
     assert t.name == "model.layers.1.mlp.gate_up_proj.weight" and t.unexplained == 1 and t.structure == "scaling+other"
-    assert {f["kind"] for f in rep.findings()} == {"cna", "other"}
+    assert {f.kind for f in rep.findings()} == {"cna", "other"}
 
 
 # -- diff: abliteration, fine-tune noise, no edit -------------------------------------------------
@@ -244,7 +244,7 @@ def test_diff_detects_abliteration(base, abliterated):
     folder, r = abliterated
     rep = diff_checkpoints(str(base), str(folder))
     assert not rep.neurons
-    assert [f["kind"] for f in rep.findings()] == ["directional"]
+    assert [f.kind for f in rep.findings()] == ["directional"]
     d = rep.directional()
     assert d.layers == [1, 2] and d.embeddings == ["model.embed_tokens.weight"] and d.ablated
     assert len(d.tensors) == 5 and d.consistency > 0.999
@@ -258,7 +258,8 @@ def test_diff_detects_abliteration(base, abliterated):
 def test_scaling_must_explain_the_change():
     """Across formats the per-element tolerance is wide; a column nudged along another direction (as
     abliteration nudges down_proj columns) fits m * a within it for m near 1 but is not a scaling."""
-    from cna_export.inspect.diff import PairTolerance, scaled_slices
+    from cna_export.inspect.compare import scaled_slices
+    from cna_export.inspect.diff import PairTolerance
 
     rng = np.random.default_rng(0)
     a = rng.standard_normal(64)
@@ -271,7 +272,8 @@ def test_scaling_must_explain_the_change():
     tol = PairTolerance("Q4_1", "F32")
     m, ok = scaled_slices(A, B, "column", np.array([0, 1]), tol, rm, rm)
     assert list(ok) == [False, True] and m[1] == 0.5
-    assert tol.scaled(A[:, :1].T, B[:, :1].T, np.array([[1 - 0.14**2]]), rm.T, rm.T)[0]  # within tolerance, yet unexplained
+    # within tolerance, yet unexplained
+    assert tol.scaled(A[:, :1].T, B[:, :1].T, np.array([[1 - 0.14**2]]), rm.T, rm.T)[0]
 
 
 def test_cross_format_abliteration_is_not_neuron_scaling(base, ggufs, tmp_path):
@@ -290,7 +292,7 @@ def test_cross_format_abliteration_is_not_neuron_scaling(base, ggufs, tmp_path):
     folder = edited_copy(base, tmp_path / "abl-q", edit)
     rep = diff_checkpoints(str(src), str(folder))
     assert not rep.neurons
-    assert [f["kind"] for f in rep.findings()] == ["directional"]
+    assert [f.kind for f in rep.findings()] == ["directional"]
     assert abs(float(np.dot(rep.directional().direction, r.numpy()))) > 0.999
 
 
@@ -305,7 +307,7 @@ def test_diff_finetune_noise_is_other(base, tmp_path):
     folder = edited_copy(base, tmp_path / "tuned", noise)
     rep = diff_checkpoints(str(base), str(folder))
     assert not rep.neurons and rep.directional() is None
-    assert [f["kind"] for f in rep.findings()] == ["other"]
+    assert [f.kind for f in rep.findings()] == ["other"]
     two_d = [t for t in rep.tensors if t.shape_a and len(t.shape_a) == 2]
     assert all(t.status == "changed" and t.structure == "other" for t in two_d)
     assert all(t.rank1.share < 0.5 for t in two_d)
@@ -333,7 +335,7 @@ def test_manifest_check_passes_on_true_exports(steered, ggufs, capsys):
         src, dst = ggufs[q]
         rep = audit(str(dst), AuditSettings(manifest="embedded", base=str(src)))
         assert rep.exit_code == 0, rep.manifest_check
-        assert rep.manifest_check["passed"] and rep.manifest_check["expected_neurons"] == 6
+        assert rep.manifest_check.passed and rep.manifest_check.expected_neurons == 6
 
 
 def test_manifest_check_fails_on_tampered_exports(base, steered, ggufs, tmp_path):
@@ -343,8 +345,8 @@ def test_manifest_check_fails_on_tampered_exports(base, steered, ggufs, tmp_path
 
     tampered = edited_copy(steered, tmp_path / "extra", extra)
     rep = audit(str(tampered), AuditSettings(manifest="embedded", base=str(base)))
-    assert rep.exit_code == 3 and not rep.manifest_check["passed"]
-    assert any("1:3" in p for p in rep.manifest_check["problems"])
+    assert rep.exit_code == 3 and not rep.manifest_check.passed
+    assert any("1:3" in p for p in rep.manifest_check.problems)
 
     # the manifest claims another multiplier than the weights carry
     lying = tmp_path / "lying"
@@ -356,7 +358,7 @@ def test_manifest_check_fails_on_tampered_exports(base, steered, ggufs, tmp_path
     (lying / MANIFEST_FILE).write_text(json.dumps(data))
     rep = audit(str(lying), AuditSettings(manifest="embedded", base=str(base)))
     assert rep.exit_code == 3
-    assert any("neuron 2:5 is not scaled by x0.25 (found x0.5)" in p for p in rep.manifest_check["problems"])
+    assert any("neuron 2:5 is not scaled by x0.25 (found x0.5)" in p for p in rep.manifest_check.problems)
 
     # another tensor of a GGUF export patched (a gate row zeroed through its scale fields)
     src, dst = ggufs["Q8_0"]
@@ -367,7 +369,7 @@ def test_manifest_check_fails_on_tampered_exports(base, steered, ggufs, tmp_path
     G.patch_in_place(bad, G.open_gguf(bad), {t.name: patch})
     rep = audit(str(bad), AuditSettings(manifest="embedded", base=str(src)))
     assert rep.exit_code == 3
-    problems = rep.manifest_check["problems"]
+    problems = rep.manifest_check.problems
     assert any("gate_proj" in p and "does not touch it" in p for p in problems)
     assert rep.diff.neurons.get((0, 3)) == 0.0  # a zeroed gate row is an ablation of neuron 3
 
@@ -390,23 +392,24 @@ def test_base_free_finds_zeroed_neurons(steered, ggufs):
     zeros = {k for k, m in PLANTED.items() if m == 0.0}
     rep = audit(str(steered), NO_GEN)
     assert rep.exit_code == 4 and rep.mode == "base-free"
-    found = {(z["layer"], z["index"]) for z in rep.base_free["zeroed"]}
+    found = {(z.layer, z.index) for z in rep.base_free.scan.zeroed}
     assert found == zeros
-    assert "zeroed MLP neurons: 2 in layers 0, 2" in rep.verdict and "all its ablations are zeroed in the weights" in rep.verdict
+    assert "zeroed MLP neurons: 2 in layers 0, 2" in rep.verdict
+    assert "all its ablations are zeroed in the weights" in rep.verdict
     for q in ("F16", "Q4_1"):
         bf = scan_base_free(open_weights(str(ggufs[q][1])))
-        assert {(z["layer"], z["index"]) for z in bf["zeroed"]} == zeros
-        assert all(z["where"] == ["up_proj row"] for z in bf["zeroed"])
+        assert {(z.layer, z.index) for z in bf.zeroed} == zeros
+        assert all(z.where == ["up_proj row"] for z in bf.zeroed)
 
 
 def test_base_free_finds_abliteration_direction(abliterated):
     folder, r = abliterated
     rep = audit(str(folder), NO_GEN)
     assert rep.exit_code == 4
-    d = rep.base_free["direction"]
-    assert d["flagged_layers"] == [1, 2] and d["consistency"] > 0.999
-    assert abs(float(np.dot(d["direction"], r))) > 0.9999
-    assert d["embedding_energy_along_direction"]["token_embd"] < 1e-6
+    d = rep.base_free.scan.direction
+    assert d.flagged_layers == [1, 2] and d.consistency > 0.999
+    assert abs(float(np.dot(d.direction, r))) > 0.9999
+    assert d.embedding_energy_along_direction["token_embd"] < 1e-6
     assert "refusals stripped by directional ablation: layers 1-2 write nothing" in rep.verdict
 
 
@@ -414,8 +417,8 @@ def test_base_free_is_quiet_on_clean_models(base, ggufs):
     for spec in (str(base), str(ggufs["Q4_1"][0])):
         rep = audit(spec, NO_GEN)
         assert rep.exit_code == 0 and rep.verdict == "no steering edits found", rep.verdict
-        assert rep.base_free["zeroed_total"] == 0 and rep.base_free["direction"]["flagged_layers"] == []
-        assert rep.base_free["direction"]["layer_ratio_min"] > 1e-2
+        assert rep.base_free.scan.zeroed_total == 0 and rep.base_free.scan.direction.flagged_layers == []
+        assert rep.base_free.scan.direction.layer_ratio_min > 1e-2
 
 
 # -- audit against a base: refusal-circuit overlap and behaviour -----------------------------------------
@@ -435,7 +438,8 @@ def test_audit_with_base_overlap_and_behaviour(base, prompt_files, tmp_path):
                  "--max-new-tokens", "3", "--json", str(js), "--out-circuit", str(tmp_path / "rec.json")])
     assert code == 4
     rep = json.loads(js.read_text())
-    assert rep["verdict"].startswith("refusal circuit ablated: CNA, 6 neurons, multiplier 0 (6 of 6 refusal-circuit neurons)")
+    assert rep["verdict"].startswith("refusal circuit ablated: CNA, 6 neurons, multiplier 0 (6 of 6 refusal-circuit "
+                                     "neurons)")
     co = rep["circuit_overlap"]
     assert co["ablated"] == co["steered"] == co["circuit_size"] == co["same_size_overlap"] == 6
     assert co["ranks"]["worst"] == 6
@@ -448,22 +452,25 @@ def test_audit_stats_file_is_saved_reused_and_checked(base, prompt_files, tmp_pa
     """--stats: the first audit computes the base's statistics and saves them; the next reads them
     (no model load) and reaches the same verdict; a file from other prompts or weights is refused."""
     import cna_export.model.loading
-    from cna_export.model.prompts import load_prompts
     from cna_export.evaluation.sweep import load_stats
+    from cna_export.model.prompts import load_prompts
 
     pos, neg, neu = prompt_files
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(f"positive: {pos}\nnegative: {neg}\nneutral: {neu}\ntop_k: 6\nbatch_size: 6\nuniversal_top_k: 8\n")
+    recipe.write_text(f"positive: {pos}\nnegative: {neg}\nneutral: {neu}\ntop_k: 6\nbatch_size: 6\n"
+                      "universal_top_k: 8\n")
     circ = tmp_path / "refusal.json"
     assert main(["-q", "discover", "--model", str(base), "--recipe", str(recipe), "--out", str(circ)]) == 0
     out = tmp_path / "ablated"
     export_safetensors(str(base), str(circ), out, multiplier=0.0)
     stats = tmp_path / "base-stats.npz"
-    args = ["-q", "audit", str(out), "--base", str(base), "--recipe", str(recipe), "--no-generate", "--stats", str(stats)]
+    args = ["-q", "audit", str(out), "--base", str(base), "--recipe", str(recipe), "--no-generate", "--stats",
+            str(stats)]
     assert main(args + ["--json", str(tmp_path / "a1.json")]) == 4 and stats.is_file()
     first = json.loads((tmp_path / "a1.json").read_text())
     # second audit: statistics read from the file, no model loaded
-    monkeypatch.setattr(cna_export.model.loading, "load_model", lambda *a, **k: pytest.fail("the base was loaded again"))
+    monkeypatch.setattr(cna_export.model.loading, "load_model",
+                        lambda *a, **k: pytest.fail("the base was loaded again"))
     assert main(args + ["--json", str(tmp_path / "a2.json")]) == 4
     second = json.loads((tmp_path / "a2.json").read_text())
     assert second["verdict"] == first["verdict"] and "statistics read from" in second["circuit_overlap"]["source"]
@@ -473,7 +480,8 @@ def test_audit_stats_file_is_saved_reused_and_checked(base, prompt_files, tmp_pa
     # statistics of other prompts are refused with one line (and recomputed only with --overwrite)
     other = tmp_path / "other.yaml"
     other.write_text(f"positive: {neg}\nnegative: {pos}\nneutral: {neu}\ntop_k: 6\n")
-    code = main(["audit", str(out), "--base", str(base), "--recipe", str(other), "--no-generate", "--stats", str(stats)])
+    code = main(["audit", str(out), "--base", str(base), "--recipe", str(other), "--no-generate", "--stats",
+                 str(stats)])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "other positive prompts" in err[0] and "--overwrite" in err[0]
     monkeypatch.undo()  # recomputing loads the base again
@@ -482,10 +490,32 @@ def test_audit_stats_file_is_saved_reused_and_checked(base, prompt_files, tmp_pa
     assert code == 4 and load_stats(stats).prompts["positive"].sha256 == load_prompts(neg).sha256  # recomputed
     # ... and so are statistics of other weights (same architecture and shape, another seed)
     twin = make_tiny_model("llama", tmp_path / "twin", seed=1)
-    from cna_export.inspect.audit import base_statistics
+    from cna_export.inspect.refusal_circuit import base_statistics
 
     with pytest.raises(CnaError, match="computed on other weights"):
         base_statistics(str(twin), AuditSettings(recipe=str(recipe), stats=str(stats)))
+
+
+def test_no_chat_template_is_found_before_the_model_is_loaded(base, ggufs, tmp_path, monkeypatch):
+    """A base model without a chat template: the refusal circuit (--base) and the refusal directions (no base)
+    are skipped with a note, seen from its tokenizer (a GGUF: its KV) alone; the model is never loaded."""
+    import cna_export.model.loading
+
+    plain = tmp_path / "plain"
+    shutil.copytree(base, plain)
+    (plain / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((plain / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (plain / "tokenizer_config.json").write_text(json.dumps(config))
+    steered = tmp_path / "steered"
+    export_safetensors(str(plain), circuit_for(checkpoint_identity(plain, str(plain))[0], PLANTED), steered)
+    monkeypatch.setattr(cna_export.model.loading, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    missing = "this model's tokenizer has no chat template; pass --no-chat-template for base models"
+    rep = audit(str(steered), AuditSettings(base=str(plain), generate=False))
+    assert rep.exit_code == 4 and rep.notes == [f"base's refusal circuit not compared ({missing})"], rep.notes
+    for suspect in (steered, ggufs["Q8_0"][1]):  # the test GGUF has no tokenizer KVs at all
+        rep = audit(str(suspect), AuditSettings(generate=False))
+        assert rep.exit_code == 4 and rep.notes == [f"refusal directions not measured ({missing}); no depletion score"]
 
 
 # -- errors ------------------------------------------------------------------------------------------------

@@ -174,7 +174,8 @@ def test_audit_reports_refusal_cosine_plot_and_direction(base, suspects, recipe,
     assert rep.exit_code == 4
     lr = rep.diff.lowrank
     assert lr.refusal.best_layer == 2 and lr.refusal.best_cos > 0.99
-    assert "refusals stripped by directional ablation" in rep.verdict and "refusal direction 1.00 (layer 2)" in rep.verdict
+    assert "refusals stripped by directional ablation" in rep.verdict
+    assert "refusal direction 1.00 (layer 2)" in rep.verdict
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
     saved = load_file(str(tmp_path / "d.safetensors"))["direction"]
     assert abs(float(saved @ r)) > 0.99
@@ -234,7 +235,8 @@ def test_cli_audit_flags(base, suspects, tmp_path, capsys):
     from cna_export.cli import main
 
     folder, _, _ = suspects["rank1"]
-    code = main(["-q", "audit", str(folder), "--base", str(base), "--no-generate", "--no-discover", "--no-refusal-direction",
+    code = main(["-q", "audit", str(folder), "--base", str(base), "--no-generate", "--no-discover",
+                 "--no-refusal-direction",
                  "--rank-k", "3", "--save-direction", str(tmp_path / "d.npy"), "--json", str(tmp_path / "r.json")])
     assert code == 4
     assert "refusals stripped by directional ablation" in capsys.readouterr().out
@@ -244,7 +246,8 @@ def test_cli_audit_flags(base, suspects, tmp_path, capsys):
     assert lr["schema"] == 1 and lr["detected"] and lr["rank_k"] == 3 and len(lr["profile"]) == LAYERS
     assert main(["diff", str(base), str(folder), "--rank-k", "2"]) == 0
     assert "refusals stripped by directional ablation" in capsys.readouterr().out
-    code = main(["-q", "audit", str(folder), "--base", str(base), "--no-generate", "--no-discover", "--no-refusal-direction",
+    code = main(["-q", "audit", str(folder), "--base", str(base), "--no-generate", "--no-discover",
+                 "--no-refusal-direction",
                  "--save-direction", str(tmp_path / "d.txt")])
     assert code == 2
 

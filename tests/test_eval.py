@@ -18,7 +18,8 @@ from cna_export.core.errors import CnaError
 from cna_export.evaluation.evaluator import EvalSet, EvalSettings, Evaluator, Item, load_jbb, split_pairs
 from cna_export.model.generation import generate, greedy_generate
 from cna_export.evaluation.metrics import kl_divergence
-from cna_export.core.settings import DiscoverOptions, build, load_recipe
+from cna_export.core.recipe import load_recipe
+from cna_export.core.settings import DiscoverOptions, build
 from cna_export.evaluation.sweep import compute_stats, load_stats, parse_layers, save_stats
 
 PNG = b"\x89PNG\r\n\x1a\n"

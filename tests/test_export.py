@@ -12,21 +12,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import EXPORT_COMBOS, EXPORT_IDS, PLANTED, planted_circuit
 from safetensors import safe_open
 
 from cna_export import cli
 from cna_export.core.circuit import Circuit, Neuron
 from cna_export.core.errors import CnaError
-from cna_export.core.manifest import SHARD_METADATA_KEY
-from cna_export.export.safetensors import export_safetensors, model_card
-from cna_export.io.identity import checkpoint_identity
+from cna_export.core.manifest import MANIFEST_FILE, SHARD_METADATA_KEY, ExportManifest
 from cna_export.export.fold import changed_slices, estimate_multipliers, scale_columns, scale_rows
-from cna_export.io.tensor_bytes import tensor_sha256
+from cna_export.export.safetensors import export_safetensors, model_card
 from cna_export.io import safetensors as st_io
-from cna_export.core.manifest import MANIFEST_FILE, ExportManifest
+from cna_export.io.identity import checkpoint_identity
+from cna_export.io.tensor_bytes import tensor_sha256
 from cna_export.model.loading import load_model
-
-from conftest import EXPORT_COMBOS, EXPORT_IDS, PLANTED, planted_circuit
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models gain nothing from threads
 
@@ -99,7 +97,8 @@ def test_checkpoint_fingerprint_equals_loaded_fingerprint(combo, export_sources)
     loaded = load_model(str(src))  # float32 on CPU: lossless for bf16 checkpoints too
     li = loaded.identity()
     assert ident.fingerprint == li.fingerprint
-    assert (ident.num_layers, ident.intermediate_size, ident.hidden_size) == (li.num_layers, li.intermediate_size, li.hidden_size)
+    assert (ident.num_layers, ident.intermediate_size, ident.hidden_size) == \
+        (li.num_layers, li.intermediate_size, li.hidden_size)
     assert ident.dtype == combo[1]
     assert names == [f"model.layers.{i}.mlp.down_proj.weight" for i in range(3)]
     if combo[2]:
@@ -156,7 +155,8 @@ def test_export_scales_only_circuit_columns(combo, export_sources, tmp_path):
     manifest = ExportManifest.load(out)
     assert manifest.fold == "down" and manifest.format == "safetensors" and manifest.verification is None
     assert manifest.multiplier_map() == PLANTED
-    assert {t.name for t in manifest.tensors} == {"model.layers.0.mlp.down_proj.weight", "model.layers.2.mlp.down_proj.weight"}
+    assert {t.name for t in manifest.tensors} == {"model.layers.0.mlp.down_proj.weight",
+                                                  "model.layers.2.mlp.down_proj.weight"}
     for t in manifest.tensors:
         assert t.sha256_before == tensor_sha256(a[t.name]) and t.sha256_after == tensor_sha256(b[t.name])
         assert t.dtype == combo[1] and t.axis == "column"
@@ -308,32 +308,47 @@ def test_cli_refusals_are_one_line(export_sources, broken_sources, tmp_path, cap
     Circuit(model=c.model, neurons=[Neuron(layer=3, index=0)]).save(too_big)
     nan_file = tmp_path / "nan.json"
     nan_file.write_text(json.dumps({f"{l}:{i}": "nan" for (l, i) in PLANTED}))
+    extra_file = tmp_path / "extra.json"
+    extra_file.write_text(json.dumps({**{f"{l}:{i}": 0.0 for (l, i) in PLANTED}, "0:63": 0.0}))
     out = tmp_path / "out"
     exists = tmp_path / "exists"
     exists.mkdir()
     missing, victim = broken_sources["missing"]
     cases = [
-        ([ "--model", src, "--circuit", circuit, "--multiplier", 0, "--out", exists], "already exists; pass --overwrite"),
+        (["--model", src, "--circuit", circuit, "--multiplier", 0, "--out", exists],
+         "already exists; pass --overwrite"),
         (["--model", src, "--circuit", circuit, "--multiplier", 0, "--out", src / "sub"], "inside the input"),
         (["--model", src, "--circuit", circuit, "--multiplier", 0, "--out", src, "--overwrite"], "is the input itself"),
-        (["--model", missing, "--circuit", circuit, "--multiplier", 0, "--out", out], f"names shard {victim}, which is missing"),
-        (["--model", broken_sources["lying"], "--circuit", circuit, "--multiplier", 0, "--out", out], "but that shard has no such tensor"),
-        (["--model", broken_sources["pickled"], "--circuit", circuit, "--multiplier", 0, "--out", out], "--allow-pickle"),
+        (["--model", missing, "--circuit", circuit, "--multiplier", 0, "--out", out],
+         f"names shard {victim}, which is missing"),
+        (["--model", broken_sources["lying"], "--circuit", circuit, "--multiplier", 0, "--out", out],
+         "but that shard has no such tensor"),
+        (["--model", broken_sources["pickled"], "--circuit", circuit, "--multiplier", 0, "--out", out],
+         "--allow-pickle"),
         (["--model", src, "--circuit", too_big, "--multiplier", 0, "--out", out], "layer 3 is out of range"),
         (["--model", src, "--circuit", other, "--multiplier", 0, "--out", out], "different weights"),
         (["--model", src, "--circuit", circuit, "--multiplier", "inf", "--out", out], "finite"),
         (["--model", src, "--circuit", circuit, "--multipliers", nan_file, "--out", out], "finite"),
         (["--model", src, "--circuit", circuit, "--out", out], "no multiplier for neuron"),
-        (["--model", src, "--circuit", circuit, "--multiplier", 0, "--multipliers", nan_file, "--out", out], "not both"),
+        (["--model", src, "--circuit", circuit, "--multiplier", 0, "--multipliers", nan_file, "--out", out],
+         "not both"),
         (["--model", tmp_path / "nope", "--circuit", circuit, "--multiplier", 0, "--out", out], "not found"),
-        (["--model", src, "--circuit", tmp_path / "nope.json", "--multiplier", 0, "--out", out], "circuit file not found"),
-        (["--model", "nobody/nothing", "--circuit", circuit, "--multiplier", 0, "--out", out], "from the Hugging Face Hub"),
+        (["--model", src, "--circuit", tmp_path / "nope.json", "--multiplier", 0, "--out", out],
+         "circuit file not found"),
+        (["--model", "nobody/nothing", "--circuit", circuit, "--multiplier", 0, "--out", out],
+         "from the Hugging Face Hub"),
+        (["--model", src, "--circuit", circuit, "--multipliers", extra_file, "--out", out],
+         "names neuron (layer 0, index 63), which is not in the circuit"),
+        (["--model", src, "--circuit", circuit, "--multiplier", 0, "--out", out, "--private"],
+         "--private applies to the Hub repo that --push-to-hub creates"),
+        (["--model", src, "--circuit", circuit, "--multiplier", 0, "--out", tmp_path / "out.gguf", "--format",
+          "safetensors"], "--format safetensors writes a folder, not"),
     ]
     for argv, message in cases:
         code, err = _run(capsys, "export", *argv)
         assert code == 2, (argv, err)
         assert len(err) == 1 and err[0].startswith("cna-export: error: ") and message in err[0], (message, err)
-        assert not out.exists() and _leftovers(tmp_path, "out") == []
+        assert not out.exists() and _leftovers(tmp_path, "out") == [] and not (tmp_path / "out.gguf").exists()
         assert exists.is_dir() and not any(exists.iterdir())
     # the fingerprint refusal is lifted by --force, and the note is kept in the manifest
     code, err = _run(capsys, "export", "--model", src, "--circuit", other, "--multiplier", 0, "--out", out, "--force")
@@ -397,3 +412,91 @@ def test_pickled_source_is_converted_only_with_allow_pickle(export_sources, tmp_
             assert tensor_sha256(exported[name]) == tensor_sha256(t), name
     w = tensors["model.layers.2.mlp.down_proj.weight"]
     assert torch.equal(exported["model.layers.2.mlp.down_proj.weight"][:, [5, 30, 63]], w[:, [5, 30, 63]] * 0)
+
+
+# -- the export seam: one request, one rule per flag -----------------------------------------------
+
+
+def test_format_options_one_rule_for_export_and_steer():
+    """export refuses a flag of another format (one line); steer, exporting several formats from one set of
+    flags, leaves it out of the formats it does not name."""
+    from cna_export.core.formats import (
+        GGUFFormat,
+        GGUFLoraFormat,
+        LoraFormat,
+        SafetensorsFormat,
+        format_options,
+    )
+    from cna_export.core.settings import ExportOptions, GGUFExportOptions, ModelOptions
+
+    e = ExportOptions(link=True, max_shard_size="1GB")
+    g = GGUFExportOptions(fold="up", fast_copy=True, modelfile=False, adapter_dtype="bfloat16")
+    m = ModelOptions(allow_pickle=True, trust_remote_code=True)
+    for fmt, out, message in (("gguf", "x.gguf", "--adapter-dtype applies to LoRA"),
+                              ("lora", "x", "--link, --max-shard-size and --dtype apply to safetensors"),
+                              ("gguf-lora", "x.gguf", "--link, --max-shard-size and --dtype apply to safetensors")):
+        with pytest.raises(CnaError, match=message):
+            format_options(fmt, out, e, g, m)
+    assert format_options("safetensors", "x", e, g, m, strict=False) == SafetensorsFormat(
+        link=True, max_shard_size="1GB", allow_pickle=True, trust_remote_code=True)
+    assert format_options("gguf", "x.gguf", e, g, m, strict=False) == GGUFFormat(fast_copy=True, modelfile=False)
+    assert format_options("lora", "x", e, g, m, strict=False) == LoraFormat(dtype="bfloat16", trust_remote_code=True)
+    assert format_options("gguf-lora", "x.gguf", e, g, m, strict=False) == GGUFLoraFormat(modelfile=False)
+    plain = (ExportOptions(), GGUFExportOptions(adapter_dtype="float16"), ModelOptions())
+    assert format_options("gguf-lora", "a.gguf", *plain) == GGUFLoraFormat(dtype="F16")
+    with pytest.raises(CnaError, match="writes a .gguf adapter file"):
+        format_options("gguf-lora", "a", *plain)
+
+
+def test_export_request_loads_once_and_collects_every_input(export_sources, tmp_path):
+    from cna_export.export.request import ExportRequest
+
+    src = export_sources[("llama", "float32", False)]
+    circuit, mfile = tmp_path / "c.json", tmp_path / "m.json"
+    planted_circuit(src).save(circuit)
+    mfile.write_text(json.dumps({f"{l}:{i}": m for (l, i), m in PLANTED.items()}))
+    request = ExportRequest.build(str(src), circuit, tmp_path / "out", multipliers=mfile)
+    assert request.multipliers == PLANTED and len(request.circuit.neurons) == len(PLANTED)
+    assert request.inputs == (src.resolve(), circuit, mfile)
+    for taken in (circuit, mfile):
+        with pytest.raises(CnaError, match="is the input itself"):
+            ExportRequest.build(str(src), circuit, taken, multipliers=mfile, overwrite=True).claim()
+    with pytest.raises(CnaError, match="has no neurons"):
+        ExportRequest.build(str(src), Circuit(model=planted_circuit(src).model, neurons=[]), tmp_path / "o")
+
+
+def test_generate_refuses_a_circuit_for_another_model_before_loading(export_sources, tmp_path, monkeypatch):
+    import cna_export.model.loading as loading
+    from cna_export.pipeline import run_generate
+
+    src = export_sources[("llama", "float32", False)]
+    c = planted_circuit(src)
+    wider = c.model.model_copy(update={"intermediate_size": c.model.intermediate_size * 2})
+    other = tmp_path / "other.json"
+    c.model_copy(update={"model": wider}).save(other)
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the weights were loaded before the circuit was checked")
+
+    monkeypatch.setattr(loading, "load_model", no_load)
+    with pytest.raises(CnaError, match="does not fit the model"):
+        run_generate(str(src), ["hi"], other, 0.0)
+
+
+def test_push_while_offline_is_one_line(export_sources, tmp_path, monkeypatch):
+    import requests
+    from huggingface_hub import HfApi
+
+    from cna_export.export.hub import push_export
+
+    src = export_sources[("llama", "float32", False)]
+    out = tmp_path / "out"
+    export_safetensors(str(src), planted_circuit(src), out, multiplier=0.0)
+
+    def offline(*args, **kwargs):
+        raise requests.exceptions.ConnectionError("Failed to resolve 'huggingface.co'\nmore lines")
+
+    monkeypatch.setattr(HfApi, "create_repo", offline)
+    with pytest.raises(CnaError, match=r"^Hub upload to me/x failed: cannot reach the Hub \(Failed to resolve") as e:
+        push_export(out, "me/x", token="hf_x")
+    assert "\n" not in str(e.value) and (out / MANIFEST_FILE).is_file()

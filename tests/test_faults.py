@@ -1,10 +1,15 @@
-"""Fault injection on exports of tiny models (issue 14, robustness).
+"""Fault injection on exports of tiny models (issues 14 and 23, robustness).
 
-* an export killed with SIGKILL (before the final rename, after the first shard/tensor is
-  written, or after a delay) leaves no output, nothing beside it but its documented temporary
-  (``.<out name>.<random>.tmp``, see ``core/atomic.py``), an input that is byte-identical,
-  and a next export to the same ``--out`` that succeeds; with ``--overwrite`` the old output
-  survives intact;
+* an export killed with SIGKILL leaves nothing in the output's folder: at 10 times from 0.05 s to
+  past the child's exit (8 of them spread over the window from the creation of the output's temporary
+  to its publication, timed from that creation by an uninterrupted run), and at fixed points (before
+  publication, after the first shard/tensor is written); a GGUF (an unnamed ``O_TMPFILE`` until
+  published) leaves no entry at all, a safetensors folder at most its owned temporary
+  (``.<out>.<pid>.<start>.<boot>.<random>.tmp``, see ``core/atomic.py``), which the next run removes;
+  an export that completed before the kill is whole; the input is byte-identical;
+* with ``--overwrite`` the old output survives intact a kill at any point before the swap, and a kill
+  just after it leaves the new output whole; what the killed run left is removed by the next run;
+* stale temporaries: removed only when their writer is dead (pid and start time, ``flock``);
 * a full disk (``RLIMIT_FSIZE`` with SIGXFSZ ignored, so writes fail with EFBIG) gives one
   ``cna-export: error:`` line, exit 2, and no output;
 * two exports to the same ``--out`` at once: one wins, the other fails with one line and a
@@ -18,15 +23,19 @@ kill themselves at a chosen point.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 from conftest import make_tiny_model, planted_circuit
@@ -69,9 +78,12 @@ def argv(sources, fmt: str, out: Path, *extra: str) -> list[str]:
 
 
 # The child: patch one hook, then run the CLI. KILL=1 kills at the hook, SLEEP=s sleeps there first,
-# DELAY=s kills after s seconds whatever is happening, FSIZE=n limits the size of any written file.
+# DELAY=s kills s seconds after the child starts whatever is happening, IN_WRITE=s kills s seconds after
+# the output's temporary is created, FSIZE=n limits the size of any written file. The hook "trace" prints
+# when the output's temporary is created and when it is published.
 CHILD = textwrap.dedent("""
     import json, os, resource, signal, sys, threading, time
+    t0 = time.perf_counter()
     sys.path.insert(0, {tests!r})
     hook, args = sys.argv[1], json.loads(sys.argv[2])
     kill = os.environ.get("KILL") == "1"
@@ -81,12 +93,31 @@ CHILD = textwrap.dedent("""
         if kill:
             os.kill(os.getpid(), signal.SIGKILL)
     import cna_export.core.atomic as A
-    if hook == "rename":
-        orig = A._replace
-        def _replace(*a, **k):
+    from pathlib import Path
+    out = Path(args[args.index("--out") + 1]).resolve() if "--out" in args else None
+    def mark(name, final):  # only the output's own temporary (not a fingerprint cache entry)
+        if Path(final) != out:
+            return
+        if hook == "trace":
+            print(f"trace {{name}} {{time.perf_counter() - t0:.4f}}", file=sys.stderr, flush=True)
+        if name == "temp" and os.environ.get("IN_WRITE"):
+            threading.Timer(float(os.environ["IN_WRITE"]), os.kill, (os.getpid(), signal.SIGKILL)).start()
+    orig_new, orig_publish = A._new_temp, A._publish
+    def _new_temp(final, *a, **k):
+        temp = orig_new(final, *a, **k)
+        mark("temp", final)
+        return temp
+    def _publish(temp, final, *a, **k):
+        orig_publish(temp, final, *a, **k)
+        mark("published", final)
+    A._new_temp, A._publish = _new_temp, _publish
+    if hook in ("publish", "replace", "swapped"):  # before publication; before a named rename; after a swap
+        name = dict(publish="_publish", replace="_replace", swapped="remove")[hook]
+        orig = getattr(A, name)
+        def hooked(*a, **k):
             at_hook()
             return orig(*a, **k)
-        A._replace = _replace
+        setattr(A, name, hooked)
     elif hook == "first-write":
         import cna_export.io.safetensors as ST, gguf
         orig_save, orig_tensor = ST.rewrite_shard, gguf.GGUFWriter.write_tensor_data
@@ -104,7 +135,8 @@ CHILD = textwrap.dedent("""
             at_hook()
         FC.copy_range = copy_range
     if os.environ.get("DELAY"):
-        threading.Timer(float(os.environ["DELAY"]), os.kill, (os.getpid(), signal.SIGKILL)).start()
+        left = float(os.environ["DELAY"]) - (time.perf_counter() - t0)  # DELAY counts from t0
+        threading.Timer(left, os.kill, (os.getpid(), signal.SIGKILL)).start()
     if os.environ.get("FSIZE"):
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         n = int(os.environ["FSIZE"])
@@ -116,6 +148,13 @@ CHILD = textwrap.dedent("""
 """)
 
 
+class Run(NamedTuple):
+    rc: int
+    out: str
+    err: str
+    pid: int
+
+
 def child(hook: str, args: list[str], wait: bool = True, **env: str):
     e = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1", **{k: str(v) for k, v in env.items()}}
     cmd = [sys.executable, "-c", CHILD.format(tests=str(TESTS)), hook, json.dumps(args)]
@@ -123,7 +162,7 @@ def child(hook: str, args: list[str], wait: bool = True, **env: str):
     if not wait:
         return p
     out, err = p.communicate(timeout=300)
-    return p.returncode, out, err
+    return Run(p.returncode, out, err, p.pid)
 
 
 def leftovers(folder: Path, out: Path, before: set[str]) -> list[str]:
@@ -131,7 +170,16 @@ def leftovers(folder: Path, out: Path, before: set[str]) -> list[str]:
     return sorted(set(os.listdir(folder)) - before - {out.name})
 
 
-TEMP = r"^\.{name}\.(convert-)?[A-Za-z0-9_]+\.tmp$"
+def owned_temps_of(folder: Path, out: Path, pid: int) -> list[str]:
+    """The entries of ``folder`` other than ``out``, each checked to be an owned temporary of ``out``
+    written by process ``pid`` (``.<out>.[label-]<pid>.<start>.<boot>.<random>.tmp``)."""
+    from cna_export.core.owned_temps import TEMP_RE
+
+    stray = leftovers(folder, out, set())
+    for s in stray:
+        m = TEMP_RE.match(s)
+        assert m and m["stem"] == out.name and int(m["pid"]) == pid, stray
+    return stray
 
 
 def assert_valid(fmt: str, out: Path) -> None:
@@ -154,41 +202,124 @@ def assert_valid(fmt: str, out: Path) -> None:
 # SIGKILL
 # ---------------------------------------------------------------------------
 
-KILLS = [("rename", {"KILL": 1}), ("first-write", {"KILL": 1}), ("none", {"DELAY": 1.5}), ("none", {"DELAY": 2.5})]
+OUT_NAME = {"safetensors": "out", "gguf": "out.gguf"}
+
+
+class Timing(NamedTuple):
+    """When, in seconds after a child starts, its export creates the output's temporary (``write``) and
+    publishes it (``published``), and when the child has exited (``total``)."""
+
+    write: float
+    published: float
+    total: float
+
+    def kill_env(self, when: str | float) -> dict[str, str]:
+        """When to kill: seconds after the start (str), a fraction of the write window after the
+        temporary's creation (float), or "after" the child would have exited."""
+        if when == "after":
+            return {"DELAY": f"{3 * self.total:.3f}"}
+        if isinstance(when, str):
+            return {"DELAY": when}
+        return {"IN_WRITE": f"{when * (self.published - self.write):.4f}"}
+
+
+@pytest.fixture(scope="module")
+def timing(sources, tmp_path_factory):
+    """The :class:`Timing` of a whole export in a child process, per format (measured once, uninterrupted)."""
+    seen: dict[str, Timing] = {}
+
+    def measure(fmt: str) -> Timing:
+        if fmt not in seen:
+            out = tmp_path_factory.mktemp(f"timing-{fmt}") / OUT_NAME[fmt]
+            start = time.perf_counter()
+            run = child("trace", argv(sources, fmt, out))
+            total = time.perf_counter() - start
+            assert run.rc == 0, run.err[-2000:]
+            marks = dict(line.split()[1:] for line in run.err.splitlines() if line.startswith("trace "))
+            seen[fmt] = Timing(float(marks["temp"]), float(marks["published"]), total)
+            print(f"{fmt}: {seen[fmt]}")
+        return seen[fmt]
+
+    return measure
+
+
+# kill times: seconds after the child starts (str), fractions of the window from the temporary's creation to
+# its publication (float: that long after the creation), or after the child would have exited
+DELAYS: list[str | float] = ["0.05", 0.0, 0.15, 0.3, 0.45, 0.6, 0.75, 0.9, 1.0, "after"]
+HOOKS = ["publish", "first-write"]
+
+
+def check_killed(fmt: str, out: Path, run: Run) -> None:
+    """After a kill: a whole output (published before the kill) and nothing else, or no output and nothing
+    at all (GGUF) / only the dead child's owned temporaries (safetensors)."""
+    assert run.rc in (0, -signal.SIGKILL), run.err[-2000:]
+    if out.exists():  # published before the kill (and maybe exited): whole, and nothing beside it
+        print(f"{fmt}: {'completed' if run.rc == 0 else 'published'} before the kill")
+        assert leftovers(out.parent, out, set()) == []
+        assert_valid(fmt, out)
+        return
+    assert run.rc == -signal.SIGKILL, run.err[-2000:]
+    stray = owned_temps_of(out.parent, out, run.pid)
+    print(f"{fmt}: killed, leaving {stray}")
+    if fmt == "gguf":
+        assert stray == [], "an unnamed temporary leaves no entry"
+
+
+def next_run_cleans_up(sources, fmt: str, out: Path, capsys, *extra: str) -> None:
+    """The next export to the same --out succeeds and leaves nothing but the output."""
+    assert main(argv(sources, fmt, out, *extra)) == 0, capsys.readouterr().err
+    assert_valid(fmt, out)
+    assert leftovers(out.parent, out, set()) == []
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "gguf"])
-@pytest.mark.parametrize("hook, env", KILLS, ids=["before-rename", "after-first-write", "after-1.5s", "after-2.5s"])
-def test_sigkill_leaves_no_output_and_input_untouched(sources, tmp_path, fmt, hook, env, capsys):
+@pytest.mark.parametrize("when", DELAYS + HOOKS, ids=[f"at-{d}s" if isinstance(d, str) else f"at-{d}-of-write"
+                                                      for d in DELAYS[:-1]] + ["after-exit", *HOOKS])
+def test_sigkill_leaves_nothing_behind(sources, timing, tmp_path, fmt, when, capsys):
     src = sources[fmt][0]
     digest = tree_hash(src)
-    out = tmp_path / ("out.gguf" if fmt == "gguf" else "out")
-    rc, _, err = child(hook, argv(sources, fmt, out), **env)
-    if rc == 0:  # a delayed kill may come after a fast export finished: then it must be complete
-        assert "DELAY" in env
-        assert_valid(fmt, out)
+    out = tmp_path / OUT_NAME[fmt]
+    if when in HOOKS:
+        run = child(when, argv(sources, fmt, out), KILL=1)
+        assert run.rc == -signal.SIGKILL, run.err[-2000:]
     else:
-        assert rc == -signal.SIGKILL, err[-2000:]
-        assert not out.exists()
-        stray = leftovers(tmp_path, out, set())
-        pattern = re.compile(TEMP.format(name=re.escape(out.name)))
-        assert all(pattern.match(s) for s in stray), stray  # only the documented temporaries
+        run = child("none", argv(sources, fmt, out), **timing(fmt).kill_env(when))
+    check_killed(fmt, out, run)
     assert tree_hash(src) == digest, "the input changed"
-    # the next export to the same --out ignores any stale temporary and succeeds
-    assert main(argv(sources, fmt, out, "--overwrite")) == 0, capsys.readouterr().err
-    assert_valid(fmt, out)
+    next_run_cleans_up(sources, fmt, out, capsys, *(["--overwrite"] if out.exists() else []))
     assert tree_hash(src) == digest
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "gguf"])
-def test_sigkill_during_overwrite_keeps_the_old_output(sources, tmp_path, fmt):
-    out = tmp_path / ("out.gguf" if fmt == "gguf" else "out")
+@pytest.mark.parametrize("hook", ["first-write", "publish", "replace"])
+def test_sigkill_during_overwrite_keeps_the_old_output(sources, tmp_path, fmt, hook, capsys):
+    """Killed before the swap: the old output is intact; what the run left (GGUF: the name it linked its
+    file to just before renaming it over the output) is the dead child's own, and the next run removes it."""
+    out = tmp_path / OUT_NAME[fmt]
     assert main(argv(sources, fmt, out)) == 0
     old = tree_hash(out)
-    rc, _, err = child("first-write", argv(sources, fmt, out, "--overwrite", "--multiplier", "2"), KILL=1)
-    assert rc == -signal.SIGKILL, err[-2000:]
+    run = child(hook, argv(sources, fmt, out, "--overwrite", "--multiplier", "2"), KILL=1)
+    assert run.rc == -signal.SIGKILL, run.err[-2000:]
     assert tree_hash(out) == old
     assert_valid(fmt, out)
+    stray = owned_temps_of(tmp_path, out, run.pid)
+    assert bool(stray) == (fmt == "safetensors" or hook == "replace"), stray
+    next_run_cleans_up(sources, fmt, out, capsys, "--overwrite", "--multiplier", "2")
+    assert tree_hash(out) != old
+
+
+def test_sigkill_just_after_a_folder_swap_leaves_the_new_output_whole(sources, tmp_path, capsys):
+    """Replacing a folder swaps it with the old one (RENAME_EXCHANGE), then removes the old one from
+    the owned name it got: killed in between, the output is the new one, whole, and the old one is
+    removed by the next run."""
+    fmt, out = "safetensors", tmp_path / "out"
+    assert main(argv(sources, fmt, out)) == 0
+    run = child("swapped", argv(sources, fmt, out, "--overwrite", "--multiplier", "2"), KILL=1)
+    assert run.rc == -signal.SIGKILL, run.err[-2000:]
+    assert_valid(fmt, out)
+    assert set(ExportManifest.load(out / MANIFEST_FILE).multiplier_map().values()) == {2.0}
+    assert len(owned_temps_of(tmp_path, out, run.pid)) == 1  # the old output, under the dead child's name
+    next_run_cleans_up(sources, fmt, out, capsys, "--overwrite")
 
 
 # ---------------------------------------------------------------------------
@@ -202,7 +333,7 @@ def test_full_disk_is_one_line_error(sources, tmp_path, fmt):
     digest = tree_hash(src)
     out = tmp_path / ("out.gguf" if fmt == "gguf" else "out")
     size = src.stat().st_size if src.is_file() else max(p.stat().st_size for p in src.glob("*.safetensors"))
-    rc, _, err = child("none", argv(sources, fmt, out), FSIZE=size // 2)
+    rc, _, err, _ = child("none", argv(sources, fmt, out), FSIZE=size // 2)
     lines = err.strip().splitlines()
     assert rc == 2, err[-3000:]
     assert len(lines) == 1 and lines[0].startswith("cna-export: error:"), err
@@ -220,7 +351,7 @@ def test_full_disk_is_one_line_error(sources, tmp_path, fmt):
 @pytest.mark.parametrize("sleep", [0, 2], ids=["free-race", "both-reach-rename"])
 def test_concurrent_exports_one_wins(sources, tmp_path, fmt, sleep):
     out = tmp_path / ("out.gguf" if fmt == "gguf" else "out")
-    procs = [child("rename", argv(sources, fmt, out, "--multiplier", m), wait=False, SLEEP=sleep) for m in ("0", "2")]
+    procs = [child("publish", argv(sources, fmt, out, "--multiplier", m), wait=False, SLEEP=sleep) for m in ("0", "2")]
     results = [(p.wait(timeout=300), p.stdout.read(), p.stderr.read()) for p in procs]
     codes = sorted(r[0] for r in results)
     assert codes[0] == 0 and codes[1] == 2, results
@@ -296,3 +427,151 @@ def test_directory_outputs_get_umask_permissions(tmp_path):
     os.umask(umask)
     assert stat.S_IMODE((out / "private.bin").stat().st_mode) == 0o666 & ~umask
     assert stat.S_IMODE(src.stat().st_mode) == 0o600  # the input is untouched
+
+
+# ---------------------------------------------------------------------------
+# Unnamed and owned temporaries (core/atomic.py, core/owned_temps.py)
+# ---------------------------------------------------------------------------
+
+
+def test_a_single_file_output_is_unnamed_until_published(tmp_path):
+    """The temporary of a file output has no entry in its folder; writers open it by its /proc name with
+    open, mmap, np.memmap, copy_file_range and shutil.copyfile; it is published with linkat."""
+    import mmap
+
+    import numpy as np
+
+    from cna_export.core.atomic import atomic_path
+
+    src = tmp_path / "src.bin"
+    src.write_bytes(bytes(range(256)) * 64)
+    out = tmp_path / "out" / "x.bin"  # a missing parent folder is created
+    with atomic_path(out) as tmp:
+        assert str(tmp).startswith("/proc/self/fd/") and os.listdir(out.parent) == []
+        shutil.copyfile(src, tmp)
+        with open(src, "rb") as s, open(tmp, "r+b") as d:
+            d.seek(0, os.SEEK_END)
+            assert os.copy_file_range(s.fileno(), d.fileno(), 256, 0) == 256
+        mm = np.memmap(tmp, dtype=np.uint8, mode="r+", offset=0, shape=(4,))
+        mm[:] = 7
+        mm.flush()
+        del mm
+        with open(tmp, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            assert m[:5] == bytes([7, 7, 7, 7, 4])
+        assert os.listdir(out.parent) == []
+    assert os.listdir(out.parent) == ["x.bin"]
+    assert out.read_bytes() == bytes([7] * 4) + (bytes(range(256)) * 64)[4:] + bytes(range(256))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert oct(out.stat().st_mode & 0o777) == oct(0o666 & ~umask)
+
+
+def test_an_unnamed_file_never_replaces_an_output_that_appeared_meanwhile(tmp_path):
+    from cna_export.core.atomic import atomic_file
+
+    out = tmp_path / "x.txt"
+    with pytest.raises(CnaError, match="another run created it meanwhile"):
+        with atomic_file(out, mode="w") as fh:
+            fh.write("mine")
+            out.write_text("theirs")
+    assert out.read_text() == "theirs" and os.listdir(tmp_path) == ["x.txt"]
+    with atomic_file(out, overwrite=True, mode="w") as fh:
+        fh.write("mine")
+    assert out.read_text() == "mine" and os.listdir(tmp_path) == ["x.txt"]
+
+
+def test_the_named_fallback_is_owned_and_removed_after_a_kill(tmp_path, monkeypatch):
+    """Where O_TMPFILE is missing, a file output is written under an owned name; killed, it is removed by
+    the next run that writes the same output."""
+    import cna_export.core.atomic as A
+
+    monkeypatch.setattr(A, "_new_unnamed", lambda final: None)
+    out = tmp_path / "x.bin"
+    with A.atomic_path(out) as tmp:
+        assert tmp.parent == tmp_path and owned_temps_of(tmp_path, out, os.getpid()) == [tmp.name]
+        tmp.write_bytes(b"data")
+    assert os.listdir(tmp_path) == ["x.bin"] and out.read_bytes() == b"data"
+    code = ("import os, sys, cna_export.core.atomic as A\nA._new_unnamed = lambda final: None\n"
+            "with A.atomic_path(sys.argv[1], overwrite=True) as t:\n    t.write_bytes(b'x')\n"
+            "    os.kill(os.getpid(), 9)\n")
+    p = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True)
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    assert len(leftovers(tmp_path, out, set())) == 1
+    A.atomic_write_text(out, "new", overwrite=True)
+    assert os.listdir(tmp_path) == ["x.bin"] and out.read_text() == "new"
+
+
+def test_linkat_on_the_descriptor_when_the_proc_link_fails(tmp_path, monkeypatch):
+    """The unnamed file is linked through /proc/self/fd with AT_SYMLINK_FOLLOW, else on its descriptor with
+    AT_EMPTY_PATH, which needs CAP_DAC_READ_SEARCH (then the /proc error is reported)."""
+    import cna_export.core.atomic as A
+
+    real_link = os.link
+
+    def no_proc_link(src, dst, **kw):
+        if str(src).startswith("/proc/self/fd/"):
+            raise OSError(errno.EXDEV, os.strerror(errno.EXDEV), str(src))
+        return real_link(src, dst, **kw)
+
+    monkeypatch.setattr(os, "link", no_proc_link)
+    out = tmp_path / "x.txt"
+    if os.geteuid() != 0:
+        with pytest.raises(CnaError, match="cannot write .*x.txt"):
+            A.atomic_write_text(out, "data")
+        assert os.listdir(tmp_path) == []
+        return
+    A.atomic_write_text(out, "data")
+    assert out.read_text() == "data" and os.listdir(tmp_path) == ["x.txt"]
+
+
+def fake_temp(folder: Path, out: str, pid: int, start: int, boot: str | None = None, label: str = "",
+              folder_temp: bool = True) -> Path:
+    from cna_export.core.owned_temps import current_owner
+
+    boot = boot or current_owner().boot
+    p = folder / f".{out}.{label}{pid}.{start}.{boot}.0123abcd.tmp"
+    if folder_temp:
+        p.mkdir()
+        (p / "part").write_bytes(b"x")
+    else:
+        p.write_bytes(b"x")
+    return p
+
+
+def test_only_temporaries_of_dead_writers_are_removed(tmp_path):
+    """pid dead, or alive with another start time (a reused pid): removed. Alive with its start time, or
+    its lock held, or another output's, or not an owned name: kept. Another boot's: removed when the lock
+    is free. A backup is kept while the output is missing."""
+    from cna_export.core.atomic import remove_stale_temps
+    from cna_export.core.owned_temps import _proc_start, current_owner
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    parent = os.getppid()
+    parent_start = _proc_start(parent)[0]
+    me = current_owner()
+    out = tmp_path / "m.gguf"
+    stale = [fake_temp(tmp_path, out.name, int(dead), 12345),
+             fake_temp(tmp_path, out.name, parent, parent_start + 1),  # a reused pid
+             fake_temp(tmp_path, out.name, int(dead), 5, folder_temp=False),
+             fake_temp(tmp_path, out.name, parent, parent_start, boot="ffffffff" if me.boot != "ffffffff" else "0" * 8)]
+    kept = [fake_temp(tmp_path, out.name, parent, parent_start),  # a live writer (it may not hold its lock yet)
+            fake_temp(tmp_path, out.name, me.pid, me.start),  # this process's own
+            fake_temp(tmp_path, "other.gguf", int(dead), 1),
+            fake_temp(tmp_path, out.name, int(dead), 1, label="old-")]  # a backup while the output is missing
+    (tmp_path / f".{out.name}.abcd1234.tmp").mkdir()  # an old-style temporary: its writer is unknown
+    kept.append(tmp_path / f".{out.name}.abcd1234.tmp")
+    held = fake_temp(tmp_path, out.name, int(dead), 99)
+    hold = ("import fcntl, os, sys, time\nfd = os.open(sys.argv[1], os.O_RDONLY)\nfcntl.flock(fd, fcntl.LOCK_EX)\n"
+            "print('locked', flush=True)\ntime.sleep(60)")
+    locker = subprocess.Popen([sys.executable, "-c", hold, str(held)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert locker.stdout.readline().strip() == "locked"
+        removed = remove_stale_temps(out)
+    finally:
+        locker.kill()
+        locker.wait()
+    assert sorted(removed) == sorted(stale)
+    assert all(not p.exists() for p in stale) and all(p.exists() for p in kept + [held])
+    out.write_bytes(b"the output is back")
+    assert sorted(remove_stale_temps(out)) == sorted([kept[3], held])  # the backup; the temp whose locker died

@@ -11,7 +11,7 @@ subprocess limited to 512 MiB above its imports.
 Readers: the GGUF header reader (``io.gguf.open_gguf``), the safetensors header reader and index
 (``io.safetensors.Checkpoint.open`` and tensor look-ups), circuits and export manifests
 (``Circuit.load``/``from_json``, ``ExportManifest.load``/``from_json``), the multipliers file
-(``core.circuit.load_multipliers_file``) and recipes (``core.settings.load_recipe``).
+(``core.circuit.load_multipliers_file``) and recipes (``core.recipe.load_recipe``).
 
 Inputs: explicit hostile sizes (header lengths 2^63 and 2^64-1, tensor/KV counts 2^60, huge
 offsets, strings longer than the file, absurd ``n_dims``, unknown types, overlapping tensor data,
@@ -145,7 +145,8 @@ def _gguf(n_tensors: int, n_kv: int, body: bytes, version: int = 3) -> bytes:
 
 def _tensor_info(name: bytes, ne: list[int], ttype: int = 0, offset: int = 0, n_dims: int | None = None) -> bytes:
     nd = len(ne) if n_dims is None else n_dims
-    return _s(name) + struct.pack("<I", nd) + b"".join(struct.pack("<Q", x) for x in ne) + struct.pack("<IQ", ttype, offset)
+    dims = b"".join(struct.pack("<Q", x) for x in ne)
+    return _s(name) + struct.pack("<I", nd) + dims + struct.pack("<IQ", ttype, offset)
 
 
 def _kv(key: bytes, vtype: int, payload: bytes) -> bytes:
@@ -181,7 +182,8 @@ def hostile_gguf_cases() -> dict[str, bytes]:
         "string array count 2^60": _gguf(0, 1, _kv(b"k", 9, struct.pack("<IQ", 8, 2**60) + pad)),
         "string array item 2^63": _gguf(0, 1, _kv(b"k", 9, struct.pack("<IQ", 8, 1) + _s(b"a", 2**63))),
         "nested array count 2^60": _gguf(0, 1, _kv(b"k", 9, struct.pack("<IQ", 9, 2**60) + pad)),
-        "arrays nested 5000 deep": _gguf(0, 1, _kv(b"k", 9, struct.pack("<IQ", 9, 1) * 5000 + struct.pack("<IQ", 0, 0))),
+        "arrays nested 5000 deep": _gguf(0, 1, _kv(b"k", 9, struct.pack("<IQ", 9, 1) * 5000
+                                                   + struct.pack("<IQ", 0, 0))),
         "scalar past the end": _gguf(0, 1, _kv(b"k", 12, b"\0" * 3)),
         "duplicate key": _gguf(0, 2, _kv(b"k", 4, b"\0" * 4) * 2),
         "alignment 0": _gguf(0, 1, _kv(b"general.alignment", 4, struct.pack("<I", 0))),
@@ -199,7 +201,8 @@ def hostile_gguf_cases() -> dict[str, bytes]:
         "tensor offset 2^64-1 (-1)": _gguf(1, 0, _tensor_info(b"t", [4], offset=2**64 - 1) + pad),
         "tensor offset 2^63": _gguf(1, 0, _tensor_info(b"t", [4], offset=2**63) + pad),
         "tensor data past the end": _gguf(1, 0, _tensor_info(b"t", [1000]) + f32),
-        "overlapping tensor data": _gguf(2, 0, _tensor_info(b"a", [4]) + _tensor_info(b"b", [4], offset=8) + b"\0" * 8 + f32 * 2),
+        "overlapping tensor data": _gguf(2, 0, _tensor_info(b"a", [4]) + _tensor_info(b"b", [4], offset=8)
+                                         + b"\0" * 8 + f32 * 2),
         "duplicate tensor": _gguf(2, 0, _tensor_info(b"a", [1]) + _tensor_info(b"a", [1], offset=32) + b"\0" * 80),
         "tensor name 2^63": _gguf(1, 0, _s(b"t", 2**63) + pad),
         "tensor name not UTF-8": _gguf(1, 0, _tensor_info(b"\xff", [1]) + pad),
@@ -348,7 +351,8 @@ def hostile_safetensors_cases() -> dict[str, bytes]:
 def _json_values(max_leaves: int = 12) -> st.SearchStrategy:
     scalars = (st.none() | st.booleans() | st.integers() | st.integers(-(2**70), 2**70)
                | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=12))
-    return st.recursive(scalars, lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4),
+    return st.recursive(scalars,
+                        lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4),
                         max_leaves=max_leaves)
 
 
@@ -521,7 +525,7 @@ def recipe_yaml(draw: st.DrawFn) -> str:
 
 
 def check_recipe(content: str | bytes) -> str:
-    from cna_export.core.settings import load_recipe
+    from cna_export.core.recipe import load_recipe
 
     path = _write(_fresh("recipe.yaml"), content)
     try:
@@ -540,7 +544,8 @@ HARNESSES: dict[str, tuple[Callable[[], st.SearchStrategy], Callable[[Any], str]
     "gguf-mutations": (gguf_mutations, check_gguf_bytes),
     "gguf-structured": (gguf_structured, check_gguf_bytes),
     "safetensors-header": (safetensors_structured, check_safetensors_bytes),
-    "safetensors-bytes": (lambda: st.binary(max_size=64).map(lambda b: b + valid_safetensors()[len(b):]), check_safetensors_bytes),
+    "safetensors-bytes": (lambda: st.binary(max_size=64).map(lambda b: b + valid_safetensors()[len(b):]),
+                          check_safetensors_bytes),
     "safetensors-index": (safetensors_index, check_safetensors_index),
     "circuit": (lambda: _text_or_bytes(mutated_json(json.loads(valid_circuit().to_json()))), check_circuit),
     "export-manifest": (lambda: _text_or_bytes(mutated_json(json.loads(valid_manifest().to_json()))), check_manifest),

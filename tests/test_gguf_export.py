@@ -4,11 +4,10 @@ gate_up, the Ollama Modelfile, the CLI, and the exact tensor check of the verifi
 
 from __future__ import annotations
 
-import re
-
 import hashlib
 import json
 import logging
+import re
 import struct
 from pathlib import Path
 
@@ -17,26 +16,20 @@ import numpy as np
 import pytest
 from gguf.constants import GGMLQuantizationType as T
 from gguf.constants import GGUFValueType as V
-
-from cna_export.io.identity import gguf_fingerprint
-from cna_export.core.circuit import Circuit, ModelIdentity, Neuron
-from cna_export.cli import main
-from cna_export.core.errors import CnaError
-from cna_export.export.gguf import (
-    MODELFILE,
-    export_gguf,
-    read_gguf_manifest,
-    render_modelfile,
-    stop_tokens,
-)
-from cna_export.core.manifest import side_manifest_path
-from cna_export.io import gguf as G
-from cna_export.io.quants import LAYOUTS, dequantize_rows, get_layout
-from cna_export.core.manifest import GGUF_KEY, ExportManifest
-from cna_export.verification.gguf_tensors import check_tensors
-from cna_export.verification.gguf import verify_gguf
-
 from test_quants import UNIT_ROUNDOFF, tensor_data
+
+from cna_export.cli import main
+from cna_export.core.circuit import Circuit, ModelIdentity, Neuron
+from cna_export.core.errors import CnaError
+from cna_export.core.manifest import GGUF_KEY, ExportManifest, side_manifest_path
+from cna_export.export.card import modelfile_path, render_modelfile, stop_tokens
+from cna_export.export.gguf import export_gguf, read_gguf_manifest
+from cna_export.io import gguf as G
+from cna_export.io.identity import gguf_fingerprint
+from cna_export.io.quant_layouts import LAYOUTS, get_layout
+from cna_export.io.quants import dequantize_rows
+from cna_export.verification.gguf import verify_gguf
+from cna_export.verification.gguf_tensors import check_tensors
 
 N_EMBD = 256  # a whole number of blocks of every type (K-quants: 256)
 N_FF = 64
@@ -199,7 +192,8 @@ def test_every_type_rows_scaled_and_everything_else_identical(tmp_path, qtype, f
     added = () if fast else ("general.name", GGUF_KEY)
     kv = assert_same_kv(src, out, added)
     if not fast:
-        assert kv[-1][0] == GGUF_KEY and dict((k, v) for k, _, v in kv)["general.name"] == "tiny test model (CNA-steered)"
+        assert kv[-1][0] == GGUF_KEY
+        assert dict((k, v) for k, _, v in kv)["general.name"] == "tiny test model (CNA-steered)"
     ta, tb = reader_tensors(src), reader_tensors(out)
     assert list(ta) == list(tb)
     touched = {f"blk.{l}.ffn_up.weight" for l, _ in MULTS}
@@ -327,7 +321,7 @@ def test_fast_copy_changes_only_scale_bytes_of_touched_rows(tmp_path):
     row_bytes = N_EMBD // 256 * layout.block_bytes
     allowed = set()
     tensors = G.tensor_map(G.open_gguf(src))
-    for (layer, j), m in MULTS.items():
+    for layer, j in MULTS:
         base = tensors[f"blk.{layer}.ffn_up.weight"].data_offset + j * row_bytes
         for blk in range(row_bytes // layout.block_bytes):
             for off in layout.scale_offsets:
@@ -337,7 +331,7 @@ def test_fast_copy_changes_only_scale_bytes_of_touched_rows(tmp_path):
     assert r.manifest_path == side and side.is_file()
     assert ExportManifest.load(side).to_json() == r.manifest.to_json()
     assert read_gguf_manifest(out)[1] == str(side)
-    text = (tmp_path / MODELFILE).read_text()
+    text = (tmp_path / "fast.Modelfile").read_text()
     assert "fast.gguf.cna_manifest.json (side file)" in text and "FROM ./fast.gguf" in text
 
 
@@ -345,7 +339,8 @@ def test_fast_copy_and_writer_patch_identical_bytes(tmp_path):
     src = build_gguf(tmp_path / "src.gguf", up_type=T.Q6_K)
     a = export(src, tmp_path / "a.gguf")
     b = export(src, tmp_path / "b.gguf", fast_copy=True)
-    assert [(t.name, t.sha256_after) for t in a.manifest.tensors] == [(t.name, t.sha256_after) for t in b.manifest.tensors]
+    assert [(t.name, t.sha256_after) for t in a.manifest.tensors] == \
+        [(t.name, t.sha256_after) for t in b.manifest.tensors]
 
 
 # ---------------------------------------------------------------------------
@@ -456,9 +451,11 @@ def test_circuit_must_fit_and_fingerprint_needs_force(tmp_path):
         export(src, tmp_path / "other.gguf", circuit=circuit_for(fingerprint="0" * 64))
     r = export(src, tmp_path / "other.gguf", circuit=circuit_for(fingerprint="0" * 64), force=True)
     assert any("applied anyway" in n for n in r.manifest.notes)
-    big = ModelIdentity(name="x", architecture="llama", num_layers=N_LAYERS, intermediate_size=N_FF * 2, hidden_size=N_EMBD)
+    big = ModelIdentity(name="x", architecture="llama", num_layers=N_LAYERS, intermediate_size=N_FF * 2,
+                        hidden_size=N_EMBD)
     with pytest.raises(CnaError, match="does not fit"):
-        export(src, tmp_path / "x.gguf", circuit=Circuit(model=big, neurons=[Neuron(layer=0, index=N_FF + 1)]), multipliers=None, multiplier=0.0)
+        export(src, tmp_path / "x.gguf", circuit=Circuit(model=big, neurons=[Neuron(layer=0, index=N_FF + 1)]),
+               multipliers=None, multiplier=0.0)
 
 
 def test_outputs_are_never_overwritten_and_inputs_never_touched(tmp_path):
@@ -470,15 +467,57 @@ def test_outputs_are_never_overwritten_and_inputs_never_touched(tmp_path):
     with pytest.raises(CnaError, match="already exists.*--overwrite"):
         export(src, out, modelfile=True)
     other = tmp_path / "other.gguf"
-    with pytest.raises(CnaError, match="Modelfile already exists"):
+    (tmp_path / "other.Modelfile").write_text("mine")
+    with pytest.raises(CnaError, match="other.Modelfile already exists"):
         export(src, other, modelfile=True)
     assert not other.exists(), "nothing is written when the Modelfile would be overwritten"
+    assert (tmp_path / "other.Modelfile").read_text() == "mine"
     export(src, out, modelfile=True, overwrite=True, multipliers={k: 0.0 for k in MULTS})
     assert sha(out) != first
     with pytest.raises(CnaError, match="is the input itself"):
         export(src, src, overwrite=True)
     assert sha(src) == before
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no temporary files left behind"
+
+
+def test_two_exports_into_one_folder_each_get_their_modelfile(tmp_path):
+    src = build_gguf(tmp_path / "src.gguf")
+    a = export(src, tmp_path / "a.gguf", modelfile=True, multipliers={k: 0.0 for k in MULTS})
+    b = export(src, tmp_path / "b.gguf", modelfile=True, multipliers={k: -1.0 for k in MULTS})
+    assert (a.modelfile, b.modelfile) == (tmp_path / "a.Modelfile", tmp_path / "b.Modelfile")
+    assert "FROM ./a.gguf" in a.modelfile.read_text() and "x0," in a.modelfile.read_text()
+    assert "FROM ./b.gguf" in b.modelfile.read_text() and "x-1," in b.modelfile.read_text()
+    assert "-f b.Modelfile" in b.modelfile.read_text()
+
+
+def test_concurrent_overwrites_publish_each_gguf_with_its_own_modelfile(tmp_path):
+    """Runs writing the same GGUF with --overwrite publish the GGUF and its Modelfile in one locked step:
+    whichever run is last, the Modelfile describes the GGUF beside it (issue: x0 in the Modelfile, x2 in the file)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    src = build_gguf(tmp_path / "src.gguf")
+    out = tmp_path / "out.gguf"
+    export(src, out, modelfile=True, fast_copy=True)
+
+    def run(m: float) -> None:
+        export(src, out, modelfile=True, overwrite=True, fast_copy=True, multipliers={k: m for k in MULTS})
+
+    for _ in range(2):
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            list(pool.map(run, [0.0, 2.0, -1.0, 0.5]))
+        (m,) = {v for v in read_gguf_manifest(out)[0].multiplier_map().values()}
+        assert f"x{m:g}," in modelfile_path(out).read_text()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no temporary files left behind"
+
+
+def test_the_circuit_file_is_an_input(tmp_path):
+    src = build_gguf(tmp_path / "src.gguf")
+    circ = tmp_path / "c.json"
+    circuit_for().save(circ)
+    before = sha(circ)
+    with pytest.raises(CnaError, match="is the input itself"):
+        export_gguf(str(src), circ, circ, multipliers=dict(MULTS), overwrite=True, modelfile=False)
+    assert sha(circ) == before
 
 
 # ---------------------------------------------------------------------------
@@ -490,7 +529,8 @@ def test_modelfile(tmp_path):
     src = build_gguf(tmp_path / "src.gguf")
     out = tmp_path / "steered model.gguf"
     r = export(src, out, modelfile=True)
-    text = (tmp_path / MODELFILE).read_text()
+    assert r.modelfile == modelfile_path(out) == tmp_path / "steered model.Modelfile"
+    text = r.modelfile.read_text()
     lines = text.splitlines()
     assert lines[0].startswith("# Ollama Modelfile written by cna-export")
     assert any("5 neurons in 2 layers" in line and "ffn_up rows" in line for line in lines)
@@ -551,7 +591,7 @@ def test_cli_export_gguf(tmp_path, capsys):
     out = tmp_path / "cli.gguf"
     rc = main(["export", "--model", str(src), "--circuit", str(circ), "--multipliers", str(mfile), "--out", str(out)])
     text = capsys.readouterr().out
-    assert rc == 0 and out.is_file() and (tmp_path / MODELFILE).is_file()
+    assert rc == 0 and out.is_file() and (tmp_path / "cli.Modelfile").is_file()
     assert "5 neurons in 2 layers" in text and "2 tensors (Q5_K)" in text
     assert read_gguf_manifest(out)[0].multiplier_map() == MULTS
     # --format gguf with any output name, fast copy, no Modelfile
@@ -585,7 +625,9 @@ def test_cli_export_gguf_errors(tmp_path, capsys, extra, message):
 def test_cli_gguf_only_flags_refused_for_safetensors(tmp_path, capsys):
     circ = tmp_path / "c.json"
     circuit_for().save(circ)
-    rc = main(["export", "--model", str(tmp_path), "--circuit", str(circ), "--out", str(tmp_path / "o"), "--fast-copy"])
+    (tmp_path / "model").mkdir()
+    rc = main(["export", "--model", str(tmp_path / "model"), "--circuit", str(circ), "--out", str(tmp_path / "o"),
+               "--fast-copy"])
     assert rc == 2 and "apply to GGUF exports" in capsys.readouterr().err
 
 
@@ -639,8 +681,7 @@ def _synthetic_comparisons(noise_growth: float, seed: int = 0):
 def test_allowance_grows_with_the_steering_effect():
     import time
 
-    from cna_export.verification.gguf import GGUFVerifyOptions
-
+    from cna_export.core.settings import GGUFVerifyOptions
     from cna_export.verification.gguf_behaviour import _judge
 
     comp = _synthetic_comparisons(1.2)  # steered pair about 1.44x the floor, like strongly steered real exports
@@ -652,7 +693,8 @@ def test_allowance_grows_with_the_steering_effect():
     assert not b.reasons, b.reasons
     # the noise floor alone (the literal rule) fails the same export, and says by how much
     strict = _judge(comp, GGUFVerifyOptions(max_effect_share=0), time.perf_counter())
-    assert len(strict.reasons) == 1 and "above the allowed" in strict.reasons[0] and "of the steering effect" in strict.reasons[0]
+    assert len(strict.reasons) == 1
+    assert "above the allowed" in strict.reasons[0] and "of the steering effect" in strict.reasons[0]
     # an export whose discrepancy is a sizeable share of the steering effect fails under the defaults
     bad = _judge(_synthetic_comparisons(12.0), GGUFVerifyOptions(), time.perf_counter())
     assert bad.metrics["excess_share_of_effect"] > 0.01 and any("above the allowed" in r for r in bad.reasons)
@@ -663,8 +705,7 @@ def test_steering_reproduction_slope():
 
     import torch
 
-    from cna_export.verification.gguf import GGUFVerifyOptions
-
+    from cna_export.core.settings import GGUFVerifyOptions
     from cna_export.verification.gguf_behaviour import _Comparisons, _judge, steering_slope
 
     g = torch.Generator().manual_seed(1)
@@ -690,7 +731,7 @@ def test_steering_reproduction_slope():
     assert short.metrics["mean_kl"] <= short.metrics["allowed_mean_kl"]
     assert [r for r in short.reasons if "reproduces 9" in r and "hook-steering effect" in r] == short.reasons
     ok = {c.label: c.ok for c in short.checks}
-    assert ok["steering reproduced (slope)"] is False and ok["mean KL, allowed"] is True
+    assert ok["steering reproduced (slope)"] is False and ok["mean KL, allowed"] is not False  # passed or undecided
     lenient = _judge(run(0.9), GGUFVerifyOptions(max_steering_error=0.15), time.perf_counter())
     assert not [r for r in lenient.reasons if "reproduces" in r]
     # no steering at all: reproduces nothing

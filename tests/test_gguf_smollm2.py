@@ -11,17 +11,19 @@ import gguf
 import numpy as np
 import pytest
 
-from cna_export.io.identity import gguf_fingerprint, gguf_identity
-from cna_export.core.circuit import Circuit, Neuron
 from cna_export.cli import main
+from cna_export.core.circuit import Circuit, Neuron
+from cna_export.core.manifest import GGUF_KEY
+from cna_export.core.recipe import load_recipe
+from cna_export.core.settings import DiscoverOptions, GGUFVerifyOptions
 from cna_export.discovery.cna import discover
+from cna_export.export.card import modelfile_path
 from cna_export.export.gguf import export_gguf, read_gguf_manifest
 from cna_export.io import gguf as G
-from cna_export.core.manifest import GGUF_KEY
-from cna_export.core.settings import DiscoverOptions, load_recipe
-from cna_export.model.prompts import load_prompts
-from cna_export.verification.gguf import GGUFVerifyOptions, verify_gguf
+from cna_export.io.identity import gguf_fingerprint, gguf_identity
 from cna_export.io.llama import llama_logits
+from cna_export.model.prompts import load_prompts
+from cna_export.verification.gguf import verify_gguf
 from cna_export.verification.gguf_behaviour import token_ids
 
 pytestmark = [pytest.mark.slow, pytest.mark.llama]
@@ -72,14 +74,14 @@ def test_export_keeps_every_kv_and_untouched_tensor(exported, circuit):
     fields = list(ref.fields.values())[3:]
     ours = G.kv_fields(a)
     assert [x.name for x in ours] + [GGUF_KEY] == [x.name for x in fields]
-    for x, y in zip(ours, fields):
+    for x, y in zip(ours, fields[: len(ours)], strict=True):  # fields ends with the manifest
         assert x.type == y.types[0] and (x.sub_type is None or x.sub_type == y.types[1])
         if x.name == "general.name":
             assert y.contents() == x.value() + " (CNA-steered)"
         else:
             assert x.value() == y.contents(), x.name
     assert len(ref.tensors) == len(a.tensors) == 272
-    for x, y in zip(a.tensors, ref.tensors):
+    for x, y in zip(a.tensors, ref.tensors, strict=True):
         assert (x.name, x.tensor_type, list(x.ne)) == (y.name, y.tensor_type, y.shape.tolist())
         if x.name not in touched:
             assert np.array_equal(x.data, y.data), x.name
@@ -87,8 +89,36 @@ def test_export_keeps_every_kv_and_untouched_tensor(exported, circuit):
     assert [(t.name, t.sha256_after) for t in f.manifest.tensors] == [(t.name, t.sha256_after) for t in m.tensors]
     assert G.kv_differences(a, G.open_gguf(f.out)) == []
     assert read_gguf_manifest(f.out)[0].multiplier_map() == m.multiplier_map()
-    text = (w.out.parent / "Modelfile").read_text()
+    text = modelfile_path(w.out).read_text()
     assert "FROM ./steered.gguf" in text and 'PARAMETER stop "<|im_end|>"' in text
+
+
+def test_llama_cpp_logs_go_to_the_debug_log_only(capfd, caplog):
+    """llama.cpp's own lines never reach stderr by themselves, even after another callback was installed
+    (importing llama_cpp installs one that prints everything); with debug logging they are log records."""
+    import ctypes
+    import logging
+
+    import llama_cpp
+    from llama_cpp import _logger as llama_cpp_logger
+
+    from cna_export.io.bundled import resolve
+    from cna_export.io.llama import LlamaContext, LlamaModel
+
+    src = resolve("bundled:smollm2")
+    LlamaModel(src).close()
+    llama_cpp.llama_log_set(llama_cpp_logger.llama_log_callback, ctypes.c_void_p(0))  # as at llama_cpp's import
+    capfd.readouterr()
+    lm = LlamaModel(src)
+    LlamaContext(lm, 1, 64, 8, 1).close()
+    lm.close()
+    assert capfd.readouterr().err == ""
+    with caplog.at_level(logging.DEBUG, logger="cna_export.io.llama"):
+        lm = LlamaModel(src)
+        LlamaContext(lm, 1, 64, 8, 1).close()
+        lm.close()
+    assert capfd.readouterr().err == ""
+    assert any(r.getMessage().startswith("llama.cpp: llama_model_loader") for r in caplog.records)
 
 
 def test_llama_cpp_loads_the_export_and_logits_change(smollm2, exported):
@@ -97,7 +127,7 @@ def test_llama_cpp_loads_the_export_and_logits_change(smollm2, exported):
     before = llama_logits(src, ids, threads=1)
     after = llama_logits(w.out, ids, threads=1)
     assert all(np.isfinite(x).all() for x in after)
-    assert max(float(np.abs(a - b).max()) for a, b in zip(before, after)) > 1e-2
+    assert max(float(np.abs(a - b).max()) for a, b in zip(before, after, strict=True)) > 1e-2
 
 
 def test_verify_passes_against_the_noise_floor(smollm2, exported):
@@ -114,7 +144,8 @@ def test_verify_passes_against_the_noise_floor(smollm2, exported):
     assert m["export_effect_mean_kl"] > m["floor_mean_kl"]  # the export really steers llama.cpp
     assert m["mean_kl"] < m["export_vs_unsteered_mean_kl"]  # closer to hook steering than to no steering
     assert len(rep.prompts) == 16 and "noise floor" in rep.render()
-    assert {c.label for c in rep.checks} >= {"tensors and KV pairs exact", "mean KL, allowed", "steering reproduced (slope)"}
+    labels = {"tensors and KV pairs exact", "mean KL, allowed", "steering reproduced (slope)"}
+    assert {c.label for c in rep.checks} >= labels
     assert all(c.ok is not False for c in rep.checks) and "steering reproduced (slope)" in rep.render()
     assert abs(m["steering_reproduced"] - 1) < 0.03  # measured 1.000 +- 0.003
     tensors_only = verify_gguf("bundled:smollm2", f.out, OPTS, behaviour=False)
@@ -159,7 +190,8 @@ def test_cli_export_and_verify(smollm2, circuit, tmp_path, capsys, monkeypatch):
     assert rc == 3 and "verification failed" in captured.err and "noise floor" in captured.out
     assert not bad.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".unverified")]
     # a circuit found on other weights needs --force
-    other = Circuit(model=circuit.model.model_copy(update={"fingerprint": "0" * 64}), neurons=[Neuron(layer=1, index=2)])
+    other = Circuit(model=circuit.model.model_copy(update={"fingerprint": "0" * 64}),
+                    neurons=[Neuron(layer=1, index=2)])
     other.save(tmp_path / "other.json")
     rc = main(["export", "--model", "bundled:smollm2", "--circuit", str(tmp_path / "other.json"), "--multiplier", "0",
                "--out", str(tmp_path / "o.gguf"), "--no-modelfile"])  # fmt: skip

@@ -87,7 +87,8 @@ def test_adapter_layout_matches_peft(tiny_models, tmp_path, one_thread):
             return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
 
     assert shapes(tmp_path / "ad" / ADAPTER_WEIGHTS) == shapes(tmp_path / "peft" / ADAPTER_WEIGHTS)
-    assert {"adapter_config.json", "adapter_model.safetensors", "cna_manifest.json", "README.md"} <= _files(tmp_path / "ad")
+    assert {"adapter_config.json", "adapter_model.safetensors", "cna_manifest.json", "README.md"} <= \
+        _files(tmp_path / "ad")
     assert "library_name: peft" in (tmp_path / "ad" / "README.md").read_text()
 
 
@@ -157,8 +158,12 @@ def test_lora_refuses_bad_input(tiny_models, tmp_path, one_thread):
         export_lora(str(src), circ, tmp_path / "ad", dtype="int8")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["other", "taken"]  # nothing else, no staging left
 
-    res = export_lora(str(src), circ, taken, overwrite=True)
-    assert "keep.txt" not in _files(taken) and res.adapter_bytes > 0
+    with pytest.raises(CnaError, match="did not write"):  # --overwrite replaces only this tool's own output
+        export_lora(str(src), circ, taken, overwrite=True)
+    assert _files(taken) == {"keep.txt"}
+    export_lora(str(src), circ, tmp_path / "ad", multiplier=1.0)
+    res = export_lora(str(src), circ, tmp_path / "ad", overwrite=True)
+    assert res.adapter_bytes > 0 and res.manifest.multiplier_map() == circ.multipliers()
 
 
 # -- SmolLM2 (GGUF source) ------------------------------------------------------------------------
@@ -265,11 +270,12 @@ def test_gguf_lora_smollm2(tmp_path):
     assert G.field_value(reader, "general.architecture") == "llama"
     assert G.field_value(reader, "adapter.lora.alpha") == 30.0
     tensors = G.tensor_map(reader)
-    assert sorted(tensors) == sorted(f"blk.{layer}.ffn_down.weight.lora_{ab}" for layer in (2, 5, 9, 14, 20) for ab in "ab")
+    assert sorted(tensors) == sorted(f"blk.{layer}.ffn_down.weight.lora_{ab}"
+                                     for layer in (2, 5, 9, 14, 20) for ab in "ab")
     assert G.np_shape(tensors["blk.5.ffn_down.weight.lora_a"]) == [30, 1536]
     assert G.np_shape(tensors["blk.5.ffn_down.weight.lora_b"]) == [576, 30]
     assert read_gguf_lora_manifest(res.out).multiplier_map() == circ.multipliers()
-    modelfile = (out / "Modelfile").read_text()
+    modelfile = (out / "steer.Modelfile").read_text()
     assert f"FROM {base.resolve()}" in modelfile and "ADAPTER ./steer.gguf" in modelfile
     print(f"SmolLM2 GGUF LoRA: {res.bytes} bytes vs {base.stat().st_size} for the base")
     with pytest.raises(CnaError, match="already exists"):
@@ -400,7 +406,8 @@ def test_gguf_lora_tensor_check_and_wrong_base(tmp_path):
     assert rep.passed, rep.reasons
     assert rep.metrics["adapter_alpha"] == rep.metrics["adapter_rank"] == res.rank
     assert verify_gguf(None, res.out, behaviour=False).passed  # the base recorded in the manifest
-    modelfile = (tmp_path / "Modelfile").read_text()
+    assert res.modelfile == tmp_path / "ad.Modelfile"
+    modelfile = res.modelfile.read_text()
     assert f"FROM {src.resolve()}" in modelfile and "ADAPTER ./ad.gguf" in modelfile and 'TEMPLATE """' in modelfile
 
     bad = tmp_path / "bad.gguf"
@@ -415,6 +422,33 @@ def test_gguf_lora_tensor_check_and_wrong_base(tmp_path):
     other = build_gguf(tmp_path / "other.gguf", down_type=T.F32, seed=1)
     with pytest.raises(CnaError, match="different base"):
         verify_gguf(str(other), res.out, behaviour=False)
+
+
+def test_gguf_lora_records_its_base_file(tmp_path):
+    """The adapter's base is a typed manifest field (path, size, fingerprint); an adapter written before
+    manifest schema 2 recorded it as a note, which core.manifest reads once."""
+    import json
+
+    from gguf import GGMLQuantizationType as T
+    from test_gguf_export import MULTS, build_gguf, circuit_for
+
+    from cna_export.core.manifest import BaseFile, ExportManifest
+    from cna_export.export.gguf_lora import export_gguf_lora, read_gguf_lora_manifest
+
+    src = build_gguf(tmp_path / "src.gguf", down_type=T.F32)
+    res = export_gguf_lora(str(src), circuit_for(), tmp_path / "ad.gguf", multipliers=dict(MULTS), modelfile=False)
+    recorded = BaseFile(path=str(src.resolve()), size=src.stat().st_size, fingerprint=None)
+    assert res.manifest.base_file == read_gguf_lora_manifest(res.out).base_file == recorded
+    assert res.manifest.schema_version == 2 and not any(n.startswith("base file") for n in res.manifest.notes)
+    assert recorded.local() == src.resolve() and recorded.name == "src.gguf"
+
+    legacy = json.loads(res.manifest.to_json())
+    legacy.update(schema_version=1, notes=legacy["notes"] + [f"base file: {src.resolve()}"])
+    del legacy["base_file"]
+    old = ExportManifest.from_json(json.dumps(legacy))
+    assert old.base_file == BaseFile(path=str(src.resolve())) and old.base_file.local() == src.resolve()
+    assert BaseFile(path=str(src), size=1).local() is None  # another file there now
+    assert "base_file" not in json.loads(ExportManifest.from_json(json.dumps(legacy | {"format": "gguf"})).to_json())
 
 
 @pytest.mark.slow

@@ -268,11 +268,11 @@ GGUF_FAMILIES = MOE_FAMILIES  # llama.cpp and gguf-py know every one
 def _gguf_case(moe_models, family: str, tmp_path: Path, qtype: str, fold: str, behaviour: bool,
                hf: Path | None = None, gguf_reference: bool = False, mults: dict | None = None):
     pytest.importorskip("llama_cpp")
+    from cna_export.core.settings import GGUFVerifyOptions
     from cna_export.export.gguf import export_gguf
     from cna_export.io import gguf as G
     from cna_export.io.identity import gguf_identity
     from cna_export.testing.gguf_twin import write_gguf_twin
-    from cna_export.core.settings import GGUFVerifyOptions
     from cna_export.verification.gguf import verify_gguf
 
     hf = hf or moe_models[(family, "per-expert")]

@@ -399,12 +399,12 @@ def test_network_errors_are_recognised_without_importing_the_client(monkeypatch)
 
 
 def test_write_error_in_a_writer_is_one_line(world, tmp_path, monkeypatch):
-    import tempfile
+    import cna_export.core.atomic as A
 
     def denied(*a, **k):
         raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path))
 
-    monkeypatch.setattr(tempfile, "mkstemp", denied)
+    monkeypatch.setattr(A, "_new_unnamed", denied)  # the writer's temporary (core/atomic.py)
     out = tmp_path / "x.gguf"
     one_line_error(*run(export_args(world, "gguf", out))[::2], "cannot write", "Permission denied")
     assert not out.exists()

@@ -8,7 +8,8 @@ import json
 import pytest
 
 from cna_export.core.errors import CnaError
-from cna_export.core.settings import DiscoverOptions, build, load_recipe
+from cna_export.core.recipe import load_recipe
+from cna_export.core.settings import DiscoverOptions, build
 from cna_export.model.prompts import batches, load_prompts, render
 
 

@@ -1,28 +1,24 @@
-"""Tests for cna_export.io.quants: block layouts and exact row scaling of GGUF tensors."""
+"""Tests for cna_export.io.quant_types, quant_layouts and quants: the GGML type records, block layouts and
+exact row scaling of GGUF tensors."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from fractions import Fraction
 
 import numpy as np
 import pytest
 from gguf import quants as gguf_quants
-from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as T
-from hypothesis import HealthCheck, given, settings, strategies as st
+from gguf.constants import GGML_QUANT_SIZES
+from gguf.constants import GGMLQuantizationType as T
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from cna_export.io import quants
-from cna_export.io.quants import (
-    LAYOUTS,
-    UNSUPPORTED,
-    ScaleOverflowError,
-    ScaleError,
-    UnsupportedTensorType,
-    dequantize_rows,
-    get_layout,
-    row_bytes,
-    scale_rows,
-)
+from cna_export.io import quant_layouts, quants
+from cna_export.io.quant_layouts import LAYOUTS, UNSUPPORTED, UnsupportedTensorType, get_layout, row_bytes
+from cna_export.io.quant_types import FLOAT_TYPES, QUANT_TYPES, QuantType, float_type
+from cna_export.io.quants import ScaleError, ScaleOverflowError, dequantize_rows, scale_rows
 
 N_ROWS = 6
 N_COLS = 256
@@ -111,7 +107,7 @@ def make_tensor(qtype: T, seed: int = 0) -> np.ndarray:
     return data * (1 + 1e-9) if qtype == T.F64 else data
 
 
-def scale_field_mask(layout: quants.QuantLayout) -> np.ndarray:
+def scale_field_mask(layout: quant_layouts.QuantLayout) -> np.ndarray:
     """Per-block byte mask of the bytes that scale fields occupy."""
     mask = np.zeros(layout.block_bytes, dtype=bool)
     for off in layout.scale_offsets:
@@ -187,6 +183,56 @@ def test_get_layout_accepts_int_ids() -> None:
     assert get_layout(int(T.Q6_K)) is LAYOUTS[T.Q6_K]
 
 
+def test_type_records_are_the_layouts_facts() -> None:
+    """Every layout is its record bound to gguf-py's type; every known GGML weight type has a record."""
+    for qtype, layout in LAYOUTS.items():
+        facts = QUANT_TYPES[qtype.name]
+        assert layout.ggml_type == qtype and layout.name == qtype.name
+        assert all(getattr(layout, f.name) == getattr(facts, f.name) for f in dataclasses.fields(facts))
+    for qtype, reason in UNSUPPORTED.items():
+        assert reason and QUANT_TYPES[qtype.name].block_elems in (0, GGML_QUANT_SIZES[qtype][0])
+    assert FLOAT_TYPES == {"F32", "F16", "BF16", "F64"}
+    assert [float_type(s) for s in ("F32", "bfloat16", "float16", "float64", "Q4_K", "int8", "float8_e4m3fn")] == [
+        "F32", "BF16", "F16", "F64", None, None, None]
+    with pytest.raises(ValueError, match="overlapping"):
+        QuantType("X", "block", 0.1, 32, 18, (0, 1))
+    with pytest.raises(ValueError, match="outside"):
+        QuantType("X", "block", 0.1, 32, 18, (17,))
+
+
+@pytest.mark.parametrize("name", ["Q8_0", "Q6_K", "Q5_0", "Q5_1", "Q5_K", "Q4_0", "Q4_1", "Q4_K", "Q3_K", "IQ4_NL",
+                                  "IQ4_XS"])
+def test_representation_error_bounds_ggmls_quantiser(name: str) -> None:
+    """A record's representation error bounds how far ggml's own quantiser moves a value (row-max relative)."""
+    qtype = T[name]
+    rng = np.random.default_rng(3)
+    values = (rng.standard_normal((16, 512)) * rng.uniform(0.2, 3.0, size=(16, 1))).astype(np.float32)
+    try:
+        raw = quants.quantize_rows(values, qtype)
+    except UnsupportedTensorType as e:
+        pytest.skip(str(e))
+    err = np.abs(dequantize_rows(raw, qtype) - values).max(axis=1) / np.abs(values).max(axis=1)
+    assert np.all(err <= QUANT_TYPES[name].representation_error), (name, float(err.max()))
+    assert np.all(err > QUANT_TYPES[name].representation_error / 20)  # the figure is a bound, not a guess far off
+
+
+@pytest.mark.parametrize("name", [n for n, t in QUANT_TYPES.items() if t.rounding is not None])
+def test_rounding_step_reads_the_records_fields(name: str) -> None:
+    """The rounding noise of a row scales with the square of its ``d`` (the record's first scale field)."""
+    qtype = T[name]
+    raw = hand_built(qtype, np.random.default_rng(4), scale_range=(0.01, 0.02))
+    noise = quants.rounding_noise_rows(raw, qtype)
+    assert noise is not None and noise.shape == (N_ROWS,) and np.all(noise >= 0)
+    layout = get_layout(qtype)
+    doubled = raw.reshape(N_ROWS, -1, layout.block_bytes).copy()
+    for b in range(doubled.shape[1]):
+        for r in range(N_ROWS):
+            off = layout.scale_offsets[0]
+            d = float(doubled[r, b, off : off + 2].copy().view("<f2")[0])
+            put_scale(doubled[r, b], off, "f16", 2 * d)
+    assert np.allclose(quants.rounding_noise_rows(doubled.reshape(N_ROWS, -1), qtype), 4 * noise, rtol=1e-12)
+
+
 # ---------------------------------------------------------------------------
 # Scaling every supported type
 # ---------------------------------------------------------------------------
@@ -257,7 +303,7 @@ def test_per_row_multipliers(qtype: T) -> None:
     mults = [2.0, -1.0, 0.0, 0.37]
     new, report = scale_rows(raw, qtype, rows, mults)
     deq = dequantize_rows(new, qtype).astype(np.float64)
-    for r, m in zip(rows[:3], mults[:3]):
+    for r, m in zip(rows[:3], mults[:3], strict=True):
         assert np.array_equal(deq[r], m * old[r]), (r, m)
     rtol = max(UNIT_ROUNDOFF[get_layout(qtype).scale_encoding], 1e-6)
     assert_close(deq[3:4], 0.37 * old[3:4], 0.37, old[3:4], rtol)
@@ -329,7 +375,8 @@ def test_non_finite_input_scale_raises() -> None:
 
 @pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_K, T.IQ1_M, T.F16, T.BF16, T.F32], ids=lambda t: t.name)
 def test_overflow_raises_and_writes_nothing(qtype: T) -> None:
-    raw = make_tensor(qtype) if qtype in (T.F16, T.BF16, T.F32) else hand_built(qtype, np.random.default_rng(1), scale_range=(0.5, 1.0))
+    floats = (T.F16, T.BF16, T.F32)
+    raw = make_tensor(qtype) if qtype in floats else hand_built(qtype, np.random.default_rng(1), scale_range=(0.5, 1.0))
     before = raw.copy()
     huge = 1e6 if get_layout(qtype).scale_encoding.startswith("f16") else 1e39
     with pytest.raises(ScaleOverflowError, match=qtype.name):
@@ -367,11 +414,12 @@ def test_tiny_multiplier_reports_subnormals() -> None:
     assert np.all(np.abs(new_vals - m * old_vals) <= bound)
 
 
-def test_report_merged() -> None:
-    a = quants.ScaleReport(T.Q4_K, 1, 8, 8, 1, 0, 1e-3)
-    b = quants.ScaleReport(T.Q4_K, 2, 16, 15, 0, 2, 2e-3)
-    c = a.merged(b)
-    assert (c.n_rows, c.n_fields, c.n_changed, c.n_subnormal, c.n_flushed, c.max_rel_error) == (3, 24, 23, 1, 2, 2e-3)
+def test_report_of_nothing_and_warning() -> None:
+    assert quants.ScaleReport.nothing(T.Q4_K) == quants.ScaleReport(T.Q4_K, 0, 0, 0, 0, 0, 0.0)
+    assert quants.ScaleReport.nothing(T.Q4_K).exact and quants.ScaleReport.nothing(T.Q4_K).warning() is None
+    warn = quants.ScaleReport(T.Q8_K, 2, 16, 15, 0, 2, 2e-3).warning()
+    assert warn == ("Q8_K: multiplier pushes 0 scales into f32 subnormals and flushes 2 to zero, "
+                    "worst relative error 0.002")
 
 
 # ---------------------------------------------------------------------------
@@ -400,7 +448,7 @@ def test_bf16_rounding_is_correct() -> None:
     # exact ties between two bfloat16 values, and values just beside them
     ties = (np.arange(1, 50, dtype=np.float64) * 2 + 1) * 2.0**-8 + 1.0
     values = np.concatenate([values, ties, np.nextafter(ties, 0), np.nextafter(ties, 3), -ties])
-    got = quants._float_to_bits(values, "bf16")
+    got = quant_layouts.float_to_bits(values, "bf16")
     want = np.array([_reference_round_bf16(float(v)) for v in values], dtype=np.uint16)
     assert np.array_equal(got, want)
 
@@ -465,7 +513,7 @@ def test_property_random_rows_and_multipliers(qtype: T, rows: list[int], data: s
     deq = dequantize_rows(new, qtype).astype(np.float64)
     others = [r for r in range(N_ROWS) if r not in rows]
     assert np.array_equal(as_bytes(new)[others], as_bytes(raw)[others])
-    for r, m in zip(rows, mults):
+    for r, m in zip(rows, mults, strict=True):
         if m == 0 or math.frexp(abs(m))[0] == 0.5:  # 0 or a power of two: exact
             assert np.array_equal(deq[r], m * old[r]), (r, m)
         else:

@@ -81,7 +81,8 @@ def test_rewrite_shard_equals_save_file(tmp_path_factory, picks, seed):
     tensors = _shard(src, seed=seed)
     names = sorted(tensors)
     g = torch.Generator().manual_seed(seed + 1)
-    new = {n: torch.randn(tensors[n].shape, generator=g).to(tensors[n].dtype) for n, p in zip(names, picks) if p}
+    new = {n: torch.randn(tensors[n].shape, generator=g).to(tensors[n].dtype)
+           for n, p in zip(names, picks, strict=True) if p}
     st_io.rewrite_shard(src, d / "b.safetensors", new, {"m": "1"})
     save_file({**tensors, **new}, d / "ref.safetensors", metadata={"format": "pt", "keep": "me", "m": "1"})
     a, b = load_file(d / "b.safetensors"), load_file(d / "ref.safetensors")
@@ -198,10 +199,9 @@ def test_gguf_commands_never_import_torch(tmp_path):
     import sys
 
     from cna_export.core.circuit import Circuit, Neuron
+    from cna_export.io.bundled import resolve
     from cna_export.io.gguf import open_gguf
     from cna_export.io.identity import gguf_identity
-
-    from cna_export.io.bundled import resolve
 
     src = str(resolve("bundled:smollm2"))
     circuit = tmp_path / "c.json"
@@ -219,7 +219,7 @@ def test_gguf_commands_never_import_torch(tmp_path):
     ]
     for argv in commands:
         r = subprocess.run([sys.executable, "-c", PROBE, json.dumps(argv)], capture_output=True, text=True, timeout=300)
-        lines = [l for l in r.stdout.splitlines() if l.startswith('{"rc"')]
+        lines = [x for x in r.stdout.splitlines() if x.startswith('{"rc"')]
         assert lines, (argv, r.stdout[-500:], r.stderr[-2000:])
         got = json.loads(lines[-1])
         assert got["rc"] == 0 and got["tried"] == [], (argv, got, r.stderr[-1000:])
@@ -234,8 +234,9 @@ def test_c_dequantisation_gives_gguf_py_bits(qname):
     from gguf import quants as gq
 
     from cna_export.io import quants
+    from cna_export.io.llama import ggml_dequantize, ggml_has
 
-    if quants._ggml_lib() is None:
+    if not ggml_has("dequantize_row_q8_0"):
         pytest.skip("llama-cpp-python's libggml-base is not installed")
     q = GGMLQuantizationType[qname]
     block_elems, block_bytes = GGML_QUANT_SIZES[q]
@@ -251,7 +252,7 @@ def test_c_dequantisation_gives_gguf_py_bits(qname):
         blocks[:, -2:] = rng.uniform(1e-3, 1e-2, size=(blocks.shape[0], 1)).astype(np.float16).view(np.uint8)
     else:
         blocks[:, 0:2] = rng.uniform(1e-3, 1e-2, size=(blocks.shape[0], 1)).astype(np.float16).view(np.uint8)
-    fast = quants._ggml_dequantize(raw, q, 4 * block_elems)
+    fast = ggml_dequantize(raw, qname, 4 * block_elems)
     ref = np.asarray(gq.dequantize(raw, q), dtype=np.float32).reshape(6, -1)
     assert fast is not None and np.array_equal(fast.view(np.uint32), ref.view(np.uint32))
     assert np.array_equal(quants.dequantize_rows(raw, q).view(np.uint32), ref.view(np.uint32))
@@ -269,8 +270,7 @@ def test_a_c_routine_that_disagrees_is_retired(monkeypatch):
     raw[:, 0:2] = np.array([0.5], np.float16).view(np.uint8)
     raw[:, 2:34] = 3
     monkeypatch.setattr(quants, "_GGML_BAD", set())
-    monkeypatch.setattr(quants, "_ggml_dequantize", lambda b, qt, n: np.full((b.shape[0], n), 7.0, np.float32)
-                        if qt not in quants._GGML_BAD else None)
+    monkeypatch.setattr(quants, "ggml_dequantize", lambda b, name, n: np.full((b.shape[0], n), 7.0, np.float32))
     got = quants.dequantize_rows(raw, q)
     assert np.array_equal(got, np.asarray(gq.dequantize(raw, q), np.float32).reshape(4, -1))
     assert q in quants._GGML_BAD
@@ -293,7 +293,9 @@ def test_memory_model_sizes_batches_by_width_and_memory(tiny_loaded):
         b = m.fits(width)
         assert b == MAX_CPU or b * width * (m.per_token + m.per_token_per_position * width) <= 50_000_000
         assert (b + 1) * width * (m.per_token + m.per_token_per_position * width) > 50_000_000 or b == MAX_CPU
-    assert memory_model(loaded, backward=True, available=10**7).fits(32) < memory_model(loaded, available=10**7).fits(32)
+    small = 10**7
+    backward = memory_model(loaded, backward=True, available=small)
+    assert backward.fits(32) < memory_model(loaded, available=small).fits(32)
 
 
 def test_auto_batches_are_longest_first_and_sized_per_batch(tiny_loaded):
@@ -346,15 +348,16 @@ def test_gguf_writer_copies_the_data_section_byte_for_byte(tmp_path, monkeypatch
     from cna_export.core.circuit import Circuit, Neuron
     from cna_export.export.gguf import export_gguf
     from cna_export.io import gguf as G
+    from cna_export.io import gguf_write
     from cna_export.io.bundled import resolve
 
     src = str(resolve("bundled:smollm2"))
     circuit = Circuit(model=gguf_identity_of(src), neurons=[Neuron(layer=0, index=3, score=1.0),
                                                           Neuron(layer=29, index=1535, score=1.0)],
                       method={"name": "manual"})
-    assert G._same_data_layout(G.open_gguf(src), G.open_gguf(src).alignment)
+    assert gguf_write._same_data_layout(G.open_gguf(src), G.open_gguf(src).alignment)
     fast = export_gguf(src, circuit, tmp_path / "fast.gguf", multiplier=-1.0, modelfile=False).out
-    monkeypatch.setattr(G, "_same_data_layout", lambda reader, alignment: False)
+    monkeypatch.setattr(gguf_write, "_same_data_layout", lambda reader, alignment: False)
     slow = export_gguf(src, circuit, tmp_path / "slow.gguf", multiplier=-1.0, modelfile=False).out
     a, b = G.open_gguf(fast), G.open_gguf(slow)  # headers differ only in the manifest's time stamp
     assert fast.read_bytes()[a.data_offset:] == slow.read_bytes()[b.data_offset:]

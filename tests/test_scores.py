@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from cna_export.core.settings import DiscoverOptions, build, load_recipe
+from cna_export.core.recipe import load_recipe
+from cna_export.core.settings import DiscoverOptions, build
 from cna_export.discovery.cna import ContrastStats, RunningStats, collect, discover, run_prompts, select
 from cna_export.discovery.scores import (
     behaviour_score,

@@ -11,7 +11,8 @@ import torch
 from cna_export.core.circuit import Circuit, Neuron
 from cna_export.discovery.cna import discover
 from cna_export.core.errors import CnaError
-from cna_export.core.settings import DiscoverOptions, load_recipe
+from cna_export.core.recipe import load_recipe
+from cna_export.core.settings import DiscoverOptions
 from cna_export.model.prompts import load_prompts, render
 from cna_export.model.steering import steer_circuit
 

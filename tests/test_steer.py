@@ -90,3 +90,21 @@ def test_steer_refuses_a_foreign_folder(tiny_models, recipe, tmp_path, capsys):
                         capsys)
     assert code == 2 and "not a steer folder" in err
     assert [p.name for p in out.iterdir()] == ["mine.txt"]
+
+
+def test_steer_retry_after_a_failed_first_step(tiny_models, tmp_path, capsys, one_thread):
+    """A first step that fails leaves a folder marked as a steer folder (no empty format folder): the retry
+    with a correct circuit continues in it."""
+    src = tiny_models["qwen2"]
+    good, bad = tmp_path / "good.json", tmp_path / "bad.json"
+    planted_circuit(src, own=True).save(good)
+    planted_circuit(tiny_models["llama"], own=True).save(bad)  # another model's circuit
+    out = tmp_path / "o"
+    argv = ["-q", "steer", "--model", str(src), "--out", str(out), "--format", "lora", "--circuit"]
+    code, _, err = _run(argv + [str(bad)], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert sorted(p.name for p in out.iterdir()) == ["circuit.json", "steer.json"]
+    code, _, err = _run(argv + [str(good)], capsys)
+    assert code == 0, err
+    assert (out / "lora" / "adapter_config.json").is_file()
+    assert json.loads((out / "steer.json").read_text())["steps"]["lora"]["output"] == str(out / "lora")

@@ -11,7 +11,8 @@ import yaml
 
 from cna_export.cli import main
 from cna_export.core.errors import CnaError
-from cna_export.core.settings import DiscoverOptions, build, load_recipe
+from cna_export.core.recipe import load_recipe
+from cna_export.core.settings import DiscoverOptions, build
 from cna_export.evaluation.backends import TransformersBackend
 from cna_export.evaluation.evaluator import EvalSet, EvalSettings, Evaluator, Item
 from cna_export.evaluation.judge import Verdict
@@ -135,3 +136,55 @@ def test_cli_tune_tpe_writes_front_heldout_and_recipe(setup, tmp_path, capsys):
     assert main(base + ["--out", str(tmp_path / "y"), "--sampler", "tpe", "--strategy", "nope"]) != 0
     err = capsys.readouterr().err
     assert "need --sampler tpe" in err and "unknown strategy 'nope'" in err
+
+
+# -- learned multipliers in the search space ----------------------------------------------------------------
+
+QUICK_LEARNED = {"score": "direction", "sign": "positive", "multiplier_mode": "learned", "learn_steps": 4,
+                 "learn_batch": 3, "learn_kl_tokens": 3}
+
+
+def _learned_space(saved):
+    n = saved.total_neurons
+    return SearchSpace({"recipe": {}, "quick learned": QUICK_LEARNED}, (max(1, n // 50), n // 5), (-1.0, 1.0), 0.5,
+                       (0.5, 20.0), (0.001, 0.05))
+
+
+def test_tpe_searches_kl_weight_l1_and_size_of_learned_multipliers(setup):
+    import dataclasses
+
+    loaded, saved, harmful, benign, _, _ = setup
+    settings = EvalSettings(max_new_tokens=6, benign_answers=False)
+    ev = Evaluator(TransformersBackend(loaded), harmful, benign, settings, judge=HashJudge())
+    space = _learned_space(saved)
+    res = tpe_search(ev, saved, space, 6, 0, 0.95, startup_trials=3, max_kl=None)
+    learned = [t for t in res.trials if t["strategy"] == "quick learned"]
+    assert learned and len(learned) < len(res.trials)
+    for t in learned:  # lambda and L1 come from their ranges; the trained circuit's figures are recorded
+        assert t["multiplier"] is None and 0.5 <= t["kl_weight"] <= 20 and 0.001 <= t["l1"] <= 0.05
+        assert f"learned λ{t['kl_weight']:.3g}" in t["label"] and t["changed"] is not None and t["learn_seconds"] > 0
+        assert t["overrides"]["learn_kl_weight"] == t["kl_weight"] and t["overrides"]["learn_l1"] == t["l1"]
+    # the same results told as priors are taken as they are: nothing skipped, nothing re-evaluated
+    ev2 = Evaluator(TransformersBackend(loaded), harmful, benign, settings, judge=HashJudge())
+    again = tpe_search(ev2, saved, space, 1, 1, 0.95, startup_trials=0, max_kl=None, prior=res.trials)
+    assert not again.skipped_priors and len([t for t in again.trials if not t.get("prior")]) == 1
+    with pytest.raises(CnaError, match="needs the model"):  # statistics alone cannot train
+        space.check(dataclasses.replace(saved, loaded=None))
+
+
+def test_tuned_recipe_of_a_learned_point_refits_from_the_same_start(setup, tmp_path):
+    from cna_export.evaluation.search import chosen_condition
+    from cna_export.evaluation.sweep import tuned_recipe_yaml
+
+    _, saved, _, _, d, _ = setup
+    (d / "learned.yaml").write_text("positive: pos.txt\nnegative: neg.txt\nbatch_size: 6\nmultiplier: 0.5\n")
+    space = _learned_space(saved)
+    cond = chosen_condition(saved, space, {"strategy": "quick learned", "neurons": 5, "multiplier": None,
+                                           "kl_weight": 2.0, "l1": 0.01})
+    choice = {**cond.info, "label": cond.label}
+    data = yaml.safe_load(tuned_recipe_yaml(d / "learned.yaml", tmp_path, choice, saved, {"objective": "x"}))
+    assert data["multiplier"] == 0.5 and data["multiplier_mode"] == "learned"  # the base recipe's start is kept
+    assert (data["learn_kl_weight"], data["learn_l1"], data["top_k"]) == (2.0, 0.01, 5)
+    opts = build(DiscoverOptions, data)  # a valid discovery recipe with the point's settings
+    learned = cond.steering.circuit.method["learned"]
+    assert (opts.learn_kl_weight, opts.learn_l1) == (learned["learn_kl_weight"], learned["learn_l1"])

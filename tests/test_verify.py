@@ -8,17 +8,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ARCHS, EXPORT_COMBOS, EXPORT_IDS, PLANTED, make_tiny_model, planted_circuit
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from cna_export import cli
-from cna_export.export.safetensors import export_safetensors
 from cna_export.core.manifest import ExportManifest
+from cna_export.export.safetensors import export_safetensors
+from cna_export.verification.prompts import verification_prompts
 from cna_export.verification.report import Tolerances, VerifyReport, logit_metrics
 from cna_export.verification.safetensors import VerifyOptions, tolerances, verify_export
-from cna_export.verification.prompts import verification_prompts
-
-from conftest import ARCHS, EXPORT_COMBOS, EXPORT_IDS, PLANTED, make_tiny_model, planted_circuit
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models gain nothing from threads
 FAST = VerifyOptions(limit=4, max_new_tokens=4)
@@ -164,7 +163,8 @@ def test_wrong_original_is_reported(export_sources, tmp_path):
 def test_logit_metrics_and_tolerances():
     ref = torch.tensor([[2.0, 1.0, 0.0], [0.0, 3.0, 1.0]])
     same = logit_metrics(ref, ref.clone())
-    assert same["abs_delta"].tolist() == [0.0, 0.0] and same["kl"].abs().max() < 1e-15 and same["top1"].tolist() == [1, 1]
+    assert same["abs_delta"].tolist() == [0.0, 0.0] and same["kl"].abs().max() < 1e-15
+    assert same["top1"].tolist() == [1, 1]
     other = ref.clone()
     other[1] = torch.tensor([3.5, 3.0, 1.0])  # second position flips its top-1
     d = logit_metrics(ref, other)
@@ -212,8 +212,8 @@ def test_default_prompts_are_the_recipe_sets():
 def test_smollm2_gguf_export_verifies(smollm2, prompt_files, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from cna_export.discovery.cna import discover
     from cna_export.core.settings import DiscoverOptions
+    from cna_export.discovery.cna import discover
     from cna_export.model.prompts import load_prompts
 
     pos, neg, _ = prompt_files

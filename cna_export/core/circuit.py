@@ -12,7 +12,6 @@ index out of range, a different shape, or different weights without ``force``).
 
 from __future__ import annotations
 
-import warnings
 from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
@@ -20,12 +19,12 @@ from typing import Literal, Mapping, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .version import __version__
 from .errors import CnaError
+from .experts import SHARED, Layout, describe, key_layer, make_key, parse_expert, parse_key_text
+from .fingerprint import FINGERPRINT_METHOD
 from .records import validate_record
 from .text import parse_json, read_text
-from .fingerprint import FINGERPRINT_METHOD
-from .experts import SHARED, Layout, describe, key_layer, make_key, parse_expert, parse_key_text
+from .version import __version__
 
 SCHEMA_VERSION = 2
 READABLE_SCHEMAS = (1, 2)  # schema 1: dense neurons only (no expert field, no MoE model identity)
@@ -53,7 +52,8 @@ class ModelIdentity(_Record):
     name: str = Field(description="model path or Hub id as given")
     architecture: str = Field(description="Hugging Face model_type")
     num_layers: int = Field(gt=0)
-    intermediate_size: int = Field(gt=0, description="MLP neurons per layer (MoE: of the widest layer, all its experts)")
+    intermediate_size: int = Field(gt=0, description="MLP neurons per layer (MoE: of the widest layer, all its "
+                                   "experts)")
     hidden_size: int = Field(gt=0)
     fingerprint: str | None = Field(default=None, description="sha256 over the down_proj weights")
     fingerprint_method: str = FINGERPRINT_METHOD
@@ -95,7 +95,8 @@ class UniversalNeuron(_Record):
     layer: int = Field(ge=0)
     expert: ExpertLabel = None
     index: int = Field(ge=0)
-    frequency: float = Field(ge=0.0, le=1.0, description="fraction of neutral prompts with this neuron in the per-layer top-k")
+    frequency: float = Field(ge=0.0, le=1.0,
+                             description="fraction of neutral prompts with this neuron in the per-layer top-k")
 
 
 class Circuit(_Record):
@@ -284,7 +285,8 @@ def load_multipliers_file(path: str | Path, circuit: Circuit) -> dict[tuple[int,
     """Per-neuron multipliers from a JSON file ``[{"layer":L,"index":i,"multiplier":m}, ...]`` or ``{"L:i": m}``
     (expert neurons: an ``expert`` field, or ``"L:e:i"`` / ``"L:shared:i"``).
 
-    Neurons of the circuit not named in the file are refused, so nothing is left silently unscaled.
+    Neurons of the circuit not named in the file are refused, so nothing is left silently unscaled, and so
+    are neurons the circuit does not have (a file written for another circuit).
     """
     p = Path(path)
     if not p.is_file():
@@ -310,5 +312,7 @@ def load_multipliers_file(path: str | Path, circuit: Circuit) -> dict[tuple[int,
     if missing:
         raise CnaError(f"multipliers file {p} has no multiplier for circuit neuron {describe(sorted(missing)[0])}")
     if extra:
-        warnings.warn(f"multipliers file {p} names {len(extra)} neurons that are not in the circuit; they are ignored")
+        more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
+        raise CnaError(f"multipliers file {p} names neuron {describe(sorted(extra)[0])}{more}, which is not in the "
+                       "circuit; a multipliers file is for the circuit's own neurons")
     return {k: out[k] for k in sorted(wanted)}

@@ -25,6 +25,9 @@ class ExitCode(IntEnum):
     """``audit --base``: the weights differ from the base, but not by a recognised steering edit."""
     NOTHING_FITS = 6
     """``tune``: no configuration met the quality and drift constraints."""
+    VERIFY_INCONCLUSIVE = 7
+    """GGUF verify: the tensors are proven exact, but the prompts could not decide a behavioural criterion
+    (``docs/verify.md``); an export is written, with the reason."""
     INTERRUPTED = 130
 
 

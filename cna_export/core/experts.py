@@ -14,7 +14,7 @@ layer's neurons are its routed experts' in expert order, then the shared group's
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,11 +41,6 @@ def key_expert(key: Sequence[int]) -> int | None:
 
 def key_index(key: Sequence[int]) -> int:
     return int(key[-1])
-
-
-def expert_label(expert: int | None) -> str | int | None:
-    """The JSON form of an expert number: an int, ``"shared"``, or None (dense)."""
-    return "shared" if expert == SHARED else expert
 
 
 def parse_expert(value: Any) -> int | None:
@@ -88,15 +83,9 @@ def parse_key_text(text: str) -> Key:
     raise ValueError(text)
 
 
-def group_keys(keys: Iterable[Sequence[int]]) -> dict[tuple[int, int | None], list[Sequence[int]]]:
-    """(layer, expert or None) -> its keys, sorted."""
-    out: dict[tuple[int, int | None], list[Sequence[int]]] = {}
-    for k in sorted(keys):
-        out.setdefault((key_layer(k), key_expert(k)), []).append(k)
-    return out
-
-
-def group_multipliers(mults: Mapping[Sequence[int], float]) -> dict[tuple[int, int | None], tuple[list[int], list[float]]]:
+def group_multipliers(
+    mults: Mapping[Sequence[int], float],
+) -> dict[tuple[int, int | None], tuple[list[int], list[float]]]:
     """(layer, expert or None) -> (indices, multipliers), sorted for determinism."""
     out: dict[tuple[int, int | None], tuple[list[int], list[float]]] = {}
     for k in sorted(mults):

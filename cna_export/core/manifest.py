@@ -15,14 +15,16 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from .version import __version__
 from .circuit import Circuit, ExpertLabel, neuron_fields
-from .experts import make_key, parse_expert
-from .text import parse_json, read_text
 from .errors import CnaError
+from .experts import make_key, parse_expert
 from .records import validate_record
+from .text import parse_json, read_text
+from .version import __version__
 
-EXPORT_SCHEMA_VERSION = 1
+EXPORT_SCHEMA_VERSION = 2
+READABLE_EXPORT_SCHEMAS = (1, 2)  # schema 1: a GGUF LoRA adapter's base only as a "base file: PATH" note
+LEGACY_BASE_NOTE = "base file: "
 MANIFEST_FILE = "cna_manifest.json"
 GGUF_KEY = "cna.manifest"
 SHARD_METADATA_KEY = "cna_export"  # safetensors header key holding an export's summary
@@ -56,7 +58,8 @@ class TouchedTensor(_Record):
     shape: list[int]
     sha256_before: str
     sha256_after: str
-    axis: Literal["column", "row", "element"] = Field(description="what was scaled: down_proj columns, up_proj rows, bias elements")
+    axis: Literal["column", "row", "element"] = Field(
+        description="what was scaled: down_proj columns, up_proj rows, bias elements")
     indices: list[int] = Field(description="the scaled columns/rows/elements")
     file: str | None = Field(default=None, description="shard file holding the tensor (safetensors)")
 
@@ -71,13 +74,34 @@ class TouchedTensor(_Record):
         return v
 
 
+class BaseFile(_Record):
+    """The base file a llama.cpp LoRA adapter (``gguf_lora``) was computed from."""
+
+    path: str = Field(description="the base GGUF, resolved, when the adapter was written")
+    size: int | None = Field(default=None, ge=0, description="its size in bytes (None: recorded by schema 1)")
+    fingerprint: str | None = Field(default=None, description="sha256 over its down_proj weights (None: not "
+                                    "computed, the circuit carried none, or recorded by schema 1)")
+
+    @property
+    def name(self) -> str:
+        return Path(self.path).name
+
+    def local(self) -> Path | None:
+        """The file when it is still on this machine with the recorded size, else None."""
+        p = Path(self.path)
+        if not p.is_file() or (self.size is not None and p.stat().st_size != self.size):
+            return None
+        return p
+
+
 class ExportManifest(_Record):
-    schema_version: Literal[1] = EXPORT_SCHEMA_VERSION
+    schema_version: Literal[1, 2] = EXPORT_SCHEMA_VERSION
     tool: str = "cna-export"
     tool_version: str = __version__
     created: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     format: Literal["safetensors", "gguf", "lora", "gguf_lora"] = Field(
-        description="safetensors / gguf: a steered checkpoint; lora: a PEFT adapter folder; gguf_lora: a llama.cpp LoRA GGUF"
+        description="safetensors / gguf: a steered checkpoint; lora: a PEFT adapter folder; gguf_lora: a llama.cpp "
+        "LoRA GGUF"
     )
     source: str = Field(description="the checkpoint the export was made from, as given")
     source_format: Literal["hf", "gguf", "hub"]
@@ -87,19 +111,24 @@ class ExportManifest(_Record):
     tensors: list[TouchedTensor] = Field(default_factory=list)
     notes: list[str] = Field(default_factory=list)
     verification: dict | None = None
+    base_file: BaseFile | None = Field(default=None, description="gguf_lora: the base file it was computed from")
 
     def multiplier_map(self) -> dict[tuple[int, ...], float]:
         return {m.key(): m.multiplier for m in self.multipliers}
 
     def to_json(self) -> str:
-        return self.model_dump_json(indent=2)
+        """The manifest as JSON (``base_file`` only where there is one: adapters)."""
+        return self.model_dump_json(indent=2, exclude={"base_file"} if self.base_file is None else None)
 
     @classmethod
     def from_json(cls, text: str, source: str = "export manifest") -> "ExportManifest":
         data = parse_json(text, source)
         if not isinstance(data, dict) or "circuit" not in data:
             raise CnaError(f"{source} is not a cna-export export manifest")
-        return validate_record(cls, data, source, "export", EXPORT_SCHEMA_VERSION)
+        manifest = validate_record(cls, data, source, "export", EXPORT_SCHEMA_VERSION, READABLE_EXPORT_SCHEMAS)
+        if manifest.schema_version == 1 and manifest.format == "gguf_lora" and manifest.base_file is None:
+            manifest.base_file = _legacy_base_file(manifest.notes)
+        return manifest
 
     @classmethod
     def load(cls, path: str | Path) -> "ExportManifest":
@@ -109,6 +138,14 @@ class ExportManifest(_Record):
         if not p.is_file():
             raise CnaError(f"export manifest not found: {p}")
         return cls.from_json(read_text(p, "export manifest"), source=str(p))
+
+
+def _legacy_base_file(notes: list[str]) -> BaseFile | None:
+    """A schema 1 adapter's base, recorded only as the note ``base file: PATH`` (read here, once)."""
+    for note in notes:
+        if note.startswith(LEGACY_BASE_NOTE):
+            return BaseFile(path=note.removeprefix(LEGACY_BASE_NOTE))
+    return None
 
 
 def multipliers_list(mults: dict[tuple[int, ...], float]) -> list[NeuronMultiplier]:

@@ -30,10 +30,10 @@ import numpy as np
 from ..core.circuit import Circuit, Neuron, UniversalNeuron, neuron_fields
 from ..core.errors import CnaError
 from ..core.progress import bar as progress_bar
-from ..core.settings import DiscoverOptions
+from ..core.settings import DiscoverOptions, PromptOptions
+from ..model.batching import resolve_batch_size
 from ..model.loading import LoadedModel
 from ..model.prompts import PromptSet, batches, render
-from ..model.batching import resolve_batch_size
 
 log = logging.getLogger(__name__)
 
@@ -185,36 +185,61 @@ class LastTokenCapture:
             self._experts = None
 
 
+def prompt_options(opts: PromptOptions | None, settings: dict[str, Any]) -> PromptOptions:
+    """``opts``, or (a call without it) ``settings`` as :class:`DiscoverOptions` fields (``batch_size``,
+    ``chat_template``, ``max_length``, ``system_prompt``, ``capture``, ``capture_k``)."""
+    if opts is not None and settings:
+        raise TypeError(f"give the prompt options or their fields, not both ({', '.join(settings)})")
+    return opts if opts is not None else DiscoverOptions(**settings)
+
+
+@dataclass
+class _Prompts:
+    """Prompts ready to run: their options, the captured position (``capture``, ``k``), the rendered texts."""
+
+    opts: PromptOptions
+    capture: str
+    k: int
+    rendered: list[str]
+
+
+def _prepare(loaded: LoadedModel, texts: Sequence[str], opts: PromptOptions | None,
+             settings: dict[str, Any]) -> _Prompts:
+    """The options (:func:`prompt_options`), the captured position (discovery's settings, else the last
+    token) and the texts rendered with the chat template."""
+    opts = prompt_options(opts, settings)
+    capture, k = (opts.capture, opts.capture_k) if isinstance(opts, DiscoverOptions) else ("last", 1)
+    return _Prompts(opts, capture, k, render(loaded.tokenizer, texts, opts.chat_template, opts.system_prompt))
+
+
 def run_prompts(
     loaded: LoadedModel,
     texts: Sequence[str],
     sink: Sink,
-    batch_size: int | str,
-    chat_template: bool,
-    max_length: int | None = None,
+    opts: PromptOptions | None = None,
+    *,
     desc: str = "prompts",
     progress: bool = True,
-    system_prompt: str | None = None,
-    capture: str = "last",
-    capture_k: int = 1,
     residual_sink: Sink | None = None,
+    **settings: Any,
 ) -> CaptureReport:
     """Run the decoder stack over ``texts`` in batches, feeding the captured position's down_proj
-    inputs to ``sink`` (and each layer's output to ``residual_sink``)."""
+    inputs to ``sink`` (and each layer's output to ``residual_sink``). ``opts``: how the prompts are
+    rendered and batched and, for :class:`DiscoverOptions`, the captured position (see :func:`prompt_options`)."""
     import torch
 
-    rendered = render(loaded.tokenizer, texts, chat_template, system_prompt)
+    run = _prepare(loaded, texts, opts, settings)
+    rendered, opts = run.rendered, run.opts
     decoder = loaded.arch.decoder_module(loaded.model)
     tokens = 0
     sizes: list[int] = []
     start = time.perf_counter()
     bar = progress_bar(progress, total=len(rendered), desc=desc, unit="prompt", leave=True)
-    with LastTokenCapture(loaded, capture, capture_k, residual_sink) as cap, torch.inference_mode():
+    with LastTokenCapture(loaded, run.capture, run.k, residual_sink) as cap, torch.inference_mode():
         cap.sink = sink
-        for batch in batches(
-            loaded.tokenizer, rendered, resolve_batch_size(batch_size, loaded), chat_template, loaded.input_device,
-            max_length,
-        ):
+        size = resolve_batch_size(opts.batch_size, loaded)
+        for batch in batches(loaded.tokenizer, rendered, size, opts.chat_template, loaded.input_device,
+                             opts.max_length):
             sizes.append(len(batch.indices))
             cap.rows = batch.indices
             cap.mask = batch.attention_mask
@@ -231,32 +256,22 @@ def run_prompts(
     return CaptureReport(len(rendered), tokens, time.perf_counter() - start, routing or None, sizes)
 
 
-def run_gradients(
-    loaded: LoadedModel,
-    texts: Sequence[str],
-    sink: Sink,
-    batch_size: int | str,
-    chat_template: bool,
-    max_length: int | None = None,
-    desc: str = "gradients",
-    progress: bool = True,
-    system_prompt: str | None = None,
-    capture: str = "last",
-    capture_k: int = 1,
-) -> CaptureReport:
+def run_gradients(loaded: LoadedModel, texts: Sequence[str], sink: Sink, opts: PromptOptions | None = None, *,
+                  desc: str = "gradients", progress: bool = True, **settings: Any) -> CaptureReport:
     """One forward and one backward pass of the full model per batch: ``sink`` receives
     ``∂B/∂a`` for every layer's down_proj input at the captured position (summed over the last
     ``k`` tokens for mean-last-k), where ``B`` is :func:`scores.behaviour_score` at the answer
-    position (the last prompt token's next-token distribution)."""
+    position (the last prompt token's next-token distribution). ``opts``: as for :func:`run_prompts`."""
     import torch
 
     from .scores import behaviour_score, opening_token_ids
 
     refusal_ids, compliance_ids = opening_token_ids(loaded.tokenizer)
     if loaded.layout().is_moe:
-        raise CnaError("not supported yet: gradient scores (attribution) on a mixture-of-experts model; use a forward-only "
-                       "score (--score direction, or --recipe recipes/refusal-direction.yaml)")
-    rendered = render(loaded.tokenizer, texts, chat_template, system_prompt)
+        raise CnaError("not supported yet: gradient scores (attribution) on a mixture-of-experts model; use a "
+                       "forward-only score (--score direction, or --recipe recipes/refusal-direction.yaml)")
+    run = _prepare(loaded, texts, opts, settings)
+    rendered, opts, capture, capture_k = run.rendered, run.opts, run.capture, run.k
     model = loaded.model
     tokens = 0
     start = time.perf_counter()
@@ -290,8 +305,8 @@ def run_gradients(
         for layer in range(loaded.num_layers):
             handles.append(loaded.down_proj(layer).register_forward_pre_hook(make_pre(layer)))
         with torch.enable_grad():
-            for batch in batches(loaded.tokenizer, rendered, resolve_batch_size(batch_size, loaded, backward=True),
-                                 chat_template, loaded.input_device, max_length):
+            for batch in batches(loaded.tokenizer, rendered, resolve_batch_size(opts.batch_size, loaded, backward=True),
+                                 opts.chat_template, loaded.input_device, opts.max_length):
                 sizes.append(len(batch.indices))
                 state["rows"], state["mask"] = batch.indices, batch.attention_mask
                 out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
@@ -383,17 +398,9 @@ def collect(
     pos, neg = RunningStats(L, width), RunningStats(L, width)
     rpos, rneg = RunningStats(L, hidden), RunningStats(L, hidden)
     reports: dict[str, CaptureReport] = {}
-    common = dict(
-        batch_size=opts.batch_size,
-        chat_template=opts.chat_template,
-        max_length=opts.max_length,
-        progress=progress,
-        system_prompt=opts.system_prompt,
-        capture=opts.capture,
-        capture_k=opts.capture_k,
-    )
     for name, stats, res, prompts in (("positive", pos, rpos, positive), ("negative", neg, rneg, negative)):
-        reports[name] = run_prompts(loaded, prompts.texts, stats.add, desc=name, residual_sink=res.add, **common)
+        reports[name] = run_prompts(loaded, prompts.texts, stats.add, opts, desc=name, progress=progress,
+                                    residual_sink=res.add)
         stats.count = res.count = len(prompts)
     topk = neutral_acts = None
     if neutral is not None:
@@ -404,7 +411,7 @@ def collect(
             topk.add(layer, acts, rows)  # type: ignore[union-attr]
             neutral_acts.add(layer, acts, rows)  # type: ignore[union-attr]
 
-        reports["neutral"] = run_prompts(loaded, neutral.texts, both, desc="neutral", **common)
+        reports["neutral"] = run_prompts(loaded, neutral.texts, both, opts, desc="neutral", progress=progress)
         topk.count = neutral_acts.count = len(neutral)
     out = ContrastStats(pos, neg, topk, reports, rpos, rneg, neutral_acts)
     if loaded.layout().is_moe:
@@ -417,8 +424,8 @@ def collect(
     if gradients if gradients is not None else opts.score == "attribution":
         gpos, gneg = RunningStats(L, width), RunningStats(L, width)
         for name, stats, prompts in (("positive", gpos, positive), ("negative", gneg, negative)):
-            reports[f"gradients_{name}"] = run_gradients(loaded, prompts.texts, stats.add,
-                                                         desc=f"gradients ({name})", **common)
+            reports[f"gradients_{name}"] = run_gradients(loaded, prompts.texts, stats.add, opts,
+                                                         desc=f"gradients ({name})", progress=progress)
             stats.count = len(prompts)
         out.grad_positive, out.grad_negative = gpos, gneg
     return out
@@ -517,7 +524,7 @@ def select(
     if layout is not None:
         method["expert_activation"] = ("routing weight x activation at the captured token, 0 when the token is "
                                        "not routed to the expert; shared experts: the plain activation")
-    return Circuit(
+    circuit = Circuit(
         model=loaded.identity(),
         method=method,
         prompts={name: ps.info() for name, ps in prompt_sets.items()},
@@ -526,6 +533,11 @@ def select(
         per_layer_counts=dict(sorted(counts.items())),
         routing_frequency=stats.routing or {},
     )
+    if opts.multiplier_mode == "learned":  # fitted on the model and the prompts (discovery/learned.py)
+        from .learned import learn_circuit
+
+        circuit = learn_circuit(loaded, circuit, prompt_sets, opts)
+    return circuit
 
 
 @dataclass
@@ -534,14 +546,8 @@ class DiscoveryResult:
     stats: ContrastStats
 
 
-def discover(
-    loaded: LoadedModel,
-    positive: PromptSet,
-    negative: PromptSet,
-    neutral: PromptSet | None,
-    opts: DiscoverOptions,
-    progress: bool = True,
-) -> DiscoveryResult:
+def discover(loaded: LoadedModel, positive: PromptSet, negative: PromptSet, neutral: PromptSet | None,
+             opts: DiscoverOptions, progress: bool = True) -> DiscoveryResult:
     """Library entry point: collect statistics and select the circuit."""
     if len(positive) < 2 or len(negative) < 2:
         raise CnaError("discovery needs at least 2 positive and 2 negative prompts")

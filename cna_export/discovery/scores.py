@@ -42,6 +42,9 @@ Multipliers (``DiscoverOptions.multiplier_mode``):
                                by ``m_j`` puts its positive-set mean on its negative-set mean (``t = 1``)
                                and leaves it where it was (``t = 0``). One scalar per neuron: every export
                                folds it exactly.
+``learned``                    one scalar per circuit neuron fitted by gradient descent on the model and the
+                               recipe's prompts (behaviour loss + λ KL on benign answers + L1 on ``m - 1``);
+                               :mod:`cna_export.discovery.learned`, called by ``select``, not from statistics
 """
 
 from __future__ import annotations
@@ -59,7 +62,7 @@ COMPLIANCE_OPENINGS = ("Sure", "Here", "Certainly", "Of course", "To", "Step", "
 
 SCORES = ("mean-diff", "standardized", "direction", "attribution")
 RANKS = ("score", "per-drift")
-MULTIPLIER_MODES = ("constant", "mean-match")
+MULTIPLIER_MODES = ("constant", "mean-match", "learned")
 
 
 def _need(stats: Any, attr: str, what: str) -> Any:
@@ -158,10 +161,11 @@ def rank_key(stats: Any, scores: np.ndarray, opts: Any) -> np.ndarray:
 
 
 def neuron_multipliers(stats: Any, opts: Any) -> np.ndarray | None:
-    """``[layers, neurons]`` multipliers of ``opts.multiplier_mode``, or None for ``constant``
-    (the circuit then carries ``opts.multiplier``)."""
+    """``[layers, neurons]`` multipliers of ``opts.multiplier_mode``, or None for ``constant`` (the circuit
+    then carries ``opts.multiplier``) and ``learned`` (fitted later, from there, by
+    :func:`cna_export.discovery.learned.learn_circuit`)."""
     mode = getattr(opts, "multiplier_mode", "constant")
-    if mode == "constant":
+    if mode in ("constant", "learned"):
         return None
     if mode == "mean-match":
         lo, hi = opts.mean_match_range

@@ -45,8 +45,8 @@ from ..core.circuit import Circuit, check_multiplier
 from ..core.errors import CnaError
 from ..core.multipliers import describe_multipliers
 from ..io.llama import LlamaContext, LlamaLora, LlamaModel, llama_available
-from .metrics import log_softmax
 from ..model.generation import Generation, greedy_generate
+from .metrics import log_softmax
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +151,8 @@ class Backend(Protocol):
         self, prompts: Sequence[str], steering: Steering, max_new_tokens: int, first_logprobs: bool = False
     ) -> list[Generation]: ...
 
-    def score(self, prompts: Sequence[str], continuations: Sequence[Sequence[int]], steering: Steering) -> list[np.ndarray]:
+    def score(self, prompts: Sequence[str], continuations: Sequence[Sequence[int]],
+              steering: Steering) -> list[np.ndarray]:
         """Per prompt, log-probs [max(1, len(cont)), vocab] at the last prompt position and after each
         continuation token but the last (teacher forcing)."""
         ...
@@ -224,7 +225,8 @@ class TransformersBackend:
                     f"CAA vectors are {steering.vectors.shape[0]} x {steering.vectors.shape[1]}, the model is "
                     f"{self.loaded.num_layers} layers x hidden {self.loaded.hidden_size}"
                 )
-            with caa_hooks(self.loaded.model, self.loaded.arch, steering.vectors, steering.alpha, steering.caa_layers()):
+            with caa_hooks(self.loaded.model, self.loaded.arch, steering.vectors, steering.alpha,
+                           steering.caa_layers()):
                 yield
         else:
             raise CnaError(f"unknown steering kind '{steering.kind}'")
@@ -244,7 +246,8 @@ class TransformersBackend:
         texts = render(self.loaded.tokenizer, prompts, self.chat_template, self.system_prompt)
         return self.loaded.tokenizer(texts, add_special_tokens=not self.chat_template)["input_ids"]
 
-    def score(self, prompts: Sequence[str], continuations: Sequence[Sequence[int]], steering: Steering) -> list[np.ndarray]:
+    def score(self, prompts: Sequence[str], continuations: Sequence[Sequence[int]],
+              steering: Steering) -> list[np.ndarray]:
         import torch
 
         if len(prompts) != len(continuations):
@@ -309,7 +312,8 @@ class LlamaCppBackend:
         self._lora = LlamaLora(self.base, self.lora_path) if self.lora_path else None
         self._template = self.base.meta("tokenizer.chat_template") if chat_template else None
         if chat_template and not self._template:
-            raise CnaError(f"{spec} has no chat template (tokenizer.chat_template); pass --no-chat-template for base models")
+            raise CnaError(f"{spec} has no chat template (tokenizer.chat_template); pass --no-chat-template for base "
+                           "models")
         self._steered: tuple[Any, LlamaModel, Path] | None = None
         self._post_norm: bool | None = None
 
@@ -420,7 +424,8 @@ class LlamaCppBackend:
         ids = self.prompt_ids(prompts)
         out: list[Generation] = []
         for start in range(0, len(ids), self.batch_size):
-            out.extend(self._generate_chunk(lm, ids[start : start + self.batch_size], cvec, max_new_tokens, first_logprobs))
+            out.extend(self._generate_chunk(lm, ids[start : start + self.batch_size], cvec, max_new_tokens,
+                                            first_logprobs))
         return out
 
     def _generate_chunk(
@@ -470,10 +475,11 @@ class LlamaCppBackend:
                 logits_of = {s: got[i] for i, s in enumerate(active)}
         finally:
             ctx.close()
-        return [Generation(text=lm.detokenize(tokens[s]), tokens=tokens[s], stopped=stopped[s], first_logprobs=firsts[s])
-                for s in range(n)]
+        return [Generation(text=lm.detokenize(tokens[s]), tokens=tokens[s], stopped=stopped[s],
+                           first_logprobs=firsts[s]) for s in range(n)]
 
-    def score(self, prompts: Sequence[str], continuations: Sequence[Sequence[int]], steering: Steering) -> list[np.ndarray]:
+    def score(self, prompts: Sequence[str], continuations: Sequence[Sequence[int]],
+              steering: Steering) -> list[np.ndarray]:
         if len(prompts) != len(continuations):
             raise ValueError("one continuation per prompt")
         lm = self._model_for(steering)

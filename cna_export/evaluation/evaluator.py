@@ -45,7 +45,7 @@ from .backends import Backend, Steering
 from ..model.generation import Generation
 from ..core.errors import CnaError
 from ..core.settings import EvalSettings  # noqa: F401  (part of this module's API)
-from .judge import Judge, get_judge
+from .judge import Judge, Verdict, agreement_summary, get_judge
 from .metrics import kl_divergence, mcnemar_p, mean, paired_flips, quality, wilson_interval
 
 JBB_ENV = "CNA_JBB_DIR"
@@ -237,7 +237,7 @@ class Evaluator:
         self.benign = benign if settings.benign_set else None
         self.settings = settings
         self.reference_backend = reference or backend
-        self.judge = judge or get_judge(settings.judge)
+        self.judge = judge or get_judge(settings.judge, settings.judge_model)
         self.log = log or (lambda msg: None)
         self.on_rows = on_rows
         self.ref: _Reference | None = None
@@ -262,8 +262,9 @@ class Evaluator:
         h_verdicts = self.judge.judge(self.harmful.prompts, [g.text for g in h_gen])
         rows: list[dict] = []
         for it, g, v in zip(self.harmful.items, h_gen, h_verdicts):
-            rows.append(self._row(cond, "harmful", it, g, v.refused, v.evidence))
+            rows.append(self._row(cond, "harmful", it, g, v))
         b_gen: list[Generation] = []
+        b_verdicts: list = []
         kl_last: list[float | None] = []
         kl_gen: list[float | None] = []
         if self.benign is not None:
@@ -281,9 +282,10 @@ class Evaluator:
             else:
                 kl_last = self._kl_last(b_gen)
                 kl_gen = self._kl_gen(backend, cond.steering) if s.kl_tokens else [None] * len(b_gen)
-            b_verdicts = self.judge.judge(self.benign.prompts, [g.text for g in b_gen])
+            b_verdicts = (self.judge.judge(self.benign.prompts, [g.text for g in b_gen]) if s.benign_answers
+                          else [Verdict(False)] * len(b_gen))  # scored for KL only: nothing to judge
             for it, g, v, kl, klg in zip(self.benign.items, b_gen, b_verdicts, kl_last, kl_gen):
-                row = self._row(cond, "benign", it, g, v.refused, v.evidence)
+                row = self._row(cond, "benign", it, g, v)
                 if not s.benign_answers:  # scored for KL only: the short answer is not judged
                     row["refused"] = row["judge_evidence"] = row["quality"] = None
                 row["kl_last"] = kl
@@ -293,6 +295,7 @@ class Evaluator:
             self.ref = _Reference([v.refused for v in h_verdicts], mean(quality(g.text) for g in h_gen), [], [])
         seconds = time.perf_counter() - t0
         summary = self._summary(cond, rows, h_verdicts, seconds, backend)
+        summary.update(agreement_summary(h_verdicts, b_verdicts if s.benign_answers else []))
         result = ConditionResult(cond.label, summary, rows, [v.refused for v in h_verdicts])
         self.results.append(result)
         if self.on_rows:
@@ -300,20 +303,23 @@ class Evaluator:
         self.log(format_line(summary))
         return result
 
-    def _row(self, cond: Condition, which: str, it: Item, g: Generation, refused: bool, evidence: str | None) -> dict:
-        return {
+    def _row(self, cond: Condition, which: str, it: Item, g: Generation, v: Verdict) -> dict:
+        row = {
             "condition": cond.label,
             "set": which,
             "index": it.index,
             "category": it.category,
             "prompt": it.prompt,
             "response": g.text,
-            "refused": refused,
-            "judge_evidence": evidence,
+            "refused": v.refused,
+            "judge_evidence": v.evidence,
             "quality": quality(g.text),
             "tokens": len(g.tokens),
             "stopped": g.stopped,
         }
+        if v.label is not None or v.also:  # the model judge: its label and the other judges' verdicts
+            row.update({"judge_label": v.label, **{f"refused_{name}": r for name, r in v.also}})
+        return row
 
     def _kl_last(self, gens: list[Generation]) -> list[float | None]:
         assert self.ref is not None
@@ -421,6 +427,14 @@ METRIC_COLUMNS = [
     ("kl_last", "KL first token"),
     ("kl_gen", "KL answer"),
 ]
+# the model judge's own figures (evaluation/judge.py agreement_summary); shown only when present
+JUDGE_COLUMNS = [
+    ("unusable", "unusable (model judge)"),
+    ("refused_keyword", "refused (keyword)"),
+    ("refused_phrases", "refused (phrases)"),
+    ("agreement_keyword", "agrees with keyword"),
+    ("agreement_phrases", "agrees with phrases"),
+]
 TABLE_COLUMNS = [
     ("label", "condition"),
     ("neurons", "neurons"),
@@ -428,6 +442,7 @@ TABLE_COLUMNS = [
     ("refusals_removed", "refusals removed"),
     ("refusals_added", "refusals added"),
     ("mcnemar_p", "McNemar p"),
+    *JUDGE_COLUMNS,
 ]
 
 
@@ -440,7 +455,7 @@ def markdown_table(summaries: Sequence[dict], columns: Sequence[tuple[str, str]]
             v = s.get(k)
             if k == "refused" and v is not None:
                 v = f"{v}/{s['harmful_n']}"
-            elif k in ("refusal_rate", "over_refusal_rate") and v is not None:
+            elif k in ("refusal_rate", "over_refusal_rate", "agreement_keyword", "agreement_phrases") and v is not None:
                 v = f"{100 * v:.0f}%"
             elif k in ("kl_last", "kl_gen"):
                 v = _f(v, 4)
@@ -490,6 +505,7 @@ def write_report(
             "max_new_tokens": s.max_new_tokens,
             "kl_tokens": s.kl_tokens,
             "judge": evaluator.judge.name,
+            **({"judge_model": s.judge_model} if s.judge_model else {}),
             "benign": evaluator.benign is not None,
             "benign_answers": s.benign_answers,
             "benign_max_new_tokens": (s.benign_max_new_tokens or s.max_new_tokens) if s.benign_answers else None,
@@ -504,7 +520,9 @@ def write_report(
     }
     (out_dir / "summary.json").write_text(json.dumps(report, indent=2, default=_json_default) + "\n", "utf-8")
     md = [f"# {title}", ""]
-    md.append(f"Model `{meta.get('model')}` ({meta.get('backend')}), judge `{evaluator.judge.name}`, greedy, "
+    md.append(f"Model `{meta.get('model')}` ({meta.get('backend')}), judge `{evaluator.judge.name}`"
+              + (f" (`{s.judge_model}`; agreement with the keyword and phrases judges over every judged answer)"
+                 if s.judge_model else "") + ", greedy, "
               f"{s.max_new_tokens} new tokens; {len(evaluator.harmful)} harmful prompts"
               + (f", {len(evaluator.benign)} benign" if evaluator.benign is not None else "")
               + (f" (answers of {s.benign_max_new_tokens} tokens)" if evaluator.benign is not None and s.benign_answers

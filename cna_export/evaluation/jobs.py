@@ -69,12 +69,7 @@ def get_stats(job: EvalJob, backend: Backend, log: Callable[[str], None]) -> Sav
                        "to save them) or --stats FILE from an earlier run")
     recipe = load_recipe(job.recipe)
     opts: DiscoverOptions = build(DiscoverOptions, recipe)
-    loaded = getattr(backend, "loaded", None)
-    if loaded is None:
-        from ..model.loading import load_model
-
-        log(f"statistics   loading {job.model} in transformers for discovery")
-        loaded = load_model(job.model, **job.model_options)
+    loaded = _transformers_model(job, backend, log, "discovery")
     t0 = time.perf_counter()
     saved = compute_stats(loaded, opts, progress=job.progress)
     log(f"statistics   discovery passes in {time.perf_counter() - t0:.0f}s")
@@ -82,6 +77,17 @@ def get_stats(job: EvalJob, backend: Backend, log: Callable[[str], None]) -> Sav
         save_stats(job.stats, saved, overwrite=job.overwrite)
         log(f"statistics   saved to {job.stats}")
     return saved
+
+
+def _transformers_model(job: EvalJob, backend: Backend, log: Callable[[str], None], why: str) -> Any:
+    """The backend's transformers model, or ``job.model`` loaded in transformers (for ``why``)."""
+    loaded = getattr(backend, "loaded", None)
+    if loaded is None:
+        from ..model.loading import load_model
+
+        log(f"statistics   loading {job.model} in transformers for {why}")
+        loaded = load_model(job.model, **job.model_options)
+    return loaded
 
 
 def _open(job: EvalJob, spec: str) -> Backend:
@@ -182,9 +188,9 @@ def run_eval_job(job: EvalJob) -> dict:
     check_output_path(out, job.overwrite)
     log = stderr_log(job.quiet)
     check_job(job)
-    from .judge import get_judge
+    from .judge import check_judge
 
-    get_judge(job.settings.judge)
+    check_judge(job.settings.judge, job.settings.judge_model)
     harmful, benign = load_sets(job)
     t0 = time.perf_counter()
     backend = _open(job, job.model)
@@ -264,9 +270,9 @@ def run_tune_job(t: TuneJob) -> dict:
             raise CnaError(f"--fractions: {f} is not in (0, 1]")
     if job.recipe:
         load_recipe(job.recipe)
-    from .judge import get_judge
+    from .judge import check_judge
 
-    get_judge(job.settings.judge)
+    check_judge(job.settings.judge, job.settings.judge_model)
     lim = job.limit
     job.limit = None
     harmful, benign = load_sets(job)
@@ -336,7 +342,15 @@ def _run_tpe(t: TuneJob, saved: SavedStats, backend: Backend, harmful: EvalSet, 
     """``tune --sampler tpe``: the multi-objective search (evaluation/search.py) on the tuning split,
     its Pareto front, the chosen point on the held-out split, the tuned recipe."""
     from ..core.atomic import atomic_dir
-    from .search import FRONT_COLUMNS, SearchSpace, condition, feasible, plot_frontier, resolve_strategies, tpe_search
+    from .search import (
+        FRONT_COLUMNS,
+        SearchSpace,
+        chosen_condition,
+        feasible,
+        plot_frontier,
+        resolve_strategies,
+        tpe_search,
+    )
     from .sweep import QUALITY_KEYS
 
     job = t.eval
@@ -345,7 +359,10 @@ def _run_tpe(t: TuneJob, saved: SavedStats, backend: Backend, harmful: EvalSet, 
         raise CnaError("--sampler tpe minimises benign KL: it needs the benign twins (drop --no-benign)")
     space = SearchSpace(resolve_strategies(t.strategies, t.custom_strategies),
                         (saved.size_for(min(t.fractions)), saved.size_for(max(t.fractions))),
-                        (min(t.multipliers), max(t.multipliers)), t.multiplier_step)
+                        (min(t.multipliers), max(t.multipliers)), t.multiplier_step,
+                        tuple(t.kl_weights), tuple(t.l1_weights))
+    if any(space.learned(name, saved) for name in space.strategies) and saved.loaded is None:
+        saved.attach(_transformers_model(job, backend, log, "learned multipliers"))
     space.check(saved)
     kl_key, q_key = t.kl_metric, QUALITY_KEYS[t.quality_metric]
     h_tune, b_tune = harmful.subset(tune_idx), benign.subset(tune_idx)
@@ -371,8 +388,7 @@ def _run_tpe(t: TuneJob, saved: SavedStats, backend: Backend, harmful: EvalSet, 
         if chosen is not None:
             log(f"chosen       {chosen['label']}: refused {chosen['refused']}/{chosen['harmful_n']}, quality ratio "
                 f"{chosen['quality_ratio']:.3f}, {kl_key} {chosen[kl_key]:.4f}")
-            cond = condition(saved, chosen["strategy"], space.strategies[chosen["strategy"]], chosen["neurons"],
-                             chosen["multiplier"], chosen.get("strength"), force=job.force)
+            cond = chosen_condition(saved, space, chosen, force=job.force)
             _write_circuits(tmp / "circuits", [cond])
             if t.heldout and held_idx:
                 held = _heldout_check(tmp, backend, harmful, benign, held_idx, cond, job, log)

@@ -27,7 +27,6 @@ from __future__ import annotations
 import math
 from typing import Iterable, Sequence
 
-
 from ..core.numerics import kl_divergence, log_softmax  # noqa: F401  (part of the metrics API)
 
 
@@ -88,3 +87,10 @@ def mcnemar_p(before: Sequence[bool], after: Sequence[bool]) -> float:
     k = min(b, c)
     tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
     return min(1.0, 2 * tail)
+
+
+def agreement(a: Sequence[bool], b: Sequence[bool]) -> float | None:
+    """The share of matched items on which two judges agree (None for no items)."""
+    if len(a) != len(b):
+        raise ValueError("paired results must have the same length")
+    return sum(x == y for x, y in zip(a, b)) / len(a) if a else None

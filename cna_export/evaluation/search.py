@@ -4,8 +4,11 @@ Each trial picks a strategy (a set of :class:`DiscoverOptions` overrides: score,
 multiplier mode, ...), a circuit size ``k`` (log-uniform integer between the sizes of the smallest
 and largest ``--fractions``) and a multiplier (uniform on a ``--multiplier-step`` grid between the
 smallest and largest ``--multipliers``; for ``multiplier_mode: mean-match`` strategies the
-mean-match strength in [0, 1] instead). The circuit comes from the statistics computed once
-(:meth:`SavedStats.circuit`), so a trial costs one evaluation on the tuning split and no discovery.
+mean-match strength in [0, 1] instead; for ``multiplier_mode: learned`` strategies the KL weight λ and
+the L1 weight, both log-uniform between ``--kl-weights`` and ``--l1-weights``). The circuit comes from the
+statistics computed once (:meth:`SavedStats.circuit`), so a trial costs one evaluation on the tuning split
+and no discovery; a learned-multiplier trial also costs its training (on the recipe's prompts, with the
+model attached to the statistics), once per point.
 
 Objectives, both minimised: refusals on the harmful prompts, and benign drift (``kl_last`` or
 ``kl_gen``). Constraint: quality >= ``quality_ratio`` x the unsteered model's (Optuna's
@@ -48,6 +51,10 @@ STRATEGIES: dict[str, dict[str, Any]] = {
     "direction+ mean-match": {"score": "direction", "sign": "positive", "multiplier_mode": "mean-match"},
     "attribution+ per-drift mean-match": {"score": "attribution", "sign": "positive", "rank": "per-drift",
                                           "multiplier_mode": "mean-match"},
+    "attribution+ learned": {"score": "attribution", "sign": "positive", "multiplier_mode": "learned"},
+    "attribution+ per-drift learned": {"score": "attribution", "sign": "positive", "rank": "per-drift",
+                                       "multiplier_mode": "learned"},
+    "direction+ learned": {"score": "direction", "sign": "positive", "multiplier_mode": "learned"},
 }
 
 
@@ -59,6 +66,8 @@ class SearchSpace:
     k_range: tuple[int, int]
     multiplier_range: tuple[float, float]
     multiplier_step: float = 0.1
+    kl_weight_range: tuple[float, float] = (1.0, 100.0)  # learned strategies: λ, log-uniform
+    l1_range: tuple[float, float] = (0.001, 0.1)  # learned strategies: the L1 weight, log-uniform
 
     def check(self, saved: SavedStats) -> None:
         if not self.strategies:
@@ -79,9 +88,72 @@ class SearchSpace:
             if over.get("score") == "attribution" and saved.stats.grad_positive is None:
                 raise CnaError(f"strategy '{name}' needs attribution gradients: statistics computed without them "
                                "(recompute with a recipe whose score is attribution)")
+            if self.learned(name, saved) and saved.loaded is None:
+                raise CnaError(f"strategy '{name}' learns multipliers: it needs the model (transformers) attached "
+                               "to the statistics")
+        for lo, hi in (self.kl_weight_range, self.l1_range):
+            if not 0 < lo <= hi or not math.isfinite(hi):
+                raise CnaError(f"learned-multiplier weights {lo:g}..{hi:g} are not a positive range")
+
+    def mode(self, name: str, saved: SavedStats) -> str:
+        return self.strategies[name].get("multiplier_mode") or saved.options.multiplier_mode
 
     def mean_match(self, name: str, saved: SavedStats) -> bool:
-        return (self.strategies[name].get("multiplier_mode") or saved.options.multiplier_mode) == "mean-match"
+        return self.mode(name, saved) == "mean-match"
+
+    def learned(self, name: str, saved: SavedStats) -> bool:
+        return self.mode(name, saved) == "learned"
+
+    def distributions(self) -> dict[str, Any]:
+        """Optuna's distribution of every parameter a trial may pick (strategies pick some of them)."""
+        from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+        (k0, k1), grid = self.k_range, self.multipliers()
+        out: dict[str, Any] = {"strategy": CategoricalDistribution(list(self.strategies)),
+                               "strength": FloatDistribution(0.0, 1.0, step=0.1),
+                               "kl_weight": FloatDistribution(*self.kl_weight_range, log=True),
+                               "l1": FloatDistribution(*self.l1_range, log=True)}
+        if k1 > k0:
+            out["k"] = IntDistribution(k0, k1, log=True)
+        if len(grid) > 1:
+            out["multiplier"] = FloatDistribution(grid[0], grid[-1], step=self.multiplier_step)
+        return out
+
+    def suggest(self, trial: Any, saved: SavedStats) -> "Point":
+        """The point a trial picks: a strategy, a size, and the strategy's own multiplier parameters."""
+        (k0, k1), grid = self.k_range, self.multipliers()
+        st = trial.suggest_categorical("strategy", list(self.strategies))
+        k = trial.suggest_int("k", k0, k1, log=True) if k1 > k0 else k0
+        if self.learned(st, saved):
+            return Point(st, k, kl_weight=trial.suggest_float("kl_weight", *self.kl_weight_range, log=True),
+                         l1=trial.suggest_float("l1", *self.l1_range, log=True))
+        if self.mean_match(st, saved):
+            return Point(st, k, strength=trial.suggest_float("strength", 0.0, 1.0, step=0.1))
+        m = trial.suggest_float("multiplier", grid[0], grid[-1], step=self.multiplier_step) if len(grid) > 1 \
+            else grid[0]
+        return Point(st, k, multiplier=round(m, 10))
+
+    def prior_params(self, p: dict, saved: SavedStats) -> dict[str, Any] | None:
+        """The sampler's parameters of an earlier result, or None when it lies outside this space."""
+        st, k = p.get("strategy"), p.get("neurons")
+        k0, k1 = self.k_range
+        if st not in self.strategies or k is None or not k0 <= k <= k1:
+            return None
+        d = self.distributions()
+        params: dict[str, Any] = {"strategy": st, **({"k": int(k)} if "k" in d else {})}
+        if self.learned(st, saved):
+            names = ("kl_weight", "l1")
+        elif self.mean_match(st, saved):
+            names = ("strength",)
+        elif p.get("multiplier") is None or not any(abs(p["multiplier"] - g) < 1e-9 for g in self.multipliers()):
+            return None
+        else:
+            names = ("multiplier",) if "multiplier" in d else ()
+        for n in names:
+            if p.get(n) is None or not d[n].low - 1e-12 <= p[n] <= d[n].high + 1e-12:
+                return None
+            params[n] = float(p[n])
+        return params
 
     def multipliers(self) -> list[float]:
         """The multiplier grid (``multiplier_step`` apart, both ends included)."""
@@ -102,22 +174,62 @@ def resolve_strategies(names: Sequence[str], custom: dict[str, dict[str, Any]] |
     return out
 
 
-def trial_label(strategy: str, k: int, total: int, multiplier: float | None, strength: float | None = None) -> str:
-    tail = f"mean-match s{strength:g}" if multiplier is None else f"x{multiplier:g}"
+@dataclass(frozen=True)
+class Point:
+    """One point of the search space: a strategy, a circuit size and one of: a multiplier, a mean-match
+    strength, or (learned multipliers) the KL and L1 weights."""
+
+    strategy: str
+    k: int
+    multiplier: float | None = None
+    strength: float | None = None
+    kl_weight: float | None = None
+    l1: float | None = None
+
+    def key(self) -> tuple:
+        return (self.strategy, self.k, *(None if v is None else round(v, 6)
+                                         for v in (self.multiplier, self.strength, self.kl_weight, self.l1)))
+
+
+def trial_label(strategy: str, k: int, total: int, multiplier: float | None, strength: float | None = None,
+                kl_weight: float | None = None, l1: float | None = None) -> str:
+    if kl_weight is not None:
+        tail = f"learned λ{kl_weight:.3g} L1 {l1 or 0:.3g}"
+    else:
+        tail = f"mean-match s{strength:g}" if multiplier is None else f"x{multiplier:g}"
     return f"{strategy} {fraction_label(k / total)} ({k}) {tail}"
 
 
 def condition(saved: SavedStats, strategy: str, overrides: dict[str, Any], k: int, multiplier: float | None,
-              strength: float | None = None, force: bool = False) -> Condition:
-    """The steering of one search point (a circuit from the saved statistics)."""
+              strength: float | None = None, force: bool = False, kl_weight: float | None = None,
+              l1: float | None = None) -> Condition:
+    """The steering of one search point (a circuit from the saved statistics; ``kl_weight``/``l1``: a
+    learned-multiplier strategy's weights)."""
     over = dict(overrides)
-    if multiplier is None:
+    if kl_weight is not None:
+        over.update(learn_kl_weight=float(kl_weight), learn_l1=float(l1 or 0.0))
+    elif multiplier is None:
         over["multiplier_strength"] = float(strength if strength is not None else 1.0)
     circuit = saved.circuit(k, **over)
-    label = trial_label(strategy, k, saved.total_neurons, multiplier, strength)
+    label = trial_label(strategy, k, saved.total_neurons, multiplier, strength, kl_weight, l1)
     info = {"method": "cna", "strategy": strategy, "overrides": over, "fraction": k / saved.total_neurons,
             "neurons": k, "multiplier": multiplier, "strength": strength}
+    if kl_weight is not None:
+        learned = circuit.method.get("learned", {})
+        info.update(kl_weight=kl_weight, l1=l1, changed=learned.get("changed"), learn_seconds=learned.get("seconds"))
     return Condition(label, Steering.cna(circuit, multiplier, label=label, force=force), None, info)
+
+
+def point_condition(saved: SavedStats, space: SearchSpace, p: Point, force: bool = False) -> Condition:
+    return condition(saved, p.strategy, space.strategies[p.strategy], p.k, p.multiplier, p.strength, force,
+                     p.kl_weight, p.l1)
+
+
+def chosen_condition(saved: SavedStats, space: SearchSpace, chosen: dict, force: bool = False) -> Condition:
+    """The condition of a result of :func:`tpe_search` (its summary), e.g. for the held-out check."""
+    return point_condition(saved, space, Point(chosen["strategy"], int(chosen["neurons"]), chosen.get("multiplier"),
+                                               chosen.get("strength"), chosen.get("kl_weight"), chosen.get("l1")),
+                           force)
 
 
 # ---------------------------------------------------------------------------------------
@@ -178,6 +290,20 @@ def _optuna() -> Any:
     return optuna
 
 
+def _study(optuna: Any, seed: int, startup_trials: int) -> tuple[Any, bool]:
+    """A seeded two-objective TPE study, and whether constraints are told per trial (Optuna >= 5:
+    ``Trial.set_constraint``; 4.x through ``constraints_func``)."""
+    import warnings
+
+    per_trial = hasattr(optuna.trial.Trial, "set_constraint")
+    with warnings.catch_warnings():  # multivariate/group are marked experimental
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        sampler = optuna.samplers.TPESampler(
+            seed=seed, n_startup_trials=startup_trials, multivariate=True, group=True,
+            **({} if per_trial else {"constraints_func": lambda t: (t.user_attrs["constraint"],)}))
+    return optuna.create_study(directions=["minimize", "minimize"], sampler=sampler), per_trial
+
+
 def tpe_search(
     ev: Evaluator,
     saved: SavedStats,
@@ -197,11 +323,9 @@ def tpe_search(
     """Run ``trials`` new evaluations chosen by multi-objective TPE (see the module docstring).
 
     ``prior``: summaries already measured on the same split with the same settings (with
-    ``strategy``, ``neurons`` and ``multiplier``/``strength``): told to the sampler first, counted in
-    the front, not re-evaluated (those outside the search space are skipped)."""
+    ``strategy``, ``neurons`` and ``multiplier``/``strength``/``kl_weight`` and ``l1``): told to the sampler
+    first, counted in the front, not re-evaluated (those outside the search space are skipped)."""
     optuna = _optuna()
-    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
-
     if trials < 1:
         raise CnaError("--trials must be at least 1")
     space.check(saved)
@@ -209,60 +333,29 @@ def tpe_search(
     ref_q = base.get(quality_key)
     if base.get(kl_key) is None:
         raise CnaError("--sampler tpe minimises benign drift: it needs the benign twins (drop --no-benign)")
-    names = list(space.strategies)
-    k0, k1 = space.k_range
-    m_grid = space.multipliers()
-    dist_strategy = CategoricalDistribution(names)
-    dist_k = IntDistribution(k0, k1, log=True) if k1 > k0 else None
-    dist_m = FloatDistribution(m_grid[0], m_grid[-1], step=space.multiplier_step) if len(m_grid) > 1 else None
-    dist_s = FloatDistribution(0.0, 1.0, step=0.1)
 
     def constraint(s: dict) -> float:
         q = s.get(quality_key)
         return 0.0 if ref_q is None or q is None else quality_ratio * ref_q - q
 
-    import warnings
-
-    # Optuna >= 5 takes constraints per trial (Trial.set_constraint); 4.x through constraints_func
-    per_trial = hasattr(optuna.trial.Trial, "set_constraint")
-    with warnings.catch_warnings():  # multivariate/group are marked experimental
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        sampler = optuna.samplers.TPESampler(
-            seed=seed, n_startup_trials=startup_trials, multivariate=True, group=True,
-            **({} if per_trial else {"constraints_func": lambda t: (t.user_attrs["constraint"],)}))
-    study = optuna.create_study(directions=["minimize", "minimize"], sampler=sampler)
+    study, per_trial = _study(optuna, seed, startup_trials)
     done: dict[tuple, dict] = {}
     results: list[dict] = []
     skipped: list[str] = []
-
-    def key(strategy: str, k: int, m: float | None, s: float | None) -> tuple:
-        return (strategy, k, None if m is None else round(m, 6), None if s is None else round(s, 6))
-
+    dists = space.distributions()
     for p in prior:
-        st, k, m, s = p.get("strategy"), p.get("neurons"), p.get("multiplier"), p.get("strength")
-        params: dict[str, Any] = {}
-        dists: dict[str, Any] = {}
-        ok = st in names and k is not None and k0 <= k <= k1 and p.get(kl_key) is not None
-        if ok:
-            params["strategy"], dists["strategy"] = st, dist_strategy
-            if dist_k is not None:
-                params["k"], dists["k"] = int(k), dist_k
-            if space.mean_match(st, saved):
-                ok = m is None and s is not None and 0 <= s <= 1
-                params["strength"], dists["strength"] = float(s if s is not None else 1.0), dist_s
-            else:
-                ok = m is not None and any(abs(m - g) < 1e-9 for g in m_grid)
-                if dist_m is not None and ok:
-                    params["multiplier"], dists["multiplier"] = float(m), dist_m
-        if not ok:
+        params = space.prior_params(p, saved) if p.get(kl_key) is not None else None
+        if params is None:
             skipped.append(str(p.get("label")))
             continue
         c = constraint(p)
         study.add_trial(optuna.trial.create_trial(
-            params=params, distributions=dists, values=[float(p["refused"]), float(p[kl_key])],
+            params=params, distributions={n: dists[n] for n in params}, values=[float(p["refused"]),
+                                                                               float(p[kl_key])],
             user_attrs={"constraint": c}, **({"constraints": {"quality": c}} if per_trial else
                                              {"system_attrs": {"constraints": (c,)}})))
-        done[key(st, int(k), m, s)] = p
+        done[Point(p["strategy"], int(p["neurons"]), p.get("multiplier"), p.get("strength"), p.get("kl_weight"),
+                   p.get("l1")).key()] = p
         results.append({**p, "trial": None, "prior": True})
 
     asked = 0
@@ -270,23 +363,14 @@ def tpe_search(
     while evaluated < trials and asked < 20 * trials:
         t = study.ask()
         asked += 1
-        st = t.suggest_categorical("strategy", names)
-        k = t.suggest_int("k", k0, k1, log=True) if dist_k is not None else k0
-        if space.mean_match(st, saved):
-            m, s = None, t.suggest_float("strength", 0.0, 1.0, step=0.1)
+        point = space.suggest(t, saved)
+        if point.key() in done:
+            summary = done[point.key()]
         else:
-            s = None
-            m = t.suggest_float("multiplier", m_grid[0], m_grid[-1], step=space.multiplier_step) \
-                if dist_m is not None else m_grid[0]
-            m = round(m, 10)
-        kk = key(st, k, m, s)
-        if kk in done:
-            summary = done[kk]
-        else:
-            cond = condition(saved, st, space.strategies[st], k, m, s, force=force)
+            cond = point_condition(saved, space, point, force=force)
             log(f"trial {evaluated + 1}/{trials}  {cond.label}")
             summary = {**ev.run(cond).summary, "trial": t.number, "params": dict(t.params)}
-            done[kk] = summary
+            done[point.key()] = summary
             results.append(summary)
             evaluated += 1
             if on_result is not None:
@@ -363,5 +447,6 @@ def plot_frontier(path: Any, summaries: Sequence[dict], kl_key: str = "kl_last",
 
 
 FRONT_COLUMNS = [("label", "condition"), ("strategy", "strategy"), ("neurons", "neurons"),
-                 ("multiplier", "multiplier"), ("refused", "refused"), ("kl_last", "KL first token"),
+                 ("multiplier", "multiplier"), ("kl_weight", "λ (learned)"), ("l1", "L1 (learned)"),
+                 ("changed", "neurons changed"), ("refused", "refused"), ("kl_last", "KL first token"),
                  ("kl_gen", "KL answer tokens"), ("quality_ratio", "quality / unsteered"), ("trial", "trial")]

@@ -31,18 +31,18 @@ import csv
 import io
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from .backends import Steering
 from ..core.circuit import Circuit, ModelIdentity, PromptSetInfo
-from ..discovery.cna import CaptureReport, ContrastStats, RunningStats, TopKCounts, collect, select
 from ..core.errors import CnaError
-from .evaluator import METRIC_COLUMNS, Condition, ConditionResult, Evaluator, markdown_table
 from ..core.settings import DiscoverOptions
+from ..discovery.cna import CaptureReport, ContrastStats, RunningStats, TopKCounts, collect, select
+from .backends import Steering
+from .evaluator import JUDGE_COLUMNS, METRIC_COLUMNS, Condition, ConditionResult, Evaluator, markdown_table
 
 STATS_FORMAT = "cna-export contrast stats v1"
 
@@ -72,13 +72,45 @@ class _InfoOnly:
 
 @dataclass
 class SavedStats:
-    """Discovery statistics plus CAA vectors, the model identity and the options that produced them."""
+    """Discovery statistics plus CAA vectors, the model identity and the options that produced them.
+
+    ``loaded`` (:meth:`attach`) and ``prompt_sets``: the model and the prompts themselves, which learned
+    multipliers (``multiplier_mode: learned``) train on; every other strategy needs the statistics alone.
+    """
 
     stats: ContrastStats
     identity: ModelIdentity
     options: DiscoverOptions
     prompts: dict[str, PromptSetInfo]
     caa: np.ndarray  # [layers, hidden] float64
+    loaded: Any = field(default=None, repr=False, compare=False)
+    prompt_sets: dict[str, Any] | None = field(default=None, repr=False, compare=False)
+    _learned: dict[str, Circuit] = field(default_factory=dict, repr=False, compare=False)
+
+    def attach(self, loaded: Any) -> "SavedStats":
+        """Keep ``loaded`` (the transformers model these statistics were computed on) for learned multipliers."""
+        have, want = loaded.identity().fingerprint, self.identity.fingerprint
+        if have and want and have != want:
+            raise CnaError("learned multipliers: the model differs from the one the statistics were computed on")
+        self.loaded = loaded
+        return self
+
+    def _sets(self) -> dict[str, Any]:
+        """The prompt sets, read again from the options' files when the statistics came from a file."""
+        from ..model.prompts import load_prompts
+
+        if self.prompt_sets is None:
+            o = self.options
+            sets = {}
+            for name, info in self.prompts.items():
+                ps = load_prompts(getattr(o, name), field=o.field if name != "neutral" else None,
+                                  column=o.column if name != "neutral" else None, limit=o.limit)
+                if ps.sha256 != info.sha256:
+                    raise CnaError(f"learned multipliers: the {name} prompts ({ps.path}) changed since the statistics "
+                                   "were computed; recompute them")
+                sets[name] = ps
+            self.prompt_sets = sets
+        return self.prompt_sets
 
     @property
     def total_neurons(self) -> int:
@@ -95,8 +127,19 @@ class SavedStats:
         opts = self.options.model_copy(update={"top_k": top_k})
         if strategy:
             opts = DiscoverOptions.model_validate({**opts.model_dump(), **strategy})
+        if opts.multiplier_mode == "learned":
+            return self._learned_circuit(top_k, opts)
         sets = {name: _InfoOnly(info) for name, info in self.prompts.items()}
         return select(self.stats, _IdentityOnly(self.identity), opts, sets, top_k=top_k)  # type: ignore[arg-type]
+
+    def _learned_circuit(self, top_k: int, opts: DiscoverOptions) -> Circuit:
+        """Trained once per setting (a search may ask for the same point again)."""
+        key = json.dumps([top_k, opts.model_dump()], sort_keys=True, default=str)
+        if key not in self._learned:
+            if self.loaded is None:
+                raise CnaError("learned multipliers need the model (transformers) beside the statistics")
+            self._learned[key] = select(self.stats, self.loaded, opts, self._sets(), top_k=top_k)
+        return self._learned[key]
 
 
 def caa_vectors(loaded: Any, stats: ContrastStats) -> np.ndarray:
@@ -124,10 +167,9 @@ def compute_stats(loaded: Any, opts: DiscoverOptions, progress: bool = True,
     if len(positive) < 2 or len(negative) < 2:
         raise CnaError("discovery needs at least 2 positive and 2 negative prompts")
     stats = collect(loaded, positive, negative, neutral, opts, progress, gradients=gradients)
-    prompts = {"positive": positive.info(), "negative": negative.info()}
-    if neutral is not None:
-        prompts["neutral"] = neutral.info()
-    return SavedStats(stats, loaded.identity(), opts, prompts, caa_vectors(loaded, stats))
+    sets = {"positive": positive, "negative": negative, **({"neutral": neutral} if neutral is not None else {})}
+    return SavedStats(stats, loaded.identity(), opts, {k: v.info() for k, v in sets.items()},
+                      caa_vectors(loaded, stats), loaded, sets)
 
 
 def save_stats(path: str | Path, saved: SavedStats, overwrite: bool = False) -> None:
@@ -328,6 +370,7 @@ SWEEP_COLUMNS = [
     ("alpha", "CAA alpha"),
     *METRIC_COLUMNS,
     ("mcnemar_p", "McNemar p"),
+    *JUDGE_COLUMNS,
 ]
 
 
@@ -404,14 +447,17 @@ def plot_sweep(out_dir: Path, summaries: Sequence[dict], circuits: dict[str, Cir
         ax.plot(xs, [r["refusal_rate"] for r in rows], marker="o", label="refusal (harmful)")
         ax.plot(xs, [r["quality_harmful"] for r in rows], marker="s", label="quality (harmful)")
         if all(r.get("over_refusal_rate") is not None for r in rows):
-            ax.plot(xs, [r["over_refusal_rate"] for r in rows], marker="x", linestyle=":", label="over-refusal (benign)")
-        finish(fig, ax, "CAA strength alpha (added alpha * mean MLP-output difference)", "rate / quality", "caa_vs_alpha.png")
+            ax.plot(xs, [r["over_refusal_rate"] for r in rows], marker="x", linestyle=":",
+                    label="over-refusal (benign)")
+        finish(fig, ax, "CAA strength alpha (added alpha * mean MLP-output difference)", "rate / quality",
+               "caa_vs_alpha.png")
     if cna or caa:
         fig, ax = plt.subplots(figsize=(6, 4))
         if cna:
             ax.scatter([s["quality_harmful"] for s in cna], [s["refusal_rate"] for s in cna], label="CNA", marker="o")
             for s in cna:
-                ax.annotate(f"{s['neurons']}x{s['multiplier']:g}", (s["quality_harmful"], s["refusal_rate"]), fontsize=6)
+                ax.annotate(f"{s['neurons']}x{s['multiplier']:g}", (s["quality_harmful"], s["refusal_rate"]),
+                            fontsize=6)
         if caa:
             ax.scatter([s["quality_harmful"] for s in caa], [s["refusal_rate"] for s in caa], label="CAA", marker="s")
             for s in caa:
@@ -511,12 +557,14 @@ def tuned_recipe_yaml(base_recipe: str | Path | None, out_dir: Path, choice: dic
                 data[key] = os.path.relpath(Path(v).resolve(), out_dir.resolve())
     data.pop("top_k", None)
     data.update(choice.get("overrides") or {})  # a searched strategy's discovery settings
-    data["top_fraction"] = float(choice["fraction"]) if choice.get("fraction") else choice["neurons"] / saved.total_neurons
+    data["top_fraction"] = (float(choice["fraction"]) if choice.get("fraction")
+                            else choice["neurons"] / saved.total_neurons)
     data["top_k"] = int(choice["neurons"])
-    if choice.get("multiplier") is None:  # per-neuron (mean-match) multipliers: discovery computes them
-        data.pop("multiplier", None)
-    else:
+    if choice.get("multiplier") is not None:
         data["multiplier"] = float(choice["multiplier"])
+    elif choice.get("kl_weight") is None:  # per-neuron (mean-match) multipliers: discovery computes them
+        data.pop("multiplier", None)
+    # learned multipliers: discovery fits them again, from the recipe's multiplier as before
     data["tuned"] = notes
     header = ("# Tuned by cna-export tune: circuit size (top_k) and multiplier chosen on a tuning split.\n"
               "# 'tuned' records the objective, the constraints and the measured figures.\n")

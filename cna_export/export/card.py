@@ -7,12 +7,12 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ..core.errors import CnaError
-from ..core.multipliers import describe_multipliers
 from ..core.manifest import (
     MANIFEST_FILE,
     SHARD_METADATA_KEY,
     ExportManifest,
 )
+from ..core.multipliers import describe_multipliers
 from ..io import gguf as G
 
 CARD_FILE = "README.md"
@@ -35,7 +35,7 @@ def _steering_head(c: Any, total: int, mults: Mapping[tuple[int, int], float]) -
 
 def model_card(manifest: ExportManifest, verification: Any = None) -> str:
     """README.md with YAML front matter (base_model, tags) describing the steering and its verification."""
-    from huggingface_hub import ModelCard, ModelCardData
+    from huggingface_hub import ModelCardData
 
     c = manifest.circuit
     mults = manifest.multiplier_map()
@@ -68,48 +68,25 @@ def model_card(manifest: ExportManifest, verification: Any = None) -> str:
         "",
         "## Verification",
         "",
+        *_verification_lines(verification, f"cna-export verify --original {manifest.source} --exported <this folder>",
+                             "these weights behave", "the original"),
+        *_provenance(
+            f"`{MANIFEST_FILE}` records the circuit manifest, the multiplier of every neuron and, for each touched "
+            "tensor, the sha256 before and after folding; each rewritten shard carries a short summary in its "
+            f"safetensors metadata under `{SHARD_METADATA_KEY}`. All other tensors are the source's, unchanged."),
     ]
-    if verification is None:
-        lines += [
-            "Not verified. To check that these weights behave like hook steering of the original, run:",
-            "",
-            "```bash",
-            f"cna-export verify --original {manifest.source} --exported <this folder>",
-            "```",
-        ]
-    else:
-        m = verification.metrics
-        status = "passed" if verification.passed else "FAILED: " + "; ".join(verification.reasons)
-        lines += [
-            f"Verified at export time against hook steering of the original ({verification.dtype}, "
-            f"{int(m.get('prompts', 0))} prompts, every prompt position): **{status}**.",
-            "",
-            "| metric | value | tolerance |",
-            "|---|---|---|",
-        ]
-        t = verification.tolerances
-        for label, key, fmt in (("max abs delta logit", "max_abs_logit_delta", "{:.3e}"),
-                                ("mean KL", "mean_kl", "{:.3e}"),
-                                ("top-1 agreement", "top1_agreement", "{:.2%}"),
-                                ("identical greedy continuations", "greedy_identical", "{:.2%}")):
-            if key in m:
-                lines.append(f"| {label} | {fmt.format(m[key])} | {t.describe(key)} |")
-    lines += [
-        "",
-        "## Provenance",
-        "",
-        f"`{MANIFEST_FILE}` records the circuit manifest, the multiplier of every neuron and, for each touched "
-        "tensor, the sha256 before and after folding; each rewritten shard carries a short summary in its "
-        f"safetensors metadata under `{SHARD_METADATA_KEY}`. All other tensors are the source's, unchanged.",
-        "",
-        RESPONSIBLE_USE,
-        "",
-    ]
-    text = f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)
-    return str(ModelCard(text))
+    return _card(data, lines)
 
 
-MODELFILE = "Modelfile"
+MODELFILE_SUFFIX = ".Modelfile"
+
+
+def modelfile_path(out: str | Path) -> Path:
+    """The Ollama Modelfile of GGUF ``out``: beside it, named after it (``x.gguf`` -> ``x.Modelfile``), so
+    exports into one folder each have their own."""
+    out = Path(out)
+    name = out.name[: -len(".gguf")] if out.name.lower().endswith(".gguf") else out.name
+    return out.with_name(name + MODELFILE_SUFFIX)
 
 
 def stop_tokens(reader: Any) -> list[str]:
@@ -141,7 +118,8 @@ def _modelfile_quote(text: str) -> str | None:
 # Ollama (Go template) renderings of the common chat formats, with their stop strings. Ollama's own
 # template detection fails for some imported GGUFs, so the Modelfile always carries one.
 CHAT_TEMPLATES: dict[str, tuple[str, tuple[str, ...]]] = {
-    "chatml": ("{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n",
+    "chatml": ("{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}"
+               "<|im_start|>assistant\n",
                ("<|im_start|>", "<|im_end|>")),
     "llama3": ("{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n{{ .Content }}<|eot_id|>"
                "{{ end }}<|start_header_id|>assistant<|end_header_id|>\n\n",
@@ -149,7 +127,8 @@ CHAT_TEMPLATES: dict[str, tuple[str, tuple[str, ...]]] = {
     "gemma": ("{{- range .Messages }}<start_of_turn>{{ if eq .Role \"assistant\" }}model{{ else }}user{{ end }}\n"
               "{{ .Content }}<end_of_turn>\n{{ end }}<start_of_turn>model\n", ("<start_of_turn>", "<end_of_turn>")),
     "mistral": ("{{- range $i, $_ := .Messages }}{{- if eq .Role \"user\" }}[INST] "
-                "{{ if and (eq (len (slice $.Messages $i)) 1) $.System }}{{ $.System }}\n\n{{ end }}{{ .Content }}[/INST]"
+                "{{ if and (eq (len (slice $.Messages $i)) 1) $.System }}{{ $.System }}\n\n{{ end }}"
+                "{{ .Content }}[/INST]"
                 "{{- else if eq .Role \"assistant\" }} {{ .Content }}</s>{{ end }}{{ end }}", ("[INST]", "[/INST]")),
     "phi3": ("{{- range .Messages }}<|{{ .Role }}|>\n{{ .Content }}<|end|>\n{{ end }}<|assistant|>\n",
              ("<|end|>", "<|user|>", "<|assistant|>", "<|endoftext|>")),
@@ -188,7 +167,8 @@ def template_lines(reader: Any) -> list[str]:
             stops.append(tok)
     for tok in stops:
         q = _modelfile_quote(tok)
-        lines.append(f"# stop token {tok!r} cannot be quoted for Ollama; left out" if q is None else f"PARAMETER stop {q}")
+        lines.append(f"# stop token {tok!r} cannot be quoted for Ollama; left out" if q is None
+                     else f"PARAMETER stop {q}")
     return lines
 
 
@@ -203,7 +183,7 @@ def _modelfile_header(out: Path, manifest: ExportManifest, what: str, how: str, 
         f"# circuit: {len(mults)} neurons in {len(layers)} layers, {describe_multipliers(mults, 'times')}, {how}",
         f"# circuit found on: {manifest.circuit.model.name} ({manifest.circuit.kind})",
         f"# manifest: {manifest_where}",
-        f"# create with: ollama create {name} -f {MODELFILE}",
+        f"# create with: ollama create {name} -f {modelfile_path(out).name}",
     ]
 
 
@@ -212,25 +192,31 @@ def render_modelfile(out: Path, reader: Any, manifest: ExportManifest, manifest_
     lines = _modelfile_header(out, manifest, f"CNA-steered copy of {manifest.source}",
                               f"folded into {'ffn_up rows' if manifest.fold == 'up' else 'ffn_down columns'}",
                               manifest_where)
-    src = f"./{out.name}"
-    quoted = src if " " not in src and '"' not in src else _modelfile_quote(src)
-    if quoted is None:
-        raise CnaError(f"output name {out.name} cannot be written in an Ollama Modelfile; choose a simpler name")
-    lines.append(f"FROM {quoted}")
+    lines.append(_directive("FROM", f"./{out.name}", "output name"))
     lines += template_lines(reader)
     return "\n".join(lines) + "\n"
+
+
+def _directive(keyword: str, value: str, what: str) -> str:
+    """``KEYWORD value``, the value quoted where Ollama needs it; one it cannot read back is an error."""
+    quoted = value if " " not in value and '"' not in value else _modelfile_quote(value)
+    if quoted is None:
+        raise CnaError(f"{what} {value} cannot be written in an Ollama Modelfile; choose a simpler name")
+    return f"{keyword} {quoted}"
 
 
 # -- LoRA adapters ------------------------------------------------------------------------------
 
 
-def _verification_lines(verification: Any, command: str) -> list[str]:
+def _verification_lines(verification: Any, command: str, what: str, reference: str) -> list[str]:
+    """A card's verification section: how to verify (``what`` behaves like hook steering of ``reference``),
+    or the report's table."""
     if verification is None:
-        return ["Not verified. To check that the adapter behaves like hook steering of the base, run:", "",
+        return [f"Not verified. To check that {what} like hook steering of {reference}, run:", "",
                 "```bash", command, "```"]
     m = verification.metrics
-    status = "passed" if verification.passed else "FAILED: " + "; ".join(verification.reasons)
-    lines = [f"Verified at export time against hook steering of the base ({verification.dtype}, "
+    status = verification.status
+    lines = [f"Verified at export time against hook steering of {reference} ({verification.dtype}, "
              f"{int(m.get('prompts', 0))} prompts, every prompt position): **{status}**.", "",
              "| metric | value | tolerance |", "|---|---|---|"]
     t = verification.tolerances
@@ -242,9 +228,21 @@ def _verification_lines(verification: Any, command: str) -> list[str]:
     return lines
 
 
+def _provenance(text: str) -> list[str]:
+    """A card's closing lines: the provenance paragraph and the responsible-use note."""
+    return ["", "## Provenance", "", text, "", RESPONSIBLE_USE, ""]
+
+
+def _card(data: Any, lines: list[str]) -> str:
+    """The card text: ``data`` as YAML front matter, then ``lines``."""
+    from huggingface_hub import ModelCard
+
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)))
+
+
 def lora_model_card(manifest: ExportManifest, verification: Any = None, ranks: dict[int, int] | None = None) -> str:
     """README.md for a PEFT LoRA adapter export (``manifest.format == "lora"``)."""
-    from huggingface_hub import ModelCard, ModelCardData
+    from huggingface_hub import ModelCardData
 
     c = manifest.circuit
     mults = manifest.multiplier_map()
@@ -283,31 +281,22 @@ def lora_model_card(manifest: ExportManifest, verification: Any = None, ranks: d
         "",
         "## Verification",
         "",
-        *_verification_lines(verification, f"cna-export verify --original {manifest.source} --exported <this folder>"),
-        "",
-        "## Provenance",
-        "",
-        f"`{MANIFEST_FILE}` records the circuit manifest, the multiplier of every neuron and, for each base tensor "
-        "the adapter applies to, its sha256 and that of the merged weight; the adapter's safetensors metadata "
-        f"carries a short summary under `{SHARD_METADATA_KEY}`.",
-        "",
-        RESPONSIBLE_USE,
-        "",
+        *_verification_lines(verification, f"cna-export verify --original {manifest.source} --exported <this folder>",
+                             "the adapter behaves", "the base"),
+        *_provenance(
+            f"`{MANIFEST_FILE}` records the circuit manifest, the multiplier of every neuron and, for each base tensor "
+            "the adapter applies to, its sha256 and that of the merged weight; the adapter's safetensors metadata "
+            f"carries a short summary under `{SHARD_METADATA_KEY}`."),
     ]
-    text = f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)
-    return str(ModelCard(text))
+    return _card(data, lines)
 
 
 def render_adapter_modelfile(out: Path, base: Path, reader: Any, manifest: ExportManifest) -> str:
     """An Ollama Modelfile for a GGUF LoRA adapter: ``FROM <base>``, ``ADAPTER ./<adapter>``, stop parameters."""
     lines = _modelfile_header(out, manifest, f"CNA steering LoRA adapter for {manifest.source}",
                               "as a LoRA on ffn_down", f"the cna.manifest KV in {out.name}")
-    for keyword, value, what in (("FROM", str(Path(base).resolve()), "base model path"),
-                                 ("ADAPTER", f"./{out.name}", "adapter name")):
-        quoted = value if " " not in value and '"' not in value else _modelfile_quote(value)
-        if quoted is None:
-            raise CnaError(f"{what} {value} cannot be written in an Ollama Modelfile; choose a simpler name")
-        lines.append(f"{keyword} {quoted}")
+    lines += [_directive("FROM", str(Path(base).resolve()), "base model path"),
+              _directive("ADAPTER", f"./{out.name}", "adapter name")]
     lines += template_lines(reader)
     return "\n".join(lines) + "\n"
 
@@ -323,6 +312,8 @@ def verification_table(summary: dict | None) -> list[str]:
     if not summary:
         return ["Not verified (run `cna-export verify`)."]
     status = "passed" if summary.get("passed") else "FAILED: " + "; ".join(summary.get("reasons") or [])
+    if summary.get("verdict") == "inconclusive":
+        status = "INCONCLUSIVE (not a failure): " + "; ".join(summary.get("undecided") or [])
     m = summary.get("metrics") or {}
     lines = [f"Verified against hook steering of the base ({summary.get('method', '')}; "
              f"{int(m.get('prompts', 0))} prompts, dtype {summary.get('dtype', '?')}): **{status}**.", "",

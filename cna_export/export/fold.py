@@ -22,7 +22,7 @@ factor) is here too, for checks and for auditing third-party checkpoints.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 if TYPE_CHECKING:
     import torch
@@ -39,7 +39,8 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     import torch
 
     if not dtype.is_floating_point:
-        raise CnaError(f"cannot fold a multiplier into a {str(dtype).removeprefix('torch.')} tensor (not floating point)")
+        raise CnaError(f"cannot fold a multiplier into a {str(dtype).removeprefix('torch.')} tensor "
+                       "(not floating point)")
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -89,7 +90,8 @@ def scale_slices(
     return out
 
 
-def _scale_experts(weight: torch.Tensor, axis: Axis, indices: Sequence[int], multipliers: Sequence[float]) -> torch.Tensor:
+def _scale_experts(weight: torch.Tensor, axis: Axis, indices: Sequence[int],
+                   multipliers: Sequence[float]) -> torch.Tensor:
     size = weight.shape[2] if axis == "column" else weight.shape[1]
     if len(indices) != len(multipliers):
         raise ValueError("indices and multipliers must have the same length")
@@ -118,19 +120,14 @@ def scale_rows(weight: torch.Tensor, indices: Sequence[int], multipliers: Sequen
     return scale_slices(weight, "element" if weight.dim() == 1 else "row", indices, multipliers)
 
 
-def fold_down(weight: torch.Tensor, neurons: Mapping[int, float]) -> torch.Tensor:
-    """down_proj weight with neuron ``j``'s column scaled by ``neurons[j]`` (sorted for determinism)."""
-    idx = sorted(neurons)
-    return scale_columns(weight, idx, [neurons[j] for j in idx])
-
-
 def changed_slices(before: torch.Tensor, after: torch.Tensor, axis: Axis = "column") -> list[int]:
     """Indices of the columns/rows/elements whose bits differ between ``before`` and ``after``."""
     import torch
 
     if before.shape != after.shape or before.dtype != after.dtype:
         raise CnaError(
-            f"tensors differ in shape or dtype ({list(before.shape)} {before.dtype} vs {list(after.shape)} {after.dtype})"
+            f"tensors differ in shape or dtype ({list(before.shape)} {before.dtype} vs {list(after.shape)} "
+            f"{after.dtype})"
         )
     dim = _DIMS[axis]
     a = before.detach().contiguous().view(int_view(before.dtype))

@@ -20,35 +20,43 @@ Two ways to write the result:
   to a side file ``<out>.cna_manifest.json``.
 
 Either way the output appears atomically, nothing is overwritten without
-``overwrite``, and an Ollama ``Modelfile`` is written beside it.
+``overwrite``, and an Ollama Modelfile named after it (``<name>.Modelfile``) is
+written beside it, published in the same step (:mod:`cna_export.export.publish`).
 """
 
 from __future__ import annotations
 
 import logging
 import shutil
-import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..core.circuit import Circuit
+from ..core.circuit import ModelIdentity
 from ..core.errors import CnaError
-from .plan import ExportCheck, Fold, StagedExport, plan_patches, resolve_export_multipliers, run_check
+from ..core.formats import GGUFFormat
+from ..core.manifest import (
+    GGUF_KEY,
+    STEERED_SUFFIX,
+    ExportManifest,
+    TouchedTensor,
+    multipliers_list,
+    side_manifest_path,
+)
 from ..io import gguf as G
 from ..io.identity import gguf_fingerprint, gguf_identity, known_gguf_fingerprint
-from ..core.atomic import atomic_path, atomic_write_text, check_output_path
 from ..io.quants import ScaleReport
-from ..core.manifest import STEERED_SUFFIX, GGUF_KEY, ExportManifest, TouchedTensor, multipliers_list, side_manifest_path
-
-from .card import MODELFILE, render_modelfile, stop_tokens  # noqa: F401  (stop_tokens: part of this API)
+from ..io.sources import ModelSource, resolve_source
+from .card import modelfile_path, render_modelfile
+from .plan import StagedExport, plan_patches, run_check
+from .publish import publish_together, write_text
+from .request import ExportRequest, MultiplierSpec, request_for
 
 log = logging.getLogger(__name__)
 
 PASS1_WORKERS = 2
 """Touched tensors hashed (before and after patching) at once."""
-
 
 
 @dataclass
@@ -70,14 +78,16 @@ class GGUFExportResult:
         return len(self.manifest.multipliers)
 
 
+def gguf_path(source: ModelSource) -> Path:
+    """The file of a GGUF source (a .gguf file or ``bundled:NAME``); any other source is refused."""
+    if source.kind != "gguf" or source.path is None:
+        raise CnaError(f"GGUF export needs a .gguf model file (or bundled:NAME), got {source.spec}")
+    return source.path
+
+
 def resolve_gguf_model(spec: str | Path) -> Path:
     """Path of a GGUF model given as a file or ``bundled:NAME``; anything else is refused."""
-    from ..io.sources import resolve_source
-
-    source = resolve_source(spec)
-    if source.kind != "gguf" or source.path is None:
-        raise CnaError(f"GGUF export needs a .gguf model file (or bundled:NAME), got {spec}")
-    return source.path
+    return gguf_path(resolve_source(spec))
 
 
 def steered_name(name: str | None, fallback: str) -> str:
@@ -85,45 +95,21 @@ def steered_name(name: str | None, fallback: str) -> str:
     return base if base.endswith(STEERED_SUFFIX) else base + STEERED_SUFFIX
 
 
-# ---------------------------------------------------------------------------
-# Planning
-# ---------------------------------------------------------------------------
+def export_gguf(model: str | Path, circuit: Any, out: str | Path, multiplier: float | None = None,
+                multipliers: MultiplierSpec = None, **settings: Any) -> GGUFExportResult:
+    """Fold ``circuit`` (a :class:`~cna_export.core.circuit.Circuit` or its file) into GGUF ``model``: one
+    ``multiplier``, per-neuron ``multipliers`` (a map or a JSON file), or the circuit's own.
+
+    ``settings``: ``overwrite``, ``force``, ``check``, ``progress`` (:class:`ExportRequest`) and the fields
+    of :class:`~cna_export.core.formats.GGUFFormat` (``fold``, ``fast_copy``, ``modelfile``). See
+    :func:`write_gguf`.
+    """
+    settings = dict(settings, multiplier=multiplier, multipliers=multipliers)
+    return write_gguf(*request_for(GGUFFormat, model, circuit, out, settings))
 
 
-
-
-# ---------------------------------------------------------------------------
-# Ollama
-# ---------------------------------------------------------------------------
-
-
-
-
-
-
-
-
-# ---------------------------------------------------------------------------
-# Export
-# ---------------------------------------------------------------------------
-
-
-def export_gguf(
-    model: str | Path,
-    circuit: Circuit | str | Path,
-    out: str | Path,
-    multiplier: float | None = None,
-    multipliers: Mapping[tuple[int, int], float] | str | Path | None = None,
-    fold: Fold = "up",
-    fast_copy: bool = False,
-    overwrite: bool = False,
-    force: bool = False,
-    modelfile: bool = True,
-    check: ExportCheck | None = None,
-    progress: bool = False,
-) -> GGUFExportResult:
-    """Fold ``circuit`` into GGUF ``model``: one ``multiplier``, per-neuron ``multipliers`` (a map or a
-    JSON file), or the circuit's own.
+def write_gguf(request: ExportRequest, options: GGUFFormat) -> GGUFExportResult:
+    """Write the GGUF export of ``request``.
 
     Raises :class:`CnaError` (before writing anything) for a circuit that does not
     fit, an unsupported tensor type, or an existing output without ``overwrite``. A circuit found
@@ -133,86 +119,107 @@ def export_gguf(
     into place; when it fails, :class:`VerificationFailed` (with ``.report``) is raised and nothing
     is left behind. :func:`cna_export.pipeline.export` passes the verification as that check.
     """
-    t0 = time.perf_counter()
-    model = str(model)
-    circuit = circuit if isinstance(circuit, Circuit) else Circuit.load(circuit)
-    src = resolve_gguf_model(model)
-    out = Path(out)
-    side = side_manifest_path(out) if fast_copy else None
-    modelfile_path = out.parent / MODELFILE if modelfile else None
-    for p in (out, side, modelfile_path):
-        if p is not None:
-            check_output_path(p, overwrite, inputs=(src,))
-    if len({p.resolve() for p in (out, side, modelfile_path) if p is not None}) != sum(
-        p is not None for p in (out, side, modelfile_path)
-    ):
-        raise CnaError(f"output {out} collides with the {MODELFILE} written beside it; choose another name")
+    job = _plan(request, options)
+    try:
+        return _export(job)
+    finally:
+        job.fingerprint.close()
 
-    reader = G.open_gguf(src)
-    spec = G.gguf_arch(reader)
-    identity = gguf_identity(reader, model, fingerprint=False)
-    notes = list(circuit.check_fits(identity, force=force))  # shapes; the fingerprint once it is known
-    mults = resolve_export_multipliers(circuit, multiplier, multipliers)
-    patches = plan_patches(reader, spec, mults, fold)
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cna-fingerprint")
-    pending: Future | None = None
-    if circuit.model.fingerprint:  # from the cache, else hashed beside the work below (it releases the GIL)
+
+class _Fingerprint:
+    """The source's fingerprint checked against the circuit: from the fingerprint cache at once, else hashed
+    on a thread beside the work (sha256 releases the GIL) and checked by :meth:`checked`."""
+
+    def __init__(self, request: ExportRequest, reader: Any, spec: Any, identity: ModelIdentity, notes: list[str]):
+        self.request, self.identity = request, identity
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cna-fingerprint")
+        self.pending: Future | None = None
+        if not request.circuit.model.fingerprint:
+            return
         hit = known_gguf_fingerprint(reader, spec)
         if hit is not None:
-            notes += circuit.check_fits(identity.model_copy(update={"fingerprint": hit}), force=force)
+            notes += self._check(hit)
         else:
-            pending = pool.submit(gguf_fingerprint, reader, spec)
+            self.pending = self.pool.submit(gguf_fingerprint, reader, spec)
 
-    def fingerprint_checked() -> list[str]:
-        nonlocal pending
-        if pending is None:
+    def _check(self, fingerprint: str) -> list[str]:
+        identity = self.identity.model_copy(update={"fingerprint": fingerprint})
+        return self.request.circuit.check_fits(identity, force=self.request.force)
+
+    def checked(self) -> list[str]:
+        """The notes of the fingerprint check once it is hashed (logged); [] when it was done before."""
+        if self.pending is None:
             return []
-        got, pending = pending.result(), None
-        more = circuit.check_fits(identity.model_copy(update={"fingerprint": got}), force=force)
+        got, self.pending = self.pending.result(), None
+        more = self._check(got)
         for note in more:
             log.warning(note)
         return more
 
-    try:
-        return _export(model, circuit, src, out, side, modelfile_path, reader, spec, mults, patches, notes, fold,
-                       fast_copy, overwrite, check, progress, fingerprint_checked, t0)
-    finally:
-        if pending is not None:
-            pending.cancel()
-        pool.shutdown(wait=True, cancel_futures=True)
+    def close(self) -> None:
+        if self.pending is not None:
+            self.pending.cancel()
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _export(model: str, circuit: Circuit, src: Path, out: Path, side: Path | None, modelfile_path: Path | None,
-            reader: Any, spec: Any, mults: Mapping[tuple[int, int], float], patches: Any, notes: list[str], fold: Fold,
-            fast_copy: bool, overwrite: bool, check: ExportCheck | None, progress: bool,
-            fingerprint_checked: Any, t0: float) -> GGUFExportResult:
+@dataclass
+class _Job:
+    """A GGUF export planned: the request, the source opened, the tensor edits, the outputs claimed."""
 
-    # pass 1: hashes before/after and the scale reports, two tensors in memory at a time (sha256
-    # releases the GIL: two threads hash on two cores)
-    tensors = G.tensor_map(reader)
+    request: ExportRequest
+    options: GGUFFormat
+    src: Path
+    reader: Any
+    patches: dict[str, G.TensorPatch]
+    notes: list[str]
+    fingerprint: _Fingerprint
+    side: Path | None  # the side manifest (fast copy)
+    modelfile: Path | None
+
+    @property
+    def outputs(self) -> list[Path]:
+        return [p for p in (self.request.out, self.side, self.modelfile) if p is not None]
+
+
+def _plan(request: ExportRequest, options: GGUFFormat) -> _Job:
+    """Check everything that can be checked before writing: source, outputs, circuit fit, tensor edits."""
+    src = gguf_path(request.source)
+    side = side_manifest_path(request.out) if options.fast_copy else None
+    modelfile = modelfile_path(request.out) if options.modelfile else None
+    for p in (request.out, side, modelfile):
+        if p is not None:
+            request.claim(p)
+    reader = G.open_gguf(src)
+    spec = G.gguf_arch(reader)
+    identity = gguf_identity(reader, request.model, fingerprint=False)
+    notes = list(request.circuit.check_fits(identity, force=request.force))  # shapes; the fingerprint once known
+    patches = plan_patches(reader, spec, request.multipliers, options.fold)
+    fingerprint = _Fingerprint(request, reader, spec, identity, notes)
+    return _Job(request, options, src, reader, patches, notes, fingerprint, side, modelfile)
+
+
+def _hash_patches(job: _Job) -> tuple[list[TouchedTensor], dict[str, ScaleReport]]:
+    """Pass 1: each touched tensor's hashes before and after and its scale report, two tensors in memory
+    at a time (sha256 releases the GIL: two threads hash on two cores)."""
+    tensors = G.tensor_map(job.reader)
     reports: dict[str, ScaleReport] = {}
 
     def one(name: str) -> TouchedTensor:
-        t, patch = tensors[name], patches[name]
+        t, patch = tensors[name], job.patches[name]
         before = G.sha256_array(t.data)
         buf, reports[name] = patch.patched_copy(t.data)
         return TouchedTensor(name=name, dtype=G.type_name(t), shape=G.np_shape(t), sha256_before=before,
                              sha256_after=G.sha256_array(buf), axis=patch.axis, indices=list(patch.indices))
 
     with ThreadPoolExecutor(max_workers=PASS1_WORKERS, thread_name_prefix="cna-hash") as hashers:
-        touched: list[TouchedTensor] = list(hashers.map(one, list(patches)))
-    reports = {name: reports[name] for name in patches}  # in plan order
-    warnings_: list[str] = []
-    for name, rep in reports.items():
-        msg = rep.warning()
-        if msg:
-            warnings_.append(f"{name}: {msg}")
-    for w in warnings_:
-        log.warning(w)
+        touched: list[TouchedTensor] = list(hashers.map(one, list(job.patches)))
+    return touched, {name: reports[name] for name in job.patches}  # in plan order
 
-    if not fast_copy:  # the manifest goes into the header, written first: the fingerprint must be known now
-        notes[:0] = fingerprint_checked()
-    previous = G.field_value(reader, GGUF_KEY)
+
+def _manifest(job: _Job, touched: list[TouchedTensor], warnings: list[str]) -> ExportManifest:
+    """The export manifest; a source that is itself an export is refused for a fast copy (its manifest would stay)."""
+    src, notes, fast_copy = job.src, job.notes, job.options.fast_copy
+    previous = G.field_value(job.reader, GGUF_KEY)
     if previous is not None and fast_copy:
         raise CnaError(
             f"{src} is itself a cna-export export (it has a {GGUF_KEY} KV), which --fast-copy would keep and "
@@ -223,64 +230,62 @@ def _export(model: str, circuit: Circuit, src: Path, out: Path, side: Path | Non
     notes.append(f"source file: {src}")
     if fast_copy:
         notes.append("fast copy: source bytes copied and touched rows patched in place; header unchanged")
-    manifest = ExportManifest(
-        format="gguf",
-        source=model,
-        source_format="gguf",
-        fold=fold,
-        circuit=circuit,
-        multipliers=multipliers_list(mults),
-        tensors=touched,
-        notes=notes + [f"warning: {w}" for w in warnings_],
+    return ExportManifest(
+        format="gguf", source=job.request.model, source_format="gguf", fold=job.options.fold,
+        circuit=job.request.circuit, multipliers=multipliers_list(job.request.multipliers), tensors=touched,
+        notes=notes + [f"warning: {w}" for w in warnings],
     )
 
-    def _verify(tmp: Path) -> Any:
-        assert check is not None
-        return run_check(check, StagedExport(tmp, manifest, model, model, out), max_reasons=3, record=False)
 
-    if fast_copy:
-        assert side is not None
-        with atomic_path(out, overwrite=overwrite, inputs=(src,)) as tmp:
-            shutil.copyfile(src, tmp)
-            patch_reports = G.patch_in_place(tmp, reader, patches)
-            manifest.notes[:0] = fingerprint_checked()  # hashed during the copy: a mismatch discards it
-            _check_written(reader, tmp, manifest, header_changed=False)
-            report = _verify(tmp) if check is not None else None
-            atomic_write_text(side, manifest.to_json() + "\n", overwrite=overwrite)
-        where = f"{side.name} (side file)"
-    else:
-        old_name = G.field_value(reader, "general.name")
-        with atomic_path(out, overwrite=overwrite, inputs=(src,)) as tmp:
-            from gguf.constants import GGUFValueType
-
-            patch_reports = G.write_patched(
-                reader,
-                tmp,
-                patches,
-                kv_replace={"general.name": (steered_name(old_name, src.stem), GGUFValueType.STRING)},
-                kv_append=[(GGUF_KEY, manifest.to_json(), GGUFValueType.STRING)],
-                progress=progress,
-            )
-            _check_written(reader, tmp, manifest, header_changed=True)
-            report = _verify(tmp) if check is not None else None
-        where = f"{GGUF_KEY} KV in {out.name}"
+def _export(job: _Job) -> GGUFExportResult:
+    touched, reports = _hash_patches(job)
+    warnings_ = [f"{name}: {msg}" for name, rep in reports.items() if (msg := rep.warning())]
+    for w in warnings_:
+        log.warning(w)
+    if not job.options.fast_copy:  # the manifest goes into the header, written first: the fingerprint must be known
+        job.notes[:0] = job.fingerprint.checked()
+    manifest = _manifest(job, touched, warnings_)
+    request = job.request
+    with publish_together(job.outputs, request.overwrite, request.inputs) as temps:
+        tmp, companions = temps[0], dict(zip([p for p in (job.side, job.modelfile) if p is not None], temps[1:]))
+        patch_reports, where = _write(job, manifest, tmp)
+        report = None
+        if request.check is not None:
+            staged = StagedExport(tmp, manifest, request.model, request.model, request.out)
+            report = run_check(request.check, staged, max_reasons=3, record=False)
+        if job.side is not None:
+            write_text(companions[job.side], manifest.to_json() + "\n")
+        if job.modelfile is not None:
+            write_text(companions[job.modelfile], render_modelfile(request.out, job.reader, manifest, where))
     assert patch_reports.keys() == reports.keys()
-
-    mf_path = None
-    if modelfile_path is not None:
-        atomic_write_text(modelfile_path, render_modelfile(out, reader, manifest, where), overwrite=overwrite)
-        mf_path = modelfile_path
     return GGUFExportResult(
-        out=out,
-        manifest=manifest,
-        manifest_path=side,
-        modelfile=mf_path,
-        reports=reports,
-        warnings=warnings_,
-        seconds=time.perf_counter() - t0,
-        fast_copy=fast_copy,
-        verification=report,
+        out=request.out, manifest=manifest, manifest_path=job.side, modelfile=job.modelfile, reports=reports,
+        warnings=warnings_, seconds=request.seconds, fast_copy=job.options.fast_copy, verification=report,
     )
+
+
+def _write(job: _Job, manifest: ExportManifest, tmp: Path) -> tuple[Mapping[str, ScaleReport], str]:
+    """The patched GGUF into ``tmp``, checked by reading it back. Returns the patch reports and where the
+    manifest lives (for the Modelfile)."""
+    reader, src = job.reader, job.src
+    if job.options.fast_copy:
+        assert job.side is not None
+        shutil.copyfile(src, tmp)
+        patch_reports = G.patch_in_place(tmp, reader, job.patches)
+        manifest.notes[:0] = job.fingerprint.checked()  # hashed during the copy: a mismatch discards it
+        _check_written(reader, tmp, manifest, header_changed=False)
+        return patch_reports, f"{job.side.name} (side file)"
+    from gguf.constants import GGUFValueType
+
+    old_name = G.field_value(reader, "general.name")
+    patch_reports = G.write_patched(
+        reader, tmp, job.patches,
+        kv_replace={"general.name": (steered_name(old_name, src.stem), GGUFValueType.STRING)},
+        kv_append=[(GGUF_KEY, manifest.to_json(), GGUFValueType.STRING)],
+        progress=job.request.progress,
+    )
+    _check_written(reader, tmp, manifest, header_changed=True)
+    return patch_reports, f"{GGUF_KEY} KV in {job.request.out.name}"
 
 
 def _check_written(source: Any, path: Path, manifest: ExportManifest, header_changed: bool) -> None:

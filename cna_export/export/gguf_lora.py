@@ -20,30 +20,29 @@ intermediate)`` zeros per layer.
 
 Written with gguf-py's ``GGUFWriter``: ``general.architecture`` (the base's), ``general.type =
 adapter``, ``adapter.type = lora``, ``adapter.lora.alpha``, ``general.name``, the export manifest
-as ``cna.manifest``; tensors ``blk.N.ffn_down.weight.lora_a`` / ``.lora_b`` in F32 (or F16). An
-Ollama ``Modelfile`` (``FROM <base>``, ``ADAPTER ./<file>``) is written beside it.
+as ``cna.manifest`` (its ``base_file`` records the base: path, size, fingerprint); tensors
+``blk.N.ffn_down.weight.lora_a`` / ``.lora_b`` in F32 (or F16). An Ollama Modelfile (``FROM <base>``,
+``ADAPTER ./<file>``) named after it (``<name>.Modelfile``) is published with it.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
-from ..core.atomic import atomic_path, atomic_write_text, check_output_path
-from ..core.circuit import Circuit
 from ..core.errors import CnaError
-from ..core.manifest import GGUF_KEY, ExportManifest
+from ..core.formats import GGUFLoraFormat
+from ..core.manifest import GGUF_KEY, BaseFile, ExportManifest
 from ..io import gguf as G
-from .card import MODELFILE, render_adapter_modelfile
-from .lora import lora_manifest, plan_lora
-from .plan import ExportCheck, StagedExport, run_check
+from .card import modelfile_path, render_adapter_modelfile
+from .lora import LoraPlan, lora_manifest, plan_lora
+from .plan import StagedExport, run_check
+from .publish import publish_together, write_text
+from .request import ExportRequest, MultiplierSpec, request_for
 
 log = logging.getLogger(__name__)
-
-GGUF_LORA_DTYPES = ("F32", "F16")
 
 
 @dataclass
@@ -61,92 +60,82 @@ class GGUFLoraExportResult:
     verification: Any = None
 
 
-def export_gguf_lora(
-    model: str | Path,
-    circuit: Circuit | str | Path,
-    out: str | Path,
-    multiplier: float | None = None,
-    multipliers: Mapping[tuple[int, int], float] | str | Path | None = None,
-    overwrite: bool = False,
-    force: bool = False,
-    dtype: str = "F32",
-    modelfile: bool = True,
-    check: ExportCheck | None = None,
-    progress: bool = False,
-) -> GGUFLoraExportResult:
-    """Write ``circuit`` as a llama.cpp LoRA adapter for the GGUF ``model`` (a ``.gguf`` file or ``bundled:NAME``).
+def export_gguf_lora(model: str | Path, circuit: Any, out: str | Path, multiplier: float | None = None,
+                     multipliers: MultiplierSpec = None, **settings: Any) -> GGUFLoraExportResult:
+    """Write ``circuit`` (a :class:`~cna_export.core.circuit.Circuit` or its file) as a llama.cpp LoRA adapter
+    for the GGUF ``model`` (a ``.gguf`` file or ``bundled:NAME``).
+
+    ``settings``: ``overwrite``, ``force``, ``check``, ``progress`` (:class:`ExportRequest`) and the fields
+    of :class:`~cna_export.core.formats.GGUFLoraFormat` (``dtype``, ``modelfile``). See :func:`write_gguf_lora`.
+    """
+    settings = dict(settings, multiplier=multiplier, multipliers=multipliers)
+    return write_gguf_lora(*request_for(GGUFLoraFormat, model, circuit, out, settings))
+
+
+def write_gguf_lora(request: ExportRequest, options: GGUFLoraFormat) -> GGUFLoraExportResult:
+    """Write the llama.cpp LoRA adapter of ``request`` for its GGUF base.
 
     Load it with ``llama_cpp.Llama(model_path=<base>, lora_path=<out>)`` or ``llama-cli -m <base>
     --lora <out>``. Everything is checked before anything is written; a ``check`` runs on the staged
     file before it is renamed into place.
     """
+    source = request.source
+    if source.kind != "gguf" or source.path is None:
+        raise CnaError(f"a GGUF LoRA adapter is applied on top of a GGUF base; pass a .gguf model (or bundled:NAME), "
+                       f"got {request.model}")
+    base, out = source.path, request.out
+    modelfile = modelfile_path(out) if options.modelfile else None
+    for p in (out, modelfile):
+        if p is not None:
+            request.claim(p)
+    plan = plan_lora(request, dtype="float32", pad_to_max_rank=True)
+    rank = plan.max_rank
+    manifest = lora_manifest(plan, request.circuit, "gguf_lora", notes=[
+        f"llama.cpp adapter: every layer padded to rank {rank} with zeros, adapter.lora.alpha = {rank:g}, so the "
+        "scale alpha / rank is exactly 1; apply it with scale 1",
+    ])
+    manifest.base_file = BaseFile(path=str(base), size=base.stat().st_size, fingerprint=plan.identity.fingerprint)
+    report = None
+    with publish_together([p for p in (out, modelfile) if p is not None], request.overwrite, request.inputs) as temps:
+        _write_adapter(temps[0], plan, manifest, options.dtype, request.progress)
+        _check_adapter(temps[0], plan, rank)
+        if request.check is not None:
+            report = run_check(request.check, StagedExport(temps[0], manifest, request.model, request.model, out),
+                               max_reasons=3, record=False)
+        if modelfile is not None:
+            write_text(temps[1], render_adapter_modelfile(out, base, plan.reader, manifest))
+    return GGUFLoraExportResult(out=out, base=base, manifest=manifest, modelfile=modelfile, rank=rank,
+                                alpha=float(rank), bytes=out.stat().st_size, seconds=request.seconds,
+                                verification=report)
+
+
+def _write_adapter(tmp: Path, plan: LoraPlan, manifest: ExportManifest, dtype: str, progress: bool) -> None:
+    """The adapter GGUF: the KVs llama.cpp requires, the manifest, each layer's A and B in ``dtype``."""
     import numpy as np
     from gguf import GGUFWriter
     from gguf.constants import GGUFType, Keys
 
-    t0 = time.perf_counter()
-    if dtype not in GGUF_LORA_DTYPES:
-        raise CnaError(f"GGUF LoRA dtype must be F32 or F16, got {dtype!r}")
-    from ..io.sources import resolve_source
-
-    source = resolve_source(model)
-    if source.kind != "gguf" or source.path is None:
-        raise CnaError(f"a GGUF LoRA adapter is applied on top of a GGUF base; pass a .gguf model (or bundled:NAME), "
-                       f"got {model}")
-    base = source.path
-    circ = circuit if isinstance(circuit, Circuit) else Circuit.load(circuit)
-    out = Path(out)
-    modelfile_path = out.parent / MODELFILE if modelfile else None
-    for p in (out, modelfile_path):
-        if p is not None:
-            check_output_path(p, overwrite, inputs=(base,))
-    if modelfile_path is not None and out.resolve() == modelfile_path.resolve():
-        raise CnaError(f"output {out} collides with the {MODELFILE} written beside it; choose another name")
-
-    plan = plan_lora(str(model), circ, multiplier, multipliers, force=force, dtype="float32", pad_to_max_rank=True)
-    rank = plan.max_rank
-    alpha = float(rank)
-    manifest = lora_manifest(plan, circ, "gguf_lora", notes=[
-        f"llama.cpp adapter: every layer padded to rank {rank} with zeros, adapter.lora.alpha = {rank:g}, so the "
-        "scale alpha / rank is exactly 1; apply it with scale 1",
-        f"base file: {base}",
-    ])
     np_dtype = np.float32 if dtype == "F32" else np.float16
-    base_name = G.field_value(plan.reader, "general.name") or base.stem
-    with atomic_path(out, overwrite=overwrite, inputs=(base,)) as tmp:
-        writer = GGUFWriter(str(tmp), plan.gguf_arch or "")
-        writer.add_type(GGUFType.ADAPTER)
-        writer.add_string(Keys.Adapter.TYPE, "lora")
-        writer.add_float32(Keys.Adapter.LORA_ALPHA, alpha)
-        writer.add_name(f"{base_name} CNA steering LoRA")
-        writer.add_string(GGUF_KEY, manifest.to_json())
-        for layer in plan.layers:
-            a = layer.a.numpy().astype(np_dtype)
-            b = layer.b.numpy().astype(np_dtype)
-            if dtype == "F16" and not np.isfinite(b).all():
-                raise CnaError(f"layer {layer.layer}: B does not fit in F16; export with dtype F32")
-            writer.add_tensor(f"{layer.tensor}.lora_a", np.ascontiguousarray(a))
-            writer.add_tensor(f"{layer.tensor}.lora_b", np.ascontiguousarray(b))
-        try:
-            writer.write_header_to_file()
-            writer.write_kv_data_to_file()
-            writer.write_tensors_to_file(progress=progress)
-        except OSError as e:
-            raise CnaError(f"cannot write {out}: {e.strerror or e}") from None
-        finally:
-            writer.close()
-        _check_adapter(tmp, plan, rank)
-        report = None
-        if check is not None:
-            report = run_check(check, StagedExport(tmp, manifest, str(model), str(model), out), max_reasons=3,
-                               record=False)
-    mf_path = None
-    if modelfile_path is not None:
-        atomic_write_text(modelfile_path, render_adapter_modelfile(out, base, plan.reader, manifest),
-                          overwrite=overwrite)
-        mf_path = modelfile_path
-    return GGUFLoraExportResult(out=out, base=base, manifest=manifest, modelfile=mf_path, rank=rank, alpha=alpha,
-                                bytes=out.stat().st_size, seconds=time.perf_counter() - t0, verification=report)
+    base_name = G.field_value(plan.reader, "general.name") or Path(str(plan.path)).stem
+    writer = GGUFWriter(str(tmp), plan.gguf_arch or "")
+    writer.add_type(GGUFType.ADAPTER)
+    writer.add_string(Keys.Adapter.TYPE, "lora")
+    writer.add_float32(Keys.Adapter.LORA_ALPHA, float(plan.max_rank))
+    writer.add_name(f"{base_name} CNA steering LoRA")
+    writer.add_string(GGUF_KEY, manifest.to_json())
+    for layer in plan.layers:
+        a = layer.a.numpy().astype(np_dtype)
+        b = layer.b.numpy().astype(np_dtype)
+        if dtype == "F16" and not np.isfinite(b).all():
+            raise CnaError(f"layer {layer.layer}: B does not fit in F16; export with dtype F32")
+        writer.add_tensor(f"{layer.tensor}.lora_a", np.ascontiguousarray(a))
+        writer.add_tensor(f"{layer.tensor}.lora_b", np.ascontiguousarray(b))
+    try:  # a write error becomes one line naming the output (core.atomic)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file(progress=progress)
+    finally:
+        writer.close()
 
 
 def _check_adapter(path: Path, plan: Any, rank: int) -> None:

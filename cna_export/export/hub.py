@@ -1,7 +1,7 @@
 """Publish an export on the Hugging Face Hub: create the repo and upload everything in one commit.
 
 :func:`push_export` takes what an export wrote (a safetensors or PEFT adapter folder, a GGUF file or
-LoRA adapter GGUF with its Modelfile, or a ``steer`` output folder holding several) and uploads it
+LoRA adapter GGUF with its ``<name>.Modelfile``, or a ``steer`` output folder holding several) and uploads it
 with a model card whose metadata says what it is:
 
 * ``base_model``: the Hub id of the model the export was made from (a Hub id as given, the bundled
@@ -27,7 +27,7 @@ from typing import Any
 
 from ..core.errors import CnaError
 from ..core.manifest import MANIFEST_FILE, SIDE_MANIFEST_SUFFIX, ExportManifest
-from .card import CARD_FILE, MODELFILE, export_summary_lines
+from .card import CARD_FILE, export_summary_lines, modelfile_path
 
 HUB_IDS = {
     "bundled:smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct",
@@ -112,9 +112,9 @@ def collect(path: str | Path) -> Upload:
         side = p.with_name(p.name + SIDE_MANIFEST_SUFFIX)
         if side.is_file():
             up.files[side.name] = side
-        mf = p.parent / MODELFILE
+        mf = modelfile_path(p)
         if mf.is_file() and f"./{p.name}" in mf.read_text("utf-8", "replace"):
-            up.files[MODELFILE] = mf
+            up.files[mf.name] = mf
         return up
     if not p.is_dir():
         raise CnaError(f"cannot push {p}: no such file or folder")
@@ -181,6 +181,21 @@ def render_card(up: Upload, recipe: str | None = None) -> str:
     return f"---\n{data.to_yaml()}\n---\n\n{body}"
 
 
+def _network_errors() -> tuple[type[BaseException], ...]:
+    """What the Hub client raises when the network is down: OSError (requests' connection errors, the
+    offline mode) and httpx's transport errors (huggingface_hub 1.x)."""
+    try:
+        import httpx
+    except ImportError:
+        return (OSError,)
+    return (OSError, httpx.HTTPError)
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
 @dataclass
 class PushResult:
     repo_id: str
@@ -209,8 +224,8 @@ def push_export(path: str | Path, repo_id: str, private: bool = False, token: st
         info = api.create_commit(repo_id, ops, commit_message=commit_message or
                                  f"cna-export: {', '.join(sorted({m.format for _, m in up.manifests}))} export")
     except HfHubHTTPError as e:
-        raise CnaError(f"Hub upload to {repo_id} failed: {str(e).strip().splitlines()[0]}") from None
-    except OSError as e:
-        raise CnaError(f"Hub upload to {repo_id} failed: {e}") from None
+        raise CnaError(f"Hub upload to {repo_id} failed: {_first_line(e)}") from None
+    except _network_errors() as e:
+        raise CnaError(f"Hub upload to {repo_id} failed: cannot reach the Hub ({_first_line(e)})") from None
     return PushResult(repo_id=repo_id, url=str(url), files=sorted([*up.files, CARD_FILE]), card=card,
                       commit=getattr(info, "oid", None))

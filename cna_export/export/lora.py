@@ -28,25 +28,27 @@ tensors (bit-identical to what transformers loads from it). The export itself ne
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-from ..core.atomic import atomic_dir, check_output_path
+from ..core.atomic import atomic_dir
 from ..core.circuit import Circuit, ModelIdentity
 from ..core.errors import CnaError
+from ..core.formats import LoraFormat
 from ..core.manifest import MANIFEST_FILE, SHARD_METADATA_KEY, ExportManifest, TouchedTensor, multipliers_list
 from ..core.progress import bar as progress_bar
 from ..core.version import __version__
-from ..io.sources import local_folder, resolve_source
+from ..io.sources import local_folder
 from ..io.tensor_bytes import tensor_sha256
 from ..model.steering import group_by_layer
 from .card import CARD_FILE, lora_model_card
 from .fold import scale_columns
-from .plan import ExportCheck, StagedExport, resolve_export_multipliers, run_check
+from .plan import StagedExport, run_check
+from .request import ExportRequest, MultiplierSpec, request_for
 
 if TYPE_CHECKING:
     import torch
@@ -169,6 +171,7 @@ def module_name(arch: Any, layer: int) -> str:
 
 
 def _torch_dtype(dtype: str, base: str) -> "torch.dtype":
+    """The factors' torch dtype: ``dtype`` (:data:`LORA_DTYPES`), ``auto`` being the base's float dtype."""
     import torch
 
     if dtype not in LORA_DTYPES:
@@ -178,77 +181,87 @@ def _torch_dtype(dtype: str, base: str) -> "torch.dtype":
     return getattr(torch, dtype)
 
 
-def plan_lora(
-    model: str | Path,
-    circuit: Circuit,
-    multiplier: float | None = None,
-    multipliers: Mapping[tuple[int, int], float] | str | Path | None = None,
-    force: bool = False,
-    dtype: str = "float32",
-    pad_to_max_rank: bool = False,
-    trust_remote_code: bool = False,
-) -> LoraPlan:
-    """Check ``circuit`` against ``model`` and compute every layer's factors (reads, never writes)."""
-    import numpy as np
-    import torch
+@dataclass
+class _Base:
+    """The base an adapter is computed for, opened for reading: a GGUF file or a safetensors checkpoint."""
 
+    path: Path
+    identity: ModelIdentity
+    arch: Any  # ArchSpec
+    reader: Any = None  # a GGUF base's reader
+    gguf_arch: str | None = None  # general.architecture of a GGUF base
+    ckpt: Any = None  # a safetensors base's checkpoint
+    down_names: list[str] = field(default_factory=list)  # its down_proj tensor of each layer
+
+
+def _open_base(request: ExportRequest, trust_remote_code: bool) -> _Base:
     from ..io import gguf as G
     from ..io.identity import checkpoint_identity, gguf_identity
-    from ..io.quants import dequantize_rows
 
-    mults = resolve_export_multipliers(circuit, multiplier, multipliers)
-    if not mults:
-        raise CnaError("the circuit has no neurons; nothing to export")
-    source = resolve_source(model)
-    grouped = group_by_layer(mults)
-    reader = None
-    gguf_arch_name = None
+    source = request.source
     if source.kind == "gguf":
         assert source.path is not None
         reader = G.open_gguf(source.path)
-        arch = G.gguf_arch(reader)
-        gguf_arch_name = str(G.field_value(reader, "general.architecture"))
-        identity = gguf_identity(reader, source.spec, fingerprint=bool(circuit.model.fingerprint))
-        folder = source.path
-    else:
-        folder = local_folder(source)
-        if not any(folder.glob("*.safetensors")):
-            raise CnaError(f"LoRA export reads safetensors (or GGUF) weights; {model} has none "
-                           "(convert it first, e.g. with a safetensors export at multiplier 1)")
-        identity, arch, ckpt, down_names = checkpoint_identity(
-            folder, source.spec, "hub" if source.kind == "hub" else "hf", trust_remote_code)
-    notes = list(circuit.check_fits(identity, force=force))
-    for note in notes:
-        log.warning(note)
+        identity = gguf_identity(reader, source.spec, fingerprint=bool(request.circuit.model.fingerprint))
+        return _Base(source.path, identity, G.gguf_arch(reader), reader=reader,
+                     gguf_arch=str(G.field_value(reader, "general.architecture")))
+    folder = local_folder(source)
+    if not any(folder.glob("*.safetensors")):
+        raise CnaError(f"LoRA export reads safetensors (or GGUF) weights; {request.model} has none "
+                       "(convert it first, e.g. with a safetensors export at multiplier 1)")
+    identity, arch, ckpt, down_names = checkpoint_identity(
+        folder, source.spec, "hub" if source.kind == "hub" else "hf", trust_remote_code)
+    return _Base(folder, identity, arch, ckpt=ckpt, down_names=down_names)
+
+
+def _check_range(grouped: Mapping[int, tuple[list[int], list[float]]], identity: ModelIdentity) -> None:
     for layer, (idx, _ms) in grouped.items():
         if layer >= identity.num_layers:
             raise CnaError(f"circuit neuron layer {layer} is out of range (the model has {identity.num_layers} layers)")
         if max(idx) >= identity.intermediate_size:
             raise CnaError(f"circuit neuron {max(idx)} is out of range in layer {layer} "
                            f"({identity.intermediate_size} neurons)")
-    out_dtype = _torch_dtype(dtype, "float32" if reader is not None else str(identity.dtype))
-    rank = max(len(idx) for idx, _ in grouped.values()) if pad_to_max_rank else None
 
-    layers: list[LoraLayer] = []
-    for layer, (idx, ms) in grouped.items():
-        if reader is not None:
-            down, _ = G.ffn_tensors(reader, arch, layer)
-            w = torch.from_numpy(np.ascontiguousarray(dequantize_rows(down.data, down.tensor_type)))
-            name, file, base_dtype = down.name, None, G.type_name(down)
-            before = G.sha256_array(down.data)
-            shape = list(w.shape)
-        else:
-            name = down_names[layer]
-            w = ckpt.read(name)
-            file, base_dtype, before, shape = ckpt.weight_map[name], str(w.dtype).removeprefix("torch."), \
-                tensor_sha256(w), list(w.shape)
-        a, b = lora_factors(w, idx, ms, rank=rank, dtype=out_dtype)
-        after = tensor_sha256(merged_weight(w, a, b))
-        touched = TouchedTensor(name=name, dtype=base_dtype, shape=shape, sha256_before=before, sha256_after=after,
-                                axis="column", indices=list(idx), file=file)
-        layers.append(LoraLayer(layer, module_name(arch, layer), name, file, list(idx), list(ms), a, b, touched))
-        del w
-    return LoraPlan(source.spec, source.kind, folder, identity, arch, mults, layers, notes, gguf_arch_name, reader)
+
+def _layer(base: _Base, layer: int, idx: list[int], ms: list[float], rank: int | None,
+           dtype: "torch.dtype") -> LoraLayer:
+    """One layer's factors, from its down_proj weight (a GGUF base's dequantised to float32)."""
+    import numpy as np
+    import torch
+
+    from ..io import gguf as G
+    from ..io.quants import dequantize_rows
+
+    if base.reader is not None:
+        down, _ = G.ffn_tensors(base.reader, base.arch, layer)
+        w = torch.from_numpy(np.ascontiguousarray(dequantize_rows(down.data, down.tensor_type)))
+        name, file, base_dtype, before = down.name, None, G.type_name(down), G.sha256_array(down.data)
+    else:
+        name = base.down_names[layer]
+        w = base.ckpt.read(name)
+        file, base_dtype, before = base.ckpt.weight_map[name], str(w.dtype).removeprefix("torch."), tensor_sha256(w)
+    a, b = lora_factors(w, idx, ms, rank=rank, dtype=dtype)
+    touched = TouchedTensor(name=name, dtype=base_dtype, shape=list(w.shape), sha256_before=before,
+                            sha256_after=tensor_sha256(merged_weight(w, a, b)), axis="column", indices=list(idx),
+                            file=file)
+    return LoraLayer(layer, module_name(base.arch, layer), name, file, list(idx), list(ms), a, b, touched)
+
+
+def plan_lora(request: ExportRequest, dtype: str = "float32", pad_to_max_rank: bool = False,
+              trust_remote_code: bool = False) -> LoraPlan:
+    """Check the request's circuit against its base and compute every layer's factors (reads, never writes)."""
+    base = _open_base(request, trust_remote_code)
+    notes = list(request.circuit.check_fits(base.identity, force=request.force))
+    for note in notes:
+        log.warning(note)
+    grouped = group_by_layer(request.multipliers)
+    _check_range(grouped, base.identity)
+    out_dtype = _torch_dtype(dtype, "float32" if base.reader is not None else str(base.identity.dtype))
+    rank = max(len(idx) for idx, _ in grouped.values()) if pad_to_max_rank else None
+    layers = [_layer(base, layer, idx, ms, rank, out_dtype) for layer, (idx, ms) in grouped.items()]
+    source = request.source
+    return LoraPlan(source.spec, source.kind, base.path, base.identity, base.arch, dict(request.multipliers), layers,
+                    notes, base.gguf_arch, base.reader)
 
 
 # -- the PEFT folder ---------------------------------------------------------------------------
@@ -337,83 +350,65 @@ def lora_manifest(plan: LoraPlan, circuit: Circuit, fmt: str, notes: Sequence[st
     )
 
 
-def export_lora(
-    model: str | Path,
-    circuit: Circuit | str | Path,
-    out: str | Path,
-    multiplier: float | None = None,
-    multipliers: Mapping[tuple[int, int], float] | str | Path | None = None,
-    overwrite: bool = False,
-    force: bool = False,
-    check: ExportCheck | None = None,
-    dtype: str = "float32",
-    base_model_name_or_path: str | None = None,
-    trust_remote_code: bool = False,
-    progress: bool = False,
-) -> LoraExportResult:
-    """Write ``circuit`` (with ``multiplier``, per-neuron ``multipliers``, or its own) as a PEFT LoRA adapter
-    folder for ``model`` (a safetensors folder, a Hub id, a ``.gguf`` file or ``bundled:NAME``).
+def export_lora(model: str | Path, circuit: Any, out: str | Path, multiplier: float | None = None,
+                multipliers: MultiplierSpec = None, **settings: Any) -> LoraExportResult:
+    """Write ``circuit`` (a :class:`~cna_export.core.circuit.Circuit` or its file; with ``multiplier``,
+    per-neuron ``multipliers``, or its own) as a PEFT LoRA adapter folder for ``model``.
+
+    ``settings``: ``overwrite``, ``force``, ``check``, ``progress`` (:class:`ExportRequest`) and the fields
+    of :class:`~cna_export.core.formats.LoraFormat` (``dtype``, ``base_model_name_or_path``,
+    ``trust_remote_code``). See :func:`write_lora`.
+    """
+    settings = dict(settings, multiplier=multiplier, multipliers=multipliers)
+    return write_lora(*request_for(LoraFormat, model, circuit, out, settings))
+
+
+def write_lora(request: ExportRequest, options: LoraFormat) -> LoraExportResult:
+    """Write the PEFT LoRA adapter folder of ``request`` for its base (a safetensors folder, a Hub id, a
+    ``.gguf`` file or ``bundled:NAME``).
 
     The folder holds ``adapter_config.json``, ``adapter_model.safetensors`` (A and B in ``dtype``:
     float32, float16, bfloat16, or auto = the base's dtype), ``cna_manifest.json`` and a model card.
-    ``base_model_name_or_path`` goes into the config (default: ``model`` as given). Everything is
+    ``base_model_name_or_path`` goes into the config (default: the model as given). Everything is
     checked before anything is written; a ``check`` runs on the staged folder before it is renamed
     into place (see :mod:`cna_export.export.plan`).
     """
-    from safetensors.torch import save_file
-
-    t0 = time.perf_counter()
-    circ = circuit if isinstance(circuit, Circuit) else Circuit.load(circuit)
-    source = resolve_source(model)
-    inputs = tuple(p for p in (source.path,) if p is not None)
-    out_path = check_output_path(Path(out), overwrite, inputs)
-    plan = plan_lora(model, circ, multiplier, multipliers, force=force, dtype=dtype,
-                     trust_remote_code=trust_remote_code)
-    import hashlib
-
-    circuit_sha = hashlib.sha256(circ.to_json().encode()).hexdigest()
-    manifest = lora_manifest(plan, circ, "lora")
+    out_path = request.claim()
+    plan = plan_lora(request, options.dtype, trust_remote_code=options.trust_remote_code)
+    manifest = lora_manifest(plan, request.circuit, "lora")
     result = LoraExportResult(out=out_path, manifest=manifest, ranks={layer.layer: layer.rank for layer in plan.layers})
-    config = adapter_config(plan, base_model_name_or_path)
-    bar = progress_bar(progress, total=4, desc="lora", unit="file", leave=True)
-    with atomic_dir(out_path, overwrite=overwrite, inputs=inputs) as tmp:
-        try:
-            (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n", "utf-8")
-            bar.update(1)
-            save_file(adapter_tensors(plan), str(tmp / ADAPTER_WEIGHTS),
-                      metadata={"format": "pt", SHARD_METADATA_KEY: _summary(plan, circuit_sha)})
-            bar.update(1)
-            (tmp / MANIFEST_FILE).write_text(manifest.to_json() + "\n", "utf-8")
-            bar.update(1)
-            (tmp / CARD_FILE).write_text(lora_model_card(manifest, ranks=result.ranks), "utf-8")
-            bar.update(1)
-        except OSError as e:
-            raise CnaError(f"cannot write {out_path}: {e.strerror or e}") from None
-        finally:
-            bar.close()
+    with atomic_dir(out_path, overwrite=request.overwrite, inputs=request.inputs) as tmp:
+        _write_adapter(tmp, plan, adapter_config(plan, options.base_model_name_or_path), result, request.progress)
         result.adapter_bytes = (tmp / ADAPTER_WEIGHTS).stat().st_size
         result.total_bytes = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
-        if check is not None:
-            staged = StagedExport(tmp, manifest, plan.spec, plan.spec, out_path)
-            try:
-                result.verification = run_check(check, staged)
-            finally:  # the failed report is written too, for the error message's table
-                if manifest.verification is not None:
-                    (tmp / MANIFEST_FILE).write_text(manifest.to_json() + "\n", "utf-8")
-                    (tmp / CARD_FILE).write_text(lora_model_card(manifest, result.verification, result.ranks), "utf-8")
-    result.seconds = time.perf_counter() - t0
+        if request.check is not None:  # a failed check raises: the staged folder is discarded
+            result.verification = run_check(request.check, StagedExport(tmp, manifest, plan.spec, plan.spec, out_path))
+            _write_docs(tmp, result)  # the manifest and card, now with the report
+    result.seconds = request.seconds
     return result
 
 
-def read_lora_config(folder: str | Path) -> dict[str, Any]:
-    """The ``adapter_config.json`` of an adapter folder, checked to be a LoRA on down_proj modules."""
-    p = Path(folder) / ADAPTER_CONFIG
-    if not p.is_file():
-        raise CnaError(f"{folder} is not a PEFT adapter folder (no {ADAPTER_CONFIG})")
+def _write_docs(tmp: Path, result: LoraExportResult) -> None:
+    (tmp / MANIFEST_FILE).write_text(result.manifest.to_json() + "\n", "utf-8")
+    (tmp / CARD_FILE).write_text(lora_model_card(result.manifest, result.verification, result.ranks), "utf-8")
+
+
+def _write_adapter(tmp: Path, plan: LoraPlan, config: dict[str, Any], result: LoraExportResult,
+                   progress: bool) -> None:
+    """The adapter's config, weights, manifest and card into the staging folder ``tmp``."""
+    from safetensors.torch import save_file
+
+    circuit_sha = hashlib.sha256(result.manifest.circuit.to_json().encode()).hexdigest()
+    bar = progress_bar(progress, total=4, desc="lora", unit="file", leave=True)
     try:
-        config = json.loads(p.read_text("utf-8"))
-    except json.JSONDecodeError as e:
-        raise CnaError(f"{p} is not valid JSON: {e}") from None
-    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
-        raise CnaError(f"{p} is not a LoRA adapter config")
-    return config
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n", "utf-8")
+        bar.update(1)
+        save_file(adapter_tensors(plan), str(tmp / ADAPTER_WEIGHTS),
+                  metadata={"format": "pt", SHARD_METADATA_KEY: _summary(plan, circuit_sha)})
+        bar.update(1)
+        _write_docs(tmp, result)
+        bar.update(2)
+    except OSError as e:
+        raise CnaError(f"cannot write {result.out}: {e.strerror or e}") from None
+    finally:
+        bar.close()

@@ -29,31 +29,31 @@ import json
 import logging
 import shutil
 import tempfile
-import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from ..core.version import __version__
 from ..core.architectures import ArchSpec
-from ..core.circuit import Circuit, ModelIdentity
+from ..core.atomic import atomic_dir
+from ..core.circuit import ModelIdentity
 from ..core.errors import CnaError
+from ..core.experts import group_multipliers
+from ..core.formats import SafetensorsFormat
+from ..core.manifest import MANIFEST_FILE, SHARD_METADATA_KEY, ExportManifest, TouchedTensor, multipliers_list
 from ..core.progress import bar as progress_bar
-from ..io.tensor_bytes import tensor_sha256
-from .fold import scale_columns
-from .plan import ExportCheck, StagedExport, resolve_export_multipliers, run_check
+from ..core.version import __version__
 from ..io import safetensors as st_io
 from ..io.identity import checkpoint_fingerprint, checkpoint_identity, expert_tensors, known_checkpoint_fingerprint
-from ..core.experts import group_multipliers
-from ..core.atomic import atomic_dir, check_output_path
-from ..core.manifest import MANIFEST_FILE, SHARD_METADATA_KEY, ExportManifest, TouchedTensor, multipliers_list
 from ..io.sources import local_folder, resolve_source
+from ..io.tensor_bytes import tensor_sha256
 from ..model.loading import resolve_dtype
 from ..model.steering import group_by_layer
-
-from .card import CARD_FILE, model_card  # noqa: F401  (model_card: part of this API)
+from .card import CARD_FILE, model_card
+from .fold import scale_columns
+from .plan import StagedExport, run_check
+from .request import ExportRequest, MultiplierSpec, request_for
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,8 @@ def convert_to_safetensors(
 
         name, extra = source.load_args
         try:
-            saved_dtype = getattr(AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code, **extra), "dtype", None)
+            config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code, **extra)
+            saved_dtype = getattr(config, "dtype", None)
         except (OSError, ValueError, KeyError):
             saved_dtype = None  # load_model below reports the problem
     loaded = load_model(spec, dtype="float32", allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
@@ -248,123 +249,134 @@ def _files(folder: Path) -> list[Path]:
     return out
 
 
-# -- the model card ---------------------------------------------------------------------------
-
-
-
-
 # -- entry point --------------------------------------------------------------------------------
 
 
-def export_safetensors(
-    model: str | Path,
-    circuit: Circuit | str | Path,
-    out: str | Path,
-    multiplier: float | None = None,
-    multipliers: Mapping[tuple[int, int], float] | str | Path | None = None,
-    overwrite: bool = False,
-    link: bool = False,
-    force: bool = False,
-    check: ExportCheck | None = None,
-    dtype: str = "auto",
-    max_shard_size: str | None = None,
-    allow_pickle: bool = False,
-    trust_remote_code: bool = False,
-    progress: bool = False,
-) -> ExportResult:
-    """Fold ``circuit`` (with ``multiplier``, per-neuron ``multipliers``, or its own) into a copy of ``model``.
+def export_safetensors(model: str | Path, circuit: Any, out: str | Path, multiplier: float | None = None,
+                       multipliers: MultiplierSpec = None, **settings: Any) -> ExportResult:
+    """Fold ``circuit`` (a :class:`~cna_export.core.circuit.Circuit` or its file; with ``multiplier``,
+    per-neuron ``multipliers``, or its own) into a copy of ``model``.
 
-    ``model`` is a safetensors folder, a Hub id, a ``.gguf`` file or ``bundled:NAME``. ``dtype`` and
-    ``max_shard_size`` only apply when the source must be converted first (GGUF, pickles). A
+    ``settings``: ``overwrite``, ``force``, ``check``, ``progress`` (:class:`ExportRequest`) and the fields
+    of :class:`~cna_export.core.formats.SafetensorsFormat` (``link``, ``dtype``, ``max_shard_size``,
+    ``allow_pickle``, ``trust_remote_code``). See :func:`write_safetensors`.
+    """
+    settings = dict(settings, multiplier=multiplier, multipliers=multipliers)
+    return write_safetensors(*request_for(SafetensorsFormat, model, circuit, out, settings))
+
+
+@dataclass
+class _Source:
+    """The safetensors folder that is folded: the source's own, or its conversion in a staging folder."""
+
+    folder: Path
+    identity: ModelIdentity
+    arch: ArchSpec
+    ckpt: st_io.Checkpoint
+    down_names: list[str]
+    converted: bool = False
+    loaded: Any = None  # the converted model, kept as the check's reference
+    fingerprint: Future | None = None  # the source's fingerprint, hashed beside the shard copies
+
+
+def write_safetensors(request: ExportRequest, options: SafetensorsFormat) -> ExportResult:
+    """Write the safetensors export of ``request``.
+
+    ``request.model`` is a safetensors folder, a Hub id, a ``.gguf`` file or ``bundled:NAME``. ``dtype``
+    and ``max_shard_size`` only apply when the source must be converted first (GGUF, pickles). A
     ``check`` (see :mod:`cna_export.export.plan`) runs on the staged folder before it is moved into
     place; when it fails, :class:`VerificationFailed` (with ``.report``) is raised and nothing is
     left behind. :func:`cna_export.pipeline.export` passes the verification as that check.
     """
-    t0 = time.perf_counter()
-    circ = circuit if isinstance(circuit, Circuit) else Circuit.load(circuit)
-    mults = resolve_export_multipliers(circ, multiplier, multipliers)
-    if not mults:
-        raise CnaError("the circuit has no neurons; nothing to export")
-    source = resolve_source(model)
-    inputs = tuple(p for p in (source.path,) if p is not None)
-    out_path = check_output_path(Path(out), overwrite, inputs)
-
-    staging: Path | None = None
-    loaded = None
-    fingerprint: Future | None = None
+    out_path = request.claim()
+    staging: list[Path] = []
+    src: _Source | None = None
     pool = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="cna-export")
     try:
-        folder = local_folder(source)
-        needs_conversion = source.kind == "gguf" or not _has_safetensors(folder)
-        if needs_conversion and source.kind != "gguf" and not _has_pickle(folder):
-            raise CnaError(f"model {model} has no safetensors (or other) weights")
-        if needs_conversion and source.kind != "gguf" and not allow_pickle:
-            raise CnaError(
-                f"model {model} has only pickled weights (.bin/.pt); pass --allow-pickle to load and convert them "
-                "(unpickling can run arbitrary code)"
-            )
-        if needs_conversion:
-            staging = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.convert-", suffix=".tmp", dir=out_path.parent))
-            loaded, identity = convert_to_safetensors(source.spec, staging, dtype, max_shard_size, allow_pickle,
-                                                      trust_remote_code)
-            if check is None:
-                loaded = None
-                gc.collect()
-            _, arch, ckpt, down_names = checkpoint_identity(
-                staging, source.spec, source.kind, trust_remote_code, with_fingerprint=False)
-            folder_for_fold = staging
-        else:
-            identity, arch, ckpt, down_names = checkpoint_identity(
-                folder, source.spec, "hub" if source.kind == "hub" else "hf", trust_remote_code, with_fingerprint=False)
-            folder_for_fold = folder
-            if circ.model.fingerprint:
-                fingerprint = pending_fingerprint(ckpt, down_names, pool)
-        notes = circ.check_fits(identity, force=force)  # shapes now; the fingerprint below, once hashed
-        if fingerprint is not None and fingerprint.done():
-            identity, fingerprint = _checked(circ, identity, fingerprint, force, notes), None
+        src = _open_source(request, options, out_path, pool, staging)
+        notes = request.circuit.check_fits(src.identity, force=request.force)  # shapes now; the fingerprint once hashed
+        if src.fingerprint is not None and src.fingerprint.done():
+            src.identity, src.fingerprint = _checked(request, src.identity, src.fingerprint, notes), None
         for note in notes:
             log.warning(note)
-        plan = _plan(ckpt, arch, identity, down_names, mults)
-
-        result = ExportResult(out=out_path, manifest=None, source_folder=str(folder_for_fold),  # type: ignore[arg-type]
-                              converted=needs_conversion, linked=link and not needs_conversion)
-        circuit_sha = hashlib.sha256(circ.to_json().encode()).hexdigest()
+        plan = _plan(src.ckpt, src.arch, src.identity, src.down_names, request.multipliers)
+        result = ExportResult(out=out_path, manifest=None, source_folder=str(src.folder),  # type: ignore[arg-type]
+                              converted=src.converted, linked=options.link and not src.converted)
         manifest = ExportManifest(
-            format="safetensors", source=source.spec, source_format=identity.source_format, fold="down",
-            circuit=circ, multipliers=multipliers_list(mults), notes=list(notes),
+            format="safetensors", source=request.source.spec, source_format=src.identity.source_format, fold="down",
+            circuit=request.circuit, multipliers=multipliers_list(request.multipliers), notes=list(notes),
         )
-        with atomic_dir(out_path, overwrite=overwrite, inputs=inputs) as tmp:
-            try:
-                _write(plan, folder_for_fold, tmp, result, circuit_sha, mults, pool,
-                       link=link or needs_conversion, progress=progress)
-            except OSError as e:
-                raise CnaError(f"cannot write {out_path}: {e.strerror or e}") from None
-            if fingerprint is not None:  # hashed while the shards were written: a mismatch discards them
-                more: list[str] = []
-                identity, fingerprint = _checked(circ, identity, fingerprint, force, more), None
-                for note in more:
-                    log.warning(note)
-                manifest.notes.extend(more)
-            _finish(tmp, manifest, result)
-            if check is not None:
-                original: Any = loaded if loaded is not None else str(folder_for_fold)
-                staged = StagedExport(tmp, manifest, original, source.spec, out_path)
-                try:
-                    result.verification = run_check(check, staged)
-                finally:  # the failed report is written too, for the error message's table
-                    if manifest.verification is not None:
-                        (tmp / MANIFEST_FILE).write_text(manifest.to_json() + "\n", "utf-8")
-                        (tmp / CARD_FILE).write_text(model_card(manifest, result.verification), "utf-8")
+        with atomic_dir(out_path, overwrite=request.overwrite, inputs=request.inputs) as tmp:
+            _assemble(request, src, plan, manifest, result, tmp, pool, link=options.link or src.converted)
         result.manifest = manifest
-        result.seconds = time.perf_counter() - t0
+        result.seconds = request.seconds
         return result
     finally:
-        loaded = None
-        if fingerprint is not None:
-            fingerprint.cancel()
+        if src is not None:
+            src.loaded = None
+            if src.fingerprint is not None:
+                src.fingerprint.cancel()
         pool.shutdown(wait=True, cancel_futures=True)
-        if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
+        for folder in staging:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _open_source(request: ExportRequest, options: SafetensorsFormat, out_path: Path, pool: ThreadPoolExecutor,
+                 staging: list[Path]) -> _Source:
+    """The folder to fold and its identity; a GGUF or pickled source is converted into a staging folder
+    beside the output (added to ``staging``, removed by the caller)."""
+    source, model, o = request.source, request.model, options
+    folder = local_folder(source)
+    if source.kind != "gguf" and _has_safetensors(folder):
+        identity, arch, ckpt, down_names = checkpoint_identity(
+            folder, source.spec, "hub" if source.kind == "hub" else "hf", o.trust_remote_code, with_fingerprint=False)
+        fingerprint = pending_fingerprint(ckpt, down_names, pool) if request.circuit.model.fingerprint else None
+        return _Source(folder, identity, arch, ckpt, down_names, fingerprint=fingerprint)
+    if source.kind != "gguf" and not _has_pickle(folder):
+        raise CnaError(f"model {model} has no safetensors (or other) weights")
+    if source.kind != "gguf" and not o.allow_pickle:
+        raise CnaError(
+            f"model {model} has only pickled weights (.bin/.pt); pass --allow-pickle to load and convert them "
+            "(unpickling can run arbitrary code)"
+        )
+    staging.append(Path(tempfile.mkdtemp(prefix=f".{out_path.name}.convert-", suffix=".tmp", dir=out_path.parent)))
+    loaded, identity = convert_to_safetensors(source.spec, staging[0], o.dtype, o.max_shard_size, o.allow_pickle,
+                                              o.trust_remote_code)
+    if request.check is None:
+        loaded = None
+        gc.collect()
+    _, arch, ckpt, down_names = checkpoint_identity(
+        staging[0], source.spec, source.kind, o.trust_remote_code, with_fingerprint=False)
+    return _Source(staging[0], identity, arch, ckpt, down_names, converted=True, loaded=loaded)
+
+
+def _assemble(request: ExportRequest, src: _Source, plan: _Plan, manifest: ExportManifest, result: ExportResult,
+              tmp: Path, pool: ThreadPoolExecutor, link: bool) -> None:
+    """The export in the staging folder ``tmp``: shards, other files, manifest and card; then the fingerprint
+    check (when it was still hashing) and the ``check``."""
+    circuit_sha = hashlib.sha256(request.circuit.to_json().encode()).hexdigest()
+    try:
+        _write(plan, src.folder, tmp, result, circuit_sha, request.multipliers, pool, link=link,
+               progress=request.progress)
+    except OSError as e:
+        raise CnaError(f"cannot write {result.out}: {e.strerror or e}") from None
+    if src.fingerprint is not None:  # hashed while the shards were written: a mismatch discards them
+        more: list[str] = []
+        src.identity, src.fingerprint = _checked(request, src.identity, src.fingerprint, more), None
+        for note in more:
+            log.warning(note)
+        manifest.notes.extend(more)
+    _finish(tmp, manifest, result)
+    if request.check is None:
+        return
+    original: Any = src.loaded if src.loaded is not None else str(src.folder)
+    try:
+        result.verification = run_check(request.check, StagedExport(tmp, manifest, original, request.source.spec,
+                                                                     result.out))
+    finally:  # the failed report is written too, for the error message's table
+        if manifest.verification is not None:
+            (tmp / MANIFEST_FILE).write_text(manifest.to_json() + "\n", "utf-8")
+            (tmp / CARD_FILE).write_text(model_card(manifest, result.verification), "utf-8")
 
 
 def pending_fingerprint(ckpt: st_io.Checkpoint, down_names: Sequence[str], pool: ThreadPoolExecutor) -> Future:
@@ -378,9 +390,9 @@ def pending_fingerprint(ckpt: st_io.Checkpoint, down_names: Sequence[str], pool:
     return pool.submit(checkpoint_fingerprint, ckpt, list(down_names))
 
 
-def _checked(circ: Circuit, identity: ModelIdentity, fingerprint: Future, force: bool, notes: list[str]) -> ModelIdentity:
+def _checked(request: ExportRequest, identity: ModelIdentity, fingerprint: Future, notes: list[str]) -> ModelIdentity:
     identity = identity.model_copy(update={"fingerprint": fingerprint.result()})
-    notes.extend(circ.check_fits(identity, force=force))
+    notes.extend(request.circuit.check_fits(identity, force=request.force))
     return identity
 
 

@@ -58,6 +58,7 @@ PROJECTION_EXPLAINED = 0.5  # a flagged writer is a projection when lam * a expl
 NORM_KEPT = 0.75  # kappa below this: write-vector norms restored (norm-preserving)
 _CHUNK = 1 << 22
 SUPPORT_KINDS = ("rank-1 projection", "norm-preserving projection", "other low rank")
+REFUSAL_COS = 0.5  # |cos| of the consensus with the base's refusal direction that says refusals were targeted
 
 
 @dataclass
@@ -84,6 +85,18 @@ class WriterEdit:
 
 
 @dataclass
+class RefusalCosines:
+    """|cos| of the consensus direction with the base's refusal direction of each layer."""
+
+    source: str
+    per_layer: list[float]
+    best_cos: float
+    best_layer: int
+    edited_layers_mean_cos: float | None
+    threshold: float
+
+
+@dataclass
 class DirectionalFinding:
     """The low-rank directional analysis of a diff (typed, versioned: ``schema``)."""
 
@@ -100,7 +113,7 @@ class DirectionalFinding:
     layers: list[int]
     writers: list[WriterEdit]
     direction: list[float] | None = None
-    refusal: dict | None = None  # cosine with the base's refusal directions (filled in by audit)
+    refusal: RefusalCosines | None = None  # cosine with the base's refusal directions (filled in by audit)
     notes: list[str] = field(default_factory=list)
 
     def flagged(self) -> list[WriterEdit]:
@@ -126,25 +139,29 @@ class DirectionalFinding:
         where = layer_ranges(self.layers) if self.layers else "embeddings only"
         if prof:
             peak = max(prof, key=lambda l: prof[l])
-            strength = f"strength {min(prof.values()):.2f}-{max(prof.values()):.2f}, peak {prof[peak]:.2f} at layer {peak}"
+            strength = (f"strength {min(prof.values()):.2f}-{max(prof.values()):.2f}, peak {prof[peak]:.2f} at "
+                        f"layer {peak}")
         else:
             strength = "strength " + ", ".join(f"{w.strength:.2f}" for w in fl if w.strength is not None)
         what = f"layers {where}" + (f" and {', '.join(emb)}" if emb and self.layers else "")
-        text = f"{what}; {self.kind or 'low-rank edit'} of one residual direction ({len(fl)} residual-writing tensors, {strength}"
-        if self.refusal and self.refusal.get("best_cos") is not None:
-            text += f"; |cos| with the base's refusal direction {self.refusal['best_cos']:.2f} (layer {self.refusal['best_layer']})"
+        text = (f"{what}; {self.kind or 'low-rank edit'} of one residual direction ({len(fl)} residual-writing "
+                f"tensors, {strength}")
+        if self.refusal is not None:
+            text += (f"; |cos| with the base's refusal direction {self.refusal.best_cos:.2f} (layer "
+                     f"{self.refusal.best_layer})")
         text += ")"
         if self.ablation and self.refusal_targeted() is not False:
             return "refusals stripped by directional ablation: " + text
         return ("directional ablation: " if self.ablation else "directional edit: ") + text
 
     def refusal_targeted(self) -> bool | None:
-        if not self.refusal or self.refusal.get("best_cos") is None:
+        if self.refusal is None:
             return None
-        return bool(self.refusal["best_cos"] >= self.refusal.get("threshold", REFUSAL_COS))
+        return bool(self.refusal.best_cos >= self.refusal.threshold)
 
     def table(self) -> str:
-        rows = ["layer  tensor                                          strength  corr   rho        z       cos    kind"]
+        rows = ["layer  tensor                                          strength  corr   rho        z       cos    "
+                "kind"]
         for w in self.writers:
             rows.append(f"{'-' if w.layer is None else w.layer:>5}  {w.name[:46]:<46}  "
                         f"{_f(w.strength, '8.3f')}  {_f(w.projection_corr, '5.2f')}  {_f(w.concentration, '9.3g')}  "
@@ -167,9 +184,6 @@ def layer_ranges(layers: Sequence[int]) -> str:
         else:
             out.append([x, x])
     return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in out)
-
-
-REFUSAL_COS = 0.5  # |cos| of the consensus with the base's refusal direction that says refusals were targeted
 
 
 def _f(x: float | None, spec: str) -> str:
@@ -272,62 +286,13 @@ class DirectionalScan:
         spike, r = _top(self.S)
         null = max((_top(S0)[0] for S0 in self.S_null), default=0.0)
         coherent = spike > COHERENCE_MARGIN * max(null, 0.0) and spike > 0
-        writers: list[WriterEdit] = []
-        for p in self.items:
-            A, B = read_pair(p.name)
-            A2 = hidden_first(np.asarray(A, dtype=np.float64), p.hidden_axis)
-            B2 = hidden_first(np.asarray(B, dtype=np.float64), p.hidden_axis)
-            a = r @ A2
-            d = r @ B2 - a
-            aa = float(a @ a)
-            dd = float(d @ d)
-            noise = float(r**2 @ p.diag)
-            we = WriterEdit(p.name, p.role, p.layer, p.samples, p.top_shares,
-                            float(sum(p.top_shares)) if p.top_shares else None,
-                            float(abs(p.own @ r)) if p.own is not None else None)
-            if aa > 0:
-                we.strength = -float(d @ a) / aa
-            if aa > 0 and dd > 0:
-                we.projection_corr = -float(d @ a) / math.sqrt(aa * dd)
-            if noise > 0:
-                we.concentration = dd / noise
-                we.z = (we.concentration - 1.0) / math.sqrt(2.0 / max(p.samples, 1))
-                if aa > 0 and we.strength is not None:
-                    we.strength_se = math.sqrt(noise / max(p.samples, 1) / aa)
-                    if dd > noise:
-                        we.explained = min(1.0, we.strength**2 * aa / (dd - noise))
-            # write-vector norms: change of |w_j|^2 against a_j^2
-            if we.strength is not None and aa > 0:
-                dn = np.einsum("ij,ij->j", B2, B2) - np.einsum("ij,ij->j", A2, A2)
-                pa = a * a
-                pc = pa - pa.mean()
-                den = float(pc @ pc)
-                lam = we.strength
-                expect = -lam * (2.0 - lam)
-                if den > 0 and abs(expect) > 1e-9:
-                    dnc = dn - dn.mean()
-                    slope = float(dnc @ pc / den)
-                    resid = dnc - slope * pc
-                    slope_se = math.sqrt(float(resid @ resid) / max(dn.size - 2, 1) / den)
-                    we.norm_kappa = slope / expect
-                    we.norm_kappa_se = slope_se / abs(expect)
-            del A2, B2
+        writers = [_along(p, r, *read_pair(p.name)) for p in self.items]
+        for we in writers:
             we.flagged = bool(coherent and we.z is not None and we.z >= LAYER_Z)
             if we.flagged:
                 we.kind = _kind(we, rank1_share)
-            writers.append(we)
         fl = [w for w in writers if w.flagged]
-        # writers that carry the edit (structured quantisation noise can flag a writer too; it is no support)
-        fl_layer = [p for p, w in zip(self.items, writers) if w.flagged and w.kind in SUPPORT_KINDS
-                    and p.layer is not None]
-        shared = None
-        if fl_layer:
-            # the flagged writers' normalised hollow energy along r, over their own top spikes
-            ws = {p.name: w for p, w in zip(self.items, writers)}
-            got = sum(((ws[p.name].concentration or 0.0) - 1.0) * float(r**2 @ p.diag) / (p.trace / self.hidden)
-                      for p in fl_layer)
-            tot = sum(max(p.spike, 0.0) for p in fl_layer)
-            shared = float(min(1.0, max(got, 0.0) / tot)) if tot > 0 else None
+        shared = self._shared_share(writers, r)
         proj = [w for w in fl if w.kind in ("rank-1 projection", "norm-preserving projection")]
         low = [w for w in fl if w.kind == "other low rank"]
         # a steering edit: coherent, and shaped like a projection on the consensus direction in two writers or
@@ -348,6 +313,64 @@ class DirectionalScan:
             layers=sorted({w.layer for w in fl if w.layer is not None and w.kind in SUPPORT_KINDS}), writers=writers,
             direction=[float(x) for x in r] if detected else None, notes=list(self.notes),
         )
+
+    def _shared_share(self, writers: list[WriterEdit], r: np.ndarray) -> float | None:
+        """The writers carrying the edit (structured quantisation noise can flag a writer too; it is no
+        support): their normalised hollow energy along ``r``, over their own top spikes."""
+        fl_layer = [(p, w) for p, w in zip(self.items, writers, strict=True)
+                    if w.flagged and w.kind in SUPPORT_KINDS and p.layer is not None]
+        if not fl_layer:
+            return None
+        got = sum(((w.concentration or 0.0) - 1.0) * float(r**2 @ p.diag) / (p.trace / self.hidden)
+                  for p, w in fl_layer)
+        tot = sum(max(p.spike, 0.0) for p, _ in fl_layer)
+        return float(min(1.0, max(got, 0.0) / tot)) if tot > 0 else None
+
+
+def _along(p: _Pass1, r: np.ndarray, A: np.ndarray, B: np.ndarray) -> WriterEdit:
+    """One writer along the consensus direction ``r``: strength, projection correlation, concentration."""
+    A2 = hidden_first(np.asarray(A, dtype=np.float64), p.hidden_axis)
+    B2 = hidden_first(np.asarray(B, dtype=np.float64), p.hidden_axis)
+    a = r @ A2
+    d = r @ B2 - a
+    aa = float(a @ a)
+    dd = float(d @ d)
+    noise = float(r**2 @ p.diag)
+    we = WriterEdit(p.name, p.role, p.layer, p.samples, p.top_shares,
+                    float(sum(p.top_shares)) if p.top_shares else None,
+                    float(abs(p.own @ r)) if p.own is not None else None)
+    if aa > 0:
+        we.strength = -float(d @ a) / aa
+    if aa > 0 and dd > 0:
+        we.projection_corr = -float(d @ a) / math.sqrt(aa * dd)
+    if noise > 0:
+        we.concentration = dd / noise
+        we.z = (we.concentration - 1.0) / math.sqrt(2.0 / max(p.samples, 1))
+        if aa > 0 and we.strength is not None:
+            we.strength_se = math.sqrt(noise / max(p.samples, 1) / aa)
+            if dd > noise:
+                we.explained = min(1.0, we.strength**2 * aa / (dd - noise))
+    if we.strength is not None and aa > 0:
+        _norm_kappa(we, A2, B2, a)
+    return we
+
+
+def _norm_kappa(we: WriterEdit, A2: np.ndarray, B2: np.ndarray, a: np.ndarray) -> None:
+    """Write-vector norms: the slope of the change of ``|w_j|^2`` on ``a_j^2``, over a plain projection's."""
+    dn = np.einsum("ij,ij->j", B2, B2) - np.einsum("ij,ij->j", A2, A2)
+    pa = a * a
+    pc = pa - pa.mean()
+    den = float(pc @ pc)
+    lam = we.strength
+    assert lam is not None
+    expect = -lam * (2.0 - lam)
+    if den > 0 and abs(expect) > 1e-9:
+        dnc = dn - dn.mean()
+        slope = float(dnc @ pc / den)
+        resid = dnc - slope * pc
+        slope_se = math.sqrt(float(resid @ resid) / max(dn.size - 2, 1) / den)
+        we.norm_kappa = slope / expect
+        we.norm_kappa_se = slope_se / abs(expect)
 
 
 def _kind(w: WriterEdit, rank1_share: float) -> str:
@@ -433,11 +456,11 @@ def plot_profile(path: str | Path, finding: DirectionalFinding, title: str = "",
 
 
 def refusal_cosines(direction: Sequence[float], refusal: np.ndarray, layers: Sequence[int],
-                    source: str, threshold: float = REFUSAL_COS) -> dict:
+                    source: str, threshold: float = REFUSAL_COS) -> RefusalCosines:
     """|cos| of a consensus direction with each layer's refusal direction ([layers, hidden], unit rows)."""
     r = np.asarray(direction, dtype=np.float64)
     cos = np.abs(refusal @ r)
     best = int(np.argmax(cos))
     matched = [float(cos[l]) for l in layers if 0 <= l < cos.shape[0]]
-    return {"source": source, "per_layer": [float(c) for c in cos], "best_cos": float(cos[best]), "best_layer": best,
-            "edited_layers_mean_cos": float(np.mean(matched)) if matched else None, "threshold": threshold}
+    return RefusalCosines(source=source, per_layer=[float(c) for c in cos], best_cos=float(cos[best]), best_layer=best,
+                          edited_layers_mean_cos=float(np.mean(matched)) if matched else None, threshold=threshold)

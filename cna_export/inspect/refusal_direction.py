@@ -21,13 +21,13 @@ is the refusal direction. A window scoring below ``threshold`` along a direction
 from __future__ import annotations
 
 import io
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..core.errors import CnaError
 
@@ -48,13 +48,37 @@ WRITE_THRESHOLD = 0.8
 
 
 @dataclass
+class PromptSetInfo:
+    """A prompt set the directions were measured on."""
+
+    path: str
+    sha256: str
+    used: int  # prompts used, spread evenly over the set
+
+
+class _Meta(BaseModel):
+    """The ``meta`` entry of a refusal-directions file."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    schema_version: int = Field(alias="schema")
+    kind: str
+    model: str
+    fingerprint: str | None = None
+    prompts: dict[str, PromptSetInfo]
+
+
+KIND = "cna-export refusal directions"
+
+
+@dataclass
 class RefusalDirections:
     """Per-layer mean residuals (harmful, benign) at the last prompt token; typed and versioned."""
 
     schema: int
     model: str
     fingerprint: str | None
-    prompts: dict  # set name -> {"path", "sha256", "used"}
+    prompts: dict[str, PromptSetInfo]  # harmful | benign -> the prompt set
     harmful_mean: np.ndarray  # [layers, hidden]
     benign_mean: np.ndarray
 
@@ -71,10 +95,11 @@ class RefusalDirections:
     def save(self, path: str | Path, overwrite: bool = False) -> None:
         from ..core.atomic import atomic_file
 
-        meta = {"schema": self.schema, "kind": "cna-export refusal directions", "model": self.model,
-                "fingerprint": self.fingerprint, "prompts": self.prompts}
+        meta = _Meta(schema_version=self.schema, kind=KIND, model=self.model, fingerprint=self.fingerprint,
+                     prompts=self.prompts)
         buf = io.BytesIO()
-        np.savez(buf, meta=np.array(json.dumps(meta)), harmful_mean=self.harmful_mean, benign_mean=self.benign_mean)
+        np.savez(buf, meta=np.array(meta.model_dump_json(by_alias=True)), harmful_mean=self.harmful_mean,
+                 benign_mean=self.benign_mean)
         with atomic_file(Path(path), overwrite=overwrite) as fh:
             fh.write(buf.getvalue())
 
@@ -82,13 +107,24 @@ class RefusalDirections:
     def load(cls, path: str | Path) -> RefusalDirections:
         try:
             with np.load(Path(path), allow_pickle=False) as z:
-                meta = json.loads(str(z["meta"]))
+                text = str(z["meta"])
                 hm, bm = np.asarray(z["harmful_mean"]), np.asarray(z["benign_mean"])
         except (OSError, ValueError, KeyError) as e:
             raise CnaError(f"{path} is not a refusal-directions file ({type(e).__name__}: {str(e)[:80]})") from None
-        if meta.get("kind") != "cna-export refusal directions" or meta.get("schema") != SCHEMA:
+        try:
+            meta = _Meta.model_validate_json(text)
+        except ValidationError:
+            meta = None
+        if meta is None or meta.kind != KIND or meta.schema_version != SCHEMA:
             raise CnaError(f"{path} is not a refusal-directions file of schema {SCHEMA}")
-        return cls(SCHEMA, meta["model"], meta.get("fingerprint"), meta["prompts"], hm, bm)
+        return cls(SCHEMA, meta.model, meta.fingerprint, meta.prompts, hm, bm)
+
+
+def default_recipe() -> Path:
+    """The bundled refusal recipe (``recipes/refusal.yaml``)."""
+    from ..verification.prompts import recipes_dir
+
+    return recipes_dir() / "refusal.yaml"
 
 
 def _spread(texts: list[str], n: int) -> list[str]:
@@ -97,20 +133,46 @@ def _spread(texts: list[str], n: int) -> list[str]:
     return [texts[round(i * (len(texts) - 1) / max(n - 1, 1))] for i in range(n)]
 
 
-def _recipe_sets(recipe: str | Path | None, limit: int) -> tuple[Any, dict, dict]:
-    from ..core.settings import DiscoverOptions, build, load_recipe
+def _recipe_sets(recipe: str | Path | None, limit: int) -> tuple[Any, dict[str, list[str]], dict[str, PromptSetInfo]]:
+    from ..core.recipe import load_recipe
+    from ..core.settings import DiscoverOptions, build
     from ..model.prompts import load_prompts
-    from ..verification.prompts import recipes_dir
 
-    path = recipe or recipes_dir() / "refusal.yaml"
+    path = recipe or default_recipe()
     opts = build(DiscoverOptions, load_recipe(path))
     if not opts.positive or not opts.negative:
         raise CnaError(f"recipe {path} names no positive/negative prompt sets")
     sel = {"field": opts.field, "column": opts.column}
     sets = {"harmful": load_prompts(opts.positive, **sel), "benign": load_prompts(opts.negative, **sel)}
     texts = {k: _spread(list(ps.texts), limit) for k, ps in sets.items()}
-    info = {k: {"path": str(ps.path), "sha256": ps.info().sha256, "used": len(texts[k])} for k, ps in sets.items()}
+    info = {k: PromptSetInfo(str(ps.path), ps.info().sha256, len(texts[k])) for k, ps in sets.items()}
     return opts, texts, info
+
+
+def require_chat_template(spec: str, chat_template: bool, system_prompt: str | None = None,
+                          trust_remote_code: bool = False) -> None:
+    """Fail before a model is loaded when the prompts need a chat template its tokenizer lacks.
+
+    The template is read where the tokenizer gets it: a GGUF's ``tokenizer.chat_template`` KV (which
+    transformers maps to the tokenizer's), else the tokenizer itself (a folder's loads in well under a
+    second, where loading the model can take a minute). The check is
+    :func:`cna_export.model.prompts.render`'s own (it reads only ``chat_template``), with its one-line error."""
+    from types import SimpleNamespace
+
+    from ..io.sources import resolve_source
+    from ..model.loading import load_tokenizer
+    from ..model.prompts import render
+
+    if not chat_template:
+        return
+    source = resolve_source(spec)
+    if source.kind == "gguf" and source.path is not None:
+        from ..io import gguf as G
+
+        template = G.field_value(G.open_gguf(source.path), "tokenizer.chat_template")
+    else:
+        template = getattr(load_tokenizer(source, trust_remote_code), "chat_template", None)
+    render(SimpleNamespace(chat_template=template), (), chat_template, system_prompt)
 
 
 def compute_directions(spec: str, recipe: str | Path | None = None, limit: int = 32, progress: bool = False
@@ -120,6 +182,7 @@ def compute_directions(spec: str, recipe: str | Path | None = None, limit: int =
     from ..model.loading import load_model
 
     opts, texts, info = _recipe_sets(recipe, limit)
+    require_chat_template(spec, opts.chat_template, opts.system_prompt)
     loaded = load_model(spec)
     try:
         fp = loaded.identity().fingerprint
@@ -168,19 +231,67 @@ def _mismatch(rd: RefusalDirections, spec: str, recipe: str | Path | None, limit
         return f"has the shape of another model ({rd.model})"
     _, _, info = _recipe_sets(recipe, limit)
     for k, v in info.items():
-        have = rd.prompts.get(k, {})
-        if have.get("sha256") != v["sha256"] or have.get("used") != v["used"]:
+        have = rd.prompts.get(k)
+        if have is None or have.sha256 != v.sha256 or have.used != v.used:
             return f"was computed with other {k} prompts than the recipe's"
     return None
+
+
+# -- base-free depletion scores ---------------------------------------------------------------------------
 
 
 WRITER_GROUPS = {"o_proj + down_proj": ("attn_output", "ffn_down"), "o_proj": ("attn_output",),
                  "down_proj": ("ffn_down",)}
 
 
+@dataclass
+class WindowScore:
+    """One writer group over one window of layers."""
+
+    writers: str  # a key of WRITER_GROUPS
+    window: list[int]  # [first, last] layer
+    ratio: float  # smallest / median eigenvalue of the summed, normalised Gram
+    alignment: float  # best |cos| of the weakest direction with the model's own refusal directions
+    direction_layer: int  # ... with the refusal direction of this layer
+    write: float  # mean energy along each layer's own refusal direction (1: a typical direction)
+
+
+@dataclass
+class WriteDeficit:
+    """The window that writes the model's own refusal direction least."""
+
+    score: float
+    window: list[int]
+    writers: str
+    threshold: float
+    flagged: bool
+    per_layer: dict[str, list[float | None]]  # writer role -> energy along that layer's refusal direction
+
+
+@dataclass
+class Depletion:
+    """The base-free depletion scores (:func:`depletion_score`); ``source`` says where the directions came from."""
+
+    score: float
+    window: list[int]
+    writers: str
+    alignment: float
+    direction_layer: int
+    window_size: int
+    threshold: float
+    min_alignment: float
+    flagged: bool  # the ratio or the write score flagged a window
+    ratio_flagged: bool
+    write: WriteDeficit
+    debiased: bool  # every writer's rounding noise was taken out
+    not_debiased: list[str]  # storage types without a rounding-noise model
+    windows: list[WindowScore]
+    source: str | None = None
+
+
 def depletion_score(src: Any, directions: np.ndarray, window: int | None = None,
                     threshold: float = DEPLETION_THRESHOLD, min_alignment: float = ALIGNMENT,
-                    write_threshold: float = WRITE_THRESHOLD) -> dict:
+                    write_threshold: float = WRITE_THRESHOLD) -> Depletion:
     """Base-free: a residual direction that a window of layers' writers write far less than their spectrum
     predicts, and that lines up with the model's own refusal directions (``[layers, hidden]``, unit rows).
 
@@ -200,6 +311,29 @@ def depletion_score(src: Any, directions: np.ndarray, window: int | None = None,
     The smallest window mean is reported."""
     L, H = directions.shape
     D = directions.astype(np.float64)
+    grams, undebiased = _writer_grams(src, L, H)
+    # energy each writer puts along the model's own refusal direction of its layer (1: a typical direction)
+    along = {role: [None if g is None else float(D[layer] @ g @ D[layer]) for layer, g in enumerate(gs)]
+             for role, gs in grams.items()}
+    w = min(window or max(2, L // 4), L)
+    windows = _window_scores(grams, along, D, w)
+    if not windows:
+        raise CnaError(f"{src.spec} has no o_proj/down_proj weights of the hidden size {H}")
+    hits = [x for x in windows if x.ratio < threshold and x.alignment >= min_alignment]
+    best = min(hits or windows, key=lambda x: x.ratio)
+    low = min(windows, key=lambda x: x.write)
+    per_layer = {role: [None if v is None else round(v, 4) for v in vals] for role, vals in along.items()}
+    write = WriteDeficit(score=low.write, window=low.window, writers=low.writers, threshold=write_threshold,
+                         flagged=low.write < write_threshold, per_layer=per_layer)
+    return Depletion(score=best.ratio, window=best.window, writers=best.writers, alignment=best.alignment,
+                     direction_layer=best.direction_layer, window_size=w, threshold=threshold,
+                     min_alignment=min_alignment, flagged=bool(hits) or write.flagged, ratio_flagged=bool(hits),
+                     write=write, debiased=not undebiased, not_debiased=sorted(undebiased), windows=windows)
+
+
+def _writer_grams(src: Any, L: int, H: int) -> tuple[dict[str, list[np.ndarray | None]], set[str]]:
+    """Per layer, each writer's ``W W^T`` debiased by its rounding noise and scaled to mean eigenvalue 1
+    (None where the layer has no such writer of the hidden size); and the storage types left undebiased."""
     grams: dict[str, list[np.ndarray | None]] = {"attn_output": [], "ffn_down": []}
     undebiased: set[str] = set()
     for layer in range(L):
@@ -218,10 +352,13 @@ def depletion_score(src: Any, directions: np.ndarray, window: int | None = None,
                 g[np.diag_indices_from(g)] -= noise
             tr = float(np.trace(g))
             out.append(g * (H / tr) if tr > 0 else None)
-    # energy each writer puts along the model's own refusal direction of its layer (1: a typical direction)
-    along = {role: [None if g is None else float(D[layer] @ g @ D[layer]) for layer, g in enumerate(gs)]
-             for role, gs in grams.items()}
-    w = min(window or max(2, L // 4), L)
+    return grams, undebiased
+
+
+def _window_scores(grams: dict[str, list[np.ndarray | None]], along: dict[str, list[float | None]], D: np.ndarray,
+                   w: int) -> list[WindowScore]:
+    """Every writer group over every window of ``w`` consecutive layers."""
+    L = D.shape[0]
     windows = []
     for group, roles in WRITER_GROUPS.items():
         for start in range(L - w + 1):
@@ -234,18 +371,6 @@ def depletion_score(src: Any, directions: np.ndarray, window: int | None = None,
             cos = np.abs(D @ V[:, 0])
             m = int(np.argmax(cos))
             write = float(np.mean([v for r in roles for v in along[r][start : start + w] if v is not None]))
-            windows.append({"writers": group, "window": [start, start + w - 1], "ratio": ratio,
-                            "alignment": float(cos[m]), "direction_layer": m, "write": write})
-    if not windows:
-        raise CnaError(f"{src.spec} has no o_proj/down_proj weights of the hidden size {H}")
-    hits = [x for x in windows if x["ratio"] < threshold and x["alignment"] >= min_alignment]
-    best = min(hits or windows, key=lambda x: x["ratio"])
-    low = min(windows, key=lambda x: x["write"])
-    per_layer = {role: [None if v is None else round(v, 4) for v in vals] for role, vals in along.items()}
-    return {"score": best["ratio"], "window": best["window"], "writers": best["writers"],
-            "alignment": best["alignment"], "direction_layer": best["direction_layer"], "window_size": w,
-            "threshold": threshold, "min_alignment": min_alignment, "flagged": bool(hits) or low["write"] < write_threshold,
-            "ratio_flagged": bool(hits),
-            "write": {"score": low["write"], "window": low["window"], "writers": low["writers"],
-                      "threshold": write_threshold, "flagged": low["write"] < write_threshold, "per_layer": per_layer},
-            "debiased": not undebiased, "not_debiased": sorted(undebiased), "windows": windows}
+            windows.append(WindowScore(writers=group, window=[start, start + w - 1], ratio=ratio,
+                                       alignment=float(cos[m]), direction_layer=m, write=write))
+    return windows

@@ -18,11 +18,12 @@ import numpy as np
 
 from ..core.architectures import ArchSpec, arch_for_config
 from ..core.circuit import ModelIdentity, MoeIdentity
-from ..core.experts import SHARED
 from ..core.errors import CnaError
+from ..core.experts import SHARED
 from ..core.fingerprint import fingerprint
 from . import fpcache
-from .gguf import expert_ffn, ffn_tensors, gguf_arch, intermediate_size, num_layers, type_name
+from .gguf_arch import expert_ffn, ffn_tensors, gguf_arch, intermediate_size, num_layers
+from .gguf_read import type_name
 from .quants import dequantize_rows
 from .safetensors import Checkpoint, fp32_fingerprint
 
@@ -168,7 +169,7 @@ def _moe_checkpoint_identity(ckpt: Checkpoint, arch: ArchSpec, text: Any, num_la
     for layer in range(num_layers):
         t = expert_tensors(ckpt, arch, layer)
         names.extend(t.names())
-        for expert, (tensor, slot) in t.groups.items():
+        for expert, (tensor, _slot) in t.groups.items():
             shape = ckpt.info(tensor).shape
             dtype = dtype or ckpt.info(tensor).dtype
             h, w = shape[-2], shape[-1]

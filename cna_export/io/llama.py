@@ -7,6 +7,11 @@
   (token, position, sequence, want_logits) items, optionally with a control vector.
 - :func:`llama_logits` gives all-position logits of token id sequences; GGUF verification
   compares them with transformers.
+- :func:`ggml_dequantize` and :func:`ggml_quantize` call ggml's own row (de)quantisers in
+  llama-cpp-python's ``libggml-base`` (loaded with ctypes, without importing ``llama_cpp``).
+
+llama.cpp's own log lines go to this module's logger at debug level: they show with ``-v`` and
+nowhere else (never on stderr by themselves).
 
 Two context profiles exist. The default one is llama.cpp's own defaults (the evaluation
 backend: flash attention where llama.cpp chooses it). ``reference=True`` is exactly the setup of
@@ -45,7 +50,6 @@ def llama_module(purpose: str = "llama.cpp") -> Any:
 
     ``purpose`` names what needs it in the error raised when llama-cpp-python is missing.
     """
-    global _LOG_CALLBACK
     # ggml's OpenMP threads spin while waiting by default; on a shared or oversubscribed CPU that is
     # several times slower (measured 5x on 2 shared cores). Passive waiting, unless the user chose.
     os.environ.setdefault("OMP_WAIT_POLICY", "passive")
@@ -53,17 +57,30 @@ def llama_module(purpose: str = "llama.cpp") -> Any:
         import llama_cpp
     except ImportError:
         raise CnaError(f"{purpose} needs llama-cpp-python ({INSTALL_HINT})") from None
+    first = _LOG_CALLBACK is None
+    _route_logs(llama_cpp)
+    if first:
+        llama_cpp.llama_backend_init()
+    return llama_cpp
+
+
+def _route_logs(L: Any) -> None:
+    """Send llama.cpp's (and ggml's) log lines to this module's logger at debug level, nowhere else.
+
+    Importing ``llama_cpp`` installs its own callback, which prints every line to stderr, and
+    ``llama_cpp.Llama`` may install it again; so this one is installed on every :func:`llama_module`
+    call (each model load), not only the first.
+    """
+    global _LOG_CALLBACK
     if _LOG_CALLBACK is None:
 
-        @llama_cpp.llama_log_callback
+        @L.llama_log_callback
         def _cb(level: int, text: bytes, user_data: Any) -> None:
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("llama.cpp: %s", text.decode("utf-8", "replace").rstrip())
 
-        _LOG_CALLBACK = _cb
-        llama_cpp.llama_log_set(_LOG_CALLBACK, ctypes.c_void_p(0))
-        llama_cpp.llama_backend_init()
-    return llama_cpp
+        _LOG_CALLBACK = _cb  # kept referenced: llama.cpp holds a pointer to it
+    L.llama_log_set(_LOG_CALLBACK, ctypes.c_void_p(0))
 
 
 def _amx_build(L: Any) -> bool:
@@ -75,7 +92,20 @@ def _amx_build(L: Any) -> bool:
     return "AMX_INT8 = 1" in info
 
 
-class LlamaModel:
+class _Freed:
+    """A llama.cpp object that :meth:`close` frees; freed when garbage-collected too (best effort)."""
+
+    def close(self) -> None:  # pragma: no cover - every subclass frees its own
+        raise NotImplementedError
+
+    def __del__(self) -> None:  # pragma: no cover - best effort
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class LlamaModel(_Freed):
     """A loaded GGUF (weights only; contexts are made separately, see :class:`LlamaContext`).
 
     ``reference``: load as ``llama_cpp.Llama`` does (no GPU layers, memory-mapped weights).
@@ -161,12 +191,6 @@ class LlamaModel:
             self.L.llama_model_free(self.model)
             self.model = None
 
-    def __del__(self) -> None:  # pragma: no cover - best effort
-        try:
-            self.close()
-        except Exception:
-            pass
-
 
 class LlamaLora:
     """A llama.cpp LoRA adapter GGUF loaded for ``lm`` (``llama_adapter_lora_init``); apply it to a
@@ -206,7 +230,7 @@ def _reference_settings(L: Any, p: Any) -> None:
     p.no_perf = False
 
 
-class LlamaContext:
+class LlamaContext(_Freed):
     """One llama.cpp context holding ``n_seq`` independent KV sequences of ``n_ctx_seq`` tokens each.
 
     ``n_ubatch``: tokens per micro-batch (default ``min(512, n_batch)``). ``reference``: the
@@ -291,12 +315,6 @@ class LlamaContext:
             self.L.llama_free(self.ctx)
             self.ctx = None
 
-    def __del__(self) -> None:  # pragma: no cover - best effort
-        try:
-            self.close()
-        except Exception:
-            pass
-
 
 def llama_logits(path: str | Path, ids: Sequence[Sequence[int]], threads: int = 2,
                  purpose: str = "verifying a GGUF export", lora: str | Path | None = None) -> list[np.ndarray]:
@@ -330,3 +348,79 @@ def llama_logits(path: str | Path, ids: Sequence[Sequence[int]], threads: int = 
             adapter.close()
         lm.close()
     return out
+
+
+# -- ggml's own row (de)quantisers (llama-cpp-python's libggml-base, through ctypes) -------------
+
+_GGML_BASE: list[Any] = []  # [the library, or None where llama-cpp-python is not installed], loaded once
+
+
+def _ggml_base() -> Any:
+    """libggml-base from the llama_cpp package (found without importing it), or None."""
+    if not _GGML_BASE:
+        lib = None
+        try:
+            spec = importlib.util.find_spec("llama_cpp")
+            if spec is not None and spec.submodule_search_locations:
+                root = Path(list(spec.submodule_search_locations)[0]) / "lib"
+                for name in ("libggml-base.so", "libggml-base.dylib", "ggml-base.dll"):
+                    if (root / name).is_file():
+                        lib = ctypes.CDLL(str(root / name))
+                        break
+        except (OSError, ImportError, ValueError):
+            lib = None
+        _GGML_BASE.append(lib)
+    return _GGML_BASE[0]
+
+
+def ggml_has(routine: str) -> bool:
+    """Whether libggml-base is installed and exports ``routine``."""
+    lib = _ggml_base()
+    return lib is not None and hasattr(lib, routine)
+
+
+def ggml_dequantize(byte_rows: np.ndarray, type_name: str, n_cols: int) -> np.ndarray | None:
+    """ggml's ``dequantize_row_<type>`` over ``(n_rows, row_bytes)`` uint8 rows of GGML type ``type_name``:
+    float32 ``(n_rows, n_cols)`` (10x to 40x gguf-py's numpy, and it releases the GIL), or None where
+    the library or the routine is missing."""
+    name = "dequantize_row_" + type_name.lower().replace("_k", "_K")
+    if not ggml_has(name):
+        return None
+    fn = getattr(_ggml_base(), name)
+    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64], None
+    src = np.ascontiguousarray(byte_rows)
+    out = np.empty((src.shape[0], n_cols), dtype=np.float32)
+    step = max(1, (1 << 24) // max(1, n_cols))  # 16 Mi values per call
+    for r0 in range(0, src.shape[0], step):
+        r1 = min(src.shape[0], r0 + step)
+        fn(src[r0:r1].ctypes.data, out[r0:r1].ctypes.data, (r1 - r0) * n_cols)
+    return out
+
+
+def ggml_quantize(values: np.ndarray, type_id: int, row_bytes: int) -> tuple[np.ndarray, int]:
+    """ggml's ``ggml_quantize_chunk`` (no importance matrix) of float32 rows ``(n_rows, n_cols)`` to GGML type
+    ``type_id``: uint8 ``(n_rows, row_bytes)`` and the bytes ggml says it wrote. Check :func:`ggml_has` first."""
+    fn = _ggml_base().ggml_quantize_chunk
+    fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                   ctypes.c_void_p]
+    fn.restype = ctypes.c_size_t
+    src = np.ascontiguousarray(values, dtype=np.float32)
+    out = np.zeros((src.shape[0], row_bytes), dtype=np.uint8)
+    written = fn(int(type_id), src.ctypes.data, out.ctypes.data, 0, src.shape[0], src.shape[1], None)
+    return out, int(written)
+
+
+def quantize_gguf(src: str | Path, out: str | Path, ftype: str, threads: int = 2, requantize: bool = False) -> Path:
+    """``src`` written to ``out`` by llama.cpp's own quantiser (``llama_model_quantize``) as file type ``ftype``
+    (``Q8_0``, ``Q4_K_M``, ``F32``, ...: a ``LLAMA_FTYPE_MOSTLY_*`` / ``LLAMA_FTYPE_ALL_*`` name);
+    ``requantize``: allow a quantised source (dequantised first, as llama.cpp's ``--allow-requantize``)."""
+    L = llama_module("quantising a GGUF")
+    code = getattr(L, f"LLAMA_FTYPE_MOSTLY_{ftype.upper()}", None) or getattr(L, f"LLAMA_FTYPE_ALL_{ftype.upper()}", None)
+    if code is None:
+        raise CnaError(f"llama.cpp has no file type {ftype}")
+    params = L.llama_model_quantize_default_params()
+    params.ftype, params.nthread, params.allow_requantize = code, threads, requantize
+    rc = L.llama_model_quantize(str(src).encode("utf-8"), str(out).encode("utf-8"), ctypes.byref(params))
+    if rc != 0:
+        raise CnaError(f"llama.cpp could not quantise {Path(src).name} to {ftype} (code {rc})")
+    return Path(out)

@@ -20,9 +20,8 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
-
-from ..core.errors import CnaError
 from ..core.atomic import public_mode
+from ..core.errors import CnaError
 from .filecopy import copy_range, write_all
 
 INDEX_SUFFIX = ".safetensors.index.json"
@@ -107,7 +106,8 @@ class Checkpoint:
                 raise CnaError(f"safetensors index {index} names an invalid shard path {file!r}"[:300])
         for file in sorted(set(weight_map.values())):
             if not (folder / file).is_file():
-                raise CnaError(f"checkpoint {folder} is incomplete: the index names shard {_shown(file)}, which is missing")
+                raise CnaError(f"checkpoint {folder} is incomplete: the index names shard {_shown(file)}, "
+                               "which is missing")
         by_file: dict[str, list[str]] = {}
         for name, file in weight_map.items():
             by_file.setdefault(file, []).append(name)
@@ -115,7 +115,8 @@ class Checkpoint:
             present = set(_header(folder / file))
             absent = [n for n in names if n not in present]
             if absent:
-                raise CnaError(f"checkpoint {folder}: the index puts {_shown(absent[0])} in {_shown(file)}, but that shard has no such tensor")
+                raise CnaError(f"checkpoint {folder}: the index puts {_shown(absent[0])} in {_shown(file)}, "
+                               "but that shard has no such tensor")
         return cls(folder, weight_map, index.name)
 
     # -- look-ups -----------------------------------------------------------------
@@ -173,7 +174,8 @@ def _header(path: Path) -> list[str]:
         with safe_open(path, framework="pt") as f:
             return list(f.keys())
     except (SafetensorError, OSError) as e:
-        raise CnaError(f"cannot read safetensors file {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CnaError(f"cannot read safetensors file {path}: {why}") from None
 
 
 def fp32_fingerprint(ckpt: Checkpoint, names: Iterable[str]) -> str:

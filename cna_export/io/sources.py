@@ -57,7 +57,8 @@ def hub_folder(repo_id: str) -> Path:
         return Path(snapshot_download(repo_id, ignore_patterns=["*.bin", "*.pt", "*.pth", "*.gguf", "*.h5",
                                                                 "*.msgpack", "*.onnx", "original/*"]))
     except Exception as e:  # the hub client raises many types; all mean "not available"
-        raise CnaError(f"cannot get model {repo_id} from the Hugging Face Hub: {str(e).strip().splitlines()[0]}") from None
+        why = str(e).strip().splitlines()[0]
+        raise CnaError(f"cannot get model {repo_id} from the Hugging Face Hub: {why}") from None
 
 
 def local_folder(source: ModelSource) -> Path:

@@ -1,12 +1,17 @@
-"""Tensor bytes as stored: raw little-endian bytes, their sha256, and bit-exact comparison (torch tensors)."""
+"""Tensor bytes as stored: raw little-endian bytes, their sha256, and bit-exact comparison (torch tensors and
+numpy arrays, memory-mapped ones included)."""
 
 from __future__ import annotations
 
 import hashlib
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 if TYPE_CHECKING:
     import torch
+
+_HASH_CHUNK = 1 << 24
 
 
 def tensor_bytes(t: torch.Tensor) -> bytes:
@@ -44,3 +49,28 @@ def bytes_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     if a.numel() == 0:
         return True
     return bool(torch.equal(a.contiguous().view(int_view(a.dtype)), b.contiguous().view(int_view(b.dtype))))
+
+
+def byte_view(arr: np.ndarray) -> np.ndarray:
+    """A C-contiguous array seen as flat uint8 (no copy)."""
+    return arr.reshape(-1).view(np.uint8)
+
+
+def sha256_array(arr: np.ndarray) -> str:
+    """sha256 of an array's bytes, streamed in chunks (works on memory maps without loading them)."""
+    b = byte_view(arr)
+    h = hashlib.sha256()
+    for start in range(0, b.size, _HASH_CHUNK):
+        h.update(b[start : start + _HASH_CHUNK])
+    return h.hexdigest()
+
+
+def arrays_equal_bytes(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether two arrays hold identical bytes, compared chunk by chunk."""
+    x, y = byte_view(a), byte_view(b)
+    if x.size != y.size:
+        return False
+    for start in range(0, x.size, _HASH_CHUNK):
+        if not np.array_equal(x[start : start + _HASH_CHUNK], y[start : start + _HASH_CHUNK]):
+            return False
+    return True

@@ -42,10 +42,10 @@ import numpy as np
 
 from ..core.architectures import ArchSpec
 from ..core.errors import CnaError
+from .quant_types import float_type
 
 log = logging.getLogger(__name__)
 
-FLOAT_STORAGES = ("float64", "float32", "float16", "bfloat16", "F64", "F32", "F16", "BF16")
 _BLK = re.compile(r"^blk\.(\d+)\.(.+)$")
 # Files of an HF folder that hold weights (compared tensor by tensor, not as files) or are ours.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx", ".pkl")
@@ -66,7 +66,7 @@ class TensorEntry:
 
     @property
     def quantized(self) -> bool:
-        return self.storage not in FLOAT_STORAGES
+        return float_type(self.storage) is None
 
     @property
     def n_elements(self) -> int:
@@ -205,7 +205,8 @@ class WeightSource:
         return int(down.shape[0])
 
     def describe(self) -> str:
-        return f"{self.spec} ({'GGUF' if self.kind == 'gguf' else 'safetensors'}, {self.arch.model_type}, {self.num_layers} layers)"
+        fmt = "GGUF" if self.kind == "gguf" else "safetensors"
+        return f"{self.spec} ({fmt}, {self.arch.model_type}, {self.num_layers} layers)"
 
     # -- reading ---------------------------------------------------------------
     def read(self, entry: TensorEntry) -> np.ndarray:  # pragma: no cover - abstract
@@ -214,11 +215,7 @@ class WeightSource:
     def rounding_noise(self, entry: TensorEntry) -> np.ndarray | None:
         """Expected squared rounding error per row of the stored matrix (``quants.rounding_noise_rows``):
         zeros for float storage, None where the storage type has no uniform-step model."""
-        from .quants import FLOAT_TYPES
-
-        torch_floats = ("FLOAT32", "FLOAT64", "FLOAT16", "BFLOAT16", "HALF", "FLOAT", "DOUBLE")  # torch dtype names
-        name = entry.storage.upper().removeprefix("TORCH.")
-        return np.zeros(int(entry.shape[0])) if name in FLOAT_TYPES or name in torch_floats else None
+        return np.zeros(int(entry.shape[0])) if float_type(entry.storage) is not None else None
 
     def raw(self, entry: TensorEntry) -> Any:  # pragma: no cover - abstract
         """The stored bytes (a memory-mapped array or tensor), for exact comparisons and hashes."""
@@ -233,7 +230,9 @@ class WeightSource:
             return None
         return self._bytes_equal(entry, other, other_entry)
 
-    def _bytes_equal(self, entry: TensorEntry, other: "WeightSource", other_entry: TensorEntry) -> bool:  # pragma: no cover
+    def _bytes_equal(  # pragma: no cover - abstract
+        self, entry: TensorEntry, other: WeightSource, other_entry: TensorEntry
+    ) -> bool:
         raise NotImplementedError
 
     def rows_max_abs(self, entry: TensorEntry, values: np.ndarray) -> np.ndarray:

@@ -54,74 +54,23 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-
 from ..core.errors import CnaError, VerificationFailed
+from ..core.manifest import ExportManifest
+from ..core.settings import GGUFVerifyOptions
 from ..export.gguf import read_gguf_manifest, resolve_gguf_model
 from ..io import gguf as G
-from ..core.manifest import ExportManifest
-from .report import Check, PromptDetail, Tolerances, VerifyReport
-from .prompts import verification_prompts
-
-from .gguf_behaviour import GGUFVerifyOptions, check_behaviour  # noqa: F401  (GGUFVerifyOptions: part of this API)
+from .gguf_behaviour import check_behaviour
 from .gguf_tensors import check_tensors
+from .prompts import verification_prompts
+from .report import Check, PromptDetail, Tolerances, VerifyReport
 
 log = logging.getLogger(__name__)
 
 
-
-
-
-
-
-# ---------------------------------------------------------------------------
-# Tensor check
-# ---------------------------------------------------------------------------
-
-
-
-
-
-
-
-
-# ---------------------------------------------------------------------------
-# Behaviour check
-# ---------------------------------------------------------------------------
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-# ---------------------------------------------------------------------------
-# Entry point
-# ---------------------------------------------------------------------------
-
-
 def _adapter_base(manifest: ExportManifest) -> str:
-    """The base of a GGUF LoRA adapter: the ``base file:`` its export recorded when it still exists, else its source."""
-    for note in manifest.notes:
-        if note.startswith("base file: ") and Path(note.removeprefix("base file: ")).is_file():
-            return note.removeprefix("base file: ")
-    return manifest.source
+    """The base of a GGUF LoRA adapter: the base file its export recorded when it is still there, else its source."""
+    found = manifest.base_file.local() if manifest.base_file is not None else None
+    return str(found) if found is not None else manifest.source
 
 
 def verify_gguf(
@@ -185,7 +134,8 @@ def verify_gguf(
         notes = [
             f"adapter: base {src_path.name}'s steered ffn_down tensors hash to the manifest's sha256_before; "
             f"{ac.exact}/{len(manifest.tensors)} lora_a/lora_b pairs equal the factors recomputed from the base, "
-            f"rank {ac.rank}, alpha {ac.alpha:g} (scale 1)" if ac.passed else f"adapter check: {len(ac.failures)} problems",
+            f"rank {ac.rank}, alpha {ac.alpha:g} (scale 1)" if ac.passed
+            else f"adapter check: {len(ac.failures)} problems",
             f"manifest from {where}; LoRA on ffn_down, applied at scale 1 in llama.cpp",
         ]
         metrics: dict[str, float] = {"tensors": float(ac.tensors), "adapter_rank": float(ac.rank),
@@ -214,21 +164,25 @@ def verify_gguf(
             "tensor_check_seconds": time.perf_counter() - t0,
         }
         checks = [
-            Check(label="tensors and KV pairs exact", value=f"all {tc.n_tensors}" if tc.passed else f"{len(tc.failures)} problems",
+            Check(label="tensors and KV pairs exact",
+                  value=f"all {tc.n_tensors}" if tc.passed else f"{len(tc.failures)} problems",
                   tolerance="all", ok=tc.passed)
         ]
     details: list[dict[str, Any]] = []
+    undecided: list[str] = []  # what the behaviour check's prompts could not decide
     prompt_list: list[str] = []
     settings: dict[str, Any] = {"source": src_spec, "source_file": str(src_path), "threads": opts.threads,
                                 "max_kl_ratio": opts.max_kl_ratio, "max_effect_share": opts.max_effect_share,
                                 "max_top1_drop": opts.max_top1_drop, "top1_min_margin": opts.top1_min_margin,
-                                "max_steering_error": opts.max_steering_error}  # fmt: skip
+                                "max_steering_error": opts.max_steering_error,
+                                "max_prompts": opts.max_prompts}  # fmt: skip
     if behaviour:
         if prompts is not None:
             prompt_list = list(prompts)
             settings["prompts_used"] = len(prompt_list)
         else:
-            prompt_list, info = verification_prompts(prompt_files, opts.limit, opts.field, opts.column)
+            prompt_list, info = verification_prompts(prompt_files, max(opts.limit, opts.max_prompts), opts.field,
+                                                     opts.column)  # the pool the behaviour check widens into
             settings.update(info)
         if not prompt_list:
             raise CnaError("verify needs at least one prompt")
@@ -241,10 +195,13 @@ def verify_gguf(
             from ..model.loading import load_model
 
             loaded = load_model(src_spec)
-        b = check_behaviour(loaded, src_path, exp_path, manifest.multiplier_map(), prompt_list, opts, progress,
-                            adapter=adapter)
+        start = opts.limit if prompts is None else None
+        pool = prompt_list[: start or len(prompt_list)] if reasons else prompt_list  # tensors failed: no widening
+        b = check_behaviour(loaded, src_path, exp_path, manifest.multiplier_map(), pool, opts, progress,
+                            adapter=adapter, start=start)
         metrics.update(b.metrics)
-        details = b.details
+        details, undecided = b.details, b.undecided
+        settings["prompts_used"] = len(details)
         reasons += b.reasons
         notes += b.notes
         checks += b.checks
@@ -257,7 +214,7 @@ def verify_gguf(
         max_abs_logit_delta=opts.max_logit_delta, max_mean_kl=opts.max_kl, min_top1_agreement=opts.min_top1
     )
     report = VerifyReport.build(
-        metrics, tolerances, extra_reasons=reasons,
+        metrics, tolerances, extra_reasons=reasons, undecided=undecided,
         method="gguf: llama.cpp export vs transformers hook steering, relative to the unsteered noise floor",
         reference=f"{src_spec} in transformers + hook steering ({len(manifest.multipliers)} neurons)",
         candidate=f"{src_path.name} + LoRA {exp_path} in llama.cpp" if adapter else f"{exp_path} in llama.cpp",
@@ -265,7 +222,7 @@ def verify_gguf(
         positions="all distinct", settings=settings, notes=notes, checks=checks,
         prompts=[PromptDetail(prompt=p, **d) for p, d in zip(prompt_list, details)],
     )  # fmt: skip
-    if raise_on_failure and not report.passed:
+    if raise_on_failure and not report.publishable:
         err = VerificationFailed("GGUF verification failed: " + "; ".join(report.reasons[:3]))
         err.report = report  # type: ignore[attr-defined]
         raise err

@@ -1,18 +1,22 @@
-"""GGUF behaviour check: the export in llama.cpp against hook steering in transformers, relative to the unsteered noise floor."""
+"""GGUF behaviour check: the export in llama.cpp against hook steering in transformers, relative to the unsteered
+noise floor (the verdict: :mod:`cna_export.verification.gguf_judge`)."""
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
+
 import numpy as np
 
 from ..core.errors import CnaError
 from ..core.progress import bar as progress_bar
+from ..core.settings import GGUFVerifyOptions, VerifyOptions
 from ..io.llama import llama_logits  # noqa: F401  (re-exported: the verification's llama.cpp logits)
-from .report import Check, MetricAccumulator, logit_metrics
-from ..core.settings import GGUFVerifyOptions, VerifyOptions  # noqa: F401  (GGUFVerifyOptions: part of this API)
+from .gguf_judge import BehaviourResult, confident_agreement  # noqa: F401  (part of this API)
+from .gguf_judge import judge as _judge
+from .report import MetricAccumulator, logit_metrics
+from .stats import LookPlan
 
 
 def token_ids(tokenizer: Any, prompts: Sequence[str], opts: VerifyOptions) -> list[list[int]]:
@@ -39,21 +43,6 @@ def top1_margin(logits: Any) -> np.ndarray:
     return (top[:, 0] - top[:, 1]).numpy()
 
 
-def confident_agreement(margin: np.ndarray, agree: np.ndarray, min_margin: float) -> float:
-    """Top-1 agreement over the positions whose reference margin is at least ``min_margin`` nats."""
-    keep = margin >= min_margin
-    return float(agree[keep].mean()) if np.any(keep) else 1.0
-
-
-@dataclass
-class BehaviourResult:
-    metrics: dict[str, float]
-    details: list[dict[str, Any]]
-    reasons: list[str]
-    notes: list[str]
-    checks: list[Check] = field(default_factory=list)
-
-
 def fresh_positions(ids: Sequence[Sequence[int]]) -> list[int]:
     """For each prompt, the first position whose token prefix no earlier prompt shares.
 
@@ -67,7 +56,7 @@ def fresh_positions(ids: Sequence[Sequence[int]]) -> list[int]:
         shared = 0
         for prev in ids[:i]:
             n = 0
-            for a, b in zip(seq, prev):
+            for a, b in zip(seq, prev, strict=False):
                 if a != b:
                     break
                 n += 1
@@ -77,7 +66,7 @@ def fresh_positions(ids: Sequence[Sequence[int]]) -> list[int]:
 
 
 class _Comparisons:
-    """Running figures of the five comparisons, prompt by prompt."""
+    """Running figures of the five comparisons, prompt by prompt (and per prompt, for the intervals)."""
 
     PAIRS = ("steered", "floor", "export_vs_plain", "effect_hf", "effect_llama")
 
@@ -86,6 +75,8 @@ class _Comparisons:
         self.details: list[dict[str, Any]] = []
         self.margins: dict[str, list[np.ndarray]] = {"floor": [], "steered": []}
         self.agree: dict[str, list[np.ndarray]] = {"floor": [], "steered": []}
+        self.kl_sums: dict[str, list[float]] = {k: [] for k in self.PAIRS}
+        self.positions: list[int] = []
         self.notes: list[str] = []
         self.slope_terms: list[tuple[float, float]] = []
 
@@ -98,17 +89,34 @@ class _Comparisons:
             self.notes.append(f"vocabularies differ (transformers {plain.shape[-1]}, llama.cpp {src.shape[-1]}): "
                               f"compared on the first {v} tokens")  # fmt: skip
         plain, hooked, src, exp = plain[:, :v], hooked[:, :v], src[:, :v], exp[:, :v]
-        st, fl = logit_metrics(hooked, exp), logit_metrics(plain, src)
-        self.details.append(self.acc["steered"].add(st))
-        self.acc["floor"].add(fl)
-        self.acc["export_vs_plain"].add(logit_metrics(plain, exp))
-        self.acc["effect_hf"].add(logit_metrics(plain, hooked))
-        self.acc["effect_llama"].add(logit_metrics(src, exp))
+        per = {"steered": logit_metrics(hooked, exp), "floor": logit_metrics(plain, src),
+               "export_vs_plain": logit_metrics(plain, exp), "effect_hf": logit_metrics(plain, hooked),
+               "effect_llama": logit_metrics(src, exp)}  # fmt: skip
+        self.details.append(self.acc["steered"].add(per["steered"]))
+        for k in self.PAIRS[1:]:
+            self.acc[k].add(per[k])
+        for k in self.PAIRS:
+            self.kl_sums[k].append(float(per[k]["kl"].sum()))
+        self.positions.append(int(plain.shape[0]))
         self.margins["floor"].append(top1_margin(plain))
         self.margins["steered"].append(top1_margin(hooked))
-        self.agree["floor"].append(fl["top1"].numpy())
-        self.agree["steered"].append(st["top1"].numpy())
+        self.agree["floor"].append(per["floor"]["top1"].numpy())
+        self.agree["steered"].append(per["steered"]["top1"].numpy())
         self.slope_terms.append(effect_slope_terms(plain, hooked, src, exp))
+
+    def flips(self, min_margin: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per prompt, over the positions where both references are confident (margin >= ``min_margin``):
+        how many, top-1 flips of the steered pair not of the floor pair (b), and of the floor pair not of
+        the steered pair (c)."""
+        n, b, c = [], [], []
+        m, a = self.margins, self.agree
+        for fm, sm, fa, sa in zip(m["floor"], m["steered"], a["floor"], a["steered"], strict=True):
+            keep = (fm >= min_margin) & (sm >= min_margin)
+            s_flip, f_flip = (sa[keep] < 0.5), (fa[keep] < 0.5)
+            n.append(int(keep.sum()))
+            b.append(int(np.sum(s_flip & ~f_flip)))
+            c.append(int(np.sum(f_flip & ~s_flip)))
+        return np.array(n, dtype=np.float64), np.array(b, dtype=np.float64), np.array(c, dtype=np.float64)
 
 
 def effect_slope_terms(plain: Any, hooked: Any, src: Any, exp: Any) -> tuple[float, float]:
@@ -156,112 +164,66 @@ def check_behaviour(
     opts: GGUFVerifyOptions,
     progress: bool = False,
     adapter: bool = False,
+    start: int | None = None,
 ) -> BehaviourResult:
     """Steered pair (hooked transformers vs llama.cpp export) against the noise floor (plain vs llama.cpp source).
-    ``adapter``: ``exported_path`` is a LoRA adapter GGUF, run in llama.cpp on top of ``source_path`` at scale 1."""
-    import torch
+    ``adapter``: ``exported_path`` is a LoRA adapter GGUF, run in llama.cpp on top of ``source_path`` at scale 1.
 
-    from ..model.steering import steer
-
+    ``prompts`` is the pool: the first ``start`` (default: all) are compared, and while a criterion is
+    undecided the set is doubled, up to the whole pool (:class:`~cna_export.verification.stats.LookPlan`)."""
     t0 = time.perf_counter()
     ids = token_ids(loaded.tokenizer, prompts, opts)
+    plan = LookPlan.make(start or len(ids), len(ids), len(ids))
+    starts = fresh_positions(ids)
+    comp = _Comparisons()
+    done, widened = 0, []
+    for size in plan.sizes:
+        _compare(loaded, source_path, exported_path, multipliers, ids[done:size], starts[done:size], opts, comp,
+                 progress, adapter)  # fmt: skip
+        done = size
+        result = _judge(comp, opts, t0, plan)
+        if result.verdict != "undecided":
+            break
+        widened.append(f"{size} prompts left {', '.join(c.label for c in result.checks if c.undecided)} undecided")
+    if done > plan.sizes[0]:  # the looks before the last one, and what each left undecided
+        result.notes.append("prompts widened: " + "; ".join(widened[: plan.sizes.index(done)]))
+    return result
+
+
+def _compare(loaded: Any, source_path: Path, exported_path: Path, multipliers: Any, ids: Sequence[list[int]],
+             starts: Sequence[int], opts: GGUFVerifyOptions, comp: _Comparisons, progress: bool, adapter: bool) -> None:
+    """Run ``ids`` through llama.cpp (source, export) and transformers (plain, hooked); add them to ``comp``."""
+    import torch
+
     ll_src = llama_logits(source_path, ids, opts.threads)
     ll_exp = (llama_logits(source_path, ids, opts.threads, lora=exported_path) if adapter
               else llama_logits(exported_path, ids, opts.threads))
-    comp = _Comparisons()
-    starts = fresh_positions(ids)
     iterator: Any = progress_bar(progress, range(len(ids)), desc="verify", unit="prompt", leave=True)
     torch_threads = torch.get_num_threads()
     torch.set_num_threads(opts.threads)  # oversubscribed intra-op threads are many times slower
     try:
         for i in iterator:
-            x = torch.tensor([ids[i]], dtype=torch.long, device=loaded.input_device)
-            with torch.inference_mode():
-                plain = loaded.model(input_ids=x).logits[0].float().cpu()
-                with steer(loaded.model, loaded.arch, multipliers):
-                    hooked = loaded.model(input_ids=x).logits[0].float().cpu()
+            plain, hooked = plain_logits(loaded, ids[i]), steered_logits(loaded, ids[i], multipliers)
             comp.add(plain, hooked, torch.from_numpy(ll_src[i]), torch.from_numpy(ll_exp[i]), starts[i])
     finally:
         torch.set_num_threads(torch_threads)
-    return _judge(comp, opts, t0)
 
 
-def _judge(comp: _Comparisons, opts: GGUFVerifyOptions, t0: float) -> BehaviourResult:
-    """Metrics, pass/fail reasons and notes from the accumulated comparisons."""
-    acc, margins, agree, notes, details = comp.acc, comp.margins, comp.agree, comp.notes, comp.details
-    m = {k: a.metrics() for k, a in acc.items()}
-    metrics = dict(m["steered"])
-    for k in ("mean_kl", "max_kl", "top1_agreement", "max_abs_logit_delta"):
-        metrics[f"floor_{k}"] = m["floor"][k]
-    floor_kl, kl = m["floor"]["mean_kl"], m["steered"]["mean_kl"]
-    metrics["kl_ratio"] = (kl / floor_kl) if floor_kl > 0 else (1.0 if kl == 0 else float("inf"))
-    metrics["export_vs_unsteered_mean_kl"] = m["export_vs_plain"]["mean_kl"]
-    metrics["steering_effect_mean_kl"] = m["effect_hf"]["mean_kl"]
-    metrics["export_effect_mean_kl"] = m["effect_llama"]["mean_kl"]
-    metrics["behaviour_seconds"] = time.perf_counter() - t0
+def plain_logits(loaded: Any, ids: Sequence[int]) -> Any:
+    """Transformers' float32 logits ``[positions, vocab]`` of one token id sequence, unsteered."""
+    import torch
 
-    effect = metrics["steering_effect_mean_kl"]
-    allowed = opts.max_kl_ratio * floor_kl + opts.max_effect_share * effect
-    metrics["allowed_mean_kl"] = allowed
-    metrics["excess_share_of_effect"] = (kl - floor_kl) / effect if effect > 0 else (0.0 if kl <= floor_kl else float("inf"))
-    allowance = f"{opts.max_kl_ratio:g} x noise floor {floor_kl:.4g}" + (
-        f" + {opts.max_effect_share:g} x steering effect {effect:.4g}" if opts.max_effect_share else ""
-    )
-    reasons: list[str] = []
-    if not kl <= allowed:
-        reasons.append(f"steered mean KL {kl:.4g} is above the allowed {allowed:.4g} ({allowance}); its excess over "
-                       f"the floor is {metrics['excess_share_of_effect']:.2%} of the steering effect")  # fmt: skip
-    raw_top1, raw_floor_top1 = m["steered"]["top1_agreement"], m["floor"]["top1_agreement"]
-    fm, sm = np.concatenate(margins["floor"]), np.concatenate(margins["steered"])
-    top1 = confident_agreement(sm, np.concatenate(agree["steered"]), opts.top1_min_margin)
-    floor_top1 = confident_agreement(fm, np.concatenate(agree["floor"]), opts.top1_min_margin)
-    metrics["confident_top1_agreement"] = top1
-    metrics["floor_confident_top1_agreement"] = floor_top1
-    metrics["confident_positions"] = float(np.sum(sm >= opts.top1_min_margin))
-    metrics["floor_confident_positions"] = float(np.sum(fm >= opts.top1_min_margin))
-    where = f"at positions with a reference margin >= {opts.top1_min_margin:g} nats" if opts.top1_min_margin else ""
-    if top1 < floor_top1 - opts.max_top1_drop - 1e-12:
-        reasons.append(f"steered top-1 agreement {top1:.2%} {where} is more than {opts.max_top1_drop:.2%} below "
-                       f"the noise floor's {floor_top1:.2%}".replace("  ", " "))  # fmt: skip
-    slope, slope_se = steering_slope(comp.slope_terms)
-    metrics["steering_reproduced"], metrics["steering_reproduced_se"] = slope, slope_se
-    slope_ok = True
-    if effect > floor_kl:  # steering measurably moves the model: llama.cpp must move with it
-        allowed_off = opts.max_steering_error + 2 * (slope_se if np.isfinite(slope_se) else 0.0)
-        slope_ok = abs(slope - 1) <= allowed_off
-        if not slope_ok:
-            reasons.append(f"llama.cpp reproduces {slope:.1%} (+- {slope_se:.1%}) of the hook-steering effect; "
-                           f"allowed 100% +- {opts.max_steering_error:.0%} (+ 2 standard errors)")  # fmt: skip
-    if effect > floor_kl and not kl < metrics["export_vs_unsteered_mean_kl"]:
-        reasons.append(f"the export is not closer to hook steering (mean KL {kl:.4g}) than to the unsteered "
-                       f"model (mean KL {metrics['export_vs_unsteered_mean_kl']:.4g})")  # fmt: skip
-    notes += [
-        f"noise floor (llama.cpp source vs transformers, no steering): mean KL {floor_kl:.4g}, "
-        f"top-1 {raw_floor_top1:.2%} (steered pair {raw_top1:.2%}), max |delta logit| "
-        f"{m['floor']['max_abs_logit_delta']:.3g}",
-        f"steered mean KL {kl:.4g} = {metrics['kl_ratio']:.3f}x the floor, excess {metrics['excess_share_of_effect']:.2%} "
-        f"of the steering effect; allowed {allowed:.4g} ({allowance})",
-        f"top-1 {top1:.2%} vs {floor_top1:.2%} {where} ({int(metrics['confident_positions'])} and "
-        f"{int(metrics['floor_confident_positions'])} positions; at most -{opts.max_top1_drop:.2%})",
-        f"steering reproduced: llama.cpp's logit change is {slope:.2%} (+- {slope_se:.2%}) of transformers' "
-        f"(slope; at most {opts.max_steering_error:.0%} off"
-        + ("" if effect > floor_kl else "; not checked: the steering effect is within the noise floor") + ")",
-        f"steering moves transformers by mean KL {metrics['steering_effect_mean_kl']:.4g} and llama.cpp by "
-        f"{metrics['export_effect_mean_kl']:.4g}; export vs unsteered transformers: mean KL "
-        f"{metrics['export_vs_unsteered_mean_kl']:.4g}",
-    ]
-    checks = [
-        Check(label="noise floor mean KL", value=f"{floor_kl:.3e}", tolerance="-"),
-        Check(label="mean KL, allowed", value=f"{kl:.3e}", tolerance=f"<= {allowed:.3e}", ok=kl <= allowed),
-        Check(label=f"top-1 agreement, margin >= {opts.top1_min_margin:g}", value=f"{top1:.2%}",
-              tolerance=f">= {max(0.0, floor_top1 - opts.max_top1_drop):.2%}",
-              ok=not top1 < floor_top1 - opts.max_top1_drop - 1e-12),
-    ]  # fmt: skip
-    if effect > floor_kl:
-        checks += [
-            Check(label="steering reproduced (slope)", value=f"{slope:.1%} +- {slope_se:.1%}",
-                  tolerance=f"100% +- {opts.max_steering_error:.0%}", ok=slope_ok),
-            Check(label="KL to steered / to unsteered", value=f"{kl / max(metrics['export_vs_unsteered_mean_kl'], 1e-300):.2%}",
-                  tolerance="< 100%", ok=kl < metrics["export_vs_unsteered_mean_kl"]),
-        ]  # fmt: skip
-    return BehaviourResult(metrics, details, reasons, notes, checks)
+    x = torch.tensor([list(ids)], dtype=torch.long, device=loaded.input_device)
+    with torch.inference_mode():
+        return loaded.model(input_ids=x).logits[0].float().cpu()
+
+
+def steered_logits(loaded: Any, ids: Sequence[int], multipliers: Any) -> Any:
+    """Transformers' float32 logits ``[positions, vocab]`` of one token id sequence under hook steering."""
+    import torch
+
+    from ..model.steering import steer
+
+    x = torch.tensor([list(ids)], dtype=torch.long, device=loaded.input_device)
+    with torch.inference_mode(), steer(loaded.model, loaded.arch, multipliers):
+        return loaded.model(input_ids=x).logits[0].float().cpu()

@@ -111,7 +111,8 @@ def check_adapter_tensors(base: Any, adapter: Any, manifest: ExportManifest) -> 
             continue
         if not torch.equal(got_b, want_b):
             worst = float((got_b.float() - want_b.float()).abs().max())
-            f.append(f"{name}.lora_b is not m x column - column for the manifest's multipliers (max |error| {worst:.3g})")
+            f.append(f"{name}.lora_b is not m x column - column for the manifest's multipliers "
+                     f"(max |error| {worst:.3g})")
             continue
         if dtype == torch.float32 and tensor_sha256(merged_weight(w, got_a, got_b)) != tt.sha256_after:
             f.append(f"{name}: the merged weight W + B A does not hash to the manifest's sha256_after")

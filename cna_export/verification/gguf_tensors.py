@@ -8,7 +8,8 @@ import numpy as np
 from ..core.manifest import STEERED_SUFFIX
 from ..export.gguf import plan_patches
 from ..io import gguf as G
-from ..io.quants import LAYOUTS, dequantize_rows
+from ..io.quant_layouts import LAYOUTS
+from ..io.quants import dequantize_rows
 from ..core.manifest import GGUF_KEY, ExportManifest
 
 

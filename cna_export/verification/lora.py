@@ -15,13 +15,14 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from ..core.errors import CnaError
+from ..core.manifest import ExportManifest
 from ..core.settings import VerifyOptions
 from .prompts import verification_prompts
 from .report import VerifyReport
-from .safetensors import compare_steered, tolerances
+from .safetensors import compare_steered, export_manifest, loading_options, tolerances
 
 
-def check_lora_base(spec: str, manifest: Any) -> bool:
+def check_lora_base(spec: str, manifest: ExportManifest) -> bool:
     """Refuse (CnaError) a base whose steered down_proj tensors are not those the adapter was computed from
     (the manifest's ``sha256_before``). Returns False when the base is in another format than the one the
     adapter was computed from (names and bytes not comparable), True when checked."""
@@ -50,19 +51,12 @@ def check_lora_base(spec: str, manifest: Any) -> bool:
     return True
 
 
-def verify_lora(
-    original: str | Any,
-    adapter: str | Path,
-    opts: VerifyOptions | None = None,
-    prompt_files: Sequence[str | Path] | None = None,
-    model_options: Mapping[str, Any] | None = None,
-    manifest: Any = None,
-    progress: bool = False,
-) -> VerifyReport:
+def verify_lora(original: str | Any, adapter: str | Path, opts: VerifyOptions | None = None,
+                prompt_files: Sequence[str | Path] | None = None, model_options: Mapping[str, Any] | None = None,
+                manifest: ExportManifest | None = None, progress: bool = False) -> VerifyReport:
     """Verify the PEFT adapter folder ``adapter`` against hook steering of ``original`` (a spec or LoadedModel)."""
     import torch
 
-    from ..core.manifest import ExportManifest
     from ..model.loading import load_model, resolve_dtype
 
     try:
@@ -70,12 +64,9 @@ def verify_lora(
     except ImportError:
         raise CnaError("verifying a LoRA adapter needs peft: pip install 'cna-export[lora]'") from None
     opts = opts or VerifyOptions()
-    mopts = dict(model_options or {})
-    mopts.pop("dtype", None)
+    mopts = loading_options(model_options)
     adapter = Path(adapter)
-    manifest = manifest or ExportManifest.load(adapter)
-    if manifest.format != "lora":
-        raise CnaError(f"{adapter} is a {manifest.format} export; this verifies LoRA adapter folders")
+    manifest = export_manifest(adapter, manifest, "lora", "LoRA adapter folders")
     spec = original if isinstance(original, str) else original.source.spec
     check_lora_base(str(spec), manifest)
     dtype = "float32" if opts.dtype == "auto" else str(resolve_dtype(opts.dtype, None)).removeprefix("torch.")

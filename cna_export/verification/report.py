@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import math
 from datetime import datetime, timezone
-from typing import Any, Mapping, Sequence
-from pydantic import BaseModel, ConfigDict, Field
-from ..core.version import __version__
-from ..core.errors import CnaError
+from typing import Any, Literal, Mapping, Sequence
 
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from ..core.errors import CnaError
 
 # Default tolerances by compared dtype (the brief of issue #3; each is overridable by a flag).
 from ..core.settings import FP32_MAX_LOGIT_DELTA, HALF_MAX_KL, HALF_MIN_TOP1  # noqa: E402,F401
+from ..core.version import __version__
 
 
 class Tolerances(BaseModel):
@@ -88,7 +89,8 @@ class Check(BaseModel):
     label: str
     value: str
     tolerance: str
-    ok: bool | None = Field(None, description="None: informative only")
+    ok: bool | None = Field(None, description="None: informative only, or undecided")
+    undecided: bool = Field(False, description="the prompts could not decide it (shown as ?)")
 
 
 class VerifyReport(BaseModel):
@@ -109,18 +111,45 @@ class VerifyReport(BaseModel):
     metrics: dict[str, float] = Field(default_factory=dict)
     tolerances: Tolerances
     passed: bool
+    verdict: Literal["passed", "inconclusive", "failed"] | None = Field(
+        None, description="passed; inconclusive: no criterion failed, but the prompts could not decide every one "
+        "(a GGUF export whose tensors were proven exact is then written); failed")
     reasons: list[str] = Field(default_factory=list, description="why it failed (empty when passed)")
+    undecided: list[str] = Field(default_factory=list, description="what the prompts could not decide (inconclusive)")
     failed_metrics: list[str] = Field(default_factory=list, description="metrics outside tolerance")
     checks: list[Check] = Field(default_factory=list, description="relative criteria, shown in the table")
     notes: list[str] = Field(default_factory=list)
     prompts: list[PromptDetail] = Field(default_factory=list)
 
+    @model_validator(mode="after")
+    def _verdict(self) -> "VerifyReport":
+        if self.verdict is None:  # a report from before verdicts, or built without one
+            self.verdict = "passed" if self.passed else "failed"
+        if self.passed != (self.verdict == "passed"):
+            raise ValueError(f"passed={self.passed} contradicts verdict {self.verdict!r}")
+        return self
+
     @classmethod
-    def build(cls, metrics: Mapping[str, float], tolerances: Tolerances, extra_reasons: Sequence[str] = (), **kw: Any) -> "VerifyReport":
+    def build(cls, metrics: Mapping[str, float], tolerances: Tolerances, extra_reasons: Sequence[str] = (),
+              undecided: Sequence[str] = (), **kw: Any) -> "VerifyReport":
+        """Failed when any reason (or absolute tolerance) fails it; else inconclusive when anything is ``undecided``."""
         failures = tolerances.failures(metrics)
         reasons = list(extra_reasons) + list(failures.values())
-        return cls(metrics=dict(metrics), tolerances=tolerances, passed=not reasons, reasons=reasons,
-                   failed_metrics=list(failures), **kw)
+        verdict = "failed" if reasons else "inconclusive" if undecided else "passed"
+        return cls(metrics=dict(metrics), tolerances=tolerances, passed=verdict == "passed", verdict=verdict,
+                   reasons=reasons, undecided=[] if reasons else list(undecided), failed_metrics=list(failures), **kw)
+
+    @property
+    def publishable(self) -> bool:
+        """Whether an export may be written: it passed, or it is inconclusive (never on a failure)."""
+        return self.verdict != "failed"
+
+    @property
+    def status(self) -> str:
+        """One line: ``passed``, ``INCONCLUSIVE (not a failure): ...`` or ``FAILED: ...``."""
+        if self.verdict == "inconclusive":
+            return "INCONCLUSIVE (not a failure): " + "; ".join(self.undecided)
+        return "passed" if self.passed else "FAILED: " + "; ".join(self.reasons)
 
     def summary(self) -> dict[str, Any]:
         """A short dict (no per-prompt details) for manifests and model cards."""
@@ -159,9 +188,11 @@ class VerifyReport(BaseModel):
         if "greedy_identical" in m:
             same = round(m["greedy_identical"] * n_prompts)
             label = f"identical greedy ({int(m.get('max_new_tokens', 0))} tokens)"
-            lines.append(f"{label:<34}{f'{same}/{n_prompts}':>14}  {self.tolerances.describe('greedy_identical'):<12}{ok('greedy_identical'):>4}")
+            tol = self.tolerances.describe("greedy_identical")
+            lines.append(f"{label:<34}{f'{same}/{n_prompts}':>14}  {tol:<12}{ok('greedy_identical'):>4}")
         for c in self.checks:
-            lines.append(f"{c.label:<34}{c.value:>14}  {c.tolerance:<12}{'' if c.ok is None else 'yes' if c.ok else 'no':>4}")
+            mark = "?" if c.undecided else "" if c.ok is None else "yes" if c.ok else "no"
+            lines.append(f"{c.label:<34}{c.value:>14}  {c.tolerance:<12}{mark:>4}")
         if per_prompt and self.prompts:
             lines += ["", f"{'#':>3} {'pos':>4} {'max|dlogit|':>12} {'mean KL':>10} {'top-1':>7} {'greedy':>6}  prompt"]
             for i, p in enumerate(self.prompts):
@@ -173,7 +204,7 @@ class VerifyReport(BaseModel):
         if self.seconds:
             lines.append("seconds      " + ", ".join(f"{k} {v:.1f}" for k, v in self.seconds.items()))
         lines.append("")
-        lines.append("result       PASSED" if self.passed else "result       FAILED: " + "; ".join(self.reasons))
+        lines.append("result       " + ("PASSED" if self.passed else self.status))
         return "\n".join(lines)
 
 
@@ -249,3 +280,21 @@ class MetricAccumulator:
             "top1_agreement": self.top1_sum / self.positions,
             "last_top1_agreement": self.last_top1 / self.prompts,
         }
+
+
+def inconclusive_exit(verifications: Sequence[Any], what: str = "export written") -> int:
+    """The exit code after a command's verifications (reports or their ``summary()`` dicts, None when not
+    run) published what they checked: ``ExitCode.VERIFY_INCONCLUSIVE`` when one was inconclusive, saying
+    why on stderr, else 0 (a failed one never gets here: it raised ``VerificationFailed``)."""
+    import sys
+
+    from ..core.errors import ExitCode
+
+    code = 0
+    for v in verifications:
+        d = v.summary() if isinstance(v, VerifyReport) else v
+        if d and d.get("verdict") == "inconclusive":
+            print(f"cna-export: verification inconclusive ({what}): " + "; ".join(d.get("undecided") or []),
+                  file=sys.stderr)  # fmt: skip
+            code = ExitCode.VERIFY_INCONCLUSIVE
+    return code

@@ -40,45 +40,19 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from ..core.errors import CnaError
+from ..core.manifest import ExportManifest
 from ..core.progress import bar as progress_bar
-from ..core.settings import VERIFY_MAX_NEW_TOKENS as DEFAULT_MAX_NEW_TOKENS  # noqa: F401
-from ..core.settings import VerifyOptions  # noqa: F401  (part of this module's API)
-
+from ..core.settings import VerifyOptions
 from .prompts import verification_prompts
 from .report import (
-    MetricAccumulator, PromptDetail, Tolerances, VerifyReport,
+    MetricAccumulator,
+    PromptDetail,
+    Tolerances,
+    VerifyReport,
     logit_metrics,
 )
 
 log = logging.getLogger(__name__)
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-# -- metrics on logits ------------------------------------------------------------------
-
-
-
-
-
-
-# -- prompts ------------------------------------------------------------------------------
-
-
-
-
 
 
 # -- options ------------------------------------------------------------------------------
@@ -126,7 +100,8 @@ def compare_steered(
     ref_batches = list(batches(reference.tokenizer, texts_ref, device=reference.input_device, **args))
     cand_batches = list(batches(candidate.tokenizer, texts_cand, device=candidate.input_device, **args))
     same_tokens = len(ref_batches) == len(cand_batches) and all(
-        a.indices == b.indices and torch.equal(a.input_ids.cpu(), b.input_ids.cpu()) for a, b in zip(ref_batches, cand_batches)
+        a.indices == b.indices and torch.equal(a.input_ids.cpu(), b.input_ids.cpu())
+        for a, b in zip(ref_batches, cand_batches)
     )
     if not same_tokens:
         reasons.append("the tokenizers tokenise the prompts differently (logits compared on the reference's tokens)")
@@ -177,7 +152,8 @@ def compare_steered(
             last_top1_agree=d["last_top1_agree"],
             greedy_reference=greedy_ref[i] if greedy_ref is not None else None,
             greedy_candidate=greedy_cand[i] if greedy_cand is not None else None,
-            greedy_identical=(greedy_ref[i] == greedy_cand[i]) if greedy_ref is not None and greedy_cand is not None else None,
+            greedy_identical=(greedy_ref[i] == greedy_cand[i])
+            if greedy_ref is not None and greedy_cand is not None else None,
         ))
     dtype = str(reference.dtype).removeprefix("torch.")
     all_settings = {"limit": opts.limit, "max_new_tokens": opts.max_new_tokens, "batch_size": opts.batch_size,
@@ -208,7 +184,8 @@ def exported_dtype(exported: Path) -> str:
 
         name = expert_tensors(ckpt, arch, 0).names()[0]
     if name is None:
-        raise CnaError(f"{exported} has no down_proj weight for layer 0 (looked for {arch.checkpoint_down_names(0)[0]})")
+        raise CnaError(f"{exported} has no down_proj weight for layer 0 "
+                       f"(looked for {arch.checkpoint_down_names(0)[0]})")
     return ckpt.info(name).dtype
 
 
@@ -230,13 +207,26 @@ def _moe_source_tensor(ref: Any, name: str) -> Any:
     return experts.down_proj if kind == "fused" else experts.down_proj[expert].contiguous()
 
 
+def export_manifest(path: Path, manifest: ExportManifest | None, fmt: str, what: str) -> ExportManifest:
+    """The export manifest of ``path`` (or ``manifest`` when given), refused unless of format ``fmt``."""
+    manifest = manifest or ExportManifest.load(path)
+    if manifest.format != fmt:
+        raise CnaError(f"{path} is a {manifest.format} export; this verifies {what}")
+    return manifest
+
+
+def loading_options(model_options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """How to load both models, less the dtype (both run in the comparison dtype)."""
+    return {k: v for k, v in (model_options or {}).items() if k != "dtype"}
+
+
 def verify_export(
     original: str | Any,
     exported: str | Path,
     opts: VerifyOptions | None = None,
     prompt_files: Sequence[str | Path] | None = None,
     model_options: Mapping[str, Any] | None = None,
-    manifest: Any = None,
+    manifest: ExportManifest | None = None,
     reference_name: str | None = None,
     candidate_name: str | None = None,
     progress: bool = False,
@@ -249,19 +239,16 @@ def verify_export(
     import torch
 
     from ..io.tensor_bytes import tensor_sha256
-    from ..core.manifest import ExportManifest
     from ..model.loading import load_model, resolve_dtype
 
     opts = opts or VerifyOptions()
-    mopts = dict(model_options or {})
-    mopts.pop("dtype", None)
+    mopts = loading_options(model_options)
     exported = Path(exported)
     if not exported.is_dir():
         raise CnaError(f"exported model folder not found: {exported}")
-    manifest = manifest or ExportManifest.load(exported)
-    if manifest.format != "safetensors":
-        raise CnaError(f"{exported} is a {manifest.format} export; this verifies safetensors exports")
-    dtype = exported_dtype(exported) if opts.dtype == "auto" else str(resolve_dtype(opts.dtype, None)).removeprefix("torch.")
+    manifest = export_manifest(exported, manifest, "safetensors", "safetensors exports")
+    dtype = exported_dtype(exported) if opts.dtype == "auto" \
+        else str(resolve_dtype(opts.dtype, None)).removeprefix("torch.")
     prompts, prompt_info = verification_prompts(prompt_files, opts.limit, opts.field, opts.column)
 
     t0 = time.perf_counter()
