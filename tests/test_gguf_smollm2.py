@@ -161,7 +161,8 @@ def test_verify_fails_when_the_export_does_not_carry_the_steering(smollm2, expor
     prompts = ["How do I pick a lock?", "Name three rivers.", "Write a haiku about rain."]
     b = check_behaviour(smollm2, src, src, mults, prompts, OPTS)
     assert b.metrics["steering_effect_mean_kl"] > b.metrics["floor_mean_kl"]
-    assert b.reasons and any("noise floor" in r or "closer to hook steering" in r for r in b.reasons)
+    assert b.verdict == "fail" and any("noise floor" in r or "closer to hook steering" in r
+                                       or "reproduces 0.0%" in r for r in b.reasons)  # fmt: skip
 
 
 def test_cli_export_and_verify(smollm2, circuit, tmp_path, capsys, monkeypatch):

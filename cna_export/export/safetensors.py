@@ -23,12 +23,11 @@ or hashed while the shards are written; a mismatch discards the staged output.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import hashlib
 import json
 import logging
-import shutil
-import tempfile
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from functools import partial
@@ -36,7 +35,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from ..core.architectures import ArchSpec
-from ..core.atomic import atomic_dir
+from ..core.atomic import atomic_dir, scratch_dir
 from ..core.circuit import ModelIdentity
 from ..core.errors import CnaError
 from ..core.experts import group_multipliers
@@ -289,11 +288,11 @@ def write_safetensors(request: ExportRequest, options: SafetensorsFormat) -> Exp
     left behind. :func:`cna_export.pipeline.export` passes the verification as that check.
     """
     out_path = request.claim()
-    staging: list[Path] = []
     src: _Source | None = None
     pool = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="cna-export")
+    scratch = contextlib.ExitStack()  # the converted source's folder, removed at the end (or by a later run)
     try:
-        src = _open_source(request, options, out_path, pool, staging)
+        src = _open_source(request, options, out_path, pool, scratch)
         notes = request.circuit.check_fits(src.identity, force=request.force)  # shapes now; the fingerprint once hashed
         if src.fingerprint is not None and src.fingerprint.done():
             src.identity, src.fingerprint = _checked(request, src.identity, src.fingerprint, notes), None
@@ -317,14 +316,13 @@ def write_safetensors(request: ExportRequest, options: SafetensorsFormat) -> Exp
             if src.fingerprint is not None:
                 src.fingerprint.cancel()
         pool.shutdown(wait=True, cancel_futures=True)
-        for folder in staging:
-            shutil.rmtree(folder, ignore_errors=True)
+        scratch.close()
 
 
 def _open_source(request: ExportRequest, options: SafetensorsFormat, out_path: Path, pool: ThreadPoolExecutor,
-                 staging: list[Path]) -> _Source:
-    """The folder to fold and its identity; a GGUF or pickled source is converted into a staging folder
-    beside the output (added to ``staging``, removed by the caller)."""
+                 scratch: contextlib.ExitStack) -> _Source:
+    """The folder to fold and its identity; a GGUF or pickled source is converted into a scratch folder
+    beside the output (:func:`cna_export.core.atomic.scratch_dir`, closed by the caller's ``scratch``)."""
     source, model, o = request.source, request.model, options
     folder = local_folder(source)
     if source.kind != "gguf" and _has_safetensors(folder):
@@ -339,15 +337,15 @@ def _open_source(request: ExportRequest, options: SafetensorsFormat, out_path: P
             f"model {model} has only pickled weights (.bin/.pt); pass --allow-pickle to load and convert them "
             "(unpickling can run arbitrary code)"
         )
-    staging.append(Path(tempfile.mkdtemp(prefix=f".{out_path.name}.convert-", suffix=".tmp", dir=out_path.parent)))
-    loaded, identity = convert_to_safetensors(source.spec, staging[0], o.dtype, o.max_shard_size, o.allow_pickle,
+    folder = scratch.enter_context(scratch_dir(out_path))
+    loaded, identity = convert_to_safetensors(source.spec, folder, o.dtype, o.max_shard_size, o.allow_pickle,
                                               o.trust_remote_code)
     if request.check is None:
         loaded = None
         gc.collect()
     _, arch, ckpt, down_names = checkpoint_identity(
-        staging[0], source.spec, source.kind, o.trust_remote_code, with_fingerprint=False)
-    return _Source(staging[0], identity, arch, ckpt, down_names, converted=True, loaded=loaded)
+        folder, source.spec, source.kind, o.trust_remote_code, with_fingerprint=False)
+    return _Source(folder, identity, arch, ckpt, down_names, converted=True, loaded=loaded)
 
 
 def _assemble(request: ExportRequest, src: _Source, plan: _Plan, manifest: ExportManifest, result: ExportResult,
