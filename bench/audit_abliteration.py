@@ -33,6 +33,7 @@ import argparse
 import json
 import shutil
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -100,15 +101,16 @@ def run_audit(suspect: Path, base: Path | None, directions: Path, generate: bool
     wall = time.perf_counter() - t0
     out = {"exit": rep.exit_code, "verdict": rep.verdict, "wall": wall}
     if rep.behaviour is not None:
-        out["behaviour"] = {k: f"{m['refused']}/{m['n']}" for k, m in rep.behaviour["models"].items()}
-        out["behaviour_summary"] = rep.behaviour["summary"]
+        out["behaviour"] = {k: f"{m.refused}/{m.n}" for k, m in rep.behaviour.models.items()}
+        out["behaviour_summary"] = rep.behaviour.summary
     lr = rep.diff.lowrank if rep.diff is not None else None
     if lr is not None:
         out["lowrank"] = {"detected": lr.detected, "spike": lr.spike, "null": lr.null_spike, "kind": lr.kind,
-                          "layers": lr.layers, "profile": lr.profile(), "refusal": lr.refusal}
+                          "layers": lr.layers, "profile": lr.profile(),
+                          "refusal": asdict(lr.refusal) if lr.refusal is not None else None}
     if rep.base_free is not None:
-        out["depletion"] = rep.base_free.get("depletion")
-        out["eig_ratio"] = rep.base_free["direction"]["ratio"]
+        out["depletion"] = asdict(d) if (d := rep.base_free.depletion) else None
+        out["eig_ratio"] = rep.base_free.scan.direction.ratio
     return out
 
 

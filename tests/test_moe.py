@@ -392,7 +392,7 @@ def test_audit_manifest_of_a_moe_export(layout, moe_models, tmp_path):
     export_safetensors(str(src), circuit_of(ident, planted(ident)), out)
     settings = AuditSettings(manifest="embedded", base=str(src), discover=False, generate=False)
     report = audit(str(out), settings)
-    assert report.manifest_check["passed"], report.manifest_check
+    assert report.manifest_check.passed, report.manifest_check
     tensors = load_file(out / "model.safetensors")
     name = "model.layers.2.mlp.experts.down_proj" if layout == "fused" else "model.layers.2.mlp.experts.1.down_proj.weight"
     w = tensors[name]
@@ -403,7 +403,7 @@ def test_audit_manifest_of_a_moe_export(layout, moe_models, tmp_path):
     (out / "model.safetensors").unlink()
     save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
     bad = audit(str(out), settings).manifest_check
-    assert not bad["passed"] and any("2:1:9" in p for p in bad["problems"]), bad
+    assert not bad.passed and any("2:1:9" in p for p in bad.problems), bad
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -433,7 +433,7 @@ def test_audit_base_overlap_with_an_expert_circuit(moe_models, tmp_path):
     report = audit(str(tmp_path / "out"), AuditSettings(base=str(src), circuit=str(tmp_path / "c.json"),
                                                         generate=False))
     co = report.circuit_overlap
-    assert co["steered"] == len(mults) and co["ablated"] == sum(1 for m in mults.values() if m == 0.0), co
+    assert co.steered == len(mults) and co.ablated == sum(1 for m in mults.values() if m == 0.0), co
 
 
 @pytest.mark.llama

@@ -56,7 +56,7 @@ def cmd_audit(ns: argparse.Namespace) -> int:
     guard(ns, s, overwrite=s.overwrite)
     report = audit(ns.suspect, s, progress=wanted(ns.quiet))
     diff = report.diff
-    _write(ns, diff, diff.a["spec"] if diff is not None else "", report.to_dict() if ns.json else {}, s.overwrite)
+    _write(ns, diff, diff.a.spec if diff is not None else "", report.to_dict() if ns.json else {}, s.overwrite)
     print(report.verdict if ns.quiet else report.render())
     return report.exit_code
 

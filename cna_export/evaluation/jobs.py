@@ -63,6 +63,8 @@ def get_stats(job: EvalJob, backend: Backend, log: Callable[[str], None]) -> Sav
     if job.stats and Path(job.stats).is_file():
         saved = load_stats(job.stats)
         log(f"statistics   {job.stats} ({saved.identity.name}, {saved.identity.num_layers} layers)")
+        if saved.options.multiplier_mode == "learned":  # trained on the model itself
+            saved.attach(_transformers_model(job, backend, log, "learned multipliers"))
         return saved
     if not job.recipe:
         raise CnaError("circuit sizes and CAA need discovery statistics: pass --recipe (and optionally --stats FILE "

@@ -31,10 +31,6 @@ class SourceInfo:
     tensors: int
     description: str
 
-    def __getitem__(self, key: str) -> Any:
-        """Transitional, for ``cna_export/cli/audit.py`` (``diff.a["spec"]``) until it reads ``diff.a.spec``."""
-        return getattr(self, key)
-
 
 @dataclass
 class Rank1:
