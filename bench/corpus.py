@@ -226,9 +226,13 @@ def format_run(fmt: str, rc: int, wall: float, last: str, out: Path) -> FormatRu
         return FormatRun(format=fmt, exit_code=rc, exit_name=name, verdict=verdict, seconds=round(wall, 1),
                          reasons=[last])  # fmt: skip
     v = VerifyReport.model_validate(step.verification)
-    metric = "; ".join(f"{c.label} {c.value}" for c in v.checks if c.ok is not None)
-    if not metric:
-        metric = f"max |dlogit| {v.metrics.get('max_abs_logit_delta', float('nan')):.1e}"
+    m = v.metrics
+    parts = [f"{c.label} {c.value}" for c in v.checks if c.ok is not None]
+    if "steering_reproduced" in m and not any(c.label.startswith("steering reproduced") for c in v.checks):
+        parts.append(f"slope {m['steering_reproduced']:.1%} +- {m.get('steering_reproduced_se', 0):.1%} (not checked)")
+    if not parts:
+        parts.append(f"max |dlogit| {m.get('max_abs_logit_delta', float('nan')):.1e}")
+    metric = "; ".join(parts + [f"{m.get('prompts', 0):.0f} prompts"])
     return FormatRun(format=fmt, exit_code=rc, exit_name=name, verdict=str(v.verdict), seconds=round(step.seconds, 1),
                      metric=metric, reasons=v.reasons or v.undecided)  # fmt: skip
 
@@ -371,6 +375,8 @@ def write(corpus: Corpus, formats: list[str]) -> None:
           f"{s.multiplier:g} --format F --verify` per format (cell: verdict, time of export + verification), then "
           "`cna-export audit` of the GGUF export with `--base` the file it was made from.", "",
           totals(corpus), "", *rows, "", *(["Failed or undecided criteria:", "", *notes, ""] if notes else []),
+          "Verification figures:", "", *(f"- `{r.file}` {f.format}: {f.metric}" for r in corpus.records
+                                          for f in r.formats if f.metric), "",
           "## Families (rows for the README)", "", *family_rows(corpus), ""]  # fmt: skip
     RESULTS.mkdir(parents=True, exist_ok=True)
     for name, text in (("corpus.json", corpus.model_dump_json(indent=2) + "\n"), ("corpus.md", "\n".join(md))):

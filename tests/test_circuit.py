@@ -11,7 +11,8 @@ from cna_export.core.errors import CnaError
 
 
 def ident(**kw):
-    base = dict(name="m", architecture="llama", num_layers=4, intermediate_size=16, hidden_size=8, fingerprint="ab" * 32)
+    base = dict(name="m", architecture="llama", num_layers=4, intermediate_size=16, hidden_size=8,
+                    fingerprint="ab" * 32)
     base.update(kw)
     return ModelIdentity(**base)
 

@@ -5,12 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
-from cna_export.discovery.cna import RunningStats, TopKCounts, discover, run_prompts
-from cna_export.core.settings import DiscoverOptions
-from cna_export.model.prompts import load_prompts
-
 from conftest import ARCHS
+
+from cna_export.core.settings import DiscoverOptions
+from cna_export.discovery.cna import RunningStats, TopKCounts, discover, run_prompts
+from cna_export.model.prompts import load_prompts
 
 
 def capture_per_prompt(loaded, texts, batch_size):
@@ -94,7 +93,8 @@ def test_sign_restricts_the_circuit(tiny_loaded, prompt_files):
         assert len(c.neurons) == 20 and all((n.score > 0) == (sign == "positive") for n in c.neurons)
         # the top 20 by |score| among that sign, in order
         flat = np.where(keep, np.abs(scores), -1.0).ravel()
-        assert [(n.layer, n.index) for n in c.neurons] == [divmod(int(f), scores.shape[1]) for f in np.argsort(-flat, kind="stable")[:20]]
+        top = np.argsort(-flat, kind="stable")[:20]
+        assert [(n.layer, n.index) for n in c.neurons] == [divmod(int(f), scores.shape[1]) for f in top]
         assert c.method["sign"] == sign
         # neurons of that sign in the two-sided circuit keep their order
         same = [(n.layer, n.index) for n in both.neurons if (n.score > 0) == (sign == "positive")]
@@ -130,9 +130,9 @@ def _plant_always_on(model_dir, targets):
 
 
 def test_universal_filter_removes_planted_always_on_neurons(tmp_path, prompt_files):
-    from cna_export.model.loading import load_model
-
     from conftest import make_tiny_model
+
+    from cna_export.model.loading import load_model
 
     planted = [(0, 5), (1, 17), (2, 40)]
     d = make_tiny_model("llama", tmp_path / "planted", seed=3)

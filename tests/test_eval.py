@@ -11,16 +11,16 @@ import numpy as np
 import pytest
 import torch
 
-from cna_export.evaluation.backends import LlamaCppBackend, Steering, TransformersBackend
-from cna_export.core.circuit import Circuit, Neuron
 from cna_export.cli import main
+from cna_export.core.circuit import Circuit, Neuron
 from cna_export.core.errors import CnaError
-from cna_export.evaluation.evaluator import EvalSet, EvalSettings, Evaluator, Item, load_jbb, split_pairs
-from cna_export.model.generation import generate, greedy_generate
-from cna_export.evaluation.metrics import kl_divergence
 from cna_export.core.recipe import load_recipe
 from cna_export.core.settings import DiscoverOptions, build
+from cna_export.evaluation.backends import LlamaCppBackend, Steering, TransformersBackend
+from cna_export.evaluation.evaluator import EvalSet, EvalSettings, Evaluator, Item, load_jbb, split_pairs
+from cna_export.evaluation.metrics import kl_divergence
 from cna_export.evaluation.sweep import compute_stats, load_stats, parse_layers, save_stats
+from cna_export.model.generation import generate, greedy_generate
 
 PNG = b"\x89PNG\r\n\x1a\n"
 SHARED_JBB = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "jbb"
@@ -138,7 +138,8 @@ def test_stats_roundtrip_and_caa_vectors(tiny, recipe, tmp_path):
         for text in render(loaded.tokenizer, prompts):
             seen = {}
             hooks = [loaded.down_proj(l).register_forward_hook(
-                lambda m, a, o, l=l: seen.__setitem__(l, o[0, -1].double().numpy())) for l in range(loaded.num_layers)]
+                lambda m, a, o, l=l, seen=seen: seen.__setitem__(l, o[0, -1].double().numpy()))
+                for l in range(loaded.num_layers)]
             try:
                 ids = loaded.tokenizer(text, return_tensors="pt", add_special_tokens=False)
                 with torch.no_grad():

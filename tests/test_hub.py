@@ -125,7 +125,8 @@ def test_push_lora_adapter(fake_hub, tiny_models, tmp_path, capsys, one_thread):
     assert len(fake_hub.commits) == 1  # one commit
     commit = fake_hub.commits[0]
     assert commit["repo"] == "someone/steered-lora"
-    assert set(commit["files"]) == {"adapter_config.json", "adapter_model.safetensors", "cna_manifest.json", "README.md"}
+    expected = {"adapter_config.json", "adapter_model.safetensors", "cna_manifest.json", "README.md"}
+    assert set(commit["files"]) == expected
     assert commit["files"]["adapter_model.safetensors"] == (tmp_path / "ad" / "adapter_model.safetensors").read_bytes()
     meta, body = _card(commit["files"])
     print("card metadata sent:", meta)

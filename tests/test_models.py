@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cna_export.discovery.cna import discover
 from cna_export.core.errors import CnaError
-from cna_export.model.loading import load_model, resolve_source
 from cna_export.core.settings import DiscoverOptions
+from cna_export.discovery.cna import discover
+from cna_export.model.loading import load_model, resolve_source
 from cna_export.model.prompts import load_prompts
 
 
@@ -102,9 +102,11 @@ def test_shipped_architecture_table_validates():
 @pytest.mark.parametrize("where, key, value, message", [
     (("supported", "llama"), "mlp_path", "mlp", r"supported\.llama\.mlp_path: Extra inputs are not permitted"),
     (("supported", "llama"), "gated", "yes", r"supported\.llama\.gated: Input should be a valid boolean"),
-    (("supported", "llama"), "hf_classes", "LlamaForCausalLM", r"supported\.llama\.hf_classes: Input should be a valid"),
+    (("supported", "llama"), "hf_classes", "LlamaForCausalLM",
+         r"supported\.llama\.hf_classes: Input should be a valid"),
     (("supported", "qwen2", "gguf"), "down", "blk.ffn_down.weight", r"supported\.qwen2\.gguf\.down: .*no \{layer\}"),
-    (("supported", "phi3"), "up_rows", "first_half", r"supported\.phi3\.up_rows: Input should be 'plain' or 'second_half'"),
+    (("supported", "phi3"), "up_rows", "first_half",
+         r"supported\.phi3\.up_rows: Input should be 'plain' or 'second_half'"),
     ((), "extra", {}, r"extra: Extra inputs are not permitted"),
 ])
 def test_malformed_architecture_table_is_refused(where, key, value, message):

@@ -156,7 +156,8 @@ def test_capture_is_routing_weight_times_activation(family, moe_models):
 @pytest.fixture(scope="module")
 def circuits(moe_models):
     out = {}
-    sets = {n: PromptSet(texts=tuple(t), path=n, sha256=n, selector=None) for n, t in (("p", POS), ("n", NEG), ("u", NEU))}
+    named = (("p", POS), ("n", NEG), ("u", NEU))
+    sets = {n: PromptSet(texts=tuple(t), path=n, sha256=n, selector=None) for n, t in named}
     for family in MOE_FAMILIES:
         loaded = load_model(str(moe_models[(family, "per-expert")]))
         out[family] = discover(loaded, sets["p"], sets["n"], sets["u"], DiscoverOptions(top_k=16),
@@ -394,7 +395,8 @@ def test_audit_manifest_of_a_moe_export(layout, moe_models, tmp_path):
     report = audit(str(out), settings)
     assert report.manifest_check.passed, report.manifest_check
     tensors = load_file(out / "model.safetensors")
-    name = "model.layers.2.mlp.experts.down_proj" if layout == "fused" else "model.layers.2.mlp.experts.1.down_proj.weight"
+    name = ("model.layers.2.mlp.experts.down_proj" if layout == "fused"
+                else "model.layers.2.mlp.experts.1.down_proj.weight")
     w = tensors[name]
     if layout == "fused":
         w[1, :, 9] *= 3.0

@@ -65,6 +65,7 @@ def test_describe_multipliers(style, one, mixed, many):
 def test_multiplier_helpers():
     assert set(STYLES) == {"value", "times", "counts", "phrase", "tally", "action"}
     assert multiplier_counts(MIXED) == {"0": 3, "0.5": 2, "-1": 1}
-    assert [multiplier_action(v) for v in ([-1, -2], [0.5], [2, 3], [0, 1])] == ["inverted", "dampened", "amplified", "steered"]
+    actions = [multiplier_action(v) for v in ([-1, -2], [0.5], [2, 3], [0, 1])]
+    assert actions == ["inverted", "dampened", "amplified", "steered"]
     with pytest.raises(ValueError, match="unknown multiplier style"):
         describe_multipliers([0.0], "fancy")

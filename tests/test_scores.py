@@ -290,7 +290,8 @@ def test_mean_last_k_capture_equals_manual_mean(tiny_loaded, prompt_files, arch)
         ids = loaded.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
         full = {}
         hs = [loaded.down_proj(l).register_forward_pre_hook(
-            lambda m, a, l=l: full.__setitem__(l, a[0][0].double().numpy())) for l in range(loaded.num_layers)]
+            lambda m, a, l=l, full=full: full.__setitem__(l, a[0][0].double().numpy()))
+            for l in range(loaded.num_layers)]
         with torch.no_grad():
             loaded.model(input_ids=ids)
         for h in hs:

@@ -7,16 +7,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_discovery import capture_per_prompt
 
 from cna_export.core.circuit import Circuit, Neuron
-from cna_export.discovery.cna import discover
 from cna_export.core.errors import CnaError
 from cna_export.core.recipe import load_recipe
 from cna_export.core.settings import DiscoverOptions
+from cna_export.discovery.cna import discover
 from cna_export.model.prompts import load_prompts, render
 from cna_export.model.steering import steer_circuit
-
-from test_discovery import capture_per_prompt
 
 pytestmark = pytest.mark.slow
 
@@ -35,7 +34,8 @@ def recipe_sets():
 
 def test_identity(smollm2):
     ident = smollm2.identity()
-    assert (ident.architecture, ident.num_layers, ident.intermediate_size, ident.hidden_size) == ("llama", 30, 1536, 576)
+    shape = (ident.architecture, ident.num_layers, ident.intermediate_size, ident.hidden_size)
+    assert shape == ("llama", 30, 1536, 576)
     assert ident.source_format == "gguf" and len(ident.fingerprint) == 64
 
 
@@ -67,7 +67,8 @@ def test_steering_on_smollm2(smollm2, recipe_sets):
     enc = tok(render(tok, pos.texts[:2]), return_tensors="pt", padding=True, add_special_tokens=False)
     with torch.no_grad():
         base = smollm2.model(**enc).logits
-    c = Circuit(model=smollm2.identity(), neurons=[Neuron(layer=l, index=i) for l in (20, 29) for i in range(0, 1536, 97)])
+    neurons = [Neuron(layer=l, index=i) for l in (20, 29) for i in range(0, 1536, 97)]
+    c = Circuit(model=smollm2.identity(), neurons=neurons)
     with steer_circuit(smollm2, c, 1.0), torch.no_grad():
         same = smollm2.model(**enc).logits
     with steer_circuit(smollm2, c, 0.0), torch.no_grad():

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import ARCHS
 
 from cna_export.core.circuit import Circuit, Neuron
 from cna_export.model.prompts import render
 from cna_export.model.steering import steer, steer_circuit
-
-from conftest import ARCHS
 
 
 def _circuit(loaded, neurons):

@@ -127,7 +127,8 @@ class ArchSpec:
 
         def match(templates: tuple[str, ...]) -> re.Match | None:
             for t in templates:
-                pattern = re.escape(t).replace(r"\{layer\}", r"(?P<layer>\d+)").replace(r"\{expert\}", r"(?P<expert>\d+)")
+                pattern = re.escape(t).replace(r"\{layer\}", r"(?P<layer>\d+)")
+                pattern = pattern.replace(r"\{expert\}", r"(?P<expert>\d+)")
                 m = re.fullmatch(pattern, name)
                 if m:
                     return m

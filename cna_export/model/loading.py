@@ -16,13 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from ..io.sources import ModelSource, resolve_source  # noqa: F401  (re-exported: model specs)
 from ..core.architectures import ArchSpec, arch_for_config
 from ..core.circuit import ModelIdentity, MoeIdentity
-from ..core.experts import Layout
 from ..core.errors import CnaError
-from ..core.progress import bar as progress_bar, wanted
+from ..core.experts import Layout
 from ..core.fingerprint import fingerprint
+from ..core.progress import bar as progress_bar
+from ..core.progress import wanted
+from ..io.sources import ModelSource, resolve_source  # noqa: F401  (re-exported: model specs)
 
 log = logging.getLogger(__name__)
 

@@ -106,7 +106,8 @@ def steer(model: Any, arch: Any, multipliers: Mapping[tuple[int, int], float]) -
 
 
 @contextlib.contextmanager
-def steer_circuit(loaded: Any, circuit: Circuit | None, multiplier: float | None = None, per_neuron=None) -> Iterator[None]:
+def steer_circuit(loaded: Any, circuit: Circuit | None, multiplier: float | None = None,
+                  per_neuron=None) -> Iterator[None]:
     """Convenience wrapper over :func:`steer` for a :class:`LoadedModel`; ``circuit=None`` steers nothing."""
     if circuit is None:
         yield
