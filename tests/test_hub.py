@@ -173,7 +173,7 @@ def test_push_gguf_export_and_missing_token(fake_hub, tmp_path, capsys, monkeypa
     code = main(["push", str(out), "someone/steered-gguf"])
     assert code == 0, capsys.readouterr().err
     commit = fake_hub.commits[-1]
-    assert set(commit["files"]) == {"steered.gguf", "Modelfile", "README.md"}
+    assert set(commit["files"]) == {"steered.gguf", "steered.Modelfile", "README.md"}
     meta, body = _card(commit["files"])
     assert meta["library_name"] == "gguf" and "cna-export" in meta["tags"] and "gguf" in meta["tags"]
     assert "## steered GGUF" in body and "### Verification" in body
