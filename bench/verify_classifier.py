@@ -227,7 +227,7 @@ def run_case(case: Case, srcs: dict[str, Path], memo: Memo, threads: int) -> Row
     widened = [n for n in report.notes if n.startswith("prompts widened")]
     return Row(case.name, "fault" if case.fault else "exact", case.source, case.fmt, case.multiplier, case.size,
                case.fault or "", verdict, tensors, behaviour, int(report.metrics.get("prompts", 0)),
-               round(time.perf_counter() - t0, 1), "; ".join(report.reasons + report.undecided + widened)[:300])  # fmt: skip
+               round(time.perf_counter() - t0, 1), "; ".join(report.reasons + report.undecided + widened)[:300])
 
 
 def _remove(path: Path) -> None:
@@ -267,7 +267,9 @@ def table(rows: list[Row]) -> str:
         "",
         f"Behaviour check false-alarm rate (an exact GGUF export failed on behaviour): claimed at most "
         f"{FALSE_ALARM:.0%}; measured {ff_b}/{len(gguf)}"
-        + (f" (95% upper bound {_upper(ff_b, len(gguf)):.1%})" if gguf else "") + ".",
+        + (f" (95% upper bound {_upper(ff_b, len(gguf)):.1%})" if gguf else "") + ". Prompts the exact GGUF "
+        "exports needed: " + ", ".join(f"{n} for {sum(r.prompts == n for r in gguf)}"
+                                       for n in sorted({r.prompts for r in gguf})) + ".",
         "",
         "| case | verdict | tensors | behaviour | prompts | seconds | reasons |",
         "|---|---|---|---|---|---|---|",
