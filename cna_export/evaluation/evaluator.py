@@ -40,11 +40,11 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ..core.version import __version__
-from .backends import Backend, Steering
-from ..model.generation import Generation
 from ..core.errors import CnaError
 from ..core.settings import EvalSettings  # noqa: F401  (part of this module's API)
+from ..core.version import __version__
+from ..model.generation import Generation
+from .backends import Backend, Steering
 from .judge import Judge, Verdict, agreement_summary, get_judge
 from .metrics import kl_divergence, mcnemar_p, mean, paired_flips, quality, wilson_interval
 
@@ -144,7 +144,8 @@ def _load_jbb_hub() -> tuple[EvalSet, EvalSet]:
     except ImportError:
         raise CnaError(
             "JBB-Behaviors not found: set CNA_JBB_DIR (or --jbb-dir) to a folder with harmful-behaviors.csv and "
-            "benign-behaviors.csv, or pip install 'cna-export[datasets]' to read JailbreakBench/JBB-Behaviors from the Hub"
+            "benign-behaviors.csv, or pip install 'cna-export[datasets]' to read "
+            "JailbreakBench/JBB-Behaviors from the Hub"
         ) from None
     name, config = JBB_HUB
     out = []

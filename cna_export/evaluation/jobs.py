@@ -19,14 +19,39 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .backends import Backend, Steering, open_backend
 from ..core.circuit import Circuit, check_multiplier
 from ..core.errors import CnaError
-from .evaluator import Condition, EvalSet, Evaluator, JsonlSink, load_eval_set, load_jbb, markdown_table, split_pairs, stderr_log, write_report
 from ..core.recipe import load_recipe
 from ..core.settings import DiscoverOptions, EvalJob, EvalSettings, TuneJob, build  # noqa: F401  (EvalJob, TuneJob, EvalSettings: part of this API)
-from .sweep import SavedStats, caa_conditions, choose, cna_conditions, compute_stats, fraction_label, load_stats, parse_layers, plot_sweep, run_conditions, save_stats, sweep_csv, sweep_markdown, tuned_recipe_yaml
-
+from .backends import Backend, Steering, open_backend
+from .evaluator import (
+    Condition,
+    EvalSet,
+    Evaluator,
+    JsonlSink,
+    load_eval_set,
+    load_jbb,
+    markdown_table,
+    split_pairs,
+    stderr_log,
+    write_report,
+)
+from .sweep import (
+    SavedStats,
+    caa_conditions,
+    choose,
+    cna_conditions,
+    compute_stats,
+    fraction_label,
+    load_stats,
+    parse_layers,
+    plot_sweep,
+    run_conditions,
+    save_stats,
+    sweep_csv,
+    sweep_markdown,
+    tuned_recipe_yaml,
+)
 
 # ---------------------------------------------------------------------------------------
 # Shared steps
@@ -160,7 +185,8 @@ def check_job(job: EvalJob) -> None:
         load_recipe(job.recipe)
 
 
-def build_conditions(job: EvalJob, backend: Backend, log: Callable[[str], None]) -> tuple[list[Condition], SavedStats | None]:
+def build_conditions(job: EvalJob, backend: Backend,
+                     log: Callable[[str], None]) -> tuple[list[Condition], SavedStats | None]:
     check_job(job)
     conds: list[Condition] = []
     saved: SavedStats | None = None
@@ -168,7 +194,8 @@ def build_conditions(job: EvalJob, backend: Backend, log: Callable[[str], None])
     if job.circuit:
         circuit = Circuit.load(job.circuit)
         for m in (mults or [job.multiplier]):
-            label = f"CNA {len(circuit.neurons)} x{m:g}" if m is not None else f"CNA {len(circuit.neurons)} (own multipliers)"
+            n = len(circuit.neurons)
+            label = f"CNA {n} x{m:g}" if m is not None else f"CNA {n} (own multipliers)"
             info = {"method": "cna", "neurons": len(circuit.neurons), "multiplier": m}
             conds.append(Condition(label, Steering.cna(circuit, m, label=label, force=job.force), None, info))
     if job.sweep_fractions or job.caa_alphas:
@@ -500,7 +527,8 @@ def _tune_markdown(r: dict, job: EvalJob) -> str:
     c = r["constraints"]
     lines = ["# cna-export tune", ""]
     lines.append(f"Model `{r['model']}` ({r['backend']}); grid fractions {r['grid']['fractions']} x multipliers "
-                 f"{r['grid']['multipliers']}; tuning split {len(r['split']['tune'])} pairs (seed {r['split']['seed']}), "
+                 f"{r['grid']['multipliers']}; tuning split {len(r['split']['tune'])} pairs "
+                 f"(seed {r['split']['seed']}), "
                  f"held out {len(r['split']['heldout'])}; greedy, {job.settings.max_new_tokens} new tokens.")
     q = c["reference_quality"]
     lines.append("")

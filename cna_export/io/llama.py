@@ -415,7 +415,8 @@ def quantize_gguf(src: str | Path, out: str | Path, ftype: str, threads: int = 2
     (``Q8_0``, ``Q4_K_M``, ``F32``, ...: a ``LLAMA_FTYPE_MOSTLY_*`` / ``LLAMA_FTYPE_ALL_*`` name);
     ``requantize``: allow a quantised source (dequantised first, as llama.cpp's ``--allow-requantize``)."""
     L = llama_module("quantising a GGUF")
-    code = getattr(L, f"LLAMA_FTYPE_MOSTLY_{ftype.upper()}", None) or getattr(L, f"LLAMA_FTYPE_ALL_{ftype.upper()}", None)
+    name = ftype.upper()
+    code = getattr(L, f"LLAMA_FTYPE_MOSTLY_{name}", None) or getattr(L, f"LLAMA_FTYPE_ALL_{name}", None)
     if code is None:
         raise CnaError(f"llama.cpp has no file type {ftype}")
     params = L.llama_model_quantize_default_params()

@@ -1,17 +1,18 @@
-"""GGUF tensor check: KV pairs and untouched tensors byte-identical, touched rows exactly the multiplier times the source."""
+"""GGUF tensor check: KV pairs and untouched tensors byte-identical, touched rows exactly the multiplier
+times the source."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
+
 import numpy as np
-from ..core.manifest import STEERED_SUFFIX
+
+from ..core.manifest import GGUF_KEY, STEERED_SUFFIX, ExportManifest
 from ..export.gguf import plan_patches
 from ..io import gguf as G
 from ..io.quant_layouts import LAYOUTS
 from ..io.quants import dequantize_rows
-from ..core.manifest import GGUF_KEY, ExportManifest
-
 
 _ROUNDOFF = {"f16": 2.0**-11, "f16_iq1m": 2.0**-11, "bf16": 2.0**-8, "f32": 2.0**-24, "f64": 2.0**-53}
 
@@ -112,7 +113,8 @@ def _check_patch(src: Any, exp: Any, patch: G.TensorPatch) -> dict[str, Any]:
             keep_old, keep_new = np.delete(full_old, idx, axis=1), np.delete(full_new, idx, axis=1)
             m = mult[:, None]
         if not np.array_equal(keep_old, keep_new):
-            failures.append(f"{name}: {'elements' if patch.axis == 'element' else 'columns'} outside the circuit changed")
+            what = "elements" if patch.axis == "element" else "columns"
+            failures.append(f"{name}: {what} outside the circuit changed")
     expected = m * old
     err = np.abs(new - expected)
     exact_rows = np.isin(mult, (0.0, -1.0))

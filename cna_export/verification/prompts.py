@@ -5,8 +5,8 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 from typing import Any, Sequence
-from ..core.errors import CnaError
 
+from ..core.errors import CnaError
 
 DEFAULT_PROMPT_FILES = ("prompts/refusal-harmful.txt", "prompts/refusal-benign.txt")
 
