@@ -24,7 +24,6 @@ kill themselves at a chosen point.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import re
@@ -44,18 +43,12 @@ from test_gguf_export import build_gguf, circuit_for
 from cna_export.cli import main
 from cna_export.core.errors import CnaError
 from cna_export.core.manifest import MANIFEST_FILE, ExportManifest
+from cna_export.testing.files import tree_hash
 
 TESTS = Path(__file__).parent
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="signals, rlimits and renameat2 are Linux")
 
 
-def tree_hash(path: Path) -> str:
-    """sha256 over every file's relative name and bytes (a file or a folder)."""
-    h = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    for p in files:
-        h.update(str(p.relative_to(path.parent)).encode() + b"\0" + p.read_bytes())
-    return h.hexdigest()
 
 
 @pytest.fixture(scope="module")

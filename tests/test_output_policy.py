@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import io
 import json
 import os
@@ -28,6 +27,7 @@ from cna_export.core.atomic import check_output_path
 from cna_export.core.errors import CnaError, ExitCode
 from cna_export.core.manifest import MANIFEST_FILE
 from cna_export.core.outputs import OUTPUT_MARKERS, is_our_output
+from cna_export.testing.files import tree_hash as digest
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="FIFOs, sockets and /dev/null")
 
@@ -52,13 +52,6 @@ def one_line_error(code: int, err: str, *needles: str) -> str:
     return lines[0]
 
 
-def digest(path: Path) -> str:
-    """sha256 over a file, or over every file (relative name and bytes) of a folder."""
-    h = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    for p in files:
-        h.update(str(p.relative_to(path.parent)).encode() + b"\0" + p.read_bytes())
-    return h.hexdigest()
 
 
 @pytest.fixture(scope="module")
