@@ -223,7 +223,8 @@ def verify_gguf(
         candidate=f"{src_path.name} + LoRA {exp_path} in llama.cpp" if adapter else f"{exp_path} in llama.cpp",
         dtype="float32 (transformers, dequantised GGUF) / llama.cpp native",
         positions="all distinct", settings=settings, notes=notes, checks=checks,
-        prompts=[PromptDetail(prompt=p, **d) for p, d in zip(prompt_list, details)],
+        prompts=[PromptDetail(prompt=p, **d)
+                 for p, d in zip(prompt_list, details, strict=False)],  # of the pool, the prompts compared
     )  # fmt: skip
     if raise_on_failure and not report.publishable:
         err = VerificationFailed("GGUF verification failed: " + "; ".join(report.reasons[:3]))
