@@ -213,3 +213,12 @@ def test_steer_push_to_hub(fake_hub, tiny_models, tmp_path, capsys, one_thread):
     meta, body = _card(files)
     assert meta["library_name"] == "peft" and meta["tags"][:3] == ["cna-export", "steering", "refusal"]
     assert "## PEFT LoRA adapter (`lora`)" in body and "## steered safetensors checkpoint (`safetensors`)" in body
+
+
+def test_every_bundled_model_names_its_upstream_hub_id():
+    """A card pushed from any bundled model names the model it was converted from (``base_model``)."""
+    from cna_export.export.hub import base_model_id
+    from cna_export.io.bundled import NAMES, PREFIX
+
+    for name in NAMES:
+        assert base_model_id(PREFIX + name), name

@@ -32,6 +32,7 @@ from .card import CARD_FILE, export_summary_lines, modelfile_path
 HUB_IDS = {
     "bundled:smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct",
     "bundled:qwen2.5-coder-0.5b": "Qwen/Qwen2.5-Coder-0.5B-Instruct",
+    "bundled:gemma3-270m": "google/gemma-3-270m",
 }
 """Upstream Hub ids of the bundled models (the GGUFs are conversions of these)."""
 
