@@ -27,13 +27,13 @@ from ..model.experts import intercept_experts
 
 
 class ExpertCapture:
-    """Installed by :class:`cna_export.discovery.cna.LastTokenCapture` on a MoE model: per MoE layer, an
+    """Installed by :class:`cna_export.discovery.capture.LastTokenCapture` on a MoE model: per MoE layer, an
     experts interceptor and a shared-expert pre-hook fill a ``[batch, positions, width]`` buffer, and a
     forward hook on the layer's MLP block pools it and hands it to the capture's sink."""
 
     def __init__(self, cap: Any, pool: Any):
         self.cap = cap
-        self.pool = pool  # cna.pool (passed in: this module must not import cna, which imports it)
+        self.pool = pool  # capture.pool (passed in: this module must not import capture, which imports it)
         self.loaded = cap.loaded
         self.layout = self.loaded.layout()
         self._stack = contextlib.ExitStack()
