@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
-
 from ..core.recipe import load_recipe
 from ..core.settings import (
     DiscoverOptions,
@@ -16,7 +14,7 @@ from ..core.settings import (
     Multiplier,
     Overwrite,
     PromptOptions,
-    opt,
+    ShowOptions,
 )
 from ._registry import PARSERS, command
 from .flags import add_flags, settings_of
@@ -107,14 +105,6 @@ def _generate_parser(sub: Any) -> None:
 
 
 # -- show -----------------------------------------------------------------------------
-
-
-class ShowOptions(BaseModel):
-    """Listing"""
-
-    model_config = ConfigDict(extra="forbid")
-
-    top: int = opt(10, "list this many neurons (0: none)", ge=0)
 
 
 @command("show")

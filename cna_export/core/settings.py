@@ -405,6 +405,12 @@ class SteerOptions(_Switches):
                        "gguf-lora need a GGUF model); auto: every format that applies to the model",
                        flag="--format", dest="steer_formats", metavar="F,F,...")
     fresh: bool = opt(False, "redo every step, even those whose inputs are unchanged")
+    preview: int = opt(8, "behaviour preview: hold back the last N prompts of each recipe set from discovery and "
+                       "answer them greedily with the unsteered and the exported model (refusals and over-refusals "
+                       "before -> after, first-token KL, one answer side by side; printed, in steer.json and the "
+                       "model card)", ge=1, le=10000, metavar="N")
+    preview_on: bool = opt(True, "no behaviour preview (discovery uses every prompt)", flag="--no-preview")
+    preview_tokens: int = opt(48, "greedy tokens per preview answer", ge=1, le=4096)
 
 
 # -- eval / tune -------------------------------------------------------------------------------
@@ -521,6 +527,12 @@ class TuneJob(_Switches):
 
 
 # -- diff / audit ------------------------------------------------------------------------------
+
+
+class ShowOptions(_Options):
+    """Listing"""
+
+    top: int = opt(10, "list this many neurons (0: none)", ge=0)
 
 
 class DiffOptions(Overwrite):
