@@ -22,16 +22,24 @@ RSS), round-robin, with ``sync`` before each run; outputs sit beside the sources
 system) and are deleted after each run:
 
     cp-st        cp -r llama8b-bf16 OUT
+    cp-st-sync   the same, then sync OUT/* (the copy made durable, as an export is before it is published)
     export-st    cna-export export --model llama8b-bf16 --circuit C --multiplier 0 --out OUT
     cp-gguf      cp llama8b-q4k.gguf OUT
+    cp-gguf-sync the same, then sync OUT
     export-gguf  cna-export export --model llama8b-q4k.gguf --format gguf ... (GGUFWriter, fold into ffn_up)
     fast-gguf    the same with --fast-copy
 
 ``--cache cold`` runs the exports without the fingerprint cache (``CNA_EXPORT_FINGERPRINT_CACHE=off``),
-so that they hash every down projection; ``--cache warm`` with a cache primed before the first
-round (the usual case: the weights were fingerprinted when the circuit was discovered or the first
-export was made); the default measures both. Figures land in the JSON file and a Markdown table on stdout;
-bench/README.md quotes them.
+so that they hash every down projection and every touched tensor; ``--cache warm`` with a cache primed
+before the first round by one export of each format (the usual case: the weights were fingerprinted when
+the circuit was discovered or the first export was made); the default measures both.
+
+``--source cached`` reads the source's files into the page cache before every run (untimed), so that
+``cp`` runs at memory speed; ``--source cold`` evicts them (``posix_fadvise(POSIX_FADV_DONTNEED)`` on
+each source file after ``sync``: no global cache drop), so that every run reads the disk; ``as-is``
+(the default) leaves the page cache alone. ``fincore`` (util-linux), where installed, records how much
+of the source was cached when each run started. Figures land in the JSON file and a Markdown table on
+stdout; bench/README.md quotes them.
 """
 
 from __future__ import annotations
@@ -243,13 +251,53 @@ def _status(pid: int) -> dict[str, int]:
     return out
 
 
-def measure(cmd: list[str], log: Path, env: dict | None = None) -> dict:
+def source_files(src: Path) -> list[Path]:
+    return [src] if src.is_file() else sorted(f for f in src.rglob("*") if f.is_file())
+
+
+def set_source_cache(src: Path, state: str) -> None:
+    """Read ``src``'s files into the page cache (``cached``) or evict them (``cold``); ``as-is``: nothing."""
+    if state == "cached":
+        buf = bytearray(1 << 24)
+        for f in source_files(src):
+            with open(f, "rb", buffering=0) as fh:
+                while fh.readinto(buf):
+                    pass
+    elif state == "cold":
+        for f in source_files(src):
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def cached_fraction(src: Path) -> float | None:
+    """The share of ``src``'s bytes in the page cache (``fincore``), None where fincore is missing."""
+    if shutil.which("fincore") is None:
+        return None
+    files = source_files(src)
+    p = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES,SIZE", *map(str, files)],
+                       capture_output=True, text=True, check=False)
+    try:
+        rows = [tuple(int(x) for x in line.split()) for line in p.stdout.splitlines() if line.strip()]
+        return round(sum(r for r, _ in rows) / max(sum(n for _, n in rows), 1), 3)
+    except ValueError:
+        return None
+
+
+def measure(cmd: list[str], log: Path, env: dict | None = None, src: Path | None = None,
+            source: str = "as-is") -> dict:
     """Wall time and peak RSS (GNU time) of ``cmd``, plus its peak anonymous memory: RSS counts the
     pages of memory-mapped files it reads (page cache the kernel can drop at any time), anonymous
-    memory is what the process itself holds. /proc/PID/status is sampled every 20 ms."""
-    load = os.getloadavg()[0]
+    memory is what the process itself holds. /proc/PID/status is sampled every 20 ms. ``source``: the
+    page-cache state of ``src`` to start from (:func:`set_source_cache`)."""
     stats = log.with_suffix(".time")
     subprocess.run(["sync"], check=False)
+    if src is not None:
+        set_source_cache(src, source)
+    cached = cached_fraction(src) if src is not None else None
+    load = os.getloadavg()[0]
     with open(log, "wb") as err:
         proc = subprocess.Popen([GNU_TIME, "-f", "%e %M %U %S", "-o", str(stats), *cmd], stdout=err,
                                 stderr=subprocess.STDOUT, cwd=ROOT, env=env)
@@ -269,7 +317,7 @@ def measure(cmd: list[str], log: Path, env: dict | None = None) -> dict:
         raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}); see {log}:\n{log.read_text()[-2000:]}")
     wall, rss_kib, user, system = stats.read_text().split()[-4:]
     return {"seconds": float(wall), "max_rss_mib": int(rss_kib) / 1024, "max_anon_mib": anon / 1024,
-            "cpu_seconds": float(user) + float(system), "load_before": round(load, 2)}
+            "cpu_seconds": float(user) + float(system), "load_before": round(load, 2), "source_cached": cached}
 
 
 def _bytes(p: Path) -> int:
@@ -290,6 +338,8 @@ def main() -> None:
     ap.add_argument("--only", default="", help="comma-separated variants to run (default: all)")
     ap.add_argument("--cache", choices=["both", "cold", "warm"], default="both",
                     help="fingerprint cache state for the exports")
+    ap.add_argument("--source", choices=["as-is", "cached", "cold"], default="as-is",
+                    help="page-cache state of the source files when each run starts")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--clean", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
@@ -323,8 +373,10 @@ def main() -> None:
     exp = ["export", "--circuit", str(circuit), "--multiplier", "0"]
     variants = {
         "cp-st": (lambda o: ["cp", "-r", str(st), str(o)], None),
+        "cp-st-sync": (lambda o: ["sh", "-c", 'cp -r "$0" "$1" && sync "$1"/*', str(st), str(o)], None),
         "export-st": (lambda o: py + exp + ["--model", str(st), "--out", str(o)], "st"),
         "cp-gguf": (lambda o: ["cp", str(gg), str(o)], None),
+        "cp-gguf-sync": (lambda o: ["sh", "-c", 'cp "$0" "$1" && sync "$1"', str(gg), str(o)], None),
         "export-gguf": (lambda o: py + exp + ["--model", str(gg), "--format", "gguf", "--out", str(o), "--force",
                                           "--no-modelfile"], "gguf"),
         "fast-gguf": (lambda o: py + exp + ["--model", str(gg), "--format", "gguf", "--fast-copy", "--out",
@@ -339,15 +391,14 @@ def main() -> None:
     logs = root / "logs"
     logs.mkdir(exist_ok=True)
     warm_cache = root / "fp-cache"
-    if "warm" in states:  # the warm runs find both fingerprints in the cache
-        print("priming the fingerprint cache ...", flush=True)
-        os.environ["CNA_EXPORT_FINGERPRINT_CACHE"] = str(warm_cache)
-        from cna_export.io.gguf import open_gguf
-        from cna_export.io.identity import checkpoint_identity, gguf_fingerprint
-
-        checkpoint_identity(st, str(st))
-        gguf_fingerprint(open_gguf(gg))
-        del os.environ["CNA_EXPORT_FINGERPRINT_CACHE"]
+    if "warm" in states:  # the warm runs find the fingerprints (and the touched tensors' hashes) in the cache
+        print("priming the fingerprint cache (one export of each format) ...", flush=True)
+        env = dict(os.environ, CNA_EXPORT_FINGERPRINT_CACHE=str(warm_cache))
+        for name in ("export-st", "export-gguf"):
+            out = root / f"prime-{name}"
+            _rm(out)
+            subprocess.run(variants[name][0](out), check=True, env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
+            _rm(out)
     results: dict[str, list[dict]] = {}
     for rep in range(args.repeats):
         for name, state in runs:
@@ -361,34 +412,42 @@ def main() -> None:
                 env["CNA_EXPORT_FINGERPRINT_CACHE"] = "off"
             elif state == "warm":
                 env["CNA_EXPORT_FINGERPRINT_CACHE"] = str(warm_cache)
-            r = measure(variants[name][0](out), logs / f"{name}-{state}-{rep}.log", env)
+            src = gg if "gguf" in name else st
+            r = measure(variants[name][0](out), logs / f"{name}-{state}-{rep}.log", env, src, args.source)
             r["bytes"] = _bytes(out)
             results.setdefault(label, []).append(r)
             print(f"  {label}: {r['seconds']:.2f}s (CPU {r['cpu_seconds']:.1f}s), RSS {r['max_rss_mib']:.0f} MiB, "
-                  f"anonymous {r['max_anon_mib']:.0f} MiB (load {r['load_before']})", flush=True)
+                  f"anonymous {r['max_anon_mib']:.0f} MiB (load {r['load_before']}, source cached "
+                  f"{r['source_cached']})", flush=True)
             _rm(out)
             _rm(out.with_name(out.name + ".cna_manifest.json"))
 
     def med(label: str, key: str) -> float:
         return statistics.median(r[key] for r in results[label])
 
+    def best(label: str) -> float:
+        return min(r["seconds"] for r in results[label])
+
     rows = []
     for label in results:
         base = "cp-gguf" if "gguf" in label else "cp-st"
         ratio = med(label, "seconds") / med(base, "seconds") if base in results else float("nan")
-        rows.append(f"| {label} | {med(label, 'seconds'):.2f} s | {ratio:.2f}x | {med(label, 'cpu_seconds'):.1f} s | "
+        durable = best(label) / best(base + "-sync") if base + "-sync" in results else float("nan")
+        rows.append(f"| {label} | {med(label, 'seconds'):.2f} s | {ratio:.2f}x | {best(label) / best(base):.2f}x | "
+                    f"{durable:.2f}x | {med(label, 'cpu_seconds'):.1f} s | "
                     f"{med(label, 'max_rss_mib'):.0f} MiB | "
                     f"{med(label, 'max_anon_mib'):.0f} MiB | "
                     f"{results[label][0]['bytes'] / 1e9:.2f} GB | "
                     + " / ".join(f"{r['seconds']:.2f}" for r in results[label]) + " |")
-    print("\n| variant | wall (median) | x cp | CPU time | peak RSS | peak anonymous | output | all runs (s) |\n"
-          "|---|---|---|---|---|---|---|---|")
+    print(f"\nsource {args.source}; load average at the end {' / '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    print("\n| variant | wall (median) | x cp (medians) | x cp (best) | x cp+sync (best) | CPU time | peak RSS | "
+          "peak anonymous | output | all runs (s) |\n|---|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({
             "machine": {"cores": os.cpu_count(), "python": platform.python_version(), "os": platform.platform()},
-            "results": results}, indent=2))
+            "source": args.source, "results": results}, indent=2))
 
 
 if __name__ == "__main__":

@@ -122,11 +122,14 @@ CHILD = textwrap.dedent("""
             at_hook()
         ST.rewrite_shard, gguf.GGUFWriter.write_tensor_data = rewrite_shard, write_tensor_data
         import cna_export.io.filecopy as FC
-        orig_range = FC.copy_range
-        def copy_range(*a, **k):  # the GGUF writer's kernel-copied data section
+        orig_range, orig_range_at = FC.copy_range, FC.copy_range_at
+        def copy_range(*a, **k):  # a shard's kernel-copied bytes
             orig_range(*a, **k)
             at_hook()
-        FC.copy_range = copy_range
+        def copy_range_at(*a, **k):  # a piece of the GGUF writer's kernel-copied data (on a worker thread)
+            orig_range_at(*a, **k)
+            at_hook()
+        FC.copy_range, FC.copy_range_at = copy_range, copy_range_at
     if os.environ.get("DELAY"):
         left = float(os.environ["DELAY"]) - (time.perf_counter() - t0)  # DELAY counts from t0
         threading.Timer(left, os.kill, (os.getpid(), signal.SIGKILL)).start()

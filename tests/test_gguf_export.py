@@ -261,9 +261,12 @@ def test_nested_and_empty_arrays(tmp_path):
     src = build_gguf(tmp_path / "src.gguf", nested_kv=True)
     f = G.open_gguf(src).get_field("test.nested")
     assert f.sub_type == V.ARRAY and f.count == 2
-    with pytest.raises(CnaError, match="nested array.*--fast-copy"):
-        export(src, tmp_path / "out.gguf")
-    assert not (tmp_path / "out.gguf").exists()
+    # the writer copies every KV pair's bytes as they are: a nested array (which gguf-py's writer cannot
+    # write) is kept exactly, as with --fast-copy
+    export(src, tmp_path / "out.gguf")
+    written = G.open_gguf(tmp_path / "out.gguf")
+    assert G.kv_differences(G.open_gguf(src), written, ignore=("general.name", GGUF_KEY)) == []
+    assert G.open_gguf(tmp_path / "out.gguf").get_field("test.nested").raw() == f.raw()
     export(src, tmp_path / "fast.gguf", fast_copy=True)
     assert G.kv_differences(G.open_gguf(src), G.open_gguf(tmp_path / "fast.gguf")) == []
 
@@ -738,3 +741,48 @@ def test_steering_reproduction_slope():
     none = _judge(run(0.0), GGUFVerifyOptions(), time.perf_counter())
     assert abs(none.metrics["steering_reproduced"]) < 0.02 and len(none.reasons) >= 2
     assert steering_slope([]) != steering_slope([])  # nan without data
+
+
+def test_a_fingerprint_check_ending_late_moves_the_data_after_the_header(tmp_path, monkeypatch):
+    """Without the fingerprint cache the fingerprint is hashed while the data section is copied. With --force
+    the header is sized for a mismatch's note; when the fingerprints match after all, the header is smaller:
+    the data is written again after it, and the file is as whole as any other."""
+    src = build_gguf(tmp_path / "src.gguf")
+    monkeypatch.setenv("CNA_EXPORT_FINGERPRINT_CACHE", "off")
+    copies = []
+    write_data = G.write_data
+    monkeypatch.setattr(G, "write_data", lambda *a, **k: copies.append(len(a[2])) or write_data(*a, **k))
+    fp = gguf_fingerprint(G.open_gguf(src))
+    expected = export(src, tmp_path / "expected.gguf", circuit=circuit_for(fingerprint="0" * 64), force=True)
+    assert any("applied anyway" in n for n in expected.manifest.notes)
+    assert len(copies) == 1  # with --force the mismatch's note was expected: the data is copied once
+    r = export(src, tmp_path / "late.gguf", circuit=circuit_for(fingerprint=fp), force=True)
+    assert not any("applied anyway" in n for n in r.manifest.notes)
+    assert len(copies) == 3 and copies[2] < copies[1]  # no note after all: the header shrank, the data moved
+    a, b = G.open_gguf(src), G.open_gguf(r.out)
+    assert read_gguf_manifest(r.out)[0].to_json() == r.manifest.to_json()
+    assert G.kv_differences(a, b, ignore=("general.name", GGUF_KEY)) == []
+    assert G.tensor_differences(a, b, ignore_data=[t.name for t in r.manifest.tensors]) == []
+    written = G.tensor_map(b)
+    for t in r.manifest.tensors:
+        assert G.sha256_array(written[t.name].data) == t.sha256_after
+        assert G.sha256_array(G.tensor_map(a)[t.name].data) == t.sha256_before
+    assert b.data_offset > a.data_offset and r.out.stat().st_size == b.data_offset + sum(
+        -(-int(t.n_bytes) // b.alignment) * b.alignment for t in b.tensors)
+
+
+@pytest.mark.parametrize("qtype", SUPPORTED, ids=lambda t: t.name)
+def test_spans_are_the_patched_copy_s_changed_bytes(qtype):
+    """A row edit computed on the touched rows alone (TensorPatch.spans) writes exactly the bytes that
+    patching a copy of the whole tensor changes, with the same report."""
+    rng = np.random.default_rng(3)
+    data = tensor_data(qtype, 48, N_EMBD, rng)
+    rows, mults = [40, 3, 17, 0], [0.37, 0.0, -1.0, 2.0]
+    patch = G.TensorPatch("t", qtype, "row", rows, mults)
+    full, report = patch.patched_copy(data)
+    spans, report2 = patch.spans(data)
+    assert report2 == report and [s.offset for s in spans] == sorted(s.offset for s in spans)
+    got = np.array(data, copy=True).reshape(-1).view(np.uint8)
+    for s in spans:
+        got[s.offset : s.offset + s.data.nbytes] = s.data
+    assert got.tobytes() == np.ascontiguousarray(full).tobytes()

@@ -105,7 +105,7 @@ def test_fingerprint_is_hashed_once_then_read_from_the_cache(export_sources, fp_
     assert len(list(fp_cache.glob("*.json"))) == 1
     calls = []
     real = st_io.fp32_fingerprint
-    monkeypatch.setattr("cna_export.io.identity.fp32_fingerprint", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(st_io, "fp32_fingerprint", lambda *a: calls.append(1) or real(*a))
     assert checkpoint_identity(src, str(src))[0].fingerprint == first and calls == []
     monkeypatch.setenv(fpcache.CACHE_SWITCH, "off")
     assert checkpoint_identity(src, str(src))[0].fingerprint == first and calls == [1]
@@ -177,9 +177,10 @@ def test_gguf_fingerprint_is_cached(smollm2, fp_cache):
 PROBE = r"""
 import json, sys
 tried = []
+banned = json.loads(sys.argv[2]) if len(sys.argv) > 2 else ["torch", "transformers"]
 class Spy:
     def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("torch", "transformers"):
+        if any(name == b or name.startswith(b + ".") for b in banned):
             tried.append(name)
         return None
 sys.meta_path.insert(0, Spy())
@@ -225,6 +226,35 @@ def test_gguf_commands_never_import_torch(tmp_path):
         assert got["rc"] == 0 and got["tried"] == [], (argv, got, r.stderr[-1000:])
 
 
+def test_gguf_export_imports_only_what_it_uses(tmp_path):
+    """A GGUF export (writer, Modelfile on, no progress bars, not verified) imports neither tqdm, nor the
+    verification package, nor the safetensors reader, nor numpy.ma (np.unique): start-up is most of a small
+    export's time."""
+    import subprocess
+    import sys
+
+    from cna_export.core.circuit import Circuit, Neuron
+    from cna_export.io.bundled import resolve
+    from cna_export.io.gguf import open_gguf
+    from cna_export.io.identity import gguf_identity
+
+    src = str(resolve("bundled:smollm2"))
+    circuit = tmp_path / "c.json"
+    Circuit(model=gguf_identity(open_gguf(src), "smollm2"), neurons=[Neuron(layer=2, index=7, score=1.0),
+                                                                    Neuron(layer=3, index=9, score=1.0)],
+            method={"name": "manual"}).save(circuit)
+    banned = ["tqdm", "cna_export.verification", "cna_export.io.safetensors", "numpy.ma", "torch", "transformers"]
+    for extra in ([], ["--fast-copy"]):
+        argv = ["export", "--model", src, "--circuit", str(circuit), "--multiplier", "0", "--format", "gguf",
+                "--out", str(tmp_path / f"o{len(extra)}.gguf"), *extra]
+        r = subprocess.run([sys.executable, "-c", PROBE, json.dumps(argv), json.dumps(banned)], capture_output=True,
+                           text=True, timeout=300)
+        lines = [x for x in r.stdout.splitlines() if x.startswith('{"rc"')]
+        assert lines, (argv, r.stdout[-500:], r.stderr[-2000:])
+        got = json.loads(lines[-1])
+        assert got["rc"] == 0 and got["tried"] == [], (argv, got, r.stderr[-1000:])
+
+
 # -- ggml's C dequantisation -------------------------------------------------------------------
 
 
@@ -263,14 +293,14 @@ def test_a_c_routine_that_disagrees_is_retired(monkeypatch):
     from gguf import GGMLQuantizationType
     from gguf import quants as gq
 
-    from cna_export.io import quants
+    from cna_export.io import llama, quants
 
     q = GGMLQuantizationType.Q8_0
     raw = np.zeros((4, 34 * 2), dtype=np.uint8)
     raw[:, 0:2] = np.array([0.5], np.float16).view(np.uint8)
     raw[:, 2:34] = 3
     monkeypatch.setattr(quants, "_GGML_BAD", set())
-    monkeypatch.setattr(quants, "ggml_dequantize", lambda b, name, n: np.full((b.shape[0], n), 7.0, np.float32))
+    monkeypatch.setattr(llama, "ggml_dequantize", lambda b, name, n: np.full((b.shape[0], n), 7.0, np.float32))
     got = quants.dequantize_rows(raw, q)
     assert np.array_equal(got, np.asarray(gq.dequantize(raw, q), np.float32).reshape(4, -1))
     assert q in quants._GGML_BAD
@@ -370,3 +400,63 @@ def gguf_identity_of(path: str):
     from cna_export.io.identity import gguf_identity
 
     return gguf_identity(open_gguf(path), "smollm2", fingerprint=False)
+
+
+# -- hashing only what the fingerprint cache does not know ---------------------------------------
+
+
+def test_fingerprints_are_hashed_a_chunk_at_a_time(export_sources, monkeypatch):
+    """GGUF and safetensors fingerprints read and convert a few rows at a time: the same sha256 as hashing each
+    whole down projection as float32 (what LoadedModel.fingerprint() hashes)."""
+    from cna_export.core.fingerprint import fingerprint
+    from cna_export.io import identity
+    from cna_export.io.bundled import resolve
+    from cna_export.io.gguf import open_gguf
+    from cna_export.io.gguf_arch import ffn_tensors, gguf_arch, num_layers
+    from cna_export.io.quants import dequantize_rows
+
+    monkeypatch.setenv(fpcache.CACHE_SWITCH, "off")
+    reader = open_gguf(resolve("bundled:smollm2"))
+    spec = gguf_arch(reader)
+    downs = [ffn_tensors(reader, spec, layer)[0] for layer in range(num_layers(reader))]
+    whole = fingerprint(dequantize_rows(t.data, t.tensor_type) for t in downs)
+    monkeypatch.setattr(identity, "FINGERPRINT_CHUNK", 3 * downs[0].n_bytes // downs[0].data.shape[0] + 5)
+    assert len(list(identity.dequantised_chunks(reader, downs[0]))) > 100
+    assert gguf_fingerprint(reader, spec) == whole
+
+    src = export_sources[("llama", "bfloat16", True)]
+    ckpt, names = checkpoint_identity(src, str(src), with_fingerprint=False)[2:]
+    whole = fingerprint(ckpt.read(n).to(torch.float32).numpy() for n in names)
+    monkeypatch.setattr(st_io, "FP32_CHUNK", 4 * ckpt.info(names[0]).shape[1] * 3)
+    assert st_io.fp32_fingerprint(ckpt, names) == whole
+
+
+def test_a_second_gguf_export_hashes_nothing_it_hashed_before(tmp_path, fp_cache, monkeypatch):
+    """The touched tensors' sha256 before and after an edit are remembered (keyed by the file as it is and by
+    the edit's bytes): exporting the same edit again reads none of them; another multiplier hashes only the
+    patched bytes (after), not the source's (before)."""
+    from cna_export.core.circuit import Circuit, Neuron
+    from cna_export.export.gguf import export_gguf
+    from cna_export.io import gguf_patch
+    from cna_export.io.bundled import resolve
+
+    src = str(resolve("bundled:smollm2"))
+    circuit = Circuit(model=gguf_identity_of(src), neurons=[Neuron(layer=1, index=3, score=1.0),
+                                                          Neuron(layer=20, index=9, score=1.0)],
+                      method={"name": "manual"})
+    calls = []
+    real = gguf_patch.copy_patched
+    monkeypatch.setattr("cna_export.io.gguf_write.copy_patched",
+                        lambda *a, **k: calls.append(k.get("before", True)) or real(*a, **k))
+    first = export_gguf(src, circuit, tmp_path / "a.gguf", multiplier=0.0, modelfile=False)
+    assert calls == [True, True]
+    again = export_gguf(src, circuit, tmp_path / "b.gguf", multiplier=0.0, modelfile=False, fast_copy=True)
+    assert calls == [True, True] and [t.sha256_after for t in again.manifest.tensors] == \
+        [t.sha256_after for t in first.manifest.tensors]
+    other = export_gguf(src, circuit, tmp_path / "c.gguf", multiplier=-1.0, modelfile=False)
+    assert calls == [True, True, False, False]
+    assert [t.sha256_before for t in other.manifest.tensors] == [t.sha256_before for t in first.manifest.tensors]
+    from cna_export.io import gguf as G
+
+    written = G.tensor_map(G.open_gguf(other.out))
+    assert all(G.sha256_array(written[t.name].data) == t.sha256_after for t in other.manifest.tensors)

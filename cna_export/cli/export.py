@@ -45,6 +45,8 @@ def cmd_export(ns: argparse.Namespace) -> int:
         pushed = _push(r.out, hub, token)
         if not ns.quiet:
             print(f"pushed       {len(pushed.files)} files to {pushed.url}")
+    if r.verification is None:  # not verified: nothing can be inconclusive (and verification is not imported)
+        return 0
     from ..verification.report import inconclusive_exit
 
     return inconclusive_exit([r.verification])  # 7 when an inconclusive verify let the export be written

@@ -9,15 +9,21 @@ through its fp16 scale fields, leaving every quant byte alone (exact for 0 and
 ``blk.L.ffn_down.weight`` instead, for float tensors only. Fused gate_up
 tensors (phi3) take the up half's row, ``ArchSpec.up_row``.
 
-Two ways to write the result:
+Two ways to write the result, both at the cost of a copy: the kernel copies the
+source's bytes (``copy_file_range``; a reflink where the file system can) and
+only the touched rows pass through memory, while two threads hash the touched
+tensors for the manifest (their hashes before come from the fingerprint cache
+when it knows the file):
 
-* default: a new file through gguf-py's ``GGUFWriter``: every KV pair kept in
-  order with its type, ``general.name`` marked as steered, a ``cna.manifest``
-  KV added (the :class:`~cna_export.core.manifest.ExportManifest` JSON), every
-  untouched tensor's bytes copied from the source's memory map;
-* ``fast_copy``: a byte copy of the source with the touched rows patched in
-  place through ``np.memmap``; the header is not changed and the manifest goes
-  to a side file ``<out>.cna_manifest.json``.
+* default: a new file laid out as gguf-py's ``GGUFWriter`` lays it out: every KV
+  pair kept in order, byte for byte, ``general.name`` marked as steered, a
+  ``cna.manifest`` KV added (the :class:`~cna_export.core.manifest.ExportManifest`
+  JSON); the data section is copied first and the header written last;
+* ``fast_copy``: a byte copy of the source (a reflink where the file system can)
+  with the touched rows written in place; the header is not changed and the
+  manifest goes to a side file ``<out>.cna_manifest.json``.
+
+The written file is checked by reading back its header and touched rows.
 
 Either way the output appears atomically, nothing is overwritten without
 ``overwrite``, and an Ollama Modelfile named after it (``<name>.Modelfile``) is
@@ -27,11 +33,11 @@ written beside it, published in the same step (:mod:`cna_export.export.publish`)
 from __future__ import annotations
 
 import logging
-import shutil
+import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from ..core.circuit import ModelIdentity
 from ..core.errors import CnaError
@@ -45,6 +51,7 @@ from ..core.manifest import (
     side_manifest_path,
 )
 from ..io import gguf as G
+from ..io.filecopy import clone_file
 from ..io.identity import gguf_fingerprint, gguf_identity, known_gguf_fingerprint
 from ..io.quants import ScaleReport
 from ..io.sources import ModelSource, resolve_source
@@ -55,8 +62,8 @@ from .request import ExportRequest, MultiplierSpec, request_for
 
 log = logging.getLogger(__name__)
 
-PASS1_WORKERS = 2
-"""Touched tensors hashed (before and after patching) at once."""
+PLACEHOLDER = "0" * 64
+"""A touched tensor's hash in the draft manifest that sizes the header before the hashes are known."""
 
 
 @dataclass
@@ -114,7 +121,7 @@ def write_gguf(request: ExportRequest, options: GGUFFormat) -> GGUFExportResult:
     Raises :class:`CnaError` (before writing anything) for a circuit that does not
     fit, an unsupported tensor type, or an existing output without ``overwrite``. A circuit found
     on other weights (fingerprint) is refused too: at once when the fingerprint cache knows the
-    file, else once it is hashed (beside the copy with ``fast_copy``; nothing is left behind).
+    file, else once it is hashed (beside the copy; nothing is left behind).
     A ``check`` (see :mod:`cna_export.export.plan`) runs on the written file before it is moved
     into place; when it fails, :class:`VerificationFailed` (with ``.report``) is raised and nothing
     is left behind. :func:`cna_export.pipeline.export` passes the verification as that check.
@@ -146,6 +153,16 @@ class _Fingerprint:
         identity = self.identity.model_copy(update={"fingerprint": fingerprint})
         return self.request.circuit.check_fits(identity, force=self.request.force)
 
+    def expected(self) -> list[str]:
+        """The notes :meth:`checked` will most likely return, for sizing a header before it is known: with
+        ``force``, a mismatch's note (its length does not depend on the fingerprint); else none (a mismatch
+        without ``force`` is refused, not noted)."""
+        if self.pending is None or not self.request.force:
+            return []
+        mine = self.request.circuit.model.fingerprint or ""
+        other = "0" * 64 if not mine.startswith("0" * 12) else "1" * 64
+        return self._check(other)
+
     def checked(self) -> list[str]:
         """The notes of the fingerprint check once it is hashed (logged); [] when it was done before."""
         if self.pending is None:
@@ -171,6 +188,7 @@ class _Job:
     src: Path
     reader: Any
     patches: dict[str, G.TensorPatch]
+    patched: dict[str, G.PatchedTensor]  # the bytes each edit rewrites, computed (and checked) before writing
     notes: list[str]
     fingerprint: _Fingerprint
     side: Path | None  # the side manifest (fast copy)
@@ -179,6 +197,10 @@ class _Job:
     @property
     def outputs(self) -> list[Path]:
         return [p for p in (self.request.out, self.side, self.modelfile) if p is not None]
+
+    @property
+    def reports(self) -> dict[str, ScaleReport]:
+        return {name: p.report for name, p in self.patched.items()}
 
 
 def _plan(request: ExportRequest, options: GGUFFormat) -> _Job:
@@ -190,45 +212,53 @@ def _plan(request: ExportRequest, options: GGUFFormat) -> _Job:
         if p is not None:
             request.claim(p)
     reader = G.open_gguf(src)
-    spec = G.gguf_arch(reader)
-    identity = gguf_identity(reader, request.model, fingerprint=False)
-    notes = list(request.circuit.check_fits(identity, force=request.force))  # shapes; the fingerprint once known
-    patches = plan_patches(reader, spec, request.multipliers, options.fold)
-    fingerprint = _Fingerprint(request, reader, spec, identity, notes)
-    return _Job(request, options, src, reader, patches, notes, fingerprint, side, modelfile)
-
-
-def _hash_patches(job: _Job) -> tuple[list[TouchedTensor], dict[str, ScaleReport]]:
-    """Pass 1: each touched tensor's hashes before and after and its scale report, two tensors in memory
-    at a time (sha256 releases the GIL: two threads hash on two cores)."""
-    tensors = G.tensor_map(job.reader)
-    reports: dict[str, ScaleReport] = {}
-
-    def one(name: str) -> TouchedTensor:
-        t, patch = tensors[name], job.patches[name]
-        before = G.sha256_array(t.data)
-        buf, reports[name] = patch.patched_copy(t.data)
-        return TouchedTensor(name=name, dtype=G.type_name(t), shape=G.np_shape(t), sha256_before=before,
-                             sha256_after=G.sha256_array(buf), axis=patch.axis, indices=list(patch.indices))
-
-    with ThreadPoolExecutor(max_workers=PASS1_WORKERS, thread_name_prefix="cna-hash") as hashers:
-        touched: list[TouchedTensor] = list(hashers.map(one, list(job.patches)))
-    return touched, {name: reports[name] for name in job.patches}  # in plan order
-
-
-def _manifest(job: _Job, touched: list[TouchedTensor], warnings: list[str]) -> ExportManifest:
-    """The export manifest; a source that is itself an export is refused for a fast copy (its manifest would stay)."""
-    src, notes, fast_copy = job.src, job.notes, job.options.fast_copy
-    previous = G.field_value(job.reader, GGUF_KEY)
-    if previous is not None and fast_copy:
+    if options.fast_copy and G.field_value(reader, GGUF_KEY) is not None:
         raise CnaError(
             f"{src} is itself a cna-export export (it has a {GGUF_KEY} KV), which --fast-copy would keep and "
             "which would then describe the wrong steering; export it without --fast-copy"
         )
-    if previous is not None:
+    spec = G.gguf_arch(reader)
+    identity = gguf_identity(reader, request.model, fingerprint=False)
+    notes = list(request.circuit.check_fits(identity, force=request.force))  # shapes; the fingerprint once known
+    patches = plan_patches(reader, spec, request.multipliers, options.fold)
+    patched = G.patch_spans(reader, patches)
+    fingerprint = _Fingerprint(request, reader, spec, identity, notes)
+    return _Job(request, options, src, reader, patches, patched, notes, fingerprint, side, modelfile)
+
+
+class _Hashes:
+    """Each touched tensor's sha256 before and after its edit: from the fingerprint cache where it knows the file
+    (and, after, the same edit of it), the rest computed while the copy is written
+    (:func:`cna_export.io.gguf.write_data`) and remembered in the cache."""
+
+    def __init__(self, job: _Job) -> None:
+        self.job = job
+        self.known, self.stamps = G.known_hashes(job.src, job.patched)
+        self.got: dict[str, tuple[str, str]] = {}
+
+    def record(self, got: dict[str, tuple[str, str]]) -> None:
+        self.got = got
+        G.remember_hashes(self.job.src, self.job.patched, got, self.stamps)
+
+    def touched(self, placeholder: bool = False) -> list[TouchedTensor]:
+        """The manifest's touched tensors in plan order; with ``placeholder`` before their hashes are known."""
+        tensors = G.tensor_map(self.job.reader)
+        out = []
+        for name, patch in self.job.patches.items():
+            before, after = (PLACEHOLDER, PLACEHOLDER) if placeholder else self.got[name]
+            t = tensors[name]
+            out.append(TouchedTensor(name=name, dtype=G.type_name(t), shape=G.np_shape(t), sha256_before=before,
+                                     sha256_after=after, axis=patch.axis, indices=list(patch.indices)))
+        return out
+
+
+def _manifest(job: _Job, touched: list[TouchedTensor], warnings: list[str], first: list[str]) -> ExportManifest:
+    """The export manifest; ``first``: the notes of a fingerprint check that ended late."""
+    notes = first + job.notes
+    if G.field_value(job.reader, GGUF_KEY) is not None:
         notes.append(f"the source already carried a {GGUF_KEY} (an earlier cna-export export); it is replaced")
-    notes.append(f"source file: {src}")
-    if fast_copy:
+    notes.append(f"source file: {job.src}")
+    if job.options.fast_copy:
         notes.append("fast copy: source bytes copied and touched rows patched in place; header unchanged")
     return ExportManifest(
         format="gguf", source=job.request.model, source_format="gguf", fold=job.options.fold,
@@ -238,17 +268,16 @@ def _manifest(job: _Job, touched: list[TouchedTensor], warnings: list[str]) -> E
 
 
 def _export(job: _Job) -> GGUFExportResult:
-    touched, reports = _hash_patches(job)
+    reports = job.reports
     warnings_ = [f"{name}: {msg}" for name, rep in reports.items() if (msg := rep.warning())]
     for w in warnings_:
         log.warning(w)
-    if not job.options.fast_copy:  # the manifest goes into the header, written first: the fingerprint must be known
-        job.notes[:0] = job.fingerprint.checked()
-    manifest = _manifest(job, touched, warnings_)
     request = job.request
+    hashes = _Hashes(job)
     with publish_together(job.outputs, request.overwrite, request.inputs) as temps:
-        tmp, companions = temps[0], dict(zip([p for p in (job.side, job.modelfile) if p is not None], temps[1:]))
-        patch_reports, where = _write(job, manifest, tmp)
+        extra = [p for p in (job.side, job.modelfile) if p is not None]
+        tmp, companions = temps[0], dict(zip(extra, temps[1:], strict=True))
+        manifest, where = _write(job, hashes, warnings_, tmp)
         report = None
         if request.check is not None:
             staged = StagedExport(tmp, manifest, request.model, request.model, request.out)
@@ -257,54 +286,79 @@ def _export(job: _Job) -> GGUFExportResult:
             write_text(companions[job.side], manifest.to_json() + "\n")
         if job.modelfile is not None:
             write_text(companions[job.modelfile], render_modelfile(request.out, job.reader, manifest, where))
-    assert patch_reports.keys() == reports.keys()
     return GGUFExportResult(
         out=request.out, manifest=manifest, manifest_path=job.side, modelfile=job.modelfile, reports=reports,
         warnings=warnings_, seconds=request.seconds, fast_copy=job.options.fast_copy, verification=report,
     )
 
 
-def _write(job: _Job, manifest: ExportManifest, tmp: Path) -> tuple[Mapping[str, ScaleReport], str]:
-    """The patched GGUF into ``tmp``, checked by reading it back. Returns the patch reports and where the
-    manifest lives (for the Modelfile)."""
+def _write(job: _Job, hashes: _Hashes, warnings: list[str], tmp: Path) -> tuple[ExportManifest, str]:
+    """The patched GGUF into ``tmp``, checked by reading it back. Returns the manifest and where it lives
+    (for the Modelfile)."""
+    fd = os.open(tmp, os.O_RDWR)
+    try:
+        if job.options.fast_copy:
+            assert job.side is not None
+            manifest = _write_fast(job, hashes, warnings, fd)
+            where = f"{job.side.name} (side file)"
+        else:
+            manifest = _write_new(job, hashes, warnings, fd)
+            where = f"{GGUF_KEY} KV in {job.request.out.name}"
+    finally:
+        os.close(fd)
+    return manifest, where
+
+
+def _write_fast(job: _Job, hashes: _Hashes, warnings: list[str], fd: int) -> ExportManifest:
+    """A byte copy of the source (a reflink where the file system can), the touched rows written over it."""
+    src_fd = os.open(job.src, os.O_RDONLY)
+    try:
+        os.ftruncate(fd, 0)
+        cloned = clone_file(src_fd, fd, copy=False)
+        size = os.fstat(src_fd).st_size
+    finally:
+        os.close(src_fd)
+    log.debug("fast copy: %s %s", job.src, "reflinked" if cloned else "copied")
+    hashes.record(G.write_data(job.reader, fd, None, job.patched, hashes.known, job.request.progress, cloned))
+    os.fsync(fd)
+    first = job.fingerprint.checked()  # hashed during the copy: a mismatch discards it
+    manifest = _manifest(job, hashes.touched(), warnings, first)
+    _refuse(G.check_written(fd, None, job.patched, size))
+    return manifest
+
+
+def _write_new(job: _Job, hashes: _Hashes, warnings: list[str], fd: int) -> ExportManifest:
+    """The data section first (kernel copy; the touched tensors copied, patched and hashed in one pass) while the
+    fingerprint is computed, then the header with the manifest. The header's size is known before the hashes
+    (fixed length) and, with ``--force``, the fingerprint check's note is expected; a check that ends otherwise
+    changes the header's size: the data is then written again after it."""
     reader, src = job.reader, job.src
-    if job.options.fast_copy:
-        assert job.side is not None
-        shutil.copyfile(src, tmp)
-        patch_reports = G.patch_in_place(tmp, reader, job.patches)
-        manifest.notes[:0] = job.fingerprint.checked()  # hashed during the copy: a mismatch discards it
-        _check_written(reader, tmp, manifest, header_changed=False)
-        return patch_reports, f"{job.side.name} (side file)"
-    from gguf.constants import GGUFValueType
+    name = steered_name(G.field_value(reader, "general.name"), src.stem)
 
-    old_name = G.field_value(reader, "general.name")
-    patch_reports = G.write_patched(
-        reader, tmp, job.patches,
-        kv_replace={"general.name": (steered_name(old_name, src.stem), GGUFValueType.STRING)},
-        kv_append=[(GGUF_KEY, manifest.to_json(), GGUFValueType.STRING)],
-        progress=job.request.progress,
-    )
-    _check_written(reader, tmp, manifest, header_changed=True)
-    return patch_reports, f"{GGUF_KEY} KV in {job.request.out.name}"
+    def header(manifest: ExportManifest) -> G.Header:
+        return G.build_header(reader, kv_replace={"general.name": (name, _STRING)},
+                              kv_append=[(GGUF_KEY, manifest.to_json(), _STRING)])
+
+    draft = header(_manifest(job, hashes.touched(placeholder=True), warnings, job.fingerprint.expected()))
+    hashes.record(G.write_data(reader, fd, draft, job.patched, hashes.known, job.request.progress))
+    manifest = _manifest(job, hashes.touched(), warnings, job.fingerprint.checked())
+    final = header(manifest)
+    if len(final) != len(draft):
+        G.write_data(reader, fd, final, job.patched, dict(hashes.got), job.request.progress)
+    G.write_header(fd, final)
+    os.fsync(fd)
+    problems = G.check_written(fd, final, job.patched, final.size)
+    text = final.string_value(GGUF_KEY)
+    if text is None or ExportManifest.from_json(text).to_json() != manifest.to_json():
+        problems.append(f"{GGUF_KEY} was not written intact")
+    _refuse(problems)
+    return manifest
 
 
-def _check_written(source: Any, path: Path, manifest: ExportManifest, header_changed: bool) -> None:
-    """Re-read the written file: same KVs (bar the steering marks), same tensor layout, touched hashes as promised."""
-    written = G.open_gguf(path)
-    ignore = ("general.name", GGUF_KEY) if header_changed else ()
-    problems = G.kv_differences(source, written, ignore=ignore)
-    problems += G.tensor_differences(source, written, data=False)
-    tensors = G.tensor_map(written)
-    with ThreadPoolExecutor(max_workers=PASS1_WORKERS, thread_name_prefix="cna-hash") as hashers:
-        got = list(hashers.map(lambda t: G.sha256_array(tensors[t.name].data), manifest.tensors))
-    for t, digest in zip(manifest.tensors, got):
-        if digest != t.sha256_after:
-            problems.append(f"tensor {t.name} does not hold the patched bytes")
-    if header_changed:
-        text = G.field_value(written, GGUF_KEY)
-        if text is None or ExportManifest.from_json(text).to_json() != manifest.to_json():
-            problems.append(f"{GGUF_KEY} was not written back intact")
-    del written
+_STRING = 8  # GGUFValueType.STRING
+
+
+def _refuse(problems: list[str]) -> None:
     if problems:
         raise CnaError(f"the written GGUF file failed its self-check: {problems[0]}")
 

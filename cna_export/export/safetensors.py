@@ -46,7 +46,7 @@ from ..core.version import __version__
 from ..io import safetensors as st_io
 from ..io.identity import checkpoint_fingerprint, checkpoint_identity, expert_tensors, known_checkpoint_fingerprint
 from ..io.sources import local_folder, resolve_source
-from ..io.tensor_bytes import tensor_sha256
+from ..io.tensor_bytes import tensor_bytes, tensor_sha256
 from ..model.loading import resolve_dtype
 from ..model.steering import group_by_layer
 from .card import CARD_FILE, model_card
@@ -217,6 +217,17 @@ def _shard_summary(circuit_sha: str, mults: Mapping[tuple[int, int], float],
     }, separators=(",", ":"))
 
 
+def _folded_sha256(ckpt: st_io.Checkpoint, name: str, new: Any, idx: list[int]) -> str:
+    """sha256 of a folded 2-D weight, remembered in the fingerprint cache under what the fold changed, exactly:
+    the columns ``idx`` and their new bytes (every other byte is the source's, so with the shard unchanged the
+    same key means the same tensor). Other shapes (fused expert tensors) are hashed every time."""
+    if new.dim() != 2:
+        return tensor_sha256(new)
+    h = hashlib.sha256(json.dumps(["columns", idx]).encode())
+    h.update(tensor_bytes(new[:, idx]))
+    return st_io.source_sha256(ckpt, name, new, h.hexdigest())
+
+
 def _fold_shard(
     plan: _Plan, file: str, dst: Path, summary: str,
 ) -> list[TouchedTensor]:
@@ -228,7 +239,9 @@ def _fold_shard(
         new = scale_columns(w, idx, ms)
         touched[name] = TouchedTensor(
             name=name, dtype=str(w.dtype).removeprefix("torch."), shape=list(w.shape),
-            sha256_before=tensor_sha256(w), sha256_after=tensor_sha256(new), axis="column", indices=idx, file=file,
+            sha256_before=st_io.source_sha256(plan.ckpt, name, w),
+            sha256_after=_folded_sha256(plan.ckpt, name, new, idx), axis="column",
+            indices=idx, file=file,
         )
         return new
 
@@ -290,9 +303,10 @@ def write_safetensors(request: ExportRequest, options: SafetensorsFormat) -> Exp
     out_path = request.claim()
     src: _Source | None = None
     pool = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="cna-export")
+    hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cna-fingerprint")  # beside both shard workers
     scratch = contextlib.ExitStack()  # the converted source's folder, removed at the end (or by a later run)
     try:
-        src = _open_source(request, options, out_path, pool, scratch)
+        src = _open_source(request, options, out_path, hasher, scratch)
         notes = request.circuit.check_fits(src.identity, force=request.force)  # shapes now; the fingerprint once hashed
         if src.fingerprint is not None and src.fingerprint.done():
             src.identity, src.fingerprint = _checked(request, src.identity, src.fingerprint, notes), None
@@ -316,6 +330,7 @@ def write_safetensors(request: ExportRequest, options: SafetensorsFormat) -> Exp
             if src.fingerprint is not None:
                 src.fingerprint.cancel()
         pool.shutdown(wait=True, cancel_futures=True)
+        hasher.shutdown(wait=True, cancel_futures=True)
         scratch.close()
 
 

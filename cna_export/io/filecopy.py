@@ -2,7 +2,9 @@
 
 ``copy_range`` uses ``copy_file_range`` (the kernel copies, with a reflink where the file system
 shares extents), and falls back to ``pread``/``write`` through a 16 MiB buffer where that call is
-missing or refused (other file systems, older kernels).
+missing or refused (other file systems, older kernels). ``clone_file`` asks for a reflink of a whole file
+(``FICLONE``: btrfs, XFS, bcachefs; the copy then shares the source's extents and costs nothing until it
+is written to) and falls back to ``copy_range``.
 """
 
 from __future__ import annotations
@@ -10,11 +12,47 @@ from __future__ import annotations
 import errno
 import os
 
+FICLONE = 0x40049409  # _IOW(0x94, 9, int): linux/fs.h
+_NO_CLONE = (errno.EOPNOTSUPP, errno.EXDEV, errno.EINVAL, errno.ENOTTY, errno.EBADF, errno.ENOSYS, errno.EPERM)
+
 
 def write_all(fd: int, data: memoryview) -> None:
     while data:
         k = os.write(fd, data)
         data = data[k:]
+
+
+def write_at(fd: int, data: memoryview | bytes, offset: int) -> None:
+    """All of ``data`` into ``fd`` at ``offset`` (``pwrite``; the file position is not used)."""
+    view = memoryview(data).cast("B")
+    while view:
+        k = os.pwrite(fd, view, offset)
+        view, offset = view[k:], offset + k
+
+
+def copy_range_at(src_fd: int, dst_fd: int, src_offset: int, dst_offset: int, count: int) -> None:
+    """Copy ``count`` bytes of ``src_fd`` from ``src_offset`` to ``dst_fd`` at ``dst_offset``, neither file's
+    position used (so threads can copy parts of one file at once): ``copy_file_range`` in the kernel when it
+    can, else ``pread``/``pwrite`` through a 16 MiB buffer."""
+    kernel = hasattr(os, "copy_file_range")
+    while count > 0:
+        if kernel:
+            try:
+                k = os.copy_file_range(src_fd, dst_fd, min(count, 1 << 30), src_offset, dst_offset)
+            except OSError as e:
+                if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF):
+                    raise
+                kernel = False
+                continue
+            if k == 0:
+                raise OSError(errno.EIO, "source file ended early")
+        else:
+            chunk = os.pread(src_fd, min(count, 1 << 24), src_offset)
+            if not chunk:
+                raise OSError(errno.EIO, "source file ended early")
+            write_at(dst_fd, chunk, dst_offset)
+            k = len(chunk)
+        src_offset, dst_offset, count = src_offset + k, dst_offset + k, count - k
 
 
 def copy_range(src_fd: int, dst_fd: int, offset: int, count: int) -> None:
@@ -41,3 +79,21 @@ def copy_range(src_fd: int, dst_fd: int, offset: int, count: int) -> None:
             k = len(chunk)
         offset += k
         count -= k
+
+
+def clone_file(src_fd: int, dst_fd: int, copy: bool = True) -> bool:
+    """Make ``dst_fd`` (empty) a copy of the whole of ``src_fd``: a reflink (``FICLONE``) where the file system
+    shares extents, which returns True; else a copy by :func:`copy_range` (with ``copy``; without, nothing is
+    written and the caller copies), which returns False."""
+    import fcntl
+
+    try:
+        fcntl.ioctl(dst_fd, FICLONE, src_fd)
+        return True
+    except OSError as e:
+        if e.errno not in _NO_CLONE:
+            raise
+    if copy:
+        os.lseek(dst_fd, 0, os.SEEK_SET)
+        copy_range(src_fd, dst_fd, 0, os.fstat(src_fd).st_size)
+    return False

@@ -53,6 +53,12 @@ def _key(kind: str, paths: Iterable[str | Path], extra: str) -> str | None:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def stamp(kind: str, paths: Iterable[str | Path], extra: str = "") -> str | None:
+    """The entry key of ``paths`` as they are now (pass it to :func:`store` after hashing them, and store only
+    if it has not changed meanwhile), or None when the cache is off or a file is missing."""
+    return _key(kind, list(paths), extra) if enabled() else None
+
+
 def lookup(kind: str, paths: Iterable[str | Path], extra: str = "") -> str | None:
     """The cached fingerprint of ``paths`` (unchanged since it was stored), else None."""
     if not enabled():

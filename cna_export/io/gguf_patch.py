@@ -4,13 +4,16 @@
   multiplier) applied to a writable buffer laid out like ``ReaderTensor.data``; rows of any type
   :mod:`cna_export.io.quants` supports are scaled through their scale fields, columns and elements
   of float tensors directly;
-* :func:`patch_in_place` edits the bytes of tensors in an existing copy of the file through
-  ``np.memmap`` (the ``--fast-copy`` path); :func:`cna_export.io.gguf_write.write_patched` writes a
-  patched copy instead.
+* :meth:`TensorPatch.spans` gives the bytes a patch rewrites without copying the tensor: the touched
+  rows, scaled (a column or element edit rewrites the whole tensor); :func:`patch_spans` does it for
+  every patch of a file, before anything is written;
+* :func:`patch_in_place` writes those spans into an existing byte copy of the file (the
+  ``--fast-copy`` path); :func:`cna_export.io.gguf_write.write_patched` writes a patched copy instead.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,10 +22,11 @@ from typing import Any, Literal, Mapping
 import numpy as np
 
 from ..core.errors import CnaError
+from .filecopy import write_at
 from .gguf_read import tensor_map
 from .quant_layouts import get_layout
 from .quant_types import FLOAT_TYPES
-from .quants import ScaleReport, scale_rows
+from .quants import ScaleReport, normalise_rows, scale_rows
 
 Axis = Literal["row", "column", "element"]
 
@@ -94,6 +98,75 @@ class TensorPatch:
         buf = np.array(data, order="C", copy=True)
         return buf, self.apply(buf)
 
+    def spans(self, data: np.ndarray) -> tuple[list[Span], ScaleReport]:
+        """The bytes this patch rewrites in ``data`` (laid out like ``ReaderTensor.data``, left untouched), as
+        spans sorted by offset, and the scale report. A row edit copies only the touched rows (its cost is
+        proportional to them); a column or element edit gives the whole patched tensor as one span."""
+        if self.axis != "row":
+            buf, report = self.patched_copy(data)
+            return [Span(0, byte_view(buf))], report
+        self.check()
+        n_rows = int(np.prod(data.shape[:-1], dtype=np.int64)) if data.ndim > 1 else 1
+        row_bytes = data.nbytes // max(n_rows, 1)
+        try:
+            idx = normalise_rows(self.indices, n_rows)
+        except (ValueError, IndexError) as e:
+            raise CnaError(f"{self.name}: cannot scale rows: {e}") from None
+        order = np.argsort(idx, kind="stable")
+        rows = np.ascontiguousarray(data.reshape(n_rows, -1)[idx[order]])  # the touched rows only (a copy)
+        mults = [self.multipliers[int(k)] for k in order] if len(self.multipliers) == len(idx) else self.multipliers
+        touched = TensorPatch(self.name, self.ggml_type, "row", list(range(len(idx))), list(mults))
+        report = touched.apply(rows)
+        flat = byte_view(rows).reshape(len(idx), row_bytes)
+        return [Span(int(i) * row_bytes, flat[k]) for k, i in enumerate(idx[order])], report
+
+
+@dataclass(frozen=True)
+class Span:
+    """Bytes of a tensor that a patch rewrites: ``data`` (uint8) at ``offset`` from the tensor's first byte."""
+
+    offset: int
+    data: np.ndarray
+
+
+@dataclass
+class PatchedTensor:
+    """One patched tensor of a file: where its bytes lie in the source, the spans that change, the report."""
+
+    name: str
+    data_offset: int  # absolute, in the source file
+    n_bytes: int
+    spans: list[Span]
+    report: ScaleReport
+
+
+def byte_view(arr: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
+
+
+def patch_spans(reader: Any, patches: Mapping[str, TensorPatch]) -> dict[str, PatchedTensor]:
+    """Every patch's spans (in ``patches`` order), all computed, and so checked, before anything is written."""
+    tensors = tensor_map(reader)
+    for patch in patches.values():
+        patch.check()
+    out: dict[str, PatchedTensor] = {}
+    for name, patch in patches.items():
+        t = tensors[name]
+        spans, report = patch.spans(t.data)
+        out[name] = PatchedTensor(name, int(t.data_offset), int(t.n_bytes), spans, report)
+    return out
+
+
+def write_spans(fd: int, tensor_start: int, spans: list[Span]) -> None:
+    """Write ``spans`` of a tensor whose bytes start at ``tensor_start`` of ``fd`` (``pwrite``)."""
+    for span in spans:
+        write_at(fd, memoryview(span.data).cast("B"), tensor_start + span.offset)
+
+
+def spans_written(fd: int, tensor_start: int, spans: list[Span]) -> bool:
+    """Whether ``fd`` holds ``spans`` at ``tensor_start`` (read back with ``pread``)."""
+    return all(os.pread(fd, span.data.nbytes, tensor_start + span.offset) == span.data.tobytes() for span in spans)
+
 
 def _float_elements(buf: np.ndarray, ggml_type: Any) -> np.ndarray:
     """Float tensor data as one element per item (BF16's uint8 bytes seen as uint16), sharing memory."""
@@ -102,25 +175,113 @@ def _float_elements(buf: np.ndarray, ggml_type: Any) -> np.ndarray:
     return buf
 
 
-def patch_in_place(
-    path: Path, reader: Any, patches: Mapping[str, TensorPatch]
-) -> dict[str, ScaleReport]:
-    """Apply ``patches`` to a byte-identical copy of ``reader``'s file at ``path`` through ``np.memmap``.
+def patch_in_place(path: Path, reader: Any, patches: Mapping[str, TensorPatch] | Mapping[str, PatchedTensor]
+                   ) -> dict[str, ScaleReport]:
+    """Apply ``patches`` (or their :func:`patch_spans`) to a byte-identical copy of ``reader``'s file at ``path``.
 
-    Only the touched rows/columns/elements are written; nothing else in the file changes.
+    Only the touched rows/columns/elements are written (``pwrite``); nothing else in the file changes.
     """
-    tensors = tensor_map(reader)
-    reports: dict[str, ScaleReport] = {}
-    for patch in patches.values():
-        patch.check()
-    for name, patch in patches.items():
-        t = tensors[name]
-        mm = np.memmap(path, dtype=t.data.dtype, mode="r+", offset=int(t.data_offset), shape=t.data.shape)
-        try:
-            reports[name] = patch.apply(mm)
-            mm.flush()
-        finally:
-            del mm
-    with open(path, "rb+") as fh:
-        os.fsync(fh.fileno())
-    return reports
+    patched = patches if all(isinstance(p, PatchedTensor) for p in patches.values()) else patch_spans(reader, patches)
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        for p in patched.values():
+            write_spans(fd, p.data_offset, p.spans)  # type: ignore[union-attr]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return {name: p.report for name, p in patched.items()}  # type: ignore[union-attr]
+
+
+_HASH_CHUNK = 1 << 24
+_KIND = "gguf-tensor"  # fingerprint-cache entries of single tensors' sha256 (keyed by file and tensor name)
+
+
+def copy_patched(src_fd: int, start: int, n_bytes: int, spans: list[Span], before: bool = True,
+                 dst_fd: int | None = None, dst_start: int = 0) -> tuple[str | None, str]:
+    """sha256 of a tensor's bytes (``n_bytes`` of ``src_fd`` from ``start``) before (when ``before``) and after
+    ``spans`` are written over them, in one read of the file (``preadv`` into one 16 MiB buffer, so neither
+    the tensor nor a copy of it is held in memory); with ``dst_fd``, the patched bytes are also written there
+    from ``dst_start`` (``pwrite``): the tensor is copied, patched and hashed in one pass."""
+    h_before, h_after = hashlib.sha256(), hashlib.sha256()
+    buf = bytearray(min(_HASH_CHUNK, max(n_bytes, 1)))
+    view = memoryview(buf)
+    k_span, pos = 0, 0
+    while pos < n_bytes:
+        want = min(len(buf), n_bytes - pos)
+        got = os.preadv(src_fd, [view[:want]], start + pos)
+        if got != want:
+            raise OSError(f"file ended inside a tensor ({got} of {want} bytes read)")
+        chunk = view[:want]
+        if before:
+            h_before.update(chunk)
+        while k_span < len(spans) and spans[k_span].offset + spans[k_span].data.nbytes <= pos:
+            k_span += 1
+        for span in spans[k_span:]:
+            if span.offset >= pos + want:
+                break
+            lo, hi = max(span.offset, pos), min(span.offset + span.data.nbytes, pos + want)
+            chunk[lo - pos : hi - pos] = memoryview(span.data).cast("B")[lo - span.offset : hi - span.offset]
+        h_after.update(chunk)
+        if dst_fd is not None:
+            write_at(dst_fd, chunk, dst_start + pos)
+        pos += want
+    return (h_before.hexdigest() if before else None), h_after.hexdigest()
+
+
+def _spans_key(p: PatchedTensor) -> str:
+    """The tensor's name and a digest of its edit (every span's place and bytes): with the source file unchanged,
+    the same edit gives the same patched bytes, so their hash is remembered under this key."""
+    h = hashlib.sha256(str(p.n_bytes).encode())
+    for span in p.spans:
+        h.update(span.offset.to_bytes(8, "little"))
+        h.update(memoryview(span.data).cast("B"))
+    return f"{p.name}|{h.hexdigest()}"
+
+
+def known_hashes(path: Path, patched: Mapping[str, PatchedTensor]
+                 ) -> tuple[dict[str, tuple[str | None, str | None]], dict[str, tuple[str | None, str | None]]]:
+    """For each patched tensor of file ``path``: its sha256 before and after the edit as far as the fingerprint
+    cache knows them (None where not), and the cache's keys of the file as it is now for the ones it does not
+    know (for :func:`remember_hashes`)."""
+    from . import fpcache
+
+    known, stamps = {}, {}
+    for name, p in patched.items():
+        extras = (name, _spans_key(p))
+        hits = [fpcache.lookup(_KIND, [path], extra) for extra in extras]
+        known[name] = (hits[0], hits[1])
+        stamps[name] = tuple(fpcache.stamp(_KIND, [path], e) if hit is None else None  # type: ignore[assignment]
+                             for e, hit in zip(extras, hits, strict=True))
+    return known, stamps
+
+
+def remember_hashes(path: Path, patched: Mapping[str, PatchedTensor], hashes: Mapping[str, tuple[str, str]],
+                    stamps: Mapping[str, tuple[str | None, str | None]]) -> None:
+    """Store the sha256 before and after of tensors hashed while the file kept the stamps taken before (best
+    effort; a cache is an optimisation)."""
+    from . import fpcache
+
+    for name, keys in stamps.items():
+        if name not in hashes:
+            continue
+        for extra, key, digest in zip((name, _spans_key(patched[name])), keys, hashes[name], strict=True):
+            if key is not None and fpcache.stamp(_KIND, [path], extra) == key:
+                fpcache.store(_KIND, [path], digest, extra, key=key)
+
+
+def touched_hashes(path: Path, patched: PatchedTensor) -> tuple[str, str]:
+    """A patched tensor's sha256 before and after the patch: from the fingerprint cache when it knows them, else
+    from one read of the source file (:func:`copy_patched`) and remembered there."""
+    known, stamps = known_hashes(path, {patched.name: patched})
+    before, after = known[patched.name]
+    if before is not None and after is not None:
+        return before, after
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        got_before, after = copy_patched(fd, patched.data_offset, patched.n_bytes, patched.spans, before=before is None)
+    finally:
+        os.close(fd)
+    before = before or got_before
+    assert before is not None
+    remember_hashes(path, {patched.name: patched}, {patched.name: (before, after)}, stamps)
+    return before, after

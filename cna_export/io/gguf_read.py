@@ -54,7 +54,22 @@ class KVField:
     end: int
     count: int  # array length (1 for scalars)
     _file: "GGUFFile" = field(repr=False)
-    _items: list[tuple[int, int]] | None = field(default=None, repr=False)  # string arrays: (offset, length)
+    _item_list: list[tuple[int, int]] | None = field(default=None, repr=False)  # string arrays: (offset, length)
+
+    @property
+    def _items(self) -> list[tuple[int, int]] | None:
+        """(offset, length) of each string of a string array, found on first use (opening a file only walks
+        past them: a vocabulary of 100k+ strings costs tens of milliseconds to list)."""
+        if self._item_list is None and int(self.type) == _ARRAY and self.sub_type is not None \
+                and int(self.sub_type) == _STRING:
+            items, off = [], self.value_offset + 12
+            unpack = struct.Struct("<Q").unpack_from
+            for _ in range(self.count):
+                (n,) = unpack(self._file.mm, off)
+                items.append((off + 8, n))
+                off += 8 + n
+            self._item_list = items
+        return self._item_list
 
     def raw(self) -> bytes:
         """The exact bytes of the pair in the file: key length, key, value type and value."""
@@ -321,16 +336,13 @@ class GGUFFile:
             if end > len(mm):
                 raise struct.error("array past the end")
             return sub, count, None, end
-        if sub == _STRING:
-            items = []
-            unpack = struct.Struct("<Q").unpack_from
+        if sub == _STRING:  # walked past; the items are listed on first use (KVField._items)
+            unpack = struct.Struct("<Q").unpack_from  # raises past the end of the file
             for _ in range(count):
-                (n,) = unpack(mm, off)
-                items.append((off + 8, n))
-                off += 8 + n
+                off += 8 + unpack(mm, off)[0]
             if off > len(mm):
                 raise struct.error("array past the end")
-            return sub, count, items, off
+            return sub, count, None, off
         if sub == _ARRAY:
             for _ in range(count):
                 _, _, _, off = self._skip_value(_ARRAY, off, depth + 1)

@@ -10,9 +10,10 @@ fingerprint cache (:mod:`cna_export.io.fpcache`), so the same weights are hashed
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
@@ -25,7 +26,9 @@ from . import fpcache
 from .gguf_arch import expert_ffn, ffn_tensors, gguf_arch, intermediate_size, num_layers
 from .gguf_read import type_name
 from .quants import dequantize_rows
-from .safetensors import Checkpoint, fp32_fingerprint
+
+if TYPE_CHECKING:
+    from .safetensors import Checkpoint
 
 
 def checkpoint_identity(
@@ -48,6 +51,8 @@ def checkpoint_identity(
     num_layers = getattr(text, "num_hidden_layers", None)
     if not num_layers:
         raise CnaError(f"the config of {name} has no num_hidden_layers")
+    from .safetensors import Checkpoint  # lazily: a GGUF export never reads a safetensors checkpoint
+
     ckpt = Checkpoint.open(folder)
     if arch.moe is not None and any(getattr(text, a, None) for a in ("num_local_experts", "num_experts",
                                                                          "n_routed_experts")):
@@ -95,6 +100,8 @@ def _checkpoint_key(ckpt: Checkpoint, down_names: list[str]) -> tuple[str, list[
 
 def checkpoint_fingerprint(ckpt: Checkpoint, down_names: list[str]) -> str:
     """:func:`fp32_fingerprint` of the down projections, through the fingerprint cache (:mod:`.fpcache`)."""
+    from .safetensors import fp32_fingerprint
+
     kind, files, extra = _checkpoint_key(ckpt, down_names)
     return fpcache.cached(kind, files, lambda: fp32_fingerprint(ckpt, down_names), extra=extra)
 
@@ -204,26 +211,59 @@ def _moe_checkpoint_identity(ckpt: Checkpoint, arch: ArchSpec, text: Any, num_la
     return identity, arch, ckpt, names
 
 
+FINGERPRINT_CHUNK = 1 << 24
+"""Bytes of a tensor read (and dequantised to float32) at a time for a fingerprint."""
+
+
+def dequantised_chunks(reader: Any, tensor: Any) -> Iterator[np.ndarray]:
+    """``tensor`` dequantised to float32 rows in file order, about 16 MiB of the file at a time, read with
+    ``preadv`` into one buffer: the process holds one chunk and its floats (not the tensor, nor the pages of a
+    memory map), whatever the model's size. Each chunk is valid until the next one is asked for."""
+    data, path = tensor.data, getattr(reader, "path", None)
+    if path is None:
+        yield dequantize_rows(data, tensor.tensor_type)
+        return
+    n_rows = int(np.prod(data.shape[:-1], dtype=np.int64)) if data.ndim > 1 else 1
+    row_bytes = int(tensor.n_bytes) // max(n_rows, 1)
+    per = max(1, FINGERPRINT_CHUNK // max(row_bytes, 1))
+    buf = bytearray(min(per, n_rows) * row_bytes)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for r0 in range(0, n_rows, per):
+            k = min(per, n_rows - r0)
+            got = os.preadv(fd, [memoryview(buf)[: k * row_bytes]], int(tensor.data_offset) + r0 * row_bytes)
+            if got != k * row_bytes:
+                raise CnaError(f"{path} ended inside tensor {tensor.name}")
+            rows = np.frombuffer(buf, dtype=data.dtype, count=k * row_bytes // data.itemsize).reshape(k, -1)
+            yield dequantize_rows(rows, tensor.tensor_type)
+    finally:
+        os.close(fd)
+
+
 def gguf_fingerprint(reader: Any, spec: Any | None = None) -> str:
     """sha256 over every layer's ffn_down, dequantised to fp32, in layer order (as transformers loads it),
-    through the fingerprint cache (:mod:`.fpcache`) when the reader has a file path."""
+    through the fingerprint cache (:mod:`.fpcache`) when the reader has a file path. Each tensor is read and
+    dequantised a chunk of rows at a time (:func:`dequantised_chunks`)."""
     spec = spec or gguf_arch(reader)
 
-    def layers() -> Iterator[np.ndarray]:
+    def downs() -> Iterator[Any]:
         for layer in range(num_layers(reader)):
             ffn = expert_ffn(reader, spec, layer)
             if ffn is not None:  # every expert's [hidden, width] in expert order, then the shared expert's
-                yield dequantize_rows(ffn.down.data, ffn.down.tensor_type)
+                yield ffn.down
                 if ffn.down_shexp is not None:
-                    yield dequantize_rows(ffn.down_shexp.data, ffn.down_shexp.tensor_type)
+                    yield ffn.down_shexp
                 continue
-            down, _ = ffn_tensors(reader, spec, layer)
-            yield dequantize_rows(down.data, down.tensor_type)
+            yield ffn_tensors(reader, spec, layer)[0]
+
+    def chunks() -> Iterator[np.ndarray]:
+        for tensor in downs():
+            yield from dequantised_chunks(reader, tensor)
 
     path = getattr(reader, "path", None)
     if path is None:
-        return fingerprint(layers())
-    return fpcache.cached("gguf", [path], lambda: fingerprint(layers()), extra=spec.model_type)
+        return fingerprint(chunks())
+    return fpcache.cached("gguf", [path], lambda: fingerprint(chunks()), extra=spec.model_type)
 
 
 def known_gguf_fingerprint(reader: Any, spec: Any | None = None) -> str | None:

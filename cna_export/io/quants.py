@@ -44,7 +44,6 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from ..core.errors import CnaError
 from .gguf_py import k_quant_sub_scales
-from .llama import ggml_dequantize, ggml_has, ggml_quantize
 from .quant_layouts import (
     LAYOUTS,
     SMALLEST_NORMAL,
@@ -158,7 +157,7 @@ def _check_array(raw: np.ndarray, layout: QuantLayout) -> None:
         )
 
 
-def _normalise_rows(rows: Sequence[int] | np.ndarray, n_rows: int) -> np.ndarray:
+def normalise_rows(rows: Sequence[int] | np.ndarray, n_rows: int) -> np.ndarray:
     idx = np.asarray(rows)
     if idx.size == 0:
         return np.zeros(0, dtype=np.int64)
@@ -168,7 +167,8 @@ def _normalise_rows(rows: Sequence[int] | np.ndarray, n_rows: int) -> np.ndarray
     if idx.min() < 0 or idx.max() >= n_rows:
         bad = int(idx[(idx < 0) | (idx >= n_rows)][0])
         raise IndexError(f"row {bad} is out of range for a tensor of {n_rows} rows")
-    if np.unique(idx).size != idx.size:
+    ordered = np.sort(idx)
+    if np.any(ordered[1:] == ordered[:-1]):  # not np.unique: it imports numpy.ma (10-15 ms of start-up)
         raise ValueError("rows must not repeat (a repeated row would be scaled ambiguously)")
     return idx
 
@@ -238,7 +238,7 @@ def scale_rows(
 
     byte_rows = _row_view(dst)
     n_rows, n_row_bytes = byte_rows.shape
-    idx = _normalise_rows(rows, n_rows)
+    idx = normalise_rows(rows, n_rows)
     mult = _normalise_multipliers(multipliers, idx.size)
     if idx.size == 0:
         return dst, ScaleReport.nothing(layout.ggml_type)
@@ -335,7 +335,7 @@ def dequantize_rows(
         raise ValueError("big-endian tensor data is not supported")
     byte_rows = _row_view(arr)
     if rows is not None:
-        byte_rows = byte_rows[_normalise_rows(rows, byte_rows.shape[0])]
+        byte_rows = byte_rows[normalise_rows(rows, byte_rows.shape[0])]
     block_elems, block_bytes = GGML_QUANT_SIZES[qtype]
     if byte_rows.shape[1] % block_bytes:
         raise ValueError(f"{qtype.name} row of {byte_rows.shape[1]} bytes is not a whole number of blocks")
@@ -389,6 +389,8 @@ def _ggml_rows(byte_rows: np.ndarray, qtype: GGMLQuantizationType, n_cols: int) 
     missing or retired for this type."""
     if qtype in _GGML_BAD or byte_rows.shape[0] == 0:
         return None
+    from .llama import ggml_dequantize  # lazily: ctypes and the libggml look-up only when rows are dequantised
+
     fast = ggml_dequantize(byte_rows, qtype.name, n_cols)
     if fast is None:
         _GGML_BAD.add(qtype)
@@ -439,6 +441,8 @@ def quantize_rows(values: np.ndarray, ggml_type: GGMLQuantizationType | int) -> 
     uint8 ``(n_rows, row_bytes)``. Used by benches and tests that build quantised checkpoints; K-quants
     are beyond gguf-py's own quantiser."""
     qtype = coerce_type(ggml_type)
+    from .llama import ggml_has, ggml_quantize
+
     if not ggml_has("ggml_quantize_chunk"):
         raise UnsupportedTensorType("quantising needs llama-cpp-python's libggml-base (pip install llama-cpp-python)")
     if not isinstance(qtype, GGMLQuantizationType) or qtype not in GGML_QUANT_SIZES:

@@ -16,7 +16,7 @@ import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 
@@ -184,11 +184,43 @@ def fp32_fingerprint(ckpt: Checkpoint, names: Iterable[str]) -> str:
     With the down_proj weights in layer order this equals ``LoadedModel.fingerprint()`` of the same
     weights, without loading the model: one memory-mapped tensor at a time.
     """
-    import torch
-
     from ..core.fingerprint import fingerprint
 
-    return fingerprint(ckpt.read(name).to(torch.float32).numpy() for name in names)
+    return fingerprint(chunk for name in names for chunk in fp32_chunks(ckpt.read(name)))
+
+
+FP32_CHUNK = 1 << 24
+"""Bytes of float32 converted (and hashed) at a time."""
+
+
+def fp32_chunks(t: Any) -> Iterator[np.ndarray]:
+    """A tensor as float32 numpy rows in order, about 16 MiB at a time (a float32 copy of a whole down
+    projection is 235 MB at 8B; of a chunk, 16 MiB)."""
+    import torch
+
+    flat = t.reshape(t.shape[0], -1) if t.dim() > 1 else t.reshape(1, -1)
+    per = max(1, FP32_CHUNK // max(4 * flat.shape[1], 1))
+    for r0 in range(0, flat.shape[0], per):
+        yield flat[r0 : r0 + per].to(torch.float32).numpy()
+
+
+def source_sha256(ckpt: Checkpoint, name: str, t: Any, edit: str = "") -> str:
+    """sha256 of tensor ``t`` as stored: tensor ``name`` of ``ckpt`` itself (``edit`` empty), or its result after
+    the edit that ``edit`` describes exactly (e.g. a digest of the columns and multipliers of a fold). From the
+    fingerprint cache when it knows the shard as it is now (the same shard and edit give the same bytes), else
+    hashed and remembered there (:mod:`cna_export.io.fpcache`)."""
+    from . import fpcache
+    from .tensor_bytes import tensor_sha256
+
+    kind, paths, extra = "safetensors-tensor", [ckpt.path(ckpt.weight_map[name])], name + (f"|{edit}" if edit else "")
+    known = fpcache.lookup(kind, paths, extra)
+    if known is not None:
+        return known
+    key = fpcache.stamp(kind, paths, extra)
+    digest = tensor_sha256(t)
+    if key is not None and fpcache.stamp(kind, paths, extra) == key:  # the shard did not change meanwhile
+        fpcache.store(kind, paths, digest, extra, key=key)
+    return digest
 
 
 def _raw_header(path: Path) -> tuple[int, dict]:
