@@ -27,7 +27,9 @@ from .export.plan import CheckReport, ExportCheck, StagedExport
 from .export.request import ExportRequest, MultiplierSpec
 
 if TYPE_CHECKING:
+    from .core.preview import BehaviourPreview
     from .discovery.cna import DiscoveryResult
+    from .evaluation.preview import HeldOut
     from .export.gguf import GGUFExportResult
     from .export.gguf_lora import GGUFLoraExportResult
     from .export.hub import PushResult
@@ -35,6 +37,7 @@ if TYPE_CHECKING:
     from .export.safetensors import ExportResult
     from .model.loading import LoadedModel
     from .model.prompts import PromptSet
+    from .verification.session import VerifySession
 
     Written = ExportResult | GGUFExportResult | LoraExportResult | GGUFLoraExportResult
     """What an exporter returns (each has ``out``, ``manifest``, ``seconds`` and ``verification``)."""
@@ -53,21 +56,21 @@ def _gguf_opts(opts: VerifyOptions | None) -> GGUFVerifyOptions:
 
 def lora_check(
     opts: VerifyOptions | None = None, prompt_files: Sequence[str | Path] | None = None,
-    model_options: Mapping[str, Any] | None = None, progress: bool = False,
+    model_options: Mapping[str, Any] | None = None, progress: bool = False, session: VerifySession | None = None,
 ) -> ExportCheck:
     """Verification of a staged PEFT LoRA adapter folder: base + adapter against hook steering of the base."""
     from .verification.lora import verify_lora
 
     def check(staged: StagedExport) -> CheckReport:
         return verify_lora(staged.source, staged.path, opts, prompt_files=prompt_files, model_options=model_options,
-                           manifest=staged.manifest, progress=progress)
+                           manifest=staged.manifest, progress=progress, session=session)
 
     return check
 
 
 def safetensors_check(
     opts: VerifyOptions | None = None, prompt_files: Sequence[str | Path] | None = None,
-    model_options: Mapping[str, Any] | None = None, progress: bool = False,
+    model_options: Mapping[str, Any] | None = None, progress: bool = False, session: VerifySession | None = None,
 ) -> ExportCheck:
     """Verification of a staged safetensors export against hook steering of its source."""
     from .verification.safetensors import verify_export
@@ -75,13 +78,15 @@ def safetensors_check(
     def check(staged: StagedExport) -> CheckReport:
         return verify_export(staged.source, staged.path, opts=opts, prompt_files=prompt_files,
                              model_options=model_options, manifest=staged.manifest,
-                             reference_name=staged.source_name, candidate_name=str(staged.out), progress=progress)
+                             reference_name=staged.source_name, candidate_name=str(staged.out), progress=progress,
+                             session=session)
 
     return check
 
 
 def gguf_check(
     opts: VerifyOptions | None = None, prompt_files: Sequence[str | Path] | None = None, progress: bool = False,
+    session: VerifySession | None = None,
 ) -> ExportCheck:
     """Verification of a staged GGUF export or LoRA GGUF (tensors exactly, then behaviour in llama.cpp)."""
     from .verification.gguf import verify_gguf
@@ -90,21 +95,23 @@ def gguf_check(
 
     def check(staged: StagedExport) -> CheckReport:
         return verify_gguf(staged.source, staged.path, gopts, prompt_files=prompt_files, manifest=staged.manifest,
-                           progress=progress)
+                           progress=progress, session=session)
 
     return check
 
 
 def export_check(options: FormatOptions, verify_options: VerifyOptions | None = None,
-                 prompt_files: Sequence[str | Path] | None = None, progress: bool = False) -> ExportCheck:
-    """The verification run on a staged export of ``options.format`` before it is published."""
+                 prompt_files: Sequence[str | Path] | None = None, progress: bool = False,
+                 session: VerifySession | None = None) -> ExportCheck:
+    """The verification run on a staged export of ``options.format`` before it is published; ``session``
+    shares the reference model and the logits that do not depend on the export between several checks."""
     if options.format in ("gguf", "gguf-lora"):
-        return gguf_check(verify_options, prompt_files, progress=progress)
+        return gguf_check(verify_options, prompt_files, progress=progress, session=session)
     vopts = _transformers_opts(_gguf_opts(verify_options))
     if options.format == "lora":
-        return lora_check(vopts, prompt_files, {"trust_remote_code": options.trust_remote_code}, progress)
+        return lora_check(vopts, prompt_files, {"trust_remote_code": options.trust_remote_code}, progress, session)
     model_options = {"allow_pickle": options.allow_pickle, "trust_remote_code": options.trust_remote_code}
-    return safetensors_check(vopts, prompt_files, model_options, progress)
+    return safetensors_check(vopts, prompt_files, model_options, progress, session)
 
 
 def write_export(request: ExportRequest, options: FormatOptions) -> Written:
@@ -149,16 +156,17 @@ def run_export(
     model: str | Path, circuit: str | Path, out: str | Path, options: ExportOptions,
     gguf: GGUFExportOptions | None = None, verify_options: GGUFVerifyOptions | None = None,
     model_options: ModelOptions | None = None, progress: bool = False, *, strict: bool = True,
+    session: VerifySession | None = None,
 ) -> tuple[Format, Written]:
     """The ``export`` job: the settings models turned into the format's options
     (:func:`cna_export.core.formats.format_options`: with ``strict``, flags of another format are
     refused; ``steer`` leaves them out) and one :class:`ExportRequest`, verified with ``options.verify``.
-    Returns the format written and the exporter's result."""
+    ``session``: shared verification work (``steer``). Returns the format written and the exporter's result."""
     g = gguf or GGUFExportOptions()
     fmt = export_format(out, g.format)
     fopts = format_options(fmt, out, options, g, model_options or ModelOptions(), strict=strict)
     multipliers: MultiplierSpec = options.multipliers
-    check = export_check(fopts, verify_options or GGUFVerifyOptions(), options.prompts, progress) \
+    check = export_check(fopts, verify_options or GGUFVerifyOptions(), options.prompts, progress, session) \
         if options.verify else None
     request = ExportRequest.build(model, circuit, out, multiplier=options.multiplier, multipliers=multipliers,
                                   overwrite=options.overwrite, force=options.force, check=check, progress=progress)
@@ -231,8 +239,9 @@ class DiscoverRun:
 
 
 def run_discover(model: str | Path, out: str | Path, opts: DiscoverOptions, model_options: ModelOptions | None = None,
-                 overwrite: bool = False, progress: bool = False) -> DiscoverRun:
-    """The ``discover`` job: read the prompt sets, load ``model``, find the circuit and save it to ``out``."""
+                 overwrite: bool = False, progress: bool = False, hold_back: int = 0) -> DiscoverRun:
+    """The ``discover`` job: read the prompt sets, load ``model``, find the circuit and save it to ``out``.
+    ``hold_back``: the last N prompts of the positive and negative sets are left out (:func:`discovery_prompts`)."""
     import time
 
     from .core.atomic import check_output_path
@@ -243,9 +252,7 @@ def run_discover(model: str | Path, out: str | Path, opts: DiscoverOptions, mode
     if not opts.positive or not opts.negative:
         raise CnaError("discover needs --positive and --negative prompt files (or a --recipe that names them)")
     check_output_path(Path(out), overwrite)
-    sel = dict(field=opts.field, column=opts.column, limit=opts.limit)
-    positive = load_prompts(opts.positive, **sel)
-    negative = load_prompts(opts.negative, **sel)
+    positive, negative, _ = discovery_prompts(opts, hold_back)
     neutral = load_prompts(opts.neutral, limit=opts.limit) if opts.neutral else None
     t0 = time.perf_counter()
     loaded = load_model(model, **(model_options or ModelOptions()).model_dump())
@@ -253,6 +260,56 @@ def run_discover(model: str | Path, out: str | Path, opts: DiscoverOptions, mode
     result = discover(loaded, positive, negative, neutral, opts, progress=progress)
     result.circuit.save(out, overwrite=overwrite)
     return DiscoverRun(result, loaded, positive, negative, neutral, load_seconds)
+
+
+def discovery_prompts(opts: DiscoverOptions, hold_back: int = 0) -> tuple[PromptSet, PromptSet, HeldOut | None]:
+    """The positive and negative sets discovery reads, less the last ``hold_back`` prompts of each (before
+    ``limit``), which are returned as the held-out prompts of ``steer``'s preview (None when nothing is held)."""
+    import dataclasses
+
+    from .evaluation.preview import HeldOut, split_held_out
+    from .model.prompts import load_prompts
+
+    if not opts.positive or not opts.negative:
+        raise CnaError("discover needs --positive and --negative prompt files (or a --recipe that names them)")
+    sets = [load_prompts(p, field=opts.field, column=opts.column) for p in (opts.positive, opts.negative)]
+    held: list[tuple[str, ...]] = []
+    if hold_back:
+        for i, (s, what) in enumerate(zip(sets, ("positive", "negative"), strict=True)):
+            kept, out = split_held_out(s.texts, hold_back, what)
+            sets[i] = dataclasses.replace(s, texts=kept)
+            held.append(out)
+    if opts.limit is not None:
+        sets = [dataclasses.replace(s, texts=s.texts[: opts.limit]) for s in sets]
+    ho = HeldOut(held[0], held[1], Path(opts.positive).name, Path(opts.negative).name) if held else None
+    return sets[0], sets[1], ho
+
+
+def preview_prompts(opts: DiscoverOptions, n: int, required: bool) -> tuple[HeldOut | None, str | None]:
+    """The last ``n`` prompts of each recipe set, held out for ``steer``'s preview, and None; or None and why
+    not, when a set has fewer than twice ``n`` prompts and the preview was not asked for (``required``: then
+    too few prompts is a :class:`CnaError`)."""
+    from .model.prompts import load_prompts
+
+    if not required and opts.positive and opts.negative:
+        for what in ("positive", "negative"):
+            count = len(load_prompts(getattr(opts, what), field=opts.field, column=opts.column))
+            if count < 2 * n:
+                return None, f"the {what} set has {count} prompts, fewer than twice the {n} it would hold out"
+    return discovery_prompts(opts, n)[2], None
+
+
+def write_steer_card(out: Path, model: str, preview: BehaviourPreview) -> Path:
+    """A ``steer`` folder's model card (``README.md``): the measured behaviour, then each export's summary and
+    verification, with the front matter a Hub push uses."""
+    from .core.atomic import atomic_write_text
+    from .export.card import CARD_FILE, steer_card_body
+    from .export.hub import Upload, collect, render_card
+
+    found = collect(out)
+    text = render_card(Upload(manifests=found.manifests, card_body=steer_card_body(model, preview, found.manifests)))
+    atomic_write_text(out / CARD_FILE, text, overwrite=True)
+    return out / CARD_FILE
 
 
 def _files_identity(model: str | Path, trust_remote_code: bool) -> ModelIdentity | None:

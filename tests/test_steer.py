@@ -108,3 +108,33 @@ def test_steer_retry_after_a_failed_first_step(tiny_models, tmp_path, capsys, on
     assert code == 0, err
     assert (out / "lora" / "adapter_config.json").is_file()
     assert json.loads((out / "steer.json").read_text())["steps"]["lora"]["output"] == str(out / "lora")
+
+
+def test_shared_verification_is_the_same_verification(tiny_models, tmp_path, one_thread):
+    """steer's VerifySession: one reference for the safetensors and LoRA checks, its hook-steered logits computed
+    once; every figure equals that of a verification on its own, and a wrong export still fails."""
+    from cna_export.core.settings import VerifyOptions
+    from cna_export.export.lora import export_lora
+    from cna_export.export.safetensors import export_safetensors
+    from cna_export.verification.lora import verify_lora
+    from cna_export.verification.safetensors import verify_export
+    from cna_export.verification.session import VerifySession
+
+    src = str(tiny_models["llama"])
+    circuit = planted_circuit(tiny_models["llama"], own=True)
+    export_safetensors(src, circuit, tmp_path / "st")
+    export_lora(src, circuit, tmp_path / "lora")
+    opts = VerifyOptions(limit=3, max_new_tokens=2)
+    session = VerifySession(src)
+    shared = [verify_export(src, tmp_path / "st", opts, session=session),
+              verify_lora(src, tmp_path / "lora", opts, session=session)]
+    assert len(session.models) == 1 and session.hits >= 1  # one reference; the LoRA check reused its logits
+    alone = [verify_export(src, tmp_path / "st", opts), verify_lora(src, tmp_path / "lora", opts)]
+    for a, b in zip(shared, alone, strict=True):
+        assert a.passed and b.passed
+        assert a.metrics == b.metrics
+    # another export's multipliers get their own reference (compared with the cached x-multiplier logits, it
+    # would fail)
+    export_safetensors(src, circuit, tmp_path / "half", multiplier=0.5)
+    hits = session.hits
+    assert verify_export(src, tmp_path / "half", opts, session=session).passed and session.hits == hits

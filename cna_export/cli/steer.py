@@ -24,7 +24,7 @@ from .paths import guard
 def cmd_steer(ns: argparse.Namespace) -> int:
     import sys
 
-    from ..steer import STATE_FILE, run_steer
+    from ..steer import STATE_FILE, PreviewSettings, run_steer
 
     export_recipe = recipe_section(ns.recipe, "export")
     steer_recipe = recipe_section(ns.recipe, "steer")
@@ -32,6 +32,7 @@ def cmd_steer(ns: argparse.Namespace) -> int:
     eo: ExportOptions = settings_of(ns, ExportOptions, export_recipe)
     guard(ns, eo, overwrite=eo.overwrite, exists_ok=True, markers=(STATE_FILE,))  # a steer folder is resumed
     show = not ns.quiet
+    preview = PreviewSettings(s.preview if s.preview_on else 0, s.preview_tokens, "preview" in s.model_fields_set)
     r = run_steer(
         ns.model, ns.out, recipe=ns.recipe, circuit=ns.circuit, formats=s.formats,
         export_options=eo,
@@ -39,9 +40,12 @@ def cmd_steer(ns: argparse.Namespace) -> int:
         verify_options=settings_of(ns, GGUFVerifyOptions, export_recipe),
         model_options=settings_of(ns, ModelOptions), hub=settings_of(ns, HubOptions, steer_recipe), fresh=s.fresh,
         progress=wanted(ns.quiet), say=(lambda text: print(text, file=sys.stderr, flush=True)) if show else None,
+        preview=preview,
     )
     if show:
         print(r.table())
+        if r.preview is not None:
+            print("\n".join(r.preview.lines()))
         if r.pushed is not None:
             print(f"pushed       {len(r.pushed.files)} files to {r.pushed.url}")
         print(f"done         {r.out} in {r.seconds:.1f}s (rerun the same command to reuse every unchanged step)")

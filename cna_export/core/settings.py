@@ -77,7 +77,7 @@ def _has_bool(value: Any) -> bool:
 
 
 class _Options(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)  # schemas built on first use: faster start-up
 
     negatable: ClassVar[bool] = True
     """True: a bool field gets ``--x/--no-x``; False: a plain ``--x`` switch (or its ``flag``)."""
@@ -410,7 +410,7 @@ class SteerOptions(_Switches):
                        "before -> after, first-token KL, one answer side by side; printed, in steer.json and the "
                        "model card)", ge=1, le=10000, metavar="N")
     preview_on: bool = opt(True, "no behaviour preview (discovery uses every prompt)", flag="--no-preview")
-    preview_tokens: int = opt(48, "greedy tokens per preview answer", ge=1, le=4096)
+    preview_tokens: int = opt(32, "greedy tokens per preview answer", ge=1, le=4096)
 
 
 # -- eval / tune -------------------------------------------------------------------------------

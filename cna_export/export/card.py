@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from ..core.errors import CnaError
 from ..core.manifest import (
@@ -354,3 +354,19 @@ def export_summary_lines(manifest: ExportManifest, where: str = ".") -> list[str
         "",
     ]
     return lines
+
+
+def steer_card_body(model: str, preview: Any, manifests: Sequence[tuple[str, ExportManifest]]) -> str:
+    """The body of a ``steer`` folder's model card: the behaviour the preview measured
+    (:class:`~cna_export.core.preview.BehaviourPreview`), then each export's summary and verification."""
+    kinds = ", ".join(FORMAT_TITLES.get(m.format, m.format) for _, m in manifests)
+    lines = [f"# {Path(model).name or model}, CNA-steered", "",
+             f"One CNA circuit, exported by `cna-export steer` as: {kinds or 'nothing yet'}. Every export applies the "
+             "same circuit and multipliers.", ""]
+    if preview is not None:
+        lines += preview.card_lines()
+    for where, m in manifests:
+        lines += export_summary_lines(m, where)
+    lines += _provenance("Each export's manifest records the circuit, the multiplier of every neuron and the sha256 "
+                         "of each touched tensor before and after; `steer.json` records each step and the preview.")
+    return "\n".join(lines)

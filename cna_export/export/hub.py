@@ -133,7 +133,7 @@ def collect(path: str | Path) -> Upload:
     if not up.manifests:
         raise CnaError(f"{p} holds no cna-export export (no {MANIFEST_FILE} or steered GGUF)")
     card = p / CARD_FILE
-    if card.is_file() and len(up.manifests) == 1 and up.manifests[0][0] == ".":
+    if card.is_file() and ((len(up.manifests) == 1 and up.manifests[0][0] == ".") or (p / "steer.json").is_file()):
         up.card_body = _split_card(card.read_text("utf-8"))
     return up
 

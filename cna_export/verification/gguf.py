@@ -87,6 +87,7 @@ def verify_gguf(
     progress: bool = False,
     raise_on_failure: bool = False,
     reference: str | Any | None = None,
+    session: Any = None,
 ) -> VerifyReport:
     """Check a steered GGUF against its source: tensors exactly, then behaviour (see the module docstring).
 
@@ -97,7 +98,9 @@ def verify_gguf(
     ``original`` is the source (a .gguf path, ``bundled:NAME``, or an already loaded
     :class:`~cna_export.model.loading.LoadedModel` of it); ``None`` takes the manifest's source.
     The manifest comes from the export's ``cna.manifest`` KV or side file, or ``manifest``.
-    ``prompts`` (texts) override ``prompt_files`` (default: the refusal recipe's).
+    ``prompts`` (texts) override ``prompt_files`` (default: the refusal recipe's). ``session``
+    (:class:`~cna_export.verification.session.VerifySession`): the reference model and the logits that do
+    not depend on the export, shared with other verifications of the same source.
     """
     opts = opts or GGUFVerifyOptions()
     exp_path = Path(exported)
@@ -194,6 +197,8 @@ def verify_gguf(
 
             loaded = load_model(str(reference)) if isinstance(reference, (str, Path)) else reference
             settings["reference"] = loaded.source.spec
+        if loaded is None and session is not None and session.serves(src_spec):
+            loaded = session.reference()
         if loaded is None:
             from ..model.loading import load_model
 
@@ -201,7 +206,7 @@ def verify_gguf(
         start = opts.limit if prompts is None else None
         pool = prompt_list[: start or len(prompt_list)] if reasons else prompt_list  # tensors failed: no widening
         b = check_behaviour(loaded, src_path, exp_path, manifest.multiplier_map(), pool, opts, progress,
-                            adapter=adapter, start=start)
+                            adapter=adapter, start=start, session=session)
         metrics.update(b.metrics)
         details, undecided = b.details, b.undecided
         settings["prompts_used"] = len(details)

@@ -165,6 +165,7 @@ def check_behaviour(
     progress: bool = False,
     adapter: bool = False,
     start: int | None = None,
+    session: Any = None,
 ) -> BehaviourResult:
     """Steered pair (hooked transformers vs llama.cpp export) against the noise floor (plain vs llama.cpp source).
     ``adapter``: ``exported_path`` is a LoRA adapter GGUF, run in llama.cpp on top of ``source_path`` at scale 1.
@@ -179,7 +180,7 @@ def check_behaviour(
     done, widened = 0, []
     for size in plan.sizes:
         _compare(loaded, source_path, exported_path, multipliers, ids[done:size], starts[done:size], opts, comp,
-                 progress, adapter)  # fmt: skip
+                 progress, adapter, session)  # fmt: skip
         done = size
         result = _judge(comp, opts, t0, plan)
         if result.verdict != "undecided":
@@ -191,11 +192,13 @@ def check_behaviour(
 
 
 def _compare(loaded: Any, source_path: Path, exported_path: Path, multipliers: Any, ids: Sequence[list[int]],
-             starts: Sequence[int], opts: GGUFVerifyOptions, comp: _Comparisons, progress: bool, adapter: bool) -> None:
+             starts: Sequence[int], opts: GGUFVerifyOptions, comp: _Comparisons, progress: bool, adapter: bool,
+             session: Any = None) -> None:
     """Run ``ids`` through llama.cpp (source, export) and transformers (plain, hooked); add them to ``comp``."""
     import torch
 
-    ll_src = llama_logits(source_path, ids, opts.threads)
+    ll_src = (session.llama_source_logits(source_path, ids, opts.threads) if session is not None
+              else llama_logits(source_path, ids, opts.threads))
     ll_exp = (llama_logits(source_path, ids, opts.threads, lora=exported_path) if adapter
               else llama_logits(exported_path, ids, opts.threads))
     iterator: Any = progress_bar(progress, range(len(ids)), desc="verify", unit="prompt", leave=True)
@@ -203,10 +206,23 @@ def _compare(loaded: Any, source_path: Path, exported_path: Path, multipliers: A
     torch.set_num_threads(opts.threads)  # oversubscribed intra-op threads are many times slower
     try:
         for i in iterator:
-            plain, hooked = plain_logits(loaded, ids[i]), steered_logits(loaded, ids[i], multipliers)
+            plain, hooked = _reference_logits(loaded, ids[i], multipliers, opts.threads, session)
             comp.add(plain, hooked, torch.from_numpy(ll_src[i]), torch.from_numpy(ll_exp[i]), starts[i])
     finally:
         torch.set_num_threads(torch_threads)
+
+
+def _reference_logits(loaded: Any, ids: Sequence[int], multipliers: Any, threads: int, session: Any) -> tuple[Any, Any]:
+    """Transformers' plain and hook-steered logits of one prompt, from ``session`` when it computed them."""
+    if session is None:
+        return plain_logits(loaded, ids), steered_logits(loaded, ids, multipliers)
+    from .session import multipliers_key
+
+    base = (id(loaded), threads, tuple(int(t) for t in ids))
+    plain = session.cached(("plain", *base), lambda: plain_logits(loaded, ids))
+    hooked = session.cached(("hooked", multipliers_key(multipliers), *base),
+                            lambda: steered_logits(loaded, ids, multipliers))
+    return plain, hooked
 
 
 def plain_logits(loaded: Any, ids: Sequence[int]) -> Any:

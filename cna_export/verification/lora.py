@@ -9,6 +9,7 @@ staged.path, manifest=staged.manifest))``.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import time
 from pathlib import Path
@@ -53,8 +54,11 @@ def check_lora_base(spec: str, manifest: ExportManifest) -> bool:
 
 def verify_lora(original: str | Any, adapter: str | Path, opts: VerifyOptions | None = None,
                 prompt_files: Sequence[str | Path] | None = None, model_options: Mapping[str, Any] | None = None,
-                manifest: ExportManifest | None = None, progress: bool = False) -> VerifyReport:
-    """Verify the PEFT adapter folder ``adapter`` against hook steering of ``original`` (a spec or LoadedModel)."""
+                manifest: ExportManifest | None = None, progress: bool = False, session: Any = None) -> VerifyReport:
+    """Verify the PEFT adapter folder ``adapter`` against hook steering of ``original`` (a spec or LoadedModel).
+    ``session`` (:class:`~cna_export.verification.session.VerifySession` of ``original``): the reference is its
+    model, the base under the adapter a copy of it (the same weights, not loaded again), and the hook-steered
+    logits are shared with other verifications."""
     import torch
 
     from ..model.loading import load_model, resolve_dtype
@@ -73,10 +77,14 @@ def verify_lora(original: str | Any, adapter: str | Path, opts: VerifyOptions | 
     prompts, prompt_info = verification_prompts(prompt_files, opts.limit, opts.field, opts.column)
     t0 = time.perf_counter()
     spec = original if isinstance(original, str) else original.source.spec
-    ref = load_model(original, dtype=dtype, **mopts) if isinstance(original, str) else original
-    if not isinstance(original, str):
-        ref.model.to(getattr(torch, dtype))
-    base = load_model(spec, dtype=dtype, **mopts)
+    if session is not None and session.serves(original):
+        ref = session.reference(dtype)
+        base = dataclasses.replace(ref, model=copy.deepcopy(ref.model))
+    else:
+        ref = load_model(original, dtype=dtype, **mopts) if isinstance(original, str) else original
+        if not isinstance(original, str):
+            ref.model.to(getattr(torch, dtype))
+        base = load_model(spec, dtype=dtype, **mopts)
     manifest.circuit.check_fits(ref.identity(with_fingerprint=False))
     cand = dataclasses.replace(base, model=PeftModel.from_pretrained(base.model, str(adapter)).eval())
     load_seconds = time.perf_counter() - t0
@@ -84,7 +92,7 @@ def verify_lora(original: str | Any, adapter: str | Path, opts: VerifyOptions | 
         ref, cand, manifest.multiplier_map(), prompts, opts, tolerances(opts, dtype),
         reference_name=f"{spec} + hook steering ({len(manifest.multipliers)} neurons)",
         candidate_name=f"{spec} + LoRA {adapter}", settings={**prompt_info, "source": manifest.source},
-        progress=progress,
+        progress=progress, session=session,
     )
     report.seconds = {"load": load_seconds, **report.seconds}
     return report

@@ -51,6 +51,7 @@ from .report import (
     VerifyReport,
     logit_metrics,
 )
+from .session import ReferenceRun
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +80,12 @@ def compare_steered(
     extra_reasons: Sequence[str] = (),
     notes: Sequence[str] = (),
     progress: bool = False,
+    session: Any = None,
 ) -> VerifyReport:
-    """Compare ``reference`` (a LoadedModel, hook-steered with ``multipliers``) with ``candidate`` (unsteered)."""
+    """Compare ``reference`` (a LoadedModel, hook-steered with ``multipliers``) with ``candidate`` (unsteered).
+    ``session`` (:class:`~cna_export.verification.session.VerifySession`): the hook-steered reference's logits and
+    greedy answers are taken from it when an earlier comparison on the same prompts computed them, else kept
+    there."""
     import torch
 
     from ..model.batching import SHARE, resolve_batch_size
@@ -101,7 +106,7 @@ def compare_steered(
     cand_batches = list(batches(candidate.tokenizer, texts_cand, device=candidate.input_device, **args))
     same_tokens = len(ref_batches) == len(cand_batches) and all(
         a.indices == b.indices and torch.equal(a.input_ids.cpu(), b.input_ids.cpu())
-        for a, b in zip(ref_batches, cand_batches)
+        for a, b in zip(ref_batches, cand_batches, strict=True)
     )
     if not same_tokens:
         reasons.append("the tokenizers tokenise the prompts differently (logits compared on the reference's tokens)")
@@ -109,18 +114,27 @@ def compare_steered(
     acc = MetricAccumulator()
     details: dict[int, dict[str, Any]] = {}
     steering = multipliers or {}
+    layout = tuple((tuple(b.indices), tuple(b.input_ids.shape)) for b in ref_batches)
+    key = _run_key(reference, steering, prompts, opts, layout)
+    run: ReferenceRun | None = session.reference_run(key) if session is not None else None
+    fresh = ReferenceRun(logits={}) if session is not None and run is None else None
     iterator: Any = progress_bar(progress, ref_batches, desc="verify", unit="batch", leave=True)
     for b in iterator:
         feed = dict(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids)
         with torch.inference_mode():
-            with steer(reference.model, reference.arch, steering):
-                ref_logits = reference.model(**feed).logits
+            ref_logits = None
+            if run is None:
+                with steer(reference.model, reference.arch, steering):
+                    ref_logits = reference.model(**feed).logits
             cand_feed = {k: v.to(candidate.input_device) for k, v in feed.items()}
             cand_logits = candidate.model(**cand_feed).logits
         mask = b.attention_mask.bool().cpu()
         for row, i in enumerate(b.indices):
             keep = mask[row]
-            per = logit_metrics(ref_logits[row].cpu()[keep], cand_logits[row].cpu()[keep])
+            ref_rows = run.logits[i] if run is not None else ref_logits[row].cpu()[keep]
+            if fresh is not None:
+                fresh.logits[i] = ref_rows
+            per = logit_metrics(ref_rows, cand_logits[row].cpu()[keep])
             details[i] = acc.add(per)
         del ref_logits, cand_logits
     metrics = acc.metrics()
@@ -132,13 +146,19 @@ def compare_steered(
     if opts.max_new_tokens > 0:
         gen = dict(max_new_tokens=opts.max_new_tokens, chat_template=opts.chat_template,
                    system_prompt=opts.system_prompt, batch_size=opts.batch_size)
-        with steer(reference.model, reference.arch, steering):
-            greedy_ref = generate(reference, prompts, **gen)
+        if run is not None and run.greedy is not None:
+            greedy_ref = list(run.greedy)
+        else:
+            with steer(reference.model, reference.arch, steering):
+                greedy_ref = generate(reference, prompts, **gen)
         greedy_cand = generate(candidate, prompts, **gen)
-        same = [a == b for a, b in zip(greedy_ref, greedy_cand)]
+        same = [a == b for a, b in zip(greedy_ref, greedy_cand, strict=True)]
         metrics["greedy_identical"] = sum(same) / len(same)
         metrics["max_new_tokens"] = float(opts.max_new_tokens)
         seconds["generate"] = time.perf_counter() - t0
+    if fresh is not None:
+        fresh.greedy = greedy_ref
+        session.keep_run(key, fresh)
 
     per_prompt = []
     for i, prompt in enumerate(prompts):
@@ -163,6 +183,16 @@ def compare_steered(
         metrics, tolerances, extra_reasons=reasons, reference=reference_name, candidate=candidate_name,
         dtype=dtype, positions="all", settings=all_settings, notes=list(notes), prompts=per_prompt, seconds=seconds,
     )
+
+
+def _run_key(reference: Any, steering: Mapping[tuple[int, int], float], prompts: Sequence[str], opts: VerifyOptions,
+             layout: tuple) -> tuple:
+    """What the hook-steered reference's batched logits and greedy answers depend on (``layout``: the batches'
+    prompt indices and shapes)."""
+    from .session import multipliers_key
+
+    return (id(reference), str(reference.dtype), multipliers_key(steering), tuple(prompts), layout, opts.chat_template,
+            opts.system_prompt, opts.max_length, opts.max_new_tokens, opts.batch_size)
 
 
 def exported_dtype(exported: Path) -> str:
@@ -230,11 +260,14 @@ def verify_export(
     reference_name: str | None = None,
     candidate_name: str | None = None,
     progress: bool = False,
+    session: Any = None,
 ) -> VerifyReport:
     """Verify a safetensors export against hook steering of ``original`` (a model spec or a LoadedModel).
 
     The circuit and multipliers come from the export's ``cna_manifest.json`` (or ``manifest``). A
-    LoadedModel passed as ``original`` is cast in place to the comparison dtype.
+    LoadedModel passed as ``original`` is cast in place to the comparison dtype. ``session``
+    (:class:`~cna_export.verification.session.VerifySession` of ``original``): the reference is its model in
+    the comparison dtype, and its hook-steered logits are shared with other verifications.
     """
     import torch
 
@@ -252,7 +285,10 @@ def verify_export(
     prompts, prompt_info = verification_prompts(prompt_files, opts.limit, opts.field, opts.column)
 
     t0 = time.perf_counter()
-    if isinstance(original, str):
+    if session is not None and session.serves(original):
+        ref = session.reference(dtype)
+        ref_name = reference_name or session.spec
+    elif isinstance(original, str):
         ref = load_model(original, dtype=dtype, **mopts)
         ref_name = reference_name or original
     else:
@@ -298,7 +334,7 @@ def verify_export(
         ref, cand, manifest.multiplier_map(), prompts, opts, tolerances(opts, dtype),
         reference_name=f"{ref_name} + hook steering ({len(manifest.multipliers)} neurons)",
         candidate_name=candidate_name or str(exported), settings=settings, extra_reasons=reasons, notes=notes,
-        progress=progress,
+        progress=progress, session=session,
     )
     report.seconds = {"load": load_seconds, **report.seconds}
     del cand
