@@ -111,6 +111,9 @@ def run_audit(suspect: Path, base: Path | None, directions: Path, generate: bool
     if rep.base_free is not None:
         out["depletion"] = asdict(d) if (d := rep.base_free.depletion) else None
         out["eig_ratio"] = rep.base_free.scan.direction.ratio
+        iso = rep.base_free.scan.isolated
+        if iso is not None:
+            out["gap"] = {"score": iso.score, "threshold": iso.threshold, "window": iso.window, "writers": iso.writers}
     return out
 
 
@@ -126,8 +129,11 @@ def profile_text(r: dict) -> tuple[str, str]:
     if lr:
         return f"none (hollow spike {lr['spike']:.0f} vs permuted {lr['null']:.0f})", "-"
     dep = r.get("depletion")
+    gap = r.get("gap")
+    gap_text = (f"eigenvalue gap {gap['score']:.3f} (threshold {gap['threshold']:.3f}) in layers {gap['window'][0]}-"
+                f"{gap['window'][1]} ({gap['writers']}); " if gap else "")
     if dep:
-        return (f"depletion {dep['score']:.3f} in layers {dep['window'][0]}-{dep['window'][1]} "
+        return gap_text + (f"depletion {dep['score']:.3f} in layers {dep['window'][0]}-{dep['window'][1]} "
                 f"({dep.get('writers', 'o_proj + down_proj')}), |cos| "
                 f"{dep['alignment']:.2f} with own refusal dir. L{dep['direction_layer']}; eigenvalue ratio "
                 f"{r['eig_ratio']:.2g}" + (f"; refusal write {dep['write']['score']:.2f} in layers "
@@ -209,7 +215,7 @@ def main() -> None:
             if not (folder / "model.safetensors").is_file():
                 write_folder(base, make(), folder)
             gg = ggufs(read_tensors(folder), stem)
-            for fmt, suspect in zip(formats, (folder, gg["Q8_0"], gg["Q4_K_M"])):
+            for fmt, suspect in zip(formats, (folder, gg["Q8_0"], gg["Q4_K_M"]), strict=True):
                 for mode in ("base", "base-free"):
                     log(f"{stem} {fmt} {mode}")
                     dirs = base_dirs_file if mode == "base" else OUT / f"{suspect.name}.directions.npz"

@@ -410,7 +410,8 @@ def test_base_free_finds_abliteration_direction(abliterated):
     assert d.flagged_layers == [1, 2] and d.consistency > 0.999
     assert abs(float(np.dot(d.direction, r))) > 0.9999
     assert d.embedding_energy_along_direction["token_embd"] < 1e-6
-    assert "refusals stripped by directional ablation: layers 1-2 write nothing" in rep.verdict
+    assert "refusals stripped by directional ablation: the " in rep.verdict  # the eigenvalue gap (test_base_free.py)
+    assert "write one residual direction at 0.00 x the next weakest" in rep.verdict
 
 
 def test_base_free_is_quiet_on_clean_models(base, ggufs):

@@ -566,8 +566,9 @@ class AuditSettings(Overwrite):
     threads: int | None = opt(None, "CPU threads for generation")
     batch_size: int = opt(8, "prompts per generation batch")
     zero_threshold: float = opt(1e-3, "base-free: flag weights with norm below this x the layer median", gt=0)
-    direction_threshold: float = opt(1e-3, "base-free: flag a residual direction whose eigenvalue is below this x "
-                                     "the median", gt=0)
+    direction_threshold: float = opt(1e-3, "base-free: list the layers whose writers' smallest eigenvalue is below "
+                                     "this x the median (reported; the verdict uses the calibrated eigenvalue gap)",
+                                     gt=0)
     rank1_share: float = opt(RANK1_SHARE, "as for diff")
     rank_k: int = opt(4, "as for diff", ge=1, le=64)
     refusal_direction: bool = opt(True, "skip the refusal directions (cosine with a directional edit; base-free "
@@ -576,12 +577,11 @@ class AuditSettings(Overwrite):
                                  "(or, without a base, of the suspect): read when FILE exists (checked against the "
                                  "weights and the recipe's prompts), else computed and saved there", metavar="FILE")
     direction_prompts: int = opt(32, "harmful and benign prompts each for the refusal directions", ge=2)
-    depletion_threshold: float = opt(0.05, "base-free: flag abliteration when a window of layers' writers write a "
-                                     "direction aligned with the model's own refusal direction below this x a "
-                                     "typical direction (smallest / median eigenvalue)", gt=0)
-    write_threshold: float = opt(0.8, "base-free: flag abliteration when a window of layers' writers write the "
-                                 "model's own refusal direction below this x a typical direction's energy (clean "
-                                 "models measured 1.0 to 1.1)", gt=0)
+    depletion_threshold: float = opt(0.05, "base-free, reported only: a window of layers' writers writing a "
+                                     "direction below this x a typical direction (smallest / median eigenvalue)",
+                                     gt=0)
+    write_threshold: float = opt(0.8, "base-free, reported only: a window of layers' writers writing the suspect's "
+                                 "own refusal direction below this x a typical direction's energy", gt=0)
     plot: OutputPath = opt(None, "write the directional edit's per-layer strength profile as a PNG", metavar="FILE")
     save_direction: OutputPath = opt(None, "write the directional edit's consensus direction (.npy or "
                                      ".safetensors)", metavar="FILE")

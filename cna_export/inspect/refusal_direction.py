@@ -15,7 +15,11 @@ down_proj together, and each alone); the score is the window's smallest eigenval
 the window writes along its weakest direction than along a typical one), and that direction's best
 |cos| with the model's own refusal directions (one per layer, from the recipe's prompts) says whether it
 is the refusal direction. A window scoring below ``threshold`` along a direction aligned at least
-``min_alignment`` is flagged.
+``min_alignment`` is marked.
+
+These scores are *reported, never decisive*: they are measured along the suspect's own refusal directions,
+which an ablation removes (a circular gate: the Q4_K_M abliteration of issue 21 was discarded by it). The
+base-free verdict reads the weights alone (:mod:`cna_export.inspect.isolated`).
 """
 
 from __future__ import annotations

@@ -243,6 +243,13 @@ def _base_free_lines(bf: BaseFreeFindings) -> list[str]:
         f"{g.layer_ratio_min:.3e}; flagged layers: {layer_ranges(g.flagged_layers) or 'none'} "
         f"(threshold {scan.direction_threshold:g})",
     ]
+    iso = scan.isolated
+    if iso is not None:
+        lines.append(
+            f"gap          layers {iso.window[0]}-{iso.window[1]} ({iso.writers}): smallest / second eigenvalue of the "
+            f"writers' Gram, rounding noise debiased, {iso.score:.3f} (threshold {iso.threshold:.3f} for their storage "
+            f"types, from clean files); {iso.flagged_windows} of {len(iso.windows)} windows below their threshold"
+            + (f"; types never calibrated: {', '.join(iso.uncalibrated)}" if iso.uncalibrated else ""))
     dep = bf.depletion
     if dep is None:
         return lines
@@ -251,9 +258,8 @@ def _base_free_lines(bf: BaseFreeFindings) -> list[str]:
     wr = dep.write
     return lines + [
         f"depletion    layers {dep.window[0]}-{dep.window[1]} ({dep.writers}): smallest/median eigenvalue of the "
-        f"summed Gram {dep.score:.3f} (threshold {dep.threshold:g}; {noise}), its direction |cos| "
-        f"{dep.alignment:.2f} with the refusal direction of layer {dep.direction_layer} (needs "
-        f"{dep.min_alignment:g}; {dep.source})",
-        f"refusal write layers {wr.window[0]}-{wr.window[1]} ({wr.writers}): the model's own refusal direction "
-        f"written at {wr.score:.2f} x a typical direction's energy (threshold {wr.threshold:g})",
+        f"summed Gram {dep.score:.3f} ({noise}), its direction |cos| {dep.alignment:.2f} with the suspect's own "
+        f"refusal direction of layer {dep.direction_layer} ({dep.source}; reported, not used by the verdict)",
+        f"refusal write layers {wr.window[0]}-{wr.window[1]} ({wr.writers}): the suspect's own refusal direction "
+        f"written at {wr.score:.2f} x a typical direction's energy (reported, not used by the verdict)",
     ]

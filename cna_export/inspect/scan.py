@@ -15,6 +15,7 @@ import numpy as np
 from ..core.errors import CnaError
 from ..core.progress import bar as progress_bar
 from ..io.weights import WeightSource
+from .isolated import Calibration, GramBlocks, IsolatedDirection
 
 
 def _eig_ratio(G: np.ndarray) -> tuple[float, float]:
@@ -90,6 +91,7 @@ class BaseFreeScan:
     zeroed: list[ZeroedNeuron]
     direction: DirectionScan
     layers: list[LayerScan]
+    isolated: IsolatedDirection | None = None  # the calibrated eigenvalue-gap score (inspect/isolated.py)
 
 
 @dataclass
@@ -101,15 +103,17 @@ class _LayerGram:
 
 
 def scan_base_free(src: WeightSource, zero_threshold: float = 1e-3, direction_threshold: float = 1e-3,
-                   progress: bool = False) -> BaseFreeScan:
-    """Zeroed neurons and annihilated residual directions, from the suspect alone (one layer at a time)."""
+                   progress: bool = False, calibration: Calibration | None = None) -> BaseFreeScan:
+    """Zeroed neurons, annihilated residual directions and the eigenvalue-gap score (``calibration``: another
+    table than the packaged one), from the suspect alone (one layer at a time)."""
     G_all = np.zeros((src.hidden_size, src.hidden_size), dtype=np.float64)
     zeroed: dict[int, dict[int, list[str]]] = {}
     layer_stats: list[LayerScan] = []
     flagged: list[tuple[int, np.ndarray]] = []
+    blocks = GramBlocks(src.num_layers, src.hidden_size, calibration)
     bar = progress_bar(progress, total=src.num_layers, desc="scan", unit="layer")
     for layer in range(src.num_layers):
-        lg = _layer_gram(src, layer, zero_threshold)
+        lg = _layer_gram(src, layer, zero_threshold, blocks)
         ratio, med = _eig_ratio(lg.gram)
         if ratio < direction_threshold:
             flagged.append((layer, bottom_eigenvector(lg.gram, med)))
@@ -127,11 +131,13 @@ def scan_base_free(src: WeightSource, zero_threshold: float = 1e-3, direction_th
         zeroed=[ZeroedNeuron(layer, j, w) for layer, h in sorted(zeroed.items()) for j, w in sorted(h.items())],
         direction=_direction_scan(src, G_all, flagged, layer_stats, direction_threshold),
         layers=layer_stats,
+        isolated=blocks.score(),
     )
 
 
-def _layer_gram(src: WeightSource, layer: int, zero_threshold: float) -> _LayerGram:
-    """The layer's writers' Gram matrix, and its MLP neurons whose weights are (near) zero."""
+def _layer_gram(src: WeightSource, layer: int, zero_threshold: float, blocks: GramBlocks) -> _LayerGram:
+    """The layer's writers' Gram matrix, and its MLP neurons whose weights are (near) zero; each writer's own Gram
+    and rounding noise go to ``blocks`` (the eigenvalue-gap score)."""
     down_e = src.find("ffn_down", layer)
     if down_e is None:
         raise CnaError(f"{src.spec} has no down_proj weight in layer {layer}")
@@ -141,6 +147,7 @@ def _layer_gram(src: WeightSource, layer: int, zero_threshold: float) -> _LayerG
     _flag(np.linalg.norm(down, axis=0), zero_threshold, "down_proj column", hits)
     G = down @ down.T
     del down
+    blocks.add("ffn_down", layer, G, src.rounding_noise(down_e), down_e.storage, n_ff)
     for role, what in (("ffn_up", "up_proj row"), ("ffn_gate", "gate_proj row")):
         e = src.find(role, layer)
         if e is None:
@@ -153,8 +160,10 @@ def _layer_gram(src: WeightSource, layer: int, zero_threshold: float) -> _LayerG
     o_e = src.find("attn_output", layer)
     if o_e is not None:
         o_proj = src.read(o_e).astype(np.float64)
-        G += o_proj @ o_proj.T
+        G_o = o_proj @ o_proj.T
+        blocks.add("attn_output", layer, G_o, src.rounding_noise(o_e), o_e.storage, o_proj.shape[1])
         del o_proj
+        G = G + G_o
     return _LayerGram(G, hits)
 
 

@@ -170,40 +170,22 @@ def _(r: BaseFreeResult) -> Verdict:
                    ExitCode.STEERED if parts else ExitCode.OK, parts)
 
 
-def _annihilated(r: BaseFreeResult) -> str | None:
-    """A direction annihilated coherently across layers: a directional ablation whether or not the suspect's
-    refusal direction can still be measured (a complete ablation removes it from the stream)."""
-    d = r.signals.scan.direction
-    if d.ratio < r.signals.scan.direction_threshold:
-        where = layer_ranges(d.flagged_layers) or "all layers together"
-        return f"a residual direction no layer writes (eigenvalue ratio {d.ratio:.1e}); layers {where}"
-    if len(d.flagged_layers) >= 2:
-        return f"layers {layer_ranges(d.flagged_layers)} write nothing along one shared residual direction"
-    return None
-
-
-def _depleted(r: BaseFreeResult) -> str | None:
-    """A window of layers writes a direction aligned with the model's own refusal direction far too little."""
-    dep = r.signals.depletion
-    if dep is None or not dep.ratio_flagged:
+def _isolated(r: BaseFreeResult) -> str | None:
+    """A window of layers whose writers write one residual direction far below the rest of their spectrum (the
+    eigenvalue gap, calibrated per storage type on clean files: :mod:`cna_export.inspect.isolated`)."""
+    iso = r.signals.scan.isolated
+    if iso is None or not iso.flagged:
         return None
-    return (f"the {dep.writers} of layers {dep.window[0]}-{dep.window[1]} write a direction {dep.score:.3f} x as "
-            f"strongly as a typical one (threshold {dep.threshold:g}), aligned with the model's own refusal "
-            f"direction (|cos| {dep.alignment:.2f}, layer {dep.direction_layer})")
+    where = layer_ranges(list(range(iso.window[0], iso.window[1] + 1)))
+    return (f"the {iso.writers} of layers {where} write one residual direction at "
+            f"{iso.score:.2f} x the next weakest (threshold {iso.threshold:.2f} for their storage types, from clean "
+            f"files; {iso.flagged_windows} windows below it)")
 
 
-def _write_deficit(r: BaseFreeResult) -> str | None:
-    """A window of layers writes the model's own refusal direction less than a typical direction."""
-    wr = r.signals.depletion.write if r.signals.depletion is not None else None
-    if wr is None or not wr.flagged:
-        return None
-    return (f"the {wr.writers} of layers {wr.window[0]}-{wr.window[1]} write the model's own refusal direction at "
-            f"{wr.score:.2f} x a typical direction's energy (threshold {wr.threshold:g}; clean models measured 1.0 "
-            "to 1.1): a partial ablation of that direction")
-
-
-ABLATION_SIGNALS: tuple[Callable[[BaseFreeResult], str | None], ...] = (_annihilated, _depleted, _write_deficit)
-"""Base-free signals of a directional ablation, in the order the verdict lists them."""
+ABLATION_SIGNALS: tuple[Callable[[BaseFreeResult], str | None], ...] = (_isolated,)
+"""Base-free signals of a directional ablation, in the order the verdict lists them. Read from the weights alone:
+the depletion and refusal-write scores along the suspect's own refusal directions are reported, never decisive
+(an ablation removes the very direction they are measured along)."""
 
 
 def _manifest_claim(r: BaseFreeResult) -> str:
