@@ -135,9 +135,9 @@ class Driver:
                 return pick("Exit program")
             self.front = [{"trial": int(m.group(1)), "refusals": int(m.group(2)), "n": int(m.group(3)),
                            "kl": float(m.group(4))} for _, m in trials]
-            ok = [(i, f) for (i, _), f in zip(trials, self.front) if f["kl"] <= self.max_kl]
+            ok = [(i, f) for (i, _), f in zip(trials, self.front, strict=True) if f["kl"] <= self.max_kl]
             if self.trial is not None:  # a given trial of the front (--extra-trial)
-                i, f = next(((i, f) for (i, _), f in zip(trials, self.front) if f["trial"] == self.trial),
+                i, f = next(((i, f) for (i, _), f in zip(trials, self.front, strict=True) if f["trial"] == self.trial),
                             (None, None))
                 if f is None:
                     raise RuntimeError(f"trial {self.trial} is not on heretic's Pareto front: {self.front}")
@@ -146,7 +146,7 @@ class Driver:
             if ok:
                 i, f = min(ok, key=lambda x: (x[1]["refusals"], x[1]["kl"]))
             else:
-                i, f = min(zip((i for i, _ in trials), self.front), key=lambda x: x[1]["kl"])
+                i, f = min(zip((i for i, _ in trials), self.front, strict=True), key=lambda x: x[1]["kl"])
             self.choice = f
             return str(i)
         raise RuntimeError(f"unexpected heretic menu: {menu or lines[-3:]}")
@@ -213,30 +213,14 @@ def _drive(out: Path, logfile: Path, max_kl: float, trial: int | None = None) ->
     return drv
 
 
-def run(trials: int, max_kl: float, batch_size: int) -> None:
-    exe = VENV / "bin" / "heretic"
-    if not exe.is_file():
-        raise SystemExit("heretic is not installed: run with --setup first")
-    if (RUN / "model" / "config.json").is_file():
-        log(f"heretic model already saved: {RUN / 'model'}", sys.stderr)
-        return
-    model = base_folder()
-    RUN.mkdir(parents=True, exist_ok=True)
-    # heretic's checkpoint would resume with settings that name the previous run's temporary JBB files, which
-    # are gone: every run starts from scratch (the saved model above is what makes a run final)
-    shutil.rmtree(RUN / "checkpoints", ignore_errors=True)
-    prompts = RUN / "prompts"
-    prompts.mkdir(exist_ok=True)
-    for name in ("harmful", "benign"):
-        (prompts / f"{name}.txt").write_text(
-            "\n".join(_prompt_lines(ROOT / "recipes" / "prompts" / f"refusal-{name}.txt")) + "\n")
-    t0 = time.time()
-    with tempfile.TemporaryDirectory(prefix="jbb-tune-") as tmp:  # JBB text exists only for the run
-        pairs = _write_tune_prompts(Path(tmp, "bad.txt"), Path(tmp, "good.txt"))
-        system = _system_prompt()
-        spec = lambda path: f'dataset = {_toml_str(str(path))}\n'  # noqa: E731 (text file: every line)
-        (RUN / "config.toml").write_text(
-            f"model = {_toml_str(str(model))}\n"
+TUNE_DIR = Path(tempfile.gettempdir()) / "cna-heretic-jbb-tune"
+"""Where the JBB tuning prompts exist while heretic runs (outside the repository, deleted after each run): a fixed
+path, so an interrupted study, whose stored settings name these files, can be continued."""
+
+
+def _config(model: Path, prompts: Path, trials: int, batch_size: int, system: str) -> str:
+    spec = lambda path: f'dataset = {_toml_str(str(path))}\n'  # noqa: E731 (text file: every line)
+    return (f"model = {_toml_str(str(model))}\n"
             'device_map = "cpu"\n'
             'dtypes = ["float32"]\n'
             f"batch_size = {batch_size}\n"
@@ -247,12 +231,50 @@ def run(trials: int, max_kl: float, batch_size: int) -> None:
             f"system_prompt = {_toml_str(system)}\n"
             f"\n[good_prompts]\n{spec(prompts / 'benign.txt')}"
             f"\n[bad_prompts]\n{spec(prompts / 'harmful.txt')}"
-            f"\n[good_evaluation_prompts]\n{spec(Path(tmp, 'good.txt'))}"
-            f"\n[bad_evaluation_prompts]\n{spec(Path(tmp, 'bad.txt'))}"
-        )
+            f"\n[good_evaluation_prompts]\n{spec(TUNE_DIR / 'good.txt')}"
+            f"\n[bad_evaluation_prompts]\n{spec(TUNE_DIR / 'bad.txt')}")
+
+
+def _resumable(config: str) -> bool:
+    """Whether run/checkpoints holds a study heretic may continue: one begun with this very config.toml (an
+    interrupted run resumes at its next trial; heretic re-reads its settings from the study)."""
+    return (RUN / "checkpoints").is_dir() and any((RUN / "checkpoints").iterdir()) and \
+        (RUN / "config.toml").is_file() and (RUN / "config.toml").read_text() == config
+
+
+def run(trials: int, max_kl: float, batch_size: int) -> None:
+    exe = VENV / "bin" / "heretic"
+    if not exe.is_file():
+        raise SystemExit("heretic is not installed: run with --setup first")
+    if (RUN / "model" / "config.json").is_file():
+        log(f"heretic model already saved: {RUN / 'model'}", sys.stderr)
+        return
+    model = base_folder()
+    RUN.mkdir(parents=True, exist_ok=True)
+    prompts = RUN / "prompts"
+    prompts.mkdir(exist_ok=True)
+    for name in ("harmful", "benign"):
+        (prompts / f"{name}.txt").write_text(
+            "\n".join(_prompt_lines(ROOT / "recipes" / "prompts" / f"refusal-{name}.txt")) + "\n")
+    system = _system_prompt()
+    config = _config(model, prompts, trials, batch_size, system)
+    if not _resumable(config):  # another budget or setting: start from scratch
+        shutil.rmtree(RUN / "checkpoints", ignore_errors=True)
+        (RUN / "elapsed.json").unlink(missing_ok=True)
+    (RUN / "config.toml").write_text(config)
+    elapsed = json.loads((RUN / "elapsed.json").read_text())["seconds"] if (RUN / "elapsed.json").is_file() else 0.0
+    t0 = time.time()
+    shutil.rmtree(TUNE_DIR, ignore_errors=True)
+    TUNE_DIR.mkdir(parents=True)
+    try:  # JBB text exists only while heretic runs
+        pairs = _write_tune_prompts(TUNE_DIR / "bad.txt", TUNE_DIR / "good.txt")
         drv = _drive(RUN / "model", RUN / "heretic.log", max_kl)
+    finally:
+        shutil.rmtree(TUNE_DIR, ignore_errors=True)
+        elapsed += time.time() - t0
+        (RUN / "elapsed.json").write_text(json.dumps({"seconds": round(elapsed, 1)}) + "\n")
     info = {"heretic": HERETIC_VERSION, "trials": trials, "max_kl": max_kl, "front": drv.front,
-            "choice": drv.choice, "wall_seconds": round(time.time() - t0, 1), "load": os.getloadavg()[0],
+            "choice": drv.choice, "wall_seconds": round(elapsed, 1), "load": os.getloadavg()[0],
             "system_prompt": system, "tune_pairs": pairs}
     (RUN / "run.json").write_text(json.dumps(info, indent=2) + "\n")
     log(f"heretic: {trials} trials in {info['wall_seconds'] / 60:.1f} min; chose {drv.choice}", sys.stderr)

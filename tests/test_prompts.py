@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 import pytest
 
@@ -90,7 +91,10 @@ def test_recipe_and_precedence(tmp_path):
         load_recipe(r)
 
 
-@pytest.mark.parametrize("name", ["refusal", "refusal-direction", "paper-refusal", "harden-refusal"])
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in RECIPES.glob("*.yaml")))
 def test_bundled_recipe_is_complete(name):
     """Every shipped recipe validates as discovery options and names complete, disjoint prompt sets."""
     from pathlib import Path
