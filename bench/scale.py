@@ -356,7 +356,8 @@ def main() -> None:
     if not st.is_dir():
         print(f"writing {st} (once) ...", flush=True)
         make_safetensors(st, rng)
-    if not gg.is_file():
+    wanted = [v for v in args.only.split(",") if v]
+    if not gg.is_file() and (not wanted or any("gguf" in v for v in wanted)):  # safetensors runs do without it
         print(f"writing {gg} (once) ...", flush=True)
         make_gguf(gg, rng)
     if not circuit.is_file():
@@ -365,7 +366,7 @@ def main() -> None:
     print(f"checkpoints ready in {time.perf_counter() - t:.0f}s", flush=True)
     if not Path(GNU_TIME).is_file():
         raise SystemExit(f"needs GNU time at {GNU_TIME}")
-    need = 1.1 * max(_bytes(st), _bytes(gg))
+    need = 1.1 * max(_bytes(st), _bytes(gg) if gg.exists() else 0)
     if shutil.disk_usage(root).free < need:
         raise SystemExit(f"need {need / 1e9:.1f} GB free beside {root}")
 
@@ -394,7 +395,7 @@ def main() -> None:
     if "warm" in states:  # the warm runs find the fingerprints (and the touched tensors' hashes) in the cache
         print("priming the fingerprint cache (one export of each format) ...", flush=True)
         env = dict(os.environ, CNA_EXPORT_FINGERPRINT_CACHE=str(warm_cache))
-        for name in ("export-st", "export-gguf"):
+        for name in [n for n in ("export-st", "export-gguf") if n in only]:
             out = root / f"prime-{name}"
             _rm(out)
             subprocess.run(variants[name][0](out), check=True, env=env, cwd=ROOT, stdout=subprocess.DEVNULL)

@@ -22,6 +22,7 @@ from cna_export.core.manifest import MANIFEST_FILE, SHARD_METADATA_KEY, ExportMa
 from cna_export.export.fold import changed_slices, estimate_multipliers, scale_columns, scale_rows
 from cna_export.export.safetensors import export_safetensors, model_card
 from cna_export.io import safetensors as st_io
+from cna_export.io import shard_patch
 from cna_export.io.identity import checkpoint_identity
 from cna_export.io.tensor_bytes import tensor_sha256
 from cna_export.model.loading import load_model
@@ -359,7 +360,7 @@ def test_write_failure_part_way_leaves_nothing(export_sources, tmp_path, capsys,
     src = export_sources[("llama", "float32", True)]
     circuit = tmp_path / "c.json"
     planted_circuit(src).save(circuit)
-    real = st_io.rewrite_shard
+    real = shard_patch.patch_shard
     calls = []
 
     def flaky(*args, **kwargs):
@@ -368,7 +369,7 @@ def test_write_failure_part_way_leaves_nothing(export_sources, tmp_path, capsys,
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(st_io, "rewrite_shard", flaky)
+    monkeypatch.setattr(shard_patch, "patch_shard", flaky)
     out = tmp_path / "out"
     code, err = _run(capsys, "export", "--model", src, "--circuit", circuit, "--multiplier", 0, "--out", out)
     assert len(calls) == 2 and Path(calls[0]).is_relative_to(tmp_path)  # one shard was written before the failure

@@ -112,15 +112,16 @@ CHILD = textwrap.dedent("""
             return orig(*a, **k)
         setattr(A, name, hooked)
     elif hook == "first-write":
-        import cna_export.io.safetensors as ST, gguf
-        orig_save, orig_tensor = ST.rewrite_shard, gguf.GGUFWriter.write_tensor_data
-        def rewrite_shard(*a, **k):
-            orig_save(*a, **k)
+        import cna_export.io.shard_patch as SP, gguf
+        orig_save, orig_tensor = SP.patch_shard, gguf.GGUFWriter.write_tensor_data
+        def patch_shard(*a, **k):
+            out = orig_save(*a, **k)
             at_hook()
+            return out
         def write_tensor_data(self, *a, **k):
             orig_tensor(self, *a, **k)
             at_hook()
-        ST.rewrite_shard, gguf.GGUFWriter.write_tensor_data = rewrite_shard, write_tensor_data
+        SP.patch_shard, gguf.GGUFWriter.write_tensor_data = patch_shard, write_tensor_data
         import cna_export.io.filecopy as FC
         orig_range, orig_range_at = FC.copy_range, FC.copy_range_at
         def copy_range(*a, **k):  # a shard's kernel-copied bytes

@@ -89,6 +89,68 @@ def test_rewrite_shard_equals_save_file(tmp_path_factory, picks, seed):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+# -- patched shard (kernel copy + touched rows/columns) -----------------------------------------
+
+
+def _patch_source(path: Path, dtype: torch.dtype, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    tensors = {"a.bias": torch.randn(6, generator=g).to(dtype), "b.weight": torch.randn(37, 11, generator=g).to(dtype),
+               "c.experts": torch.randn(3, 5, 4, generator=g).to(dtype), "d.norm": torch.ones(9, dtype=dtype),
+               "e.weight": torch.randn(8, 13, generator=g).to(dtype)}
+    save_file(tensors, path, metadata={"format": "pt"})
+    return tensors
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("axis", ["column", "row"])
+@pytest.mark.parametrize("chunk", [1 << 24, 64])
+def test_patch_shard_equals_a_full_patch_in_memory(tmp_path, monkeypatch, dtype, axis, chunk):
+    """The kernel copy with touched rows/columns written over it (or streamed) gives the bytes of scaling whole
+    tensors in memory and writing them, for 1-D, 2-D and fused 3-D tensors, and its hashes are theirs."""
+    from cna_export.export.fold import scale_slices
+    from cna_export.io.shard_patch import SlicePatch, patch_shard
+    from cna_export.io.tensor_bytes import tensor_sha256
+
+    monkeypatch.setattr("cna_export.io.shard_patch.CHUNK", chunk)  # 64 bytes: rows streamed a few at a time
+    src = tmp_path / "a.safetensors"
+    tensors = _patch_source(src, dtype)
+    picks = {"b.weight": ([7, 0, 10, 3] if axis == "column" else [36, 2, 11], [0.0, -1.0, 0.37, 3.5]),
+             "c.experts": ([1, 9, 11, 4] if axis == "column" else [0, 14, 7], [2.0, 0.1, -0.5, 1e4]),
+             "e.weight": ([12] if axis == "column" else [7], [0.5])}
+    if axis == "row":
+        picks["a.bias"] = ([5, 1], [-2.0, 0.3])
+    patches = [SlicePatch(n, axis, idx, ms[: len(idx)]) for n, (idx, ms) in picks.items()]
+    names = frozenset(picks)
+    done = patch_shard(src, tmp_path / "patched.safetensors", patches, {"cna_export": "x"}, scale_slices,
+                       hash_before=names, hash_after=names)
+    new = {n: scale_slices(tensors[n], "element" if tensors[n].dim() == 1 else axis, idx, ms[: len(idx)])
+           for n, (idx, ms) in picks.items()}
+    st_io.rewrite_shard(src, tmp_path / "memory.safetensors", new, {"cna_export": "x"})
+    assert (tmp_path / "patched.safetensors").read_bytes() == (tmp_path / "memory.safetensors").read_bytes()
+    assert any(not torch.equal(new[n], tensors[n]) for n in new)  # the edit changed something
+    for n in picks:
+        assert done[n].sha256_before == tensor_sha256(tensors[n]) and done[n].sha256_after == tensor_sha256(new[n])
+    idx = picks["b.weight"][0]
+    want = new["b.weight"][:, idx] if axis == "column" else new["b.weight"][idx]
+    assert done["b.weight"].edit == want.contiguous().view(torch.uint8).numpy().tobytes()
+
+
+def test_patch_shard_refuses_bad_indices_and_integer_tensors(tmp_path):
+    from cna_export.core.errors import CnaError
+    from cna_export.export.fold import scale_slices
+    from cna_export.io.shard_patch import SlicePatch, patch_shard
+
+    src = tmp_path / "a.safetensors"
+    save_file({"w": torch.ones(4, 3), "i": torch.ones(4, 3, dtype=torch.int32)}, src)
+    for patch, message in [(SlicePatch("w", "column", [3], [0.0]), "out of range"),
+                           (SlicePatch("w", "row", [1, 1], [0.0, 2.0]), "listed twice"),
+                           (SlicePatch("i", "column", [0], [0.0]), "not floating point")]:
+        with pytest.raises(CnaError, match=message):
+            patch_shard(src, tmp_path / "b.safetensors", [patch], {}, scale_slices)
+    with pytest.raises(ValueError, match="has no tensor"):
+        patch_shard(src, tmp_path / "b.safetensors", [SlicePatch("nope", "row", [0], [0.0])], {}, scale_slices)
+
+
 # -- fingerprint cache ----------------------------------------------------------------------
 
 
@@ -191,6 +253,33 @@ except SystemExit as e:  # --help
     rc = e.code
 print(json.dumps({"rc": rc, "tried": sorted(set(tried))}))
 """
+
+
+def test_one_string_of_a_gguf_array_without_listing_them():
+    from cna_export.io.bundled import resolve
+    from cna_export.io.gguf import open_gguf
+
+    tokens = open_gguf(resolve("bundled:smollm2")).fields["tokenizer.ggml.tokens"]
+    picks = [0, 2, 100, tokens.count - 1]
+    got = [tokens.item(i) for i in picks]
+    assert tokens._item_list is None  # found by walking to them, nothing listed
+    full = tokens.value()
+    assert got == [full[i] for i in picks] == [tokens.item(i) for i in picks]
+    with pytest.raises(IndexError):
+        tokens.item(tokens.count)
+
+
+def test_gguf_constants_without_the_rest_of_gguf_py():
+    """Reading and patching GGUF files needs gguf-py's constants only: its package (reader, writer, YAML) is not
+    imported, and a later ``import gguf`` shares the same enum classes."""
+    import subprocess
+    import sys
+
+    code = ("import sys, cna_export.io.gguf, cna_export.io.quants as q; assert 'gguf' not in sys.modules, 'gguf'; "
+            "assert 'yaml' not in sys.modules; import gguf; from gguf.quants import Q4_K; "
+            "assert gguf.GGMLQuantizationType is q.GGMLQuantizationType; "
+            "assert q.GGML_QUANT_SIZES is gguf.GGML_QUANT_SIZES")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parent.parent)
 
 
 def test_gguf_commands_never_import_torch(tmp_path):

@@ -11,14 +11,14 @@ from __future__ import annotations
 import hashlib
 from typing import Any, Iterable
 
-import numpy as np
-
 FINGERPRINT_METHOD = "sha256(fp32 little-endian down_proj weights, layer order)"
 
 
 def fingerprint(down_weights: Iterable[Any]) -> str:
     """The fingerprint of down projection weights given in layer order (numpy arrays or anything
     ``np.asarray`` takes; torch tensors must already be on the CPU in float32)."""
+    import numpy as np  # here: importing the method name (circuits, the cache) must not cost numpy's import
+
     h = hashlib.sha256()
     for w in down_weights:
         h.update(np.ascontiguousarray(np.asarray(w), dtype="<f4"))

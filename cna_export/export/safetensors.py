@@ -1,10 +1,12 @@
 """Export a steered safetensors checkpoint: fold a circuit's multipliers into down_proj columns.
 
 ``export_safetensors`` streams a Hugging Face checkpoint folder shard by shard:
-shards holding a touched down_proj weight are rewritten (every other tensor,
-dtype and the shard's header metadata kept, our summary added under
-``cna_export``); all other shards are copied byte for byte (or hard-linked
-with ``link``); config, generation config, tokenizer, chat template and any
+shards holding a touched down_proj weight are written at the cost of a copy
+(:mod:`cna_export.io.shard_patch`: the kernel copies the data section, the
+touched tensors stream through one buffer with their columns scaled; every
+other tensor, dtype and the shard's header metadata kept, our summary added
+under ``cna_export``; fsynced); all other shards are copied byte for byte (or
+hard-linked with ``link``); config, generation config, tokenizer, chat template and any
 other files are copied; ``cna_manifest.json`` and a model card are added. The
 whole folder is assembled beside the target and renamed into place only when
 complete (and verified, with ``verify``), so a failure leaves nothing behind.
@@ -30,7 +32,6 @@ import json
 import logging
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -44,13 +45,14 @@ from ..core.manifest import MANIFEST_FILE, SHARD_METADATA_KEY, ExportManifest, T
 from ..core.progress import bar as progress_bar
 from ..core.version import __version__
 from ..io import safetensors as st_io
+from ..io import shard_patch
 from ..io.identity import checkpoint_fingerprint, checkpoint_identity, expert_tensors, known_checkpoint_fingerprint
+from ..io.shard_patch import SlicePatch
 from ..io.sources import local_folder, resolve_source
-from ..io.tensor_bytes import tensor_bytes, tensor_sha256
 from ..model.loading import resolve_dtype
 from ..model.steering import group_by_layer
 from .card import CARD_FILE, model_card
-from .fold import scale_columns
+from .fold import scale_slices
 from .plan import StagedExport, run_check
 from .request import ExportRequest, MultiplierSpec, request_for
 
@@ -217,38 +219,55 @@ def _shard_summary(circuit_sha: str, mults: Mapping[tuple[int, int], float],
     }, separators=(",", ":"))
 
 
-def _folded_sha256(ckpt: st_io.Checkpoint, name: str, new: Any, idx: list[int]) -> str:
+def _fold_shard(plan: _Plan, file: str, dst: Path, summary: str) -> list[TouchedTensor]:
+    """One shard at the cost of a copy (:func:`cna_export.io.shard_patch.patch_shard`): the kernel copies it and
+    the touched down_proj columns are scaled on the way. Each touched tensor's sha256 before and after the fold
+    comes from the fingerprint cache, else is computed on the way (or read back) and remembered there."""
+    entries = plan.by_file[file]
+    shard = plan.ckpt.path(file)
+    patches = [SlicePatch(name, "column", idx, ms) for name, (_layer, idx, ms) in entries.items()]
+    known = {name: st_io.known_tensor_sha256(shard, name) for name in entries}
+    keys = {name: st_io.tensor_hash_key(shard, name) for name in entries if known[name] is None}
+    cold = frozenset(name for name, digest in known.items() if digest is None)
+    fused = frozenset(name for name in entries if len(plan.ckpt.info(name).shape) != 2)
+    stamp = st_io.tensor_hash_key(shard, "")
+    done = shard_patch.patch_shard(shard, dst, patches, {SHARD_METADATA_KEY: summary}, scale_slices,
+                                   hash_before=cold, hash_after=cold | fused)
+    unchanged = stamp is not None and st_io.tensor_hash_key(shard, "") == stamp  # the shard, while it was read
+    out = []
+    for name, (_layer, idx, _ms) in entries.items():
+        p = done[name]
+        before = known[name]
+        if before is None:
+            before = p.sha256_before
+            st_io.remember_tensor_sha256(shard, name, before, key=keys.get(name))
+        out.append(TouchedTensor(name=name, dtype=p.dtype, shape=p.shape, sha256_before=before,
+                                 sha256_after=_folded_sha256(shard, name, p, idx, dst, fused, unchanged),
+                                 axis="column",
+                                 indices=idx, file=file))
+    return out
+
+
+def _folded_sha256(shard: Path, name: str, p: shard_patch.PatchedTensor, idx: list[int], dst: Path,
+                   fused: frozenset[str], unchanged: bool) -> str:
     """sha256 of a folded 2-D weight, remembered in the fingerprint cache under what the fold changed, exactly:
     the columns ``idx`` and their new bytes (every other byte is the source's, so with the shard unchanged the
     same key means the same tensor). Other shapes (fused expert tensors) are hashed every time."""
-    if new.dim() != 2:
-        return tensor_sha256(new)
+    if name in fused:
+        return p.sha256_after  # type: ignore[return-value]
     h = hashlib.sha256(json.dumps(["columns", idx]).encode())
-    h.update(tensor_bytes(new[:, idx]))
-    return st_io.source_sha256(ckpt, name, new, h.hexdigest())
-
-
-def _fold_shard(
-    plan: _Plan, file: str, dst: Path, summary: str,
-) -> list[TouchedTensor]:
-    """Rewrite one shard with its touched down_proj weights folded, one tensor in memory at a time."""
-    touched: dict[str, TouchedTensor] = {}
-
-    def folded(name: str, idx: list[int], ms: list[float]) -> Any:
-        w = plan.ckpt.read(name)
-        new = scale_columns(w, idx, ms)
-        touched[name] = TouchedTensor(
-            name=name, dtype=str(w.dtype).removeprefix("torch."), shape=list(w.shape),
-            sha256_before=st_io.source_sha256(plan.ckpt, name, w),
-            sha256_after=_folded_sha256(plan.ckpt, name, new, idx), axis="column",
-            indices=idx, file=file,
-        )
-        return new
-
-    entries = plan.by_file[file]
-    replacements = {name: partial(folded, name, idx, ms) for name, (_layer, idx, ms) in entries.items()}
-    st_io.rewrite_shard(plan.ckpt.path(file), dst, replacements, {SHARD_METADATA_KEY: summary})
-    return [touched[name] for name in entries]
+    h.update(p.edit)
+    edit = h.hexdigest()
+    hit = st_io.known_tensor_sha256(shard, name, edit)
+    if hit is not None:
+        return hit
+    digest = p.sha256_after
+    if digest is None:
+        with open(dst, "rb") as fh:
+            digest = shard_patch.region_sha256(fh.fileno(), p.offset, p.nbytes)
+    if unchanged:
+        st_io.remember_tensor_sha256(shard, name, digest, edit, key=st_io.tensor_hash_key(shard, name, edit))
+    return digest
 
 
 def _files(folder: Path) -> list[Path]:

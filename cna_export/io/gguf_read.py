@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from ..core.errors import CnaError
+from .gguf_py import gguf_constants, quant_shape_to_byte_shape
 
 _SCALAR = {  # GGUFValueType value -> (struct format, numpy dtype)
     0: ("<B", "<u1"), 1: ("<b", "<i1"), 2: ("<H", "<u2"), 3: ("<h", "<i2"),
@@ -97,8 +98,14 @@ class KVField:
         if int(self.type) != _ARRAY or not 0 <= index < self.count:
             raise IndexError(f"{self.name} has no element {index}")
         if int(self.sub_type) == _STRING:
-            assert self._items is not None
-            return self._string(*self._items[index])
+            if self._item_list is not None:
+                return self._string(*self._item_list[index])
+            # walk to it (the array was checked when the file was opened): a vocabulary's special tokens, near its
+            # start, are found without listing 100k+ strings
+            unpack, off = struct.Struct("<Q").unpack_from, self.value_offset + 12
+            for _ in range(index):
+                off += 8 + unpack(self._file.mm, off)[0]
+            return self._string(off + 8, unpack(self._file.mm, off)[0])
         fmt = _SCALAR[int(self.sub_type)][0]
         return struct.unpack_from(fmt, self._file.mm, self.value_offset + 12 + index * struct.calcsize(fmt))[0]
 
@@ -191,7 +198,7 @@ class GGUFFile:
 
     def _read_counts(self) -> tuple[int, int]:
         """Check the magic and version; (tensor count, KV count), refused when the file cannot hold them."""
-        from gguf.constants import GGUF_MAGIC
+        GGUF_MAGIC = gguf_constants().GGUF_MAGIC  # noqa: N806
 
         mm, size = self.mm, len(self.mm)
         magic, version = struct.unpack_from("<II", mm, 0)
@@ -214,7 +221,7 @@ class GGUFFile:
 
     def _read_kvs(self, n_kv: int, off: int) -> int:
         """Read ``n_kv`` KV pairs from ``off`` into ``fields``; the offset after them."""
-        from gguf.constants import GGUFValueType
+        GGUFValueType = gguf_constants().GGUFValueType  # noqa: N806
 
         for _ in range(n_kv):
             start = off
@@ -249,7 +256,7 @@ class GGUFFile:
         return infos, off
 
     def _alignment(self) -> int:
-        from gguf.constants import GGUF_DEFAULT_ALIGNMENT
+        GGUF_DEFAULT_ALIGNMENT = gguf_constants().GGUF_DEFAULT_ALIGNMENT  # noqa: N806
 
         al = self.fields.get("general.alignment")
         if al is None:
@@ -260,8 +267,8 @@ class GGUFFile:
         return int(a)
 
     def _read_tensors(self, infos: list, size: int) -> None:
-        from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
-        from gguf.quants import quant_shape_to_byte_shape
+        c = gguf_constants()
+        GGML_QUANT_SIZES, GGMLQuantizationType = c.GGML_QUANT_SIZES, c.GGMLQuantizationType  # noqa: N806
 
         mm = self.mm
         seen: set[str] = set()

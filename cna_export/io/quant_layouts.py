@@ -13,10 +13,14 @@ from dataclasses import dataclass, field, fields
 from typing import Final
 
 import numpy as np
-from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from ..core.errors import CnaError
+from .gguf_py import gguf_constants
 from .quant_types import ENCODING_WIDTH, QUANT_TYPES, QuantType, ScaleEncoding
+
+_GGUF = gguf_constants()  # gguf-py's constants without the rest of gguf-py (io.gguf_py)
+GGML_QUANT_SIZES = _GGUF.GGML_QUANT_SIZES
+GGMLQuantizationType = _GGUF.GGMLQuantizationType
 
 
 class UnsupportedTensorType(CnaError, ValueError):

@@ -40,13 +40,14 @@ from typing import Final, Sequence
 
 import numpy as np
 import numpy.typing as npt
-from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from ..core.errors import CnaError
 from .gguf_py import k_quant_sub_scales
 from .quant_layouts import (
+    GGML_QUANT_SIZES,
     LAYOUTS,
     SMALLEST_NORMAL,
+    GGMLQuantizationType,
     QuantLayout,
     UnsupportedTensorType,
     bits_to_float,

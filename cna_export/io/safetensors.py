@@ -204,23 +204,38 @@ def fp32_chunks(t: Any) -> Iterator[np.ndarray]:
         yield flat[r0 : r0 + per].to(torch.float32).numpy()
 
 
-def source_sha256(ckpt: Checkpoint, name: str, t: Any, edit: str = "") -> str:
-    """sha256 of tensor ``t`` as stored: tensor ``name`` of ``ckpt`` itself (``edit`` empty), or its result after
-    the edit that ``edit`` describes exactly (e.g. a digest of the columns and multipliers of a fold). From the
-    fingerprint cache when it knows the shard as it is now (the same shard and edit give the same bytes), else
-    hashed and remembered there (:mod:`cna_export.io.fpcache`)."""
-    from . import fpcache
-    from .tensor_bytes import tensor_sha256
+TENSOR_HASH = "safetensors-tensor"
+"""Fingerprint-cache kind of one tensor's sha256 as stored (or after an exactly described edit)."""
 
-    kind, paths, extra = "safetensors-tensor", [ckpt.path(ckpt.weight_map[name])], name + (f"|{edit}" if edit else "")
-    known = fpcache.lookup(kind, paths, extra)
-    if known is not None:
-        return known
-    key = fpcache.stamp(kind, paths, extra)
-    digest = tensor_sha256(t)
-    if key is not None and fpcache.stamp(kind, paths, extra) == key:  # the shard did not change meanwhile
-        fpcache.store(kind, paths, digest, extra, key=key)
-    return digest
+
+def _tensor_extra(name: str, edit: str) -> str:
+    return name + (f"|{edit}" if edit else "")
+
+
+def known_tensor_sha256(shard: Path, name: str, edit: str = "") -> str | None:
+    """sha256 of tensor ``name`` of ``shard`` as stored (``edit`` empty), or after the edit that ``edit`` describes
+    exactly (e.g. a digest of a fold's columns and their new bytes), from the fingerprint cache when it knows the
+    shard as it is now (the same shard and edit give the same bytes); else None (:mod:`cna_export.io.fpcache`)."""
+    from . import fpcache
+
+    return fpcache.lookup(TENSOR_HASH, [shard], _tensor_extra(name, edit))
+
+
+def tensor_hash_key(shard: Path, name: str, edit: str = "") -> str | None:
+    """The cache key of that hash with ``shard`` as it is now: take it before hashing, pass it to
+    :func:`remember_tensor_sha256` after (None when the cache is off)."""
+    from . import fpcache
+
+    return fpcache.stamp(TENSOR_HASH, [shard], _tensor_extra(name, edit))
+
+
+def remember_tensor_sha256(shard: Path, name: str, digest: str | None, edit: str = "", key: str | None = None) -> None:
+    """Remember ``digest`` under ``key`` (:func:`tensor_hash_key`, taken before hashing) if the shard has not
+    changed since."""
+    from . import fpcache
+
+    if digest is not None and key is not None and tensor_hash_key(shard, name, edit) == key:
+        fpcache.store(TENSOR_HASH, [shard], digest, _tensor_extra(name, edit), key=key)
 
 
 def _raw_header(path: Path) -> tuple[int, dict]:
@@ -235,6 +250,24 @@ def _raw_header(path: Path) -> tuple[int, dict]:
     return n, header
 
 
+def shard_header(src: Path, names: Iterable[str], metadata: Mapping[str, str]) -> tuple[int, dict, bytes]:
+    """Shard ``src``'s header length and JSON (checked by ``safe_open``, which must know every one of ``names``),
+    and the header an edited copy gets: the same JSON with ``metadata`` merged into ``__metadata__``, padded
+    with spaces so that the data starts at a multiple of 8 (tensor entries and data offsets unchanged)."""
+    from safetensors import safe_open
+
+    with safe_open(src, framework="pt") as f:  # the library validates the header and the offsets
+        present = set(f.keys())
+    missing = set(names) - present
+    if missing:
+        raise ValueError(f"{src.name} has no tensor {sorted(missing)[0]}")
+    n, header = _raw_header(src)
+    new = dict(header)
+    new["__metadata__"] = {**(header.get("__metadata__") or {}), **metadata}
+    raw = json.dumps(new, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return n, header, raw + b" " * (-(8 + len(raw)) % 8)
+
+
 def rewrite_shard(src: Path, dst: Path, replacements: Mapping[str, object], metadata: Mapping[str, str]) -> None:
     """Write shard ``src`` to ``dst`` with some tensors replaced and ``metadata`` merged into its header.
 
@@ -246,14 +279,8 @@ def rewrite_shard(src: Path, dst: Path, replacements: Mapping[str, object], meta
     ``{"format": "pt"}``) is kept.
     """
     import torch
-    from safetensors import safe_open
 
-    with safe_open(src, framework="pt") as f:  # the library validates the header and the offsets
-        names = set(f.keys())
-    missing = set(replacements) - names
-    if missing:
-        raise ValueError(f"{src.name} has no tensor {sorted(missing)[0]}")
-    n, header = _raw_header(src)
+    n, header, raw = shard_header(src, replacements, metadata)
     patches = sorted(((int(header[name]["data_offsets"][0]), int(header[name]["data_offsets"][1]), name)
                       for name in replacements), key=lambda p: p[0])
 
@@ -271,11 +298,6 @@ def rewrite_shard(src: Path, dst: Path, replacements: Mapping[str, object], meta
     if not any(callable(t) for t in replacements.values()):
         for name in replacements:  # all given: check them before writing anything
             data(name)
-    meta = dict(header.get("__metadata__") or {})
-    meta.update(metadata)
-    header["__metadata__"] = meta
-    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    raw += b" " * (-(8 + len(raw)) % 8)
     start = 8 + n
     src_fd = os.open(src, os.O_RDONLY)
     try:
@@ -297,7 +319,7 @@ def rewrite_shard(src: Path, dst: Path, replacements: Mapping[str, object], meta
 
 
 def copy_file(src: Path, dst: Path, link: bool = False) -> None:
-    """Byte-for-byte copy (the kernel's copy_file_range/sendfile where available), or a hard link."""
+    """Byte-for-byte copy (the kernel's copy_file_range/sendfile where available), fsynced, or a hard link."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     if link:
         try:
@@ -311,3 +333,8 @@ def copy_file(src: Path, dst: Path, link: bool = False) -> None:
                 ) from None
             raise
     shutil.copyfile(src, dst)
+    fd = os.open(dst, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # the folder is renamed into place only once its files are on disk
+    finally:
+        os.close(fd)
