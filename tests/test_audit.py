@@ -511,7 +511,8 @@ def test_no_chat_template_is_found_before_the_model_is_loaded(base, ggufs, tmp_p
     steered = tmp_path / "steered"
     export_safetensors(str(plain), circuit_for(checkpoint_identity(plain, str(plain))[0], PLANTED), steered)
     monkeypatch.setattr(cna_export.model.loading, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
-    missing = "this model's tokenizer has no chat template; pass --no-chat-template for base models"
+    missing = ("this model's tokenizer has no chat template; for a base model, give a recipe with "
+               "'chat_template: false' (--recipe)")
     rep = audit(str(steered), AuditSettings(base=str(plain), generate=False))
     assert rep.exit_code == 4 and rep.notes == [f"base's refusal circuit not compared ({missing})"], rep.notes
     for suspect in (steered, ggufs["Q8_0"][1]):  # the test GGUF has no tokenizer KVs at all

@@ -168,7 +168,7 @@ def test_the_prompt_set_is_widened_until_decided(monkeypatch):
     logits = [_prompt_logits(i) for i in range(64)]
     looked = []
 
-    def compare(loaded, src, exp, mults, ids, starts, opts, comp, progress, adapter):
+    def compare(loaded, src, exp, mults, ids, starts, opts, comp, progress, adapter, session=None):
         looked.append(len(ids))
         for (i,) in ids:
             comp.add(*logits[i])

@@ -176,7 +176,11 @@ def require_chat_template(spec: str, chat_template: bool, system_prompt: str | N
         template = G.field_value(G.open_gguf(source.path), "tokenizer.chat_template")
     else:
         template = getattr(load_tokenizer(source, trust_remote_code), "chat_template", None)
-    render(SimpleNamespace(chat_template=template), (), chat_template, system_prompt)
+    try:
+        render(SimpleNamespace(chat_template=template), (), chat_template, system_prompt)
+    except CnaError:  # render's advice names a discover/steer flag that audit does not have
+        raise CnaError("this model's tokenizer has no chat template; for a base model, give a recipe with "
+                       "'chat_template: false' (--recipe)") from None
 
 
 def compute_directions(spec: str, recipe: str | Path | None = None, limit: int = 32, progress: bool = False
