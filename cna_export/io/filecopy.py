@@ -56,29 +56,11 @@ def copy_range_at(src_fd: int, dst_fd: int, src_offset: int, dst_offset: int, co
 
 
 def copy_range(src_fd: int, dst_fd: int, offset: int, count: int) -> None:
-    """Copy ``count`` bytes of ``src_fd`` from ``offset`` to ``dst_fd``'s position: in the kernel
-    (``copy_file_range``, a reflink where the file system shares extents) when it can, else through
-    a 16 MiB buffer."""
-    kernel = hasattr(os, "copy_file_range")
-    while count > 0:
-        if kernel:
-            try:
-                k = os.copy_file_range(src_fd, dst_fd, min(count, 1 << 30), offset)
-            except OSError as e:
-                if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF):
-                    raise
-                kernel = False
-                continue
-            if k == 0:
-                raise OSError(errno.EIO, "source file ended early")
-        else:
-            chunk = os.pread(src_fd, min(count, 1 << 24), offset)
-            if not chunk:
-                raise OSError(errno.EIO, "source file ended early")
-            write_all(dst_fd, memoryview(chunk))
-            k = len(chunk)
-        offset += k
-        count -= k
+    """Copy ``count`` bytes of ``src_fd`` from ``offset`` to ``dst_fd``'s position, and advance that position:
+    :func:`copy_range_at` at the position (in the kernel when it can, else through a 16 MiB buffer)."""
+    position = os.lseek(dst_fd, 0, os.SEEK_CUR)
+    copy_range_at(src_fd, dst_fd, offset, position, count)
+    os.lseek(dst_fd, position + count, os.SEEK_SET)
 
 
 def clone_file(src_fd: int, dst_fd: int, copy: bool = True) -> bool:
