@@ -168,8 +168,10 @@ def run_export(
     multipliers: MultiplierSpec = options.multipliers
     check = export_check(fopts, verify_options or GGUFVerifyOptions(), options.prompts, progress, session) \
         if options.verify else None
+    reference = session.reference if session is not None and session.serves(model) else None
     request = ExportRequest.build(model, circuit, out, multiplier=options.multiplier, multipliers=multipliers,
-                                  overwrite=options.overwrite, force=options.force, check=check, progress=progress)
+                                  overwrite=options.overwrite, force=options.force, check=check, progress=progress,
+                                  reference=reference)
     return fmt, write_export(request, fopts)
 
 

@@ -138,3 +138,35 @@ def test_shared_verification_is_the_same_verification(tiny_models, tmp_path, one
     export_safetensors(src, circuit, tmp_path / "half", multiplier=0.5)
     hits = session.hits
     assert verify_export(src, tmp_path / "half", opts, session=session).passed and session.hits == hits
+
+
+@pytest.mark.slow
+def test_a_gguf_source_is_converted_from_the_sessions_model(smollm2, tmp_path, monkeypatch):
+    """steer's safetensors export of a GGUF source saves the session's float32 model (discovery's) instead of
+    loading the source again, and writes the same tensors as an export on its own."""
+    from safetensors.numpy import load_file
+
+    import cna_export.model.loading as loading
+    from cna_export.core.circuit import Circuit, Neuron
+    from cna_export.core.settings import ExportOptions, GGUFExportOptions
+    from cna_export.pipeline import run_export
+    from cna_export.verification.session import VerifySession
+
+    circuit = tmp_path / "c.json"
+    neurons = [Neuron(layer=3, index=5, score=1.0), Neuron(layer=20, index=7, score=1.0)]
+    Circuit(model=smollm2.identity(), neurons=neurons, method={"name": "manual"}).save(circuit)
+    opts, fmt = ExportOptions(multiplier=0.0), GGUFExportOptions(format="safetensors")
+    run_export("bundled:smollm2", circuit, tmp_path / "alone", opts, fmt)
+    session = VerifySession("bundled:smollm2")
+    session.adopt(smollm2)
+
+    def no_second_load(*a, **k):
+        raise AssertionError("the source was loaded again")
+
+    monkeypatch.setattr(loading, "load_model", no_second_load)
+    run_export("bundled:smollm2", circuit, tmp_path / "shared", opts, fmt, session=session)
+    alone, shared = (sorted((tmp_path / d).glob("*.safetensors")) for d in ("alone", "shared"))
+    assert [p.name for p in alone] == [p.name for p in shared] and alone
+    for a, b in zip(alone, shared, strict=True):
+        ta, tb = load_file(a), load_file(b)
+        assert ta.keys() == tb.keys() and all((ta[k] == tb[k]).all() for k in ta)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, TypeVar, Union
+from typing import Any, Callable, Mapping, TypeVar, Union
 
 from pydantic import BaseModel, ValidationError
 
@@ -43,12 +43,16 @@ class ExportRequest:
     check: ExportCheck | None = None  # run on the staged output before it is published
     progress: bool = False
     started: float = field(default_factory=time.perf_counter)
+    # the source already loaded by the caller, by dtype name (``steer``'s verification session): a conversion
+    # that needs the source in transformers takes it instead of loading the model again
+    reference: Callable[[str], Any] | None = None
 
     @classmethod
     def build(
         cls, model: str | Path, circuit: Circuit | str | Path, out: str | Path, *, multiplier: float | None = None,
         multipliers: MultiplierSpec = None, overwrite: bool = False,
         force: bool = False, check: ExportCheck | None = None, progress: bool = False,
+        reference: Callable[[str], Any] | None = None,
     ) -> ExportRequest:
         """Load ``circuit`` (a :class:`Circuit` or its file), resolve its multipliers (``multiplier`` for
         every neuron, per-neuron ``multipliers`` as a map or a JSON file, or the circuit's own) and the source."""
@@ -61,7 +65,8 @@ class ExportRequest:
         source = resolve_source(model)
         multipliers_file = Path(multipliers) if isinstance(multipliers, (str, Path)) else None
         inputs = tuple(p for p in (source.path, circuit_file, multipliers_file) if p is not None)
-        return cls(str(model), source, circ, mults, Path(out), inputs, overwrite, force, check, progress, started)
+        return cls(str(model), source, circ, mults, Path(out), inputs, overwrite, force, check, progress, started,
+                   reference)
 
     def claim(self, path: Path | None = None) -> Path:
         """Refuse (one line) an output that may not be written: the request's ``out``, or ``path`` written

@@ -114,7 +114,7 @@ def _has_pickle(folder: Path) -> bool:
 
 def convert_to_safetensors(
     spec: str, folder: Path, dtype: str = "auto", max_shard_size: str | None = None, allow_pickle: bool = False,
-    trust_remote_code: bool = False,
+    trust_remote_code: bool = False, loaded: Any = None,
 ) -> tuple[Any, ModelIdentity]:
     """Load ``spec`` (a .gguf file, ``bundled:NAME``, pickled weights) with transformers and write it to
     ``folder`` (which must exist) as a safetensors checkpoint with its tokenizer.
@@ -122,6 +122,8 @@ def convert_to_safetensors(
     The identity (fingerprint) is taken in float32 before any cast, so it matches a circuit discovered
     on the same source; the model is then cast to ``dtype`` (auto: float32 for GGUF, the config's
     dtype for pickled weights) and saved. Returns the loaded model (in ``dtype``) and that identity.
+    ``loaded``: ``spec`` already loaded in float32 by the caller (:func:`shared_float32`), saved as it is
+    instead of loading it again.
     """
     import torch
 
@@ -138,7 +140,8 @@ def convert_to_safetensors(
             saved_dtype = getattr(config, "dtype", None)
         except (OSError, ValueError, KeyError):
             saved_dtype = None  # load_model below reports the problem
-    loaded = load_model(spec, dtype="float32", allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    if loaded is None:
+        loaded = load_model(spec, dtype="float32", allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     identity = loaded.identity()
     if dtype in (None, "auto"):
         target = saved_dtype if isinstance(saved_dtype, torch.dtype) else torch.float32
@@ -156,6 +159,15 @@ def convert_to_safetensors(
     except ValueError as e:
         raise CnaError(f"cannot save {source.spec} as safetensors: {str(e).splitlines()[0]}") from None
     return loaded, identity
+
+
+def shared_float32(request: ExportRequest, dtype: str | None) -> Any:
+    """The caller's float32 model of a GGUF source (``request.reference``, ``steer``'s session) when the
+    conversion would load exactly that and leave it in float32 (so the shared model is not cast); else None."""
+    if request.reference is None or request.source.kind != "gguf" or dtype not in (None, "auto", "float32"):
+        return None
+    loaded = request.reference("float32")
+    return loaded if str(getattr(loaded, "dtype", "")).removeprefix("torch.") == "float32" else None
 
 
 def _drop_gguf_quantizer(model: Any) -> None:
@@ -373,7 +385,7 @@ def _open_source(request: ExportRequest, options: SafetensorsFormat, out_path: P
         )
     folder = scratch.enter_context(scratch_dir(out_path))
     loaded, identity = convert_to_safetensors(source.spec, folder, o.dtype, o.max_shard_size, o.allow_pickle,
-                                              o.trust_remote_code)
+                                              o.trust_remote_code, shared_float32(request, o.dtype))
     if request.check is None:
         loaded = None
         gc.collect()
