@@ -63,7 +63,7 @@ def lora_check(
 
     def check(staged: StagedExport) -> CheckReport:
         return verify_lora(staged.source, staged.path, opts, prompt_files=prompt_files, model_options=model_options,
-                           manifest=staged.manifest, progress=progress, session=session)
+                           manifest=staged.manifest, progress=progress, session=session, name=staged.out)
 
     return check
 
@@ -95,7 +95,7 @@ def gguf_check(
 
     def check(staged: StagedExport) -> CheckReport:
         return verify_gguf(staged.source, staged.path, gopts, prompt_files=prompt_files, manifest=staged.manifest,
-                           progress=progress, session=session)
+                           progress=progress, session=session, name=staged.out)
 
     return check
 

@@ -112,16 +112,14 @@ CHILD = textwrap.dedent("""
             return orig(*a, **k)
         setattr(A, name, hooked)
     elif hook == "first-write":
-        import cna_export.io.shard_patch as SP, gguf
-        orig_save, orig_tensor = SP.patch_shard, gguf.GGUFWriter.write_tensor_data
+        import cna_export.io.shard_patch as SP
+        orig_save = SP.patch_shard
         def patch_shard(*a, **k):
             out = orig_save(*a, **k)
             at_hook()
             return out
-        def write_tensor_data(self, *a, **k):
-            orig_tensor(self, *a, **k)
-            at_hook()
-        SP.patch_shard, gguf.GGUFWriter.write_tensor_data = patch_shard, write_tensor_data
+        SP.patch_shard = patch_shard
+        # the exporters import these names after this hook is installed, so they call the hooked ones
         import cna_export.io.filecopy as FC
         orig_range, orig_range_at = FC.copy_range, FC.copy_range_at
         def copy_range(*a, **k):  # a shard's kernel-copied bytes

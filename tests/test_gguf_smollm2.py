@@ -189,6 +189,7 @@ def test_cli_export_and_verify(smollm2, circuit, tmp_path, capsys, monkeypatch):
                "--max-effect-share", "0"])  # fmt: skip
     captured = capsys.readouterr()
     assert rc == 3 and "verification failed" in captured.err and "noise floor" in captured.out
+    assert f"candidate    {bad} in llama.cpp" in captured.out  # the output's name, not its unnamed temporary
     assert not bad.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".unverified")]
     # a circuit found on other weights needs --force
     other = Circuit(model=circuit.model.model_copy(update={"fingerprint": "0" * 64}),

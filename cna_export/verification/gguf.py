@@ -88,6 +88,7 @@ def verify_gguf(
     raise_on_failure: bool = False,
     reference: str | Any | None = None,
     session: Any = None,
+    name: str | Path | None = None,
 ) -> VerifyReport:
     """Check a steered GGUF against its source: tensors exactly, then behaviour (see the module docstring).
 
@@ -100,7 +101,8 @@ def verify_gguf(
     The manifest comes from the export's ``cna.manifest`` KV or side file, or ``manifest``.
     ``prompts`` (texts) override ``prompt_files`` (default: the refusal recipe's). ``session``
     (:class:`~cna_export.verification.session.VerifySession`): the reference model and the logits that do
-    not depend on the export, shared with other verifications of the same source.
+    not depend on the export, shared with other verifications of the same source. ``name``: what the report
+    calls the export (a staged export's final path, not the unnamed temporary it is read from; default: ``exported``).
     """
     opts = opts or GGUFVerifyOptions()
     exp_path = Path(exported)
@@ -225,7 +227,7 @@ def verify_gguf(
         metrics, tolerances, extra_reasons=reasons, undecided=undecided,
         method="gguf: llama.cpp export vs transformers hook steering, relative to the unsteered noise floor",
         reference=f"{src_spec} in transformers + hook steering ({len(manifest.multipliers)} neurons)",
-        candidate=f"{src_path.name} + LoRA {exp_path} in llama.cpp" if adapter else f"{exp_path} in llama.cpp",
+        candidate=(f"{src_path.name} + LoRA " if adapter else "") + f"{name or exp_path} in llama.cpp",
         dtype="float32 (transformers, dequantised GGUF) / llama.cpp native",
         positions="all distinct", settings=settings, notes=notes, checks=checks,
         prompts=[PromptDetail(prompt=p, **d)

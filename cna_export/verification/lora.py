@@ -54,8 +54,10 @@ def check_lora_base(spec: str, manifest: ExportManifest) -> bool:
 
 def verify_lora(original: str | Any, adapter: str | Path, opts: VerifyOptions | None = None,
                 prompt_files: Sequence[str | Path] | None = None, model_options: Mapping[str, Any] | None = None,
-                manifest: ExportManifest | None = None, progress: bool = False, session: Any = None) -> VerifyReport:
+                manifest: ExportManifest | None = None, progress: bool = False, session: Any = None,
+                name: str | Path | None = None) -> VerifyReport:
     """Verify the PEFT adapter folder ``adapter`` against hook steering of ``original`` (a spec or LoadedModel).
+    ``name``: what the report calls the adapter (a staged export's final path; default: ``adapter``).
     ``session`` (:class:`~cna_export.verification.session.VerifySession` of ``original``): the reference is its
     model, the base under the adapter a copy of it (the same weights, not loaded again), and the hook-steered
     logits are shared with other verifications."""
@@ -91,7 +93,7 @@ def verify_lora(original: str | Any, adapter: str | Path, opts: VerifyOptions | 
     report = compare_steered(
         ref, cand, manifest.multiplier_map(), prompts, opts, tolerances(opts, dtype),
         reference_name=f"{spec} + hook steering ({len(manifest.multipliers)} neurons)",
-        candidate_name=f"{spec} + LoRA {adapter}", settings={**prompt_info, "source": manifest.source},
+        candidate_name=f"{spec} + LoRA {name or adapter}", settings={**prompt_info, "source": manifest.source},
         progress=progress, session=session,
     )
     report.seconds = {"load": load_seconds, **report.seconds}
