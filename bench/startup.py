@@ -4,6 +4,7 @@ which heavy libraries each command imports.
 
     python bench/startup.py                 # 7 runs per command, medians, Markdown table
     python bench/startup.py --runs 3 --json bench/out/startup.json
+    python bench/startup.py --baseline /tmp/old --only "export gguf,cp"   # against an older tree, alternating
 
 Commands (on the bundled SmolLM2 GGUF, outputs in a temporary folder):
 
@@ -24,6 +25,12 @@ Each run is a fresh ``python -m cna_export`` process: wall time from this script
 (user + system) from ``resource.getrusage(RUSAGE_CHILDREN)``. One extra run per command with
 ``python -X importtime`` sums the top-level imports' cumulative time and lists the heavy modules
 loaded (torch, transformers, safetensors, gguf, numpy, llama_cpp).
+
+The processes run as a user's install runs: ``PYTHONDONTWRITEBYTECODE`` is removed from their environment
+and every command runs once before the timed rounds, so each module is imported from its ``.pyc``. They run
+in the temporary folder, so ``--baseline DIR`` (a folder holding another ``cna_export`` package, e.g. a
+``git archive`` of an older commit) puts that package first on ``PYTHONPATH``; its rows ("(baseline)")
+alternate with the current tree's in every round, so both see the same load.
 """
 
 from __future__ import annotations
@@ -38,8 +45,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
-from bench._common import ROOT
 
 HEAVY = ("torch", "transformers", "safetensors", "gguf", "numpy", "llama_cpp", "pydantic")
 
@@ -60,11 +65,20 @@ def commands(tmp: Path, model: str, circuit: Path) -> dict[str, tuple[list[str],
     }
 
 
-def run_once(argv: list[str], want: int) -> tuple[float, float]:
+def child_env(baseline: Path | None = None) -> dict[str, str]:
+    """The environment of a timed process: .pyc files written and read (as in a user's install); with
+    ``baseline``, that folder's ``cna_export`` imported instead of this tree's."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    if baseline is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(baseline), *filter(None, [env.get("PYTHONPATH")])])
+    return env
+
+
+def run_once(argv: list[str], want: int, cwd: Path, env: dict[str, str]) -> tuple[float, float]:
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     cmd = argv if argv[0] == "cp" else [sys.executable, "-m", "cna_export", *argv]
     t = time.perf_counter()
-    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=env)
     wall = time.perf_counter() - t
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if p.returncode != want:
@@ -72,9 +86,9 @@ def run_once(argv: list[str], want: int) -> tuple[float, float]:
     return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
-def import_profile(argv: list[str]) -> tuple[float, list[str]]:
+def import_profile(argv: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, list[str]]:
     p = subprocess.run([sys.executable, "-X", "importtime", "-m", "cna_export", *argv], capture_output=True,
-                       text=True, cwd=ROOT)
+                       text=True, cwd=cwd, env=env)
     total = 0
     loaded = set()
     for line in p.stderr.splitlines():
@@ -93,50 +107,86 @@ def import_profile(argv: list[str]) -> tuple[float, list[str]]:
     return total / 1e6, sorted(loaded)
 
 
+Row = tuple[str, list[str], int, "Path | None"]
+"""(row name, argv, exit code wanted, the folder of the package it runs: None for this tree)"""
+
+
+def _rows(cmds: dict[str, tuple[list[str], int]], baseline: Path | None) -> list[Row]:
+    """Every timed row; with a baseline, each cna-export command twice in a row, the baseline's first."""
+    rows = []
+    for name, (argv, want) in cmds.items():
+        if baseline is not None and argv[0] != "cp":
+            rows.append((f"{name} (baseline)", argv, want, baseline))
+        rows.append((name, argv, want, None))
+    return rows
+
+
+def _circuit(model: str, spec: str, out: Path) -> None:
+    from cna_export.core.circuit import Circuit, Neuron
+    from cna_export.io.gguf import open_gguf
+    from cna_export.io.identity import gguf_identity
+
+    Circuit(model=gguf_identity(open_gguf(model), spec),
+            neurons=[Neuron(layer=layer, index=i, score=1.0) for layer, i in ((3, 5), (10, 100), (20, 7))],
+            method={"name": "manual"}).save(out)
+
+
+def _measure(rows: list[Row], runs: int, tmp: Path) -> dict[str, dict]:
+    results: dict[str, dict] = {}
+    for _, argv, want, pkg in rows:  # warm-up: .pyc files written, page cache warm, the file the diff reads
+        run_once(argv, want, tmp, child_env(pkg))
+    for _ in range(runs):  # round-robin: load changes hit every command alike
+        for name, argv, want, pkg in rows:
+            wall, cpu = run_once(argv, want, tmp, child_env(pkg))
+            results.setdefault(name, {"wall": [], "cpu": []})
+            results[name]["wall"].append(wall)
+            results[name]["cpu"].append(cpu)
+    for name, argv, _, pkg in rows:
+        found = import_profile(argv, tmp, child_env(pkg)) if argv[0] != "cp" else (0.0, [])
+        results[name]["imports_s"], results[name]["heavy"] = found
+    return results
+
+
+def _bound(results: dict[str, dict], row: str) -> str:
+    cp, exp = min(results["cp"]["wall"]), min(results[row]["wall"])
+    return (f"{row} (best) {exp:.3f} s; bound 1.5 x cp (best, {cp:.3f} s) + 0.3 s = {1.5 * cp + 0.3:.3f} s: "
+            + ("met" if exp <= 1.5 * cp + 0.3 else "not met"))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--model", default="bundled:smollm2")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--baseline", type=Path, default=None,
+                    help="a folder holding another cna_export package, timed alternately with this tree")
+    ap.add_argument("--only", default=None, help="comma-separated commands to time (default: all)")
     args = ap.parse_args()
 
-    from cna_export.core.circuit import Circuit, Neuron
     from cna_export.io.bundled import resolve
-    from cna_export.io.gguf import open_gguf
-    from cna_export.io.identity import gguf_identity
 
     model = str(resolve(args.model))
-    results = {}
     with tempfile.TemporaryDirectory(prefix="cna-startup-") as d:
         tmp = Path(d)
-        circuit = tmp / "c.json"
-        Circuit(model=gguf_identity(open_gguf(model), args.model),
-                neurons=[Neuron(layer=layer, index=i, score=1.0) for layer, i in ((3, 5), (10, 100), (20, 7))],
-                method={"name": "manual"}).save(circuit)
-        cmds = commands(tmp, model, circuit)
-        run_once(*cmds["export gguf"])  # the file the diff reads, and a warm page cache
-        for _ in range(args.runs):  # round-robin: load changes hit every command alike
-            for name, (argv, want) in cmds.items():
-                wall, cpu = run_once(argv, want)
-                results.setdefault(name, {"wall": [], "cpu": []})
-                results[name]["wall"].append(wall)
-                results[name]["cpu"].append(cpu)
-        for name, (argv, _) in cmds.items():
-            if argv[0] != "cp":
-                results[name]["imports_s"], results[name]["heavy"] = import_profile(argv)
-            else:
-                results[name]["imports_s"], results[name]["heavy"] = 0.0, []
+        _circuit(model, args.model, tmp / "c.json")
+        cmds = commands(tmp, model, tmp / "c.json")
+        if args.only:
+            wanted = [x.strip() for x in args.only.split(",")]
+            cmds = {k: v for k, v in cmds.items() if k in wanted or (k == "export gguf" and "diff gguf" in wanted)}
+        results = _measure(_rows(cmds, args.baseline.resolve() if args.baseline else None), args.runs, tmp)
     load = os.getloadavg()
     print(f"{args.runs} runs per command; load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} "
           f"on {os.cpu_count()} cores")
-    print("\n| command | wall (median) | wall (best) | CPU (median) | imports | heavy modules imported |\n"
-          "|---|---|---|---|---|---|")
+    print("\n| command | wall (median) | wall (best) | CPU (median) | CPU (best) | imports | heavy modules imported |\n"
+          "|---|---|---|---|---|---|---|")
     for name, r in results.items():
         print(f"| {name} | {statistics.median(r['wall']):.3f} s | {min(r['wall']):.3f} s | "
-              f"{statistics.median(r['cpu']):.3f} s | {r['imports_s']:.2f} s | {', '.join(r['heavy']) or '-'} |")
-    cp, exp = min(results["cp"]["wall"]), min(results["export gguf"]["wall"])
-    print(f"\nexport gguf (best) {exp:.3f} s; bound 1.5 x cp (best, {cp:.3f} s) + 0.3 s = {1.5 * cp + 0.3:.3f} s: "
-          + ("met" if exp <= 1.5 * cp + 0.3 else "not met"))
+              f"{statistics.median(r['cpu']):.3f} s | {min(r['cpu']):.3f} s | {r['imports_s']:.2f} s | "
+              f"{', '.join(r['heavy']) or '-'} |")
+    if "cp" in results:
+        for row in ("export gguf (baseline)", "export gguf"):
+            if row in results:
+                print("\n" + _bound(results, row))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"load": load, "results": results}, indent=2))

@@ -1,7 +1,8 @@
 """Command line: a thin layer over the library API.
 
 One module per group of sub-commands (``discover``, ``export``, ``verify``,
-``steer`` (+ ``push``), ``evaluate``, ``audit``), registered in ``_registry``. Every sub-command parses flags
+``steer`` (+ ``push``), ``evaluate``, ``audit``), listed in ``_registry``; a command line imports only the
+module of the command it runs, and ``--help`` none. Every sub-command parses flags
 (generated from the options models), calls one library function and prints a
 summary. User errors end as one line on stderr and a non-zero exit code, and so do write, network and
 Hub errors (``_errors``); see ``docs/exit-codes.md``. Before any work, each command checks the paths it
@@ -11,14 +12,13 @@ reads and writes against the output policy (``paths.guard``, ``core/outputs.py``
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 import warnings
-from typing import Sequence
+from typing import Collection, Sequence
 
 # pydantic scans every installed distribution's entry points for plugins when the first settings model
-# is built (about 70 ms of a 0.33 s `--help`); the CLI uses none, so skip the scan unless the user
+# is built (about 70 ms of a command's start-up); the CLI uses none, so skip the scan unless the user
 # configured plugins (the variable is only set when absent). Must run before pydantic is imported.
 os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
 
@@ -26,14 +26,12 @@ from ..core.errors import CnaError, ExitCode  # noqa: E402
 from ..core.progress import wanted  # noqa: E402
 from ..core.version import __version__  # noqa: E402
 from ._errors import one_line  # noqa: E402
-from ._registry import COMMANDS, PARSERS  # noqa: E402
-from .paths import check_command_line  # noqa: E402
-
-# importing the command modules registers their commands; --help lists them in this order
-from . import discover, export, verify, steer, evaluate, audit  # noqa: E402,F401,I001  isort: skip
+from ._registry import BY_NAME, COMMANDS, TABLE  # noqa: E402
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(commands: Collection[str] | None = None) -> argparse.ArgumentParser:
+    """The parser of every command; with ``commands``, the same parser with only those commands' flags added (the
+    others are listed with their help, as ``--help`` shows them), so only their modules are imported."""
     parser = argparse.ArgumentParser(
         prog="cna-export",
         description="Discover CNA neuron circuits, fold them into weights, export safetensors/GGUF, verify and audit.",
@@ -42,12 +40,29 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or summaries")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in PARSERS:
-        add(sub)
+    for c in TABLE:
+        p = sub.add_parser(c.name, help=c.help, description=c.description)
+        if commands is None or c.name in commands:
+            c.add_arguments(p)
     return parser
 
 
+def wanted_commands(argv: Sequence[str]) -> tuple[str, ...] | None:
+    """The commands whose flags parsing ``argv`` can need: the one it names (the first word after the
+    top-level switches, none of which takes a value); none when it names no command (argparse then refuses it,
+    or prints the top-level help or the version); every command (None) after ``--``."""
+    for arg in argv:
+        if arg == "--":
+            return None
+        if arg.startswith("-") and arg != "-":
+            continue
+        return (arg,) if arg in BY_NAME else ()
+    return ()
+
+
 def _setup_logging(verbose: bool, quiet: bool) -> None:
+    import logging  # here, not at the top: --help and argument errors end before it is needed
+
     level = logging.DEBUG if verbose else logging.ERROR if quiet else logging.WARNING
     logging.basicConfig(level=level, format="cna-export: %(levelname)s: %(message)s", stream=sys.stderr)
     logging.captureWarnings(True)
@@ -74,11 +89,13 @@ def _quiet_transformers(no_bars: bool) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    ns = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    ns = build_parser(wanted_commands(argv)).parse_args(argv)
     _setup_logging(ns.verbose, ns.quiet)
     _quiet_transformers(not wanted(ns.quiet))
     try:
+        from .paths import check_command_line
+
         check_command_line(ns)
         return COMMANDS[ns.command](ns)
     except CnaError as e:
@@ -95,6 +112,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         line = one_line(e)
         if line is None:
             raise
+        import logging
+
         logging.getLogger("cna_export").debug("traceback of the error below", exc_info=True)
         return _error(line, ExitCode.USER_ERROR)
 

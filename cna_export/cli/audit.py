@@ -10,7 +10,6 @@ from ..core.errors import CnaError
 from ..core.progress import wanted
 from ..core.recipe import recipe_section
 from ..core.settings import AuditSettings, DiffOptions
-from ._registry import PARSERS, command
 from .flags import add_flags, settings_of
 from .paths import guard
 
@@ -30,7 +29,6 @@ def _write(ns: argparse.Namespace, diff: Any, base: str, data: dict, overwrite: 
         atomic_write_text(Path(ns.json), json.dumps(data, indent=2, default=str) + "\n", overwrite=overwrite)
 
 
-@command("diff")
 def cmd_diff(ns: argparse.Namespace) -> int:
     from ..inspect.diff import diff_checkpoints
 
@@ -46,7 +44,6 @@ def cmd_diff(ns: argparse.Namespace) -> int:
     return 0
 
 
-@command("audit")
 def cmd_audit(ns: argparse.Namespace) -> int:
     from ..inspect.audit import audit
 
@@ -66,23 +63,15 @@ def _outputs(p: argparse.ArgumentParser, circuit_help: str) -> None:
     p.add_argument("--json", metavar="FILE", help="write the full report as JSON")
 
 
-def _diff_parser(sub: Any) -> None:
-    p = sub.add_parser("diff", help="compare two checkpoints tensor by tensor; recover scaled neurons and "
-                       "directional edits")
+def add_diff_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("a", help="the reference: HF safetensors folder, .gguf file or bundled:NAME")
     p.add_argument("b", help="the checkpoint to compare with it (any of the same kinds)")
     _outputs(p, "write the recovered neurons as a circuit manifest (kind recovered)")
     add_flags(p, DiffOptions)
 
 
-def _audit_parser(sub: Any) -> None:
-    p = sub.add_parser("audit", help="was this checkpoint steered? check a manifest, diff against a base, or scan "
-                       "alone", description="Exit codes: 0 nothing found / manifest check passed, 2 bad input, "
-                       "3 manifest check failed, 4 steering edits found, 5 weights differ without steering structure.")
+def add_audit_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("suspect", help="HF safetensors folder, .gguf file, bundled:NAME, or a LoRA adapter (PEFT folder or "
                    "LoRA GGUF)")
     _outputs(p, "write the recovered neurons as a circuit manifest")
     add_flags(p, AuditSettings)
-
-
-PARSERS += [_diff_parser, _audit_parser]

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
 
-from ..core.recipe import load_recipe
 from ..core.settings import (
     DiscoverOptions,
     Force,
@@ -16,15 +14,14 @@ from ..core.settings import (
     PromptOptions,
     ShowOptions,
 )
-from ._registry import PARSERS, command
 from .flags import add_flags, settings_of
 from .paths import guard
 
 # -- discover -------------------------------------------------------------------------
 
 
-@command("discover")
 def cmd_discover(ns: argparse.Namespace) -> int:
+    from ..core.recipe import load_recipe  # here: show and generate need no recipe
     from ..pipeline import run_discover
 
     recipe = load_recipe(ns.recipe) if ns.recipe else {}
@@ -57,8 +54,7 @@ def cmd_discover(ns: argparse.Namespace) -> int:
     return 0
 
 
-def _discover_parser(sub: Any) -> None:
-    p = sub.add_parser("discover", help="find a CNA circuit from two contrastive prompt sets")
+def add_discover_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="HF folder, Hub id, .gguf file, or bundled:smollm2")
     p.add_argument("--out", required=True, help="circuit manifest to write (JSON)")
     p.add_argument("--recipe", help="YAML recipe supplying these settings (CLI flags win)")
@@ -70,7 +66,6 @@ def _discover_parser(sub: Any) -> None:
 # -- generate -------------------------------------------------------------------------
 
 
-@command("generate")
 def cmd_generate(ns: argparse.Namespace) -> int:
     from ..pipeline import run_generate
 
@@ -92,8 +87,7 @@ def cmd_generate(ns: argparse.Namespace) -> int:
     return 0
 
 
-def _generate_parser(sub: Any) -> None:
-    p = sub.add_parser("generate", help="greedy generation with hook steering, for a quick look")
+def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt", nargs="+", help="one or more prompts")
     p.add_argument("--model", required=True, help="HF folder, Hub id, .gguf file, or bundled:smollm2")
     p.add_argument("--circuit", help="circuit manifest (omit to generate unsteered)")
@@ -107,7 +101,6 @@ def _generate_parser(sub: Any) -> None:
 # -- show -----------------------------------------------------------------------------
 
 
-@command("show")
 def cmd_show(ns: argparse.Namespace) -> int:
     from ..core.circuit import Circuit
 
@@ -131,10 +124,6 @@ def cmd_show(ns: argparse.Namespace) -> int:
     return 0
 
 
-def _show_parser(sub: Any) -> None:
-    p = sub.add_parser("show", help="summarise a circuit manifest")
+def add_show_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("circuit")
     add_flags(p, ShowOptions)
-
-
-PARSERS += [_discover_parser, _generate_parser, _show_parser]

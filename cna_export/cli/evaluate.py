@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
 
 from ..core.errors import NOTHING_FITS
 from ..core.progress import wanted
 from ..core.recipe import recipe_section
 from ..core.settings import EVAL_ONLY, EvalJob, EvalSettings, ModelOptions, TuneJob
-from ._registry import PARSERS, command
 from .flags import add_flags, settings_of
 from .paths import guard
 
@@ -23,7 +21,6 @@ def _eval_job(ns: argparse.Namespace, section: str) -> EvalJob:
                        progress=wanted(ns.quiet))
 
 
-@command("eval")
 def cmd_eval(ns: argparse.Namespace) -> int:
     from ..evaluation.evaluator import markdown_table
     from ..evaluation.jobs import run_eval_job
@@ -36,7 +33,6 @@ def cmd_eval(ns: argparse.Namespace) -> int:
     return 0
 
 
-@command("tune")
 def cmd_tune(ns: argparse.Namespace) -> int:
     from ..evaluation.jobs import run_tune_job
 
@@ -63,15 +59,10 @@ def _common(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
     add_flags(p, ModelOptions)
 
 
-def _eval_parser(sub: Any) -> None:
-    p = sub.add_parser("eval", help="refusal, over-refusal, quality and KL drift; multiplier/size sweeps; CAA baseline")
+def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     _common(p)
 
 
-def _tune_parser(sub: Any) -> None:
-    p = sub.add_parser("tune", help="choose circuit size and multiplier on a tuning split; check on the held-out split")
+def add_tune_arguments(p: argparse.ArgumentParser) -> None:
     _common(p, skip=EVAL_ONLY)
     add_flags(p, TuneJob)
-
-
-PARSERS += [_eval_parser, _tune_parser]

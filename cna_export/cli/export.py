@@ -16,7 +16,6 @@ from ..core.settings import (
     ModelOptions,
 )
 from ._errors import one_line
-from ._registry import PARSERS, command
 from .flags import add_flags, settings_of
 from .paths import guard
 
@@ -29,7 +28,6 @@ def _multiplier_line(values: list[float]) -> str:
     return f"{values[0]:g}" if len(values) == 1 else f"per-neuron ({values[0]:g} .. {values[-1]:g})"
 
 
-@command("export")
 def cmd_export(ns: argparse.Namespace) -> int:
     from ..pipeline import hub_token_for, run_export
 
@@ -116,9 +114,7 @@ def print_export(model: str, fmt: str, r: Any) -> None:
     print(f"wrote        {r.out} ({size(total)}) in {r.seconds:.1f}s{fast}")
 
 
-def _export_parser(sub: Any) -> None:
-    p = sub.add_parser("export", help="fold a circuit into the weights (safetensors, GGUF) or write it as a LoRA "
-                       "adapter (PEFT folder, llama.cpp GGUF)")
+def add_export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="HF safetensors folder, Hub id, .gguf file, or bundled:smollm2")
     p.add_argument("--circuit", required=True, help="circuit manifest (JSON)")
     p.add_argument("--out", required=True, help="output folder (safetensors, lora) or .gguf file (gguf, gguf-lora), "
@@ -128,6 +124,3 @@ def _export_parser(sub: Any) -> None:
     add_flags(p, GGUFVerifyOptions, skip=("dtype",))
     add_flags(p, GGUFExportOptions)
     add_flags(p, HubOptions)
-
-
-PARSERS.append(_export_parser)

@@ -78,11 +78,11 @@ def guard(ns: argparse.Namespace, *settings: Any, overwrite: bool = False, exist
 
 
 def _recipe_prompts(found: list[PathArg]) -> list[PathArg]:
-    from ..core.recipe import load_recipe
-
     out = []
     for a in found:
         if a.label == "--recipe" and Path(a.value).is_file():
+            from ..core.recipe import load_recipe  # here: a command without a recipe does not import it
+
             settings = load_recipe(a.value)
             out += [PathArg(f"--recipe {a.value}: {key}", settings[key], INPUT_FILE) for key in RECIPE_PROMPTS
                     if isinstance(settings.get(key), str)]

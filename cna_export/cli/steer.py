@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
 
 from ..core.progress import wanted
 from ..core.recipe import recipe_section
@@ -15,12 +14,10 @@ from ..core.settings import (
     ModelOptions,
     SteerOptions,
 )
-from ._registry import PARSERS, command
 from .flags import add_flags, settings_of
 from .paths import guard
 
 
-@command("steer")
 def cmd_steer(ns: argparse.Namespace) -> int:
     import sys
 
@@ -54,11 +51,7 @@ def cmd_steer(ns: argparse.Namespace) -> int:
     return inconclusive_exit([step.verification for step in r.steps])  # 7 when an inconclusive verify kept an export
 
 
-def _steer_parser(sub: Any) -> None:
-    p = sub.add_parser("steer", help="discover a circuit and export it in every format, verified: one resumable job",
-                       description="discover (or --circuit) -> export each --format -> verify each (--verify) -> "
-                       "push (--push-to-hub) -> one summary table. Rerunning reuses every step whose inputs are "
-                       "unchanged.")
+def add_steer_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="HF folder, Hub id, .gguf file, or bundled:smollm2")
     p.add_argument("--out", required=True, help="output folder (circuit.json, one entry per format, steer.json)")
     g = p.add_mutually_exclusive_group(required=True)
@@ -72,7 +65,6 @@ def _steer_parser(sub: Any) -> None:
     add_flags(p, ModelOptions, only=("device_map", "allow_pickle", "trust_remote_code"), negatable=False)
 
 
-@command("push")
 def cmd_push(ns: argparse.Namespace) -> int:
     from ..pipeline import hub_token_for, push
 
@@ -86,12 +78,8 @@ def cmd_push(ns: argparse.Namespace) -> int:
     return 0
 
 
-def _push_parser(sub: Any) -> None:
-    p = sub.add_parser("push", help="upload an export (folder or .gguf, or a steer folder) to the Hugging Face Hub")
+def add_push_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", help="export folder, .gguf export or LoRA GGUF, or a steer output folder")
     p.add_argument("repo_id", help="Hub repo (OWNER/NAME), created if missing")
     p.add_argument("--private", action="store_true", help="create the repo private")
     p.add_argument("--recipe-name", help="recipe name for the card's tags (default: the circuit's, when recorded)")
-
-
-PARSERS += [_steer_parser, _push_parser]

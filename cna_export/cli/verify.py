@@ -5,16 +5,13 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
-from typing import Any
 
 from ..core.progress import wanted
 from ..core.settings import GGUFVerifyOptions, ModelOptions, VerifyRunOptions
-from ._registry import PARSERS, command
 from .flags import add_flags, settings_of
 from .paths import guard
 
 
-@command("verify")
 def cmd_verify(ns: argparse.Namespace) -> int:
     from ..core.atomic import atomic_write_text
     from ..core.errors import VerificationFailed
@@ -39,8 +36,7 @@ def cmd_verify(ns: argparse.Namespace) -> int:
     return 0
 
 
-def _verify_parser(sub: Any) -> None:
-    p = sub.add_parser("verify", help="check an exported checkpoint against hook steering of the original")
+def add_verify_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--original", required=True, help="the model the export was made from (folder, .gguf, bundled:NAME)")
     p.add_argument("--exported", required=True, help="the exported folder (with cna_manifest.json)")
     p.add_argument("--json", metavar="FILE", help="also write the full report as JSON")
@@ -51,6 +47,3 @@ def _verify_parser(sub: Any) -> None:
     add_flags(p, VerifyRunOptions)
     add_flags(p, GGUFVerifyOptions)
     add_flags(p, ModelOptions, skip=("dtype",))
-
-
-PARSERS.append(_verify_parser)
