@@ -16,8 +16,9 @@ from cna_export.core.errors import CnaError
 from cna_export.core.settings import DiscoverOptions
 from cna_export.discovery.cna import discover
 from cna_export.discovery.learned import CHANGED, learn_multipliers
+from cna_export.discovery.scores import behaviour_score, opening_token_ids
 from cna_export.model.loading import load_model
-from cna_export.model.prompts import PromptSet
+from cna_export.model.prompts import PromptSet, batches, render
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -89,6 +90,114 @@ def test_l1_leaves_a_planted_irrelevant_neuron_at_one(tiny_models):
     assert report.changed == int(np.sum(np.abs(m - 1) > CHANGED))
 
 
+def _mlp_inputs(loaded, layer, texts):
+    """The MLP input of ``layer`` at the last prompt token, one row per prompt (each prompt alone)."""
+    mlp, rows = loaded.model.model.layers[layer].mlp, []
+    handle = mlp.register_forward_pre_hook(lambda module, args: rows.append(args[0][0, -1]))
+    try:
+        for text in texts:
+            b = next(batches(loaded.tokenizer, render(loaded.tokenizer, [text]), 1, True))
+            loaded.model(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids,
+                         logits_to_keep=1)
+    finally:
+        handle.remove()
+    return torch.stack(rows)
+
+
+def _gap_direction(loaded, layer, texts):
+    """The unit direction, added to the last layer's MLP output, that raises the gap B on ``texts`` most."""
+    ids = opening_token_ids(loaded.tokenizer)
+    delta = torch.zeros(loaded.hidden_size, requires_grad=True)
+    handle = loaded.down_proj(layer).register_forward_hook(lambda module, args, out: out + delta)
+    try:
+        b = next(batches(loaded.tokenizer, render(loaded.tokenizer, texts), len(texts), True))
+        out = loaded.model(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids,
+                           logits_to_keep=1)
+        behaviour_score(out.logits[:, -1, :], *ids).sum().backward()
+    finally:
+        handle.remove()
+    return delta.grad / delta.grad.norm()
+
+
+def _plant_shared_and_selective(loaded):
+    """Neurons 0 and 1 of the last layer both write along the gap direction: neuron 0 fires on the positive
+    and the negative prompts alike, neuron 1 on the positive ones only (``silu(6 g.x) (g.x)`` with ``g.x = +1``
+    on the prompts it fires on and ``-1`` on the others: activation ~6 against ~0.015)."""
+    layer = loaded.num_layers - 1
+    mlp = loaded.model.model.layers[layer].mlp
+    with torch.no_grad():
+        x = _mlp_inputs(loaded, layer, POS + NEG)
+        both = torch.ones(len(POS) + len(NEG), 1)
+        positive_only = torch.tensor([1.0] * len(POS) + [-1.0] * len(NEG))[:, None]
+        gates = [torch.linalg.lstsq(x, t).solution[:, 0] for t in (both, positive_only)]
+    direction = _gap_direction(loaded, layer, POS + NEG)
+    with torch.no_grad():
+        for j, g in enumerate(gates):
+            mlp.gate_proj.weight[j], mlp.up_proj.weight[j] = 6 * g, g
+            loaded.down_proj(layer).weight[:, j] = direction
+    return [(layer, 0), (layer, 1)]
+
+
+def test_benign_weight_holds_back_the_neuron_that_also_moves_the_twins(tiny_models):
+    loaded = load_model(str(tiny_models["llama"]))  # a private copy: two neurons are planted below
+    keys = _plant_shared_and_selective(loaded)
+    base = DiscoverOptions(multiplier_mode="learned", learn_goal="increase", learn_kl_weight=1.0, **FAST)
+    free, free_report = learn_multipliers(loaded, keys, POS, NEG + NEU, base, negative=NEG)
+    held, held_report = learn_multipliers(loaded, keys, POS, NEG + NEU,
+                                          base.model_copy(update={"learn_benign_weight": 1.0}), negative=NEG)
+    # at the start nothing moved: the twins' term (a squared hinge on their move) is 0 for both runs
+    assert free_report.before.benign == pytest.approx(0, abs=1e-8) == held_report.before.benign
+    assert free[0] > 1 + CHANGED and free[1] > 1 + CHANGED  # mu = 0: both raise the refusal gap on the positives
+    assert free_report.after.benign > free_report.before.benign  # ... and the shared one raised it on the twins
+    assert held_report.after.benign < free_report.after.benign  # mu > 0: the twins' term is lower ...
+    assert held[0] < free[0] - 0.5  # ... because the shared neuron is held back (near 1, not pushed below)
+    assert held[1] >= free[1] - CHANGED  # the positive-only neuron is not
+    assert abs(held[0] - 1) < abs(held[1] - 1)
+    assert held_report.after.total == pytest.approx(held_report.after.behaviour + held_report.after.kl
+                                                    + held_report.after.benign + held_report.after.l1)
+
+
+def test_benign_weight_zero_learns_exactly_what_it_learned_without_the_term(tiny_loaded):
+    loaded = tiny_loaded("qwen2")
+    opts = DiscoverOptions(multiplier_mode="learned", learn_goal="increase", learn_kl_weight=1.0, learn_l1=0.002,
+                           **FAST)
+    keys = [(n.layer, n.index) for n in _learned(loaded, learn_steps=1).neurons]
+    without, r0 = learn_multipliers(loaded, keys, POS, NEG + NEU, opts)  # no twins at all: the term absent
+    with_twins, r1 = learn_multipliers(loaded, keys, POS, NEG + NEU, opts, negative=NEG)
+    assert np.array_equal(without, with_twins) and r0.history == r1.history
+    assert r0.after.benign is None and r1.after.benign is not None  # recorded, not trained on
+    assert (r0.after.total, r0.after.kl) == (r1.after.total, r1.after.kl)
+    c = _learned(loaded, learn_goal="increase", learn_kl_weight=1.0, learn_l1=0.002)  # discovery passes the twins
+    assert [n.multiplier for n in c.neurons] == [float(v) for v in without]
+    rec = c.method["learned"]
+    assert rec["learn_benign_weight"] == 0.0 and rec["objective_after"]["benign"] == r1.after.benign
+    with pytest.raises(CnaError, match="needs the negative prompts"):
+        learn_multipliers(loaded, keys, POS, NEU, opts.model_copy(update={"learn_benign_weight": 1.0}))
+
+
+def test_benign_weight_is_a_recipe_key_and_a_flag(tmp_path, capsys):
+    from cna_export.cli import build_parser
+    from cna_export.cli.flags import flags_of
+    from cna_export.core.recipe import load_recipe
+    from cna_export.core.settings import build
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("positive: p.txt\nnegative: n.txt\nmultiplier_mode: learned\nlearn_benign_weight: 3\n")
+    opts = build(DiscoverOptions, load_recipe(recipe))
+    assert opts.learn_benign_weight == 3.0 and opts.method_params()["learn_benign_weight"] == 3.0
+    assert "learn_benign_weight" not in DiscoverOptions(multiplier_mode="learned").method_params()  # the default
+    ns = build_parser().parse_args(["discover", "--model", "m", "--out", "c.json", "--learn-benign-weight", "0.5"])
+    assert build(DiscoverOptions, flags_of(ns, DiscoverOptions)).learn_benign_weight == 0.5
+    recipe.write_text("learn_benign_weight: -1\n")
+    with pytest.raises(CnaError, match=f"^recipe {recipe}: learn_benign_weight: Input should be greater than or "
+                                       r"equal to 0 \(got -1\)$"):
+        load_recipe(recipe)
+    code, _, err = _cli(["discover", "--model", "bundled:none", "--positive", "p.txt", "--negative", "n.txt",
+                         "--learn-benign-weight", "-1", "--out", str(tmp_path / "c.json")], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "--learn-benign-weight: Input should be greater" \
+        in err, err
+
+
 def test_learned_needs_the_model_and_dense_neurons(tiny_loaded):
     from cna_export.discovery.learned import learn_circuit
 
@@ -123,6 +232,43 @@ def test_saved_stats_learn_with_the_attached_model_and_cache(tiny_loaded, tmp_pa
     (tmp_path / "pos.txt").write_text("\n".join(POS[:-1]) + "\n")  # the prompts changed since the statistics
     with pytest.raises(CnaError, match="changed since"):
         load_stats(tmp_path / "s.npz").attach(loaded).circuit(6, **strategy)
+
+
+def test_tpe_searches_the_benign_weight_when_given_a_range(tiny_loaded, tmp_path):
+    import zlib
+
+    from cna_export.evaluation.backends import TransformersBackend
+    from cna_export.evaluation.evaluator import EvalSet, EvalSettings, Evaluator, Item
+    from cna_export.evaluation.judge import Verdict
+    from cna_export.evaluation.search import SearchSpace, tpe_search
+    from cna_export.evaluation.sweep import compute_stats
+
+    class HashJudge:  # random models never refuse in words: 'refused' when the answer's crc32 is even
+        def judge(self, prompts, responses):
+            return [Verdict(zlib.crc32(r.encode()) % 2 == 0) for r in responses]
+
+    loaded = tiny_loaded("qwen2")
+    (tmp_path / "pos.txt").write_text("\n".join(POS) + "\n")
+    (tmp_path / "neg.txt").write_text("\n".join(NEG) + "\n")
+    saved = compute_stats(loaded, DiscoverOptions(positive=str(tmp_path / "pos.txt"),
+                                                  negative=str(tmp_path / "neg.txt"), batch_size=6), progress=False)
+    ev = Evaluator(TransformersBackend(loaded), EvalSet("harmful", [Item(i, t) for i, t in enumerate(POS)], "p"),
+                   EvalSet("benign", [Item(i, t) for i, t in enumerate(NEG)], "n"),
+                   EvalSettings(max_new_tokens=4, benign_answers=False), judge=HashJudge())
+    quick = {"score": "direction", "sign": "positive", "multiplier_mode": "learned", "learn_steps": 3,
+             "learn_batch": 3, "learn_kl_tokens": 3}
+    n = saved.total_neurons
+    space = SearchSpace({"quick learned": quick}, (max(1, n // 50), n // 5), (1.0, 1.0), 0.5, (0.5, 20.0),
+                        (0.001, 0.05), (0.1, 10.0))
+    res = tpe_search(ev, saved, space, 2, 0, 0.0, startup_trials=2, max_kl=None)
+    for t in res.trials:  # μ comes from its range and reaches the trained circuit
+        assert 0.1 <= t["benign_weight"] <= 10 and f"μ{t['benign_weight']:.3g}" in t["label"]
+        assert t["overrides"]["learn_benign_weight"] == t["benign_weight"]
+    assert saved.circuit(res.trials[0]["neurons"], **res.trials[0]["overrides"]).method["learned"][
+        "learn_benign_weight"] == res.trials[0]["benign_weight"]
+    without = SearchSpace({"quick learned": quick}, space.k_range, (1.0, 1.0), 0.5, (0.5, 20.0), (0.001, 0.05))
+    assert without.prior_params(res.trials[0], saved) is None  # a point with μ lies outside a space without it
+    assert space.prior_params(res.trials[0], saved)["benign_weight"] == res.trials[0]["benign_weight"]
 
 
 # -- every export format folds the learned multipliers exactly ---------------------------------------------

@@ -202,6 +202,10 @@ class DiscoverOptions(PromptOptions):
         10.0, ge=0, allow_inf_nan=False, description="learned: lambda, the weight of KL(unsteered || steered) over "
         "the unsteered model's own greedy answers to the negative and neutral prompts")
     learn_kl_tokens: int = Field(16, ge=1, le=64, description="learned: answer tokens the KL is averaged over")
+    learn_benign_weight: float = Field(
+        0.0, ge=0, allow_inf_nan=False, description="learned: mu, the weight of the benign-twin penalty: a "
+        "squared hinge on the move of the refusal-minus-compliance opening gap on the negative prompts (not the "
+        "neutral ones) in the goal's direction, against the unsteered model's gap (0: off)")
     learn_l1: float = Field(
         0.0, ge=0, allow_inf_nan=False, description="learned: weight of the L1 penalty on m - 1 (nats per unit of "
         "change, per neuron): neurons the objective does not need stay at (or return to) 1")
@@ -257,7 +261,7 @@ class DiscoverOptions(PromptOptions):
     STRATEGY_FIELDS: ClassVar[tuple[str, ...]] = (
         "direction_layer", "rank", "drift_floor", "multiplier_mode", "mean_match_range", "multiplier_strength",
         "capture", "capture_k", "learn_goal", "learn_kl_weight", "learn_kl_tokens", "learn_l1", "learn_steps",
-        "learn_lr", "learn_batch", "learn_seed",
+        "learn_lr", "learn_batch", "learn_seed", "learn_benign_weight",
     )
     """The strategy settings beyond the paper's: recorded in :meth:`method_params` when not their default."""
 

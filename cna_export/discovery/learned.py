@@ -4,7 +4,8 @@ The support is the circuit :func:`cna_export.discovery.cna.select` picked (the t
 chosen score); this module fits one scalar ``m_j`` per support neuron (every other neuron stays at 1)
 by gradient descent through hooks on the ``down_proj`` input, the activation the circuit scales:
 
-    J(m) = mean_pos softplus(s B(m))  +  λ mean_benign KL_T(m)  +  l1 Σ_j |m_j - 1|
+    J(m) = mean_pos softplus(s B(m))  +  λ mean_benign KL_T(m)  +  μ mean_neg max(0, -s (B(m) - B(1)))²
+           +  l1 Σ_j |m_j - 1|
 
 * ``B``: the attribution score's behaviour score (:func:`cna_export.discovery.scores.behaviour_score`),
   the refusal-minus-compliance opening log-probability gap of the first answer token, on the positive
@@ -14,14 +15,25 @@ by gradient descent through hooks on the ``down_proj`` input, the activation the
 * ``KL_T``: ``KL(unsteered || steered)`` of the next-token distributions over the first ``T =
   learn_kl_tokens`` positions of the unsteered model's own greedy answer (teacher-forced), averaged per
   prompt, over the negative and neutral prompts: the drift the edit causes where it should change nothing.
+* ``μ = learn_benign_weight`` (default 0: off): the same gap ``B`` on the negative prompts only (the benign
+  twins, not the neutral ones), against ``B(1)``, the unsteered model's gap on that prompt (computed once,
+  like the KL reference). ``-s`` penalises moving a twin in the goal's direction: for ``increase`` a rising
+  refusal gap (over-refusal), for ``suppress`` a falling one. A squared hinge: 0 at no change and for any move
+  the other way (which it neither rewards nor penalises), quadratic in the move in the penalised direction,
+  so, like the KL, it only acts once a twin has started to move the wrong way. The KL sees every position
+  of every benign answer; this term sees only the opening decision on the twins, which is what over-refusal
+  (or, when suppressing, the loss of a twin's own refusal) is made of. It is recorded whatever ``μ`` (the
+  objective's ``benign``), so the twins' move shows even when it is not penalised.
 * ``l1``: an L1 penalty on ``m - 1``, applied as the proximal step of Adam (soft-thresholding ``m - 1``
   by ``lr l1 / (sqrt(v̂) + eps)``, Adam's own per-neuron step scale), so a neuron the objective does not
   need sits exactly at 1 and the export leaves it untouched.
 
 Only the recipe's prompts are used (never an evaluation set). The prompts are cut once into fixed batches
-(longest first); each step draws one positive and one benign batch in a seeded order (``learn_seed``). The
-unsteered log-probabilities of each benign batch are computed once, with the same padding, and kept in
-float16. The optimisation starts from the circuit's multipliers (``multiplier``) or 1.
+(longest first); each step draws one positive and one benign batch in a seeded order (``learn_seed``), and,
+when ``μ > 0``, one batch of the negative prompts (its order drawn after the others, so ``μ = 0`` draws
+exactly what it drew before the term existed). The unsteered log-probabilities of each benign batch are
+computed once, with the same padding, and kept in float16; the unsteered gaps ``B(1)`` of the negative prompts
+in float32. The optimisation starts from the circuit's multipliers (``multiplier``) or 1.
 
 The result is one scalar per neuron, so every export format folds it exactly. The circuit records, under
 ``method.learned``: the settings, the seconds spent (answers and references, steps, the objective on the
@@ -58,6 +70,7 @@ class Objective:
     kl: float
     l1: float
     total: float
+    benign: float | None = None  # the twins' term before its weight μ (None: no negative prompts)
 
 
 @dataclass(frozen=True)
@@ -67,7 +80,7 @@ class LearnReport:
     neurons: int
     changed: int
     steps: int
-    prepare_seconds: float  # the unsteered answers to the benign prompts and their log-probabilities
+    prepare_seconds: float  # the unsteered answers to the benign prompts, their log-probabilities, the twins' gaps
     train_seconds: float
     eval_seconds: float  # the objective before and after, on every training prompt
     before: Objective
@@ -86,6 +99,14 @@ class LearnReport:
                 "prepare_seconds": round(self.prepare_seconds, 2), "train_seconds": round(self.train_seconds, 2),
                 "eval_seconds": round(self.eval_seconds, 2), "objective_before": asdict(self.before),
                 "objective_after": asdict(self.after)}
+
+
+@dataclass
+class _Twins:
+    """One fixed batch of negative prompts (the benign twins) with the unsteered model's gap ``B(1)``."""
+
+    batch: Any
+    reference: Any  # [rows] float32
 
 
 @dataclass
@@ -213,14 +234,36 @@ def _kl(loaded: Any, b: _Benign) -> Any:
     return ((per_pos * b.mask).sum(1) / b.mask.sum(1)).mean()
 
 
-def _behaviour(loaded: Any, batch: Any, ids: tuple[list[int], list[int]], sign: float) -> Any:
-    import torch
-
+def _gap(loaded: Any, batch: Any, ids: tuple[list[int], list[int]]) -> Any:
+    """``B`` per row: the refusal-minus-compliance log-probability gap of the first answer token."""
     from .scores import behaviour_score
 
     out = loaded.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                        position_ids=batch.position_ids, use_cache=False, logits_to_keep=1)
-    return torch.nn.functional.softplus(sign * behaviour_score(out.logits[:, -1, :], *ids)).mean()
+    return behaviour_score(out.logits[:, -1, :], *ids)
+
+
+def _behaviour(loaded: Any, batch: Any, ids: tuple[list[int], list[int]], sign: float) -> Any:
+    import torch
+
+    return torch.nn.functional.softplus(sign * _gap(loaded, batch, ids)).mean()
+
+
+def _twin_batches(loaded: Any, texts: Sequence[str], ids: tuple[list[int], list[int]],
+                  opts: DiscoverOptions) -> list[_Twins]:
+    """The negative prompts in fixed batches, each with its unsteered gaps (no hooks are applied here)."""
+    import torch
+
+    out = []
+    for b in _positive_batches(loaded, texts, opts):
+        with torch.no_grad():
+            out.append(_Twins(b, _gap(loaded, b, ids).float()))
+    return out
+
+
+def _twin_term(loaded: Any, t: _Twins, ids: tuple[list[int], list[int]], sign: float) -> Any:
+    """``mean max(0, -s (B(m) - B(1)))²`` over one twin batch (``sign``: the positive term's ``s``)."""
+    return (-sign * (_gap(loaded, t.batch, ids) - t.reference)).clamp(min=0).square().mean()
 
 
 @dataclass
@@ -231,6 +274,7 @@ class _Problem:
     scales: _Scales
     positive: list[Any]
     benign: list[_Benign]
+    twins: list[_Twins]
     ids: tuple[list[int], list[int]]
     sign: float
     opts: DiscoverOptions
@@ -239,20 +283,25 @@ class _Problem:
         """``J`` on every training prompt (weighted by rows), no gradients."""
         import torch
 
-        lam = self.opts.learn_kl_weight
+        lam, mu = self.opts.learn_kl_weight, self.opts.learn_benign_weight
         with torch.no_grad(), self.scales.applied():
             n_p = sum(len(b.input_ids) for b in self.positive)
             beh = sum(float(_behaviour(self.loaded, b, self.ids, self.sign)) * len(b.input_ids)
                       for b in self.positive) / n_p
             n_b = sum(len(b.input_ids) for b in self.benign)
             kl = sum(float(_kl(self.loaded, b)) * len(b.input_ids) for b in self.benign) / max(n_b, 1)
+            n_t = sum(len(t.reference) for t in self.twins)
+            twin = (sum(float(_twin_term(self.loaded, t, self.ids, self.sign)) * len(t.reference)
+                        for t in self.twins) / n_t) if n_t else None
         l1 = self.opts.learn_l1 * self.scales.l1()
-        return Objective(beh, kl, l1, beh + lam * kl + l1)
+        return Objective(beh, kl, l1, beh + lam * kl + mu * (twin or 0.0) + l1, twin)
 
-    def step_loss(self, pos: Any, ben: _Benign | None) -> Any:
+    def step_loss(self, pos: Any, ben: _Benign | None, twin: _Twins | None = None) -> Any:
         loss = _behaviour(self.loaded, pos, self.ids, self.sign)
         if ben is not None and self.opts.learn_kl_weight > 0:
             loss = loss + self.opts.learn_kl_weight * _kl(self.loaded, ben)
+        if twin is not None and self.opts.learn_benign_weight > 0:
+            loss = loss + self.opts.learn_benign_weight * _twin_term(self.loaded, twin, self.ids, self.sign)
         return loss
 
 
@@ -287,11 +336,15 @@ def _train(p: _Problem) -> list[float]:
     rng = np.random.default_rng(o.learn_seed)
     pos_order = _order(len(p.positive), o.learn_steps, rng)
     ben_order = _order(len(p.benign), o.learn_steps, rng) if p.benign else [None] * o.learn_steps
+    # drawn last and only when used: mu = 0 draws the same batches as before the term existed
+    twin_order = (_order(len(p.twins), o.learn_steps, rng) if p.twins and o.learn_benign_weight > 0
+                  else [None] * o.learn_steps)
     history = []
-    for i, j in zip(pos_order, ben_order):
+    for i, j, t in zip(pos_order, ben_order, twin_order):
         opt.zero_grad()
         with p.scales.applied():
-            loss = p.step_loss(p.positive[i], p.benign[j] if j is not None else None)
+            loss = p.step_loss(p.positive[i], p.benign[j] if j is not None else None,
+                               p.twins[t] if t is not None else None)
         loss.backward()
         opt.step()
         _prox(opt, p.scales.m, o.learn_lr, o.learn_l1)
@@ -303,9 +356,11 @@ def _train(p: _Problem) -> list[float]:
 
 def learn_multipliers(loaded: Any, keys: Sequence[tuple[int, ...]], positive: Sequence[str],
                       benign: Sequence[str], opts: DiscoverOptions,
-                      init: Sequence[float] | None = None) -> tuple[np.ndarray, LearnReport]:
-    """One multiplier per neuron of ``keys`` (``(layer, index)``), fitted on ``positive`` (the behaviour)
-    and ``benign`` (the negative and neutral prompts: the KL); see the module docstring."""
+                      init: Sequence[float] | None = None,
+                      negative: Sequence[str] = ()) -> tuple[np.ndarray, LearnReport]:
+    """One multiplier per neuron of ``keys`` (``(layer, index)``), fitted on ``positive`` (the behaviour),
+    ``benign`` (the negative and neutral prompts: the KL) and ``negative`` (the benign twins: the term
+    weighted by ``learn_benign_weight``); see the module docstring."""
     import torch
 
     from .scores import opening_token_ids
@@ -314,12 +369,16 @@ def learn_multipliers(loaded: Any, keys: Sequence[tuple[int, ...]], positive: Se
         raise CnaError("learned multipliers need at least one circuit neuron")
     if len(positive) < 1:
         raise CnaError("learned multipliers need positive prompts")
+    if opts.learn_benign_weight > 0 and not negative:
+        raise CnaError("--learn-benign-weight needs the negative prompts (the benign twins)")
     init = [1.0] * len(keys) if init is None else list(init)
     t0 = time.perf_counter()
     with _frozen(loaded.model), torch.enable_grad():
         scales = _Scales(loaded, keys, init)
+        ids = opening_token_ids(loaded.tokenizer)
         p = _Problem(loaded, scales, _positive_batches(loaded, positive, opts),
-                     _benign_batches(loaded, benign, opts) if benign else [], opening_token_ids(loaded.tokenizer),
+                     _benign_batches(loaded, benign, opts) if benign else [],
+                     _twin_batches(loaded, negative, ids, opts) if negative else [], ids,
                      1.0 if opts.learn_goal == "suppress" else -1.0, opts)
         t1 = time.perf_counter()
         before = p.objective()
@@ -346,7 +405,8 @@ def learn_circuit(loaded: Any, circuit: Circuit, prompt_sets: Mapping[str, Any],
         raise CnaError("learned multipliers need the positive prompts themselves")
     benign = [t for name in ("negative", "neutral") for t in (texts.get(name) or ())]
     init = [1.0 if n.multiplier is None else n.multiplier for n in circuit.neurons]
-    m, report = learn_multipliers(loaded, circuit.keys(), list(texts["positive"]), benign, opts, init)
+    m, report = learn_multipliers(loaded, circuit.keys(), list(texts["positive"]), benign, opts, init,
+                                  negative=list(texts.get("negative") or ()))
     neurons = [n.model_copy(update={"multiplier": float(v)}) for n, v in zip(circuit.neurons, m)]
     return circuit.model_copy(update={"neurons": neurons, "method": {**circuit.method,
                                                                       "learned": report.record(opts)}})

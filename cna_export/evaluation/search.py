@@ -5,7 +5,8 @@ multiplier mode, ...), a circuit size ``k`` (log-uniform integer between the siz
 and largest ``--fractions``) and a multiplier (uniform on a ``--multiplier-step`` grid between the
 smallest and largest ``--multipliers``; for ``multiplier_mode: mean-match`` strategies the
 mean-match strength in [0, 1] instead; for ``multiplier_mode: learned`` strategies the KL weight λ and
-the L1 weight, both log-uniform between ``--kl-weights`` and ``--l1-weights``). The circuit comes from the
+the L1 weight, both log-uniform between ``--kl-weights`` and ``--l1-weights``, and, when the space has a
+``benign_weight_range``, the benign-twin weight μ, log-uniform in it). The circuit comes from the
 statistics computed once (:meth:`SavedStats.circuit`), so a trial costs one evaluation on the tuning split
 and no discovery; a learned-multiplier trial also costs its training (on the recipe's prompts, with the
 model attached to the statistics), once per point.
@@ -68,6 +69,7 @@ class SearchSpace:
     multiplier_step: float = 0.1
     kl_weight_range: tuple[float, float] = (1.0, 100.0)  # learned strategies: λ, log-uniform
     l1_range: tuple[float, float] = (0.001, 0.1)  # learned strategies: the L1 weight, log-uniform
+    benign_weight_range: tuple[float, float] | None = None  # learned strategies: μ, log-uniform (None: not searched)
 
     def check(self, saved: SavedStats) -> None:
         if not self.strategies:
@@ -91,7 +93,8 @@ class SearchSpace:
             if self.learned(name, saved) and saved.loaded is None:
                 raise CnaError(f"strategy '{name}' learns multipliers: it needs the model (transformers) attached "
                                "to the statistics")
-        for lo, hi in (self.kl_weight_range, self.l1_range):
+        for lo, hi in (self.kl_weight_range, self.l1_range, *([self.benign_weight_range]
+                                                              if self.benign_weight_range else [])):
             if not 0 < lo <= hi or not math.isfinite(hi):
                 raise CnaError(f"learned-multiplier weights {lo:g}..{hi:g} are not a positive range")
 
@@ -113,6 +116,8 @@ class SearchSpace:
                                "strength": FloatDistribution(0.0, 1.0, step=0.1),
                                "kl_weight": FloatDistribution(*self.kl_weight_range, log=True),
                                "l1": FloatDistribution(*self.l1_range, log=True)}
+        if self.benign_weight_range:
+            out["benign_weight"] = FloatDistribution(*self.benign_weight_range, log=True)
         if k1 > k0:
             out["k"] = IntDistribution(k0, k1, log=True)
         if len(grid) > 1:
@@ -126,7 +131,9 @@ class SearchSpace:
         k = trial.suggest_int("k", k0, k1, log=True) if k1 > k0 else k0
         if self.learned(st, saved):
             return Point(st, k, kl_weight=trial.suggest_float("kl_weight", *self.kl_weight_range, log=True),
-                         l1=trial.suggest_float("l1", *self.l1_range, log=True))
+                         l1=trial.suggest_float("l1", *self.l1_range, log=True),
+                         benign_weight=trial.suggest_float("benign_weight", *self.benign_weight_range, log=True)
+                         if self.benign_weight_range else None)
         if self.mean_match(st, saved):
             return Point(st, k, strength=trial.suggest_float("strength", 0.0, 1.0, step=0.1))
         m = trial.suggest_float("multiplier", grid[0], grid[-1], step=self.multiplier_step) if len(grid) > 1 \
@@ -142,7 +149,9 @@ class SearchSpace:
         d = self.distributions()
         params: dict[str, Any] = {"strategy": st, **({"k": int(k)} if "k" in d else {})}
         if self.learned(st, saved):
-            names = ("kl_weight", "l1")
+            if (self.benign_weight_range is None) != (p.get("benign_weight") is None):
+                return None  # μ searched here but not there, or the other way round
+            names = ("kl_weight", "l1") + (("benign_weight",) if self.benign_weight_range else ())
         elif self.mean_match(st, saved):
             names = ("strength",)
         elif p.get("multiplier") is None or not any(abs(p["multiplier"] - g) < 1e-9 for g in self.multipliers()):
@@ -177,7 +186,7 @@ def resolve_strategies(names: Sequence[str], custom: dict[str, dict[str, Any]] |
 @dataclass(frozen=True)
 class Point:
     """One point of the search space: a strategy, a circuit size and one of: a multiplier, a mean-match
-    strength, or (learned multipliers) the KL and L1 weights."""
+    strength, or (learned multipliers) the KL and L1 weights (and the benign-twin weight when searched)."""
 
     strategy: str
     k: int
@@ -185,16 +194,18 @@ class Point:
     strength: float | None = None
     kl_weight: float | None = None
     l1: float | None = None
+    benign_weight: float | None = None
 
     def key(self) -> tuple:
-        return (self.strategy, self.k, *(None if v is None else round(v, 6)
-                                         for v in (self.multiplier, self.strength, self.kl_weight, self.l1)))
+        return (self.strategy, self.k, *(None if v is None else round(v, 6) for v in
+                                         (self.multiplier, self.strength, self.kl_weight, self.l1, self.benign_weight)))
 
 
 def trial_label(strategy: str, k: int, total: int, multiplier: float | None, strength: float | None = None,
-                kl_weight: float | None = None, l1: float | None = None) -> str:
+                kl_weight: float | None = None, l1: float | None = None, benign_weight: float | None = None) -> str:
     if kl_weight is not None:
-        tail = f"learned λ{kl_weight:.3g} L1 {l1 or 0:.3g}"
+        tail = f"learned λ{kl_weight:.3g} L1 {l1 or 0:.3g}" + ("" if benign_weight is None else
+                                                              f" μ{benign_weight:.3g}")
     else:
         tail = f"mean-match s{strength:g}" if multiplier is None else f"x{multiplier:g}"
     return f"{strategy} {fraction_label(k / total)} ({k}) {tail}"
@@ -202,33 +213,38 @@ def trial_label(strategy: str, k: int, total: int, multiplier: float | None, str
 
 def condition(saved: SavedStats, strategy: str, overrides: dict[str, Any], k: int, multiplier: float | None,
               strength: float | None = None, force: bool = False, kl_weight: float | None = None,
-              l1: float | None = None) -> Condition:
-    """The steering of one search point (a circuit from the saved statistics; ``kl_weight``/``l1``: a
-    learned-multiplier strategy's weights)."""
+              l1: float | None = None, benign_weight: float | None = None) -> Condition:
+    """The steering of one search point (a circuit from the saved statistics; ``kl_weight``/``l1``/
+    ``benign_weight``: a learned-multiplier strategy's weights, μ only when searched)."""
     over = dict(overrides)
     if kl_weight is not None:
         over.update(learn_kl_weight=float(kl_weight), learn_l1=float(l1 or 0.0))
+        if benign_weight is not None:
+            over["learn_benign_weight"] = float(benign_weight)
     elif multiplier is None:
         over["multiplier_strength"] = float(strength if strength is not None else 1.0)
     circuit = saved.circuit(k, **over)
-    label = trial_label(strategy, k, saved.total_neurons, multiplier, strength, kl_weight, l1)
+    label = trial_label(strategy, k, saved.total_neurons, multiplier, strength, kl_weight, l1, benign_weight)
     info = {"method": "cna", "strategy": strategy, "overrides": over, "fraction": k / saved.total_neurons,
             "neurons": k, "multiplier": multiplier, "strength": strength}
     if kl_weight is not None:
         learned = circuit.method.get("learned", {})
         info.update(kl_weight=kl_weight, l1=l1, changed=learned.get("changed"), learn_seconds=learned.get("seconds"))
+        if benign_weight is not None:
+            info["benign_weight"] = benign_weight
     return Condition(label, Steering.cna(circuit, multiplier, label=label, force=force), None, info)
 
 
 def point_condition(saved: SavedStats, space: SearchSpace, p: Point, force: bool = False) -> Condition:
     return condition(saved, p.strategy, space.strategies[p.strategy], p.k, p.multiplier, p.strength, force,
-                     p.kl_weight, p.l1)
+                     p.kl_weight, p.l1, p.benign_weight)
 
 
 def chosen_condition(saved: SavedStats, space: SearchSpace, chosen: dict, force: bool = False) -> Condition:
     """The condition of a result of :func:`tpe_search` (its summary), e.g. for the held-out check."""
     return point_condition(saved, space, Point(chosen["strategy"], int(chosen["neurons"]), chosen.get("multiplier"),
-                                               chosen.get("strength"), chosen.get("kl_weight"), chosen.get("l1")),
+                                               chosen.get("strength"), chosen.get("kl_weight"), chosen.get("l1"),
+                                               chosen.get("benign_weight")),
                            force)
 
 
@@ -355,7 +371,7 @@ def tpe_search(
             user_attrs={"constraint": c}, **({"constraints": {"quality": c}} if per_trial else
                                              {"system_attrs": {"constraints": (c,)}})))
         done[Point(p["strategy"], int(p["neurons"]), p.get("multiplier"), p.get("strength"), p.get("kl_weight"),
-                   p.get("l1")).key()] = p
+                   p.get("l1"), p.get("benign_weight")).key()] = p
         results.append({**p, "trial": None, "prior": True})
 
     asked = 0
