@@ -67,6 +67,8 @@ ROWS: list[Row] = [
     Row("unsteered", "reference", "unsteered"),
     Row("harden-learned", "harden", "harden-refusal-learned.yaml: direction+ 0.25%, learned",
         "harden-refusal-learned"),
+    Row("harden-learned-benign", "harden", "harden-refusal-benign.yaml: direction+ 0.25%, learned, mu 2",
+        "harden-refusal-benign"),
     Row("removal-learned", "removal", "refusal-learned.yaml: attribution+ 0.1%, learned", "refusal-learned"),
     Row("removal-issue11", "removal", "refusal.yaml: attribution+ 0.031% x0.2 (issue 11)", "refusal"),
     Row("harden-x2", "harden", "refusal.yaml circuit x2", "refusal", {"multiplier": 2.0}),

@@ -17,9 +17,14 @@ Synthetic checkpoints of the Llama-3-8B geometry (32 layers, hidden 4096, interm
   quants and sane fp16 scales (4.6 GB), written with gguf-py's ``GGUFWriter`` one tensor at a time.
 
 The circuit is 0.1% of all MLP neurons (459), spread over all 32 layers, on the checkpoint's
-fingerprint. Each variant runs in its own process under GNU ``/usr/bin/time`` (wall time and peak
-RSS), round-robin, with ``sync`` before each run; outputs sit beside the sources (same file
-system) and are deleted after each run:
+fingerprint. When only GGUF variants run (``--only cp-gguf,export-gguf,...``), the safetensors folder is
+not made (16 GB) and the circuit is made on the GGUF's own fingerprint instead, in the scheme of the code
+that runs the bench (``circuit-gguf-<method hash>.json``: a before/after comparison run from two copies
+of the code gives each its own circuit, as each would have discovered it).
+
+Each variant runs in its own process under GNU ``/usr/bin/time`` (wall time and peak RSS), round-robin,
+with ``sync`` before each run; outputs sit beside the sources (same file system) and are deleted after
+each run:
 
     cp-st        cp -r llama8b-bf16 OUT
     cp-st-sync   the same, then sync OUT/* (the copy made durable, as an export is before it is published)
@@ -45,6 +50,7 @@ stdout; bench/README.md quotes them.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -219,11 +225,19 @@ def make_gguf(path: Path, rng: np.random.Generator) -> None:
 
 
 def make_circuit(src: Path, out: Path, seed: int) -> int:
-    """0.1% of all MLP neurons, spread evenly over the layers, on ``src``'s fingerprint (hashed once)."""
+    """0.1% of all MLP neurons, spread evenly over the layers, on ``src``'s fingerprint (hashed once): a
+    safetensors folder, or a GGUF file."""
     from cna_export.core.circuit import Circuit, Neuron
-    from cna_export.io.identity import checkpoint_identity
 
-    ident, *_ = checkpoint_identity(src, str(src))
+    if src.is_file():
+        from cna_export.io.gguf import open_gguf
+        from cna_export.io.identity import gguf_identity
+
+        ident = gguf_identity(open_gguf(src), str(src))
+    else:
+        from cna_export.io.identity import checkpoint_identity
+
+        ident, *_ = checkpoint_identity(src, str(src))
     rng = np.random.default_rng(seed)
     k = round(FRACTION * LAYERS * INTER)
     layers = np.arange(k) % LAYERS
@@ -353,20 +367,25 @@ def main() -> None:
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(args.seed)
     t = time.perf_counter()
-    if not st.is_dir():
+    wanted = [v for v in args.only.split(",") if v]
+    gguf_only = bool(wanted) and all("gguf" in v for v in wanted)  # no safetensors folder (16 GB) needed
+    if not st.is_dir() and not gguf_only:
         print(f"writing {st} (once) ...", flush=True)
         make_safetensors(st, rng)
-    wanted = [v for v in args.only.split(",") if v]
     if not gg.is_file() and (not wanted or any("gguf" in v for v in wanted)):  # safetensors runs do without it
         print(f"writing {gg} (once) ...", flush=True)
         make_gguf(gg, rng)
+    if gguf_only:
+        from cna_export.core.fingerprint import FINGERPRINT_METHOD
+
+        circuit = root / f"circuit-gguf-{hashlib.sha256(FINGERPRINT_METHOD.encode()).hexdigest()[:8]}.json"
     if not circuit.is_file():
         print(f"making {circuit} (once; hashes the down projections) ...", flush=True)
-        make_circuit(st, circuit, args.seed)
+        make_circuit(gg if gguf_only else st, circuit, args.seed)
     print(f"checkpoints ready in {time.perf_counter() - t:.0f}s", flush=True)
     if not Path(GNU_TIME).is_file():
         raise SystemExit(f"needs GNU time at {GNU_TIME}")
-    need = 1.1 * max(_bytes(st), _bytes(gg) if gg.exists() else 0)
+    need = 1.1 * max(_bytes(st) if st.exists() else 0, _bytes(gg) if gg.exists() else 0)
     if shutil.disk_usage(root).free < need:
         raise SystemExit(f"need {need / 1e9:.1f} GB free beside {root}")
 

@@ -189,7 +189,7 @@ def test_a_changed_file_is_hashed_again(export_sources, fp_cache, tmp_path):
     second = checkpoint_identity(src, str(src))[0].fingerprint
     assert second != first
     assert second == fpcache.lookup("safetensors", [shard], extra=json.dumps(checkpoint_identity(
-        src, str(src), with_fingerprint=False)[3]))
+        src, str(src), with_fingerprint=False)[3]), scheme=2)
 
 
 def test_a_file_changed_while_hashing_is_not_cached(tmp_path, fp_cache):
@@ -497,7 +497,7 @@ def gguf_identity_of(path: str):
 def test_fingerprints_are_hashed_a_chunk_at_a_time(export_sources, monkeypatch):
     """GGUF and safetensors fingerprints read and convert a few rows at a time: the same sha256 as hashing each
     whole down projection as float32 (what LoadedModel.fingerprint() hashes)."""
-    from cna_export.core.fingerprint import fingerprint
+    from cna_export.core.fingerprint import combine, fingerprint, layer_digest
     from cna_export.io import identity
     from cna_export.io.bundled import resolve
     from cna_export.io.gguf import open_gguf
@@ -509,15 +509,17 @@ def test_fingerprints_are_hashed_a_chunk_at_a_time(export_sources, monkeypatch):
     spec = gguf_arch(reader)
     downs = [ffn_tensors(reader, spec, layer)[0] for layer in range(num_layers(reader))]
     whole = fingerprint(dequantize_rows(t.data, t.tensor_type) for t in downs)
+    layers = combine(layer_digest([dequantize_rows(t.data, t.tensor_type)]) for t in downs)
     monkeypatch.setattr(identity, "FINGERPRINT_CHUNK", 3 * downs[0].n_bytes // downs[0].data.shape[0] + 5)
     assert len(list(identity.dequantised_chunks(reader, downs[0]))) > 100
-    assert gguf_fingerprint(reader, spec) == whole
+    assert gguf_fingerprint(reader, spec, 1) == whole and gguf_fingerprint(reader, spec) == layers
 
     src = export_sources[("llama", "bfloat16", True)]
     ckpt, names = checkpoint_identity(src, str(src), with_fingerprint=False)[2:]
     whole = fingerprint(ckpt.read(n).to(torch.float32).numpy() for n in names)
+    layers = combine(layer_digest([ckpt.read(n).to(torch.float32).numpy()]) for n in names)
     monkeypatch.setattr(st_io, "FP32_CHUNK", 4 * ckpt.info(names[0]).shape[1] * 3)
-    assert st_io.fp32_fingerprint(ckpt, names) == whole
+    assert st_io.fp32_fingerprint(ckpt, names, 1) == whole and st_io.fp32_fingerprint(ckpt, names) == layers
 
 
 def test_a_second_gguf_export_hashes_nothing_it_hashed_before(tmp_path, fp_cache, monkeypatch):

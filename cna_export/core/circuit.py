@@ -15,13 +15,13 @@ from __future__ import annotations
 from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Literal, Mapping, Union
+from typing import Any, Callable, Literal, Mapping, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from .errors import CnaError
 from .experts import SHARED, Layout, describe, key_layer, make_key, parse_expert, parse_key_text
-from .fingerprint import FINGERPRINT_METHOD
+from .fingerprint import FINGERPRINT_METHOD, is_fingerprint, method_of, scheme_of
 from .records import validate_record
 from .text import parse_json, read_text
 from .version import __version__
@@ -55,11 +55,55 @@ class ModelIdentity(_Record):
     intermediate_size: int = Field(gt=0, description="MLP neurons per layer (MoE: of the widest layer, all its "
                                    "experts)")
     hidden_size: int = Field(gt=0)
-    fingerprint: str | None = Field(default=None, description="sha256 over the down_proj weights")
+    fingerprint: str | None = Field(default=None, description="sha256 over the down_proj weights (scheme 2: "
+                                    "'2:' and the sha256 over the layers' sha256; scheme 1: 64 hex digits)")
     fingerprint_method: str = FINGERPRINT_METHOD
     source_format: Literal["hf", "gguf", "hub"] = "hf"
     dtype: str | None = None
     moe: MoeIdentity | None = Field(default=None, description="mixture-of-experts shape (schema 2); None: dense")
+    _rehash: Callable[[int], str | None] | None = PrivateAttr(default=None)  # the weights' fingerprint in a scheme
+
+    @model_validator(mode="before")
+    @classmethod
+    def _method_of_fingerprint(cls, data: Any) -> Any:
+        """An identity built with a fingerprint but no method gets its scheme's method text."""
+        fp = data.get("fingerprint") if isinstance(data, dict) else None
+        if isinstance(fp, str) and is_fingerprint(fp) and "fingerprint_method" not in data:
+            data = {**data, "fingerprint_method": method_of(fp)}
+        return data
+
+    def __eq__(self, other: object) -> bool:  # the fields: how to hash the weights again is not who they are
+        return type(other) is type(self) and self.__dict__ == other.__dict__  # type: ignore[union-attr]
+
+    def __getstate__(self) -> dict[Any, Any]:  # pickled without the way to hash the weights again
+        state = super().__getstate__()
+        state["__pydantic_private__"] = {"_rehash": None}
+        return state
+
+    def with_fingerprint(self, fingerprint: str | None) -> "ModelIdentity":
+        """This identity with ``fingerprint`` and its scheme's ``fingerprint_method``."""
+        return self.model_copy(update={"fingerprint": fingerprint, "fingerprint_method": method_of(fingerprint)})
+
+    def rehash_with(self, rehash: Callable[[int], str | None]) -> "ModelIdentity":
+        """Attach how to compute these weights' fingerprint in a given scheme (None when it cannot be any more),
+        for checking a circuit that carries a fingerprint of an older scheme; returns this identity."""
+        self._rehash = rehash
+        return self
+
+    def fingerprint_in(self, scheme: int) -> str | None:
+        """These weights' fingerprint in ``scheme``: the recorded one when it is of that scheme, else computed
+        by what :meth:`rehash_with` attached (None: no fingerprint, or it cannot be computed here)."""
+        if self.fingerprint is not None and scheme_of(self.fingerprint) == scheme:
+            return self.fingerprint
+        return self._rehash(scheme) if self._rehash is not None else None
+
+    def differs_from(self, fingerprint: str | None) -> bool:
+        """Whether these weights are known to differ from those ``fingerprint`` was taken of, compared in its
+        scheme (False when either fingerprint is missing or these weights cannot be hashed in it here)."""
+        if not fingerprint or not self.fingerprint:
+            return False
+        theirs = self.fingerprint_in(scheme_of(fingerprint))
+        return theirs is not None and theirs != fingerprint
 
     @property
     def total_neurons(self) -> int:
@@ -208,12 +252,21 @@ class Circuit(_Record):
         return self._check_fingerprint(model, force)
 
     def _check_fingerprint(self, model: ModelIdentity, force: bool) -> list[str]:
+        """Refuse other weights (without ``force``): the fingerprints are compared in the circuit's scheme, never
+        across schemes (a circuit with a scheme-1 fingerprint is checked against the model's scheme-1 one)."""
         mine = self.model
         notes: list[str] = []
-        if mine.fingerprint and model.fingerprint and mine.fingerprint != model.fingerprint:
+        if not (mine.fingerprint and model.fingerprint):
+            return notes
+        scheme = scheme_of(mine.fingerprint)
+        theirs = model.fingerprint_in(scheme)
+        if theirs is None:
+            return [f"the circuit's fingerprint (scheme {scheme}) was not checked: this model's weights could not "
+                    f"be hashed in that scheme here"]
+        if mine.fingerprint != theirs:
             msg = (
                 f"circuit was found on different weights ({mine.name}, fingerprint {mine.fingerprint[:12]}) "
-                f"than this model ({model.name}, fingerprint {model.fingerprint[:12]})"
+                f"than this model ({model.name}, fingerprint {theirs[:12]})"
             )
             if not force:
                 raise CnaError(msg + "; pass --force to apply it anyway (e.g. another quantisation of the same model)")

@@ -89,8 +89,7 @@ class SavedStats:
 
     def attach(self, loaded: Any) -> "SavedStats":
         """Keep ``loaded`` (the transformers model these statistics were computed on) for learned multipliers."""
-        have, want = loaded.identity().fingerprint, self.identity.fingerprint
-        if have and want and have != want:
+        if loaded.identity().differs_from(self.identity.fingerprint):
             raise CnaError("learned multipliers: the model differs from the one the statistics were computed on")
         self.loaded = loaded
         return self

@@ -41,6 +41,7 @@ from typing import Any
 
 from ..core.circuit import ModelIdentity
 from ..core.errors import CnaError
+from ..core.fingerprint import other_than, scheme_of
 from ..core.formats import GGUFFormat
 from ..core.manifest import (
     GGUF_KEY,
@@ -143,14 +144,15 @@ class _Fingerprint:
         self.pending: Future | None = None
         if not request.circuit.model.fingerprint:
             return
-        hit = known_gguf_fingerprint(reader, spec)
+        scheme = scheme_of(request.circuit.model.fingerprint)  # the circuit's: never compared across schemes
+        hit = known_gguf_fingerprint(reader, spec, scheme)
         if hit is not None:
             notes += self._check(hit)
         else:
-            self.pending = self.pool.submit(gguf_fingerprint, reader, spec)
+            self.pending = self.pool.submit(gguf_fingerprint, reader, spec, scheme)
 
     def _check(self, fingerprint: str) -> list[str]:
-        identity = self.identity.model_copy(update={"fingerprint": fingerprint})
+        identity = self.identity.with_fingerprint(fingerprint)
         return self.request.circuit.check_fits(identity, force=self.request.force)
 
     def expected(self) -> list[str]:
@@ -159,9 +161,7 @@ class _Fingerprint:
         without ``force`` is refused, not noted)."""
         if self.pending is None or not self.request.force:
             return []
-        mine = self.request.circuit.model.fingerprint or ""
-        other = "0" * 64 if not mine.startswith("0" * 12) else "1" * 64
-        return self._check(other)
+        return self._check(other_than(self.request.circuit.model.fingerprint or ""))
 
     def checked(self) -> list[str]:
         """The notes of the fingerprint check once it is hashed (logged); [] when it was done before."""

@@ -40,6 +40,7 @@ from ..core.atomic import atomic_dir, scratch_dir
 from ..core.circuit import ModelIdentity
 from ..core.errors import CnaError
 from ..core.experts import group_multipliers
+from ..core.fingerprint import scheme_of
 from ..core.formats import SafetensorsFormat
 from ..core.manifest import MANIFEST_FILE, SHARD_METADATA_KEY, ExportManifest, TouchedTensor, multipliers_list
 from ..core.progress import bar as progress_bar
@@ -114,7 +115,7 @@ def _has_pickle(folder: Path) -> bool:
 
 def convert_to_safetensors(
     spec: str, folder: Path, dtype: str = "auto", max_shard_size: str | None = None, allow_pickle: bool = False,
-    trust_remote_code: bool = False, loaded: Any = None,
+    trust_remote_code: bool = False, loaded: Any = None, scheme: int | None = None,
 ) -> tuple[Any, ModelIdentity]:
     """Load ``spec`` (a .gguf file, ``bundled:NAME``, pickled weights) with transformers and write it to
     ``folder`` (which must exist) as a safetensors checkpoint with its tokenizer.
@@ -123,7 +124,7 @@ def convert_to_safetensors(
     on the same source; the model is then cast to ``dtype`` (auto: float32 for GGUF, the config's
     dtype for pickled weights) and saved. Returns the loaded model (in ``dtype``) and that identity.
     ``loaded``: ``spec`` already loaded in float32 by the caller (:func:`shared_float32`), saved as it is
-    instead of loading it again.
+    instead of loading it again. ``scheme``: the fingerprint's scheme (default: the current one).
     """
     import torch
 
@@ -142,7 +143,7 @@ def convert_to_safetensors(
             saved_dtype = None  # load_model below reports the problem
     if loaded is None:
         loaded = load_model(spec, dtype="float32", allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
-    identity = loaded.identity()
+    identity = loaded.identity(with_fingerprint=False).with_fingerprint(loaded.fingerprint(scheme))
     if dtype in (None, "auto"):
         target = saved_dtype if isinstance(saved_dtype, torch.dtype) else torch.float32
     else:
@@ -374,7 +375,7 @@ def _open_source(request: ExportRequest, options: SafetensorsFormat, out_path: P
     if source.kind != "gguf" and _has_safetensors(folder):
         identity, arch, ckpt, down_names = checkpoint_identity(
             folder, source.spec, "hub" if source.kind == "hub" else "hf", o.trust_remote_code, with_fingerprint=False)
-        fingerprint = pending_fingerprint(ckpt, down_names, pool) if request.circuit.model.fingerprint else None
+        fingerprint = pending_fingerprint(ckpt, down_names, pool, circuit_scheme(request))
         return _Source(folder, identity, arch, ckpt, down_names, fingerprint=fingerprint)
     if source.kind != "gguf" and not _has_pickle(folder):
         raise CnaError(f"model {model} has no safetensors (or other) weights")
@@ -385,7 +386,8 @@ def _open_source(request: ExportRequest, options: SafetensorsFormat, out_path: P
         )
     folder = scratch.enter_context(scratch_dir(out_path))
     loaded, identity = convert_to_safetensors(source.spec, folder, o.dtype, o.max_shard_size, o.allow_pickle,
-                                              o.trust_remote_code, shared_float32(request, o.dtype))
+                                              o.trust_remote_code, shared_float32(request, o.dtype),
+                                              circuit_scheme(request))
     if request.check is None:
         loaded = None
         gc.collect()
@@ -423,19 +425,29 @@ def _assemble(request: ExportRequest, src: _Source, plan: _Plan, manifest: Expor
             (tmp / CARD_FILE).write_text(model_card(manifest, result.verification), "utf-8")
 
 
-def pending_fingerprint(ckpt: st_io.Checkpoint, down_names: Sequence[str], pool: ThreadPoolExecutor) -> Future:
-    """The checkpoint's fingerprint: from the fingerprint cache at once, else hashed on ``pool``
-    (sha256 and the float32 conversion release the GIL, so it runs beside the shard copies)."""
+def circuit_scheme(request: ExportRequest) -> int | None:
+    """The scheme of the circuit's fingerprint (the source is hashed in it: never compared across schemes), or
+    None when the circuit carries none."""
+    fp = request.circuit.model.fingerprint
+    return scheme_of(fp) if fp else None
+
+
+def pending_fingerprint(ckpt: st_io.Checkpoint, down_names: Sequence[str], pool: ThreadPoolExecutor,
+                        scheme: int | None) -> Future | None:
+    """The checkpoint's fingerprint in ``scheme`` (None: none needed): from the fingerprint cache at once, else
+    hashed on ``pool`` (sha256 and the float32 conversion release the GIL, so it runs beside the shard copies)."""
+    if scheme is None:
+        return None
     fut: Future = Future()
-    hit = known_checkpoint_fingerprint(ckpt, list(down_names))
+    hit = known_checkpoint_fingerprint(ckpt, down_names, scheme)  # type: ignore[arg-type]
     if hit is not None:
         fut.set_result(hit)
         return fut
-    return pool.submit(checkpoint_fingerprint, ckpt, list(down_names))
+    return pool.submit(checkpoint_fingerprint, ckpt, down_names, scheme)
 
 
 def _checked(request: ExportRequest, identity: ModelIdentity, fingerprint: Future, notes: list[str]) -> ModelIdentity:
-    identity = identity.model_copy(update={"fingerprint": fingerprint.result()})
+    identity = identity.with_fingerprint(fingerprint.result())
     notes.extend(request.circuit.check_fits(identity, force=request.force))
     return identity
 

@@ -109,7 +109,7 @@ def _stats_mismatch(saved: Any, base_id: Any, opts: Any) -> str | None:
     """Why saved statistics cannot stand for this base and recipe (None: they can)."""
     from ..model.prompts import load_prompts
 
-    if saved.identity.fingerprint and base_id.fingerprint and saved.identity.fingerprint != base_id.fingerprint:
+    if base_id.differs_from(saved.identity.fingerprint):
         return f"was computed on other weights ({saved.identity.name})"
     if (saved.identity.num_layers, saved.identity.intermediate_size) != (base_id.num_layers, base_id.intermediate_size):
         return f"has the shape of another model ({saved.identity.name})"

@@ -231,9 +231,10 @@ def _mismatch(rd: RefusalDirections, spec: str, recipe: str | Path | None, limit
     src = open_weights(spec)
     try:
         ident = src.identity(fingerprint=True)
+        other_weights = ident.differs_from(rd.fingerprint)  # in the saved fingerprint's scheme, while open
     finally:
         src.close()
-    if rd.fingerprint and ident.fingerprint and rd.fingerprint != ident.fingerprint:
+    if other_weights:
         return f"was computed on other weights ({rd.model})"
     if rd.harmful_mean.shape != (ident.num_layers, ident.hidden_size):
         return f"has the shape of another model ({rd.model})"

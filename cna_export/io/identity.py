@@ -2,15 +2,20 @@
 
 :func:`checkpoint_identity` reads a safetensors folder (config.json and the tensor headers) and
 :func:`gguf_identity` a GGUF file. Both fingerprint the down projection weights with
-:func:`cna_export.core.fingerprint.fingerprint`, one layer at a time, so the identities equal
-``LoadedModel.identity()`` of the same weights. Fingerprints of files are remembered in the
-fingerprint cache (:mod:`cna_export.io.fpcache`), so the same weights are hashed once.
+:func:`cna_export.core.fingerprint.fingerprint_layers` (scheme 2: a layer per thread, a chunk at a time),
+so the identities equal ``LoadedModel.identity()`` of the same weights. Fingerprints of files are
+remembered in the fingerprint cache (:mod:`cna_export.io.fpcache`, keyed by the scheme too), so the same
+weights are hashed once. Each identity can hash its weights again in another scheme
+(:meth:`~cna_export.core.circuit.ModelIdentity.fingerprint_in`: a circuit with a scheme-1 fingerprint is
+checked in scheme 1).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
@@ -21,7 +26,7 @@ from ..core.architectures import ArchSpec, arch_for_config
 from ..core.circuit import ModelIdentity, MoeIdentity
 from ..core.errors import CnaError
 from ..core.experts import SHARED
-from ..core.fingerprint import fingerprint
+from ..core.fingerprint import SCHEME, fingerprint_layers
 from . import fpcache
 from .gguf_arch import expert_ffn, ffn_tensors, gguf_arch, intermediate_size, num_layers
 from .gguf_read import type_name
@@ -51,7 +56,7 @@ def checkpoint_identity(
     num_layers = getattr(text, "num_hidden_layers", None)
     if not num_layers:
         raise CnaError(f"the config of {name} has no num_hidden_layers")
-    from .safetensors import Checkpoint  # lazily: a GGUF export never reads a safetensors checkpoint
+    from .safetensors import Checkpoint, DownNames  # lazily: a GGUF export never reads a safetensors checkpoint
 
     ckpt = Checkpoint.open(folder)
     if arch.moe is not None and any(getattr(text, a, None) for a in ("num_local_experts", "num_experts",
@@ -80,6 +85,7 @@ def checkpoint_identity(
             f"checkpoint {name} is inconsistent: down_proj is {hidden} x {intermediate} but config.json says "
             f"hidden {want[0]}, intermediate {want[1]}"
         )
+    names = DownNames(names)
     identity = ModelIdentity(
         name=name,
         architecture=arch.model_type,
@@ -90,26 +96,39 @@ def checkpoint_identity(
         source_format=source_format,  # type: ignore[arg-type]
         dtype=first.dtype,
     )
-    return identity, arch, ckpt, names
+    return identity.rehash_with(_checkpoint_rehash(ckpt, names)), arch, ckpt, names
 
 
-def _checkpoint_key(ckpt: Checkpoint, down_names: list[str]) -> tuple[str, list[str], str]:
-    """The fingerprint cache's (kind, files, extra) for these down projections of ``ckpt``."""
-    return "safetensors", sorted({str(ckpt.path(ckpt.weight_map[n])) for n in down_names}), json.dumps(down_names)
+def _checkpoint_key(ckpt: Checkpoint, down_names: list[str], scheme: int) -> tuple[str, list[str], str]:
+    """The fingerprint cache's (kind, files, extra) for these down projections of ``ckpt`` (extra: the names,
+    and for scheme 2 how many each layer has where that is not one each)."""
+    files = sorted({str(ckpt.path(ckpt.weight_map[n])) for n in down_names})
+    per_layer = getattr(down_names, "per_layer", None)
+    grouped = scheme != 1 and per_layer is not None and any(n != 1 for n in per_layer)
+    return "safetensors", files, json.dumps([list(down_names), list(per_layer)] if grouped else list(down_names))
 
 
-def checkpoint_fingerprint(ckpt: Checkpoint, down_names: list[str]) -> str:
-    """:func:`fp32_fingerprint` of the down projections, through the fingerprint cache (:mod:`.fpcache`)."""
+def checkpoint_fingerprint(ckpt: Checkpoint, down_names: list[str], scheme: int | None = None) -> str:
+    """:func:`fp32_fingerprint` of the down projections (``down_names`` as :func:`checkpoint_identity` gives them,
+    a :class:`~.safetensors.DownNames`) in ``scheme`` (default: the current one), through the fingerprint
+    cache (:mod:`.fpcache`)."""
     from .safetensors import fp32_fingerprint
 
-    kind, files, extra = _checkpoint_key(ckpt, down_names)
-    return fpcache.cached(kind, files, lambda: fp32_fingerprint(ckpt, down_names), extra=extra)
+    scheme = scheme or SCHEME
+    kind, files, extra = _checkpoint_key(ckpt, down_names, scheme)
+    return fpcache.cached(kind, files, lambda: fp32_fingerprint(ckpt, down_names, scheme), extra=extra, scheme=scheme)
 
 
-def known_checkpoint_fingerprint(ckpt: Checkpoint, down_names: list[str]) -> str | None:
+def known_checkpoint_fingerprint(ckpt: Checkpoint, down_names: list[str], scheme: int | None = None) -> str | None:
     """The cached :func:`checkpoint_fingerprint`, or None (nothing is hashed)."""
-    kind, files, extra = _checkpoint_key(ckpt, down_names)
-    return fpcache.lookup(kind, files, extra=extra)
+    scheme = scheme or SCHEME
+    kind, files, extra = _checkpoint_key(ckpt, down_names, scheme)
+    return fpcache.lookup(kind, files, extra=extra, scheme=scheme)
+
+
+def _checkpoint_rehash(ckpt: Checkpoint, down_names: list[str]):
+    """How an identity of this checkpoint computes its fingerprint in another scheme."""
+    return lambda scheme: checkpoint_fingerprint(ckpt, down_names, scheme)
 
 
 @dataclass(frozen=True)
@@ -170,12 +189,16 @@ def _moe_checkpoint_identity(ckpt: Checkpoint, arch: ArchSpec, text: Any, num_la
                              source_format: str, with_fingerprint: bool):
     """:func:`checkpoint_identity` of a mixture-of-experts checkpoint (either weight layout); the names
     returned are every down projection tensor in layer and group order (the fingerprint's input)."""
+    from .safetensors import DownNames
+
     names: list[str] = []
+    per_layer: list[int] = []
     moe_layers, shapes, shared_w, dense_w, hidden = [], set(), set(), set(), set()
     dtype = None
     for layer in range(num_layers):
         t = expert_tensors(ckpt, arch, layer)
         names.extend(t.names())
+        per_layer.append(len(t.names()))
         for expert, (tensor, _slot) in t.groups.items():
             shape = ckpt.info(tensor).shape
             dtype = dtype or ckpt.info(tensor).dtype
@@ -204,28 +227,28 @@ def _moe_checkpoint_identity(ckpt: Checkpoint, arch: ArchSpec, text: Any, num_la
         intermediate_size=1, hidden_size=hidden.pop(), source_format=source_format,  # type: ignore[arg-type]
         dtype=dtype, moe=moe,
     )
-    identity = identity.model_copy(update={
-        "intermediate_size": identity.layout().max_width,
-        "fingerprint": checkpoint_fingerprint(ckpt, names) if with_fingerprint else None,
-    })
-    return identity, arch, ckpt, names
+    names = DownNames(names, per_layer)
+    identity = identity.model_copy(update={"intermediate_size": identity.layout().max_width})
+    identity = identity.with_fingerprint(checkpoint_fingerprint(ckpt, names) if with_fingerprint else None)
+    return identity.rehash_with(_checkpoint_rehash(ckpt, names)), arch, ckpt, names
 
 
 FINGERPRINT_CHUNK = 1 << 24
-"""Bytes of a tensor read (and dequantised to float32) at a time for a fingerprint."""
+"""Bytes of float32 dequantised (and hashed) at a time per fingerprint thread, at least one row."""
 
 
 def dequantised_chunks(reader: Any, tensor: Any) -> Iterator[np.ndarray]:
-    """``tensor`` dequantised to float32 rows in file order, about 16 MiB of the file at a time, read with
-    ``preadv`` into one buffer: the process holds one chunk and its floats (not the tensor, nor the pages of a
-    memory map), whatever the model's size. Each chunk is valid until the next one is asked for."""
+    """``tensor`` dequantised to float32 rows in file order, about 16 MiB of floats at a time, each chunk's rows
+    read with ``preadv`` into one buffer: the caller holds one chunk and its floats (not the tensor, nor the
+    pages of a memory map), whatever the model's size. Each chunk is valid until the next one is asked for."""
     data, path = tensor.data, getattr(reader, "path", None)
     if path is None:
         yield dequantize_rows(data, tensor.tensor_type)
         return
     n_rows = int(np.prod(data.shape[:-1], dtype=np.int64)) if data.ndim > 1 else 1
     row_bytes = int(tensor.n_bytes) // max(n_rows, 1)
-    per = max(1, FINGERPRINT_CHUNK // max(row_bytes, 1))
+    row_floats = 4 * int(tensor.n_elements) // max(n_rows, 1)
+    per = max(1, FINGERPRINT_CHUNK // max(row_floats, 1))
     buf = bytearray(min(per, n_rows) * row_bytes)
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -240,36 +263,54 @@ def dequantised_chunks(reader: Any, tensor: Any) -> Iterator[np.ndarray]:
         os.close(fd)
 
 
-def gguf_fingerprint(reader: Any, spec: Any | None = None) -> str:
-    """sha256 over every layer's ffn_down, dequantised to fp32, in layer order (as transformers loads it),
-    through the fingerprint cache (:mod:`.fpcache`) when the reader has a file path. Each tensor is read and
-    dequantised a chunk of rows at a time (:func:`dequantised_chunks`)."""
+def _layer_downs(reader: Any, spec: Any, layer: int) -> list[Any]:
+    """A layer's down projection tensors in the fingerprint's order: every expert's ``[hidden, width]`` in expert
+    order (one fused tensor), then the shared expert's; a dense layer's ffn_down."""
+    ffn = expert_ffn(reader, spec, layer)
+    if ffn is None:
+        return [ffn_tensors(reader, spec, layer)[0]]
+    return [ffn.down] + ([ffn.down_shexp] if ffn.down_shexp is not None else [])
+
+
+def _gguf_layer(reader: Any, tensors: list[Any]) -> Iterator[np.ndarray]:
+    for tensor in tensors:
+        yield from dequantised_chunks(reader, tensor)
+
+
+def gguf_fingerprint(reader: Any, spec: Any | None = None, scheme: int | None = None,
+                     threads: int | None = None) -> str:
+    """The fingerprint of every layer's ffn_down dequantised to fp32 (as transformers loads it) in ``scheme``
+    (default: the current one; scheme 2 on ``threads`` threads, a layer each), through the fingerprint cache
+    (:mod:`.fpcache`) when the reader has a file path. Each tensor is read and dequantised a chunk of rows at a
+    time (:func:`dequantised_chunks`)."""
     spec = spec or gguf_arch(reader)
-
-    def downs() -> Iterator[Any]:
-        for layer in range(num_layers(reader)):
-            ffn = expert_ffn(reader, spec, layer)
-            if ffn is not None:  # every expert's [hidden, width] in expert order, then the shared expert's
-                yield ffn.down
-                if ffn.down_shexp is not None:
-                    yield ffn.down_shexp
-                continue
-            yield ffn_tensors(reader, spec, layer)[0]
-
-    def chunks() -> Iterator[np.ndarray]:
-        for tensor in downs():
-            yield from dequantised_chunks(reader, tensor)
-
+    scheme = scheme or SCHEME
+    layers = [functools.partial(_gguf_layer, reader, _layer_downs(reader, spec, layer))
+              for layer in range(num_layers(reader))]
     path = getattr(reader, "path", None)
     if path is None:
-        return fingerprint(chunks())
-    return fpcache.cached("gguf", [path], lambda: fingerprint(chunks()), extra=spec.model_type)
+        return fingerprint_layers(layers, scheme, threads)
+    return fpcache.cached("gguf", [path], lambda: fingerprint_layers(layers, scheme, threads), extra=spec.model_type,
+                          scheme=scheme)
 
 
-def known_gguf_fingerprint(reader: Any, spec: Any | None = None) -> str | None:
+def known_gguf_fingerprint(reader: Any, spec: Any | None = None, scheme: int | None = None) -> str | None:
     """The cached :func:`gguf_fingerprint`, or None (nothing is hashed)."""
     path = getattr(reader, "path", None)
-    return None if path is None else fpcache.lookup("gguf", [path], extra=(spec or gguf_arch(reader)).model_type)
+    if path is None:
+        return None
+    return fpcache.lookup("gguf", [path], extra=(spec or gguf_arch(reader)).model_type, scheme=scheme or SCHEME)
+
+
+def _gguf_rehash(reader: Any, spec: Any):
+    """How an identity of this GGUF computes its fingerprint in another scheme (None once the reader is gone)."""
+    ref = weakref.ref(reader)
+
+    def rehash(scheme: int) -> str | None:
+        alive = ref()
+        return None if alive is None else gguf_fingerprint(alive, spec, scheme)
+
+    return rehash
 
 
 def gguf_identity(reader: Any, name: str, fingerprint: bool = True) -> Any:
@@ -289,7 +330,7 @@ def gguf_identity(reader: Any, name: str, fingerprint: bool = True) -> Any:
         fingerprint=gguf_fingerprint(reader, spec) if fingerprint else None,
         source_format="gguf",
         dtype=type_name(down),
-    )
+    ).rehash_with(_gguf_rehash(reader, spec))
 
 
 def _moe_gguf_identity(reader: Any, spec: ArchSpec, name: str, ffns: list, with_fingerprint: bool) -> ModelIdentity:
@@ -308,7 +349,6 @@ def _moe_gguf_identity(reader: Any, spec: ArchSpec, name: str, ffns: list, with_
         moe=MoeIdentity(num_experts=n, expert_intermediate_size=width, shared_intermediate_size=shared,
                         moe_layers=moe_layers, dense_intermediate_size=next(iter(dense))[0] if dense else None),
     )
-    return ident.model_copy(update={
-        "intermediate_size": ident.layout().max_width,
-        "fingerprint": gguf_fingerprint(reader, spec) if with_fingerprint else None,
-    })
+    ident = ident.model_copy(update={"intermediate_size": ident.layout().max_width})
+    ident = ident.with_fingerprint(gguf_fingerprint(reader, spec) if with_fingerprint else None)
+    return ident.rehash_with(_gguf_rehash(reader, spec))

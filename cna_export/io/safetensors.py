@@ -10,13 +10,14 @@ tensors pass through memory, so an export holds a few tensors, never a shard.
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import os
 import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -178,15 +179,45 @@ def _header(path: Path) -> list[str]:
         raise CnaError(f"cannot read safetensors file {path}: {why}") from None
 
 
-def fp32_fingerprint(ckpt: Checkpoint, names: Iterable[str]) -> str:
-    """sha256 over the named tensors converted to float32, little-endian, in the order given.
+class DownNames(list):
+    """Down projection tensor names in layer order (a ``list`` of them: indexing and iteration as before), and how
+    many of them each layer has (``per_layer``: one each for a dense model; a mixture-of-experts layer's
+    experts, then its shared expert), which scheme-2 fingerprints hash layer by layer."""
+
+    def __init__(self, names: Iterable[str] = (), per_layer: Sequence[int] | None = None):
+        super().__init__(names)
+        self.per_layer = tuple(per_layer) if per_layer is not None else (1,) * len(self)
+        if sum(self.per_layer) != len(self) or any(n < 1 for n in self.per_layer):
+            raise ValueError(f"{len(self)} down projection names cannot be split into layers of {self.per_layer}")
+
+    def layers(self) -> list[list[str]]:
+        """The names of each layer, in layer order."""
+        out, start = [], 0
+        for n in self.per_layer:
+            out.append(self[start : start + n])
+            start += n
+        return out
+
+
+def fp32_fingerprint(ckpt: Checkpoint, names: Iterable[str], scheme: int | None = None,
+                     threads: int | None = None) -> str:
+    """The fingerprint (:mod:`cna_export.core.fingerprint`) of the named tensors converted to float32,
+    little-endian, in the order given; each layer's tensors are those of ``names.layers()`` for
+    :class:`DownNames`, else one tensor per layer (a dense model's down projections).
 
     With the down_proj weights in layer order this equals ``LoadedModel.fingerprint()`` of the same
-    weights, without loading the model: one memory-mapped tensor at a time.
+    weights, without loading the model: one memory-mapped tensor at a time, a chunk at a time (scheme 2: on
+    ``threads`` threads, a layer each).
     """
-    from ..core.fingerprint import fingerprint
+    from ..core.fingerprint import SCHEME, fingerprint_layers
 
-    return fingerprint(chunk for name in names for chunk in fp32_chunks(ckpt.read(name)))
+    groups = names.layers() if isinstance(names, DownNames) else [[n] for n in names]
+
+    def layer(tensors: list[str]) -> Iterator[np.ndarray]:
+        for name in tensors:
+            yield from fp32_chunks(ckpt.read(name))
+
+    return fingerprint_layers([functools.partial(layer, g) for g in groups], scheme or SCHEME, threads)
 
 
 FP32_CHUNK = 1 << 24

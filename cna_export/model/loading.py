@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -20,7 +21,7 @@ from ..core.architectures import ArchSpec, arch_for_config
 from ..core.circuit import ModelIdentity, MoeIdentity
 from ..core.errors import CnaError
 from ..core.experts import Layout
-from ..core.fingerprint import fingerprint
+from ..core.fingerprint import SCHEME, fingerprint_layers
 from ..core.progress import bar as progress_bar
 from ..core.progress import wanted
 from ..io.sources import ModelSource, resolve_source  # noqa: F401  (re-exported: model specs)
@@ -64,7 +65,8 @@ class LoadedModel:
     tokenizer: Any
     arch: ArchSpec
     source: ModelSource
-    _fingerprint: str | None = field(default=None, repr=False)
+    _fingerprint: str | None = field(default=None, repr=False)  # in the current scheme
+    _fingerprints_in: dict[int, str] = field(default_factory=dict, repr=False)  # in older schemes
     _layout: Layout | None = field(default=None, repr=False)
 
     @property
@@ -137,18 +139,23 @@ class LoadedModel:
     def dtype(self) -> Any:
         return self.down_weight(0).dtype
 
-    def fingerprint(self) -> str | None:
-        """sha256 over every layer's down_proj weight as fp32 (independent of the load dtype when lossless)."""
-        if self._fingerprint is None:
-            import torch
-
-            weights = [w for layer in range(self.num_layers) for w in self.down_parts(layer)]
-            if any(w.device.type == "meta" for w in weights):
-                log.warning("down_proj weights are offloaded; the model fingerprint is not computed")
-                return None
-            with torch.no_grad():
-                self._fingerprint = fingerprint(w.detach().to("cpu", torch.float32).numpy() for w in weights)
-        return self._fingerprint
+    def fingerprint(self, scheme: int | None = None) -> str | None:
+        """The fingerprint of every layer's down_proj weight as fp32 (independent of the load dtype when lossless)
+        in ``scheme`` (default: the current one; :mod:`cna_export.core.fingerprint`), computed once."""
+        scheme = scheme or SCHEME
+        known = self._fingerprint if scheme == SCHEME else self._fingerprints_in.get(scheme)
+        if known is not None:
+            return known
+        layers = [self.down_parts(layer) for layer in range(self.num_layers)]
+        if any(w.device.type == "meta" for parts in layers for w in parts):
+            log.warning("down_proj weights are offloaded; the model fingerprint is not computed")
+            return None
+        fp = fingerprint_layers([functools.partial(_fp32_layer, parts) for parts in layers], scheme)
+        if scheme == SCHEME:
+            self._fingerprint = fp
+        else:
+            self._fingerprints_in[scheme] = fp
+        return fp
 
     def identity(self, with_fingerprint: bool = True) -> ModelIdentity:
         layout = self.layout()
@@ -167,7 +174,27 @@ class LoadedModel:
             source_format=self.source.kind,  # type: ignore[arg-type]
             dtype=str(self.dtype).removeprefix("torch."),
             moe=moe,
-        )
+        ).rehash_with(_rehash(self))
+
+
+def _fp32_layer(parts: list[Any]) -> Iterator[Any]:
+    """A layer's down projections as float32 numpy chunks, on the CPU (a fingerprint's layer)."""
+    from ..io.safetensors import fp32_chunks
+
+    for w in parts:
+        yield from fp32_chunks(w.detach().to("cpu"))
+
+
+def _rehash(loaded: LoadedModel):
+    """How an identity of ``loaded`` computes its fingerprint in another scheme, without keeping the model alive
+    (None once it is gone)."""
+    ref = weakref.ref(loaded)
+
+    def rehash(scheme: int) -> str | None:
+        alive = ref()
+        return None if alive is None else alive.fingerprint(scheme)
+
+    return rehash
 
 
 def load_tokenizer(source: ModelSource, trust_remote_code: bool = False) -> Any:
