@@ -292,3 +292,22 @@ def fused_twin(src: Path, dst: Path) -> Path:
     tensors = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
     save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
     return dst
+
+
+def run_cli(argv, capsys):
+    """``cna-export ARGV`` in this process: exit code, stdout, stderr."""
+    from cna_export.cli import main
+
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture()
+def steer_recipe(tmp_path, prompt_files):
+    """A small refusal recipe over the test prompt sets (5 neurons), for ``steer``."""
+    pos, neg, neu = prompt_files
+    r = tmp_path / "r.yaml"
+    r.write_text(f"name: tinyrefusal\npositive: {pos}\nnegative: {neg}\nneutral: {neu}\ntop_k: 5\n")
+    return r
+

@@ -6,22 +6,7 @@ import json
 
 import numpy as np
 import pytest
-
-
-def _run(argv, capsys):
-    from cna_export.cli import main
-
-    code = main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-@pytest.fixture()
-def recipe(tmp_path, prompt_files):
-    pos, neg, neu = prompt_files
-    r = tmp_path / "r.yaml"
-    r.write_text(f"name: tinyrefusal\npositive: {pos}\nnegative: {neg}\nneutral: {neu}\ntop_k: 5\n")
-    return r
+from conftest import run_cli as _run
 
 
 def _figures(record) -> list[str]:
@@ -34,12 +19,12 @@ def _figures(record) -> list[str]:
 
 @pytest.mark.parametrize("formats, answered_by", [("safetensors,lora", "transformers: safetensors"),
                                                   ("lora", "+ LoRA lora")])
-def test_preview_figures_in_steer_json_and_card(formats, answered_by, tiny_models, recipe, tmp_path, capsys,
+def test_preview_figures_in_steer_json_and_card(formats, answered_by, tiny_models, steer_recipe, tmp_path, capsys,
                                                 one_thread):
     from cna_export.core.preview import BehaviourPreview
 
     out = tmp_path / "out"
-    argv = ["steer", "--model", tiny_models["llama"], "--recipe", recipe, "--out", out, "--format", formats,
+    argv = ["steer", "--model", tiny_models["llama"], "--recipe", steer_recipe, "--out", out, "--format", formats,
             "--preview", "2", "--preview-tokens", "4"]
     code, stdout, err = _run(argv, capsys)
     assert code == 0, err
@@ -70,19 +55,19 @@ def test_preview_figures_in_steer_json_and_card(formats, answered_by, tiny_model
     assert again == record
 
 
-def test_preview_is_pushed_on_the_hub_card(tiny_models, recipe, tmp_path, capsys, one_thread):
+def test_preview_is_pushed_on_the_hub_card(tiny_models, steer_recipe, tmp_path, capsys, one_thread):
     from cna_export.export.hub import collect, render_card
 
     out = tmp_path / "out"
-    code, _, err = _run(["-q", "steer", "--model", tiny_models["llama"], "--recipe", recipe, "--out", out, "--format",
-                         "lora", "--preview", "2", "--preview-tokens", "2"], capsys)
+    code, _, err = _run(["-q", "steer", "--model", tiny_models["llama"], "--recipe", steer_recipe, "--out", out,
+                         "--format", "lora", "--preview", "2", "--preview-tokens", "2"], capsys)
     assert code == 0, err
     card = render_card(collect(out))
     assert card.startswith("---\n") and "## Behaviour (measured)" in card and "## PEFT LoRA adapter" in card
 
 
-def test_preview_off_or_too_small(tiny_models, recipe, tmp_path, capsys, one_thread):
-    base = ["steer", "--model", tiny_models["llama"], "--recipe", recipe, "--format", "lora"]
+def test_preview_off_or_too_small(tiny_models, steer_recipe, tmp_path, capsys, one_thread):
+    base = ["steer", "--model", tiny_models["llama"], "--recipe", steer_recipe, "--format", "lora"]
     # the default (8 of each set) does not fit 6-prompt sets: skipped with a note, discovery sees every prompt
     code, stdout, err = _run(base + ["--out", tmp_path / "a"], capsys)
     assert code == 0 and "note: no behaviour preview" in err and "behaviour preview:" not in stdout
@@ -100,8 +85,9 @@ def test_preview_off_or_too_small(tiny_models, recipe, tmp_path, capsys, one_thr
 
 
 @pytest.mark.parametrize("bad", ["0", "-1", "x"])
-def test_preview_flag_is_checked(bad, tiny_models, recipe, tmp_path, capsys):
-    argv = ["steer", "--model", tiny_models["llama"], "--recipe", recipe, "--out", tmp_path / "o", "--preview", bad]
+def test_preview_flag_is_checked(bad, tiny_models, steer_recipe, tmp_path, capsys):
+    argv = ["steer", "--model", tiny_models["llama"], "--recipe", steer_recipe, "--out", tmp_path / "o",
+            "--preview", bad]
     try:
         code, _, err = _run(argv, capsys)
     except SystemExit as e:  # argparse: not a number

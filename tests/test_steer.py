@@ -6,29 +6,14 @@ import json
 
 import pytest
 from conftest import planted_circuit
+from conftest import run_cli as _run
 
 
-def _run(argv, capsys):
-    from cna_export.cli import main
-
-    code = main(argv)
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-@pytest.fixture()
-def recipe(tmp_path, prompt_files):
-    pos, neg, neu = prompt_files
-    r = tmp_path / "r.yaml"
-    r.write_text(f"name: tinyrefusal\npositive: {pos}\nnegative: {neg}\nneutral: {neu}\ntop_k: 5\n")
-    return r
-
-
-def test_steer_runs_resumes_and_redoes_what_changed(tiny_models, recipe, tmp_path, capsys, one_thread):
+def test_steer_runs_resumes_and_redoes_what_changed(tiny_models, steer_recipe, tmp_path, capsys, one_thread):
     src = tiny_models["llama"]
     out = tmp_path / "out"
-    argv = ["steer", "--model", str(src), "--recipe", str(recipe), "--out", str(out), "--format", "safetensors,lora",
-            "--verify", "--limit", "3", "--max-new-tokens", "2"]
+    argv = ["steer", "--model", str(src), "--recipe", str(steer_recipe), "--out", str(out), "--format",
+            "safetensors,lora", "--verify", "--limit", "3", "--max-new-tokens", "2"]
     code, stdout, err = _run(argv, capsys)
     assert code == 0, err
     assert "[1/3] discover: about" in err and "left" in err  # progress with time estimates
@@ -69,25 +54,25 @@ def test_steer_with_a_circuit(tiny_models, tmp_path, capsys, one_thread):
     (["--format", "lora,nope"], "unknown format 'nope'"),
     (["--push-to-hub", "someone/x"], "token"),
 ])
-def test_steer_bad_input_stops_before_work(extra, message, tiny_models, recipe, tmp_path, capsys, monkeypatch):
+def test_steer_bad_input_stops_before_work(extra, message, tiny_models, steer_recipe, tmp_path, capsys, monkeypatch):
     import huggingface_hub.constants as C
 
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setattr(C, "HF_TOKEN_PATH", str(tmp_path / "none" / "token"))
     monkeypatch.setattr(C, "HF_STORED_TOKENS_PATH", str(tmp_path / "none" / "stored"))
     out = tmp_path / "out"
-    code, _, err = _run(["steer", "--model", str(tiny_models["llama"]), "--recipe", str(recipe), "--out", str(out),
-                         *extra], capsys)
+    code, _, err = _run(["steer", "--model", str(tiny_models["llama"]), "--recipe", str(steer_recipe), "--out",
+                         str(out), *extra], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
     assert not out.exists()
 
 
-def test_steer_refuses_a_foreign_folder(tiny_models, recipe, tmp_path, capsys):
+def test_steer_refuses_a_foreign_folder(tiny_models, steer_recipe, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
     (out / "mine.txt").write_text("keep")
-    code, _, err = _run(["steer", "--model", str(tiny_models["llama"]), "--recipe", str(recipe), "--out", str(out)],
-                        capsys)
+    code, _, err = _run(["steer", "--model", str(tiny_models["llama"]), "--recipe", str(steer_recipe), "--out",
+                         str(out)], capsys)
     assert code == 2 and "not a steer folder" in err
     assert [p.name for p in out.iterdir()] == ["mine.txt"]
 
