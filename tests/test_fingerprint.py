@@ -175,6 +175,11 @@ def test_the_cache_keeps_schemes_apart(export_sources, fp_cache, monkeypatch):
     key = fpcache.stamp("gguf", [f], scheme=2)
     (fp_cache / f"{key}.json").write_text(json.dumps({"fingerprint": "ab" * 32, "method": FINGERPRINT_METHODS[1]}))
     assert fpcache.lookup("gguf", [f], scheme=2) is None
+    # nor one whose value is another scheme's, even with this scheme's key and method (seen: an entry written by
+    # code mid-change), and the next fingerprint replaces it
+    (fp_cache / f"{key}.json").write_text(json.dumps({"fingerprint": "ab" * 32, "method": FINGERPRINT_METHODS[2]}))
+    assert fpcache.lookup("gguf", [f], scheme=2) is None
+    assert fpcache.cached("gguf", [f], lambda: two, scheme=2) == two == fpcache.lookup("gguf", [f], scheme=2)
 
 
 # -- circuits written before scheme 2 ---------------------------------------------------------------------------

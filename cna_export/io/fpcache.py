@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from ..core.atomic import atomic_write_text
-from ..core.fingerprint import FINGERPRINT_METHODS, is_fingerprint
+from ..core.fingerprint import FINGERPRINT_METHODS, is_fingerprint, scheme_of
 
 TENSOR_HASHES = 0
 """The ``scheme`` of entries that are not model fingerprints but sha256 of stored bytes (touched tensors): keyed
@@ -84,7 +84,10 @@ def lookup(kind: str, paths: Iterable[str | Path], extra: str = "", scheme: int 
     if not isinstance(entry, dict) or entry.get("method") != _method(scheme):
         return None
     fp = entry.get("fingerprint")
-    return fp if isinstance(fp, str) and is_fingerprint(fp) else None
+    if not isinstance(fp, str) or not is_fingerprint(fp):
+        return None
+    # the value's own text must say the scheme asked for (an entry written by other code is ignored, not trusted)
+    return fp if scheme == TENSOR_HASHES or scheme_of(fp) == scheme else None
 
 
 def store(kind: str, paths: Iterable[str | Path], fingerprint: str, extra: str = "", key: str | None = None,
