@@ -47,6 +47,8 @@ def test_typo_is_a_one_line_error_with_a_suggestion(tmp_path, capsys, text, key,
     ("top_fraction: 2\n", "less than or equal to 1"),  # out of range
     ("eval:\n  max_new_tokens: many\n", "eval: max_new_tokens"),
     ("tune:\n  kl_metric: kl_first\n", "tune: kl_metric"),
+    ("tune:\n  benign_weights: [2, 1]\n", "tune: benign_weights: .*lowest must not exceed highest"),
+    ("tune:\n  benign_weights: [0, 1]\n", "tune: benign_weights"),
     ("audit:\n  prompts: [1]\n", "audit: prompts"),
     ("eval: 3\n", "section 'eval' must be a mapping"),
 ])
@@ -153,7 +155,7 @@ def test_valid_recipe_with_sections(tmp_path):
         "discover:\n  batch_size: 4\n"
         "export:\n  link: true\n  fold: down\n  max_kl_ratio: 1.5\n"
         "eval:\n  max_new_tokens: 3\n  kl-tokens: 2\n  limit: 5\n"
-        "tune:\n  fractions: [0.01, 0.02]\n  max_kl: -1\n  heldout: false\n"
+        "tune:\n  fractions: [0.01, 0.02]\n  max_kl: -1\n  heldout: false\n  benign_weights: [0.5, 4]\n"
         "audit:\n  prompts: 4\n  generate: false\n"
     )
     rec = load_recipe(recipe)
@@ -164,6 +166,7 @@ def test_valid_recipe_with_sections(tmp_path):
     assert build(EvalSettings, ev).kl_tokens == 2 and build(EvalJob, ev).limit == 5
     tune = build(TuneJob, recipe_section(recipe, "tune"))
     assert tune.fractions == [0.01, 0.02] and tune.max_kl is None and not tune.heldout
+    assert tune.benign_weights == [0.5, 4] and build(TuneJob, {}).benign_weights is None  # default: not searched
     audit = build(AuditSettings, recipe_section(recipe, "audit"))
     assert audit.prompts == 4 and not audit.generate
     assert recipe_section(None, "eval") == {} and recipe_section(recipe, "verify") == {}

@@ -515,11 +515,14 @@ class TuneJob(_Switches):
     l1_weights: list[Annotated[float, Field(gt=0, allow_inf_nan=False)]] = opt(
         [0.001, 0.1], "tpe, learned-multiplier strategies: lowest,highest L1 weight on m - 1 (searched log-uniform)",
         metavar="LO,HI", min_length=2, max_length=2)
+    benign_weights: list[Annotated[float, Field(gt=0, allow_inf_nan=False)]] | None = opt(
+        None, "tpe, learned-multiplier strategies: lowest,highest mu (benign-twin penalty; searched log-uniform; "
+        "default: not searched, each strategy's own)", metavar="LO,HI", min_length=2, max_length=2)
 
-    @field_validator("kl_weights", "l1_weights")
+    @field_validator("kl_weights", "l1_weights", "benign_weights")
     @classmethod
-    def _ordered(cls, v: list[float]) -> list[float]:
-        if v[0] > v[1]:
+    def _ordered(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None and v[0] > v[1]:
             raise ValueError("lowest must not exceed highest")
         return v
 

@@ -389,7 +389,8 @@ def _run_tpe(t: TuneJob, saved: SavedStats, backend: Backend, harmful: EvalSet, 
     space = SearchSpace(resolve_strategies(t.strategies, t.custom_strategies),
                         (saved.size_for(min(t.fractions)), saved.size_for(max(t.fractions))),
                         (min(t.multipliers), max(t.multipliers)), t.multiplier_step,
-                        tuple(t.kl_weights), tuple(t.l1_weights))
+                        tuple(t.kl_weights), tuple(t.l1_weights),
+                        tuple(t.benign_weights) if t.benign_weights else None)
     if any(space.learned(name, saved) for name in space.strategies) and saved.loaded is None:
         saved.attach(_transformers_model(job, backend, log, "learned multipliers"))
     space.check(saved)
