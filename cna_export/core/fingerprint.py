@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterable, Sequence
 
@@ -128,3 +129,15 @@ def fingerprint_layers(layers: Sequence[Layer], scheme: int = SCHEME, threads: i
         return combine(layer_digest(layer()) for layer in layers)
     with ThreadPoolExecutor(max_workers=n, thread_name_prefix="cna-fingerprint-layer") as pool:
         return combine(pool.map(lambda layer: layer_digest(layer()), layers))
+
+
+def rehash_while_alive(owner: Any, compute: Callable[[Any, int], str | None]) -> Callable[[int], str | None]:
+    """``compute(owner, scheme)`` for as long as ``owner`` lives (None after): how an identity hashes its weights
+    again in another scheme without keeping the model or reader that holds them alive."""
+    ref = weakref.ref(owner)
+
+    def rehash(scheme: int) -> str | None:
+        alive = ref()
+        return None if alive is None else compute(alive, scheme)
+
+    return rehash

@@ -15,7 +15,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
@@ -26,7 +25,7 @@ from ..core.architectures import ArchSpec, arch_for_config
 from ..core.circuit import ModelIdentity, MoeIdentity
 from ..core.errors import CnaError
 from ..core.experts import SHARED
-from ..core.fingerprint import SCHEME, fingerprint_layers
+from ..core.fingerprint import SCHEME, fingerprint_layers, rehash_while_alive
 from . import fpcache
 from .gguf_arch import expert_ffn, ffn_tensors, gguf_arch, intermediate_size, num_layers
 from .gguf_read import type_name
@@ -304,13 +303,7 @@ def known_gguf_fingerprint(reader: Any, spec: Any | None = None, scheme: int | N
 
 def _gguf_rehash(reader: Any, spec: Any):
     """How an identity of this GGUF computes its fingerprint in another scheme (None once the reader is gone)."""
-    ref = weakref.ref(reader)
-
-    def rehash(scheme: int) -> str | None:
-        alive = ref()
-        return None if alive is None else gguf_fingerprint(alive, spec, scheme)
-
-    return rehash
+    return rehash_while_alive(reader, lambda alive, scheme: gguf_fingerprint(alive, spec, scheme))
 
 
 def gguf_identity(reader: Any, name: str, fingerprint: bool = True) -> Any:

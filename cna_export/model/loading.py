@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -21,7 +20,7 @@ from ..core.architectures import ArchSpec, arch_for_config
 from ..core.circuit import ModelIdentity, MoeIdentity
 from ..core.errors import CnaError
 from ..core.experts import Layout
-from ..core.fingerprint import SCHEME, fingerprint_layers
+from ..core.fingerprint import SCHEME, fingerprint_layers, rehash_while_alive
 from ..core.progress import bar as progress_bar
 from ..core.progress import wanted
 from ..io.sources import ModelSource, resolve_source  # noqa: F401  (re-exported: model specs)
@@ -65,8 +64,8 @@ class LoadedModel:
     tokenizer: Any
     arch: ArchSpec
     source: ModelSource
-    _fingerprint: str | None = field(default=None, repr=False)  # in the current scheme
-    _fingerprints_in: dict[int, str] = field(default_factory=dict, repr=False)  # in older schemes
+    # by scheme, computed once; not an init field, so a ``dataclasses.replace`` copy (another model) starts empty
+    _fingerprints: dict[int, str] = field(default_factory=dict, init=False, repr=False)
     _layout: Layout | None = field(default=None, repr=False)
 
     @property
@@ -143,19 +142,14 @@ class LoadedModel:
         """The fingerprint of every layer's down_proj weight as fp32 (independent of the load dtype when lossless)
         in ``scheme`` (default: the current one; :mod:`cna_export.core.fingerprint`), computed once."""
         scheme = scheme or SCHEME
-        known = self._fingerprint if scheme == SCHEME else self._fingerprints_in.get(scheme)
-        if known is not None:
-            return known
+        if scheme in self._fingerprints:
+            return self._fingerprints[scheme]
         layers = [self.down_parts(layer) for layer in range(self.num_layers)]
         if any(w.device.type == "meta" for parts in layers for w in parts):
             log.warning("down_proj weights are offloaded; the model fingerprint is not computed")
             return None
-        fp = fingerprint_layers([functools.partial(_fp32_layer, parts) for parts in layers], scheme)
-        if scheme == SCHEME:
-            self._fingerprint = fp
-        else:
-            self._fingerprints_in[scheme] = fp
-        return fp
+        self._fingerprints[scheme] = fingerprint_layers([functools.partial(_fp32_layer, p) for p in layers], scheme)
+        return self._fingerprints[scheme]
 
     def identity(self, with_fingerprint: bool = True) -> ModelIdentity:
         layout = self.layout()
@@ -174,7 +168,7 @@ class LoadedModel:
             source_format=self.source.kind,  # type: ignore[arg-type]
             dtype=str(self.dtype).removeprefix("torch."),
             moe=moe,
-        ).rehash_with(_rehash(self))
+        ).rehash_with(rehash_while_alive(self, LoadedModel.fingerprint))
 
 
 def _fp32_layer(parts: list[Any]) -> Iterator[Any]:
@@ -184,17 +178,6 @@ def _fp32_layer(parts: list[Any]) -> Iterator[Any]:
     for w in parts:
         yield from fp32_chunks(w.detach().to("cpu"))
 
-
-def _rehash(loaded: LoadedModel):
-    """How an identity of ``loaded`` computes its fingerprint in another scheme, without keeping the model alive
-    (None once it is gone)."""
-    ref = weakref.ref(loaded)
-
-    def rehash(scheme: int) -> str | None:
-        alive = ref()
-        return None if alive is None else alive.fingerprint(scheme)
-
-    return rehash
 
 
 def load_tokenizer(source: ModelSource, trust_remote_code: bool = False) -> Any:
