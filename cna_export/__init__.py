@@ -22,7 +22,7 @@ _API = {
     "CnaError": ("cna_export.core.errors", "CnaError"),
     "Circuit": ("cna_export.core.circuit", "Circuit"),
     "ExportManifest": ("cna_export.core.manifest", "ExportManifest"),
-    "DiscoverOptions": ("cna_export.core.settings", "DiscoverOptions"),
+    "DiscoverOptions": ("cna_export.core.settings.discover", "DiscoverOptions"),
     "load_model": ("cna_export.model.loading", "load_model"),
     "load_prompts": ("cna_export.model.prompts", "load_prompts"),
     "discover": ("cna_export.discovery.cna", "discover"),

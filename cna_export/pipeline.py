@@ -14,20 +14,15 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 from .core.circuit import Circuit, ModelIdentity
 from .core.errors import CnaError
 from .core.formats import FORMAT_OPTIONS, Format, FormatOptions, export_format, format_options
-from .core.settings import (
-    DiscoverOptions,
-    ExportOptions,
-    GGUFExportOptions,
-    GGUFVerifyOptions,
-    HubOptions,
-    ModelOptions,
-    VerifyOptions,
-)
+from .core.settings.base import ModelOptions
+from .core.settings.export import ExportOptions, GGUFExportOptions, HubOptions
+from .core.settings.verify import GGUFVerifyOptions, VerifyOptions
 from .export.plan import CheckReport, ExportCheck, StagedExport
 from .export.request import ExportRequest, MultiplierSpec
 
 if TYPE_CHECKING:
     from .core.preview import BehaviourPreview
+    from .core.settings.discover import DiscoverOptions
     from .discovery.cna import DiscoveryResult
     from .evaluation.preview import HeldOut
     from .export.gguf import GGUFExportResult

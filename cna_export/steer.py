@@ -46,10 +46,13 @@ from .core.circuit import Circuit
 from .core.errors import CnaError, VerificationFailed
 from .core.formats import FORMATS
 from .core.preview import BehaviourPreview
-from .core.settings import ExportOptions, GGUFExportOptions, GGUFVerifyOptions, ModelOptions
+from .core.settings.base import ModelOptions
+from .core.settings.export import ExportOptions, GGUFExportOptions
+from .core.settings.verify import GGUFVerifyOptions
 
 if TYPE_CHECKING:
-    from .core.settings import DiscoverOptions, HubOptions
+    from .core.settings.discover import DiscoverOptions
+    from .core.settings.export import HubOptions
     from .evaluation.preview import HeldOut
     from .export.hub import PushResult
     from .verification.session import VerifySession
@@ -345,7 +348,8 @@ def _open(model: str, out: Path, recipe: str | None, fmts: list[str] | None, eo:
 def _discover(job: _Job, recipe: str, discover_options: DiscoverOptions | None) -> None:
     """The circuit step with a recipe: discovery, reused when its inputs are unchanged."""
     from .core.recipe import load_recipe, read_recipe
-    from .core.settings import DiscoverOptions, build
+    from .core.settings.base import build
+    from .core.settings.discover import DiscoverOptions
     from .pipeline import run_discover
 
     circuit_path, mo = job.result.circuit, job.model_options

@@ -9,7 +9,7 @@ from typing import Any
 from ..core.errors import CnaError
 from ..core.progress import wanted
 from ..core.recipe import recipe_section
-from ..core.settings import AuditSettings, DiffOptions
+from ..core.settings.audit import AuditSettings, DiffOptions
 from .flags import add_flags, settings_of
 from .paths import guard
 

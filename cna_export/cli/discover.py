@@ -4,16 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from ..core.settings import (
-    DiscoverOptions,
-    Force,
-    GenerateOptions,
-    ModelOptions,
-    Multiplier,
-    Overwrite,
-    PromptOptions,
-    ShowOptions,
-)
+from ..core.settings.audit import ShowOptions
+from ..core.settings.base import Force, ModelOptions, Multiplier, Overwrite, PromptOptions
+from ..core.settings.discover import DiscoverOptions, GenerateOptions
 from .flags import add_flags, settings_of
 from .paths import guard
 

@@ -8,7 +8,8 @@ import sys
 from ..core.errors import NOTHING_FITS
 from ..core.progress import wanted
 from ..core.recipe import recipe_section
-from ..core.settings import EVAL_ONLY, EvalJob, EvalSettings, ModelOptions, TuneJob
+from ..core.settings.base import ModelOptions
+from ..core.settings.evaluate import EVAL_ONLY, EvalJob, EvalSettings, TuneJob
 from .flags import add_flags, settings_of
 from .paths import guard
 

@@ -8,13 +8,9 @@ from typing import Any
 
 from ..core.errors import CnaError
 from ..core.progress import wanted
-from ..core.settings import (
-    ExportOptions,
-    GGUFExportOptions,
-    GGUFVerifyOptions,
-    HubOptions,
-    ModelOptions,
-)
+from ..core.settings.base import ModelOptions
+from ..core.settings.export import ExportOptions, GGUFExportOptions, HubOptions
+from ..core.settings.verify import GGUFVerifyOptions
 from ._errors import one_line
 from .flags import add_flags, settings_of
 from .paths import guard

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from ..core.settings import build, cli_spec
+from ..core.settings.base import build, cli_spec
 
 
 def _unwrap_optional(tp: Any) -> Any:

@@ -6,14 +6,9 @@ import argparse
 
 from ..core.progress import wanted
 from ..core.recipe import recipe_section
-from ..core.settings import (
-    ExportOptions,
-    GGUFExportOptions,
-    GGUFVerifyOptions,
-    HubOptions,
-    ModelOptions,
-    SteerOptions,
-)
+from ..core.settings.base import ModelOptions
+from ..core.settings.export import ExportOptions, GGUFExportOptions, HubOptions, SteerOptions
+from ..core.settings.verify import GGUFVerifyOptions
 from .flags import add_flags, settings_of
 from .paths import guard
 

@@ -7,7 +7,8 @@ import time
 from pathlib import Path
 
 from ..core.progress import wanted
-from ..core.settings import GGUFVerifyOptions, ModelOptions, VerifyRunOptions
+from ..core.settings.base import ModelOptions
+from ..core.settings.verify import GGUFVerifyOptions, VerifyRunOptions
 from .flags import add_flags, settings_of
 from .paths import guard
 

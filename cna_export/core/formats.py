@@ -17,7 +17,8 @@ from typing import Annotated, Callable, Literal, Union, get_args
 from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import CnaError
-from .settings import ExportOptions, GGUFExportOptions, ModelOptions
+from .settings.base import ModelOptions
+from .settings.export import ExportOptions, GGUFExportOptions
 
 Format = Literal["safetensors", "gguf", "lora", "gguf-lora"]
 FORMATS: tuple[Format, ...] = get_args(Format)

@@ -19,22 +19,12 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from .errors import CnaError
-from .settings import (
-    AuditSettings,
-    DiscoverOptions,
-    EvalJob,
-    EvalSettings,
-    ExportOptions,
-    GGUFExportOptions,
-    GGUFVerifyOptions,
-    HubOptions,
-    ModelOptions,
-    SteerOptions,
-    TuneJob,
-    VerifyRunOptions,
-    cli_spec,
-    error_text,
-)
+from .settings.audit import AuditSettings
+from .settings.base import ModelOptions, cli_spec, error_text
+from .settings.discover import DiscoverOptions
+from .settings.evaluate import EvalJob, EvalSettings, TuneJob
+from .settings.export import ExportOptions, GGUFExportOptions, HubOptions, SteerOptions
+from .settings.verify import GGUFVerifyOptions, VerifyRunOptions
 from .text import read_text
 
 RECIPE_PATH_FIELDS = ("positive", "negative", "neutral")

@@ -18,7 +18,8 @@ import numpy as np
 
 from ..core.errors import CnaError
 from ..core.progress import bar as progress_bar
-from ..core.settings import DiscoverOptions, PromptOptions
+from ..core.settings.base import PromptOptions
+from ..core.settings.discover import DiscoverOptions
 from ..model.batching import resolve_batch_size
 from ..model.loading import LoadedModel
 from ..model.prompts import batches, render

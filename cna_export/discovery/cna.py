@@ -26,7 +26,7 @@ import numpy as np
 
 from ..core.circuit import Circuit, Neuron, UniversalNeuron, neuron_fields
 from ..core.errors import CnaError
-from ..core.settings import DiscoverOptions
+from ..core.settings.discover import DiscoverOptions
 from ..model.loading import LoadedModel
 from ..model.prompts import PromptSet
 from .capture import CaptureReport, RunningStats, TopKCounts, run_gradients, run_prompts

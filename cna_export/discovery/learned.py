@@ -53,7 +53,7 @@ import numpy as np
 
 from ..core.circuit import Circuit
 from ..core.errors import CnaError
-from ..core.settings import DiscoverOptions
+from ..core.settings.discover import DiscoverOptions
 from ..model.prompts import batches, render
 
 log = logging.getLogger(__name__)

@@ -41,7 +41,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ..core.errors import CnaError
-from ..core.settings import EvalSettings  # noqa: F401  (part of this module's API)
+from ..core.settings.evaluate import EvalSettings  # noqa: F401  (part of this module's API)
 from ..core.version import __version__
 from ..model.generation import Generation
 from .backends import Backend, Steering

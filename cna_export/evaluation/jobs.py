@@ -22,7 +22,9 @@ from typing import Any, Callable, Sequence
 from ..core.circuit import Circuit, check_multiplier
 from ..core.errors import CnaError
 from ..core.recipe import load_recipe
-from ..core.settings import DiscoverOptions, EvalJob, EvalSettings, TuneJob, build  # noqa: F401  (EvalJob, TuneJob, EvalSettings: part of this API)
+from ..core.settings.base import build
+from ..core.settings.discover import DiscoverOptions
+from ..core.settings.evaluate import EvalJob, EvalSettings, TuneJob  # noqa: F401  (part of this API)
 from .backends import Backend, Steering, open_backend
 from .evaluator import (
     Condition,

@@ -33,7 +33,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from ..core.errors import CnaError
-from ..core.settings import DiscoverOptions
+from ..core.settings.discover import DiscoverOptions
 from .backends import Steering
 from .evaluator import Condition, Evaluator
 from .sweep import SavedStats, fraction_label

@@ -39,7 +39,7 @@ import numpy as np
 
 from ..core.circuit import Circuit, ModelIdentity, PromptSetInfo
 from ..core.errors import CnaError
-from ..core.settings import DiscoverOptions
+from ..core.settings.discover import DiscoverOptions
 from ..discovery.cna import CaptureReport, ContrastStats, RunningStats, TopKCounts, collect, select
 from .backends import Steering
 from .evaluator import JUDGE_COLUMNS, METRIC_COLUMNS, Condition, ConditionResult, Evaluator, markdown_table

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..core.errors import CnaError
-from ..core.settings import AuditSettings
+from ..core.settings.audit import AuditSettings
 from .report import ManifestCheck, Provenance
 from .verdict import AdapterDiff, AdapterShape, ManifestResult
 

@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..core.settings import AuditSettings
+from ..core.settings.audit import AuditSettings
 from ..io.weights import open_weights
 from .diff_report import DiffReport
 from .modes import Run, base_free_mode, base_mode, manifest_mode

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from ..core.errors import CnaError
-from ..core.settings import AuditSettings
+from ..core.settings.audit import AuditSettings
 from .refusal_direction import default_recipe
 from .report import Answer, Behaviour, ModelBehaviour
 

@@ -49,7 +49,7 @@ import numpy as np
 
 from ..core.errors import CnaError
 from ..core.progress import bar as progress_bar
-from ..core.settings import RANK1_SHARE  # top singular value's share of a change's energy for a "rank-1" edit
+from ..core.settings.audit import RANK1_SHARE  # top singular value's share of a change's energy for a "rank-1" edit
 from ..io.quant_types import COARSE_ERROR, QUANT_TYPES, TORCH_FLOAT_NAMES
 from ..io.weights import TensorEntry, WeightSource, open_weights, pair_entries
 from .abliteration import RANK_K, DirectionalFinding, DirectionalScan

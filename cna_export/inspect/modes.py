@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from ..core.errors import CnaError
 from ..core.manifest import ExportManifest
-from ..core.settings import AuditSettings
+from ..core.settings.audit import AuditSettings
 from ..io.weights import WeightSource, open_weights
 from .diff import diff_sources
 from .report import BaseFreeFindings

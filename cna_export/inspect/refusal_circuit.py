@@ -11,7 +11,7 @@ import numpy as np
 
 from ..core.circuit import neuron_key
 from ..core.errors import CnaError
-from ..core.settings import AuditSettings
+from ..core.settings.audit import AuditSettings
 from ..io.weights import open_weights
 from .refusal_direction import default_recipe
 from .report import CircuitOverlap, Ranks
@@ -71,7 +71,8 @@ def base_statistics(base_spec: str, settings: AuditSettings, progress: bool = Fa
     recipe needs) and, with ``settings.stats``, saved there for the next audit against the same base.
     """
     from ..core.recipe import load_recipe
-    from ..core.settings import DiscoverOptions, ModelOptions, build
+    from ..core.settings.base import ModelOptions, build
+    from ..core.settings.discover import DiscoverOptions
     from ..evaluation.sweep import compute_stats, load_stats, save_stats
     from ..model.loading import load_model
     from .refusal_direction import require_chat_template

@@ -139,7 +139,8 @@ def _spread(texts: list[str], n: int) -> list[str]:
 
 def _recipe_sets(recipe: str | Path | None, limit: int) -> tuple[Any, dict[str, list[str]], dict[str, PromptSetInfo]]:
     from ..core.recipe import load_recipe
-    from ..core.settings import DiscoverOptions, build
+    from ..core.settings.base import build
+    from ..core.settings.discover import DiscoverOptions
     from ..model.prompts import load_prompts
 
     path = recipe or default_recipe()

@@ -59,7 +59,7 @@ from typing import Any, Sequence
 
 from ..core.errors import CnaError, VerificationFailed
 from ..core.manifest import ExportManifest
-from ..core.settings import GGUFVerifyOptions
+from ..core.settings.verify import GGUFVerifyOptions
 from ..export.gguf import read_gguf_manifest, resolve_gguf_model
 from ..io import gguf as G
 from .gguf_behaviour import check_behaviour

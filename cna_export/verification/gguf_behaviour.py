@@ -11,7 +11,7 @@ import numpy as np
 
 from ..core.errors import CnaError
 from ..core.progress import bar as progress_bar
-from ..core.settings import GGUFVerifyOptions, VerifyOptions
+from ..core.settings.verify import GGUFVerifyOptions, VerifyOptions
 from ..io.llama import llama_logits  # noqa: F401  (re-exported: the verification's llama.cpp logits)
 from .gguf_judge import BehaviourResult, confident_agreement  # noqa: F401  (part of this API)
 from .gguf_judge import judge as _judge

@@ -26,7 +26,7 @@ from typing import Any, Callable, Protocol
 
 import numpy as np
 
-from ..core.settings import GGUFVerifyOptions
+from ..core.settings.verify import GGUFVerifyOptions
 from .report import Check
 from .stats import (
     CRITERIA,

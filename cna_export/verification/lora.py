@@ -17,7 +17,7 @@ from typing import Any, Mapping, Sequence
 
 from ..core.errors import CnaError
 from ..core.manifest import ExportManifest
-from ..core.settings import VerifyOptions
+from ..core.settings.verify import VerifyOptions
 from .prompts import verification_prompts
 from .report import VerifyReport
 from .safetensors import compare_steered, export_manifest, loading_options, tolerances

@@ -11,7 +11,7 @@ from ..core.errors import CnaError
 DEFAULT_PROMPT_FILES = ("prompts/refusal-harmful.txt", "prompts/refusal-benign.txt")
 
 
-from ..core.settings import VERIFY_LIMIT as DEFAULT_LIMIT  # noqa: E402  (the default, written once)
+from ..core.settings.verify import VERIFY_LIMIT as DEFAULT_LIMIT  # noqa: E402  (the default, written once)
 
 
 def recipes_dir() -> Path:

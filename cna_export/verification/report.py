@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ..core.errors import CnaError
 
 # Default tolerances by compared dtype (the brief of issue #3; each is overridable by a flag).
-from ..core.settings import FP32_MAX_LOGIT_DELTA, HALF_MAX_KL, HALF_MIN_TOP1  # noqa: E402,F401
+from ..core.settings.verify import FP32_MAX_LOGIT_DELTA, HALF_MAX_KL, HALF_MIN_TOP1  # noqa: E402,F401
 from ..core.version import __version__
 
 

@@ -42,7 +42,7 @@ from typing import Any, Mapping, Sequence
 from ..core.errors import CnaError
 from ..core.manifest import ExportManifest
 from ..core.progress import bar as progress_bar
-from ..core.settings import VerifyOptions
+from ..core.settings.verify import VerifyOptions
 from .prompts import verification_prompts
 from .report import (
     MetricAccumulator,
