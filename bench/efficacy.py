@@ -94,7 +94,7 @@ def judge_path(key: str) -> Path:
 def step_stats(a) -> None:
     from cna_export.core.recipe import load_recipe
     from cna_export.core.settings import DiscoverOptions, build
-    from cna_export.evaluation.sweep import compute_stats, save_stats
+    from cna_export.evaluation.saved_stats import compute_stats, save_stats
     from cna_export.model.loading import load_model
 
     path = OUT / "stats.npz"
@@ -192,8 +192,9 @@ def _heretic_condition(a, Condition, Steering, open_backend):
 
 def _condition(row: Row, a, saved, attach):
     """The row's evaluation condition and its record (None: not available yet)."""
-    from cna_export.evaluation.backends import Steering, open_backend
+    from cna_export.evaluation.backends import open_backend
     from cna_export.evaluation.evaluator import Condition
+    from cna_export.evaluation.interventions import Steering
     from cna_export.evaluation.sweep import caa_conditions
 
     if row.peer:
@@ -209,8 +210,9 @@ def _condition(row: Row, a, saved, attach):
 def step_rows(a) -> None:
     from bench import strategies as st
     from cna_export.evaluation.backends import open_backend
-    from cna_export.evaluation.evaluator import Evaluator, load_jbb
-    from cna_export.evaluation.sweep import load_stats
+    from cna_export.evaluation.eval_sets import load_jbb
+    from cna_export.evaluation.evaluator import Evaluator
+    from cna_export.evaluation.saved_stats import load_stats
 
     todo = [r for r in selected(a) if not row_path(r.key).is_file()]
     if not todo:

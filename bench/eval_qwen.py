@@ -28,27 +28,21 @@ from pathlib import Path
 
 from bench._common import ROOT, splice
 from cna_export.evaluation.backends import open_backend
-from cna_export.evaluation.evaluator import (
-    EvalSettings,
-    Evaluator,
-    JsonlSink,
-    load_jbb,
-    markdown_table,
-    stderr_log,
-    write_report,
-)
-from cna_export.evaluation.jobs import EvalJob, TuneJob, run_tune_job
+from cna_export.evaluation.eval_sets import load_jbb
+from cna_export.evaluation.evaluator import EvalSettings, Evaluator, JsonlSink, markdown_table, stderr_log, write_report
+from cna_export.evaluation.jobs import EvalJob, TuneJob
 from cna_export.evaluation.metrics import mcnemar_p, mean, paired_flips, wilson_interval
+from cna_export.evaluation.saved_stats import load_stats
 from cna_export.evaluation.sweep import (
     caa_conditions,
     choose,
     cna_conditions,
-    load_stats,
     plot_sweep,
     run_conditions,
     sweep_csv,
     sweep_markdown,
 )
+from cna_export.evaluation.tune_job import run_tune_job
 
 MODEL = "bundled:qwen2.5-coder-0.5b"
 RECIPE = ROOT / "recipes" / "paper-refusal.yaml"  # the paper's method, whatever refusal.yaml defaults to
@@ -61,7 +55,7 @@ START, END = "<!-- eval-qwen:start -->", "<!-- eval-qwen:end -->"
 def step_stats(a) -> None:
     from cna_export.core.recipe import load_recipe
     from cna_export.core.settings import DiscoverOptions, build
-    from cna_export.evaluation.sweep import compute_stats, save_stats
+    from cna_export.evaluation.saved_stats import compute_stats, save_stats
     from cna_export.model.loading import load_model
 
     t0 = time.time()

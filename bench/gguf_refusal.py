@@ -45,7 +45,7 @@ from pathlib import Path
 from bench._common import ROOT
 from cna_export.core.circuit import Circuit
 from cna_export.core.manifest import side_manifest_path
-from cna_export.evaluation.evaluator import load_jbb
+from cna_export.evaluation.eval_sets import load_jbb
 from cna_export.evaluation.judge import KeywordJudge
 from cna_export.export.gguf import export_gguf
 from cna_export.io import bundled

@@ -25,10 +25,12 @@ import time
 from pathlib import Path
 
 from bench._common import ROOT, splice
-from cna_export.evaluation.backends import Steering, open_backend
-from cna_export.evaluation.evaluator import Condition, EvalSettings, Evaluator, load_jbb, split_pairs
+from cna_export.evaluation.backends import open_backend
+from cna_export.evaluation.eval_sets import load_jbb, split_pairs
+from cna_export.evaluation.evaluator import Condition, EvalSettings, Evaluator
+from cna_export.evaluation.interventions import Steering
+from cna_export.evaluation.saved_stats import load_stats
 from cna_export.evaluation.search import STRATEGIES as SEARCH_STRATEGIES
-from cna_export.evaluation.sweep import load_stats
 
 MODEL = "bundled:smollm2"
 RECIPE = ROOT / "recipes" / "paper-refusal.yaml"  # prompt sets + the paper's settings; strategies override
@@ -60,7 +62,7 @@ def samples_path(strategy: str) -> Path:
 def step_stats(a) -> None:
     from cna_export.core.recipe import load_recipe
     from cna_export.core.settings import DiscoverOptions, build
-    from cna_export.evaluation.sweep import compute_stats, save_stats
+    from cna_export.evaluation.saved_stats import compute_stats, save_stats
     from cna_export.model.loading import load_model
 
     loaded = load_model(MODEL)

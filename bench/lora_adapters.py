@@ -78,9 +78,10 @@ def peft_figures(folder: Path, model: str) -> dict:
 def llama_figures(folder: Path, model: str, n: int, max_new: int) -> dict:
     import llama_cpp
 
-    from cna_export.evaluation.backends import LlamaCppBackend, Steering
-    from cna_export.evaluation.evaluator import load_jbb
+    from cna_export.evaluation.eval_sets import load_jbb
+    from cna_export.evaluation.interventions import Steering
     from cna_export.evaluation.judge import KeywordJudge
+    from cna_export.evaluation.llama_backend import LlamaCppBackend
     from cna_export.io.sources import resolve_source
 
     base = resolve_source(model).path

@@ -189,7 +189,7 @@ class Driver:
 def _write_tune_prompts(bad: Path, good: Path) -> int:
     """The JBB tuning split of bench/strategies.py (harmful -> ``bad``, benign twins -> ``good``), one prompt per
     line, for heretic's evaluation; the number of pairs."""
-    from cna_export.evaluation.evaluator import load_jbb
+    from cna_export.evaluation.eval_sets import load_jbb
 
     harmful, benign = load_jbb()
     tune_idx, _ = st.jbb_split()
@@ -372,8 +372,10 @@ def convert() -> dict[str, Path]:
 
 def evaluate(a) -> None:
     """heretic's GGUF against the bundled one on the held-out pairs (bench/strategies.py's heldout settings)."""
-    from cna_export.evaluation.backends import Steering, open_backend
-    from cna_export.evaluation.evaluator import Condition, Evaluator, load_jbb
+    from cna_export.evaluation.backends import open_backend
+    from cna_export.evaluation.eval_sets import load_jbb
+    from cna_export.evaluation.evaluator import Condition, Evaluator
+    from cna_export.evaluation.interventions import Steering
 
     paths = convert()
     info = json.loads((RUN / "run.json").read_text())

@@ -30,18 +30,14 @@ import time
 from pathlib import Path
 
 from bench._common import ROOT, splice
-from cna_export.evaluation.backends import Steering, open_backend
-from cna_export.evaluation.evaluator import (
-    Condition,
-    EvalSettings,
-    Evaluator,
-    load_jbb,
-    markdown_table,
-    split_pairs,
-)
+from cna_export.evaluation.backends import open_backend
+from cna_export.evaluation.eval_sets import load_jbb, split_pairs
+from cna_export.evaluation.evaluator import Condition, EvalSettings, Evaluator, markdown_table
+from cna_export.evaluation.interventions import Steering
 from cna_export.evaluation.judge import get_judge
+from cna_export.evaluation.saved_stats import load_stats
 from cna_export.evaluation.search import STRATEGIES as SEARCH_STRATEGIES
-from cna_export.evaluation.sweep import caa_conditions, load_stats
+from cna_export.evaluation.sweep import caa_conditions
 
 MODEL = "bundled:qwen2.5-coder-0.5b"
 RECIPE = ROOT / "recipes" / "paper-refusal.yaml"  # prompt sets + the paper's settings; strategies override
@@ -97,7 +93,7 @@ def timing(step: str, seconds: float, extra: dict | None = None) -> None:
 def step_stats(a) -> None:
     from cna_export.core.recipe import load_recipe
     from cna_export.core.settings import DiscoverOptions, build
-    from cna_export.evaluation.sweep import compute_stats, save_stats
+    from cna_export.evaluation.saved_stats import compute_stats, save_stats
     from cna_export.model.loading import load_model
 
     t0 = time.time()

@@ -453,7 +453,7 @@ def test_audit_stats_file_is_saved_reused_and_checked(base, prompt_files, tmp_pa
     """--stats: the first audit computes the base's statistics and saves them; the next reads them
     (no model load) and reaches the same verdict; a file from other prompts or weights is refused."""
     import cna_export.model.loading
-    from cna_export.evaluation.sweep import load_stats
+    from cna_export.evaluation.saved_stats import load_stats
     from cna_export.model.prompts import load_prompts
 
     pos, neg, neu = prompt_files

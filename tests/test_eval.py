@@ -16,10 +16,14 @@ from cna_export.core.circuit import Circuit, Neuron
 from cna_export.core.errors import CnaError
 from cna_export.core.recipe import load_recipe
 from cna_export.core.settings import DiscoverOptions, build
-from cna_export.evaluation.backends import LlamaCppBackend, Steering, TransformersBackend
-from cna_export.evaluation.evaluator import EvalSet, EvalSettings, Evaluator, Item, load_jbb, split_pairs
+from cna_export.evaluation.backends import TransformersBackend
+from cna_export.evaluation.eval_sets import EvalSet, Item, load_jbb, split_pairs
+from cna_export.evaluation.evaluator import EvalSettings, Evaluator
+from cna_export.evaluation.interventions import Steering
+from cna_export.evaluation.llama_backend import LlamaCppBackend
 from cna_export.evaluation.metrics import kl_divergence
-from cna_export.evaluation.sweep import compute_stats, load_stats, parse_layers, save_stats
+from cna_export.evaluation.saved_stats import compute_stats, load_stats, save_stats
+from cna_export.evaluation.sweep import parse_layers
 from cna_export.model.generation import generate, greedy_generate
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -343,7 +347,7 @@ def test_load_jbb_from_env_and_pairs(tmp_path, monkeypatch):
 def test_jbb_missing_offline_is_a_clear_error(tmp_path, monkeypatch):
     import sys
 
-    import cna_export.evaluation.evaluator as E
+    import cna_export.evaluation.eval_sets as E
 
     monkeypatch.delenv("CNA_JBB_DIR", raising=False)
     monkeypatch.setattr(E, "jbb_dir_candidates", lambda explicit=None: [tmp_path / "nowhere"])

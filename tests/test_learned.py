@@ -210,7 +210,7 @@ def test_learned_needs_the_model_and_dense_neurons(tiny_loaded):
 
 
 def test_saved_stats_learn_with_the_attached_model_and_cache(tiny_loaded, tmp_path):
-    from cna_export.evaluation.sweep import compute_stats, load_stats, save_stats
+    from cna_export.evaluation.saved_stats import compute_stats, load_stats, save_stats
 
     loaded = tiny_loaded("llama")
     files = []
@@ -238,10 +238,11 @@ def test_tpe_searches_the_benign_weight_when_given_a_range(tiny_loaded, tmp_path
     import zlib
 
     from cna_export.evaluation.backends import TransformersBackend
-    from cna_export.evaluation.evaluator import EvalSet, EvalSettings, Evaluator, Item
+    from cna_export.evaluation.eval_sets import EvalSet, Item
+    from cna_export.evaluation.evaluator import EvalSettings, Evaluator
     from cna_export.evaluation.judge import Verdict
+    from cna_export.evaluation.saved_stats import compute_stats
     from cna_export.evaluation.search import SearchSpace, tpe_search
-    from cna_export.evaluation.sweep import compute_stats
 
     class HashJudge:  # random models never refuse in words: 'refused' when the answer's crc32 is even
         def judge(self, prompts, responses):

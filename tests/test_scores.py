@@ -353,7 +353,7 @@ def test_paper_recipe_reproduces_the_reference_circuit(tiny_loaded, prompt_files
 
 
 def test_saved_stats_reselect_every_strategy_identically(tiny_loaded, prompt_files, tmp_path):
-    from cna_export.evaluation.sweep import compute_stats, load_stats, save_stats
+    from cna_export.evaluation.saved_stats import compute_stats, load_stats, save_stats
 
     loaded = tiny_loaded("llama")
     pos, neg, neu = prompt_files

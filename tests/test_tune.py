@@ -14,10 +14,11 @@ from cna_export.core.errors import CnaError
 from cna_export.core.recipe import load_recipe
 from cna_export.core.settings import DiscoverOptions, build
 from cna_export.evaluation.backends import TransformersBackend
-from cna_export.evaluation.evaluator import EvalSet, EvalSettings, Evaluator, Item
+from cna_export.evaluation.eval_sets import EvalSet, Item
+from cna_export.evaluation.evaluator import EvalSettings, Evaluator
 from cna_export.evaluation.judge import Verdict
+from cna_export.evaluation.saved_stats import compute_stats
 from cna_export.evaluation.search import SearchSpace, dominates, feasible, pareto_front, resolve_strategies, tpe_search
-from cna_export.evaluation.sweep import compute_stats
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -35,7 +35,7 @@ def cmd_eval(ns: argparse.Namespace) -> int:
 
 
 def cmd_tune(ns: argparse.Namespace) -> int:
-    from ..evaluation.jobs import run_tune_job
+    from ..evaluation.tune_job import run_tune_job
 
     tune = settings_of(ns, TuneJob, recipe_section(getattr(ns, "recipe", None), "tune"), eval=_eval_job(ns, "tune"))
     guard(ns, tune, overwrite=tune.eval.overwrite)

@@ -236,7 +236,8 @@ class ModelJudge:
     @classmethod
     def open(cls, model: str | Path | None = None, threads: int | None = None, batch_size: int = 8) -> "ModelJudge":
         """The judge on a GGUF file (llama.cpp, the file's own chat template, :data:`JUDGE_SYSTEM`)."""
-        from .backends import LlamaCppBackend, Steering
+        from .interventions import Steering
+        from .llama_backend import LlamaCppBackend
 
         if model is None:
             raise CnaError("--judge model needs --judge-model FILE.gguf (a local instruction model)")

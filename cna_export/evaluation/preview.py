@@ -68,7 +68,8 @@ def choose_target(written: dict[str, Path]) -> tuple[Target, Path]:
 
 def _backends(run: PreviewRun, reference: Callable[[], Any]) -> tuple[Any, Any, str, str]:
     """(before, after, their descriptions); ``reference()`` gives the loaded source model (transformers)."""
-    from .backends import LlamaCppBackend, TransformersBackend
+    from .backends import TransformersBackend
+    from .llama_backend import LlamaCppBackend
 
     common = dict(chat_template=run.chat_template, system_prompt=run.system_prompt)
     if run.target in ("gguf", "gguf-lora"):
@@ -110,7 +111,7 @@ def first_token_kl(before: Sequence[Any], after: Sequence[Any]) -> float:
 
 
 def _answer(backends: tuple[Any, Any], prompts: Sequence[str], max_new: int) -> tuple[list[Any], list[Any]]:
-    from .backends import Steering
+    from .interventions import Steering
 
     return [b.generate(list(prompts), Steering.none(), max_new, first_logprobs=True) for b in backends]  # type: ignore
 

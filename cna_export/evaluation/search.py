@@ -34,9 +34,10 @@ from pydantic import ValidationError
 
 from ..core.errors import CnaError
 from ..core.settings.discover import DiscoverOptions
-from .backends import Steering
 from .evaluator import Condition, Evaluator
-from .sweep import SavedStats, fraction_label
+from .interventions import Steering
+from .saved_stats import SavedStats
+from .sweep import fraction_label
 
 # Named strategies: DiscoverOptions overrides of the recipe's settings ("recipe": none at all).
 STRATEGIES: dict[str, dict[str, Any]] = {

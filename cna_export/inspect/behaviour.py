@@ -48,7 +48,8 @@ def behaviour_check(models: Sequence[tuple[str, str]], settings: AuditSettings) 
 
 def _answers(spec: str, prompts: list[str], judge: KeywordJudge, settings: AuditSettings) -> ModelBehaviour:
     """One model's greedy answers to ``prompts``, judged."""
-    from ..evaluation.backends import Steering, open_backend
+    from ..evaluation.backends import open_backend
+    from ..evaluation.interventions import Steering
 
     t0 = time.perf_counter()
     backend = open_backend(spec, backend=settings.backend, batch_size=settings.batch_size, threads=settings.threads)

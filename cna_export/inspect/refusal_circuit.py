@@ -73,7 +73,7 @@ def base_statistics(base_spec: str, settings: AuditSettings, progress: bool = Fa
     from ..core.recipe import load_recipe
     from ..core.settings.base import ModelOptions, build
     from ..core.settings.discover import DiscoverOptions
-    from ..evaluation.sweep import compute_stats, load_stats, save_stats
+    from ..evaluation.saved_stats import compute_stats, load_stats, save_stats
     from ..model.loading import load_model
     from .refusal_direction import require_chat_template
 
