@@ -4,6 +4,7 @@
     nice -n 10 python bench/audit_sweep.py            # all steps, resumable (finished cells are skipped)
     python bench/audit_sweep.py --only calibrate       # just the calibration table (core/data/base_free.json)
     python bench/audit_sweep.py --only report          # just the table, JSON and plot from the finished cells
+    python bench/audit_sweep.py --only restore,heretic,report   # a new machine: the published cells, plus heretic's
 
 Steps:
 
@@ -27,6 +28,13 @@ Steps:
   harmful prompts of the recipe that the direction was NOT computed from (held out).
 * ``clean``: false positives: every bundled model as shipped, re-quantised to Q8_0 / Q4_K_M, and as F32; and each
   with 1% rms noise and a merged random rank-8 LoRA on every writer (F32, Q8_0, Q4_K_M, in memory).
+* ``heretic``: heretic 1.4.0's own edits of Qwen (every model bench/peer_heretic.py saved: the chosen trial of its
+  run, and each ``--extra-trial``), scored like a sweep cell (gap score per storage, refusals), plus the verdict of
+  the whole base-free audit as a user runs it (``cna-export audit FILE --no-generate``: every base-free signal, not
+  only the gap score), on the Q8_0 and Q4_K_M files.
+* ``restore`` (only when asked): every cell of the published bench/results/audit_sweep/audit_sweep.json that has
+  no file here is written back from it (marked ``restored``), so a machine without the untracked cells adds new ones
+  (heretic's) to the same report without re-running the sweep; delete a cell's file to measure it again.
 * ``report``: bench/results/audit_sweep/{audit_sweep.md, audit_sweep.json, detection.png}, and the summary
   between the audit-sweep markers of bench/README.md.
 
@@ -262,6 +270,37 @@ def cached(key: str, fn, *args) -> dict:
     return res
 
 
+def restore() -> None:
+    """The published cells (bench/results/audit_sweep/audit_sweep.json) that have no file here, written back."""
+    published = RESULTS / "audit_sweep.json"
+    if not published.is_file():
+        return
+    pub = json.loads(published.read_text())
+    cells: dict[str, dict] = {}
+    for name, n in pub["base_refusals"].items():
+        cells[f"base {name}"] = {"refused": n, "n": N_EVAL, "max_tokens": MAX_TOKENS}
+    for c in pub["clean"]:
+        cells[f"clean {c['model']} {c['variant']} {c['storage']}"] = c
+    for r in pub["edits"]:
+        lam = r["strength"]
+        key = f"edit {r['model']} {r['label'].replace(',', '')}" if r.get("label") else \
+            f"edit {r['model']} {r['technique']} {r['window']} {lam:g}"
+        lo, hi = map(int, r["layers"].split("-"))
+        cell = cells.setdefault(key, {"model": r["model"], "technique": r["technique"], "window": r["window"],
+                                      "strength": lam, "label": r.get("label"), "layers": list(range(lo, hi + 1)),
+                                      "storage": {}})
+        cell["storage"][r["storage"]] = {"flagged": r["flagged"], "gap": r["gap"], "threshold": r["threshold"],
+                                         "window": r["gap_window"], "writers": r["gap_writers"],
+                                         "refused": r["refused"], **({"audit": r["audit"]} if r.get("audit") else {})}
+    done = 0
+    for key, cell in cells.items():
+        if not cell_path(key).is_file():
+            cell_path(key).parent.mkdir(parents=True, exist_ok=True)
+            cell_path(key).write_text(json.dumps(dict(cell, restored=True), indent=1))
+            done += 1
+    log(f"restored {done} of {len(cells)} published cells from {published.relative_to(ROOT)}")
+
+
 def score_record(sc) -> dict:
     return {"flagged": sc.flagged, "gap": sc.score, "threshold": sc.threshold, "window": sc.window,
             "writers": sc.writers, "flagged_windows": sc.flagged_windows, "uncalibrated": sc.uncalibrated}
@@ -277,7 +316,8 @@ def eval_prompts() -> list[str]:
 
 
 def refusals(path: Path) -> int:
-    from cna_export.evaluation.backends import Steering, open_backend
+    from cna_export.evaluation.backends import open_backend
+    from cna_export.evaluation.interventions import Steering
     from cna_export.evaluation.judge import KeywordJudge
 
     prompts = eval_prompts()
@@ -328,21 +368,86 @@ def edit(T: dict, r: np.ndarray, technique: str, window: str, lam: float) -> dic
 
 
 def sweep_cell(model: str, T: dict, r: np.ndarray, technique: str, window: str, lam: float, generate: bool) -> dict:
-    E = edit(T, r, technique, window, lam)
-    full = dict(T, **E)
-    rec: dict = {"model": model, "technique": technique, "window": window, "strength": lam, "storage": {},
+    rec: dict = {"model": model, "technique": technique, "window": window, "strength": lam,
                  "layers": window_layers(window, ab.n_layers(T))}
-    rec["storage"]["F32"] = score_record(gap_score(full, "F32"))
+    return score_edit(model, T, edit(T, r, technique, window, lam), rec, generate)
+
+
+def score_edit(model: str, T: dict, E: dict, rec: dict, generate: bool, verdict: bool = False) -> dict:
+    """``rec`` with the gap score of the edit ``E`` of ``T`` in each storage type (F32 in memory; Q8_0 and Q4_K_M as
+    the edited tensors spliced into the clean file), the refusals of each GGUF, and with ``verdict`` the whole
+    base-free audit's verdict on each GGUF (``cna-export audit FILE --no-generate``: every signal, not only the gap)."""
+    rec["storage"] = {"F32": score_record(gap_score(dict(T, **E), "F32"))}
     for storage in ("Q8_0", "Q4_K_M"):
         path = OUT / f"{model}.edit.{storage}.gguf"
         path.unlink(missing_ok=True)
         gguf_rebuild.splice_edit(reference(model, storage), E, path)
         entry = score_record(_scan(str(path)))
         entry["refused"] = refusals(path) if generate else None
+        if verdict:
+            entry["audit"] = audit_verdict(path)
         rec["storage"][storage] = entry
         path.unlink()
     rec["storage"]["F32"]["refused"] = rec["storage"]["Q8_0"]["refused"]
     return rec
+
+
+def audit_verdict(path: Path) -> dict:
+    """The base-free audit's verdict on ``path`` as a user gets it (weights only: ``--no-generate``)."""
+    from cna_export.core.settings import AuditSettings
+    from cna_export.inspect.audit import audit
+
+    rep = audit(str(path), AuditSettings(generate=False))
+    return {"exit_code": int(rep.exit_code), "verdict": rep.verdict, "findings": rep.findings}
+
+
+# -- heretic's edits -----------------------------------------------------------------------------------------------
+
+
+def heretic_models() -> dict[str, Path]:
+    """heretic's saved models (bench/peer_heretic.py's run: the chosen trial, and any other trial of its front
+    saved with ``--extra-trial``), by label."""
+    from bench import peer_heretic
+
+    run = peer_heretic.RUN / "run.json"
+    if not run.is_file():
+        return {}
+    info = json.loads(run.read_text())
+    found = {}
+    if (peer_heretic.RUN / "model" / "config.json").is_file():
+        found[f"heretic {info['trials']} trials, trial {info['choice']['trial']}"] = peer_heretic.RUN / "model"
+    for t in sorted(info.get("extra", {}), key=int):
+        folder = peer_heretic.RUN / f"model-t{t}"
+        if (folder / "config.json").is_file():
+            found[f"heretic {info['trials']} trials, trial {t}"] = folder
+    return found
+
+
+def heretic(generate: bool = True) -> None:
+    """Every heretic edit of Qwen found on disk, scored like a sweep cell, plus the whole audit's verdict."""
+    from bench import peer_heretic
+
+    found = heretic_models()
+    if not found:
+        log("no heretic model saved yet (python bench/peer_heretic.py --run): heretic cells skipped")
+        return
+    T = None
+    for label, folder in found.items():
+        key = f"edit qwen {label.replace(',', '')}"
+        if cell_path(key).is_file():
+            continue
+        T = T if T is not None else hf_tensors(MODELS["qwen"])
+        E = peer_heretic._changed(folder)
+        unknown = sorted(set(E) - set(T))
+        if unknown:
+            raise SystemExit(f"heretic changed tensors the sweep does not know: {unknown[:3]}")
+        layers = sorted({int(k.split(".")[2]) for k in E if k.startswith("model.layers.")})
+        rec = {"model": "qwen", "technique": "heretic", "window": "heretic", "strength": None, "label": label,
+               "layers": layers, "tensors": len(E)}
+        res = cached(key, score_edit, "qwen", T, E, rec, generate, True)
+        log(f"{key}: " + ", ".join(f"{s} {'FLAG' if v['flagged'] else 'ok'} {v['gap']:.2f}/{v['threshold']:.2f} "
+                                   f"ref {v['refused']} audit exit {v.get('audit', {}).get('exit_code', '-')}"
+                                   for s, v in res["storage"].items()))
 
 
 def sweep(models: list[str], windows, strengths, techniques) -> None:
@@ -391,14 +496,16 @@ def clean(models: list[str]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--only", default=None, help="comma-separated steps: calibrate,clean,sweep,report")
+    ap.add_argument("--only", default=None, help="comma-separated steps: restore,calibrate,clean,sweep,heretic,report")
     ap.add_argument("--models", default="qwen,gemma,smollm2", help="models for the sweep")
     ap.add_argument("--windows", default=",".join(WINDOWS))
     ap.add_argument("--strengths", default=",".join(f"{s:g}" for s in STRENGTHS))
     ap.add_argument("--techniques", default=",".join(TECHNIQUES))
     args = ap.parse_args()
-    steps = set(args.only.split(",")) if args.only else {"calibrate", "clean", "sweep", "report"}
+    steps = set(args.only.split(",")) if args.only else {"calibrate", "clean", "sweep", "heretic", "report"}
     OUT.mkdir(parents=True, exist_ok=True)
+    if "restore" in steps:
+        restore()
     if "calibrate" in steps and (args.only or not TABLE.is_file()):
         calibrate()
     if "clean" in steps:
@@ -406,6 +513,8 @@ def main() -> None:
     if "sweep" in steps:
         sweep(args.models.split(","), args.windows.split(","), [float(s) for s in args.strengths.split(",")],
               args.techniques.split(","))
+    if "heretic" in steps:
+        heretic()
     if "report" in steps:
         from bench.audit_sweep_report import report
 

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 STORAGES = ("F32", "Q8_0", "Q4_K_M")
-WINDOW_ORDER = ("early", "middle", "late", "all")
+WINDOW_ORDER = ("early", "middle", "late", "all", "heretic")  # heretic: its own layer kernel (bench/peer_heretic.py)
 BINS = ((None, 0.0, "none"), (0.0, 0.25, "1-24%"), (0.25, 0.5, "25-49%"), (0.5, 0.75, "50-74%"),
         (0.75, 1.01, "75-100%"))  # lo <= reduction < hi
 FLOOR = 1e-3  # plotted gap / threshold floor (an exact ablation's gap is 0)
@@ -24,7 +24,7 @@ def load(cells: Path) -> tuple[dict, list[dict], list[dict]]:
         elif name.startswith("edit_"):
             edits.append(rec)
         elif name.startswith("clean_"):
-            clean.append(rec)
+            clean.append({k: v for k, v in rec.items() if k != "restored"})
     return base, edits, clean
 
 
@@ -48,10 +48,19 @@ def rows(base: dict, edits: list[dict]) -> list[dict]:
                         "layers": f"{e['layers'][0]}-{e['layers'][-1]}", "strength": e["strength"], "storage": storage,
                         "refused_base": b, "refused": c.get("refused"), "reduction": red, "gap": c["gap"],
                         "threshold": c["threshold"], "flagged": c["flagged"], "gap_window": c["window"],
-                        "gap_writers": c["writers"]})
+                        "gap_writers": c["writers"], "label": e.get("label"),
+                        "audit": c.get("audit")})
     order = {w: i for i, w in enumerate(WINDOW_ORDER)}
-    return sorted(out, key=lambda r: (r["model"], r["technique"], order[r["window"]], r["strength"],
-                                      STORAGES.index(r["storage"])))
+    return sorted(out, key=lambda r: (r["model"], r["technique"], order[r["window"]], r["label"] or "",
+                                      -1 if r["strength"] is None else r["strength"], STORAGES.index(r["storage"])))
+
+
+def _strength(r: dict) -> str:
+    return "-" if r["strength"] is None else f"{r['strength']:g}"
+
+
+def _name(r: dict) -> str:
+    return r["label"] or f"{r['technique']} {r['window']} x{_strength(r)}"
 
 
 def _pct(x: float | None) -> str:
@@ -87,7 +96,7 @@ def markdown(base: dict, rs: list[dict], clean: list[dict], cv: list[dict]) -> s
             cells = {c["reduction"]: f"{c['flagged']}/{c['cells']}" for c in cv if c["by"] == key and c["value"] == v}
             if cells:
                 lines.append(f"| {key} | {v} | " + " | ".join(cells.get(b[2], "-") for b in BINS) + " |")
-    strengths = sorted({r["strength"] for r in rs})
+    strengths = sorted({r["strength"] for r in rs if r["strength"] is not None})
     lines += ["", "### Detection by strength, every model (with or without a refusal count; cells flagged / cells)", "",
               "| model | storage | " + " | ".join(f"x{s:g}" for s in strengths) + " |",
               "|---|---|" + "---|" * len(strengths)]
@@ -102,20 +111,38 @@ def markdown(base: dict, rs: list[dict], clean: list[dict], cv: list[dict]) -> s
     for r in rs:
         ref = "-" if r["refused"] is None else f"{r['refused_base']} -> {r['refused']}"
         weakest = f"{r['gap_writers']} {r['gap_window'][0]}-{r['gap_window'][1]}"
-        lines.append(f"| {r['model']} | {r['technique']} | {r['window']} ({r['layers']}) | {r['strength']:g} | "
-                     f"{r['storage']} | {ref} | {_pct(r['reduction'])} | {r['gap']:.3f} / {r['threshold']:.3f} | "
-                     f"{'yes' if r['flagged'] else 'no'} | {weakest} |")
+        lines.append(f"| {r['model']} | {r['label'] or r['technique']} | {r['window']} ({r['layers']}) | "
+                     f"{_strength(r)} | {r['storage']} | {ref} | {_pct(r['reduction'])} | "
+                     f"{r['gap']:.3f} / {r['threshold']:.3f} | {'yes' if r['flagged'] else 'no'} | {weakest} |")
     lines += ["", "### Clean files (false positives)", "", "| model | file | storage | gap / threshold | flagged |",
               "|---|---|---|---|---|"]
     for c in sorted(clean, key=lambda c: (c["model"], c["variant"], c["storage"])):
         lines.append(f"| {c['model']} | {c['variant']} | {c['storage']} | {c['gap']:.3f} / {c['threshold']:.3f} | "
                      f"{'yes' if c['flagged'] else 'no'} |")
+    lines += heretic_lines(rs)
     if missed:
         lines += ["", "### Missed edits that remove >= 50% of the refusals", ""]
-        lines += [f"* {r['model']} {r['technique']} {r['window']} x{r['strength']:g} {r['storage']}: "
+        lines += [f"* {r['model']} {_name(r)} {r['storage']}: "
                   f"{_pct(r['reduction'])} fewer refusals, gap {r['gap']:.3f} vs threshold {r['threshold']:.3f}"
                   for r in missed]
     return "\n".join(lines) + "\n"
+
+
+def heretic_lines(rs: list[dict]) -> list[str]:
+    """heretic's edits: the gap score and the whole base-free audit's verdict (every signal), per GGUF."""
+    hs = [r for r in rs if r["technique"] == "heretic" and r["audit"] is not None]
+    if not hs:
+        return []
+    lines = ["", "### heretic 1.4.0's edits, base-free (the gap score, and the whole audit as a user runs it)", "",
+             "| edit | layers | storage | refusals | reduction | gap / threshold | gap flags | audit exit | "
+             "audit verdict |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in hs:
+        a = r["audit"]
+        ref = "-" if r["refused"] is None else f"{r['refused_base']} -> {r['refused']}"
+        lines.append(f"| {r['label']} | {r['layers']} | {r['storage']} | {ref} | {_pct(r['reduction'])} | "
+                     f"{r['gap']:.3f} / {r['threshold']:.3f} | {'yes' if r['flagged'] else 'no'} | {a['exit_code']} | "
+                     f"{a['verdict'].replace('|', '/')[:160]} |")
+    return lines
 
 
 def plot(rs: list[dict], clean: list[dict], path: Path) -> None:
@@ -124,8 +151,9 @@ def plot(rs: list[dict], clean: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colours = {"early": "tab:blue", "middle": "tab:orange", "late": "tab:green", "all": "tab:red"}
-    markers = {"rank1": "o", "normpres3": "s"}
+    colours = {"early": "tab:blue", "middle": "tab:orange", "late": "tab:green", "all": "tab:red",
+               "heretic": "tab:purple"}
+    markers = {"rank1": "o", "normpres3": "s", "heretic": "D"}
     fig, axes = plt.subplots(1, len(STORAGES), figsize=(15, 4.8), sharey=True)
     for ax, storage in zip(axes, STORAGES, strict=True):
         for r in rs:

@@ -34,6 +34,7 @@ def _record(row) -> dict | None:
     if not row_path(row.key).is_file():
         return None
     s = json.loads(row_path(row.key).read_text())["summary"]
+    s.pop("restored", None)  # a row written back from the published record (bench/efficacy.py --steps restore)
     if judge_path(row.key).is_file():
         j = json.loads(judge_path(row.key).read_text())
         s.update(judge_refused=j["harmful"]["refused"], judge_over_refused=j["benign"]["refused"],
