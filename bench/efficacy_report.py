@@ -184,7 +184,8 @@ def section(recs: list[dict], base: dict, missing: list[str]) -> str:
     judge = next((s["judge_model"] for s in recs if s.get("judge_model")), None)
     heretic = next((s for s in recs if s["group"] == "peer"), None)
     lines = [START, "", "Regenerate: `python bench/efficacy.py` (steps stats, heretic, rows, judge, report; resumable, "
-             "finished rows cached in bench/out/efficacy/). Model `bundled:qwen2.5-coder-0.5b` (Q4_K_M GGUF), "
+             "finished rows cached in bench/out/efficacy/; `--steps restore` first writes the published rows back on a "
+             "new machine, so that only new rows are run). Model `bundled:qwen2.5-coder-0.5b` (Q4_K_M GGUF), "
              f"held-out JBB pairs ({base['harmful_n']} harmful + {base['benign_n']} benign twins, never used for "
              "any choice), greedy, 150 tokens, llama.cpp on the exported GGUF of each row. Statistics and learned "
              "multipliers use the recipes' own prompts only. kw: the paper's keyword judge; ph: the phrases judge; "
