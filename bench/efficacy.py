@@ -62,7 +62,8 @@ class Row:
     recipe: str | None = None  # recipes/NAME.yaml
     overrides: dict = field(default_factory=dict)  # DiscoverOptions fields over the recipe's
     alpha: float | None = None  # CAA
-    peer: bool = False  # heretic's chosen trial
+    peer: bool = False  # heretic: its chosen trial, or (trial) another trial of its front
+    trial: int | None = None
 
 
 # Run order = priority order (hardening first, then removal, then the peers the frontier compares with).
@@ -80,6 +81,7 @@ ROWS: list[Row] = [
     Row("caa-0.5", "removal", "CAA alpha=-0.5", alpha=-0.5),
     Row("caa-1", "removal", "CAA alpha=-1", alpha=-1.0),
     Row("heretic", "peer", "heretic", peer=True),
+    Row("heretic-t13", "peer", "heretic, trial 13 of its front", peer=True, trial=13),
 ]
 
 
@@ -176,20 +178,35 @@ def circuit_info(circuit) -> dict:
 # -- rows --------------------------------------------------------------------------------------------------------
 
 
-def _heretic_condition(a, Condition, Steering, open_backend):
+def _heretic_gguf(row: Row) -> Path | None:
+    """The GGUF of the row's heretic model: the chosen trial's (step heretic), or another trial of the front, saved
+    by re-opening the finished study (bench/peer_heretic.py --extra-trial) and spliced into the bundled file."""
+    from bench import gguf_rebuild, peer_heretic
+    from cna_export.io.bundled import resolve
+
+    if row.trial is None:
+        return peer_heretic.RUN / "heretic.Q4_K_M.gguf"
+    path = peer_heretic.RUN / f"heretic-t{row.trial}.Q4_K_M.gguf"
+    if not path.is_file():
+        gguf_rebuild.splice_edit(resolve(MODEL), peer_heretic._changed(peer_heretic.run_extra(row.trial)), path)
+    return path
+
+
+def _heretic_condition(row: Row, a, Condition, Steering, open_backend):
     from bench import peer_heretic
 
     run = peer_heretic.RUN / "run.json"
-    gguf = peer_heretic.RUN / "heretic.Q4_K_M.gguf"
-    if not run.is_file() or not gguf.is_file():
+    if not run.is_file() or not (peer_heretic.RUN / "heretic.Q4_K_M.gguf").is_file():
         log("heretic row: no finished heretic run yet (step heretic); skipped", sys.stderr)
         return None
+    gguf = _heretic_gguf(row)
     info = json.loads(run.read_text())
-    ch = info["choice"]
+    ch = info["choice"] if row.trial is None else dict(info["extra"][str(row.trial)], trial=row.trial)
     title = f"heretic {peer_heretic.HERETIC_VERSION} ({info['trials']} trials, trial {ch['trial']})"
     backend = open_backend(str(gguf), "llama.cpp", batch_size=a.batch_size, threads=a.threads)
     extra = {"trials": info["trials"], "trial": ch["trial"], "tune_refusals": ch["refusals"], "tune_kl": ch["kl"],
-             "heretic_seconds": info.get("wall_seconds"), "front": info.get("front")}
+             "heretic_seconds": info.get("wall_seconds"), "front": info.get("front"),
+             "chosen": row.trial is None}
     return Condition(title, Steering.none(title), backend, extra)
 
 
@@ -201,7 +218,7 @@ def _condition(row: Row, a, saved, attach):
     from cna_export.evaluation.sweep import caa_conditions
 
     if row.peer:
-        return _heretic_condition(a, Condition, Steering, open_backend)
+        return _heretic_condition(row, a, Condition, Steering, open_backend)
     if row.alpha is not None:
         c = caa_conditions(saved, [row.alpha], list(range(CAA_LAYERS_FROM, saved.identity.num_layers)))[0]
         return Condition(row.title, c.steering, None, dict(c.info))

@@ -182,7 +182,7 @@ def frontier_plot(recs: list[dict], base: dict, path: Path) -> None:
 
 def section(recs: list[dict], base: dict, missing: list[str]) -> str:
     judge = next((s["judge_model"] for s in recs if s.get("judge_model")), None)
-    heretic = next((s for s in recs if s["group"] == "peer"), None)
+    heretic = next((s for s in recs if s["group"] == "peer" and s.get("chosen", True)), None)
     lines = [START, "", "Regenerate: `python bench/efficacy.py` (steps stats, heretic, rows, judge, report; resumable, "
              "finished rows cached in bench/out/efficacy/; `--steps restore` first writes the published rows back on a "
              "new machine, so that only new rows are run). Model `bundled:qwen2.5-coder-0.5b` (Q4_K_M GGUF), "
@@ -209,8 +209,8 @@ def step_report(a) -> None:
     recs, missing = [], []
     for row in ROWS:
         s = _record(row)
-        if s is not None and not row.peer:
-            s = {**s, "title": row.title}  # the row's current label (a cached row keeps the one it was run under)
+        if s is not None:  # the row's current label (a cached row keeps the one it was run under); heretic's names
+            s = {**s, "title": s.get("label", row.title) if row.peer else row.title}  # its trial
         (recs.append(s) if s is not None else missing.append(row.title))
     base = next((s for s in recs if s["key"] == "unsteered"), None)
     if base is None:
