@@ -154,6 +154,10 @@ def _cna_text(diff: DiffReport, co: CircuitOverlap | None) -> str:
     return f"CNA neuron steering ({action}): {neuron_summary(diff.neurons)}{extra}"
 
 
+BASE_FREE_CLEAN = ("no steering edits found (weights only: a partial directional ablation, such as heretic's, "
+                   "can stay below this check's limit; compare with --base to rule one out, docs/audit.md)")
+
+
 @_verdict.register
 def _(r: BaseFreeResult) -> Verdict:
     parts = []
@@ -166,8 +170,7 @@ def _(r: BaseFreeResult) -> Verdict:
         parts.append("refusals stripped by directional ablation: " + "; ".join(ablation))
     if r.embedded is not None:
         parts.append(_manifest_claim(r))
-    return Verdict("; ".join(parts) if parts else "no steering edits found",
-                   ExitCode.STEERED if parts else ExitCode.OK, parts)
+    return Verdict("; ".join(parts) if parts else BASE_FREE_CLEAN, ExitCode.STEERED if parts else ExitCode.OK, parts)
 
 
 def _isolated(r: BaseFreeResult) -> str | None:
