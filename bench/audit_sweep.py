@@ -437,7 +437,7 @@ def heretic(generate: bool = True) -> None:
         if cell_path(key).is_file():
             continue
         T = T if T is not None else hf_tensors(MODELS["qwen"])
-        E = peer_heretic._changed(folder)
+        E = peer_heretic.changed_tensors(folder)
         unknown = sorted(set(E) - set(T))
         if unknown:
             raise SystemExit(f"heretic changed tensors the sweep does not know: {unknown[:3]}")

@@ -178,20 +178,6 @@ def circuit_info(circuit) -> dict:
 # -- rows --------------------------------------------------------------------------------------------------------
 
 
-def _heretic_gguf(row: Row) -> Path | None:
-    """The GGUF of the row's heretic model: the chosen trial's (step heretic), or another trial of the front, saved
-    by re-opening the finished study (bench/peer_heretic.py --extra-trial) and spliced into the bundled file."""
-    from bench import gguf_rebuild, peer_heretic
-    from cna_export.io.bundled import resolve
-
-    if row.trial is None:
-        return peer_heretic.RUN / "heretic.Q4_K_M.gguf"
-    path = peer_heretic.RUN / f"heretic-t{row.trial}.Q4_K_M.gguf"
-    if not path.is_file():
-        gguf_rebuild.splice_edit(resolve(MODEL), peer_heretic._changed(peer_heretic.run_extra(row.trial)), path)
-    return path
-
-
 def _heretic_condition(row: Row, a, Condition, Steering, open_backend):
     from bench import peer_heretic
 
@@ -199,7 +185,7 @@ def _heretic_condition(row: Row, a, Condition, Steering, open_backend):
     if not run.is_file() or not (peer_heretic.RUN / "heretic.Q4_K_M.gguf").is_file():
         log("heretic row: no finished heretic run yet (step heretic); skipped", sys.stderr)
         return None
-    gguf = _heretic_gguf(row)
+    gguf = peer_heretic.RUN / "heretic.Q4_K_M.gguf" if row.trial is None else peer_heretic.trial_gguf(row.trial)
     info = json.loads(run.read_text())
     ch = info["choice"] if row.trial is None else dict(info["extra"][str(row.trial)], trial=row.trial)
     title = f"heretic {peer_heretic.HERETIC_VERSION} ({info['trials']} trials, trial {ch['trial']})"

@@ -323,7 +323,18 @@ def run_extra(trial: int) -> Path:
     return out
 
 
-def _changed(model_dir: Path) -> dict:
+def trial_gguf(trial: int) -> Path:
+    """Another trial of the finished study's front as a GGUF (once): saved by :func:`run_extra`, its changed tensors
+    spliced into the bundled file, each quantised by ggml to the type the shipped file has for it."""
+    from cna_export.io.bundled import resolve
+
+    path = RUN / f"heretic-t{trial}.Q4_K_M.gguf"
+    if not path.is_file():
+        gguf_rebuild.splice_edit(resolve(MODEL), changed_tensors(run_extra(trial)), path)
+    return path
+
+
+def changed_tensors(model_dir: Path) -> dict:
     """The tensors of ``model_dir`` (heretic's merged model) that differ from the float32 base."""
     import numpy as np
     from safetensors import safe_open
@@ -357,7 +368,7 @@ def convert() -> dict[str, Path]:
     if all(p.is_file() for p in out.values()):
         return out
     reference = resolve(MODEL)
-    changed = _changed(RUN / "model")
+    changed = changed_tensors(RUN / "model")
     log(f"heretic changed {len(changed)} tensors: "
         f"{sorted({re.sub(r'layers[.]([0-9]+)[.]', 'layers.N.', k) for k in changed})}", sys.stderr)
     (RUN / "changed.json").write_text(json.dumps(sorted(changed), indent=1) + "\n")
@@ -391,11 +402,7 @@ def evaluate(a) -> None:
                      "trial": ch["trial"], "tune_refusals": ch["refusals"], "tune_kl": ch["kl"]}),
     }
     for t in getattr(a, "extra_trial", None) or []:
-        from cna_export.io.bundled import resolve
-
-        path = RUN / f"heretic-t{t}.Q4_K_M.gguf"
-        if not path.is_file():
-            gguf_rebuild.splice_edit(resolve(MODEL), _changed(run_extra(t)), path)
+        path = trial_gguf(t)
         f = json.loads((RUN / "run.json").read_text())["extra"][str(t)]
         rows[f"t{t}"] = (path, f"heretic {HERETIC_VERSION} ({info['trials']} trials, trial {t})",
                          {"method": "peer", "strategy": "heretic", "peer": "heretic-extra", "trials": info["trials"],
