@@ -54,7 +54,7 @@ from ..core.manifest import (
 from ..io import gguf as G
 from ..io.filecopy import clone_file
 from ..io.identity import gguf_fingerprint, gguf_identity, known_gguf_fingerprint
-from ..io.quants import ScaleReport
+from ..io.scale_report import ScaleReport
 from ..io.sources import ModelSource, resolve_source
 from .card import modelfile_path, render_modelfile
 from .plan import StagedExport, plan_patches, run_check

@@ -14,19 +14,22 @@
 from __future__ import annotations
 
 import hashlib
+import operator
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping
-
-import numpy as np
+from typing import TYPE_CHECKING, Any, Literal, Mapping
 
 from ..core.errors import CnaError
+from . import row_scale
 from .filecopy import write_at
 from .gguf_read import tensor_map
 from .quant_layouts import get_layout
 from .quant_types import FLOAT_TYPES
-from .quants import ScaleReport, normalise_rows, scale_rows
+from .scale_report import ScaleReport
+
+if TYPE_CHECKING:
+    import numpy as np
 
 Axis = Literal["row", "column", "element"]
 
@@ -65,6 +68,10 @@ class TensorPatch:
 
     def apply(self, buf: np.ndarray) -> ScaleReport:
         """Scale ``buf`` (writable, C-contiguous, laid out like ``ReaderTensor.data``) in place."""
+        import numpy as np
+
+        from .quants import scale_rows
+
         self.check()
         try:
             if self.axis == "row":
@@ -95,6 +102,8 @@ class TensorPatch:
 
     def patched_copy(self, data: np.ndarray) -> tuple[np.ndarray, ScaleReport]:
         """A patched C-contiguous copy of ``data`` (the source stays untouched)."""
+        import numpy as np
+
         buf = np.array(data, order="C", copy=True)
         return buf, self.apply(buf)
 
@@ -102,6 +111,10 @@ class TensorPatch:
         """The bytes this patch rewrites in ``data`` (laid out like ``ReaderTensor.data``, left untouched), as
         spans sorted by offset, and the scale report. A row edit copies only the touched rows (its cost is
         proportional to them); a column or element edit gives the whole patched tensor as one span."""
+        import numpy as np
+
+        from .quants import normalise_rows
+
         if self.axis != "row":
             buf, report = self.patched_copy(data)
             return [Span(0, byte_view(buf))], report
@@ -123,10 +136,19 @@ class TensorPatch:
 
 @dataclass(frozen=True)
 class Span:
-    """Bytes of a tensor that a patch rewrites: ``data`` (uint8) at ``offset`` from the tensor's first byte."""
+    """Bytes of a tensor that a patch rewrites: ``data`` (``bytes``, or a uint8 numpy array) at ``offset`` from the
+    tensor's first byte."""
 
     offset: int
-    data: np.ndarray
+    data: bytes | np.ndarray
+
+    @property
+    def nbytes(self) -> int:
+        return memoryview(self.data).nbytes
+
+    def view(self) -> memoryview:
+        """The bytes, without a copy."""
+        return memoryview(self.data).cast("B")
 
 
 @dataclass
@@ -141,6 +163,8 @@ class PatchedTensor:
 
 
 def byte_view(arr: np.ndarray) -> np.ndarray:
+    import numpy as np
+
     return np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
 
 
@@ -152,24 +176,77 @@ def patch_spans(reader: Any, patches: Mapping[str, TensorPatch]) -> dict[str, Pa
     out: dict[str, PatchedTensor] = {}
     for name, patch in patches.items():
         t = tensors[name]
-        spans, report = patch.spans(t.data)
+        spans, report = _row_spans(reader, t, patch) or patch.spans(t.data)
         out[name] = PatchedTensor(name, int(t.data_offset), int(t.n_bytes), spans, report)
     return out
+
+
+def _row_spans(reader: Any, tensor: Any, patch: TensorPatch) -> tuple[list[Span], ScaleReport] | None:
+    """A row edit's spans computed in plain Python from the file's bytes (:mod:`cna_export.io.row_scale`), the
+    same bytes and report as :meth:`TensorPatch.spans`; None where that path does not apply (another axis, a
+    scale encoding it lacks, too many fields): numpy's path then does it."""
+    if patch.axis != "row" or not tensor.n_elements or getattr(reader, "mm", None) is None:
+        return None
+    layout = get_layout(patch.ggml_type)
+    n_rows = tensor.n_elements // tensor.ne[0]
+    row_bytes = tensor.n_bytes // n_rows
+    if not row_scale.supports(layout, len(patch.indices) * (row_bytes // layout.block_bytes) * layout.scales_per_block):
+        return None
+    try:
+        rows = _checked_rows(patch.indices, n_rows)
+        mults = _row_multipliers(patch.multipliers, len(rows))
+    except (ValueError, IndexError) as e:
+        raise CnaError(f"{patch.name}: cannot scale rows: {e}") from None
+    order = sorted(range(len(rows)), key=rows.__getitem__)
+    starts = [tensor.data_offset + rows[k] * row_bytes for k in order]
+    try:
+        new, report = row_scale.scale_row_bytes(layout, [reader.mm[a : a + row_bytes] for a in starts],
+                                                [rows[k] for k in order], [mults[k] for k in order])
+    except CnaError as e:
+        raise CnaError(f"{patch.name}: {e}") from None
+    return [Span(rows[k] * row_bytes, data) for k, data in zip(order, new, strict=True)], report
+
+
+def _checked_rows(indices: Any, n_rows: int) -> list[int]:
+    """``indices`` as ints, refused as :func:`cna_export.io.quants.normalise_rows` refuses them."""
+    try:
+        if any(isinstance(i, bool) for i in indices):
+            raise TypeError
+        rows = [operator.index(i) for i in indices]
+    except TypeError:
+        raise ValueError("rows must be a flat sequence of integers") from None
+    bad = [i for i in rows if not 0 <= i < n_rows]
+    if bad:
+        raise IndexError(f"row {bad[0]} is out of range for a tensor of {n_rows} rows")
+    if len(set(rows)) != len(rows):
+        raise ValueError("rows must not repeat (a repeated row would be scaled ambiguously)")
+    return rows
+
+
+def _row_multipliers(multipliers: Any, n: int) -> list[float]:
+    if isinstance(multipliers, (int, float)):
+        return [float(multipliers)] * n
+    mults = [float(m) for m in multipliers]
+    if len(mults) != n:
+        raise ValueError(f"got {len(mults)} multipliers for {n} rows")
+    return mults
 
 
 def write_spans(fd: int, tensor_start: int, spans: list[Span]) -> None:
     """Write ``spans`` of a tensor whose bytes start at ``tensor_start`` of ``fd`` (``pwrite``)."""
     for span in spans:
-        write_at(fd, memoryview(span.data).cast("B"), tensor_start + span.offset)
+        write_at(fd, span.view(), tensor_start + span.offset)
 
 
 def spans_written(fd: int, tensor_start: int, spans: list[Span]) -> bool:
     """Whether ``fd`` holds ``spans`` at ``tensor_start`` (read back with ``pread``)."""
-    return all(os.pread(fd, span.data.nbytes, tensor_start + span.offset) == span.data.tobytes() for span in spans)
+    return all(os.pread(fd, span.nbytes, tensor_start + span.offset) == span.view() for span in spans)
 
 
 def _float_elements(buf: np.ndarray, ggml_type: Any) -> np.ndarray:
     """Float tensor data as one element per item (BF16's uint8 bytes seen as uint16), sharing memory."""
+    import numpy as np
+
     if ggml_type.name == "BF16" and buf.dtype == np.uint8:
         return buf.view("<u2")
     return buf
@@ -214,13 +291,13 @@ def copy_patched(src_fd: int, start: int, n_bytes: int, spans: list[Span], befor
         chunk = view[:want]
         if before:
             h_before.update(chunk)
-        while k_span < len(spans) and spans[k_span].offset + spans[k_span].data.nbytes <= pos:
+        while k_span < len(spans) and spans[k_span].offset + spans[k_span].nbytes <= pos:
             k_span += 1
         for span in spans[k_span:]:
             if span.offset >= pos + want:
                 break
-            lo, hi = max(span.offset, pos), min(span.offset + span.data.nbytes, pos + want)
-            chunk[lo - pos : hi - pos] = memoryview(span.data).cast("B")[lo - span.offset : hi - span.offset]
+            lo, hi = max(span.offset, pos), min(span.offset + span.nbytes, pos + want)
+            chunk[lo - pos : hi - pos] = span.view()[lo - span.offset : hi - span.offset]
         h_after.update(chunk)
         if dst_fd is not None:
             write_at(dst_fd, chunk, dst_start + pos)
@@ -234,7 +311,7 @@ def _spans_key(p: PatchedTensor) -> str:
     h = hashlib.sha256(str(p.n_bytes).encode())
     for span in p.spans:
         h.update(span.offset.to_bytes(8, "little"))
-        h.update(memoryview(span.data).cast("B"))
+        h.update(span.view())
     return f"{p.name}|{h.hexdigest()}"
 
 

@@ -18,9 +18,10 @@ import importlib.util
 import sys
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
 
 
 def gguf_constants() -> ModuleType:
@@ -63,6 +64,7 @@ def quant_shape_to_byte_shape(shape: Sequence[int], quant_type: Any) -> tuple[in
 
 def k_quant_sub_scales(scales: np.ndarray) -> np.ndarray:
     """The 6-bit sub-scales packed in Q4_K/Q5_K's ``scales[12]`` (``(n_blocks, 12)`` uint8 -> ``(n_blocks, 8)``)."""
+    import numpy as np
     from gguf.quants import Q4_K
 
     sc, _ = Q4_K.get_scale_min(np.ascontiguousarray(scales))

@@ -13,29 +13,29 @@ neuron ``j`` is column ``j``.
 
 from __future__ import annotations
 
+import functools
 import math
 import mmap
 import struct
 from dataclasses import dataclass, field
 from itertools import pairwise
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from ..core.errors import CnaError
 from .gguf_py import gguf_constants, quant_shape_to_byte_shape
 
-_SCALAR = {  # GGUFValueType value -> (struct format, numpy dtype)
-    0: ("<B", "<u1"), 1: ("<b", "<i1"), 2: ("<H", "<u2"), 3: ("<h", "<i2"),
-    4: ("<I", "<u4"), 5: ("<i", "<i4"), 6: ("<f", "<f4"), 7: ("<?", "?"),
-    10: ("<Q", "<u8"), 11: ("<q", "<i8"), 12: ("<d", "<f8"),
+if TYPE_CHECKING:
+    import numpy as np
+
+SCALAR_FORMATS = {  # GGUFValueType value -> struct format
+    0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d",
 }  # fmt: skip
 _STRING, _ARRAY = 8, 9
 _MAX_DIMS = 4  # GGML_MAX_DIMS
 _MAX_NESTING = 16  # nested KV arrays deeper than this are refused (real files nest at most once or twice)
-_TENSOR_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I8": np.int8,
-                  "I16": np.int16, "I32": np.int32, "I64": np.int64}  # as gguf.GGUFReader exposes them
+_TENSOR_DTYPES = {"F32": "<f4", "F16": "<f2", "F64": "<f8", "I8": "<i1", "I16": "<i2", "I32": "<i4",
+                  "I64": "<i8"}  # numpy dtypes of the tensor types gguf.GGUFReader does not expose as bytes
 
 
 def _shown(name: str) -> str:
@@ -83,14 +83,14 @@ class KVField:
         if t == _STRING:
             return self._string(self.value_offset + 8, struct.unpack_from("<Q", mm, self.value_offset)[0])
         if t != _ARRAY:
-            return struct.unpack_from(_SCALAR[t][0], mm, self.value_offset)[0]
+            return struct.unpack_from(SCALAR_FORMATS[t], mm, self.value_offset)[0]
         sub = int(self.sub_type) if self.sub_type is not None else None
         if self.count == 0:
             return []
         if sub == _STRING:
             return [self._string(o, n) for o, n in self._items or []]
-        if sub in _SCALAR:
-            return np.frombuffer(mm, dtype=_SCALAR[sub][1], count=self.count, offset=self.value_offset + 12).tolist()
+        if sub in SCALAR_FORMATS:
+            return list(struct.unpack_from(f"<{self.count}{SCALAR_FORMATS[sub][1:]}", mm, self.value_offset + 12))
         raise CnaError(f"GGUF key {_shown(self.name)} is a nested array; its value is not decoded")
 
     def item(self, index: int) -> Any:
@@ -106,7 +106,7 @@ class KVField:
             for _ in range(index):
                 off += 8 + unpack(self._file.mm, off)[0]
             return self._string(off + 8, unpack(self._file.mm, off)[0])
-        fmt = _SCALAR[int(self.sub_type)][0]
+        fmt = SCALAR_FORMATS[int(self.sub_type)]
         return struct.unpack_from(fmt, self._file.mm, self.value_offset + 12 + index * struct.calcsize(fmt))[0]
 
     def _string(self, offset: int, length: int) -> str:
@@ -147,7 +147,8 @@ class KVField:
 
 @dataclass
 class TensorInfo:
-    """One tensor of a GGUF file; ``data`` is a read-only view of its bytes, shaped as gguf.GGUFReader shapes it."""
+    """One tensor of a GGUF file; ``data`` is a read-only view of its bytes, shaped as gguf.GGUFReader shapes it
+    (numpy is imported on first use: a small export reads the bytes it edits without it)."""
 
     name: str
     tensor_type: Any  # GGMLQuantizationType
@@ -155,10 +156,21 @@ class TensorInfo:
     n_elements: int
     n_bytes: int
     data_offset: int  # absolute offset in the file
-    data: np.ndarray
+    dims: tuple[int, ...] = field(repr=False)  # ``data``'s shape
+    _file: GGUFFile = field(repr=False, compare=False)
+
+    @functools.cached_property
+    def data(self) -> np.ndarray:
+        import numpy as np
+
+        dtype = _TENSOR_DTYPES.get(self.tensor_type.name, "<u1")
+        count = self.n_bytes if dtype == "<u1" else self.n_elements
+        return np.frombuffer(self._file.mm, dtype=dtype, count=count, offset=self.data_offset).reshape(self.dims)
 
     @property
     def shape(self) -> np.ndarray:
+        import numpy as np
+
         return np.array(self.ne, dtype=np.uint64)
 
 
@@ -270,7 +282,6 @@ class GGUFFile:
         c = gguf_constants()
         GGML_QUANT_SIZES, GGMLQuantizationType = c.GGML_QUANT_SIZES, c.GGMLQuantizationType  # noqa: N806
 
-        mm = self.mm
         seen: set[str] = set()
         spans: list[tuple[int, int, str]] = []
         for name, ne, ttype, rel in infos:
@@ -289,16 +300,14 @@ class GGUFFile:
                 raise CnaError(f"{self.path} is truncated: tensor {_shown(name)} extends past the end of the file")
             spans.append((start, start + n_bytes, name))
             dims = tuple(reversed(ne))
-            dtype = _TENSOR_DTYPES.get(qtype.name)
-            if dtype is None:
+            if max(dims, default=0) >= 1 << 63:  # an empty tensor's other dimensions can be anything
+                raise ValueError(f"tensor {_shown(name)} has a dimension of 2**63 or more")
+            if qtype.name not in _TENSOR_DTYPES:
                 try:
                     dims = quant_shape_to_byte_shape(dims, qtype)
                 except ValueError as e:
                     raise CnaError(f"{self.path}: tensor {_shown(name)}: {e}") from None
-                data = np.frombuffer(mm, dtype=np.uint8, count=n_bytes, offset=start).reshape(dims)
-            else:
-                data = np.frombuffer(mm, dtype=dtype, count=n_el, offset=start).reshape(dims)
-            self.tensors.append(TensorInfo(name, qtype, tuple(ne), n_el, n_bytes, start, data))
+            self.tensors.append(TensorInfo(name, qtype, tuple(ne), n_el, n_bytes, start, dims, self))
         spans.sort()
         for (_, end_a, a), (start_b, _, b) in pairwise(spans):
             if start_b < end_a:
@@ -319,8 +328,8 @@ class GGUFFile:
         header cannot make the reader allocate or loop beyond what the file holds.
         """
         mm = self.mm
-        if vtype in _SCALAR:
-            end = off + struct.calcsize(_SCALAR[vtype][0])
+        if vtype in SCALAR_FORMATS:
+            end = off + struct.calcsize(SCALAR_FORMATS[vtype])
             if end > len(mm):
                 raise struct.error("value past the end")
             return None, 1, None, end
@@ -338,8 +347,8 @@ class GGUFFile:
         least = {_STRING: 8, _ARRAY: 12}.get(sub, 1)  # smallest possible element
         if count > (len(mm) - off) // least:
             raise struct.error("array past the end")
-        if sub in _SCALAR:
-            end = off + count * struct.calcsize(_SCALAR[sub][0])
+        if sub in SCALAR_FORMATS:
+            end = off + count * struct.calcsize(SCALAR_FORMATS[sub])
             if end > len(mm):
                 raise struct.error("array past the end")
             return sub, count, None, end

@@ -27,14 +27,12 @@ from typing import Any, Mapping, Sequence
 from ..core.progress import bar as progress_bar
 from .filecopy import copy_range_at
 from .gguf_patch import PatchedTensor, TensorPatch, copy_patched, patch_spans, spans_written, write_spans
-from .gguf_read import kv_fields
-from .quants import ScaleReport
+from .gguf_read import SCALAR_FORMATS, kv_fields
+from .scale_report import ScaleReport
 
 GGUF_VERSION = 3  # what GGUFWriter writes, whatever the source's version (2 and 3 share the layout)
 _MAGIC = 0x46554747  # b"GGUF" read as a little-endian uint32 (gguf.constants.GGUF_MAGIC)
 _STRING, _ARRAY = 8, 9
-_SCALAR_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q",
-                   12: "<d"}
 
 
 @dataclass
@@ -80,8 +78,8 @@ def encode_kv(key: str, value: Any, vtype: Any) -> bytes:
     t = int(vtype)
     if t == _STRING:
         return _string(key) + struct.pack("<I", t) + _string(value)
-    if t in _SCALAR_FORMATS:
-        return _string(key) + struct.pack("<I", t) + struct.pack(_SCALAR_FORMATS[t], value)
+    if t in SCALAR_FORMATS:
+        return _string(key) + struct.pack("<I", t) + struct.pack(SCALAR_FORMATS[t], value)
     raise ValueError(f"cannot encode a new {key} KV of value type {t} (strings and scalars only)")
 
 

@@ -19,8 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
-import numpy as np
-
 from ..core.architectures import ArchSpec, arch_for_config
 from ..core.circuit import ModelIdentity, MoeIdentity
 from ..core.errors import CnaError
@@ -29,9 +27,10 @@ from ..core.fingerprint import SCHEME, fingerprint_layers, rehash_while_alive
 from . import fpcache
 from .gguf_arch import expert_ffn, ffn_tensors, gguf_arch, intermediate_size, num_layers
 from .gguf_read import type_name
-from .quants import dequantize_rows
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from .safetensors import Checkpoint
 
 
@@ -240,6 +239,10 @@ def dequantised_chunks(reader: Any, tensor: Any) -> Iterator[np.ndarray]:
     """``tensor`` dequantised to float32 rows in file order, about 16 MiB of floats at a time, each chunk's rows
     read with ``preadv`` into one buffer: the caller holds one chunk and its floats (not the tensor, nor the
     pages of a memory map), whatever the model's size. Each chunk is valid until the next one is asked for."""
+    import numpy as np
+
+    from .quants import dequantize_rows
+
     data, path = tensor.data, getattr(reader, "path", None)
     if path is None:
         yield dequantize_rows(data, tensor.tensor_type)

@@ -35,13 +35,11 @@ Only little-endian GGUF data is supported (big-endian arrays are rejected).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Final, Sequence
 
 import numpy as np
 import numpy.typing as npt
 
-from ..core.errors import CnaError
 from .gguf_py import k_quant_sub_scales
 from .quant_layouts import (
     GGML_QUANT_SIZES,
@@ -50,15 +48,13 @@ from .quant_layouts import (
     GGMLQuantizationType,
     QuantLayout,
     UnsupportedTensorType,
-    bits_to_float,
     coerce_type,
-    float_to_bits,
     get_layout,
-    read_bits,
     type_name,
-    write_bits,
 )
 from .quant_types import FLOAT_TYPES, RoundingStep
+from .scale_codecs import bits_to_float, float_to_bits, read_bits, write_bits
+from .scale_report import ScaleError, ScaleOverflowError, ScaleReport
 
 __all__ = [
     "ScaleError",
@@ -71,60 +67,9 @@ __all__ = [
 ]
 
 
-class ScaleError(CnaError, ValueError):
-    """Scaling a row would produce an invalid tensor (non-finite input or multiplier)."""
-
-
-class ScaleOverflowError(ScaleError, OverflowError):
-    """A scaled field does not fit its storage type (it would become infinite)."""
-
-
 # ---------------------------------------------------------------------------
 # Row scaling
 # ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ScaleReport:
-    """What :func:`scale_rows` did to the scale fields of the rows it scaled.
-
-    ``n_fields`` fields were rewritten (one per scale field per block per
-    row; for float tensors one per element), of which ``n_changed`` got a
-    different bit pattern. ``n_subnormal`` written values are nonzero but below
-    the storage type's smallest normal (2**-14 for fp16) and ``n_flushed``
-    became zero although the exact product was not. ``max_rel_error`` is the
-    worst ``|written - exact| / |exact|`` over fields whose exact float64
-    product ``old * m`` is nonzero (0.0 when the scaling was exact).
-    """
-
-    ggml_type: GGMLQuantizationType
-    n_rows: int
-    n_fields: int
-    n_changed: int
-    n_subnormal: int
-    n_flushed: int
-    max_rel_error: float
-
-    @classmethod
-    def nothing(cls, ggml_type: GGMLQuantizationType) -> ScaleReport:
-        """The report of scaling no rows."""
-        return cls(ggml_type, 0, 0, 0, 0, 0, 0.0)
-
-    @property
-    def exact(self) -> bool:
-        """Whether every written field equals the exact product."""
-        return self.max_rel_error == 0.0
-
-    def warning(self) -> str | None:
-        """A one-line warning if precision was lost to subnormals or flushing, else ``None``."""
-        if not (self.n_subnormal or self.n_flushed):
-            return None
-        layout = LAYOUTS.get(self.ggml_type)
-        storage = "fp16" if layout is None or layout.scale_encoding.startswith("f16") else layout.scale_encoding
-        return (
-            f"{self.ggml_type.name}: multiplier pushes {self.n_subnormal} scales into {storage} subnormals "
-            f"and flushes {self.n_flushed} to zero, worst relative error {self.max_rel_error:.3g}"
-        )
 
 
 def _row_view(arr: np.ndarray) -> np.ndarray:

@@ -6,9 +6,8 @@ from __future__ import annotations
 import hashlib
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
 _HASH_CHUNK = 1 << 24
@@ -53,6 +52,8 @@ def bytes_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def byte_view(arr: np.ndarray) -> np.ndarray:
     """A C-contiguous array seen as flat uint8 (no copy)."""
+    import numpy as np
+
     return arr.reshape(-1).view(np.uint8)
 
 
@@ -67,6 +68,8 @@ def sha256_array(arr: np.ndarray) -> str:
 
 def arrays_equal_bytes(a: np.ndarray, b: np.ndarray) -> bool:
     """Whether two arrays hold identical bytes, compared chunk by chunk."""
+    import numpy as np
+
     x, y = byte_view(a), byte_view(b)
     if x.size != y.size:
         return False
