@@ -551,3 +551,35 @@ def test_a_second_gguf_export_hashes_nothing_it_hashed_before(tmp_path, fp_cache
 
     written = G.tensor_map(G.open_gguf(other.out))
     assert all(G.sha256_array(written[t.name].data) == t.sha256_after for t in other.manifest.tensors)
+
+
+def test_each_copied_chunk_goes_to_writeback_at_once(tmp_path, monkeypatch):
+    """copy_range_at hands every chunk it copied to the kernel's writeback (so a big export's fsync finds its data
+    written and the copy is never throttled for dirty pages), in the kernel path and the pread/pwrite fallback;
+    a refused hint changes nothing."""
+    import os
+
+    from cna_export.io import filecopy
+
+    src, dst = tmp_path / "s", tmp_path / "d"
+    data = os.urandom(3 << 20)
+    src.write_bytes(data)
+    calls = []
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, off, n, advice: calls.append((off, n, advice)))
+    for kernel in (True, False):
+        if not kernel:
+            monkeypatch.delattr(os, "copy_file_range", raising=False)
+        calls.clear()
+        with open(src, "rb") as s, open(dst, "wb+") as d:
+            filecopy.copy_range_at(s.fileno(), d.fileno(), 1000, 10, len(data) - 1000)
+        assert dst.read_bytes()[10:] == data[1000:]
+        assert calls and calls[0][0] == 10 and sum(n for _, n, _ in calls) == len(data) - 1000
+        assert {a for _, _, a in calls} == {os.POSIX_FADV_DONTNEED}
+
+    def refuse(*_):
+        raise OSError(22, "no")
+
+    monkeypatch.setattr(os, "posix_fadvise", refuse)
+    with open(src, "rb") as s, open(dst, "wb+") as d:
+        filecopy.copy_range_at(s.fileno(), d.fileno(), 0, 0, len(data))
+    assert dst.read_bytes() == data

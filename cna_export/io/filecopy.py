@@ -5,6 +5,11 @@ shares extents), and falls back to ``pread``/``write`` through a 16 MiB buffer w
 missing or refused (other file systems, older kernels). ``clone_file`` asks for a reflink of a whole file
 (``FICLONE``: btrfs, XFS, bcachefs; the copy then shares the source's extents and costs nothing until it
 is written to) and falls back to ``copy_range``.
+
+Every copied chunk (at most 1 GiB) is handed to the kernel's writeback at once (:func:`start_writeback`), so a
+big copy never piles up dirty pages until the kernel throttles it, and the fsync that makes an export durable
+finds its data already on the disk: at the 8B shape (4.5 GB GGUF, source cached) a copy and fsync took
+3.4-3.8 s this way against 7.7-10.9 s without (``bench/README.md``).
 """
 
 from __future__ import annotations
@@ -30,10 +35,21 @@ def write_at(fd: int, data: memoryview | bytes, offset: int) -> None:
         view, offset = view[k:], offset + k
 
 
+def start_writeback(fd: int, offset: int, count: int) -> None:
+    """Ask the kernel to start writing ``count`` bytes of ``fd`` from ``offset`` to the disk now, without waiting
+    (``posix_fadvise(POSIX_FADV_DONTNEED)``: dirty pages are queued for writeback; pages already clean are
+    dropped from the page cache). Nothing where the call is missing or refused: it only changes when the data
+    is written, never what."""
+    try:
+        os.posix_fadvise(fd, offset, count, os.POSIX_FADV_DONTNEED)
+    except (AttributeError, OSError):
+        pass
+
+
 def copy_range_at(src_fd: int, dst_fd: int, src_offset: int, dst_offset: int, count: int) -> None:
     """Copy ``count`` bytes of ``src_fd`` from ``src_offset`` to ``dst_fd`` at ``dst_offset``, neither file's
     position used (so threads can copy parts of one file at once): ``copy_file_range`` in the kernel when it
-    can, else ``pread``/``pwrite`` through a 16 MiB buffer."""
+    can, else ``pread``/``pwrite`` through a 16 MiB buffer; each chunk's writeback started as it is copied."""
     kernel = hasattr(os, "copy_file_range")
     while count > 0:
         if kernel:
@@ -52,6 +68,7 @@ def copy_range_at(src_fd: int, dst_fd: int, src_offset: int, dst_offset: int, co
                 raise OSError(errno.EIO, "source file ended early")
             write_at(dst_fd, chunk, dst_offset)
             k = len(chunk)
+        start_writeback(dst_fd, dst_offset, k)
         src_offset, dst_offset, count = src_offset + k, dst_offset + k, count - k
 
 
