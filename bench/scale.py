@@ -29,6 +29,7 @@ each run:
     cp-st        cp -r llama8b-bf16 OUT
     cp-st-sync   the same, then sync OUT/* (the copy made durable, as an export is before it is published)
     export-st    cna-export export --model llama8b-bf16 --circuit C --multiplier 0 --out OUT
+    export-st-up the same with --fold up (up_proj rows: a copy and the touched rows)
     cp-gguf      cp llama8b-q4k.gguf OUT
     cp-gguf-sync the same, then sync OUT
     export-gguf  cna-export export --model llama8b-q4k.gguf --format gguf ... (GGUFWriter, fold into ffn_up)
@@ -395,6 +396,7 @@ def main() -> None:
         "cp-st": (lambda o: ["cp", "-r", str(st), str(o)], None),
         "cp-st-sync": (lambda o: ["sh", "-c", 'cp -r "$0" "$1" && sync "$1"/*', str(st), str(o)], None),
         "export-st": (lambda o: py + exp + ["--model", str(st), "--out", str(o)], "st"),
+        "export-st-up": (lambda o: py + exp + ["--model", str(st), "--fold", "up", "--out", str(o)], "st"),
         "cp-gguf": (lambda o: ["cp", str(gg), str(o)], None),
         "cp-gguf-sync": (lambda o: ["sh", "-c", 'cp "$0" "$1" && sync "$1"', str(gg), str(o)], None),
         "export-gguf": (lambda o: py + exp + ["--model", str(gg), "--format", "gguf", "--out", str(o), "--force",
@@ -414,7 +416,7 @@ def main() -> None:
     if "warm" in states:  # the warm runs find the fingerprints (and the touched tensors' hashes) in the cache
         print("priming the fingerprint cache (one export of each format) ...", flush=True)
         env = dict(os.environ, CNA_EXPORT_FINGERPRINT_CACHE=str(warm_cache))
-        for name in [n for n in ("export-st", "export-gguf") if n in only]:
+        for name in [n for n in ("export-st", "export-st-up", "export-gguf") if n in only]:
             out = root / f"prime-{name}"
             _rm(out)
             subprocess.run(variants[name][0](out), check=True, env=env, cwd=ROOT, stdout=subprocess.DEVNULL)

@@ -439,7 +439,7 @@ def test_format_options_one_rule_for_export_and_steer():
         with pytest.raises(CnaError, match=message):
             format_options(fmt, out, e, g, m)
     assert format_options("safetensors", "x", e, g, m, strict=False) == SafetensorsFormat(
-        link=True, max_shard_size="1GB", allow_pickle=True, trust_remote_code=True)
+        fold="up", link=True, max_shard_size="1GB", allow_pickle=True, trust_remote_code=True)  # --fold: both
     assert format_options("gguf", "x.gguf", e, g, m, strict=False) == GGUFFormat(fast_copy=True, modelfile=False)
     assert format_options("lora", "x", e, g, m, strict=False) == LoraFormat(dtype="bfloat16", trust_remote_code=True)
     assert format_options("gguf-lora", "x.gguf", e, g, m, strict=False) == GGUFLoraFormat(modelfile=False)
@@ -501,3 +501,51 @@ def test_push_while_offline_is_one_line(export_sources, tmp_path, monkeypatch):
     with pytest.raises(CnaError, match=r"^Hub upload to me/x failed: cannot reach the Hub \(Failed to resolve") as e:
         push_export(out, "me/x", token="hf_x")
     assert "\n" not in str(e.value) and (out / MANIFEST_FILE).is_file()
+
+
+@pytest.mark.parametrize("combo", [("llama", "float32", True), ("qwen2", "bfloat16", False)],
+                         ids=["llama-fp32-sharded", "qwen2-bf16-single"])
+def test_up_fold_scales_up_rows_at_the_cost_of_a_copy(combo, export_sources, tmp_path, capsys):
+    """--fold up: only each circuit layer's up_proj rows change, each times its multiplier (exact for these
+    multipliers); everything else is byte for byte the source's; it behaves like the down fold (and verifies
+    against hook steering), and the embedded manifest's check passes."""
+    from cna_export.verification.safetensors import VerifyOptions, verify_export
+
+    src = export_sources[combo]
+    circuit = planted_circuit(src)
+    up, down = tmp_path / "up", tmp_path / "down"
+    result = export_safetensors(str(src), circuit, up, multipliers=dict(PLANTED), fold="up")
+    export_safetensors(str(src), circuit, down, multipliers=dict(PLANTED))
+    a, b = _all_tensors(src), _all_tensors(up)
+    for name in a:
+        layer = next((l for l in range(3) if name == f"model.layers.{l}.mlp.up_proj.weight"), None)
+        planted = {i: m for (l, i), m in PLANTED.items() if l == layer}
+        if not planted:
+            assert tensor_sha256(a[name]) == tensor_sha256(b[name]), name
+            continue
+        assert changed_slices(a[name], b[name], "row") == sorted(j for j, m in planted.items() if m != 1.0)
+        for j, m in planted.items():
+            assert torch.equal(b[name][j], a[name][j] * m)
+    manifest = ExportManifest.load(up)
+    assert manifest.fold == "up" and {t.axis for t in manifest.tensors} == {"row"}
+    assert {t.name for t in manifest.tensors} == {"model.layers.0.mlp.up_proj.weight",
+                                                  "model.layers.2.mlp.up_proj.weight"}
+    for t in manifest.tensors:
+        assert t.sha256_before == tensor_sha256(a[t.name]) and t.sha256_after == tensor_sha256(b[t.name])
+    assert sorted(result.rewritten_shards) and all(json.loads(safe_open(up / f, "pt").metadata()[SHARD_METADATA_KEY])
+                                                   ["fold"] == "up" for f in result.rewritten_shards)
+    # the up fold keeps down_proj, so the fingerprint is the source's: only the note tells a second steering
+    again = export_safetensors(str(up), circuit, tmp_path / "again", multipliers=dict(PLANTED), fold="up")
+    assert any("is itself a cna-export export" in n for n in again.manifest.notes)
+    report = verify_export(str(src), up, VerifyOptions(limit=4, max_new_tokens=4))
+    assert report.passed and not any("not compared by hash" in n for n in report.notes), report.render()
+    capsys.readouterr()
+    assert cli.main(["audit", str(up), "--manifest", "--no-generate"]) == 0, capsys.readouterr().out
+
+
+def test_up_fold_refused_where_up_proj_is_not_its_own(tmp_path):
+    from conftest import make_tiny_model
+
+    src = make_tiny_model("phi3", tmp_path / "phi3")  # gate and up fused in one gate_up_proj
+    with pytest.raises(CnaError, match="--fold up for a safetensors export needs a gated MLP with its own up_proj"):
+        export_safetensors(str(src), planted_circuit(src), tmp_path / "out", multiplier=0.0, fold="up")

@@ -35,6 +35,9 @@ class SafetensorsFormat(_FormatOptions):
     """A steered safetensors checkpoint folder (``export.safetensors``)."""
 
     format: Literal["safetensors"] = "safetensors"
+    fold: Literal["up", "down"] = Field(
+        "down", description="scale down_proj columns (the tensor is rewritten) or up_proj rows (a copy and the "
+                            "touched rows: copy speed; dense gated MLPs with their own up_proj)")
     link: bool = Field(False, description="hard-link untouched shards instead of copying them")
     dtype: str = Field("auto", description="dtype of a converted GGUF or pickled source")
     max_shard_size: str | None = Field(None, description="shard size of a converted source")
@@ -106,12 +109,12 @@ FLAG_RULES: tuple[FlagRule, ...] = (
     FlagRule(lambda e, g, m: not g.modelfile, ("lora",), "--no-modelfile applies to GGUF exports"),
     FlagRule(lambda e, g, m: bool(e.link or e.max_shard_size), ("gguf",),
              "--link and --max-shard-size apply to safetensors exports, not GGUF"),
-    FlagRule(lambda e, g, m: g.fold == "up" or g.fast_copy or not g.modelfile, ("safetensors",),
-             "--fold up, --fast-copy and --no-modelfile apply to GGUF exports (--format gguf)"),
+    FlagRule(lambda e, g, m: g.fast_copy or not g.modelfile, ("safetensors",),
+             "--fast-copy and --no-modelfile apply to GGUF exports (--format gguf)"),
 )
 """Which flags do not apply to which format, in the order ``export`` reports them. A flag not refused
 for a format it does not use is ignored there (``--dtype`` for a GGUF export, ``--fold down`` for a
-safetensors one, which folds down_proj anyway)."""
+LoRA adapter, which acts on down_proj anyway)."""
 
 
 def _check_out(fmt: Format, out: str | Path) -> None:
@@ -137,7 +140,8 @@ def format_options(fmt: Format, out: str | Path, export: ExportOptions, gguf: GG
                 raise CnaError(rule.message)
         _check_out(fmt, out)
     if fmt == "safetensors":
-        return SafetensorsFormat(link=export.link, dtype=export.convert_dtype, max_shard_size=export.max_shard_size,
+        return SafetensorsFormat(fold=gguf.fold or "down", link=export.link, dtype=export.convert_dtype,
+                                 max_shard_size=export.max_shard_size,
                                  allow_pickle=model.allow_pickle, trust_remote_code=model.trust_remote_code)
     if fmt == "gguf":
         return GGUFFormat(fold=gguf.fold or "up", fast_copy=gguf.fast_copy, modelfile=gguf.modelfile)

@@ -39,23 +39,21 @@ from ..core.architectures import ArchSpec
 from ..core.atomic import atomic_dir, scratch_dir
 from ..core.circuit import ModelIdentity
 from ..core.errors import CnaError
-from ..core.experts import group_multipliers
 from ..core.fingerprint import scheme_of
 from ..core.formats import SafetensorsFormat
 from ..core.manifest import MANIFEST_FILE, SHARD_METADATA_KEY, ExportManifest, TouchedTensor, multipliers_list
 from ..core.progress import bar as progress_bar
-from ..core.version import __version__
 from ..io import safetensors as st_io
 from ..io import shard_patch
-from ..io.identity import checkpoint_fingerprint, checkpoint_identity, expert_tensors, known_checkpoint_fingerprint
+from ..io.identity import checkpoint_fingerprint, checkpoint_identity, known_checkpoint_fingerprint
 from ..io.shard_patch import SlicePatch
 from ..io.sources import local_folder, resolve_source
 from ..model.loading import resolve_dtype
-from ..model.steering import group_by_layer
 from .card import CARD_FILE, model_card
 from .fold import scale_slices
 from .plan import StagedExport, run_check
 from .request import ExportRequest, MultiplierSpec, request_for
+from .safetensors_plan import FoldPlan, plan_down, plan_up, shard_summary
 
 log = logging.getLogger(__name__)
 
@@ -86,17 +84,6 @@ class ExportResult:
     seconds: float = 0.0
     verification: Any = None  # the check's report when a check ran
     tensors: list[TouchedTensor] = field(default_factory=list, repr=False)  # the touched tensors, in file order
-
-
-@dataclass
-class _Plan:
-    """Which tensor of which shard gets which columns scaled."""
-
-    arch: ArchSpec
-    identity: ModelIdentity
-    ckpt: st_io.Checkpoint
-    # shard file -> tensor name -> (layer, indices, multipliers)
-    by_file: dict[str, dict[str, tuple[int, list[int], list[float]]]]
 
 
 # -- inputs -------------------------------------------------------------------------------
@@ -193,52 +180,14 @@ def _drop_gguf_quantizer(model: Any) -> None:
 # -- planning and writing -----------------------------------------------------------------
 
 
-def _plan(
-    ckpt: st_io.Checkpoint, arch: ArchSpec, identity: ModelIdentity, down_names: Sequence[str],
-    mults: Mapping[tuple[int, int], float],
-) -> _Plan:
-    by_file: dict[str, dict[str, tuple[int, list[int], list[float]]]] = {}
-    if identity.moe is not None:  # MoE: per-expert or fused 3-D tensors (flat column e * width + j)
-        layout = identity.layout()
-        for (layer, expert), (idx, ms) in group_multipliers(mults).items():
-            for j in idx:
-                layout.check((layer, j) if expert is None else (layer, expert, j))
-            name, slot = expert_tensors(ckpt, arch, layer).groups[expert]
-            flat = idx if slot is None else [slot * layout.expert_width + j for j in idx]
-            _, have_idx, have_ms = by_file.setdefault(ckpt.weight_map[name], {}).setdefault(name, (layer, [], []))
-            have_idx.extend(flat)
-            have_ms.extend(ms)
-        return _Plan(arch, identity, ckpt, dict(sorted(by_file.items())))
-    for layer, (idx, ms) in group_by_layer(mults).items():
-        name = down_names[layer]
-        by_file.setdefault(ckpt.weight_map[name], {})[name] = (layer, idx, ms)
-    return _Plan(arch, identity, ckpt, dict(sorted(by_file.items())))
-
-
-
-
-def _shard_summary(circuit_sha: str, mults: Mapping[tuple[int, int], float],
-                   entries: Mapping[str, tuple[int, list[int], list[float]]]) -> str:
-    values = sorted(set(mults.values()))
-    return json.dumps({
-        "tool": "cna-export",
-        "version": __version__,
-        "fold": "down",
-        "manifest": MANIFEST_FILE,
-        "circuit_sha256": circuit_sha,
-        "neurons": len(mults),
-        "multiplier": values[0] if len(values) == 1 else "per-neuron",
-        "tensors": {name: len(idx) for name, (_, idx, _) in entries.items()},
-    }, separators=(",", ":"))
-
-
-def _fold_shard(plan: _Plan, file: str, dst: Path, summary: str) -> list[TouchedTensor]:
+def _fold_shard(plan: FoldPlan, file: str, dst: Path, summary: str) -> list[TouchedTensor]:
     """One shard at the cost of a copy (:func:`cna_export.io.shard_patch.patch_shard`): the kernel copies it and
-    the touched down_proj columns are scaled on the way. Each touched tensor's sha256 before and after the fold
-    comes from the fingerprint cache, else is computed on the way (or read back) and remembered there."""
+    the touched down_proj columns are scaled on the way (or the touched up_proj rows written over the copy).
+    Each touched tensor's sha256 before and after the fold comes from the fingerprint cache, else is computed on
+    the way (or read back) and remembered there."""
     entries = plan.by_file[file]
     shard = plan.ckpt.path(file)
-    patches = [SlicePatch(name, "column", idx, ms) for name, (_layer, idx, ms) in entries.items()]
+    patches = [SlicePatch(name, plan.axis, idx, ms) for name, (_layer, idx, ms) in entries.items()]
     known = {name: st_io.known_tensor_sha256(shard, name) for name in entries}
     keys = {name: st_io.tensor_hash_key(shard, name) for name in entries if known[name] is None}
     cold = frozenset(name for name, digest in known.items() if digest is None)
@@ -255,20 +204,19 @@ def _fold_shard(plan: _Plan, file: str, dst: Path, summary: str) -> list[Touched
             before = p.sha256_before
             st_io.remember_tensor_sha256(shard, name, before, key=keys.get(name))
         out.append(TouchedTensor(name=name, dtype=p.dtype, shape=p.shape, sha256_before=before,
-                                 sha256_after=_folded_sha256(shard, name, p, idx, dst, fused, unchanged),
-                                 axis="column",
-                                 indices=idx, file=file))
+                                 sha256_after=_folded_sha256(shard, name, p, idx, dst, fused, unchanged, plan.axis),
+                                 axis=plan.axis, indices=idx, file=file))
     return out
 
 
 def _folded_sha256(shard: Path, name: str, p: shard_patch.PatchedTensor, idx: list[int], dst: Path,
-                   fused: frozenset[str], unchanged: bool) -> str:
+                   fused: frozenset[str], unchanged: bool, axis: str) -> str:
     """sha256 of a folded 2-D weight, remembered in the fingerprint cache under what the fold changed, exactly:
-    the columns ``idx`` and their new bytes (every other byte is the source's, so with the shard unchanged the
-    same key means the same tensor). Other shapes (fused expert tensors) are hashed every time."""
+    the columns (or rows) ``idx`` and their new bytes (every other byte is the source's, so with the shard
+    unchanged the same key means the same tensor). Other shapes (fused expert tensors) are hashed every time."""
     if name in fused:
         return p.sha256_after  # type: ignore[return-value]
-    h = hashlib.sha256(json.dumps(["columns", idx]).encode())
+    h = hashlib.sha256(json.dumps([axis + "s", idx]).encode())
     h.update(p.edit)
     edit = h.hexdigest()
     hit = st_io.known_tensor_sha256(shard, name, edit)
@@ -342,13 +290,17 @@ def write_safetensors(request: ExportRequest, options: SafetensorsFormat) -> Exp
         notes = request.circuit.check_fits(src.identity, force=request.force)  # shapes now; the fingerprint once hashed
         if src.fingerprint is not None and src.fingerprint.done():
             src.identity, src.fingerprint = _checked(request, src.identity, src.fingerprint, notes), None
+        if (src.folder / MANIFEST_FILE).is_file():
+            notes.append(f"the source is itself a cna-export export ({MANIFEST_FILE}): its steering stays in the "
+                         "weights and this export's is applied on top (its manifest is replaced)")
         for note in notes:
             log.warning(note)
-        plan = _plan(src.ckpt, src.arch, src.identity, src.down_names, request.multipliers)
+        plan = plan_up(src.ckpt, src.arch, src.identity, request.multipliers) if options.fold == "up" \
+            else plan_down(src.ckpt, src.arch, src.identity, src.down_names, request.multipliers)
         result = ExportResult(out=out_path, manifest=None, source_folder=str(src.folder),  # type: ignore[arg-type]
                               converted=src.converted, linked=options.link and not src.converted)
         manifest = ExportManifest(
-            format="safetensors", source=request.source.spec, source_format=src.identity.source_format, fold="down",
+            format="safetensors", source=request.source.spec, source_format=src.identity.source_format, fold=plan.fold,
             circuit=request.circuit, multipliers=multipliers_list(request.multipliers), notes=list(notes),
         )
         with atomic_dir(out_path, overwrite=request.overwrite, inputs=request.inputs) as tmp:
@@ -396,7 +348,7 @@ def _open_source(request: ExportRequest, options: SafetensorsFormat, out_path: P
     return _Source(folder, identity, arch, ckpt, down_names, converted=True, loaded=loaded)
 
 
-def _assemble(request: ExportRequest, src: _Source, plan: _Plan, manifest: ExportManifest, result: ExportResult,
+def _assemble(request: ExportRequest, src: _Source, plan: FoldPlan, manifest: ExportManifest, result: ExportResult,
               tmp: Path, pool: ThreadPoolExecutor, link: bool) -> None:
     """The export in the staging folder ``tmp``: shards, other files, manifest and card; then the fingerprint
     check (when it was still hashing) and the ``check``."""
@@ -453,7 +405,7 @@ def _checked(request: ExportRequest, identity: ModelIdentity, fingerprint: Futur
 
 
 def _write(
-    plan: _Plan, folder: Path, tmp: Path, result: ExportResult, circuit_sha: str,
+    plan: FoldPlan, folder: Path, tmp: Path, result: ExportResult, circuit_sha: str,
     mults: Mapping[tuple[int, int], float], pool: ThreadPoolExecutor, link: bool, progress: bool,
 ) -> None:
     """Every file of ``folder`` into ``tmp``: touched shards rewritten, the rest copied (or linked),
@@ -467,7 +419,7 @@ def _write(
             key = rel.as_posix()
             src, dst = folder / rel, tmp / rel
             if key in plan.by_file:
-                summary = _shard_summary(circuit_sha, mults, plan.by_file[key])
+                summary = shard_summary(circuit_sha, mults, plan.by_file[key], plan.fold)
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 jobs.append(("rewritten", key, pool.submit(_fold_shard, plan, key, dst, summary)))
             elif key in shards:

@@ -219,6 +219,14 @@ def exported_dtype(exported: Path) -> str:
     return ckpt.info(name).dtype
 
 
+def _parameter(model: Any, name: str) -> Any:
+    """The loaded model's parameter named as in the checkpoint, or None."""
+    try:
+        return model.get_parameter(name)
+    except AttributeError:
+        return None
+
+
 def _moe_source_tensor(ref: Any, name: str) -> Any:
     """The loaded model's tensor holding checkpoint tensor ``name`` of a MoE model (a per-expert tensor is
     one slice of transformers' fused 3-D parameter, byte for byte), or None."""
@@ -310,11 +318,14 @@ def verify_export(
             for t in manifest.tensors:
                 yield t, _moe_source_tensor(ref, t.name), t.name
             return
-        touched = {t.name: t for t in manifest.tensors if t.axis == "column"}
+        touched = {t.name: t for t in manifest.tensors}
         for layer in sorted(circuit.layer_counts()):
             t = next((touched[n] for n in ref.arch.checkpoint_down_names(layer) if n in touched), None)
-            if t is not None:
+            if t is not None and t.axis == "column":
                 yield t, ref.down_proj(layer).weight, f"layer {layer} down_proj"
+            t = next((touched[n] for n in ref.arch.checkpoint_up_names(layer) if n in touched), None)
+            if t is not None and t.axis == "row":  # the up fold: the model's parameter of the same name
+                yield t, _parameter(ref.model, t.name), f"layer {layer} up_proj"
 
     checked = 0
     for t, w, what in sources():

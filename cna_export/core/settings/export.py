@@ -37,7 +37,8 @@ class GGUFExportOptions(_Switches):
     adapter_dtype: Literal["auto", "float32", "float16", "bfloat16"] = opt(
         "auto", "LoRA: dtype of the adapter factors (auto: float32; gguf-lora takes float32 or float16)")
     fold: Literal["up", "down"] | None = opt(
-        None, "GGUF: scale ffn_up rows (default; any supported quant type) or ffn_down columns (float only)")
+        None, "GGUF: scale ffn_up rows (default; any supported quant type) or ffn_down columns (float only); "
+        "safetensors: down_proj columns (default) or up_proj rows (a copy and the touched rows)")
     fast_copy: bool = opt(False, "GGUF: copy the file and patch the touched rows in place; header unchanged, manifest "
                           "in <out>.cna_manifest.json")
     modelfile: bool = opt(True, "GGUF: do not write an Ollama Modelfile beside the output", flag="--no-modelfile")
