@@ -36,8 +36,8 @@ class SafetensorsFormat(_FormatOptions):
 
     format: Literal["safetensors"] = "safetensors"
     fold: Literal["up", "down"] = Field(
-        "down", description="scale down_proj columns (the tensor is rewritten) or up_proj rows (a copy and the "
-                            "touched rows: copy speed; dense gated MLPs with their own up_proj)")
+        "down", description="scale down_proj columns (the tensor is rewritten) or up_proj rows (a kernel copy and "
+                            "the touched rows; dense gated MLPs with their own up_proj)")
     link: bool = Field(False, description="hard-link untouched shards instead of copying them")
     dtype: str = Field("auto", description="dtype of a converted GGUF or pickled source")
     max_shard_size: str | None = Field(None, description="shard size of a converted source")
