@@ -181,11 +181,11 @@ def circuit_info(circuit) -> dict:
 def _heretic_condition(row: Row, a, Condition, Steering, open_backend):
     from bench import peer_heretic
 
-    run = peer_heretic.RUN / "run.json"
-    if not run.is_file() or not (peer_heretic.RUN / "heretic.Q4_K_M.gguf").is_file():
+    run, chosen = peer_heretic.RUN / "run.json", peer_heretic.RUN / "heretic.Q4_K_M.gguf"
+    if not run.is_file() or not chosen.is_file():
         log("heretic row: no finished heretic run yet (step heretic); skipped", sys.stderr)
         return None
-    gguf = peer_heretic.RUN / "heretic.Q4_K_M.gguf" if row.trial is None else peer_heretic.trial_gguf(row.trial)
+    gguf = chosen if row.trial is None else peer_heretic.trial_gguf(row.trial)
     info = json.loads(run.read_text())
     ch = info["choice"] if row.trial is None else dict(info["extra"][str(row.trial)], trial=row.trial)
     title = f"heretic {peer_heretic.HERETIC_VERSION} ({info['trials']} trials, trial {ch['trial']})"

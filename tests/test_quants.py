@@ -15,7 +15,7 @@ from gguf.constants import GGMLQuantizationType as T
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cna_export.io import quant_layouts, quants
+from cna_export.io import quant_layouts, quants, scale_codecs
 from cna_export.io.quant_layouts import LAYOUTS, UNSUPPORTED, UnsupportedTensorType, get_layout, row_bytes
 from cna_export.io.quant_types import FLOAT_TYPES, QUANT_TYPES, QuantType, float_type
 from cna_export.io.quants import ScaleError, ScaleOverflowError, dequantize_rows, scale_rows
@@ -448,7 +448,7 @@ def test_bf16_rounding_is_correct() -> None:
     # exact ties between two bfloat16 values, and values just beside them
     ties = (np.arange(1, 50, dtype=np.float64) * 2 + 1) * 2.0**-8 + 1.0
     values = np.concatenate([values, ties, np.nextafter(ties, 0), np.nextafter(ties, 3), -ties])
-    got = quant_layouts.float_to_bits(values, "bf16")
+    got = scale_codecs.float_to_bits(values, "bf16")
     want = np.array([_reference_round_bf16(float(v)) for v in values], dtype=np.uint16)
     assert np.array_equal(got, want)
 

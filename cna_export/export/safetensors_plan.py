@@ -39,6 +39,8 @@ def plan_down(
     ckpt: st_io.Checkpoint, arch: ArchSpec, identity: ModelIdentity, down_names: Sequence[str],
     mults: Mapping[tuple[int, int], float],
 ) -> FoldPlan:
+    """The down fold: column ``j`` of each circuit layer's down_proj (``down_names``), or of its experts' tensors
+    (flat column ``e * width + j`` of a fused 3-D tensor)."""
     by_file: dict[str, dict[str, tuple[int, list[int], list[float]]]] = {}
     if identity.moe is not None:  # MoE: per-expert or fused 3-D tensors (flat column e * width + j)
         layout = identity.layout()
@@ -58,7 +60,7 @@ def plan_down(
 
 
 def plan_up(ckpt: st_io.Checkpoint, arch: ArchSpec, identity: ModelIdentity,
-             mults: Mapping[tuple[int, int], float]) -> FoldPlan:
+            mults: Mapping[tuple[int, int], float]) -> FoldPlan:
     """The up fold: row ``j`` of each circuit layer's own ``up_proj`` (row ``j`` feeds neuron ``j`` only, so scaling
     it scales the neuron, and the row is contiguous: the shard is a copy plus the touched rows). Refused where the
     up projection is not a tensor of its own (fused gate/up, experts) or the MLP is not gated."""
@@ -76,10 +78,9 @@ def plan_up(ckpt: st_io.Checkpoint, arch: ArchSpec, identity: ModelIdentity,
     return FoldPlan(arch, identity, ckpt, dict(sorted(by_file.items())), fold="up")
 
 
-
-
 def shard_summary(circuit_sha: str, mults: Mapping[tuple[int, int], float],
-                   entries: Mapping[str, tuple[int, list[int], list[float]]], fold: str) -> str:
+                  entries: Mapping[str, tuple[int, list[int], list[float]]], fold: str) -> str:
+    """The summary each rewritten shard carries in its safetensors metadata (``cna_export``)."""
     values = sorted(set(mults.values()))
     return json.dumps({
         "tool": "cna-export",

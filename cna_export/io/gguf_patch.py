@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import hashlib
-import operator
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -192,44 +191,18 @@ def _row_spans(reader: Any, tensor: Any, patch: TensorPatch) -> tuple[list[Span]
     row_bytes = tensor.n_bytes // n_rows
     if not row_scale.supports(layout, len(patch.indices) * (row_bytes // layout.block_bytes) * layout.scales_per_block):
         return None
-    try:
-        rows = _checked_rows(patch.indices, n_rows)
-        mults = _row_multipliers(patch.multipliers, len(rows))
-    except (ValueError, IndexError) as e:
-        raise CnaError(f"{patch.name}: cannot scale rows: {e}") from None
-    order = sorted(range(len(rows)), key=rows.__getitem__)
-    starts = [tensor.data_offset + rows[k] * row_bytes for k in order]
-    try:
+    try:  # refused as TensorPatch.spans refuses: rows and counts as "cannot scale rows", a non-finite value as is
+        rows = row_scale.checked_rows(patch.indices, n_rows)
+        mults = row_scale.row_multipliers(patch.multipliers, len(rows))
+        order = sorted(range(len(rows)), key=rows.__getitem__)
+        starts = [tensor.data_offset + rows[k] * row_bytes for k in order]
         new, report = row_scale.scale_row_bytes(layout, [reader.mm[a : a + row_bytes] for a in starts],
                                                 [rows[k] for k in order], [mults[k] for k in order])
     except CnaError as e:
         raise CnaError(f"{patch.name}: {e}") from None
+    except (ValueError, IndexError) as e:
+        raise CnaError(f"{patch.name}: cannot scale rows: {e}") from None
     return [Span(rows[k] * row_bytes, data) for k, data in zip(order, new, strict=True)], report
-
-
-def _checked_rows(indices: Any, n_rows: int) -> list[int]:
-    """``indices`` as ints, refused as :func:`cna_export.io.quants.normalise_rows` refuses them."""
-    try:
-        if any(isinstance(i, bool) for i in indices):
-            raise TypeError
-        rows = [operator.index(i) for i in indices]
-    except TypeError:
-        raise ValueError("rows must be a flat sequence of integers") from None
-    bad = [i for i in rows if not 0 <= i < n_rows]
-    if bad:
-        raise IndexError(f"row {bad[0]} is out of range for a tensor of {n_rows} rows")
-    if len(set(rows)) != len(rows):
-        raise ValueError("rows must not repeat (a repeated row would be scaled ambiguously)")
-    return rows
-
-
-def _row_multipliers(multipliers: Any, n: int) -> list[float]:
-    if isinstance(multipliers, (int, float)):
-        return [float(multipliers)] * n
-    mults = [float(m) for m in multipliers]
-    if len(mults) != n:
-        raise ValueError(f"got {len(mults)} multipliers for {n} rows")
-    return mults
 
 
 def write_spans(fd: int, tensor_start: int, spans: list[Span]) -> None:

@@ -130,7 +130,7 @@ def row_bytes(ggml_type: GGMLQuantizationType | int, n_cols: int) -> int:
 
 
 # ---------------------------------------------------------------------------
-# Scale fields: the smallest normal of each encoding; the numpy codecs (scale_codecs)
+# Scale fields: the smallest normal of each encoding (their numpy codecs: scale_codecs)
 # ---------------------------------------------------------------------------
 
 SMALLEST_NORMAL: Final[dict[str, float]] = {  # the smallest normal value of each encoding
@@ -140,16 +140,3 @@ SMALLEST_NORMAL: Final[dict[str, float]] = {  # the smallest normal value of eac
     "f32": 2.0**-126,
     "f64": 2.0**-1022,
 }
-
-
-_CODECS = ("read_bits", "write_bits", "bits_to_float", "float_to_bits")
-
-
-def __getattr__(name: str) -> object:
-    """The numpy codecs of scale fields (:mod:`cna_export.io.scale_codecs`), imported on first use: a small GGUF
-    export scales its rows without numpy (:mod:`cna_export.io.row_scale`)."""
-    if name in _CODECS:
-        from . import scale_codecs
-
-        return getattr(scale_codecs, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

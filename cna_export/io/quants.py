@@ -53,6 +53,7 @@ from .quant_layouts import (
     type_name,
 )
 from .quant_types import FLOAT_TYPES, RoundingStep
+from .row_scale import checked_rows, row_multipliers
 from .scale_codecs import bits_to_float, float_to_bits, read_bits, write_bits
 from .scale_report import ScaleError, ScaleOverflowError, ScaleReport
 
@@ -104,30 +105,13 @@ def _check_array(raw: np.ndarray, layout: QuantLayout) -> None:
 
 
 def normalise_rows(rows: Sequence[int] | np.ndarray, n_rows: int) -> np.ndarray:
-    idx = np.asarray(rows)
-    if idx.size == 0:
-        return np.zeros(0, dtype=np.int64)
-    if idx.ndim != 1 or not np.issubdtype(idx.dtype, np.integer):
-        raise ValueError("rows must be a flat sequence of integers")
-    idx = idx.astype(np.int64)
-    if idx.min() < 0 or idx.max() >= n_rows:
-        bad = int(idx[(idx < 0) | (idx >= n_rows)][0])
-        raise IndexError(f"row {bad} is out of range for a tensor of {n_rows} rows")
-    ordered = np.sort(idx)
-    if np.any(ordered[1:] == ordered[:-1]):  # not np.unique: it imports numpy.ma (10-15 ms of start-up)
-        raise ValueError("rows must not repeat (a repeated row would be scaled ambiguously)")
-    return idx
+    """``rows`` checked (:func:`cna_export.io.row_scale.checked_rows`) as an int64 array."""
+    return np.asarray(checked_rows(rows, n_rows), dtype=np.int64)
 
 
 def _normalise_multipliers(multipliers: Sequence[float] | np.ndarray | float, n: int) -> np.ndarray:
-    mult = np.asarray(multipliers, dtype=np.float64)
-    if mult.ndim == 0:
-        mult = np.full(n, float(mult))
-    elif mult.shape != (n,):
-        raise ValueError(f"got {mult.size} multipliers for {n} rows")
-    if not np.all(np.isfinite(mult)):
-        raise ScaleError(f"non-finite multiplier {mult[~np.isfinite(mult)][0]!r}")
-    return mult
+    """One finite multiplier per row (:func:`cna_export.io.row_scale.row_multipliers`) as a float64 array."""
+    return np.asarray(row_multipliers(multipliers, n), dtype=np.float64)
 
 
 def scale_rows(

@@ -13,8 +13,9 @@ fp16), and at most :data:`MAX_FIELDS` fields; larger edits go through numpy, whi
 from __future__ import annotations
 
 import math
+import operator
 import struct
-from typing import Sequence
+from typing import Any, Sequence
 
 from .quant_layouts import SMALLEST_NORMAL, QuantLayout
 from .scale_report import ScaleError, ScaleOverflowError, ScaleReport
@@ -24,6 +25,45 @@ MAX_FIELDS = 1 << 16
 and its vector path is faster beyond that)."""
 
 _FORMATS = {"f16": struct.Struct("<e"), "f32": struct.Struct("<f"), "f64": struct.Struct("<d")}
+
+
+def checked_rows(indices: Any, n_rows: int) -> list[int]:
+    """``indices`` (a sequence or numpy array) as ints, each a row of a tensor of ``n_rows`` rows, none repeated;
+    else ``ValueError``/``IndexError``. The one rule for both scaling paths (:func:`cna_export.io.quants.normalise_rows`
+    is this as a numpy array)."""
+    items = indices.tolist() if hasattr(indices, "tolist") else indices
+    try:
+        if any(isinstance(i, bool) for i in items):
+            raise TypeError
+        rows = [operator.index(i) for i in items]
+    except TypeError:
+        raise ValueError("rows must be a flat sequence of integers") from None
+    bad = [i for i in rows if not 0 <= i < n_rows]
+    if bad:
+        raise IndexError(f"row {bad[0]} is out of range for a tensor of {n_rows} rows")
+    if len(set(rows)) != len(rows):
+        raise ValueError("rows must not repeat (a repeated row would be scaled ambiguously)")
+    return rows
+
+
+def row_multipliers(multipliers: Any, n: int) -> list[float]:
+    """One finite float per row: ``multipliers`` is one number for all ``n`` rows, or a flat sequence (or numpy
+    array) of ``n``; else ``ValueError``, or :class:`ScaleError` for a non-finite one. The one rule for both
+    scaling paths."""
+    if isinstance(multipliers, (int, float)) or getattr(multipliers, "ndim", None) == 0:
+        mults = [float(multipliers)] * n
+    else:
+        items = multipliers.tolist() if hasattr(multipliers, "tolist") else multipliers
+        try:
+            mults = [float(m) for m in items]
+        except TypeError:
+            raise ValueError(f"got {getattr(multipliers, 'size', len(items))} multipliers for {n} rows") from None
+        if len(mults) != n:
+            raise ValueError(f"got {len(mults)} multipliers for {n} rows")
+    bad = next((m for m in mults if not math.isfinite(m)), None)
+    if bad is not None:
+        raise ScaleError(f"non-finite multiplier {bad!r}")
+    return mults
 
 
 def supports(layout: QuantLayout, n_fields: int) -> bool:
@@ -37,9 +77,7 @@ def scale_row_bytes(layout: QuantLayout, rows: Sequence[bytes], row_ids: Sequenc
     multiplier, and the report. Raises :class:`ScaleError` (a non-finite multiplier or field) or
     :class:`ScaleOverflowError` before returning anything; ``rows`` are never modified."""
     codec = _FORMATS[layout.scale_encoding]
-    for m in multipliers:
-        if not math.isfinite(m):
-            raise ScaleError(f"non-finite multiplier {m!r}")
+    multipliers = row_multipliers(multipliers, len(rows))
     out = [bytearray(r) for r in rows]
     counts = _Counts(layout.scale_encoding)
     for offset in layout.scale_offsets:
