@@ -17,6 +17,9 @@ Commands (on the bundled SmolLM2 GGUF, outputs in a temporary folder):
     diff gguf            the export against its source
     discover --help      a command whose work needs torch: its help must not import it
     cp                   ``cp`` of the GGUF file (not a cna-export command: the floor of an export)
+    export safetensors   fold the same neurons into a bfloat16 safetensors folder of the model (made once
+                         from the GGUF by transformers, kept in bench/out/startup/)
+    cp -r                ``cp -rT`` of that folder
 
 The exports write the Modelfile too (the default), as a user's would; the last lines compare the best
 ``export gguf`` with ``1.5 x cp + 0.3 s`` (issue 23's bound for a small export).
@@ -49,10 +52,19 @@ from pathlib import Path
 HEAVY = ("torch", "transformers", "safetensors", "gguf", "numpy", "llama_cpp", "pydantic")
 
 
-def commands(tmp: Path, model: str, circuit: Path) -> dict[str, tuple[list[str], int]]:
+ST_FOLDER = Path(__file__).resolve().parent / "out" / "startup"
+NEURONS = ((3, 5), (10, 100), (20, 7))
+
+
+def commands(tmp: Path, model: str, circuit: Path, st: Path | None = None) -> dict[str, tuple[list[str], int]]:
     exp = ["export", "--model", model, "--circuit", str(circuit), "--multiplier", "0", "--format", "gguf",
            "--overwrite"]
-    return {
+    st_rows = {} if st is None else {
+        "export safetensors": (["export", "--model", str(st), "--circuit", str(tmp / "c-st.json"), "--multiplier",
+                                "0", "--format", "safetensors", "--overwrite", "--out", str(tmp / "st")], 0),
+        "cp -r": (["cp", "-rT", "--", str(st), str(tmp / "cp-st")], 0),
+    }
+    return {**st_rows,
         "--help": (["--help"], 0),
         "export --help": (["export", "--help"], 0),
         "argument error": (["export", "--multiplier", "abc"], 2),
@@ -127,8 +139,30 @@ def _circuit(model: str, spec: str, out: Path) -> None:
     from cna_export.io.identity import gguf_identity
 
     Circuit(model=gguf_identity(open_gguf(model), spec),
-            neurons=[Neuron(layer=layer, index=i, score=1.0) for layer, i in ((3, 5), (10, 100), (20, 7))],
+            neurons=[Neuron(layer=layer, index=i, score=1.0) for layer, i in NEURONS],
             method={"name": "manual"}).save(out)
+
+
+def _safetensors_twin(model: str, spec: str, circuit: Path) -> Path:
+    """A bfloat16 safetensors folder of the GGUF (as Hub checkpoints ship), made once, and a circuit of it."""
+    from cna_export.core.circuit import Circuit, Neuron
+    from cna_export.io.identity import checkpoint_identity
+
+    folder = ST_FOLDER / (Path(model).stem + "-bf16")
+    if not (folder / "config.json").is_file():
+        import torch
+
+        from cna_export.export.safetensors import _drop_gguf_quantizer
+        from cna_export.model.loading import load_model, save_tokenizer
+
+        loaded = load_model(model)
+        _drop_gguf_quantizer(loaded.model)
+        loaded.model.to(torch.bfloat16).save_pretrained(folder)
+        save_tokenizer(loaded.tokenizer, folder)
+    Circuit(model=checkpoint_identity(folder, spec + " (bf16 safetensors)")[0],
+            neurons=[Neuron(layer=layer, index=i, score=1.0) for layer, i in NEURONS],
+            method={"name": "manual"}).save(circuit)
+    return folder
 
 
 def _measure(rows: list[Row], runs: int, tmp: Path) -> dict[str, dict]:
@@ -169,7 +203,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="cna-startup-") as d:
         tmp = Path(d)
         _circuit(model, args.model, tmp / "c.json")
-        cmds = commands(tmp, model, tmp / "c.json")
+        want = [x.strip() for x in args.only.split(",")] if args.only else None
+        st = None if want and not {"export safetensors", "cp -r"} & set(want) else \
+            _safetensors_twin(model, args.model, tmp / "c-st.json")
+        cmds = commands(tmp, model, tmp / "c.json", st)
         if args.only:
             wanted = [x.strip() for x in args.only.split(",")]
             cmds = {k: v for k, v in cmds.items() if k in wanted or (k == "export gguf" and "diff gguf" in wanted)}
@@ -187,6 +224,11 @@ def main() -> None:
         for row in ("export gguf (baseline)", "export gguf"):
             if row in results:
                 print("\n" + _bound(results, row))
+    if "cp -r" in results:
+        cp = statistics.median(results["cp -r"]["wall"])
+        for row in ("export safetensors (baseline)", "export safetensors"):
+            if row in results:
+                print(f"\n{row}: {statistics.median(results[row]['wall']) / cp:.2f} x cp -r (medians)")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"load": load, "results": results}, indent=2))

@@ -388,6 +388,10 @@ def arch_for_gguf(gguf_arch: str, moe: bool = False) -> ArchSpec:
     )
 
 
+MOE_CONFIG_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
+"""transformers config attributes that announce a mixture-of-experts MLP (any of them non-zero)."""
+
+
 def arch_for_config(config: Any) -> ArchSpec:
     """Resolve the spec for a transformers config, rejecting MoE models of families without a ``moe``
     section (and non-gated MLPs) with a reason."""
@@ -396,7 +400,7 @@ def arch_for_config(config: Any) -> ArchSpec:
         raise CnaError("not supported yet: the model config has no model_type")
     spec = get_arch(model_type)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    for attr in ("num_local_experts", "num_experts", "n_routed_experts"):
+    for attr in MOE_CONFIG_KEYS:
         if getattr(text, attr, None) and spec.moe is None:
             raise CnaError(
                 f"not supported yet: this {model_type} model has a mixture-of-experts MLP ({attr}="

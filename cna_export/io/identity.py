@@ -19,12 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
-from ..core.architectures import ArchSpec, arch_for_config
+from ..core.architectures import MOE_CONFIG_KEYS, ArchSpec, arch_for_config
 from ..core.circuit import ModelIdentity, MoeIdentity
 from ..core.errors import CnaError
 from ..core.experts import SHARED
 from ..core.fingerprint import SCHEME, fingerprint_layers, rehash_while_alive
 from . import fpcache
+from .config_json import plain_config
 from .gguf_arch import expert_ffn, ffn_tensors, gguf_arch, intermediate_size, num_layers
 from .gguf_read import type_name
 
@@ -43,12 +44,7 @@ def checkpoint_identity(
     layer's down_proj weight as float32 little-endian bytes in layer order (= ``LoadedModel.fingerprint()``).
     Returns the identity, the architecture spec, the checkpoint and the down_proj tensor name of each layer.
     """
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError) as e:
-        raise CnaError(f"cannot read the config of {name}: {str(e).strip().splitlines()[0]}") from None
+    config = plain_config(folder) or _auto_config(folder, name, trust_remote_code)
     arch = arch_for_config(config)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     num_layers = getattr(text, "num_hidden_layers", None)
@@ -57,8 +53,7 @@ def checkpoint_identity(
     from .safetensors import Checkpoint, DownNames  # lazily: a GGUF export never reads a safetensors checkpoint
 
     ckpt = Checkpoint.open(folder)
-    if arch.moe is not None and any(getattr(text, a, None) for a in ("num_local_experts", "num_experts",
-                                                                         "n_routed_experts")):
+    if arch.moe is not None and any(getattr(text, a, None) for a in MOE_CONFIG_KEYS):
         return _moe_checkpoint_identity(ckpt, arch, text, num_layers, name, source_format, with_fingerprint)
     names: list[str] = []
     for layer in range(num_layers):
@@ -95,6 +90,16 @@ def checkpoint_identity(
         dtype=first.dtype,
     )
     return identity.rehash_with(_checkpoint_rehash(ckpt, names)), arch, ckpt, names
+
+
+def _auto_config(folder: Path, name: str, trust_remote_code: bool) -> Any:
+    """The config as transformers reads it (class defaults, custom code, nested text configs)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as e:
+        raise CnaError(f"cannot read the config of {name}: {str(e).strip().splitlines()[0]}") from None
 
 
 def _checkpoint_key(ckpt: Checkpoint, down_names: list[str], scheme: int) -> tuple[str, list[str], str]:
