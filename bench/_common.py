@@ -39,3 +39,9 @@ def splice(text: str, start: str, end: str, section: str, heading: str = "") -> 
     if start in text and end in text:
         return text[: text.index(start)] + section + text[text.index(end) + len(end):]
     return text.rstrip("\n") + "\n\n" + heading + section + "\n"
+
+
+# the GGUF behaviour check's figures a bench records per verify (calibrating its tolerances on real files)
+BEHAVIOUR_KEYS = ("prompts", "floor_mean_kl", "steering_effect_mean_kl", "mean_kl", "allowed_mean_kl",
+                  "steering_reproduced", "steering_reproduced_se", "noise_to_effect", "slope_tolerance",
+                  "top1_flip_excess", "top1_mcnemar_p")

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import math
 import os
 import subprocess
 import sys
@@ -38,7 +39,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
-from bench._common import ROOT, log
+from bench._common import BEHAVIOUR_KEYS, ROOT, log
 
 RESULTS = ROOT / "bench" / "results"
 WORK = ROOT / "bench" / "out" / "corpus"
@@ -79,6 +80,9 @@ class FormatRun(BaseModel):
     seconds: float
     metric: str = Field("", description="the key figures of the verification")
     reasons: list[str] = Field(default_factory=list, description="failed / undecided criteria, or the error")
+    behaviour: dict[str, float] = Field(
+        default_factory=dict, description="the GGUF behaviour check's figures (BEHAVIOUR_KEYS of its metrics), for "
+        "calibrating its tolerances on real files; empty where none ran")
 
 
 class AuditRun(BaseModel):
@@ -227,14 +231,16 @@ def format_run(fmt: str, rc: int, wall: float, last: str, out: Path) -> FormatRu
                          reasons=[last])  # fmt: skip
     v = VerifyReport.model_validate(step.verification)
     m = v.metrics
-    parts = [f"{c.label} {c.value}" for c in v.checks if c.ok is not None]
+    parts = [f"{c.label} {c.value}" + (f" (allowed {c.tolerance})" if c.label.startswith("steering reproduced") else "")
+             for c in v.checks if c.ok is not None or c.undecided]
     if "steering_reproduced" in m and not any(c.label.startswith("steering reproduced") for c in v.checks):
         parts.append(f"slope {m['steering_reproduced']:.1%} +- {m.get('steering_reproduced_se', 0):.1%} (not checked)")
     if not parts:
         parts.append(f"max |dlogit| {m.get('max_abs_logit_delta', float('nan')):.1e}")
     metric = "; ".join(parts + [f"{m.get('prompts', 0):.0f} prompts"])
     return FormatRun(format=fmt, exit_code=rc, exit_name=name, verdict=str(v.verdict), seconds=round(step.seconds, 1),
-                     metric=metric, reasons=v.reasons or v.undecided)  # fmt: skip
+                     metric=metric, reasons=v.reasons or v.undecided,
+                     behaviour={k: float(m[k]) for k in BEHAVIOUR_KEYS if k in m and math.isfinite(m[k])})  # fmt: skip
 
 
 def audit(export: Path, src: Path, circuit: Path, out: Path, label: str, s: Settings) -> AuditRun:
@@ -364,8 +370,11 @@ def family_rows(corpus: Corpus) -> list[str]:
 
 
 def write(corpus: Corpus, formats: list[str]) -> None:
-    """``corpus.json`` and ``corpus.md`` in bench/results (through temporary siblings)."""
+    """``corpus.json`` and ``corpus.md`` in bench/results (through temporary siblings). The table has a column for
+    every format recorded, not only this run's ``formats`` (a partial rerun keeps the others)."""
     s = corpus.settings
+    formats = [f for f in dict.fromkeys([*FORMATS, *formats])
+               if any(run.format == f for r in corpus.records for run in r.formats)]
     rows, notes = file_table(corpus, formats)
     md = ["# Corpus of real checkpoints", "",
           "Made by `python -m bench.corpus` on 2 shared CPU cores (" + time.strftime("%Y-%m-%d") + "). Each real "

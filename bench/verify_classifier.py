@@ -29,16 +29,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench import _verify_faults as faults  # noqa: E402
-from bench._common import log  # noqa: E402
+from bench._common import BEHAVIOUR_KEYS, log  # noqa: E402
 
 OUT = ROOT / "bench" / "out" / "verify_classifier"
 RESULTS = ROOT / "bench" / "results" / "verify_classifier"
@@ -73,6 +74,8 @@ class Row:
     prompts: int
     seconds: float
     reasons: str
+    failed_checks: list[str] = field(default_factory=list)  # the labels of the checks that failed
+    behaviour_metrics: dict[str, float] = field(default_factory=dict)  # _common.BEHAVIOUR_KEYS of the report
 
 
 def sources(threads: int) -> dict[str, Path]:
@@ -227,7 +230,10 @@ def run_case(case: Case, srcs: dict[str, Path], memo: Memo, threads: int) -> Row
     widened = [n for n in report.notes if n.startswith("prompts widened")]
     return Row(case.name, "fault" if case.fault else "exact", case.source, case.fmt, case.multiplier, case.size,
                case.fault or "", verdict, tensors, behaviour, int(report.metrics.get("prompts", 0)),
-               round(time.perf_counter() - t0, 1), "; ".join(report.reasons + report.undecided + widened)[:300])
+               round(time.perf_counter() - t0, 1), "; ".join(report.reasons + report.undecided + widened)[:300],
+               [c.label for c in report.checks if c.ok is False],
+               {k: float(v) for k in BEHAVIOUR_KEYS if isinstance(v := report.metrics.get(k), (int, float))
+                and math.isfinite(v)})  # fmt: skip
 
 
 def _remove(path: Path) -> None:

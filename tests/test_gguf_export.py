@@ -786,3 +786,43 @@ def test_spans_are_the_patched_copy_s_changed_bytes(qtype):
     for s in spans:
         got[s.offset : s.offset + s.data.nbytes] = s.data
     assert got.tobytes() == np.ascontiguousarray(full).tobytes()
+
+
+def test_slope_tolerance_follows_the_noise():
+    """Where llama.cpp's noise is large against the edit's effect (Gemma 3: effect 1.3-2.2x the floor), an exact
+    export's slope sits a few % from 1; the tolerance widens by steering_noise_share x sqrt(floor / effect).
+    A backend that halves the edit still fails there; the fixed tolerance alone cannot decide the exact one."""
+    import time
+
+    import torch
+
+    from cna_export.core.settings import GGUFVerifyOptions
+    from cna_export.verification.gguf_behaviour import _Comparisons, _judge
+    from cna_export.verification.gguf_judge import noise_ratio
+
+    def run(share: float, seed: int = 3):
+        g = torch.Generator().manual_seed(seed)
+        comp = _Comparisons()
+        for _ in range(24):
+            plain = 3 * torch.randn(9, 40, generator=g, dtype=torch.float64)
+            hooked = plain + 0.3 * torch.randn(9, 40, generator=g, dtype=torch.float64)
+            src = plain + 0.2 * torch.randn(9, 40, generator=g, dtype=torch.float64)
+            exp = src + share * (hooked - plain) + 0.05 * torch.randn(9, 40, generator=g, dtype=torch.float64)
+            comp.add(plain, hooked, src, exp)
+        return comp
+
+    near = _judge(run(0.96), GGUFVerifyOptions(), time.perf_counter())
+    m = near.metrics
+    assert m["noise_to_effect"] == pytest.approx(noise_ratio(m["floor_mean_kl"], m["steering_effect_mean_kl"]))
+    assert 0.4 < m["noise_to_effect"] < 1.0
+    assert m["slope_tolerance"] == pytest.approx(0.03 + 0.05 * m["noise_to_effect"])
+    assert m["steering_reproduced"] == pytest.approx(0.96, abs=0.02)
+    assert near.verdict == "pass", near.reasons + near.undecided
+    assert "noise/effect" in {c.label: c.tolerance for c in near.checks}["steering reproduced (slope)"] or any(
+        "noise/effect" in n for n in near.notes)
+    fixed = _judge(run(0.96), GGUFVerifyOptions(steering_noise_share=0), time.perf_counter())
+    assert fixed.metrics["slope_tolerance"] == pytest.approx(0.03)
+    assert fixed.verdict != "pass"
+    halved = _judge(run(0.5), GGUFVerifyOptions(), time.perf_counter())
+    assert halved.verdict == "fail" and any("reproduces 5" in r for r in halved.reasons), halved.reasons
+    assert noise_ratio(0.01, 0.0) == float("inf") and noise_ratio(0.0, 1.0) == 0.0

@@ -12,7 +12,8 @@ outside the tolerance, passes when its loose interval lies inside, and is undeci
   A one-sided test, never undecided: it fails only when the strict interval lies beyond the tolerance
   and the exact McNemar test on the discordant positions agrees at the same level; else it passes;
 * **steering slope** (when steering moves transformers by more than the floor): llama.cpp's logit
-  change regressed on transformers' within ``max_steering_error`` of 1;
+  change regressed on transformers' within ``max_steering_error`` + ``steering_noise_share`` x
+  sqrt(floor / effect) of 1 (:func:`slope_tolerance`);
 * **closer to steered** (same condition): mean KL to hook steering minus mean KL to the unsteered
   model below 0.
 """
@@ -164,19 +165,44 @@ def _top1(comp: _Comps, opts: GGUFVerifyOptions, metrics: dict[str, float], alph
     return Outcome(d, check)
 
 
+def noise_ratio(floor_kl: float, effect_kl: float) -> float:
+    """sqrt(noise floor / steering effect), both mean KLs: how large llama.cpp's own noise is against the edit's
+    effect, as a ratio of logit-change sizes (inf without an effect)."""
+    if effect_kl <= 0:
+        return math.inf
+    return math.sqrt(max(floor_kl, 0.0) / effect_kl)
+
+
+def slope_tolerance(opts: GGUFVerifyOptions, ratio: float) -> float:
+    """The slope's tolerance: ``max_steering_error`` plus ``steering_noise_share`` x the noise-to-effect ``ratio``
+    (:func:`noise_ratio`).
+
+    An exact export's slope is not exactly 1 in llama.cpp: its own rounding (activations quantised for the
+    matmuls, a different accumulation order) perturbs the state the edit acts on, and the part of that noise that
+    lies along the edit's effect biases the regression. The bias grows with the noise against the effect (Gemma 3,
+    and SmolLM2 edits of 10 neurons at x0.2, effect 1.3-2.2x the floor: 1.4-3.2% off; SmolLM2 edits 20x the floor
+    or more: within 2%). Calibration: docs/verify.md."""
+    return opts.max_steering_error + opts.steering_noise_share * ratio
+
+
 def _slope(comp: _Comps, opts: GGUFVerifyOptions, metrics: dict[str, float], alpha: float, w: np.ndarray) -> Outcome:
     num, den = [t[0] for t in comp.slope_terms], [t[1] for t in comp.slope_terms]
-    e = opts.max_steering_error
+    ratio = noise_ratio(metrics["floor_mean_kl"], metrics["steering_effect_mean_kl"])
+    e = slope_tolerance(opts, ratio)
+    metrics["noise_to_effect"], metrics["slope_tolerance"] = ratio, e
     d = Criterion(1 - e, 1 + e).decide(ratio_estimate(num, den, w), alpha)
     slope, se = d.estimate.value, d.estimate.se
     metrics["steering_reproduced"], metrics["steering_reproduced_se"] = slope, se
-    check = _row("steering reproduced (slope)", f"{_pct(slope)} +- {_pct(se)}", f"100% +- {e:.0%}", d)
+    allowed = f"100% +- {e:.1%}"
+    why = (f"{opts.max_steering_error:.0%} + {opts.steering_noise_share:g} x noise/effect "
+           f"{ratio:.2f}") if opts.steering_noise_share else f"{opts.max_steering_error:.0%}"
+    check = _row("steering reproduced (slope)", f"{_pct(slope)} +- {_pct(se)}", allowed, d)
     if d.verdict == "fail":
         return Outcome(d, check, f"llama.cpp reproduces {_pct(slope)} (+- {_pct(se)}) of the hook-steering effect; "
-                       f"allowed 100% +- {e:.0%}")  # fmt: skip
+                       f"allowed {allowed} ({why})")  # fmt: skip
     if d.verdict == "undecided":
-        return Outcome(d, check, _undecided(f"whether llama.cpp reproduces the steering ({_pct(slope)})", d,
-                                            lambda x: f"{x:.1%}"))  # fmt: skip
+        return Outcome(d, check, _undecided(f"whether llama.cpp reproduces the steering ({_pct(slope)}) within "
+                                            f"{allowed} ({why})", d, lambda x: f"{x:.1%}"))  # fmt: skip
     return Outcome(d, check)
 
 
@@ -254,8 +280,10 @@ def _notes(comp: _Comps, opts: GGUFVerifyOptions, metrics: dict[str, float], ste
         f"{int(m['top1_steered_only_flips'])} flips of the steered pair alone, {int(m['top1_floor_only_flips'])} of "
         f"the floor pair alone, of {int(m['top1_paired_positions'])} (exact McNemar p = {m['top1_mcnemar_p']:.2g})",
         f"steering reproduced: llama.cpp's logit change is {_pct(m['steering_reproduced'], 2)} (+- "
-        f"{_pct(m['steering_reproduced_se'])}) of transformers' (slope; at most {opts.max_steering_error:.0%} off"
-        + ("" if steers else "; not checked: the steering effect is within the noise floor") + ")",
+        f"{_pct(m['steering_reproduced_se'])}) of transformers' (slope; "
+        + (f"at most {m['slope_tolerance']:.1%} off: {opts.max_steering_error:.0%} + {opts.steering_noise_share:g} x "
+           f"noise/effect {m['noise_to_effect']:.2f}" if steers
+           else "not checked: the steering effect is within the noise floor") + ")",
         f"steering moves transformers by mean KL {m['steering_effect_mean_kl']:.4g} and llama.cpp by "
         f"{m['export_effect_mean_kl']:.4g}; export vs unsteered transformers: mean KL "
         f"{m['export_vs_unsteered_mean_kl']:.4g}",

@@ -66,6 +66,12 @@ class GGUFVerifyOptions(VerifyOptions):
         description="GGUF: llama.cpp must reproduce the hook-steering effect to within this share (regression slope "
         "of its logit change on transformers')",
     )  # fmt: skip
+    steering_noise_share: float = Field(
+        0.05, ge=0,
+        description="GGUF: widen the slope tolerance by this x the noise-to-effect ratio, sqrt(noise floor / steering "
+        "effect) in mean KL: llama.cpp's own noise moves its response to an exact edit, the more so the smaller the "
+        "edit (docs/verify.md); 0: --max-steering-error alone",
+    )  # fmt: skip
     max_prompts: int = Field(
         64, ge=0, description="GGUF: while the prompts are too few to decide a criterion, double them (from --limit) "
         "up to this many; then the verdict is 'not enough positions to decide', never a failure (docs/verify.md)")
