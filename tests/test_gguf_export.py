@@ -826,3 +826,8 @@ def test_slope_tolerance_follows_the_noise():
     halved = _judge(run(0.5), GGUFVerifyOptions(), time.perf_counter())
     assert halved.verdict == "fail" and any("reproduces 5" in r for r in halved.reasons), halved.reasons
     assert noise_ratio(0.01, 0.0) == float("inf") and noise_ratio(0.0, 1.0) == 0.0
+    import pydantic
+
+    for bad in (-0.1, float("inf"), float("nan")):
+        with pytest.raises(pydantic.ValidationError):
+            GGUFVerifyOptions(steering_noise_share=bad)

@@ -67,7 +67,7 @@ class GGUFVerifyOptions(VerifyOptions):
         "of its logit change on transformers')",
     )  # fmt: skip
     steering_noise_share: float = Field(
-        0.05, ge=0,
+        0.05, ge=0, allow_inf_nan=False,
         description="GGUF: widen the slope tolerance by this x the noise-to-effect ratio, sqrt(noise floor / steering "
         "effect) in mean KL: llama.cpp's own noise moves its response to an exact edit, the more so the smaller the "
         "edit (docs/verify.md); 0: --max-steering-error alone",
