@@ -73,7 +73,7 @@ class GGUFVerifyOptions(VerifyOptions):
         "edit (docs/verify.md); 0: --max-steering-error alone",
     )  # fmt: skip
     max_prompts: int = Field(
-        64, ge=0, description="GGUF: while the prompts are too few to decide a criterion, double them (from --limit) "
+        128, ge=0, description="GGUF: while the prompts are too few to decide a criterion, double them (from --limit) "
         "up to this many; then the verdict is 'not enough positions to decide', never a failure (docs/verify.md)")
     threads: int = Field(2, gt=0, description="GGUF: CPU threads for llama.cpp and the transformers reference")
 
