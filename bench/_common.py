@@ -45,3 +45,11 @@ def splice(text: str, start: str, end: str, section: str, heading: str = "") -> 
 BEHAVIOUR_KEYS = ("prompts", "floor_mean_kl", "steering_effect_mean_kl", "mean_kl", "allowed_mean_kl",
                   "steering_reproduced", "steering_reproduced_se", "noise_to_effect", "slope_tolerance",
                   "top1_flip_excess", "top1_mcnemar_p")
+
+
+def behaviour_figures(metrics: dict) -> dict[str, float]:
+    """The finite :data:`BEHAVIOUR_KEYS` of a verification report's metrics (empty where no behaviour check ran)."""
+    import math
+
+    return {k: float(v) for k in BEHAVIOUR_KEYS
+            if isinstance(v := metrics.get(k), (int, float)) and math.isfinite(v)}

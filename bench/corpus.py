@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import math
 import os
 import subprocess
 import sys
@@ -39,7 +38,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
-from bench._common import BEHAVIOUR_KEYS, ROOT, log
+from bench._common import ROOT, behaviour_figures, log
 
 RESULTS = ROOT / "bench" / "results"
 WORK = ROOT / "bench" / "out" / "corpus"
@@ -81,8 +80,8 @@ class FormatRun(BaseModel):
     metric: str = Field("", description="the key figures of the verification")
     reasons: list[str] = Field(default_factory=list, description="failed / undecided criteria, or the error")
     behaviour: dict[str, float] = Field(
-        default_factory=dict, description="the GGUF behaviour check's figures (BEHAVIOUR_KEYS of its metrics), for "
-        "calibrating its tolerances on real files; empty where none ran")
+        default_factory=dict, description="the GGUF behaviour check's figures (_common.BEHAVIOUR_KEYS of its "
+        "metrics), for calibrating its tolerances on real files; empty where none ran")
 
 
 class AuditRun(BaseModel):
@@ -240,7 +239,7 @@ def format_run(fmt: str, rc: int, wall: float, last: str, out: Path) -> FormatRu
     metric = "; ".join(parts + [f"{m.get('prompts', 0):.0f} prompts"])
     return FormatRun(format=fmt, exit_code=rc, exit_name=name, verdict=str(v.verdict), seconds=round(step.seconds, 1),
                      metric=metric, reasons=v.reasons or v.undecided,
-                     behaviour={k: float(m[k]) for k in BEHAVIOUR_KEYS if k in m and math.isfinite(m[k])})  # fmt: skip
+                     behaviour=behaviour_figures(m))  # fmt: skip
 
 
 def audit(export: Path, src: Path, circuit: Path, out: Path, label: str, s: Settings) -> AuditRun:

@@ -150,15 +150,10 @@ def _safetensors_twin(model: str, spec: str, circuit: Path) -> Path:
 
     folder = ST_FOLDER / (Path(model).stem + "-bf16")
     if not (folder / "config.json").is_file():
-        import torch
+        from cna_export.export.safetensors import convert_to_safetensors
 
-        from cna_export.export.safetensors import _drop_gguf_quantizer
-        from cna_export.model.loading import load_model, save_tokenizer
-
-        loaded = load_model(model)
-        _drop_gguf_quantizer(loaded.model)
-        loaded.model.to(torch.bfloat16).save_pretrained(folder)
-        save_tokenizer(loaded.tokenizer, folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        convert_to_safetensors(model, folder, dtype="bfloat16")
     Circuit(model=checkpoint_identity(folder, spec + " (bf16 safetensors)")[0],
             neurons=[Neuron(layer=layer, index=i, score=1.0) for layer, i in NEURONS],
             method={"name": "manual"}).save(circuit)

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -39,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench import _verify_faults as faults  # noqa: E402
-from bench._common import BEHAVIOUR_KEYS, log  # noqa: E402
+from bench._common import behaviour_figures, log  # noqa: E402
 
 OUT = ROOT / "bench" / "out" / "verify_classifier"
 RESULTS = ROOT / "bench" / "results" / "verify_classifier"
@@ -231,9 +230,7 @@ def run_case(case: Case, srcs: dict[str, Path], memo: Memo, threads: int) -> Row
     return Row(case.name, "fault" if case.fault else "exact", case.source, case.fmt, case.multiplier, case.size,
                case.fault or "", verdict, tensors, behaviour, int(report.metrics.get("prompts", 0)),
                round(time.perf_counter() - t0, 1), "; ".join(report.reasons + report.undecided + widened)[:300],
-               [c.label for c in report.checks if c.ok is False],
-               {k: float(v) for k in BEHAVIOUR_KEYS if isinstance(v := report.metrics.get(k), (int, float))
-                and math.isfinite(v)})  # fmt: skip
+               [c.label for c in report.checks if c.ok is False], behaviour_figures(report.metrics))
 
 
 def _remove(path: Path) -> None:
