@@ -1,6 +1,7 @@
 #!/usr/bin/env python
-"""The fingerprint alone, scheme 1 (one sha256) against scheme 2 (a sha256 per layer) on 1 and 2 threads, on a
-GGUF's down projections (dequantised a chunk at a time, the fingerprint cache not involved); round-robin.
+"""The fingerprint alone, scheme 1 (one sha256) against scheme 2 (a sha256 per layer) and scheme 3 (a BLAKE3 per
+layer) on 1 and 2 threads, on a GGUF's down projections (dequantised a chunk at a time, the fingerprint cache not
+involved); round-robin.
 
     python bench/fingerprint_threads.py                       # bundled Qwen2.5-Coder-0.5B, 5 rounds
     python bench/fingerprint_threads.py --model FILE.gguf --rounds 3 --threads 1,2,4
@@ -32,7 +33,8 @@ def main() -> None:
     spec = gguf_arch(reader)
     layers = [functools.partial(identity._gguf_layer, reader, identity._layer_downs(reader, spec, layer))
               for layer in range(num_layers(reader))]
-    variants = [("scheme 1", 1, None)] + [(f"scheme 2, {t} thread(s)", 2, int(t)) for t in a.threads.split(",")]
+    variants = [("scheme 1", 1, None)] + [(f"scheme {s}, {t} thread(s)", s, int(t))
+                                          for s in (2, 3) for t in a.threads.split(",")]
     fingerprint_layers(layers, 1)  # the file in the page cache
     times: dict[str, list[tuple[float, float]]] = {}
     for _ in range(a.rounds):

@@ -17,10 +17,10 @@ Synthetic checkpoints of the Llama-3-8B geometry (32 layers, hidden 4096, interm
   quants and sane fp16 scales (4.6 GB), written with gguf-py's ``GGUFWriter`` one tensor at a time.
 
 The circuit is 0.1% of all MLP neurons (459), spread over all 32 layers, on the checkpoint's
-fingerprint. When only GGUF variants run (``--only cp-gguf,export-gguf,...``), the safetensors folder is
-not made (16 GB) and the circuit is made on the GGUF's own fingerprint instead, in the scheme of the code
-that runs the bench (``circuit-gguf-<method hash>.json``: a before/after comparison run from two copies
-of the code gives each its own circuit, as each would have discovered it).
+fingerprint, in the scheme of the code that runs the bench (``circuit-<method hash>.json``: a before/after
+comparison run from two copies of the code gives each its own circuit, as each would have discovered it).
+When only GGUF variants run (``--only cp-gguf,export-gguf,...``), the safetensors folder is not made (16 GB)
+and the circuit is made on the GGUF's own fingerprint instead (``circuit-gguf-<method hash>.json``).
 
 Each variant runs in its own process under GNU ``/usr/bin/time`` (wall time and peak RSS), round-robin,
 with ``sync`` before each run; outputs sit beside the sources (same file system) and are deleted after
@@ -376,10 +376,10 @@ def main() -> None:
     if not gg.is_file() and (not wanted or any("gguf" in v for v in wanted)):  # safetensors runs do without it
         print(f"writing {gg} (once) ...", flush=True)
         make_gguf(gg, rng)
-    if gguf_only:
-        from cna_export.core.fingerprint import FINGERPRINT_METHOD
+    from cna_export.core.fingerprint import FINGERPRINT_METHOD
 
-        circuit = root / f"circuit-gguf-{hashlib.sha256(FINGERPRINT_METHOD.encode()).hexdigest()[:8]}.json"
+    tag = hashlib.sha256(FINGERPRINT_METHOD.encode()).hexdigest()[:8]  # each scheme's circuit, as its code makes it
+    circuit = root / (f"circuit-gguf-{tag}.json" if gguf_only else f"circuit-{tag}.json")
     if not circuit.is_file():
         print(f"making {circuit} (once; hashes the down projections) ...", flush=True)
         make_circuit(gg if gguf_only else st, circuit, args.seed)

@@ -21,6 +21,7 @@ from test_quants import UNIT_ROUNDOFF, tensor_data
 from cna_export.cli import main
 from cna_export.core.circuit import Circuit, ModelIdentity, Neuron
 from cna_export.core.errors import CnaError
+from cna_export.core.fingerprint import other_than
 from cna_export.core.manifest import GGUF_KEY, ExportManifest, side_manifest_path
 from cna_export.export.card import modelfile_path, render_modelfile, stop_tokens
 from cna_export.export.gguf import export_gguf, read_gguf_manifest
@@ -743,22 +744,8 @@ def test_steering_reproduction_slope():
     assert steering_slope([]) != steering_slope([])  # nan without data
 
 
-def test_a_fingerprint_check_ending_late_moves_the_data_after_the_header(tmp_path, monkeypatch):
-    """Without the fingerprint cache the fingerprint is hashed while the data section is copied. With --force
-    the header is sized for a mismatch's note; when the fingerprints match after all, the header is smaller:
-    the data is written again after it, and the file is as whole as any other."""
-    src = build_gguf(tmp_path / "src.gguf")
-    monkeypatch.setenv("CNA_EXPORT_FINGERPRINT_CACHE", "off")
-    copies = []
-    write_data = G.write_data
-    monkeypatch.setattr(G, "write_data", lambda *a, **k: copies.append(len(a[2])) or write_data(*a, **k))
-    fp = gguf_fingerprint(G.open_gguf(src))
-    expected = export(src, tmp_path / "expected.gguf", circuit=circuit_for(fingerprint="0" * 64), force=True)
-    assert any("applied anyway" in n for n in expected.manifest.notes)
-    assert len(copies) == 1  # with --force the mismatch's note was expected: the data is copied once
-    r = export(src, tmp_path / "late.gguf", circuit=circuit_for(fingerprint=fp), force=True)
-    assert not any("applied anyway" in n for n in r.manifest.notes)
-    assert len(copies) == 3 and copies[2] < copies[1]  # no note after all: the header shrank, the data moved
+def _whole(src: Path, r) -> None:
+    """``r``'s GGUF is the source with the touched tensors edited and the manifest added, nothing else."""
     a, b = G.open_gguf(src), G.open_gguf(r.out)
     assert read_gguf_manifest(r.out)[0].to_json() == r.manifest.to_json()
     assert G.kv_differences(a, b, ignore=("general.name", GGUF_KEY)) == []
@@ -769,6 +756,40 @@ def test_a_fingerprint_check_ending_late_moves_the_data_after_the_header(tmp_pat
         assert G.sha256_array(G.tensor_map(a)[t.name].data) == t.sha256_before
     assert b.data_offset > a.data_offset and r.out.stat().st_size == b.data_offset + sum(
         -(-int(t.n_bytes) // b.alignment) * b.alignment for t in b.tensors)
+
+
+def test_a_fingerprint_check_ending_late_leaves_the_data_in_place(tmp_path, monkeypatch):
+    """Without the fingerprint cache the fingerprint is hashed while the data section is copied. With --force
+    the manifest's JSON is padded to the longer of its texts with and without a mismatch's note, so the data is
+    copied once whether the fingerprints match or not; only a note longer than any expected moves the data after
+    a larger header. Every file is as whole as any other."""
+    from cna_export.export import gguf as export_module
+
+    src = build_gguf(tmp_path / "src.gguf")
+    monkeypatch.setenv("CNA_EXPORT_FINGERPRINT_CACHE", "off")
+    copies = []
+    write_data = G.write_data
+    monkeypatch.setattr(G, "write_data", lambda *a, **k: copies.append(len(a[2])) or write_data(*a, **k))
+    fp = gguf_fingerprint(G.open_gguf(src))
+    other = circuit_for(fingerprint=other_than(fp))  # of the same scheme: the same manifest length but the note
+    expected = export(src, tmp_path / "expected.gguf", circuit=other, force=True)
+    assert any("applied anyway" in n for n in expected.manifest.notes)
+    assert len(copies) == 1  # with --force the mismatch's note was expected: the data is copied once
+    r = export(src, tmp_path / "late.gguf", circuit=circuit_for(fingerprint=fp), force=True)
+    assert not any("applied anyway" in n for n in r.manifest.notes)
+    assert len(copies) == 2 and copies[1] == copies[0]  # no note after all: the same header size, one copy
+    text = G.field_value(G.open_gguf(r.out), GGUF_KEY)
+    assert text.endswith(" ") and text.rstrip() == r.manifest.to_json()
+    assert G.open_gguf(r.out).data_offset == G.open_gguf(expected.out).data_offset
+    for done in (expected, r):
+        _whole(src, done)
+    # a note longer than either expected text: the header grows, the data is written again after it
+    checked = export_module._Fingerprint.checked
+    monkeypatch.setattr(export_module._Fingerprint, "checked", lambda self: checked(self) + ["n" * 300])
+    longer = export(src, tmp_path / "longer.gguf", circuit=circuit_for(fingerprint=fp), force=True)
+    assert "n" * 300 in longer.manifest.notes
+    assert len(copies) == 4 and copies[3] > copies[2]
+    _whole(src, longer)
 
 
 @pytest.mark.parametrize("qtype", SUPPORTED, ids=lambda t: t.name)

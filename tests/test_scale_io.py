@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from cna_export.core.fingerprint import SCHEME
 from cna_export.io import fpcache
 from cna_export.io import safetensors as st_io
 from cna_export.io.identity import checkpoint_identity, gguf_fingerprint
@@ -189,7 +190,7 @@ def test_a_changed_file_is_hashed_again(export_sources, fp_cache, tmp_path):
     second = checkpoint_identity(src, str(src))[0].fingerprint
     assert second != first
     assert second == fpcache.lookup("safetensors", [shard], extra=json.dumps(checkpoint_identity(
-        src, str(src), with_fingerprint=False)[3]), scheme=2)
+        src, str(src), with_fingerprint=False)[3]), scheme=SCHEME)
 
 
 def test_a_file_changed_while_hashing_is_not_cached(tmp_path, fp_cache):

@@ -36,7 +36,7 @@ def test_identity(smollm2):
     ident = smollm2.identity()
     shape = (ident.architecture, ident.num_layers, ident.intermediate_size, ident.hidden_size)
     assert shape == ("llama", 30, 1536, 576)
-    assert ident.source_format == "gguf" and len(ident.fingerprint) == 66 and ident.fingerprint.startswith("2:")
+    assert ident.source_format == "gguf" and len(ident.fingerprint) == 66 and ident.fingerprint.startswith("3:")
 
 
 def test_batched_capture_equals_single_on_smollm2(smollm2, recipe_sets):
@@ -79,7 +79,7 @@ def test_steering_on_smollm2(smollm2, recipe_sets):
 
 def test_circuit_from_other_weights_is_refused(smollm2):
     ident = smollm2.identity()
-    other = ident.model_copy(update={"fingerprint": "2:" + "0" * 64, "name": "elsewhere"})
+    other = ident.model_copy(update={"fingerprint": "3:" + "0" * 64, "name": "elsewhere"})
     c = Circuit(model=other, neurons=[Neuron(layer=3, index=4)])
     with pytest.raises(CnaError, match="different weights"):
         c.check_fits(ident)

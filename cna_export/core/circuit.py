@@ -55,8 +55,9 @@ class ModelIdentity(_Record):
     intermediate_size: int = Field(gt=0, description="MLP neurons per layer (MoE: of the widest layer, all its "
                                    "experts)")
     hidden_size: int = Field(gt=0)
-    fingerprint: str | None = Field(default=None, description="sha256 over the down_proj weights (scheme 2: "
-                                    "'2:' and the sha256 over the layers' sha256; scheme 1: 64 hex digits)")
+    fingerprint: str | None = Field(default=None, description="hash of the down_proj weights (scheme 3: "
+                                    "'3:' and the BLAKE3 over the layers' BLAKE3; scheme 2: '2:' and the same "
+                                    "with sha256; scheme 1: 64 hex digits)")
     fingerprint_method: str = FINGERPRINT_METHOD
     source_format: Literal["hf", "gguf", "hub"] = "hf"
     dtype: str | None = None

@@ -156,7 +156,7 @@ class _Fingerprint:
         return self.request.circuit.check_fits(identity, force=self.request.force)
 
     def expected(self) -> list[str]:
-        """The notes :meth:`checked` will most likely return, for sizing a header before it is known: with
+        """The notes :meth:`checked` may return besides none, for sizing a header before it is known: with
         ``force``, a mismatch's note (its length does not depend on the fingerprint); else none (a mismatch
         without ``force`` is refused, not noted)."""
         if self.pending is None or not self.request.force:
@@ -329,20 +329,27 @@ def _write_fast(job: _Job, hashes: _Hashes, warnings: list[str], fd: int) -> Exp
 
 def _write_new(job: _Job, hashes: _Hashes, warnings: list[str], fd: int) -> ExportManifest:
     """The data section first (kernel copy; the touched tensors copied, patched and hashed in one pass) while the
-    fingerprint is computed, then the header with the manifest. The header's size is known before the hashes
-    (fixed length) and, with ``--force``, the fingerprint check's note is expected; a check that ends otherwise
-    changes the header's size: the data is then written again after it."""
+    fingerprint is computed, then the header with the manifest. The header's size is fixed before the hashes
+    (fixed length) and the fingerprint check are known: the manifest's JSON is padded with trailing spaces to the
+    longer of its two likely texts (with ``--force``, with and without the mismatch note), so the data is written
+    once; a check that ends otherwise (a note longer than expected) changes the header's size, and the data is
+    then written again after it."""
     reader, src = job.reader, job.src
     name = steered_name(G.field_value(reader, "general.name"), src.stem)
 
-    def header(manifest: ExportManifest) -> G.Header:
+    def header(manifest: ExportManifest, width: int = 0) -> G.Header:
+        text = manifest.to_json()
+        text += " " * (width - len(text.encode()))  # JSON allows trailing white space
         return G.build_header(reader, kv_replace={"general.name": (name, _STRING)},
-                              kv_append=[(GGUF_KEY, manifest.to_json(), _STRING)])
+                              kv_append=[(GGUF_KEY, text, _STRING)])
 
-    draft = header(_manifest(job, hashes.touched(placeholder=True), warnings, job.fingerprint.expected()))
+    likely = [_manifest(job, hashes.touched(placeholder=True), warnings, notes)
+              for notes in ([], job.fingerprint.expected())]
+    width = max(len(m.to_json().encode()) for m in likely)
+    draft = header(likely[-1], width)
     hashes.record(G.write_data(reader, fd, draft, job.patched, hashes.known, job.request.progress))
     manifest = _manifest(job, hashes.touched(), warnings, job.fingerprint.checked())
-    final = header(manifest)
+    final = header(manifest, width)
     if len(final) != len(draft):
         G.write_data(reader, fd, final, job.patched, dict(hashes.got), job.request.progress)
     G.write_header(fd, final)

@@ -8,7 +8,7 @@ and remembered under ``<cache>/fingerprints/`` (``<cache>`` is ``$CNA_EXPORT_CAC
 
 An entry is keyed by the fingerprint's scheme (its method text in
 :data:`cna_export.core.fingerprint.FINGERPRINT_METHODS`, also recorded in the entry and checked: a
-scheme-1 value is never returned for scheme 2, nor the reverse) and, for every file read, its resolved
+value of one scheme is never returned for another) and, for every file read, its resolved
 path, size, inode, device, modification time and change time (all in nanoseconds). Any write to a file
 changes its change time, which no user-level call can set back, so a changed file never matches
 a stale entry. ``CNA_EXPORT_FINGERPRINT_CACHE`` names another folder for the entries, or is ``off``

@@ -2,7 +2,7 @@
 
 :func:`checkpoint_identity` reads a safetensors folder (config.json and the tensor headers) and
 :func:`gguf_identity` a GGUF file. Both fingerprint the down projection weights with
-:func:`cna_export.core.fingerprint.fingerprint_layers` (scheme 2: a layer per thread, a chunk at a time),
+:func:`cna_export.core.fingerprint.fingerprint_layers` (schemes 2 and 3: a layer per thread, a chunk at a time),
 so the identities equal ``LoadedModel.identity()`` of the same weights. Fingerprints of files are
 remembered in the fingerprint cache (:mod:`cna_export.io.fpcache`, keyed by the scheme too), so the same
 weights are hashed once. Each identity can hash its weights again in another scheme
@@ -287,7 +287,7 @@ def _gguf_layer(reader: Any, tensors: list[Any]) -> Iterator[np.ndarray]:
 def gguf_fingerprint(reader: Any, spec: Any | None = None, scheme: int | None = None,
                      threads: int | None = None) -> str:
     """The fingerprint of every layer's ffn_down dequantised to fp32 (as transformers loads it) in ``scheme``
-    (default: the current one; scheme 2 on ``threads`` threads, a layer each), through the fingerprint cache
+    (default: the current one; schemes 2 and 3 on ``threads`` threads, a layer each), through the fingerprint cache
     (:mod:`.fpcache`) when the reader has a file path. Each tensor is read and dequantised a chunk of rows at a
     time (:func:`dequantised_chunks`)."""
     spec = spec or gguf_arch(reader)

@@ -182,7 +182,7 @@ def _header(path: Path) -> list[str]:
 class DownNames(list):
     """Down projection tensor names in layer order (a ``list`` of them: indexing and iteration as before), and how
     many of them each layer has (``per_layer``: one each for a dense model; a mixture-of-experts layer's
-    experts, then its shared expert), which scheme-2 fingerprints hash layer by layer."""
+    experts, then its shared expert), which scheme-2 and scheme-3 fingerprints hash layer by layer."""
 
     def __init__(self, names: Iterable[str] = (), per_layer: Sequence[int] | None = None):
         super().__init__(names)
@@ -206,7 +206,7 @@ def fp32_fingerprint(ckpt: Checkpoint, names: Iterable[str], scheme: int | None 
     :class:`DownNames`, else one tensor per layer (a dense model's down projections).
 
     With the down_proj weights in layer order this equals ``LoadedModel.fingerprint()`` of the same
-    weights, without loading the model: one memory-mapped tensor at a time, a chunk at a time (scheme 2: on
+    weights, without loading the model: one memory-mapped tensor at a time, a chunk at a time (schemes 2 and 3: on
     ``threads`` threads, a layer each).
     """
     from ..core.fingerprint import SCHEME, fingerprint_layers
