@@ -1,5 +1,5 @@
 """What several benchmarks share: the repository root, a timestamped log line, a bundled model dequantised to a
-float32 safetensors folder, and the splice of a generated section into a Markdown file."""
+float32 safetensors folder, the splice of a generated section into a Markdown file, and a step runner."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import TextIO
+from typing import Any, Callable, TextIO
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -53,3 +53,14 @@ def behaviour_figures(metrics: dict) -> dict[str, float]:
 
     return {k: float(v) for k in BEHAVIOUR_KEYS
             if isinstance(v := metrics.get(k), (int, float)) and math.isfinite(v)}
+
+
+def run_steps(names: str, steps: dict[str, Callable[[Any], None]], args: Any) -> int:
+    """Run the comma-separated ``names`` of ``steps`` in order, each with ``args``; an unknown name exits first."""
+    order = [n for n in names.split(",") if n]
+    unknown = [n for n in order if n not in steps]
+    if unknown:
+        raise SystemExit(f"unknown step {unknown[0]} (choose from {list(steps)})")
+    for name in order:
+        steps[name](args)
+    return 0

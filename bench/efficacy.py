@@ -41,7 +41,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench._common import ROOT, log
+from bench._common import ROOT, log, run_steps
 
 MODEL = "bundled:qwen2.5-coder-0.5b"
 STATS_RECIPE = ROOT / "recipes" / "refusal.yaml"
@@ -75,6 +75,8 @@ ROWS: list[Row] = [
         "harden-refusal-benign"),
     Row("removal-learned", "removal", "refusal-learned.yaml: attribution+ 0.1%, learned", "refusal-learned"),
     Row("removal-issue11", "removal", "refusal.yaml: attribution+ 0.031% x0.2 (issue 11)", "refusal"),
+    Row("removal-x0.4", "removal", "refusal.yaml circuit x0.4", "refusal", {"multiplier": 0.4}),
+    Row("removal-x0.6", "removal", "refusal.yaml circuit x0.6", "refusal", {"multiplier": 0.6}),
     Row("harden-x2", "harden", "refusal.yaml circuit x2", "refusal", {"multiplier": 2.0}),
     Row("harden-direction-x2", "harden", "harden-refusal.yaml: direction+ 0.25% x2", "harden-refusal"),
     Row("harden-x4", "harden", "refusal.yaml circuit x4", "refusal", {"multiplier": 4.0}),
@@ -394,13 +396,8 @@ def main() -> int:
     if a.issue11:
         return issue11()
     steps = {"restore": step_restore, "stats": step_stats, "heretic": step_heretic, "rows": step_rows,
-             "judge": step_judge,
-             "report": efficacy_report.step_report}
-    for name in a.steps.split(","):
-        if name not in steps:
-            raise SystemExit(f"unknown step {name} (choose from {list(steps)})")
-        steps[name](a)
-    return 0
+             "judge": step_judge, "report": efficacy_report.step_report}
+    return run_steps(a.steps, steps, a)
 
 
 if __name__ == "__main__":

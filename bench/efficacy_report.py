@@ -25,7 +25,9 @@ COLUMNS = [
     ("l1", "L1"), ("learn_seconds", "train s"), ("refused", "refused kw"), ("harmful_phrases", "refused ph"),
     ("judge_refused", "refused model"), ("over_refused", "over-ref. kw"), ("benign_phrases", "over-ref. ph"),
     ("judge_over_refused", "over-ref. model"), ("judge_unusable", "unusable model (h/b)"),
-    ("quality_ratio", "quality / unsteered"), ("kl_last", "KL first token"), ("kl_gen", "KL 32 tokens"),
+    ("quality_ratio", "quality / unsteered"), ("kl_last", "KL first token"),
+    ("kl_last_answered", "KL first, answered twins"), ("kl_last_over_refused", "KL first, over-refused twins"),
+    ("kl_gen", "KL 32 tokens"),
     ("agreement_keyword", "agree kw"), ("agreement_phrases", "agree ph"), ("wall_seconds", "eval s"),
 ]
 
@@ -127,6 +129,42 @@ def selectivity_lines(recs: list[dict], base: dict) -> list[str]:
             f"+{need_b} benign: a ratio of {need_b / need_h:.2f} or less."]
 
 
+DRIFTS = {"kl_last": "first-token KL on all twins (the goal's)",
+          "kl_last_answered": "first-token KL on the twins the unsteered model answered"}
+
+
+def equal_drift_lines(recs: list[dict], kl: str = "kl_last") -> list[str]:
+    """For each peer point (CAA, heretic): the CNA row with the fewest refusals at no more drift (``kl``, a key of
+    :data:`DRIFTS`), and whether CNA's front lies on or below that point."""
+    recs = [s for s in recs if s.get(kl) is not None]
+    cna = [s for s in recs if s["group"] == "removal" and _family(s).startswith("CNA")]
+    out = []
+    for p in sorted((s for s in recs if _family(s) in ("CAA", "heretic")), key=lambda s: s[kl]):
+        within = [s for s in cna if s[kl] <= p[kl]]
+        head = f"- {p['title']}: {p['refused']}/{p['harmful_n']} at KL {p[kl]:.3f}; "
+        if not within:
+            out.append(head + "no CNA row reaches this drift: **CNA falls short here**")
+            continue
+        best = min(within, key=lambda s: (s["refused"], s[kl]))
+        d = best["refused"] - p["refused"]
+        verdict = (f"**CNA trails by {d}**" if d > 0 else "CNA matches it" if d == 0 else f"CNA beats it by {-d}")
+        out.append(head + f"best CNA at no more KL: {best['title']}, {best['refused']}/{best['harmful_n']} at KL "
+                   f"{best[kl]:.3f}: {verdict}")
+    return ["", f"At equal drift, {DRIFTS[kl]} (held-out refusals, keyword judge; a CNA row counts at a peer's "
+            "drift when its KL is no higher):", "", *out] if out else []
+
+
+def kl_split_lines(recs: list[dict]) -> list[str]:
+    """First-token KL split by the unsteered model's verdict on each benign twin, for the rows that have it."""
+    rows = [s for s in recs if s.get("kl_last_answered") is not None and s["group"] in ("removal", "peer")]
+    if not rows:
+        return []
+    cells = "; ".join(f"{s['title']}: {s['kl_last_answered']:.3f} / {s['kl_last_over_refused']:.3f} "
+                      f"(over-refused {s['over_refused']})" for s in rows)
+    return ["", "Where the removal rows' drift falls (first-token KL on the twins the unsteered model answered / on "
+            "those it over-refused; the goal's KL is their mean over all 70): " + cells + "."]
+
+
 def _family(s: dict) -> str:
     if s["group"] == "peer":
         return "heretic"
@@ -193,7 +231,8 @@ def section(recs: list[dict], base: dict, missing: list[str]) -> str:
              "larger local model with `--judge-model`); agreement over all harmful and benign answers. "
              "KL: KL(unsteered || steered) on the benign twins.", "", table(recs), "",
              "![frontier](results/efficacy/frontier.png)", "", "**Goals** (checked against the figures above):", ""]
-    lines += goal_lines(recs, base) + selectivity_lines(recs, base)
+    lines += goal_lines(recs, base) + [line for kl in DRIFTS for line in equal_drift_lines(recs, kl)]
+    lines += kl_split_lines(recs) + selectivity_lines(recs, base)
     if heretic:
         lines += ["", f"heretic: {heretic.get('trials')} trials in {(heretic.get('heretic_seconds') or 0) / 60:.0f} "
                   f"min on this CPU; its chosen trial {heretic.get('trial')} (fewest refusals at KL <= 0.1 on its "

@@ -199,6 +199,37 @@ def test_evaluator_end_to_end(tiny, prompt_files):
         assert r["condition"] == "ablate" and isinstance(r["response"], str) and r["tokens"] <= 6
 
 
+def test_kl_is_split_by_the_unsteered_verdict_on_each_twin(tiny, prompt_files):
+    """``kl_last_answered`` / ``kl_last_over_refused``: the first-token KL over the twins the unsteered model
+    answered / refused (its verdicts, not the steered model's), and together they make up ``kl_last``."""
+    from cna_export.evaluation.evaluator import Condition
+    from cna_export.evaluation.judge import Verdict
+
+    _, loaded = tiny
+    harmful, benign = _sets(prompt_files, 4)
+    refused_twins = set(benign.prompts[:1])
+    calls = []
+
+    class ByPrompt:  # the unsteered model "over-refuses" the first twin; the steered model refuses every twin
+        name = "by-prompt"
+
+        def judge(self, prompts, responses):
+            calls.append(len(calls))
+            steered = len(calls) > 2  # the baseline's harmful and benign sets come first
+            return [Verdict(p in refused_twins or (steered and p in benign.prompts)) for p in prompts]
+
+    ev = Evaluator(TransformersBackend(loaded), harmful, benign, EvalSettings(max_new_tokens=4), judge=ByPrompt())
+    assert ev.baseline().summary["kl_last_answered"] == 0.0
+    res = ev.run(Condition("ablate", Steering.cna(_circuit(loaded), 0.0), None, {"method": "cna", "neurons": 24}))
+    s, twins = res.summary, [r for r in res.rows if r["set"] == "benign"]
+    assert s["over_refused"] == 4  # the steered verdicts do not move the split
+    was = [r["prompt"] in refused_twins for r in twins]
+    assert s["kl_last_over_refused"] == pytest.approx(np.mean([r["kl_last"] for r, w in zip(twins, was) if w]))
+    assert s["kl_last_answered"] == pytest.approx(np.mean([r["kl_last"] for r, w in zip(twins, was) if not w]))
+    assert s["kl_last_answered"] > 0
+    assert s["kl_last"] == pytest.approx((s["kl_last_over_refused"] + 3 * s["kl_last_answered"]) / 4)
+
+
 # -- CLI -------------------------------------------------------------------------------------
 
 

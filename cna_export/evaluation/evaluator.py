@@ -10,7 +10,9 @@ strength, another checkpoint) the evaluator generates greedy answers
   quality, and drift from the unsteered model: ``kl_last``, the KL divergence
   of the first answer token's distribution, and (``kl_tokens > 0``) ``kl_gen``,
   the KL averaged over the first ``kl_tokens`` positions of the unsteered
-  model's own answer, teacher-forced through both (see :mod:`cna_export.evaluation.metrics`).
+  model's own answer, teacher-forced through both (see :mod:`cna_export.evaluation.metrics`);
+  ``kl_last_answered`` and ``kl_last_over_refused`` split ``kl_last`` by the
+  unsteered model's verdict on each twin (answered or over-refused).
 
 The unsteered condition runs first and is the reference for KL, for the quality
 ratio and for the paired refusal flips (with an exact McNemar test). Results go
@@ -71,6 +73,7 @@ class _Reference:
     harmful_quality: float | None
     benign_first: list[np.ndarray | None]
     benign_tokens: list[list[int]]
+    benign_refused: list[bool] | None = None  # None: the benign twins were scored for KL only
 
 
 class Evaluator:
@@ -139,6 +142,8 @@ class Evaluator:
                 kl_gen = self._kl_gen(backend, cond.steering) if s.kl_tokens else [None] * len(b_gen)
             b_verdicts = (self.judge.judge(self.benign.prompts, [g.text for g in b_gen]) if s.benign_answers
                           else [Verdict(False)] * len(b_gen))  # scored for KL only: nothing to judge
+            if reference and s.benign_answers:
+                self.ref.benign_refused = [v.refused for v in b_verdicts]
             for it, g, v, kl, klg in zip(self.benign.items, b_gen, b_verdicts, kl_last, kl_gen):
                 row = self._row(cond, "benign", it, g, v)
                 if not s.benign_answers:  # scored for KL only: the short answer is not judged
@@ -205,6 +210,16 @@ class Evaluator:
                 out.append(float(kl_divergence(a, b).mean()))
         return out
 
+    def _kl_split(self, b: list[dict]) -> dict[str, float | None]:
+        """First-token KL split by the unsteered model's verdict on each benign twin: ``kl_last_answered`` over the
+        twins it answered (drift where nothing should change) and ``kl_last_over_refused`` over those it refused (an
+        edit that stops over-refusing them moves their first token too, which ``kl_last`` counts as drift)."""
+        ref = self.ref.benign_refused if self.ref is not None else None
+        if not b or ref is None or len(ref) != len(b):
+            return {"kl_last_answered": None, "kl_last_over_refused": None}
+        return {"kl_last_answered": mean(r["kl_last"] for r, was in zip(b, ref) if not was),
+                "kl_last_over_refused": mean(r["kl_last"] for r, was in zip(b, ref) if was)}
+
     def _summary(self, cond: Condition, rows: list[dict], h_verdicts: list, seconds: float, backend: Backend) -> dict:
         assert self.ref is not None
         h = [r for r in rows if r["set"] == "harmful"]
@@ -236,6 +251,7 @@ class Evaluator:
             "quality_benign": mean(r["quality"] for r in b) if b and answers else None,
             "kl_last": mean(r["kl_last"] for r in b) if b else None,
             "kl_gen": mean(r["kl_gen"] for r in b) if b and self.settings.kl_tokens else None,
+            **self._kl_split(b),
             "generated_tokens": sum(r["tokens"] for r in rows),
             "seconds": round(seconds, 2),
             "steering": cond.steering.describe(),
