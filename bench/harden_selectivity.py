@@ -123,27 +123,19 @@ def supports(z, width: int) -> dict[str, np.ndarray]:
 
 
 def _leaning(loaded, opts, ids, texts, idx: np.ndarray, m: float, width: int) -> np.ndarray:
-    """``B`` of each prompt with the neurons ``idx`` scaled by ``m`` at every position (hooks)."""
+    """``B`` of each prompt with the neurons ``idx`` scaled by ``m`` at every position (the package's hook
+    steering)."""
     import torch
 
     from cna_export.discovery.scores import behaviour_score
+    from cna_export.model.steering import steer
 
-    handles = []
-    for layer in sorted({int(i) // width for i in idx}):
-        s = torch.ones(width)
-        s[[int(i) % width for i in idx if int(i) // width == layer]] = m
-        handles.append(loaded.down_proj(layer).register_forward_pre_hook(
-            lambda mod, a, s=s: ((a[0] * s).to(a[0].dtype), *a[1:])))
     out = []
-    try:
-        with torch.no_grad():
-            for b in _batches(loaded, opts, texts, 20):
-                o = loaded.model(input_ids=b.input_ids, attention_mask=b.attention_mask,
-                                 position_ids=b.position_ids, use_cache=False, logits_to_keep=1)
-                out.append(behaviour_score(o.logits[:, -1, :], *ids).numpy())
-    finally:
-        for h in handles:
-            h.remove()
+    with steer(loaded.model, loaded.arch, {(int(i) // width, int(i) % width): m for i in idx}), torch.no_grad():
+        for b in _batches(loaded, opts, texts, 20):
+            o = loaded.model(input_ids=b.input_ids, attention_mask=b.attention_mask,
+                             position_ids=b.position_ids, use_cache=False, logits_to_keep=1)
+            out.append(behaviour_score(o.logits[:, -1, :], *ids).numpy())
     return np.concatenate(out)
 
 

@@ -185,6 +185,13 @@ def slope_tolerance(opts: GGUFVerifyOptions, ratio: float) -> float:
     return opts.max_steering_error + opts.steering_noise_share * ratio
 
 
+def _tolerance_terms(opts: GGUFVerifyOptions, ratio: float) -> str:
+    """What the slope's tolerance is made of, for the report's reasons and notes."""
+    if not opts.steering_noise_share:
+        return f"{opts.max_steering_error:.0%}"
+    return f"{opts.max_steering_error:.0%} + {opts.steering_noise_share:g} x noise/effect {ratio:.2f}"
+
+
 def _slope(comp: _Comps, opts: GGUFVerifyOptions, metrics: dict[str, float], alpha: float, w: np.ndarray) -> Outcome:
     num, den = [t[0] for t in comp.slope_terms], [t[1] for t in comp.slope_terms]
     ratio = noise_ratio(metrics["floor_mean_kl"], metrics["steering_effect_mean_kl"])
@@ -194,8 +201,7 @@ def _slope(comp: _Comps, opts: GGUFVerifyOptions, metrics: dict[str, float], alp
     slope, se = d.estimate.value, d.estimate.se
     metrics["steering_reproduced"], metrics["steering_reproduced_se"] = slope, se
     allowed = f"100% +- {e:.1%}"
-    why = (f"{opts.max_steering_error:.0%} + {opts.steering_noise_share:g} x noise/effect "
-           f"{ratio:.2f}") if opts.steering_noise_share else f"{opts.max_steering_error:.0%}"
+    why = _tolerance_terms(opts, ratio)
     check = _row("steering reproduced (slope)", f"{_pct(slope)} +- {_pct(se)}", allowed, d)
     if d.verdict == "fail":
         return Outcome(d, check, f"llama.cpp reproduces {_pct(slope)} (+- {_pct(se)}) of the hook-steering effect; "
@@ -281,8 +287,7 @@ def _notes(comp: _Comps, opts: GGUFVerifyOptions, metrics: dict[str, float], ste
         f"the floor pair alone, of {int(m['top1_paired_positions'])} (exact McNemar p = {m['top1_mcnemar_p']:.2g})",
         f"steering reproduced: llama.cpp's logit change is {_pct(m['steering_reproduced'], 2)} (+- "
         f"{_pct(m['steering_reproduced_se'])}) of transformers' (slope; "
-        + (f"at most {m['slope_tolerance']:.1%} off: {opts.max_steering_error:.0%} + {opts.steering_noise_share:g} x "
-           f"noise/effect {m['noise_to_effect']:.2f}" if steers
+        + (f"at most {m['slope_tolerance']:.1%} off: {_tolerance_terms(opts, m['noise_to_effect'])}" if steers
            else "not checked: the steering effect is within the noise floor") + ")",
         f"steering moves transformers by mean KL {m['steering_effect_mean_kl']:.4g} and llama.cpp by "
         f"{m['export_effect_mean_kl']:.4g}; export vs unsteered transformers: mean KL "
