@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import PLANTED, planted_circuit
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
@@ -102,13 +103,13 @@ def _patch_source(path: Path, dtype: torch.dtype, seed: int = 0) -> dict:
     return tensors
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("axis", ["column", "row"])
 @pytest.mark.parametrize("chunk", [1 << 24, 64])
 def test_patch_shard_equals_a_full_patch_in_memory(tmp_path, monkeypatch, dtype, axis, chunk):
     """The kernel copy with touched rows/columns written over it (or streamed) gives the bytes of scaling whole
     tensors in memory and writing them, for 1-D, 2-D and fused 3-D tensors, and its hashes are theirs."""
-    from cna_export.export.fold import scale_slices
+    from cna_export.export.fold import scale_slices, scale_stored
     from cna_export.io.shard_patch import SlicePatch, patch_shard
     from cna_export.io.tensor_bytes import tensor_sha256
 
@@ -122,7 +123,7 @@ def test_patch_shard_equals_a_full_patch_in_memory(tmp_path, monkeypatch, dtype,
         picks["a.bias"] = ([5, 1], [-2.0, 0.3])
     patches = [SlicePatch(n, axis, idx, ms[: len(idx)]) for n, (idx, ms) in picks.items()]
     names = frozenset(picks)
-    done = patch_shard(src, tmp_path / "patched.safetensors", patches, {"cna_export": "x"}, scale_slices,
+    done = patch_shard(src, tmp_path / "patched.safetensors", patches, {"cna_export": "x"}, scale_stored,
                        hash_before=names, hash_after=names)
     new = {n: scale_slices(tensors[n], "element" if tensors[n].dim() == 1 else axis, idx, ms[: len(idx)])
            for n, (idx, ms) in picks.items()}
@@ -138,18 +139,20 @@ def test_patch_shard_equals_a_full_patch_in_memory(tmp_path, monkeypatch, dtype,
 
 def test_patch_shard_refuses_bad_indices_and_integer_tensors(tmp_path):
     from cna_export.core.errors import CnaError
-    from cna_export.export.fold import scale_slices
+    from cna_export.export.fold import scale_stored
     from cna_export.io.shard_patch import SlicePatch, patch_shard
 
     src = tmp_path / "a.safetensors"
-    save_file({"w": torch.ones(4, 3), "i": torch.ones(4, 3, dtype=torch.int32)}, src)
+    save_file({"w": torch.ones(4, 3), "i": torch.ones(4, 3, dtype=torch.int32),
+               "f8": torch.ones(4, 3).to(torch.float8_e4m3fn)}, src)
     for patch, message in [(SlicePatch("w", "column", [3], [0.0]), "out of range"),
                            (SlicePatch("w", "row", [1, 1], [0.0, 2.0]), "listed twice"),
-                           (SlicePatch("i", "column", [0], [0.0]), "not floating point")]:
+                           (SlicePatch("i", "column", [0], [0.0]), "int32 tensor .not floating point"),
+                           (SlicePatch("f8", "row", [0], [0.0]), "float8_e4m3fn tensor .float64, float32")]:
         with pytest.raises(CnaError, match=message):
-            patch_shard(src, tmp_path / "b.safetensors", [patch], {}, scale_slices)
+            patch_shard(src, tmp_path / "b.safetensors", [patch], {}, scale_stored)
     with pytest.raises(ValueError, match="has no tensor"):
-        patch_shard(src, tmp_path / "b.safetensors", [SlicePatch("nope", "row", [0], [0.0])], {}, scale_slices)
+        patch_shard(src, tmp_path / "b.safetensors", [SlicePatch("nope", "row", [0], [0.0])], {}, scale_stored)
 
 
 # -- fingerprint cache ----------------------------------------------------------------------
@@ -314,6 +317,39 @@ def test_gguf_commands_never_import_torch(tmp_path):
         assert lines, (argv, r.stdout[-500:], r.stderr[-2000:])
         got = json.loads(lines[-1])
         assert got["rc"] == 0 and got["tried"] == [], (argv, got, r.stderr[-1000:])
+
+
+@pytest.mark.parametrize("fold", ["down", "up"])
+def test_a_safetensors_export_never_imports_torch(export_sources, tmp_path, fold):
+    """A safetensors export of a bfloat16 checkpoint (fingerprint hashed cold, shards folded by numpy) runs without
+    torch or transformers, and writes the bytes the torch fold writes (scale_slices of each whole tensor)."""
+    import os
+    import subprocess
+    import sys
+
+    from cna_export.export.fold import scale_slices
+
+    src = export_sources[("llama", "bfloat16", True)]
+    circuit = tmp_path / "c.json"
+    planted_circuit(src, own=True).save(circuit)
+    out = tmp_path / "out"
+    argv = ["export", "--model", str(src), "--circuit", str(circuit), "--format", "safetensors", "--fold", fold,
+            "--out", str(out)]
+    env = dict(os.environ, CNA_EXPORT_FINGERPRINT_CACHE="off")
+    r = subprocess.run([sys.executable, "-c", PROBE, json.dumps(argv)], capture_output=True, text=True, timeout=300,
+                       env=env)
+    lines = [x for x in r.stdout.splitlines() if x.startswith('{"rc"')]
+    assert lines, (r.stdout[-500:], r.stderr[-2000:])
+    got = json.loads(lines[-1])
+    assert got["rc"] == 0 and got["tried"] == [], (got, r.stderr[-1000:])
+    before, after = st_io.Checkpoint.open(src), st_io.Checkpoint.open(out)
+    for layer in {layer for layer, _ in PLANTED}:
+        name = f"model.layers.{layer}.mlp.{fold}_proj.weight"
+        idx = [j for (l, j) in PLANTED if l == layer]
+        want = scale_slices(before.read(name), "column" if fold == "down" else "row", idx,
+                            [PLANTED[layer, j] for j in idx])
+        assert not torch.equal(want, before.read(name))
+        assert torch.equal(after.read(name).view(torch.int16), want.view(torch.int16))
 
 
 def test_gguf_export_imports_only_what_it_uses(tmp_path):

@@ -113,14 +113,14 @@ def test_planted_wrong_column_fails_with_exit_code_3(combo, layer, column, fn, e
 
 def test_failed_verification_at_export_time_leaves_nothing(export_sources, tmp_path, capsys, monkeypatch):
     import cna_export.export.safetensors as export_mod
-    from cna_export.export.fold import scale_slices
+    from cna_export.export.fold import scale_stored
 
     src = export_sources[("qwen2", "float32", True)]
     circuit = tmp_path / "c.json"
     planted_circuit(src).save(circuit)
     # a folding bug: every neuron's column scaled by the wrong factor
-    monkeypatch.setattr(export_mod, "scale_slices",
-                        lambda w, axis, idx, ms: scale_slices(w, axis, idx, [m * 3 + 1 for m in ms]))
+    monkeypatch.setattr(export_mod, "scale_stored",
+                        lambda w, dtype, axis, ms: scale_stored(w, dtype, axis, [m * 3 + 1 for m in ms]))
     out = tmp_path / "out"
     code = cli.main(["export", "--model", str(src), "--circuit", str(circuit), "--multiplier", "0", "--out", str(out),
                      "--verify", "--limit", "4", "--max-new-tokens", "4"])

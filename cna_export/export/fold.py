@@ -1,4 +1,5 @@
-"""Folding neuron multipliers into weights: pure functions on torch tensors.
+"""Folding neuron multipliers into weights: pure functions on torch tensors (and on numpy arrays of stored
+elements, :func:`scale_stored`, for the safetensors export, which never imports torch for the usual float types).
 
 A circuit neuron ``j`` of layer ``L`` is the ``j``-th input of ``mlp.down_proj``.
 Hook steering multiplies that input by ``m``; because ``down_proj`` is linear,
@@ -23,6 +24,8 @@ factor) is here too, for checks and for auditing third-party checkpoints.
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
 
 if TYPE_CHECKING:
     import torch
@@ -88,6 +91,23 @@ def scale_slices(
     scaled = (picked * m.reshape(shape)).to(weight.dtype)
     out.index_copy_(dim, idx, scaled)
     return out
+
+
+def scale_stored(values: np.ndarray, dtype: str, axis: Axis, multipliers: Sequence[float]) -> np.ndarray:
+    """:func:`scale_slices` of gathered slices held as stored (numpy, :mod:`cna_export.io.float_bits`), without torch.
+
+    ``values`` is 2-D: its columns (``axis="column"``) or rows (``"row"``) are the slices, one multiplier each, and
+    ``dtype`` the torch name of its float type (float64, float32, float16 or bfloat16). The same arithmetic and
+    the same bits as :func:`scale_slices` (NaNs: :mod:`cna_export.io.float_bits`). Returns a new array."""
+    from ..io import float_bits
+
+    if float_bits.storage_dtype(dtype) is None:
+        raise CnaError(f"cannot fold a multiplier into a {dtype} tensor (float64, float32, float16 and bfloat16 "
+                       "can be folded)")
+    shape = (1, len(multipliers)) if axis == "column" else (len(multipliers), 1)
+    ct = float_bits.compute_dtype(dtype)
+    m = np.asarray([float(x) for x in multipliers], dtype=ct).reshape(shape)
+    return float_bits.narrow(float_bits.widen(values, dtype) * m, dtype)
 
 
 def _scale_experts(weight: torch.Tensor, axis: Axis, indices: Sequence[int],

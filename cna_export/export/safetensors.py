@@ -50,7 +50,7 @@ from ..io.shard_patch import SlicePatch
 from ..io.sources import local_folder, resolve_source
 from ..model.loading import resolve_dtype
 from .card import CARD_FILE, model_card
-from .fold import scale_slices
+from .fold import scale_stored
 from .plan import StagedExport, run_check
 from .request import ExportRequest, MultiplierSpec, request_for
 from .safetensors_plan import FoldPlan, plan_down, plan_up, shard_summary
@@ -193,7 +193,7 @@ def _fold_shard(plan: FoldPlan, file: str, dst: Path, summary: str) -> list[Touc
     cold = frozenset(name for name, digest in known.items() if digest is None)
     fused = frozenset(name for name in entries if len(plan.ckpt.info(name).shape) != 2)
     stamp = st_io.tensor_hash_key(shard, "")
-    done = shard_patch.patch_shard(shard, dst, patches, {SHARD_METADATA_KEY: summary}, scale_slices,
+    done = shard_patch.patch_shard(shard, dst, patches, {SHARD_METADATA_KEY: summary}, scale_stored,
                                    hash_before=cold, hash_after=cold | fused)
     unchanged = stamp is not None and st_io.tensor_hash_key(shard, "") == stamp  # the shard, while it was read
     out = []

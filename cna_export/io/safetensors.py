@@ -137,7 +137,7 @@ class Checkpoint:
         from safetensors import safe_open
 
         file = self.weight_map[name]
-        with safe_open(self.path(file), framework="pt") as f:
+        with safe_open(self.path(file), framework="numpy") as f:  # header only: no tensor converted, no torch
             sl = f.get_slice(name)
             raw = sl.get_dtype()
             shape = tuple(int(x) for x in sl.get_shape())
@@ -150,10 +150,28 @@ class Checkpoint:
         with safe_open(self.path(self.weight_map[name]), framework="pt") as f:
             return f.get_tensor(name)
 
+    def read_stored(self, name: str) -> tuple[np.ndarray, str]:
+        """One float tensor's elements as stored (:mod:`cna_export.io.float_bits`: bfloat16 as ``uint16``), flat,
+        memory-mapped read-only, and its torch dtype name; without torch. Types with no numpy form raise KeyError."""
+        from .float_bits import storage_dtype
+
+        path = self.path(self.weight_map[name])
+        n, header = _raw_header(path)
+        entry = header[name]
+        dtype = DTYPE_NAMES.get(entry["dtype"], str(entry["dtype"]).lower())
+        storage = storage_dtype(dtype)
+        if storage is None:
+            raise KeyError(dtype)
+        begin, end = (int(x) for x in entry["data_offsets"])
+        if end == begin:
+            return np.empty(0, storage), dtype
+        count = (end - begin) // storage.itemsize
+        return np.memmap(path, dtype=storage, mode="r", offset=8 + n + begin, shape=(count,)), dtype
+
     def metadata(self, file: str) -> dict[str, str]:
         from safetensors import safe_open
 
-        with safe_open(self.path(file), framework="pt") as f:
+        with safe_open(self.path(file), framework="numpy") as f:
             return dict(f.metadata() or {})
 
     def tensors_in(self, file: str) -> list[str]:
@@ -172,7 +190,7 @@ def _header(path: Path) -> list[str]:
     from safetensors import SafetensorError, safe_open
 
     try:
-        with safe_open(path, framework="pt") as f:
+        with safe_open(path, framework="numpy") as f:  # the library validates the header; no tensor is read
             return list(f.keys())
     except (SafetensorError, OSError) as e:
         why = str(e).splitlines()[0] if str(e) else type(e).__name__
@@ -215,7 +233,7 @@ def fp32_fingerprint(ckpt: Checkpoint, names: Iterable[str], scheme: int | None 
 
     def layer(tensors: list[str]) -> Iterator[np.ndarray]:
         for name in tensors:
-            yield from fp32_chunks(ckpt.read(name))
+            yield from _tensor_fp32_chunks(ckpt, name)
 
     return fingerprint_layers([functools.partial(layer, g) for g in groups], scheme or SCHEME, threads)
 
@@ -233,6 +251,21 @@ def fp32_chunks(t: Any) -> Iterator[np.ndarray]:
     per = max(1, FP32_CHUNK // max(4 * flat.shape[1], 1))
     for r0 in range(0, flat.shape[0], per):
         yield flat[r0 : r0 + per].to(torch.float32).numpy()
+
+
+def _tensor_fp32_chunks(ckpt: Checkpoint, name: str) -> Iterator[np.ndarray]:
+    """One stored tensor as float32 chunks of :func:`fp32_chunks`' bytes: widened from the memory-mapped file by
+    numpy (the same bits as torch's ``.to(torch.float32)``), or by torch for types numpy has no form of."""
+    from .float_bits import widen
+
+    try:
+        stored, dtype = ckpt.read_stored(name)
+    except KeyError:
+        yield from fp32_chunks(ckpt.read(name))
+        return
+    per = max(1, FP32_CHUNK // 4)
+    for start in range(0, stored.shape[0], per):
+        yield widen(stored[start : start + per], dtype, np.dtype(np.float32))
 
 
 TENSOR_HASH = "safetensors-tensor"
@@ -287,7 +320,7 @@ def shard_header(src: Path, names: Iterable[str], metadata: Mapping[str, str]) -
     with spaces so that the data starts at a multiple of 8 (tensor entries and data offsets unchanged)."""
     from safetensors import safe_open
 
-    with safe_open(src, framework="pt") as f:  # the library validates the header and the offsets
+    with safe_open(src, framework="numpy") as f:  # the library validates the header and the offsets
         present = set(f.keys())
     missing = set(names) - present
     if missing:

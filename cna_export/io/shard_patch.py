@@ -13,7 +13,8 @@ and writes only what the edit changes:
 
 A 3-D ``[experts, rows, columns]`` tensor (fused MoE experts) counts its rows/columns expert by expert
 (flat index ``e * size + j``), as :func:`cna_export.export.fold.scale_slices` does. The arithmetic is the
-caller's ``scale`` (that function): it is applied to the gathered slices only, and because it works
+caller's ``scale`` (:func:`cna_export.export.fold.scale_stored`, on numpy arrays of the stored elements: no
+torch): it is applied to the gathered slices only, and because it works
 element by element the result is byte for byte that of scaling the whole tensor in memory. The sha256 of a
 tensor before or after the edit is computed on the way where asked (``hash_before``/``hash_after``).
 """
@@ -26,18 +27,22 @@ import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Mapping, Sequence
+from typing import Callable, Literal, Mapping, Sequence
+
+import numpy as np
 
 from ..core.atomic import public_mode
 from ..core.errors import CnaError
+from . import float_bits
 from .filecopy import copy_range_at, write_at
 from .safetensors import DTYPE_NAMES, shard_header
 
 CHUNK = 1 << 24
 """Bytes of a streamed tensor read, patched and written at a time."""
 
-Scale = Callable[[Any, str, Sequence[int], Sequence[float]], Any]
-"""``scale(weight, axis, indices, multipliers) -> new weight`` (:func:`cna_export.export.fold.scale_slices`)."""
+Scale = Callable[[np.ndarray, str, str, Sequence[float]], np.ndarray]
+"""``scale(slices, dtype, axis, multipliers) -> new slices`` on stored elements, one multiplier per column or row
+(:func:`cna_export.export.fold.scale_stored`)."""
 
 
 @dataclass(frozen=True)
@@ -70,7 +75,7 @@ class _Job:
     out: PatchedTensor
     src_offset: int
     dims: tuple[int, int, int]  # experts, rows, columns (1 expert for a 2-D tensor)
-    dtype: Any
+    dtype: np.dtype  # of the stored elements (:mod:`cna_export.io.float_bits`)
     by_expert: dict[int, tuple[list[int], list[float]]] = field(default_factory=dict)
 
 
@@ -112,14 +117,14 @@ def patch_shard(src: Path, dst: Path, patches: Sequence[SlicePatch], metadata: M
 
 
 def _job(patch: SlicePatch, header: dict, src_start: int, dst_start: int) -> _Job:
-    import torch
-
     entry = header[patch.name]
     begin, end = (int(x) for x in entry["data_offsets"])
     name = DTYPE_NAMES.get(entry["dtype"], str(entry["dtype"]).lower())
-    dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype):
-        raise CnaError(f"cannot fold a multiplier into a {entry['dtype']} tensor ({patch.name})")
+    dtype = float_bits.storage_dtype(name)
+    if dtype is None:
+        why = ("float64, float32, float16 and bfloat16 can be folded" if name.startswith(("float", "bfloat"))
+               else "not floating point")
+        raise CnaError(f"cannot fold a multiplier into a {name} tensor ({why})")
     shape = [int(x) for x in entry["shape"]]
     if len(patch.indices) != len(patch.multipliers):
         raise ValueError("indices and multipliers must have the same length")
@@ -169,20 +174,18 @@ def _read_at(fd: int, view: memoryview, offset: int) -> None:
 
 def _stream(job: _Job, src_fd: int, dst_fd: int, buf: bytearray, scale: Scale, hb: bool, ha: bool) -> None:
     """The tensor through ``buf`` in whole rows, its touched columns scaled on the way."""
-    import torch
-
     experts, rows, cols = job.dims
-    es = torch.empty((), dtype=job.dtype).element_size()
+    es = job.dtype.itemsize
     per = max(1, len(buf) // max(cols * es, 1))
     if per * cols * es > len(buf):  # one row longer than the buffer
         buf = bytearray(cols * es)
-    base = torch.frombuffer(buf, dtype=torch.uint8)
+    base = np.frombuffer(buf, dtype=job.dtype)
     before, after = (hashlib.sha256() if hb else None), (hashlib.sha256() if ha else None)
     edits: list[bytes] = []
     off = 0
     for e in range(experts):
         picked = job.by_expert.get(e)
-        idx = torch.as_tensor(picked[0], dtype=torch.long) if picked else None
+        idx = np.asarray(picked[0], dtype=np.intp) if picked else None
         for r0 in range(0, rows, per):
             k = min(per, rows - r0) * cols * es
             view = memoryview(buf)[:k]
@@ -190,10 +193,10 @@ def _stream(job: _Job, src_fd: int, dst_fd: int, buf: bytearray, scale: Scale, h
             if before is not None:
                 before.update(view)
             if picked:
-                t = base[:k].view(job.dtype).view(-1, cols)
-                new = scale(t.index_select(1, idx), "column", range(len(picked[0])), picked[1])
-                t.index_copy_(1, idx, new)
-                edits.append(new.contiguous().view(torch.uint8).numpy().tobytes())
+                t = base[: k // es].reshape(-1, cols)
+                new = scale(t[:, idx], job.out.dtype, "column", picked[1])
+                t[:, idx] = new
+                edits.append(new.tobytes())
             if after is not None:
                 after.update(view)
             write_at(dst_fd, view, job.out.offset + off)
@@ -205,18 +208,16 @@ def _stream(job: _Job, src_fd: int, dst_fd: int, buf: bytearray, scale: Scale, h
 
 def _rows(job: _Job, src_fd: int, dst_fd: int, scale: Scale) -> None:
     """Each touched row read from the source, scaled and written over the kernel's copy."""
-    import torch
-
     _, rows, cols = job.dims
-    es = torch.empty((), dtype=job.dtype).element_size()
+    es = job.dtype.itemsize
     edits: list[bytes] = []
     for e, (js, ms) in sorted(job.by_expert.items()):
         for j, m in zip(js, ms, strict=True):
             at = ((e * rows + j) * cols) * es
             row = bytearray(cols * es)
             _read_at(src_fd, memoryview(row), job.src_offset + at)
-            t = torch.frombuffer(row, dtype=job.dtype).view(1, cols)
-            new = scale(t, "row", [0], [m]).contiguous().view(torch.uint8).numpy().tobytes()
+            t = np.frombuffer(row, dtype=job.dtype).reshape(1, cols)
+            new = scale(t, job.out.dtype, "row", [m]).tobytes()
             write_at(dst_fd, new, job.out.offset + at)
             edits.append(new)
     job.out.edit = b"".join(edits)
