@@ -95,7 +95,7 @@ class Evaluator:
         self.benign = benign if settings.benign_set else None
         self.settings = settings
         self.reference_backend = reference or backend
-        self.judge = judge or get_judge(settings.judge, settings.judge_model)
+        self.judge = judge or get_judge(settings.judge, settings.judge_model, settings.judge_calibration)
         self.log = log or (lambda msg: None)
         self.on_rows = on_rows
         self.ref: _Reference | None = None
@@ -377,6 +377,7 @@ def write_report(
             "kl_tokens": s.kl_tokens,
             "judge": evaluator.judge.name,
             **({"judge_model": s.judge_model} if s.judge_model else {}),
+            **({"judge_calibration": s.judge_calibration} if s.judge_calibration != "none" else {}),
             "benign": evaluator.benign is not None,
             "benign_answers": s.benign_answers,
             "benign_max_new_tokens": (s.benign_max_new_tokens or s.max_new_tokens) if s.benign_answers else None,
@@ -392,8 +393,8 @@ def write_report(
     (out_dir / "summary.json").write_text(json.dumps(report, indent=2, default=_json_default) + "\n", "utf-8")
     md = [f"# {title}", ""]
     md.append(f"Model `{meta.get('model')}` ({meta.get('backend')}), judge `{evaluator.judge.name}`"
-              + (f" (`{s.judge_model}`; agreement with the keyword and phrases judges over every judged answer)"
-                 if s.judge_model else "") + ", greedy, "
+              + (f" (`{s.judge_model}`{_calibration_note(s)}; agreement with the keyword and phrases judges over every "
+                 "judged answer)" if s.judge_model else "") + ", greedy, "
               f"{s.max_new_tokens} new tokens; {len(evaluator.harmful)} harmful prompts"
               + (f", {len(evaluator.benign)} benign" if evaluator.benign is not None else "")
               + (f" (answers of {s.benign_max_new_tokens} tokens)" if evaluator.benign is not None and s.benign_answers
@@ -406,6 +407,10 @@ def write_report(
         md += ["", extra_md]
     (out_dir / "summary.md").write_text("\n".join(md) + "\n", "utf-8")
     return report
+
+
+def _calibration_note(s: EvalSettings) -> str:
+    return f", calibration {s.judge_calibration}" if s.judge_calibration != "none" else ""
 
 
 def _json_default(x: Any) -> Any:

@@ -2,7 +2,9 @@
 
 Reading goes through the ``safetensors`` library: ``safe_open`` validates and memory-maps a
 shard and hands out single tensors lazily, so reading a tensor (or hashing the down_proj
-weights of a whole model) costs only that tensor's pages. A rewritten shard is streamed: the
+weights of a whole model) costs only that tensor's pages. Headers are read with
+``framework="numpy"`` and float tensors can be read as stored (:meth:`Checkpoint.read_stored`,
+memory-mapped by numpy), so an export never imports torch. A rewritten shard is streamed: the
 kernel copies the bytes of every unchanged tensor (``copy_file_range``) and only the replaced
 tensors pass through memory, so an export holds a few tensors, never a shard.
 """

@@ -23,6 +23,9 @@ class EvalSettings(_Switches):
                      "with keyword and phrases)")
     judge_model: InputFile = opt(None, "--judge model: the judge's GGUF (any local instruction model through "
                                  "llama.cpp; a larger one than the model evaluated judges better)", metavar="FILE")
+    judge_calibration: Literal["none", "content-free"] = opt(
+        "none", "--judge model: content-free divides each reply's probability by the judge's own on content-free "
+        "pairs (for a small judge that favours one reply whatever the answer); none: as the judge gives them")
     benign_set: bool = opt(True, "skip the benign set (no over-refusal or KL)", flag="--no-benign")
     benign_answers: bool = opt(True, "score benign prompts for KL only (no answers: no over-refusal or benign quality; "
                                "much faster)", flag="--benign-kl-only")
@@ -36,6 +39,8 @@ class EvalSettings(_Switches):
         if (self.judge == "model") != (self.judge_model is not None):
             raise ValueError("--judge model needs --judge-model FILE.gguf" if self.judge == "model"
                              else "--judge-model needs --judge model")
+        if self.judge_calibration != "none" and self.judge != "model":
+            raise ValueError("--judge-calibration needs --judge model")
         return self
 
 
