@@ -102,8 +102,7 @@ def scale_stored(values: np.ndarray, dtype: str, axis: Axis, multipliers: Sequen
     from ..io import float_bits
 
     if float_bits.storage_dtype(dtype) is None:
-        raise CnaError(f"cannot fold a multiplier into a {dtype} tensor (float64, float32, float16 and bfloat16 "
-                       "can be folded)")
+        raise CnaError(float_bits.not_foldable(dtype))
     shape = (1, len(multipliers)) if axis == "column" else (len(multipliers), 1)
     ct = float_bits.compute_dtype(dtype)
     m = np.asarray([float(x) for x in multipliers], dtype=ct).reshape(shape)

@@ -38,6 +38,13 @@ def storage_dtype(name: str) -> np.dtype | None:
     return STORAGE.get(name)
 
 
+def not_foldable(name: str) -> str:
+    """The one-line reason a tensor of type ``name`` (a torch dtype name) cannot have multipliers folded in."""
+    why = ("float64, float32, float16 and bfloat16 can be folded" if name.startswith(("float", "bfloat"))
+           else "not floating point")
+    return f"cannot fold a multiplier into a {name} tensor ({why})"
+
+
 def compute_dtype(name: str) -> np.dtype:
     """The float type a multiplication of ``name`` elements is done in: float64 for float64, else float32."""
     return np.dtype(np.float64) if name == "float64" else np.dtype(np.float32)

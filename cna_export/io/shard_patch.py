@@ -122,9 +122,7 @@ def _job(patch: SlicePatch, header: dict, src_start: int, dst_start: int) -> _Jo
     name = DTYPE_NAMES.get(entry["dtype"], str(entry["dtype"]).lower())
     dtype = float_bits.storage_dtype(name)
     if dtype is None:
-        why = ("float64, float32, float16 and bfloat16 can be folded" if name.startswith(("float", "bfloat"))
-               else "not floating point")
-        raise CnaError(f"cannot fold a multiplier into a {name} tensor ({why})")
+        raise CnaError(float_bits.not_foldable(name))
     shape = [int(x) for x in entry["shape"]]
     if len(patch.indices) != len(patch.multipliers):
         raise ValueError("indices and multipliers must have the same length")
