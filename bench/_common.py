@@ -3,7 +3,9 @@ float32 safetensors folder, the splice of a generated section into a Markdown fi
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -15,6 +17,24 @@ ROOT = Path(__file__).resolve().parent.parent
 def log(msg: str, file: TextIO | None = None) -> None:
     """``msg`` after the wall-clock time (``[HH:MM:SS]``), flushed; on stdout unless ``file`` is given."""
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=file or sys.stdout, flush=True)
+
+
+def child_env(baseline: Path | None = None) -> dict[str, str]:
+    """The environment of a timed process: .pyc files written and read (as in a user's install); with
+    ``baseline``, that folder's ``cna_export`` imported instead of this tree's, also when the child runs
+    ``python -m`` in this repository (``PYTHONSAFEPATH``: the working directory is not put first on sys.path).
+    Refuses (SystemExit) when the child would import another package than the one asked for."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    want = (baseline or ROOT).resolve() / "cna_export"
+    if baseline is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(baseline), *filter(None, [env.get("PYTHONPATH")])])
+        env["PYTHONSAFEPATH"] = "1"
+    got = subprocess.run([sys.executable, "-c", "import cna_export; print(cna_export.__file__)"], cwd=ROOT, env=env,
+                         capture_output=True, text=True).stdout.strip()
+    if not got or Path(got).resolve().parent != want:
+        raise SystemExit(f"a child process would import cna_export from {got or '(nowhere)'}, not {want}"
+                         + (" (--baseline needs Python 3.11 or later)" if sys.version_info < (3, 11) else ""))
+    return env
 
 
 def dequantised(model: str, out: Path) -> Path:

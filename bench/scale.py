@@ -45,7 +45,8 @@ the circuit was discovered or the first export was made); the default measures b
 each source file after ``sync``: no global cache drop), so that every run reads the disk; ``as-is``
 (the default) leaves the page cache alone. ``fincore`` (util-linux), where installed, records how much
 of the source was cached when each run started. Figures land in the JSON file and a Markdown table on
-stdout; bench/README.md quotes them.
+stdout; bench/README.md quotes them. ``--baseline DIR`` times the exports of another tree's ``cna_export``
+(``git archive REV cna_export | tar -x -C DIR``) on the same checkpoints; run it alternately with this tree.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench._common import ROOT
+from bench._common import ROOT, child_env
 
 GNU_TIME = "/usr/bin/time"
 
@@ -358,6 +359,8 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--clean", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--baseline", type=Path, default=None,
+                    help="a folder holding another cna_export package, whose exports are timed instead of this tree's")
     args = ap.parse_args()
 
     root: Path = args.dir
@@ -412,10 +415,11 @@ def main() -> None:
         runs += [(name, None)] if kind is None else [(name, s) for s in states]
     logs = root / "logs"
     logs.mkdir(exist_ok=True)
+    base_env = child_env(args.baseline)  # refuses a baseline the children would not import
     warm_cache = root / "fp-cache"
     if "warm" in states:  # the warm runs find the fingerprints (and the touched tensors' hashes) in the cache
         print("priming the fingerprint cache (one export of each format) ...", flush=True)
-        env = dict(os.environ, CNA_EXPORT_FINGERPRINT_CACHE=str(warm_cache))
+        env = dict(base_env, CNA_EXPORT_FINGERPRINT_CACHE=str(warm_cache))
         for name in [n for n in ("export-st", "export-st-up", "export-gguf") if n in only]:
             out = root / f"prime-{name}"
             _rm(out)
@@ -429,7 +433,7 @@ def main() -> None:
             out = root / f"out-{name}{suffix}"
             _rm(out)
             _rm(out.with_name(out.name + ".cna_manifest.json"))
-            env = dict(os.environ)
+            env = dict(base_env)
             if state == "cold":
                 env["CNA_EXPORT_FINGERPRINT_CACHE"] = "off"
             elif state == "warm":
@@ -455,7 +459,8 @@ def main() -> None:
         base = "cp-gguf" if "gguf" in label else "cp-st"
         ratio = med(label, "seconds") / med(base, "seconds") if base in results else float("nan")
         durable = best(label) / best(base + "-sync") if base + "-sync" in results else float("nan")
-        rows.append(f"| {label} | {med(label, 'seconds'):.2f} s | {ratio:.2f}x | {best(label) / best(base):.2f}x | "
+        fastest = best(label) / best(base) if base in results else float("nan")
+        rows.append(f"| {label} | {med(label, 'seconds'):.2f} s | {ratio:.2f}x | {fastest:.2f}x | "
                     f"{durable:.2f}x | {med(label, 'cpu_seconds'):.1f} s | "
                     f"{med(label, 'max_rss_mib'):.0f} MiB | "
                     f"{med(label, 'max_anon_mib'):.0f} MiB | "
@@ -469,7 +474,7 @@ def main() -> None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({
             "machine": {"cores": os.cpu_count(), "python": platform.python_version(), "os": platform.platform()},
-            "source": args.source, "results": results}, indent=2))
+            "source": args.source, "tree": str(args.baseline or ROOT), "results": results}, indent=2))
 
 
 if __name__ == "__main__":

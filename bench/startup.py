@@ -49,6 +49,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench._common import child_env
+
 HEAVY = ("torch", "transformers", "safetensors", "gguf", "numpy", "llama_cpp", "pydantic")
 
 
@@ -75,15 +77,6 @@ def commands(tmp: Path, model: str, circuit: Path, st: Path | None = None) -> di
         "discover --help": (["discover", "--help"], 0),
         "cp": (["cp", model, str(tmp / "cp.gguf")], 0),
     }
-
-
-def child_env(baseline: Path | None = None) -> dict[str, str]:
-    """The environment of a timed process: .pyc files written and read (as in a user's install); with
-    ``baseline``, that folder's ``cna_export`` imported instead of this tree's."""
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
-    if baseline is not None:
-        env["PYTHONPATH"] = os.pathsep.join([str(baseline), *filter(None, [env.get("PYTHONPATH")])])
-    return env
 
 
 def run_once(argv: list[str], want: int, cwd: Path, env: dict[str, str]) -> tuple[float, float]:
@@ -162,16 +155,17 @@ def _safetensors_twin(model: str, spec: str, circuit: Path) -> Path:
 
 def _measure(rows: list[Row], runs: int, tmp: Path) -> dict[str, dict]:
     results: dict[str, dict] = {}
+    envs = {pkg: child_env(pkg) for _, _, _, pkg in rows}
     for _, argv, want, pkg in rows:  # warm-up: .pyc files written, page cache warm, the file the diff reads
-        run_once(argv, want, tmp, child_env(pkg))
+        run_once(argv, want, tmp, envs[pkg])
     for _ in range(runs):  # round-robin: load changes hit every command alike
         for name, argv, want, pkg in rows:
-            wall, cpu = run_once(argv, want, tmp, child_env(pkg))
+            wall, cpu = run_once(argv, want, tmp, envs[pkg])
             results.setdefault(name, {"wall": [], "cpu": []})
             results[name]["wall"].append(wall)
             results[name]["cpu"].append(cpu)
     for name, argv, _, pkg in rows:
-        found = import_profile(argv, tmp, child_env(pkg)) if argv[0] != "cp" else (0.0, [])
+        found = import_profile(argv, tmp, envs[pkg]) if argv[0] != "cp" else (0.0, [])
         results[name]["imports_s"], results[name]["heavy"] = found
     return results
 
