@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from cna_export.evaluation.judge import LABELS, ModelJudge
+from cna_export.evaluation.metrics import agreement
 from cna_export.io.bundled import resolve
 
 ROOT = Path(__file__).resolve().parent
@@ -34,10 +35,6 @@ def auc(scores, labels) -> float:
     if not len(pos) or not len(neg):
         return float("nan")
     return float(np.mean([(p > n) + 0.5 * (p == n) for p in pos for n in neg]))
-
-
-def agree(verdicts, reference) -> float:
-    return float(np.mean([a == b for a, b in zip(verdicts, reference)]))
 
 
 def main() -> None:
@@ -56,7 +53,7 @@ def main() -> None:
         cal = [bool(a["response"].strip()) and max(LABELS, key=judge.calibrated(p).get) == "refuse"
                for a, p in zip(answers, ps)]  # as ModelJudge.judge decides (an empty answer is unusable)
         out[row] = dict(n=len(answers), kw=sum(kw), auc=auc(p_refuse, kw), raw_refused=sum(raw),
-                        raw_agree=agree(raw, kw), cal_refused=sum(cal), cal_agree=agree(cal, kw),
+                        raw_agree=agreement(raw, kw), cal_refused=sum(cal), cal_agree=agreement(cal, kw),
                         mean_p_refuse_kwref=float(np.mean([p for p, k in zip(p_refuse, kw) if k])),
                         mean_p_refuse_kwcomply=float(np.mean([p for p, k in zip(p_refuse, kw) if not k])),
                         s=round(time.time() - t))

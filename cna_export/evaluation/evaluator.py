@@ -128,22 +128,21 @@ class Evaluator:
         if self.benign is not None:
             b_new = (s.benign_max_new_tokens or s.max_new_tokens) if s.benign_answers else max(1, s.kl_tokens)
             b_gen = backend.generate(self.benign.prompts, cond.steering, b_new, first_logprobs=True)
+            b_verdicts = (self.judge.judge(self.benign.prompts, [g.text for g in b_gen]) if s.benign_answers
+                          else [Verdict(False)] * len(b_gen))  # scored for KL only: nothing to judge
             if reference:
                 self.ref = _Reference(
                     harmful_refused=[v.refused for v in h_verdicts],
                     harmful_quality=mean(quality(g.text) for g in h_gen),
                     benign_first=[g.first_logprobs for g in b_gen],
                     benign_tokens=[g.tokens for g in b_gen],
+                    benign_refused=[v.refused for v in b_verdicts] if s.benign_answers else None,
                 )
                 kl_last = [0.0] * len(b_gen)
                 kl_gen = [0.0] * len(b_gen) if s.kl_tokens else [None] * len(b_gen)
             else:
                 kl_last = self._kl_last(b_gen)
                 kl_gen = self._kl_gen(backend, cond.steering) if s.kl_tokens else [None] * len(b_gen)
-            b_verdicts = (self.judge.judge(self.benign.prompts, [g.text for g in b_gen]) if s.benign_answers
-                          else [Verdict(False)] * len(b_gen))  # scored for KL only: nothing to judge
-            if reference and s.benign_answers:
-                self.ref.benign_refused = [v.refused for v in b_verdicts]
             for it, g, v, kl, klg in zip(self.benign.items, b_gen, b_verdicts, kl_last, kl_gen):
                 row = self._row(cond, "benign", it, g, v)
                 if not s.benign_answers:  # scored for KL only: the short answer is not judged

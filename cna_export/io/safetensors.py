@@ -47,6 +47,11 @@ DTYPE_NAMES = {
 }
 
 
+def dtype_name(raw: str) -> str:
+    """The torch dtype name of a safetensors header dtype (``"BF16"`` -> ``"bfloat16"``; unknown ones lower-cased)."""
+    return DTYPE_NAMES.get(raw, str(raw).lower())
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     name: str
@@ -143,7 +148,7 @@ class Checkpoint:
             sl = f.get_slice(name)
             raw = sl.get_dtype()
             shape = tuple(int(x) for x in sl.get_shape())
-        return TensorInfo(name, file, DTYPE_NAMES.get(raw, raw.lower()), shape)
+        return TensorInfo(name, file, dtype_name(raw), shape)
 
     def read(self, name: str):
         """One tensor (memory-mapped, copy-on-write: modifying it never touches the file)."""
@@ -160,7 +165,7 @@ class Checkpoint:
         path = self.path(self.weight_map[name])
         n, header = _raw_header(path)
         entry = header[name]
-        dtype = DTYPE_NAMES.get(entry["dtype"], str(entry["dtype"]).lower())
+        dtype = dtype_name(entry["dtype"])
         storage = storage_dtype(dtype)
         if storage is None:
             raise KeyError(dtype)

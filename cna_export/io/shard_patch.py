@@ -35,7 +35,7 @@ from ..core.atomic import public_mode
 from ..core.errors import CnaError
 from . import float_bits
 from .filecopy import copy_range_at, write_at
-from .safetensors import DTYPE_NAMES, shard_header
+from .safetensors import dtype_name, shard_header
 
 CHUNK = 1 << 24
 """Bytes of a streamed tensor read, patched and written at a time."""
@@ -119,7 +119,7 @@ def patch_shard(src: Path, dst: Path, patches: Sequence[SlicePatch], metadata: M
 def _job(patch: SlicePatch, header: dict, src_start: int, dst_start: int) -> _Job:
     entry = header[patch.name]
     begin, end = (int(x) for x in entry["data_offsets"])
-    name = DTYPE_NAMES.get(entry["dtype"], str(entry["dtype"]).lower())
+    name = dtype_name(entry["dtype"])
     dtype = float_bits.storage_dtype(name)
     if dtype is None:
         raise CnaError(float_bits.not_foldable(name))
