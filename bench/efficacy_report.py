@@ -6,11 +6,12 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shutil
 import sys
 from pathlib import Path
 
 from bench._common import ROOT, log, splice
-from bench.efficacy import RESULTS, ROWS, judge_path, row_path
+from bench.efficacy import RESULTS, ROWS, circuit_path, judge_path, row_path
 
 START, END = "<!-- efficacy:start -->", "<!-- efficacy:end -->"
 HEADING = "## Efficacy, round two (issue 22)\n\n"
@@ -244,6 +245,16 @@ def section(recs: list[dict], base: dict, missing: list[str]) -> str:
     return "\n".join(lines + ["", END])
 
 
+def publish_circuits() -> None:
+    """Each learned circuit trained here, copied to bench/results/efficacy/circuits/ (bench.efficacy.row_circuit
+    reuses it on a machine that has not trained it)."""
+    for row in ROWS:
+        src, dst = circuit_path(row.key), circuit_path(row.key, published=True)
+        if src.is_file() and (not dst.is_file() or dst.read_bytes() != src.read_bytes()):
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, dst)
+
+
 def step_report(a) -> None:
     recs, missing = [], []
     for row in ROWS:
@@ -264,6 +275,7 @@ def step_report(a) -> None:
             w.writerow([s.get(k) for k, _ in COLUMNS] + [s.get("over_refusal_rate"), s.get("refusal_rate"),
                                                           s["group"], s["key"]])
     frontier_plot(recs, base, RESULTS / "frontier.png")
+    publish_circuits()
     text = section(recs, base, missing)
     body = text.replace(START, "").replace(END, "").replace("(results/efficacy/frontier.png)", "(frontier.png)")
     (RESULTS / "efficacy.md").write_text(body.strip() + "\n")

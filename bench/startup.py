@@ -14,12 +14,14 @@ Commands (on the bundled SmolLM2 GGUF, outputs in a temporary folder):
     show                 summarise a circuit
     export gguf          fold a 3-neuron circuit into the GGUF (GGUFWriter)
     export gguf fast     the same with --fast-copy
+    export gguf-lora     the same neurons as a llama.cpp LoRA adapter GGUF
     diff gguf            the export against its source
     discover --help      a command whose work needs torch: its help must not import it
     cp                   ``cp`` of the GGUF file (not a cna-export command: the floor of an export)
     export safetensors   fold the same neurons into a bfloat16 safetensors folder of the model (made once
                          from the GGUF by transformers, kept in bench/out/startup/)
     cp -r                ``cp -rT`` of that folder
+    export lora          the same neurons of that folder as a PEFT LoRA adapter folder
 
 The exports write the Modelfile too (the default), as a user's would; the last lines compare the best
 ``export gguf`` with ``1.5 x cp + 0.3 s`` (issue 23's bound for a small export).
@@ -65,6 +67,8 @@ def commands(tmp: Path, model: str, circuit: Path, st: Path | None = None) -> di
         "export safetensors": (["export", "--model", str(st), "--circuit", str(tmp / "c-st.json"), "--multiplier",
                                 "0", "--format", "safetensors", "--overwrite", "--out", str(tmp / "st")], 0),
         "cp -r": (["cp", "-rT", "--", str(st), str(tmp / "cp-st")], 0),
+        "export lora": (["export", "--model", str(st), "--circuit", str(tmp / "c-st.json"), "--multiplier", "0",
+                         "--format", "lora", "--overwrite", "--out", str(tmp / "lora")], 0),
     }
     return {**st_rows,
         "--help": (["--help"], 0),
@@ -73,6 +77,7 @@ def commands(tmp: Path, model: str, circuit: Path, st: Path | None = None) -> di
         "show": (["show", str(circuit)], 0),
         "export gguf": (exp + ["--out", str(tmp / "w.gguf")], 0),
         "export gguf fast": (exp + ["--fast-copy", "--out", str(tmp / "f.gguf")], 0),
+        "export gguf-lora": ([*exp[:-2], "gguf-lora", "--overwrite", "--out", str(tmp / "l.gguf")], 0),
         "diff gguf": (["diff", str(tmp / "w.gguf"), model], 0),
         "discover --help": (["discover", "--help"], 0),
         "cp": (["cp", model, str(tmp / "cp.gguf")], 0),

@@ -124,8 +124,8 @@ def _write_adapter(tmp: Path, plan: LoraPlan, manifest: ExportManifest, dtype: s
     writer.add_name(f"{base_name} CNA steering LoRA")
     writer.add_string(GGUF_KEY, manifest.to_json())
     for layer in plan.layers:
-        a = layer.a.numpy().astype(np_dtype)
-        b = layer.b.numpy().astype(np_dtype)
+        a = layer.a.astype(np_dtype)  # the plan's factors are float32
+        b = layer.b.astype(np_dtype)
         if dtype == "F16" and not np.isfinite(b).all():
             raise CnaError(f"layer {layer.layer}: B does not fit in F16; export with dtype F32")
         writer.add_tensor(f"{layer.tensor}.lora_a", np.ascontiguousarray(a))

@@ -7,12 +7,13 @@ rank-``|S|`` update: ``W' = W + B A`` with
   neuron activations ``x[S]``), and
 * ``B`` (``[hidden, r]``): the change of the selected columns, ``W'[:, S] - W[:, S]``.
 
-``W'`` is exactly what the safetensors export writes (:func:`cna_export.export.fold.scale_columns`:
+``W'`` is exactly what the safetensors export writes (:func:`cna_export.export.fold.scale_stored`:
 ``W[:, j] * m`` in float32, rounded once to the weight's dtype); ``B`` is that difference, taken
-in float64 (exact) and rounded once to the adapter dtype (float32 by default). For a float32 base
-the rounding is exact whenever ``W'[:, j] - W[:, j]`` is representable (every m in {0, -1, 2, 0.5},
-and in practice nearly always), so PEFT's ``merge_and_unload`` reproduces the safetensors export,
-and PEFT's runtime ``W x + B (A x)`` equals hook steering up to float32 summation order.
+in float64 (exact) and rounded once to the adapter dtype (float32 by default), nudged to a neighbour
+where that is what merging needs (:mod:`cna_export.export.lora_factors`), so PEFT's ``merge_and_unload``
+reproduces the safetensors export, and PEFT's runtime ``W x + B (A x)`` equals hook steering up to
+float32 summation order. The factors are computed in numpy on the weights as stored (bfloat16 as its
+bits, :mod:`cna_export.io.float_bits`): an export never imports torch.
 
 The adapter targets the down_proj modules of the circuit's layers only, with the rank of each
 layer in ``rank_pattern`` and ``alpha == rank`` (``alpha_pattern``) so PEFT's scale ``alpha / r``
@@ -20,7 +21,7 @@ is exactly 1. The down projection is a separate module in every supported archit
 gate_up ones (phi3) included, so nothing is refused for that.
 
 The base is read without loading a model: a safetensors folder (or Hub snapshot) one down_proj
-tensor at a time; a GGUF file (``.gguf`` / ``bundled:NAME``) by dequantising its ``ffn_down``
+tensor at a time, memory-mapped; a GGUF file (``.gguf`` / ``bundled:NAME``) by dequantising its ``ffn_down``
 tensors (bit-identical to what transformers loads from it). The export itself needs no ``peft``.
 
 :mod:`cna_export.export.gguf_lora` writes the same factors as a llama.cpp LoRA GGUF.
@@ -33,7 +34,9 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence
+
+import numpy as np
 
 from ..core.atomic import atomic_dir
 from ..core.circuit import Circuit, ModelIdentity
@@ -42,16 +45,14 @@ from ..core.formats import LoraFormat
 from ..core.manifest import MANIFEST_FILE, SHARD_METADATA_KEY, ExportManifest, TouchedTensor, multipliers_list
 from ..core.progress import bar as progress_bar
 from ..core.version import __version__
+from ..io import float_bits
 from ..io.sources import local_folder
-from ..io.tensor_bytes import tensor_sha256
+from ..io.tensor_bytes import sha256_array
 from ..model.steering import group_by_layer
 from .card import CARD_FILE, lora_model_card
-from .fold import scale_columns
+from .lora_factors import lora_factors, merged_sha256
 from .plan import StagedExport, run_check
 from .request import ExportRequest, MultiplierSpec, request_for
-
-if TYPE_CHECKING:
-    import torch
 
 log = logging.getLogger(__name__)
 
@@ -59,68 +60,6 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."  # PeftModel -> LoraModel -> the transformers model
 LORA_DTYPES = ("float32", "float16", "bfloat16", "auto")
-
-
-# -- the factors ------------------------------------------------------------------------------
-
-
-def lora_factors(
-    weight: "torch.Tensor", indices: Sequence[int], multipliers: Sequence[float], rank: int | None = None,
-    dtype: "torch.dtype | None" = None,
-) -> tuple["torch.Tensor", "torch.Tensor"]:
-    """``(A, B)`` with ``weight + B @ A`` = ``weight`` with columns ``indices`` scaled by ``multipliers``.
-
-    ``A`` is ``[rank, intermediate]`` (row ``i`` one-hot at ``indices[i]``), ``B`` is ``[hidden, rank]``
-    (column ``i`` = the folded column minus the original, computed in float64 and rounded once to
-    ``dtype``, float32 by default). ``rank`` larger than ``len(indices)`` pads with zero rows of A and
-    zero columns of B, which add exactly nothing.
-    """
-    import torch
-
-    idx = [int(i) for i in indices]
-    r = len(idx) if rank is None else int(rank)
-    if r < len(idx):
-        raise ValueError(f"rank {r} is smaller than the {len(idx)} neurons to steer")
-    dtype = dtype or torch.float32
-    target = scale_columns(weight, idx, list(multipliers))  # the safetensors export's column, rounded once
-    sel = torch.tensor(idx, dtype=torch.long)
-    cols = weight.index_select(1, sel)
-    want = target.index_select(1, sel)
-    delta = (want.to(torch.float64) - cols.to(torch.float64)).to(dtype)
-    # W + round(delta) need not round back to the folded column (delta may need more bits than the
-    # dtype has); where a neighbouring value of delta does, take it, so merging gives the export exactly.
-    for _ in range(2):
-        off = _merge(cols, delta) != want
-        if not bool(off.any()):
-            break
-        for direction in (float("inf"), float("-inf")):
-            step = torch.nextafter(delta, torch.full_like(delta, direction))
-            fixed = off & (_merge(cols, step) == want)
-            delta = torch.where(fixed, step, delta)
-            off = off & ~fixed
-    a = torch.zeros((r, weight.shape[1]), dtype=dtype)
-    a[torch.arange(len(idx)), sel] = 1
-    b = torch.zeros((weight.shape[0], r), dtype=dtype)
-    b[:, : len(idx)] = delta
-    return a, b
-
-
-def _merge(cols: "torch.Tensor", delta: "torch.Tensor") -> "torch.Tensor":
-    """``cols + delta`` the way :func:`merged_weight` adds a column of B (one-hot A multiplies by exactly 1)."""
-    ct = torch_dtype_for_merge(cols)
-    return (cols.to(ct) + delta.to(ct)).to(cols.dtype)
-
-
-def merged_weight(weight: "torch.Tensor", a: "torch.Tensor", b: "torch.Tensor") -> "torch.Tensor":
-    """``weight + B @ A`` as PEFT's merge computes it for scale 1 (in the adapter dtype, cast back once)."""
-    delta = b.to(torch_dtype_for_merge(weight)) @ a.to(torch_dtype_for_merge(weight))
-    return (weight.to(delta.dtype) + delta).to(weight.dtype)
-
-
-def torch_dtype_for_merge(weight: "torch.Tensor") -> "torch.dtype":
-    import torch
-
-    return torch.float64 if weight.dtype == torch.float64 else torch.float32
 
 
 # -- the plan -----------------------------------------------------------------------------------
@@ -136,8 +75,8 @@ class LoraLayer:
     file: str | None  # the shard holding it (safetensors bases)
     indices: list[int]
     multipliers: list[float]
-    a: Any  # torch.Tensor [rank, intermediate]
-    b: Any  # torch.Tensor [hidden, rank]
+    a: np.ndarray  # [rank, intermediate], stored as the plan's dtype (io.float_bits)
+    b: np.ndarray  # [hidden, rank]
     touched: TouchedTensor
 
     @property
@@ -159,6 +98,7 @@ class LoraPlan:
     notes: list[str] = field(default_factory=list)
     gguf_arch: str | None = None  # general.architecture of a GGUF base
     reader: Any = None  # the GGUF reader of a GGUF base
+    dtype: str = "float32"  # the factors' type (a torch dtype name)
 
     @property
     def max_rank(self) -> int:
@@ -170,15 +110,13 @@ def module_name(arch: Any, layer: int) -> str:
     return f"{arch.layers}.{layer}.{arch.mlp}.{arch.down_proj}"
 
 
-def _torch_dtype(dtype: str, base: str) -> "torch.dtype":
-    """The factors' torch dtype: ``dtype`` (:data:`LORA_DTYPES`), ``auto`` being the base's float dtype."""
-    import torch
-
+def _factor_dtype(dtype: str, base: str) -> str:
+    """The factors' type: ``dtype`` (:data:`LORA_DTYPES`), ``auto`` being the base's float dtype."""
     if dtype not in LORA_DTYPES:
         raise CnaError(f"adapter dtype must be one of {', '.join(LORA_DTYPES)}, got {dtype!r}")
     if dtype == "auto":
-        dtype = base if base in ("float32", "float16", "bfloat16", "float64") else "float32"
-    return getattr(torch, dtype)
+        return base if float_bits.storage_dtype(base) is not None else "float32"
+    return dtype
 
 
 @dataclass
@@ -223,27 +161,34 @@ def _check_range(grouped: Mapping[int, tuple[list[int], list[float]]], identity:
                            f"({identity.intermediate_size} neurons)")
 
 
-def _layer(base: _Base, layer: int, idx: list[int], ms: list[float], rank: int | None,
-           dtype: "torch.dtype") -> LoraLayer:
-    """One layer's factors, from its down_proj weight (a GGUF base's dequantised to float32)."""
-    import numpy as np
-    import torch
-
+def _base_weight(base: _Base, layer: int) -> tuple[np.ndarray, str, str, str | None, str]:
+    """A layer's down_proj weight as stored (a GGUF base's dequantised to float32), its type, name, shard and
+    sha256 as stored."""
     from ..io import gguf as G
     from ..io.quants import dequantize_rows
 
     if base.reader is not None:
         down, _ = G.ffn_tensors(base.reader, base.arch, layer)
-        w = torch.from_numpy(np.ascontiguousarray(dequantize_rows(down.data, down.tensor_type)))
-        name, file, base_dtype, before = down.name, None, G.type_name(down), G.sha256_array(down.data)
-    else:
-        name = base.down_names[layer]
-        w = base.ckpt.read(name)
-        file, base_dtype, before = base.ckpt.weight_map[name], str(w.dtype).removeprefix("torch."), tensor_sha256(w)
-    a, b = lora_factors(w, idx, ms, rank=rank, dtype=dtype)
+        w = np.ascontiguousarray(dequantize_rows(down.data, down.tensor_type))
+        return w, "float32", down.name, None, G.sha256_array(down.data)
+    name = base.down_names[layer]
+    shape = base.ckpt.info(name).shape
+    try:
+        flat, dtype = base.ckpt.read_stored(name)
+    except KeyError as e:
+        raise CnaError(f"{name}: {float_bits.not_foldable(str(e.args[0]))}") from None
+    if len(shape) != 2:
+        raise CnaError(f"{name}: a LoRA adapter steers 2-D down_proj weights, this one has shape {list(shape)}")
+    return flat.reshape(shape), dtype, name, base.ckpt.weight_map[name], sha256_array(flat)
+
+
+def _layer(base: _Base, layer: int, idx: list[int], ms: list[float], rank: int | None, dtype: str) -> LoraLayer:
+    """One layer's factors, from its down_proj weight."""
+    w, base_dtype, name, file, before = _base_weight(base, layer)
+    a, b = lora_factors(np.asarray(w[:, idx]), base_dtype, idx, ms, w.shape[1], rank=rank, out=dtype)
     touched = TouchedTensor(name=name, dtype=base_dtype, shape=list(w.shape), sha256_before=before,
-                            sha256_after=tensor_sha256(merged_weight(w, a, b)), axis="column", indices=list(idx),
-                            file=file)
+                            sha256_after=merged_sha256(w, base_dtype, idx, b, dtype), axis="column",
+                            indices=list(idx), file=file)
     return LoraLayer(layer, module_name(base.arch, layer), name, file, list(idx), list(ms), a, b, touched)
 
 
@@ -256,12 +201,12 @@ def plan_lora(request: ExportRequest, dtype: str = "float32", pad_to_max_rank: b
         log.warning(note)
     grouped = group_by_layer(request.multipliers)
     _check_range(grouped, base.identity)
-    out_dtype = _torch_dtype(dtype, "float32" if base.reader is not None else str(base.identity.dtype))
+    out_dtype = _factor_dtype(dtype, "float32" if base.reader is not None else str(base.identity.dtype))
     rank = max(len(idx) for idx, _ in grouped.values()) if pad_to_max_rank else None
     layers = [_layer(base, layer, idx, ms, rank, out_dtype) for layer, (idx, ms) in grouped.items()]
     source = request.source
     return LoraPlan(source.spec, source.kind, base.path, base.identity, base.arch, dict(request.multipliers), layers,
-                    notes, base.gguf_arch, base.reader)
+                    notes, base.gguf_arch, base.reader, out_dtype)
 
 
 # -- the PEFT folder ---------------------------------------------------------------------------
@@ -297,13 +242,13 @@ def adapter_config(plan: LoraPlan, base_model_name_or_path: str | None = None) -
     }
 
 
-def adapter_tensors(plan: LoraPlan) -> dict[str, Any]:
-    """The adapter's tensors under the names ``PeftModel.save_pretrained`` uses."""
-    out: dict[str, Any] = {}
+def adapter_tensors(plan: LoraPlan) -> dict[str, tuple[np.ndarray, str]]:
+    """The adapter's tensors (as stored, with their type) under the names ``PeftModel.save_pretrained`` uses."""
+    out: dict[str, tuple[np.ndarray, str]] = {}
     for layer in plan.layers:
         key = PEFT_PREFIX + layer.module
-        out[f"{key}.lora_A.weight"] = layer.a.contiguous()
-        out[f"{key}.lora_B.weight"] = layer.b.contiguous()
+        out[f"{key}.lora_A.weight"] = (layer.a, plan.dtype)
+        out[f"{key}.lora_B.weight"] = (layer.b, plan.dtype)
     return out
 
 
@@ -396,15 +341,15 @@ def _write_docs(tmp: Path, result: LoraExportResult) -> None:
 def _write_adapter(tmp: Path, plan: LoraPlan, config: dict[str, Any], result: LoraExportResult,
                    progress: bool) -> None:
     """The adapter's config, weights, manifest and card into the staging folder ``tmp``."""
-    from safetensors.torch import save_file
+    from ..io.safetensors import save_stored
 
     circuit_sha = hashlib.sha256(result.manifest.circuit.to_json().encode()).hexdigest()
     bar = progress_bar(progress, total=4, desc="lora", unit="file", leave=True)
     try:
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n", "utf-8")
         bar.update(1)
-        save_file(adapter_tensors(plan), str(tmp / ADAPTER_WEIGHTS),
-                  metadata={"format": "pt", SHARD_METADATA_KEY: _summary(plan, circuit_sha)})
+        save_stored(adapter_tensors(plan), tmp / ADAPTER_WEIGHTS,
+                    metadata={"format": "pt", SHARD_METADATA_KEY: _summary(plan, circuit_sha)})
         bar.update(1)
         _write_docs(tmp, result)
         bar.update(2)

@@ -389,6 +389,25 @@ def rewrite_shard(src: Path, dst: Path, replacements: Mapping[str, object], meta
     public_mode(dst)
 
 
+def save_stored(tensors: Mapping[str, tuple[np.ndarray, str]], path: Path, metadata: Mapping[str, str]) -> None:
+    """A safetensors file of ``tensors`` (name -> (elements as stored, :mod:`cna_export.io.float_bits`; the torch
+    name of their type)) with ``metadata``, laid out as the library lays it out (tensors by name, the header padded
+    with spaces to a multiple of 8), for types numpy's binding cannot name (bfloat16); without torch."""
+    codes = {name: code for code, name in DTYPE_NAMES.items()}
+    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    pos, order = 0, sorted(tensors)
+    for name in order:
+        arr, dtype = tensors[name]
+        header[name] = {"dtype": codes[dtype], "shape": list(arr.shape), "data_offsets": [pos, pos + arr.nbytes]}
+        pos += arr.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-(8 + len(raw)) % 8)
+    with open(path, "wb") as fh:
+        fh.write(struct.pack("<Q", len(raw)) + raw)
+        for name in order:
+            fh.write(memoryview(np.ascontiguousarray(tensors[name][0])).cast("B"))
+
+
 def copy_file(src: Path, dst: Path, link: bool = False) -> None:
     """Byte-for-byte copy (the kernel's copy_file_range/sendfile where available), fsynced, or a hard link."""
     dst.parent.mkdir(parents=True, exist_ok=True)
