@@ -81,6 +81,9 @@ ROWS: list[Row] = [
     Row("removal-issue11", "removal", "refusal.yaml: attribution+ 0.031% x0.2 (issue 11)", "refusal"),
     Row("removal-x0.4", "removal", "refusal.yaml circuit x0.4", "refusal", {"multiplier": 0.4}),
     Row("removal-x0.6", "removal", "refusal.yaml circuit x0.6", "refusal", {"multiplier": 0.6}),
+    # added in stop 34 so that CNA has a point at heretic's lowest drift (its chosen trial, KL 0.041): the strength
+    # is chosen for its drift, by the rule x0.2 -> x0.4 -> x0.6 -> x0.8, never by its held-out refusals
+    Row("removal-x0.8", "removal", "refusal.yaml circuit x0.8", "refusal", {"multiplier": 0.8}),
     Row("harden-x2", "harden", "refusal.yaml circuit x2", "refusal", {"multiplier": 2.0}),
     Row("harden-direction-x2", "harden", "harden-refusal.yaml: direction+ 0.25% x2", "harden-refusal"),
     Row("harden-x4", "harden", "refusal.yaml circuit x4", "refusal", {"multiplier": 4.0}),

@@ -185,3 +185,18 @@ def test_a_gguf_lora_export_never_imports_torch(tmp_path):
 
     rep = verify_gguf(src, out, behaviour=False)  # the tensor check: the factors recomputed from the base
     assert rep.passed and rep.metrics["adapter_rank"] == 1, rep.reasons
+
+
+@pytest.mark.parametrize("name", ["bfloat16", "float16"])
+@pytest.mark.parametrize("zero", [0.0, -0.0])
+def test_plus_zero_on_the_bits_is_the_float_sum(name, zero):
+    """Every 16-bit pattern (NaNs, infinities, both zeros, subnormals) plus a zero: the bit path equals widening,
+    adding in float32 and rounding back (io.float_bits)."""
+    from cna_export.export.lora_factors import plus_zero, to_type, values_of
+
+    every = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(fb.STORAGE[name]).reshape(256, 256)
+    rows = np.full((256, 1), zero, np.float32)
+    with np.errstate(invalid="ignore"):  # signalling NaNs
+        want = to_type(values_of(every, name, np.dtype(np.float32)) + rows, name)
+    assert plus_zero(every, name, rows).view(np.uint16).tobytes() == want.view(np.uint16).tobytes()
+    assert plus_zero(every, name, np.float32(zero)).view(np.uint16).tobytes() == want.view(np.uint16).tobytes()

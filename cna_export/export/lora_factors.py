@@ -94,6 +94,29 @@ def lora_factors(cols: np.ndarray, name: str, indices: Sequence[int], multiplier
     return a, b
 
 
+def plus_zero(stored: np.ndarray, name: str, zero: np.ndarray | float) -> np.ndarray:
+    """Stored elements of ``name`` plus a zero (``zero``: +0.0 or -0.0 per row, shaped ``[rows, 1]``, or one
+    for all), in float32 (float64 for float64) and rounded back: ``-0 + -0`` is the only -0, and a NaN comes
+    back quiet, as :mod:`cna_export.io.float_bits` converts it. For bfloat16 and float16 it is done on the bits,
+    without widening, since a zero changes nothing else."""
+    if name not in ("bfloat16", "float16"):
+        ct = fb.compute_dtype(name)
+        with np.errstate(invalid="ignore"):  # a signalling NaN comes back quiet
+            return to_type(values_of(stored, name, ct) + np.asarray(zero, ct), name)
+    bits = np.ascontiguousarray(stored).view(np.uint16)
+    magnitude = bits & np.uint16(0x7FFF)
+    special = np.flatnonzero((magnitude == 0) | (magnitude > (0x7F80 if name == "bfloat16" else 0x7C00)))
+    out = bits.copy()
+    if special.size:  # zeros and NaNs, rare: fixed one by one
+        flat, were = out.reshape(-1), bits.reshape(-1)[special]
+        negative = np.signbit(np.asarray(zero, np.float32)).reshape(-1)
+        row_negative = negative[special // bits.shape[-1]] if negative.size > 1 else negative
+        zeros = np.where((were == 0x8000) & row_negative, 0x8000, 0)
+        quiet = np.full_like(were, 0xFFFF) if name == "bfloat16" else were | np.uint16(0x0200)
+        flat[special] = np.where((were & 0x7FFF) == 0, zeros, quiet)
+    return out.view(fb.STORAGE[name])
+
+
 def merged_sha256(weight: np.ndarray, name: str, indices: Sequence[int], b: np.ndarray, out: str) -> str:
     """sha256 of the bytes of ``W + B A`` (``weight`` ``[hidden, intermediate]`` stored as ``name``, ``B`` stored
     as ``out``, ``A`` selecting ``indices``) as PEFT merges it: ``B A`` in float32 (float64 for a float64 weight),
@@ -101,15 +124,21 @@ def merged_sha256(weight: np.ndarray, name: str, indices: Sequence[int], b: np.n
 
     ``B A`` is ``B``'s column at each selected column and a zero elsewhere, whose sign is torch's: at rank 1 the
     product ``B[:, 0] x 0`` (signed as ``B``), at higher ranks a sum that starts from +0 (so +0, and a selected
-    column's ``-0`` becomes +0)."""
+    column's ``-0`` becomes +0). The other columns are :func:`plus_zero` of ``W``."""
     ct = fb.compute_dtype(name)
     idx = np.asarray(indices, dtype=np.int64)
     h = hashlib.sha256()
     for start in range(0, weight.shape[0], _ROWS):
+        rows = np.asarray(weight[start:start + _ROWS])
         bb = values_of(b[start:start + _ROWS], out, ct)
         cols = bb[:, :len(idx)] if b.shape[1] == 1 else bb[:, :len(idx)] + ct.type(0)
         zero = bb[:, :1] * ct.type(0) if b.shape[1] == 1 else ct.type(0)
-        block = values_of(np.asarray(weight[start:start + _ROWS]), name, ct) + zero
-        block[:, idx] = values_of(np.asarray(weight[start:start + _ROWS, idx]), name, ct) + cols
-        h.update(byte_view(np.ascontiguousarray(to_type(block, name))))
+        if np.isfinite(zero).all():
+            block = plus_zero(rows, name, zero)
+            block[:, idx] = to_type(values_of(rows[:, idx], name, ct) + cols, name)
+        else:  # a rank-1 B holding an infinity: its row's zeros are NaNs, as the float sum makes them
+            block = values_of(rows, name, ct) + zero
+            block[:, idx] = values_of(rows[:, idx], name, ct) + cols
+            block = to_type(block, name)
+        h.update(byte_view(np.ascontiguousarray(block)))
     return h.hexdigest()
