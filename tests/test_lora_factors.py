@@ -185,6 +185,13 @@ def test_a_gguf_lora_export_never_imports_torch(tmp_path):
 
     rep = verify_gguf(src, out, behaviour=False)  # the tensor check: the factors recomputed from the base
     assert rep.passed and rep.metrics["adapter_rank"] == 1, rep.reasons
+    from cna_export.core.manifest import ExportManifest
+    from cna_export.io import gguf as G
+
+    manifest = ExportManifest.from_json(G.field_value(G.open_gguf(out), "cna.manifest"))
+    base = G.tensor_map(G.open_gguf(src))
+    assert [t.dtype for t in manifest.tensors] == [G.type_name(base[t.name]) for t in manifest.tensors]  # Q4_1...
+    assert [t.sha256_before for t in manifest.tensors] == [G.sha256_array(base[t.name].data) for t in manifest.tensors]
 
 
 @pytest.mark.parametrize("name", ["bfloat16", "float16"])

@@ -161,16 +161,26 @@ def _check_range(grouped: Mapping[int, tuple[list[int], list[float]]], identity:
                            f"({identity.intermediate_size} neurons)")
 
 
-def _base_weight(base: _Base, layer: int) -> tuple[np.ndarray, str, str, str | None, str]:
-    """A layer's down_proj weight as stored (a GGUF base's dequantised to float32), its type, name, shard and
-    sha256 as stored."""
+@dataclass(frozen=True)
+class _Weight:
+    """A layer's down_proj weight as stored (a GGUF base's dequantised to float32) and what the manifest says of it."""
+
+    values: np.ndarray  # [hidden, intermediate]
+    dtype: str  # the type its arithmetic is done in (a torch dtype name)
+    stored_as: str  # the manifest's dtype: the checkpoint's type, or the GGUF tensor type (Q4_K, ...)
+    name: str
+    file: str | None
+    sha256: str  # of the tensor as stored
+
+
+def _base_weight(base: _Base, layer: int) -> _Weight:
     from ..io import gguf as G
     from ..io.quants import dequantize_rows
 
     if base.reader is not None:
         down, _ = G.ffn_tensors(base.reader, base.arch, layer)
         w = np.ascontiguousarray(dequantize_rows(down.data, down.tensor_type))
-        return w, "float32", down.name, None, G.sha256_array(down.data)
+        return _Weight(w, "float32", G.type_name(down), down.name, None, G.sha256_array(down.data))
     name = base.down_names[layer]
     shape = base.ckpt.info(name).shape
     try:
@@ -179,17 +189,17 @@ def _base_weight(base: _Base, layer: int) -> tuple[np.ndarray, str, str, str | N
         raise CnaError(f"{name}: {float_bits.not_foldable(str(e.args[0]))}") from None
     if len(shape) != 2:
         raise CnaError(f"{name}: a LoRA adapter steers 2-D down_proj weights, this one has shape {list(shape)}")
-    return flat.reshape(shape), dtype, name, base.ckpt.weight_map[name], sha256_array(flat)
+    return _Weight(flat.reshape(shape), dtype, dtype, name, base.ckpt.weight_map[name], sha256_array(flat))
 
 
 def _layer(base: _Base, layer: int, idx: list[int], ms: list[float], rank: int | None, dtype: str) -> LoraLayer:
     """One layer's factors, from its down_proj weight."""
-    w, base_dtype, name, file, before = _base_weight(base, layer)
-    a, b = lora_factors(np.asarray(w[:, idx]), base_dtype, idx, ms, w.shape[1], rank=rank, out=dtype)
-    touched = TouchedTensor(name=name, dtype=base_dtype, shape=list(w.shape), sha256_before=before,
-                            sha256_after=merged_sha256(w, base_dtype, idx, b, dtype), axis="column",
-                            indices=list(idx), file=file)
-    return LoraLayer(layer, module_name(base.arch, layer), name, file, list(idx), list(ms), a, b, touched)
+    w = _base_weight(base, layer)
+    a, b = lora_factors(np.asarray(w.values[:, idx]), w.dtype, idx, ms, w.values.shape[1], rank=rank, out=dtype)
+    touched = TouchedTensor(name=w.name, dtype=w.stored_as, shape=list(w.values.shape), sha256_before=w.sha256,
+                            sha256_after=merged_sha256(w.values, w.dtype, idx, b, dtype), axis="column",
+                            indices=list(idx), file=w.file)
+    return LoraLayer(layer, module_name(base.arch, layer), w.name, w.file, list(idx), list(ms), a, b, touched)
 
 
 def plan_lora(request: ExportRequest, dtype: str = "float32", pad_to_max_rank: bool = False,
