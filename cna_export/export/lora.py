@@ -202,6 +202,31 @@ def _layer(base: _Base, layer: int, idx: list[int], ms: list[float], rank: int |
     return LoraLayer(layer, module_name(base.arch, layer), w.name, w.file, list(idx), list(ms), a, b, touched)
 
 
+LAYER_MEMORY = 1 << 30
+"""Bytes of float32 weights the layer threads of :func:`_layers` may hold at once."""
+
+
+def _layers(base: _Base, grouped: Mapping[int, tuple[list[int], list[float]]], rank: int | None,
+            dtype: str) -> list[LoraLayer]:
+    """Every layer's factors, in layer order, on a few threads (numpy and hashlib release the GIL): as many as the
+    CPUs allow (:func:`~cna_export.core.fingerprint.default_threads`) while their float32 weights fit in
+    :data:`LAYER_MEMORY`."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ..core.fingerprint import default_threads
+
+    def one(job: tuple[int, tuple[list[int], list[float]]]) -> LoraLayer:
+        layer, (idx, ms) = job
+        return _layer(base, layer, idx, ms, rank, dtype)
+
+    layer_bytes = 4 * base.identity.hidden_size * base.identity.intermediate_size
+    n = max(1, min(default_threads(), len(grouped), LAYER_MEMORY // max(1, layer_bytes)))
+    if n == 1:
+        return [one(job) for job in grouped.items()]
+    with ThreadPoolExecutor(max_workers=n, thread_name_prefix="cna-lora") as pool:
+        return list(pool.map(one, grouped.items()))
+
+
 def plan_lora(request: ExportRequest, dtype: str = "float32", pad_to_max_rank: bool = False,
               trust_remote_code: bool = False) -> LoraPlan:
     """Check the request's circuit against its base and compute every layer's factors (reads, never writes)."""
@@ -213,7 +238,7 @@ def plan_lora(request: ExportRequest, dtype: str = "float32", pad_to_max_rank: b
     _check_range(grouped, base.identity)
     out_dtype = _factor_dtype(dtype, "float32" if base.reader is not None else str(base.identity.dtype))
     rank = max(len(idx) for idx, _ in grouped.values()) if pad_to_max_rank else None
-    layers = [_layer(base, layer, idx, ms, rank, out_dtype) for layer, (idx, ms) in grouped.items()]
+    layers = _layers(base, grouped, rank, out_dtype)
     source = request.source
     return LoraPlan(source.spec, source.kind, base.path, base.identity, base.arch, dict(request.multipliers), layers,
                     notes, base.gguf_arch, base.reader, out_dtype)
