@@ -13,8 +13,9 @@ never JBB), with per-prompt multiplier parameters at 1 in one backward pass per 
 even-numbered prompts; step ``check`` scores them on the odd-numbered half (never used for the choice): the
 first-order dB/dm summed over the support, then the real edit (hooks, x2 and x4) and the count of prompts whose
 first token leans to refusal (``B > 0``), harmful and twin. Supports: the shipped hardening support (direction+
-0.25%, 292 neurons) and supports chosen for contrast (largest mean dB/dm on harmful minus that on twins), at 117
-and 292 neurons.
+0.25%, 292 neurons), supports chosen for contrast (largest mean dB/dm on harmful minus that on twins), at 117
+and 292 neurons, and (stop 34) boundary supports: each prompt's dB/dm weighted by how near the prompt is to turning
+(sigma'(B)), twins penalised kappa times (:func:`boundary_effects`), 117 neurons.
 
 Outputs: bench/out/harden_selectivity/ (not tracked) and the section of bench/README.md between the markers.
 """
@@ -37,6 +38,9 @@ OUT = ROOT / "bench" / "out" / "harden_selectivity"
 START, END = "<!-- harden-selectivity:start -->", "<!-- harden-selectivity:end -->"
 HEADING = "## Selective hardening: a first-token proxy (`python bench/harden_selectivity.py`)\n\n"
 MULTIPLIERS = (2.0, 4.0)
+BOUNDARY_KAPPAS = (3.0, 10.0)
+"""Twin weights of the boundary supports (stop 34): largest ``H - kappa T``, ``H`` and ``T`` the boundary-weighted
+mean dB/dm of the harmful prompts and of the twins (:func:`boundary_effects`)."""
 
 
 def _setup(threads: int):
@@ -119,7 +123,20 @@ def supports(z, width: int) -> dict[str, np.ndarray]:
         [n.layer * width + n.index for n in shipped.neurons])}
     for k in (117, 292):
         out[f"contrast {k}: largest mean dB/dm harmful - twin"] = np.argsort(-(pos - neg))[:k]
+    harm, twin = boundary_effects(z, "positive"), boundary_effects(z, "negative")
+    for kappa in BOUNDARY_KAPPAS:
+        out[f"boundary 117, kappa {kappa:g}: largest H - {kappa:g} T"] = np.argsort(-(harm - kappa * twin))[:117]
     return out
+
+
+def boundary_effects(z, name: str) -> np.ndarray:
+    """Each neuron's dB/dm averaged over the even-numbered prompts of a set, each prompt weighted by how near its
+    unsteered B is to the refusal boundary (sigma'(B) = sigma(B) (1 - sigma(B))): a first-order count of the prompts
+    that an amplification turns, where the plain mean also counts prompts far from turning either way."""
+    g = z[name].reshape(len(z[name]), -1)[::2]
+    s = 1.0 / (1.0 + np.exp(-z[f"gap_{name}"][::2].astype(np.float64)))
+    w = s * (1.0 - s)
+    return (w[:, None] * g).sum(0) / w.sum()
 
 
 def _leaning(loaded, opts, ids, texts, idx: np.ndarray, m: float, width: int) -> np.ndarray:

@@ -91,6 +91,34 @@ def test_rewrite_shard_equals_save_file(tmp_path_factory, picks, seed):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_save_stored_writes_what_save_file_writes(tmp_path, dtype):
+    """Tensors held as stored (bfloat16 as its bits) written by save_stored: the same header entries, layout and
+    bytes as safetensors' own save_file (the metadata's order aside), and the library reads them back."""
+    import struct
+
+    from cna_export.io.float_bits import STORAGE
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"z.lora_B.weight": torch.randn(7, 3, generator=g).to(dtype),
+               "a.lora_A.weight": torch.randn(3, 11, generator=g).to(dtype), "m.empty": torch.zeros(0, 4, dtype=dtype)}
+    name = str(dtype).removeprefix("torch.")
+    stored = {k: (v.view(torch.int16).numpy().view(STORAGE[name]) if dtype == torch.bfloat16 else v.numpy(), name)
+              for k, v in tensors.items()}
+    st_io.save_stored(stored, tmp_path / "n.safetensors", {"format": "pt", "x": "y"})
+    save_file(tensors, tmp_path / "t.safetensors", metadata={"format": "pt", "x": "y"})
+
+    def parts(path: Path) -> tuple[dict, bytes, int]:
+        raw = path.read_bytes()
+        (n,) = struct.unpack("<Q", raw[:8])
+        return json.loads(raw[8:8 + n]), raw[8 + n:], n
+
+    (ha, da, na), (hb, db, nb) = parts(tmp_path / "n.safetensors"), parts(tmp_path / "t.safetensors")
+    assert ha == hb and da == db and na == nb and (8 + na) % 8 == 0
+    back = load_file(tmp_path / "n.safetensors")
+    assert all(torch.equal(back[k].view(torch.uint8), tensors[k].view(torch.uint8)) for k in tensors)
+
+
 # -- patched shard (kernel copy + touched rows/columns) -----------------------------------------
 
 

@@ -405,7 +405,7 @@ def save_stored(tensors: Mapping[str, tuple[np.ndarray, str]], path: Path, metad
     with open(path, "wb") as fh:
         fh.write(struct.pack("<Q", len(raw)) + raw)
         for name in order:
-            fh.write(memoryview(np.ascontiguousarray(tensors[name][0])).cast("B"))
+            fh.write(np.ascontiguousarray(tensors[name][0]).reshape(-1).view(np.uint8).data)
 
 
 def copy_file(src: Path, dst: Path, link: bool = False) -> None:
