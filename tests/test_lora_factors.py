@@ -199,11 +199,11 @@ def test_a_gguf_lora_export_never_imports_torch(tmp_path):
 def test_plus_zero_on_the_bits_is_the_float_sum(name, zero):
     """Every 16-bit pattern (NaNs, infinities, both zeros, subnormals) plus a zero: the bit path equals widening,
     adding in float32 and rounding back (io.float_bits)."""
-    from cna_export.export.lora_factors import plus_zero, to_type, values_of
+    from cna_export.export.lora_factors import plus_zero, to_type
 
     every = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(fb.STORAGE[name]).reshape(256, 256)
     rows = np.full((256, 1), zero, np.float32)
     with np.errstate(invalid="ignore"):  # signalling NaNs
-        want = to_type(values_of(every, name, np.dtype(np.float32)) + rows, name)
+        want = to_type(fb.widen(every, name, np.dtype(np.float32)) + rows, name)
     assert plus_zero(every, name, rows).view(np.uint16).tobytes() == want.view(np.uint16).tobytes()
     assert plus_zero(every, name, np.float32(zero)).view(np.uint16).tobytes() == want.view(np.uint16).tobytes()

@@ -38,11 +38,6 @@ def to_type(values: np.ndarray, name: str) -> np.ndarray:
     return fb.narrow(values, name)
 
 
-def values_of(stored: np.ndarray, name: str, to: np.dtype) -> np.ndarray:
-    """Stored elements of ``name`` as ``to`` (float32 or float64), as torch's ``.to()`` converts them."""
-    return fb.widen(stored, name, to)
-
-
 def next_toward(stored: np.ndarray, name: str, direction: float) -> np.ndarray:
     """The neighbour of each element of ``name`` towards ``direction`` (+inf or -inf), as ``torch.nextafter``."""
     if name != "bfloat16":
@@ -61,7 +56,7 @@ def next_toward(stored: np.ndarray, name: str, direction: float) -> np.ndarray:
 def _merge(cols: np.ndarray, name: str, delta: np.ndarray, out: str) -> np.ndarray:
     """``cols + delta`` as :func:`merged_sha256` adds a column of B, compared by value (float)."""
     ct = fb.compute_dtype(name)
-    return values_of(to_type(values_of(cols, name, ct) + values_of(delta, out, ct), name), name, ct)
+    return fb.widen(to_type(fb.widen(cols, name, ct) + fb.widen(delta, out, ct), name), name, ct)
 
 
 def lora_factors(cols: np.ndarray, name: str, indices: Sequence[int], multipliers: Sequence[float], width: int,
@@ -75,8 +70,8 @@ def lora_factors(cols: np.ndarray, name: str, indices: Sequence[int], multiplier
         raise ValueError(f"rank {r} is smaller than the {k} neurons to steer")
     ct = fb.compute_dtype(name)
     target = scale_stored(cols, name, "column", list(multipliers))
-    want = values_of(target, name, ct)
-    delta = to_type(values_of(target, name, np.float64) - values_of(cols, name, np.float64), out)
+    want = fb.widen(target, name, ct)
+    delta = to_type(fb.widen(target, name, np.float64) - fb.widen(cols, name, np.float64), out)
     for _ in range(2):
         off = _merge(cols, name, delta, out) != want
         if not off.any():
@@ -102,7 +97,7 @@ def plus_zero(stored: np.ndarray, name: str, zero: np.ndarray | float) -> np.nda
     if name not in ("bfloat16", "float16"):
         ct = fb.compute_dtype(name)
         with np.errstate(invalid="ignore"):  # a signalling NaN comes back quiet
-            return to_type(values_of(stored, name, ct) + np.asarray(zero, ct), name)
+            return to_type(fb.widen(stored, name, ct) + np.asarray(zero, ct), name)
     bits = np.ascontiguousarray(stored).view(np.uint16)
     magnitude = bits & np.uint16(0x7FFF)
     special = np.flatnonzero((magnitude == 0) | (magnitude > (0x7F80 if name == "bfloat16" else 0x7C00)))
@@ -130,15 +125,15 @@ def merged_sha256(weight: np.ndarray, name: str, indices: Sequence[int], b: np.n
     h = hashlib.sha256()
     for start in range(0, weight.shape[0], _ROWS):
         rows = np.asarray(weight[start:start + _ROWS])
-        bb = values_of(b[start:start + _ROWS], out, ct)
+        bb = fb.widen(b[start:start + _ROWS], out, ct)
         cols = bb[:, :len(idx)] if b.shape[1] == 1 else bb[:, :len(idx)] + ct.type(0)
         zero = bb[:, :1] * ct.type(0) if b.shape[1] == 1 else ct.type(0)
         if np.isfinite(zero).all():
             block = plus_zero(rows, name, zero)
-            block[:, idx] = to_type(values_of(rows[:, idx], name, ct) + cols, name)
+            block[:, idx] = to_type(fb.widen(rows[:, idx], name, ct) + cols, name)
         else:  # a rank-1 B holding an infinity: its row's zeros are NaNs, as the float sum makes them
-            block = values_of(rows, name, ct) + zero
-            block[:, idx] = values_of(rows[:, idx], name, ct) + cols
+            block = fb.widen(rows, name, ct) + zero
+            block[:, idx] = fb.widen(rows[:, idx], name, ct) + cols
             block = to_type(block, name)
         h.update(byte_view(np.ascontiguousarray(block)))
     return h.hexdigest()
