@@ -68,6 +68,7 @@ class Row:
     alpha: float | None = None  # CAA
     peer: bool = False  # heretic: its chosen trial, or (trial) another trial of its front
     trial: int | None = None
+    circuit: str | None = None  # a circuit file under bench/results/efficacy/circuits/, at overrides["multiplier"]
 
 
 # Run order = priority order (hardening first, then removal, then the peers the frontier compares with).
@@ -87,6 +88,12 @@ ROWS: list[Row] = [
     Row("harden-x2", "harden", "refusal.yaml circuit x2", "refusal", {"multiplier": 2.0}),
     Row("harden-direction-x2", "harden", "harden-refusal.yaml: direction+ 0.25% x2", "harden-refusal"),
     Row("harden-x4", "harden", "refusal.yaml circuit x4", "refusal", {"multiplier": 4.0}),
+    # stop 34: supports chosen by bench/harden_selectivity.py (boundary-weighted dB/dm, twins penalised kappa times,
+    # on the even-numbered recipe prompts); strengths chosen on its odd-numbered half, never on JBB
+    Row("harden-boundary-k3-x2", "harden", "boundary support, kappa 3, x2", overrides={"multiplier": 2.0},
+        circuit="harden-boundary-k3.json"),
+    Row("harden-boundary-k10-x4", "harden", "boundary support, kappa 10, x4", overrides={"multiplier": 4.0},
+        circuit="harden-boundary-k10.json"),
     Row("caa-0.5", "removal", "CAA alpha=-0.5", alpha=-0.5),
     Row("caa-1", "removal", "CAA alpha=-1", alpha=-1.0),
     Row("heretic", "peer", "heretic", peer=True),
@@ -220,6 +227,13 @@ def _condition(row: Row, a, saved, attach):
 
     if row.peer:
         return _heretic_condition(row, a, Condition, Steering, open_backend)
+    if row.circuit is not None:
+        from cna_export.core.circuit import Circuit
+
+        circuit, m = Circuit.load(RESULTS / "circuits" / row.circuit), float(row.overrides["multiplier"])
+        info = {"neurons": len(circuit.neurons), "m_min": m, "m_max": m, "changed": len(circuit.neurons),
+                "method": circuit.method.get("name")}
+        return Condition(row.title, Steering.cna(circuit, m, label=row.title), None, info)
     if row.alpha is not None:
         c = caa_conditions(saved, [row.alpha], list(range(CAA_LAYERS_FROM, saved.identity.num_layers)))[0]
         return Condition(row.title, c.steering, None, dict(c.info))
@@ -238,7 +252,7 @@ def step_rows(a) -> None:
     todo = [r for r in selected(a) if not row_path(r.key).is_file()]
     if not todo:
         return
-    cut = any(not r.peer and r.key != "unsteered" for r in todo)  # the peer row needs no statistics
+    cut = any(not r.peer and r.circuit is None and r.key != "unsteered" for r in todo)  # files need no statistics
     saved = load_stats(OUT / "stats.npz") if cut else None
 
     def attach() -> None:  # the transformers model, only when a learned circuit must be trained

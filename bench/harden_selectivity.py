@@ -39,8 +39,9 @@ START, END = "<!-- harden-selectivity:start -->", "<!-- harden-selectivity:end -
 HEADING = "## Selective hardening: a first-token proxy (`python bench/harden_selectivity.py`)\n\n"
 MULTIPLIERS = (2.0, 4.0)
 BOUNDARY_KAPPAS = (3.0, 10.0)
-"""Twin weights of the boundary supports (stop 34): largest ``H - kappa T``, ``H`` and ``T`` the boundary-weighted
-mean dB/dm of the harmful prompts and of the twins (:func:`boundary_effects`)."""
+"""Twin weights of the boundary supports (stop 34): largest ``H - kappa max(T, 0)`` among neurons with ``H > 0``,
+``H`` and ``T`` the boundary-weighted mean dB/dm of the harmful prompts and of the twins (:func:`boundary_effects`).
+(Largest ``H - kappa T`` picked neurons that move both sets towards compliance: 0/40 refusing at x2.)"""
 
 
 def _setup(threads: int):
@@ -124,8 +125,9 @@ def supports(z, width: int) -> dict[str, np.ndarray]:
     for k in (117, 292):
         out[f"contrast {k}: largest mean dB/dm harmful - twin"] = np.argsort(-(pos - neg))[:k]
     harm, twin = boundary_effects(z, "positive"), boundary_effects(z, "negative")
-    for kappa in BOUNDARY_KAPPAS:
-        out[f"boundary 117, kappa {kappa:g}: largest H - {kappa:g} T"] = np.argsort(-(harm - kappa * twin))[:117]
+    for kappa in BOUNDARY_KAPPAS:  # twins moved towards compliance are not rewarded: that also moves harmful ones
+        score = np.where(harm > 0, harm - kappa * np.maximum(twin, 0.0), -np.inf)
+        out[f"boundary 117, kappa {kappa:g}: largest H - {kappa:g} max(T, 0), H > 0"] = np.argsort(-score)[:117]
     return out
 
 
@@ -182,6 +184,30 @@ def step_check(a) -> None:
     path.write_text(json.dumps(rows, indent=1) + "\n")
 
 
+CIRCUITS = ROOT / "bench" / "results" / "efficacy" / "circuits"
+"""Where step ``circuits`` writes the boundary supports as circuits (bench/efficacy.py rows harden-boundary-*)."""
+
+
+def step_circuits(a) -> None:
+    """Each boundary support as a circuit on the efficacy statistics' model (no multipliers: the efficacy rows set
+    them), chosen on the even-numbered prompts as in ``check``."""
+    from cna_export.core.circuit import Circuit, Neuron
+    from cna_export.evaluation.saved_stats import load_stats
+
+    z = np.load(OUT / "dmult.npz")
+    width = z["positive"].shape[2]
+    model = load_stats(STATS).circuit(1, score="direction", sign="positive").model
+    CIRCUITS.mkdir(parents=True, exist_ok=True)
+    for kappa in BOUNDARY_KAPPAS:
+        idx = supports(z, width)[next(k for k in supports(z, width) if k.startswith(f"boundary 117, kappa {kappa:g}:"))]
+        neurons = [Neuron(layer=int(i) // width, index=int(i) % width, score=1.0) for i in sorted(idx)]
+        method = {"name": "boundary", "bench": "harden_selectivity.py", "kappa": kappa, "neurons": len(neurons),
+                  "prompts": "recipes/refusal.yaml, even-numbered harmful and benign twins"}
+        path = CIRCUITS / f"harden-boundary-k{kappa:g}.json"
+        Circuit(model=model, neurons=neurons, method=method).save(path, overwrite=True)
+        log(f"[circuits] {path.relative_to(ROOT)}: {len(neurons)} neurons", sys.stderr)
+
+
 def step_report(a) -> None:
     rows = json.loads((OUT / "check.json").read_text())
     seconds = json.loads((OUT / "gradients.json").read_text())["seconds"]
@@ -216,7 +242,8 @@ def main() -> int:
     p.add_argument("--steps", default="gradients,check,report")
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args()
-    return run_steps(a.steps, {"gradients": step_gradients, "check": step_check, "report": step_report}, a)
+    return run_steps(a.steps, {"gradients": step_gradients, "check": step_check, "circuits": step_circuits,
+                               "report": step_report}, a)
 
 
 if __name__ == "__main__":
