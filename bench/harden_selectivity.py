@@ -231,7 +231,10 @@ def step_report(a) -> None:
         "the support; B change: the real edit's mean change; leaning to refusal: B > 0 (a proxy for the opening "
         f"token; the held-out JBB figures are in \"Efficacy, round two\"). Unsteered mean B on the scored half: "
         f"harmful {base['harmful_gap']:+.2f}, twins {base['twin_gap']:+.2f}. Gradients: {seconds / 60:.1f} min.", "",
-        head + body.rstrip(), "", END])
+        head + body.rstrip(), "",
+        "The boundary supports' held-out JBB figures (exported GGUF, greedy answers, keyword judge) are the rows "
+        "harden-boundary-* of \"Efficacy, round two\": whether this proxy's selectivity carries over to JBB's twins "
+        "is measured there, not here.", "", END])
     readme = ROOT / "bench" / "README.md"
     readme.write_text(splice(readme.read_text(), START, END, text, HEADING))
     log("report written", sys.stderr)
