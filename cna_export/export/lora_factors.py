@@ -27,7 +27,7 @@ from ..io import float_bits as fb
 from ..io.tensor_bytes import byte_view
 from .fold import scale_stored
 
-_ROWS = 256  # rows of W widened at a time by merged_sha256
+_ROWS = 256  # rows of W merged and hashed at a time by merged_sha256
 
 
 def to_type(values: np.ndarray, name: str) -> np.ndarray:
