@@ -21,7 +21,7 @@ Steps:
 4. judge    the model judge (bundled Qwen2.5-Coder-0.5B as a stand-in; use a larger local model: --judge-model) on
             every row's harmful and benign answers, beside the keyword and phrases judges, with agreement rates
 5. report   bench/results/efficacy/ (efficacy.md, efficacy.csv, efficacy.json, frontier.png, and circuits/: each
-            learned circuit, a few kB of neuron indices and multipliers) and the section of bench/README.md between
+            learned circuit, about 100 kB of neurons and multipliers) and the section of bench/README.md between
             the efficacy markers; each goal checked against the figures
 
 Every finished row is one JSON under bench/out/efficacy/rows/ (not tracked), so an interrupted run resumes; on a
