@@ -124,20 +124,11 @@ def test_rank_below_the_neurons_is_refused():
 
 
 def _run_without_torch(argv: list[str]) -> None:
-    import json
     import os
-    import subprocess
-    import sys
 
-    from test_scale_io import PROBE
+    from test_scale_io import assert_runs_without
 
-    env = dict(os.environ, CNA_EXPORT_FINGERPRINT_CACHE="off")
-    r = subprocess.run([sys.executable, "-c", PROBE, json.dumps(argv)], capture_output=True, text=True, timeout=300,
-                       env=env)
-    lines = [x for x in r.stdout.splitlines() if x.startswith('{"rc"')]
-    assert lines, (r.stdout[-500:], r.stderr[-2000:])
-    got = json.loads(lines[-1])
-    assert got["rc"] == 0 and got["tried"] == [], (got, r.stderr[-1000:])
+    assert_runs_without(argv, env=dict(os.environ, CNA_EXPORT_FINGERPRINT_CACHE="off"))
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])

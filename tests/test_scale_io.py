@@ -287,6 +287,21 @@ print(json.dumps({"rc": rc, "tried": sorted(set(tried))}))
 """
 
 
+def assert_runs_without(argv: list[str], banned: list[str] | None = None, env: dict | None = None) -> None:
+    """``cna-export argv`` in a child process exits 0 without trying to import any of ``banned`` (default: torch
+    and transformers), as PROBE watches it."""
+    import subprocess
+    import sys
+
+    extra = [] if banned is None else [json.dumps(banned)]
+    r = subprocess.run([sys.executable, "-c", PROBE, json.dumps(argv), *extra], capture_output=True, text=True,
+                       timeout=300, env=env)
+    lines = [x for x in r.stdout.splitlines() if x.startswith('{"rc"')]
+    assert lines, (argv, r.stdout[-500:], r.stderr[-2000:])
+    got = json.loads(lines[-1])
+    assert got["rc"] == 0 and got["tried"] == [], (argv, got, r.stderr[-1000:])
+
+
 def test_one_string_of_a_gguf_array_without_listing_them():
     from cna_export.io.bundled import resolve
     from cna_export.io.gguf import open_gguf
@@ -317,8 +332,6 @@ def test_gguf_constants_without_the_rest_of_gguf_py():
 def test_gguf_commands_never_import_torch(tmp_path):
     """GGUF export (writer and fast copy), diff of two GGUF files and show run without torch or
     transformers: a process pays for those imports only when it needs tensors."""
-    import subprocess
-    import sys
 
     from cna_export.core.circuit import Circuit, Neuron
     from cna_export.io.bundled import resolve
@@ -340,11 +353,7 @@ def test_gguf_commands_never_import_torch(tmp_path):
         ["diff", str(w), src],
     ]
     for argv in commands:
-        r = subprocess.run([sys.executable, "-c", PROBE, json.dumps(argv)], capture_output=True, text=True, timeout=300)
-        lines = [x for x in r.stdout.splitlines() if x.startswith('{"rc"')]
-        assert lines, (argv, r.stdout[-500:], r.stderr[-2000:])
-        got = json.loads(lines[-1])
-        assert got["rc"] == 0 and got["tried"] == [], (argv, got, r.stderr[-1000:])
+        assert_runs_without(argv)
 
 
 @pytest.mark.parametrize("fold", ["down", "up"])
@@ -352,8 +361,6 @@ def test_a_safetensors_export_never_imports_torch(export_sources, tmp_path, fold
     """A safetensors export of a bfloat16 checkpoint (fingerprint hashed cold, shards folded by numpy) runs without
     torch or transformers, and writes the bytes the torch fold writes (scale_slices of each whole tensor)."""
     import os
-    import subprocess
-    import sys
 
     from cna_export.export.fold import scale_slices
 
@@ -363,13 +370,7 @@ def test_a_safetensors_export_never_imports_torch(export_sources, tmp_path, fold
     out = tmp_path / "out"
     argv = ["export", "--model", str(src), "--circuit", str(circuit), "--format", "safetensors", "--fold", fold,
             "--out", str(out)]
-    env = dict(os.environ, CNA_EXPORT_FINGERPRINT_CACHE="off")
-    r = subprocess.run([sys.executable, "-c", PROBE, json.dumps(argv)], capture_output=True, text=True, timeout=300,
-                       env=env)
-    lines = [x for x in r.stdout.splitlines() if x.startswith('{"rc"')]
-    assert lines, (r.stdout[-500:], r.stderr[-2000:])
-    got = json.loads(lines[-1])
-    assert got["rc"] == 0 and got["tried"] == [], (got, r.stderr[-1000:])
+    assert_runs_without(argv, env=dict(os.environ, CNA_EXPORT_FINGERPRINT_CACHE="off"))
     before, after = st_io.Checkpoint.open(src), st_io.Checkpoint.open(out)
     for layer in {layer for layer, _ in PLANTED}:
         name = f"model.layers.{layer}.mlp.{fold}_proj.weight"
@@ -384,8 +385,6 @@ def test_gguf_export_imports_only_what_it_uses(tmp_path):
     """A small GGUF export (writer or fast copy, Modelfile on, no progress bars, not verified) imports neither
     tqdm, nor the verification package, nor the safetensors reader, nor numpy (its rows are scaled in plain
     Python, io.row_scale): start-up is most of a small export's time."""
-    import subprocess
-    import sys
 
     from cna_export.core.circuit import Circuit, Neuron
     from cna_export.io.bundled import resolve
@@ -401,12 +400,7 @@ def test_gguf_export_imports_only_what_it_uses(tmp_path):
     for extra in ([], ["--fast-copy"]):
         argv = ["export", "--model", src, "--circuit", str(circuit), "--multiplier", "0", "--format", "gguf",
                 "--out", str(tmp_path / f"o{len(extra)}.gguf"), *extra]
-        r = subprocess.run([sys.executable, "-c", PROBE, json.dumps(argv), json.dumps(banned)], capture_output=True,
-                           text=True, timeout=300)
-        lines = [x for x in r.stdout.splitlines() if x.startswith('{"rc"')]
-        assert lines, (argv, r.stdout[-500:], r.stderr[-2000:])
-        got = json.loads(lines[-1])
-        assert got["rc"] == 0 and got["tried"] == [], (argv, got, r.stderr[-1000:])
+        assert_runs_without(argv, banned)
 
 
 # -- ggml's C dequantisation -------------------------------------------------------------------
