@@ -182,14 +182,13 @@ def _base_weight(base: _Base, layer: int) -> _Weight:
         w = np.ascontiguousarray(dequantize_rows(down.data, down.tensor_type))
         return _Weight(w, "float32", G.type_name(down), down.name, None, G.sha256_array(down.data))
     name = base.down_names[layer]
-    shape = base.ckpt.info(name).shape
     try:
-        flat, dtype = base.ckpt.read_stored(name)
+        w, dtype = base.ckpt.read_stored(name)
     except KeyError as e:
         raise CnaError(f"{name}: {float_bits.not_foldable(str(e.args[0]))}") from None
-    if len(shape) != 2:
-        raise CnaError(f"{name}: a LoRA adapter steers 2-D down_proj weights, this one has shape {list(shape)}")
-    return _Weight(flat.reshape(shape), dtype, dtype, name, base.ckpt.weight_map[name], sha256_array(flat))
+    if w.ndim != 2:
+        raise CnaError(f"{name}: a LoRA adapter steers 2-D down_proj weights, this one has shape {list(w.shape)}")
+    return _Weight(w, dtype, dtype, name, base.ckpt.weight_map[name], sha256_array(w))
 
 
 def _layer(base: _Base, layer: int, idx: list[int], ms: list[float], rank: int | None, dtype: str) -> LoraLayer:

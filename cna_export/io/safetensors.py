@@ -158,8 +158,9 @@ class Checkpoint:
             return f.get_tensor(name)
 
     def read_stored(self, name: str) -> tuple[np.ndarray, str]:
-        """One float tensor's elements as stored (:mod:`cna_export.io.float_bits`: bfloat16 as ``uint16``), flat,
-        memory-mapped read-only, and its torch dtype name; without torch. Types with no numpy form raise KeyError."""
+        """One float tensor's elements as stored (:mod:`cna_export.io.float_bits`: bfloat16 as ``uint16``), in its
+        shape, memory-mapped read-only, and its torch dtype name; without torch. Types with no numpy form raise
+        KeyError."""
         from .float_bits import storage_dtype
 
         path = self.path(self.weight_map[name])
@@ -170,10 +171,10 @@ class Checkpoint:
         if storage is None:
             raise KeyError(dtype)
         begin, end = (int(x) for x in entry["data_offsets"])
+        shape = tuple(int(x) for x in entry["shape"])
         if end == begin:
-            return np.empty(0, storage), dtype
-        count = (end - begin) // storage.itemsize
-        return np.memmap(path, dtype=storage, mode="r", offset=8 + n + begin, shape=(count,)), dtype
+            return np.empty(shape, storage), dtype
+        return np.memmap(path, dtype=storage, mode="r", offset=8 + n + begin, shape=shape), dtype
 
     def metadata(self, file: str) -> dict[str, str]:
         from safetensors import safe_open
@@ -270,6 +271,7 @@ def _tensor_fp32_chunks(ckpt: Checkpoint, name: str) -> Iterator[np.ndarray]:
     except KeyError:
         yield from fp32_chunks(ckpt.read(name))
         return
+    stored = stored.reshape(-1)
     per = max(1, FP32_CHUNK // 4)
     for start in range(0, stored.shape[0], per):
         yield widen(stored[start : start + per], dtype, np.dtype(np.float32))
